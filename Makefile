@@ -1,0 +1,35 @@
+# `make demo`: set up .venv, train the small SegViT on the built-in synthetic data, evaluate it
+# and write overlay pictures. `make test`: set up .venv with the test extras and run pytest.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Runtime install; the stamp keeps reruns instant.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# torch first (CPU build at this exact pin), then everything else constrained to it.
+$(VENV)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $(VENV)/.installed $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python train.py --config configs/demo.py --workdir $(DEMO_DIR)
+	$(BIN)/python eval.py --config configs/demo.py --workdir $(DEMO_DIR)
+	$(BIN)/python predict.py --checkpoint $(DEMO_DIR) --synthetic 4 --output $(DEMO_DIR)/predictions
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,117 @@
+"""Pieces shared by every config: the run skeleton, SegViT model blocks and the paper recipe.
+
+Every number the code uses comes from a config; the code holds no paper constants. Config
+names that later work relies on: `total_steps`, `batch_size` (global), `seed`, `log_every`,
+`ckpt_every`, `eval_every`, `dataset.name`, `dataset.root`, `mesh.{data,fsdp,tensor}`,
+`model_init`.
+"""
+
+import ml_collections
+
+# ViT-B / ViT-L SegViT heads (spec segvit.md, "ATM head" table).
+ATM_HEADS = {
+    "B/16": dict(tap_layers=(5, 7, 11), width=384, num_heads=12, layers_per_stage=3),
+    "L/16": dict(tap_layers=(7, 15, 23), width=512, num_heads=16, layers_per_stage=3),
+}
+DROP_PATH = {"B/16": 0.1, "L/16": 0.3}
+
+
+def run_config() -> ml_collections.ConfigDict:
+  """The skeleton every training/evaluation config fills in."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 160_000
+  c.batch_size = 16  # global, across all devices and hosts
+  c.log_every = 50
+  c.ckpt_every = 4000
+  c.keep_ckpts = 3
+  c.eval_every = 16_000  # 0 disables evaluation during training
+  c.model_init = ""  # path of pretrained weights for the backbone ("" = from scratch)
+  c.model_init_format = "bundle"
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "synthetic"
+  c.dataset.root = ""
+  c.dataset.num_classes = 6
+  c.dataset.ignore_index = 255
+  c.dataset.reduce_zero_label = False
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "val"
+  c.dataset.num_workers = 0  # grain worker processes for training data (0: in-process)
+  c.dataset.prefetch = 2
+  # Only used by the synthetic set.
+  c.dataset.image_size = 128
+  c.dataset.num_train = 2000
+  c.dataset.num_eval = 100
+
+  # Train augmentation (spec segvit.md, "Train augmentation").
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop_size = (512, 512)
+  c.augment.scale = (2048, 512)  # keep-ratio base scale (long, short)
+  c.augment.ratio_range = (0.5, 2.0)
+  c.augment.cat_max_ratio = 0.75
+  c.augment.flip_prob = 0.5
+  c.augment.photometric = True
+
+  # Pixel normalisation: AugReg weights expect [-1, 1].
+  c.mean = (127.5, 127.5, 127.5)
+  c.std = (127.5, 127.5, 127.5)
+
+  c.model = ml_collections.ConfigDict()
+  c.loss = atm_loss_config()
+  c.optim = optim_config()
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.mode = "slide"  # "whole" or "slide"
+  c.eval.crop_size = (512, 512)
+  c.eval.stride = (341, 341)
+  c.eval.scale = (2048, 512)  # keep-ratio test resize; () keeps the image as it is
+  c.eval.max_examples = -1  # -1: the whole split
+  return c
+
+
+def segvit_model_config(variant: str, num_classes: int, drop_path: float | None = None):
+  """SegViT = plain ViT backbone (cls token dropped before the blocks) + ATM head."""
+  m = ml_collections.ConfigDict()
+  m.name = "segvit"
+  m.num_classes = num_classes
+  m.backbone = ml_collections.ConfigDict(dict(
+      variant=variant,
+      drop_path=DROP_PATH.get(variant, 0.0) if drop_path is None else drop_path,
+      cls_in_blocks=False,
+      posemb_grid=(32, 32),  # stored grid (crop / patch); resized to other inputs on the fly
+      remat=False,
+  ))
+  m.head = ml_collections.ConfigDict(dict(ATM_HEADS.get(variant, ATM_HEADS["B/16"])))
+  m.head.dropout = 0.1
+  m.dtype = "float32"
+  return m
+
+
+def atm_loss_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      ce_weight=1.0,
+      no_object_weight=0.1,
+      focal_weight=20.0,
+      focal_alpha=0.25,
+      focal_gamma=2.0,
+      dice_weight=1.0,
+      ignore_in_masks=False,  # True excludes ignore pixels from focal/dice (reference: False)
+  ))
+
+
+def optim_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      lr=2e-5,
+      head_lr_mult=10.0,
+      weight_decay=0.01,
+      b1=0.9,
+      b2=0.999,
+      clip_norm=35.0,
+      warmup_steps=1500,
+      warmup_ratio=1e-6,
+      poly_power=1.0,
+      min_lr=0.0,
+  ))

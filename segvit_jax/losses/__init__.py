@@ -1,0 +1,3 @@
+from segvit_jax.losses.atm import atm_loss
+
+__all__ = ["atm_loss"]

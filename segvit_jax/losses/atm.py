@@ -1,0 +1,95 @@
+"""The ATM loss of SegViT (spec segvit.md, "ATM loss").
+
+No Hungarian matching: query c is tied to class c. Per output (final and each auxiliary):
+  - cross-entropy over K + 1 logits for all queries, target c if class c is present else
+    no-object, weighted mean with no-object weight 0.1;
+  - for present classes only: sigmoid focal loss (mean over pixels) and dice loss, both summed
+    over masks and divided by the number of present masks in the global batch (at least 1).
+Pixels labelled `ignore_index` are negatives for every mask (the reference behaviour) unless
+`ignore_in_masks` is set, which excludes them from focal and dice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from segvit_jax.models.layers import upsample_masks
+
+
+def class_targets(labels: jax.Array, num_classes: int, ignore_index: int = 255):
+  """(B, H, W) int labels -> one-hot masks (B, K, H, W) float32 and presence (B, K) bool."""
+  del ignore_index  # ignore pixels match no class id in [0, K)
+  masks = (labels[:, None] == jnp.arange(num_classes)[None, :, None, None]).astype(jnp.float32)
+  return masks, masks.max(axis=(2, 3)) > 0
+
+
+def classification_loss(class_logits: jax.Array, present: jax.Array,
+                        no_object_weight: float) -> jax.Array:
+  """Weighted-mean cross-entropy; (B, K, K + 1) logits, (B, K) presence."""
+  b, k, _ = class_logits.shape
+  target = jnp.where(present, jnp.arange(k)[None], k)
+  logp = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+  w = jnp.where(present, 1.0, no_object_weight)
+  return jnp.sum(w * nll) / jnp.sum(w)
+
+
+def sigmoid_focal(logits: jax.Array, targets: jax.Array, valid: jax.Array,
+                  alpha: float, gamma: float) -> jax.Array:
+  """Per-mask sigmoid focal loss averaged over valid pixels: (B, K, H, W) -> (B, K)."""
+  p = jax.nn.sigmoid(logits)
+  ce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  p_t = p * targets + (1 - p) * (1 - targets)
+  loss = ce * (1 - p_t) ** gamma
+  if alpha >= 0:
+    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+  return jnp.sum(loss * valid, axis=(2, 3)) / jnp.maximum(jnp.sum(valid, axis=(2, 3)), 1.0)
+
+
+def dice(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
+  """Per-mask dice loss 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1): (B, K, H, W) -> (B, K)."""
+  p = jax.nn.sigmoid(logits) * valid
+  t = targets * valid
+  num = 2 * jnp.sum(p * t, axis=(2, 3)) + 1
+  den = jnp.sum(p, axis=(2, 3)) + jnp.sum(t, axis=(2, 3)) + 1
+  return 1 - num / den
+
+
+def atm_loss(outputs: Mapping[str, Any], labels: jax.Array, *, num_classes: int,
+             ce_weight: float = 1.0, no_object_weight: float = 0.1, focal_weight: float = 20.0,
+             focal_alpha: float = 0.25, focal_gamma: float = 2.0, dice_weight: float = 1.0,
+             ignore_in_masks: bool = False, ignore_index: int = 255
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss and its weighted terms: `loss_ce`, `loss_mask` (focal), `loss_dice` for the
+  final output and `loss_ce_{i}` etc. for auxiliary output i.
+
+  `outputs`: the segmentor's dict (`class_logits`, `mask_logits`, `aux_outputs`).
+  `labels`: (B, H, W) int, `ignore_index` for unlabelled pixels.
+  """
+  labels = labels.astype(jnp.int32)
+  targets, present = class_targets(labels, num_classes, ignore_index)
+  if ignore_in_masks:
+    valid = (labels != ignore_index).astype(jnp.float32)[:, None]
+  else:
+    valid = jnp.ones_like(labels, jnp.float32)[:, None]
+  present_f = present.astype(jnp.float32)
+  num_masks = jnp.maximum(jnp.sum(present_f), 1.0)
+
+  def terms(out):
+    masks = out["mask_logits"].astype(jnp.float32)
+    masks = upsample_masks(masks, labels.shape[1:])
+    focal = sigmoid_focal(masks, targets, valid, focal_alpha, focal_gamma)
+    return {
+        "loss_ce": ce_weight * classification_loss(out["class_logits"], present,
+                                                   no_object_weight),
+        "loss_mask": focal_weight * jnp.sum(focal * present_f) / num_masks,
+        "loss_dice": dice_weight * jnp.sum(dice(masks, targets, valid) * present_f) / num_masks,
+    }
+
+  losses = terms(outputs)
+  for i, aux in enumerate(outputs.get("aux_outputs", ())):
+    losses.update({f"{name}_{i}": v for name, v in terms(aux).items()})
+  return sum(losses.values()), losses

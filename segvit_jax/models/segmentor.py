@@ -1,0 +1,69 @@
+"""Segmentors: a backbone joined to a decode head, returning everything training, inference
+and analysis need.
+
+SegViT (spec segvit.md): plain ViT with the class token dropped before the blocks + ATM head.
+Output dict:
+  class_logits     (B, K, K + 1)  final stage
+  mask_logits      (B, K, H, W)   final cumulative masks, bilinearly resized to the input
+  aux_outputs      list of {class_logits, mask_logits (B, K, h, w)} of the earlier stages
+  semantic_scores  (B, K, H, W)   sum_q softmax(class)[c] * sigmoid(mask)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from segvit_jax.models import atm, layers, vit
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class SegViT(nn.Module):
+  """SegViT: `backbone` holds ViT fields (incl. `variant`), `head` the ATM fields."""
+
+  num_classes: int
+  backbone: dict
+  head: dict
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.encoder = vit.Model(**self.backbone, dtype=self.dtype, name="backbone")
+    head = dict(self.head)
+    self.tap_layers = tuple(head.pop("tap_layers"))
+    self.decode_head = atm.ATMHead(num_classes=self.num_classes, dtype=self.dtype,
+                                   name="head", **head)
+
+  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, Any]:
+    depth = self.encoder.depth
+    if any(not 0 <= i < depth for i in self.tap_layers):
+      raise ValueError(f"tap_layers {self.tap_layers} out of range for a {depth}-block ViT")
+    _, aux = self.encoder(images.astype(self.dtype), train=train)
+    taps = [aux["blocks"][i] for i in sorted(self.tap_layers, reverse=True)]  # deepest first
+    stages = self.decode_head(taps, train=train)
+    final = stages[-1]
+    masks = layers.upsample_masks(final["mask_logits"], images.shape[1:3])
+    return {
+        "class_logits": final["class_logits"],
+        "mask_logits": masks,
+        "aux_outputs": stages[:-1],
+        "semantic_scores": atm.semantic_scores(final["class_logits"], masks),
+    }
+
+
+def build_model(model_cfg: ml_collections.ConfigDict | dict) -> nn.Module:
+  """Builds the module a `config.model` describes (`name` selects the family)."""
+  cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+  name = cfg.pop("name", "segvit")
+  dtype = DTYPES[cfg.pop("dtype", "float32")]
+  if name == "segvit":
+    backbone = dict(cfg["backbone"])
+    backbone.setdefault("final_norm", False)
+    backbone["posemb_grid"] = tuple(backbone["posemb_grid"])
+    return SegViT(num_classes=cfg["num_classes"], backbone=backbone, head=dict(cfg["head"]),
+                  dtype=dtype)
+  raise ValueError(f"unknown model name {name!r}; known: 'segvit'")
