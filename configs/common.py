@@ -105,13 +105,39 @@ def atm_loss_config() -> ml_collections.ConfigDict:
 def optim_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       lr=2e-5,
-      head_lr_mult=10.0,
+      lr_mults={"head": 10.0},  # per top-level module: every decoder parameter x10
       weight_decay=0.01,
       b1=0.9,
       b2=0.999,
+      eps=1e-8,
+      no_decay=(r"^backbone/.*norm",),  # regexes on '/'-joined parameter paths
       clip_norm=35.0,
       warmup_steps=1500,
       warmup_ratio=1e-6,
       poly_power=1.0,
       min_lr=0.0,
   ))
+
+
+def segvit_ade20k_config(variant: str, crop: int, stride: int) -> ml_collections.ConfigDict:
+  """The paper's ADE20K recipe (spec segvit.md, "Training recipes") for a ViT variant."""
+  c = run_config()
+  c.total_steps = 160_000
+  c.batch_size = 16
+  c.dataset.name = "ade20k"
+  c.dataset.root = "data/ADEChallengeData2016"
+  c.dataset.num_classes = 150
+  c.dataset.reduce_zero_label = True
+  c.dataset.num_workers = 8
+  c.augment.crop_size = (crop, crop)
+  c.augment.scale = (2048, crop)
+  c.model = segvit_model_config(variant, num_classes=150)
+  patch = int(variant.split("/")[1])
+  c.model.backbone.posemb_grid = (crop // patch, crop // patch)
+  c.optim.weight_decay = 0.01
+  c.optim.poly_power = 1.0
+  c.eval.mode = "slide"
+  c.eval.crop_size = (crop, crop)
+  c.eval.stride = (stride, stride)
+  c.eval.scale = (2048, crop)
+  return c

@@ -1,0 +1,174 @@
+"""Model bundles: one directory format for a trained or converted model without optimizer
+state, the unit that converters write and inference reads.
+
+  BUNDLE/config.json   {"format": "segvit_jax.bundle", "version": 1, "model": {...},
+                        "mean": [...], "std": [...], "class_names": [...], ...}
+  BUNDLE/params/       the parameters, an orbax PyTree checkpoint
+
+`load_bundle(path)` returns a `Bundle` with `model`, `variables`, `config` and
+`predict(images)`: uint8 (B, H, W, 3) -> per-class scores (B, C, H, W) float32 at the input
+resolution (the model's `semantic_scores`; inputs are zero-padded to a multiple of the patch
+size and the scores cropped back, never resized).
+
+`load_model(path)` also accepts a training workdir (its `config.json` and latest checkpoint),
+so eval.py and predict.py take either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from segvit_jax import inference
+from segvit_jax.models import build_model, patch_size
+
+FORMAT = "segvit_jax.bundle"
+VERSION = 1
+
+
+@dataclasses.dataclass
+class Bundle:
+  model: Any
+  variables: dict
+  config: ml_collections.ConfigDict
+
+  @functools.cached_property
+  def _score_fn(self):
+    return jax.jit(lambda v, x: self.model.apply(v, x)["semantic_scores"])
+
+  def normalize(self, images: np.ndarray) -> jax.Array:
+    mean = jnp.asarray(self.config.mean, jnp.float32)
+    std = jnp.asarray(self.config.std, jnp.float32)
+    return (jnp.asarray(images, jnp.float32) - mean) / std
+
+  def predict(self, images: np.ndarray) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> scores (B, C, H, W) float32, whole image at its own resolution."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"predict expects uint8 images (B, H, W, 3), got {images.shape}")
+    fn = functools.partial(self._score_fn, self.variables)
+    scores = inference.whole_inference(fn, self.normalize(images),
+                                       size_divisor=patch_size(self.config.model))
+    return np.asarray(scores, np.float32)
+
+
+def save_bundle(path: str, params: Any, model_cfg: Mapping[str, Any], *, mean, std,
+                class_names, **extra) -> str:
+  """Writes a bundle directory (params through orbax, atomically)."""
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  model_cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+  meta = {"format": FORMAT, "version": VERSION, "model": model_cfg, "mean": list(mean),
+          "std": list(std), "class_names": list(class_names), **extra}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, "params"), jax.device_get(params), force=True)
+  tmp = os.path.join(path, "config.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
+  os.replace(tmp, os.path.join(path, "config.json"))
+  return path
+
+
+def _read_json(path: str) -> dict:
+  file = os.path.join(path, "config.json")
+  if not os.path.isfile(file):
+    raise FileNotFoundError(
+        f"{file} not found: expected a model bundle (config.json + params/) or a training "
+        "workdir (config.json + checkpoints/)")
+  with open(file) as f:
+    return json.load(f)
+
+
+def is_bundle(path: str) -> bool:
+  try:
+    return _read_json(path).get("format") == FORMAT
+  except (FileNotFoundError, json.JSONDecodeError):
+    return False
+
+
+def load_params(path: str) -> Any:
+  """The parameters of a bundle, as numpy arrays on the host."""
+  meta = _read_json(path)
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{path}/config.json is not a {FORMAT} bundle (format="
+                     f"{meta.get('format')!r})")
+  with ocp.StandardCheckpointer() as ckptr:
+    return jax.device_get(ckptr.restore(os.path.join(os.path.abspath(path), "params")))
+
+
+def load_bundle(path: str) -> Bundle:
+  """Loads a bundle, checking its parameters against the model its config describes."""
+  meta = _read_json(path)
+  config = ml_collections.ConfigDict(meta)
+  model = build_model(config.model)
+  params = load_params(path)
+  params = merge_params(_abstract_params(model, config.model), params, source=path)
+  return Bundle(model=model, variables={"params": params}, config=config)
+
+
+def load_model(path: str, step: int | None = None) -> Bundle:
+  """A bundle directory, or a training workdir (latest checkpoint, or `step`)."""
+  path = os.path.abspath(path)
+  if is_bundle(path):
+    return load_bundle(path)
+  from segvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  meta = _read_json(path)
+  if "model" not in meta or "dataset" not in meta:
+    raise ValueError(f"{path}/config.json is neither a bundle nor a training config")
+  config = ml_collections.ConfigDict(meta)
+  model = build_model(config.model)
+  params, step = checkpoint.restore_params(os.path.join(path, "checkpoints"), step)
+  params = merge_params(_abstract_params(model, config.model), params, source=path)
+  classes_file = os.path.join(path, "classes.txt")
+  if os.path.isfile(classes_file):
+    with open(classes_file) as f:
+      class_names = [line.rstrip("\n") for line in f if line.strip()]
+  else:
+    class_names = [f"class_{i}" for i in range(config.model.num_classes)]
+  bundle_cfg = ml_collections.ConfigDict({
+      "format": FORMAT, "version": VERSION, "model": meta["model"], "mean": meta["mean"],
+      "std": meta["std"], "class_names": class_names,
+      "step": step, "source": path})
+  return Bundle(model=model, variables={"params": params}, config=bundle_cfg)
+
+
+def _abstract_params(model, model_cfg) -> Any:
+  p = patch_size(model_cfg)
+  grid = tuple(model_cfg["backbone"].get("posemb_grid", (4, 4)))
+  x = jnp.zeros((1, grid[0] * p, grid[1] * p, 3))
+  return flax.linen.meta.unbox(
+      jax.eval_shape(lambda: model.init(jax.random.key(0), x)["params"]))
+
+
+def merge_params(init: Any, loaded: Any, *, source: str = "checkpoint") -> Any:
+  """Strict merge (big_vision `merge_params`): every parameter of `init` must be in `loaded`
+  with the same shape and nothing else may be there. Fails with a readable list of missing,
+  unexpected and mis-shaped keys; returns `loaded` arranged like `init`, cast to its dtypes."""
+  flat_init = flax.traverse_util.flatten_dict(flax.core.unfreeze(init), sep="/")
+  flat_loaded = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
+  missing = sorted(set(flat_init) - set(flat_loaded))
+  unexpected = sorted(set(flat_loaded) - set(flat_init))
+  misshaped = sorted(
+      f"{k}: expected {tuple(flat_init[k].shape)}, got {tuple(np.shape(flat_loaded[k]))}"
+      for k in set(flat_init) & set(flat_loaded)
+      if tuple(flat_init[k].shape) != tuple(np.shape(flat_loaded[k])))
+  if missing or unexpected or misshaped:
+    lines = [f"parameters from {source} do not match the model:"]
+    for title, keys in (("missing", missing), ("unexpected", unexpected),
+                        ("mis-shaped", misshaped)):
+      if keys:
+        shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
+        lines.append(f"  {title} ({len(keys)}): " + ", ".join(shown))
+    raise ValueError("\n".join(lines))
+  merged = {k: np.asarray(flat_loaded[k]).astype(flat_init[k].dtype) for k in flat_init}
+  return flax.traverse_util.unflatten_dict(merged, sep="/")
