@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax import evaluate, metrics, trainer
+from segvit_jax import config_utils, evaluate, metrics, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -55,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_utils.parse_flags)

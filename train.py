@@ -11,7 +11,7 @@ Rerunning the same command with the same workdir resumes from the latest checkpo
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from segvit_jax import evaluate, trainer
+from segvit_jax import config_utils, evaluate, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_utils.parse_flags)

@@ -24,12 +24,13 @@ def warmup_poly_schedule(base_lr: float, total_steps: int, warmup_steps: int = 0
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    progress = jnp.clip(step / total_steps, 0.0, 1.0)
-    regular = (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
+    remaining = jnp.clip((total_steps - step) / total_steps, 0.0, 1.0)  # = 1 - progress
+    regular = (base_lr - min_lr) * remaining**power + min_lr
     if warmup_steps <= 0:
       return regular
-    k = (1.0 - step / warmup_steps) * (1.0 - warmup_ratio)
-    return jnp.where(step < warmup_steps, regular * (1.0 - k), regular)
+    # 1 - k with k = (1 - step / warmup) * (1 - ratio), written without cancellation.
+    factor = warmup_ratio + (step / warmup_steps) * (1.0 - warmup_ratio)
+    return jnp.where(step < warmup_steps, regular * factor, regular)
 
   return schedule
 

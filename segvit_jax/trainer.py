@@ -155,7 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
