@@ -1,0 +1,105 @@
+"""The command-line tools end to end on a seconds-long synthetic run: train.py errors,
+eval.py, export_bundle, load_bundle / predict, predict.py."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import demo
+from segvit_jax import bundle as bundle_lib
+from segvit_jax import trainer
+from segvit_jax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, check=True):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                        env=env, timeout=600)
+  if check and proc.returncode:
+    raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return proc
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("run"))
+  trainer.train(demo.get_config("smoke"), path)
+  return path
+
+
+def test_missing_dataset_fails_fast_naming_the_path(tmp_path):
+  t0 = time.perf_counter()
+  proc = run("train.py", "--config", "configs/segvit_vit_l16_ade20k.py", "--workdir",
+             str(tmp_path), "--config.dataset.root=/nonexistent/ADEChallengeData2016",
+             check=False)
+  assert proc.returncode != 0
+  assert "/nonexistent/ADEChallengeData2016" in proc.stderr
+  assert "FileNotFoundError" in proc.stderr
+  assert time.perf_counter() - t0 < 60  # seconds, not a compile or a training step
+
+
+def test_unknown_config_key_is_named(tmp_path):
+  proc = run("train.py", "--config", "configs/demo.py:smoke", "--workdir", str(tmp_path),
+             "--config.optim.learning_rate=1", check=False)
+  assert proc.returncode != 0
+  assert ("unknown config key 'optim.learning_rate' in '--config.optim.learning_rate=1': "
+          "optim has no 'learning_rate'") in proc.stderr
+
+
+def test_eval_writes_results_and_pictures(workdir):
+  proc = run("eval.py", "--config", "configs/demo.py:smoke", "--workdir", workdir)
+  with open(os.path.join(workdir, "eval_results.json")) as f:
+    results = json.load(f)
+  assert set(results) >= {"mIoU", "mAcc", "aAcc", "per_class"}
+  assert [c["name"] for c in results["per_class"]] == list(synthetic.CLASS_NAMES)
+  assert 0 <= results["aAcc"] <= 100
+  assert "mIoU" in proc.stdout
+  assert len(os.listdir(os.path.join(workdir, "pictures"))) == 4  # num_eval = 4
+
+
+def test_bundle_export_load_predict(workdir, tmp_path):
+  out = str(tmp_path / "bundle")
+  run("-m", "segvit_jax.export_bundle", "--workdir", workdir, "--output", out)
+  b = bundle_lib.load_bundle(out)
+  assert b.config.model.num_classes == 6 and b.config.step == 6
+  assert list(b.config.class_names) == list(synthetic.CLASS_NAMES)
+  # A 40 x 56 image (not a multiple of the patch 8 in height): scores at the input size.
+  images = np.random.default_rng(0).integers(0, 256, (2, 44, 56, 3), dtype=np.uint8)
+  scores = b.predict(images)
+  assert scores.shape == (2, 6, 44, 56) and scores.dtype == np.float32
+  # Same result as the model applied directly on the normalised input zero-padded, cropped.
+  padded = np.pad(np.asarray(b.normalize(images)), ((0, 0), (0, 4), (0, 0), (0, 0)))
+  direct = b.model.apply(b.variables, padded)["semantic_scores"]
+  np.testing.assert_allclose(scores, np.asarray(direct)[:, :, :44], atol=1e-6)
+  # The workdir and the bundle load the same parameters.
+  w = bundle_lib.load_model(workdir)
+  np.testing.assert_array_equal(w.predict(images), scores)
+
+
+def test_predict_cli(workdir, tmp_path):
+  src = synthetic.SyntheticSegmentation("val", 2, 32, seed=0)
+  inputs = tmp_path / "inputs"
+  inputs.mkdir()
+  for i in range(2):
+    Image.fromarray(src[i]["image"]).save(inputs / f"img{i}.png")
+  (inputs / "broken.jpg").write_bytes(b"not a jpeg")
+  out = tmp_path / "out"
+  proc = run("predict.py", "--checkpoint", workdir, "--input", str(inputs / "img0.png"),
+             "--output", str(out), "--save-scores")
+  pred = np.asarray(Image.open(out / "img0.png"))
+  scores = np.load(out / "img0.npy")
+  assert pred.shape == (32, 32) and scores.shape == (6, 32, 32)
+  np.testing.assert_array_equal(pred, scores.argmax(0))
+  assert (out / "img0_overlay.jpg").exists()
+  assert "wrote 1 predictions" in proc.stdout
+  proc = run("predict.py", "--checkpoint", workdir, "--input", str(inputs), "--output",
+             str(out), check=False)
+  assert proc.returncode != 0 and "broken.jpg" in proc.stderr
