@@ -2,8 +2,9 @@
 position-embedding resize.
 
 Logical axis names (mapped to mesh axes by `segvit_jax.sharding`):
-  parameters: `embed` (model width), `mlp` (hidden width), `heads`, `kv` (head dim),
-              `classes`, `queries`, `patch` (patch kernel spatial axes), `channels`;
+  parameters: `embed` (model width), `mlp` (hidden width), `heads` (attention width,
+              heads contiguous),
+              `classes`, `queries`;
   activations: `act_batch`, `act_len`, `act_embed`, `act_heads`, `act_mlp`.
 """
 
@@ -90,13 +91,15 @@ class Attention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
     head_dim = d // self.num_heads
+    # Plain (D, D) kernels, heads contiguous along the output axis (torch / timm layout).
     proj = functools.partial(
-        nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype,
-        kernel_init=logical(self.kernel_init, ("embed", "heads", "kv")),
-        bias_init=logical(self.bias_init, ("heads", "kv")))
-    q = proj(name="query")(x_q)  # (B, Nq, H, hd)
-    k = proj(name="key")(x_kv)
-    v = proj(name="value")(x_kv)
+        nn.Dense, d, dtype=self.dtype,
+        kernel_init=logical(self.kernel_init, ("embed", "heads")),
+        bias_init=logical(self.bias_init, ("heads",)))
+    split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)  # noqa: E731
+    q = split(proj(name="query")(x_q))  # (B, Nq, H, hd)
+    k = split(proj(name="key")(x_kv))
+    v = split(proj(name="value")(x_kv))
     q = constrain(q, ("act_batch", "act_len", "act_heads", None))
 
     need_probs = self.return_logits or (self.dropout > 0.0 and not deterministic)
@@ -108,9 +111,9 @@ class Attention(nn.Module):
     else:
       out = jax.nn.dot_product_attention(q, k, v)
 
-    out = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out",
-                          kernel_init=logical(self.kernel_init, ("heads", "kv", "embed")),
-                          bias_init=logical(self.bias_init, ("embed",)))(out)
+    out = nn.Dense(d, dtype=self.dtype, name="out",
+                   kernel_init=logical(self.kernel_init, ("heads", "embed")),
+                   bias_init=logical(self.bias_init, ("embed",)))(out.reshape(*out.shape[:-2], d))
     if self.return_logits:
       return out, logits.mean(axis=1)
     return out

@@ -55,6 +55,12 @@ class SegViT(nn.Module):
     }
 
 
+def patch_size(model_cfg: ml_collections.ConfigDict | dict) -> int:
+  """The backbone patch size a model config implies (its variant, or an explicit override)."""
+  bb = model_cfg["backbone"]
+  return int(bb.get("patch_size") or vit.decode_variant(bb["variant"])["patch_size"])
+
+
 def build_model(model_cfg: ml_collections.ConfigDict | dict) -> nn.Module:
   """Builds the module a `config.model` describes (`name` selects the family)."""
   cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)

@@ -103,7 +103,7 @@ class ViT(nn.Module):
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 name="embedding",
                 kernel_init=layers.logical(nn.initializers.lecun_normal(),
-                                           ("patch", "patch", "channels", "embed")),
+                                           (None, None, None, "embed")),
                 bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(images)
     x = x.reshape(b, gh * gw, self.width)
 
