@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -63,6 +64,12 @@ def restore_params(directory: str, step: int | None = None) -> tuple[dict, int]:
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint found in {directory}")
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  # An explicit single-device target: without one, orbax rebuilds the shardings the checkpoint
+  # was saved with and fails on any other device count ("Topology mismatch detected").
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        mngr.item_metadata(step)["state"])
+  state = mngr.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   mngr.close()
   return state["params"], step

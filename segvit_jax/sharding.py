@@ -35,6 +35,9 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f"config.mesh {dict(mesh_cfg)}: at most one axis may be -1")
+  if any(s < 1 and s != -1 for s in sizes):
+    raise ValueError(f"config.mesh {dict(mesh_cfg)}: sizes must be positive (or -1 for all "
+                     "remaining devices)")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
