@@ -1,0 +1,334 @@
+"""SegViT / mmseg train and test augmentations (spec segvit.md, "Train augmentation").
+
+The train pipeline is mmseg's: keep-ratio resize to a base scale times a random ratio, random
+crop with `cat_max_ratio`, horizontal flip, photometric distortion, normalise, pad (image 0,
+label 255). Test: keep-ratio resize of the image only (the label stays at full resolution) and
+normalise.
+
+Each step is a small pure numpy function on arrays; grain transform classes below wrap them for
+records `dict(image=(H, W, 3), label=(H, W), ...)`. The random ones are `grain.transforms.
+RandomMap`s and take every random number from the `np.random.Generator` grain passes in, so the
+pipeline is seeded and deterministic. Images stay uint8 until `Normalize`, as in mmseg.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------
+# Resize.
+
+
+def rescale_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
+  """Keep-ratio target size (h, w) for a (long, short) scale, as mmcv `imrescale`.
+
+  The factor is min(long / long_side, short / short_side): the image grows or shrinks until its
+  long side reaches `max(scale)` or its short side reaches `min(scale)`, whichever comes first.
+  """
+  long_edge, short_edge = max(scale), min(scale)
+  factor = min(long_edge / max(height, width), short_edge / min(height, width))
+  return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Bilinear resize of a uint8 (H, W, 3) image to size (h, w) with PIL."""
+  h, w = size
+  if image.shape[:2] == (h, w):
+    return image
+  return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Nearest-neighbour resize of an (H, W) label map to size (h, w); any dtype.
+
+  Each output pixel takes the input pixel under its centre.
+  """
+  h, w = size
+  in_h, in_w = label.shape
+  if (in_h, in_w) == (h, w):
+    return label
+  rows = np.minimum(((np.arange(h) + 0.5) * (in_h / h)).astype(np.int64), in_h - 1)
+  cols = np.minimum(((np.arange(w) + 0.5) * (in_w / w)).astype(np.int64), in_w - 1)
+  return label[rows[:, None], cols[None, :]]
+
+
+def random_resize(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                  scale: Sequence[int], ratio_range: Sequence[float]):
+  """mmseg `Resize(img_scale=scale, ratio_range=ratio_range, keep_ratio=True)`.
+
+  The base (long, short) scale is multiplied by a ratio uniform in `ratio_range`, then the image
+  is rescaled keeping its aspect ratio; image bilinear, label nearest.
+  """
+  ratio = rng.uniform(ratio_range[0], ratio_range[1])
+  target = (int(scale[0] * ratio), int(scale[1] * ratio))
+  size = rescale_size(*image.shape[:2], target)
+  return resize_image(image, size), resize_label(label, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Crop, flip, pad.
+
+
+def crop_box(shape: tuple[int, int], crop_size: Sequence[int],
+             rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """A random (y0, y1, x0, x1) window of crop_size (h, w), clipped to the image."""
+  margin_h = max(shape[0] - crop_size[0], 0)
+  margin_w = max(shape[1] - crop_size[1], 0)
+  y0 = int(rng.integers(0, margin_h + 1))
+  x0 = int(rng.integers(0, margin_w + 1))
+  return y0, y0 + crop_size[0], x0, x0 + crop_size[1]
+
+
+def crop_is_diverse(label: np.ndarray, cat_max_ratio: float, ignore_index: int) -> bool:
+  """mmseg's test: > 1 class present and the largest covers < cat_max_ratio (ignore excluded)."""
+  classes, counts = np.unique(label, return_counts=True)
+  counts = counts[classes != ignore_index]
+  return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
+
+
+def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                crop_size: Sequence[int], cat_max_ratio: float = 1.0,
+                ignore_index: int = 255, max_tries: int = 10):
+  """mmseg `RandomCrop(crop_size, cat_max_ratio)`.
+
+  A window is drawn up to `max_tries` times until `crop_is_diverse`; if none passes, the window
+  drawn after the last try is used as is. An image smaller than the crop gives a smaller crop
+  (`pad` fills it up later).
+  """
+  y0, y1, x0, x1 = crop_box(label.shape, crop_size, rng)
+  if cat_max_ratio < 1.0:
+    for _ in range(max_tries):
+      if crop_is_diverse(label[y0:y1, x0:x1], cat_max_ratio, ignore_index):
+        break
+      y0, y1, x0, x1 = crop_box(label.shape, crop_size, rng)
+  return image[y0:y1, x0:x1], label[y0:y1, x0:x1]
+
+
+def hflip(image: np.ndarray, label: np.ndarray):
+  """Mirror image and label left-right."""
+  return image[:, ::-1], label[:, ::-1]
+
+
+def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, prob: float):
+  """mmseg `RandomFlip(prob)`: horizontal flip with probability `prob`."""
+  if rng.random() < prob:
+    return hflip(image, label)
+  return image, label
+
+
+def pad(image: np.ndarray, label: np.ndarray, size: Sequence[int], pad_value: float = 0,
+        label_pad_value: int = 255):
+  """mmseg `Pad(size, pad_val=0, seg_pad_val=255)`: pad bottom/right up to size (h, w)."""
+  h, w = label.shape
+  ph, pw = max(size[0] - h, 0), max(size[1] - w, 0)
+  if ph == 0 and pw == 0:
+    return image, label
+  image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=pad_value)
+  label = np.pad(label, ((0, ph), (0, pw)), constant_values=label_pad_value)
+  return image, label
+
+
+# ----------------------------------------------------------------------------------------------
+# Photometric distortion.
+
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+  """RGB in [0, 255] -> HSV in OpenCV's 8-bit ranges: H in [0, 180), S and V in [0, 255].
+
+  Float in, float out (no 8-bit rounding of the intermediate HSV values).
+  """
+  rgb = rgb.astype(np.float32)
+  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+  v = rgb.max(-1)
+  delta = v - rgb.min(-1)
+  safe_delta = np.where(delta > 0, delta, 1.0)
+  s = np.where(v > 0, delta / np.where(v > 0, v, 1.0), 0.0) * 255.0
+  h = np.where(v == r, (g - b) / safe_delta,
+               np.where(v == g, 2.0 + (b - r) / safe_delta, 4.0 + (r - g) / safe_delta))
+  h = np.where(delta > 0, np.mod(h * 30.0, 180.0), 0.0)  # 60 degrees per sector, halved
+  return np.stack([h, s, v], -1).astype(np.float32)
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+  """Inverse of `rgb_to_hsv`: H in [0, 180), S, V in [0, 255] -> float RGB in [0, 255]."""
+  h, s, v = hsv[..., 0] / 30.0, hsv[..., 1] / 255.0, hsv[..., 2]
+  channels = []
+  for n in (5.0, 3.0, 1.0):  # R, G, B
+    k = np.mod(n + h, 6.0)
+    channels.append(v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
+  return np.stack(channels, -1).astype(np.float32)
+
+
+def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+  """mmseg `PhotoMetricDistortion.convert`: x * alpha + beta, clipped to [0, 255], as uint8."""
+  return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def _hsv_op(image: np.ndarray, fn) -> np.ndarray:
+  hsv = fn(rgb_to_hsv(image))
+  return np.clip(np.rint(hsv_to_rgb(hsv)), 0, 255).astype(np.uint8)
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator,
+                           brightness_delta: float = 32.0,
+                           contrast_range: Sequence[float] = (0.5, 1.5),
+                           saturation_range: Sequence[float] = (0.5, 1.5),
+                           hue_delta: int = 18) -> np.ndarray:
+  """mmseg `PhotoMetricDistortion` on a uint8 RGB image; returns uint8.
+
+  In order: brightness (+-delta, p 0.5); contrast (factor in range, p 0.5) either here or last
+  (mode chosen with p 0.5); saturation (factor in range on S, p 0.5); hue (integer delta in
+  [-hue_delta, hue_delta) on H in [0, 180), p 0.5); contrast if not done before. Each step clips
+  to [0, 255] and goes back to uint8 like mmseg. The defaults are mmseg's.
+  """
+  image = np.asarray(image, np.uint8)
+  if rng.integers(2):
+    image = _convert(image, beta=rng.uniform(-brightness_delta, brightness_delta))
+  contrast_first = bool(rng.integers(2))
+
+  def contrast(img):
+    if rng.integers(2):
+      return _convert(img, alpha=rng.uniform(*contrast_range))
+    return img
+
+  if contrast_first:
+    image = contrast(image)
+  if rng.integers(2):
+    alpha = rng.uniform(*saturation_range)
+    image = _hsv_op(image, lambda hsv: np.stack(
+        [hsv[..., 0], np.clip(hsv[..., 1] * alpha, 0, 255), hsv[..., 2]], -1))
+  if rng.integers(2):
+    delta = int(rng.integers(-hue_delta, hue_delta))
+    image = _hsv_op(image, lambda hsv: np.stack(
+        [np.mod(hsv[..., 0] + delta, 180.0), hsv[..., 1], hsv[..., 2]], -1))
+  if not contrast_first:
+    image = contrast(image)
+  return image
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalise.
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """(image - mean) / std per channel, float32."""
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
+  return (image.astype(np.float32) - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# grain transforms on records dict(image=(H, W, 3), label=(H, W), ...). They return new dicts
+# and never modify the record they are given.
+
+
+def _replace(record: dict, **fields) -> dict:
+  out = dict(record)
+  out.update(fields)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomResize(grain.transforms.RandomMap):
+  """`random_resize` on a record."""
+  scale: tuple[int, int]
+  ratio_range: tuple[float, float]
+
+  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    image, label = random_resize(record["image"], record["label"], rng, self.scale,
+                                 self.ratio_range)
+    return _replace(record, image=image, label=label)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomCrop(grain.transforms.RandomMap):
+  """`random_crop` on a record."""
+  crop_size: tuple[int, int]
+  cat_max_ratio: float = 1.0
+  ignore_index: int = 255
+
+  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    image, label = random_crop(record["image"], record["label"], rng, self.crop_size,
+                               self.cat_max_ratio, self.ignore_index)
+    return _replace(record, image=image, label=label)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomFlip(grain.transforms.RandomMap):
+  """`random_flip` on a record."""
+  prob: float = 0.5
+
+  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    image, label = random_flip(record["image"], record["label"], rng, self.prob)
+    return _replace(record, image=image, label=label)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotoMetricDistortion(grain.transforms.RandomMap):
+  """`photometric_distortion` on a record's image."""
+  brightness_delta: float = 32.0
+  contrast_range: tuple[float, float] = (0.5, 1.5)
+  saturation_range: tuple[float, float] = (0.5, 1.5)
+  hue_delta: int = 18
+
+  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    image = photometric_distortion(record["image"], rng, self.brightness_delta,
+                                   self.contrast_range, self.saturation_range, self.hue_delta)
+    return _replace(record, image=image)
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalize(grain.transforms.Map):
+  """`normalize` on a record's image (float32 out)."""
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def map(self, record: dict) -> dict:
+    return _replace(record, image=normalize(record["image"], self.mean, self.std))
+
+
+@dataclasses.dataclass(frozen=True)
+class Pad(grain.transforms.Map):
+  """`pad` on a record: image with `pad_value`, label with `label_pad_value`, to size (h, w)."""
+  size: tuple[int, int]
+  pad_value: float = 0.0
+  label_pad_value: int = 255
+
+  def map(self, record: dict) -> dict:
+    image, label = pad(record["image"], record["label"], self.size, self.pad_value,
+                       self.label_pad_value)
+    return _replace(record, image=image, label=label)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResize(grain.transforms.Map):
+  """Test-time keep-ratio resize of the image to scale (long, short); the label is untouched.
+
+  An empty scale keeps the image as it is.
+  """
+  scale: tuple[int, ...] = ()
+
+  def map(self, record: dict) -> dict:
+    if not self.scale:
+      return record
+    size = rescale_size(*record["image"].shape[:2], self.scale)
+    return _replace(record, image=resize_image(record["image"], size))
+
+
+@dataclasses.dataclass(frozen=True)
+class Format(grain.transforms.Map):
+  """Final record layout: image float32, label int32, only the fields in `keys`."""
+  keys: tuple[str, ...] = ("image", "label")
+
+  def map(self, record: dict) -> dict:
+    out = {k: record[k] for k in self.keys}
+    if "image" in out:
+      out["image"] = np.ascontiguousarray(out["image"], np.float32)
+    if "label" in out:
+      out["label"] = np.ascontiguousarray(out["label"], np.int32)
+    return out

@@ -1,0 +1,400 @@
+"""Tests for segvit_jax.data: synthetic set, mmseg augmentations, sources and grain pipelines."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segvit_jax.data import pipeline
+from segvit_jax.data import sources
+from segvit_jax.data import synthetic
+from segvit_jax.data import transforms as T
+
+_COMMON = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "common.py")
+
+
+def _run_config(**dataset):
+  spec = importlib.util.spec_from_file_location("configs_common_for_data_tests", _COMMON)
+  common = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(common)
+  c = common.run_config()
+  c.batch_size = 4
+  c.dataset.num_train = 40
+  c.dataset.num_eval = 10
+  c.dataset.image_size = 64
+  c.augment.crop_size = (48, 48)
+  c.augment.scale = (256, 64)
+  c.eval.scale = (256, 32)
+  c.dataset.update(dataset)
+  return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic dataset.
+
+
+def test_synthetic_is_deterministic_and_splits_differ():
+  a = synthetic.SyntheticSegmentation("train", 10, 64)
+  b = synthetic.SyntheticSegmentation("train", 10, 64)
+  r1, r2 = a[7], b[7]
+  np.testing.assert_array_equal(r1["image"], r2["image"])
+  np.testing.assert_array_equal(r1["label"], r2["label"])
+  assert r1["name"] == "synthetic_train_000007"
+  val = synthetic.SyntheticSegmentation("val", 10, 64)[7]
+  other_seed = synthetic.SyntheticSegmentation("train", 10, 64, seed=1)[7]
+  assert not np.array_equal(r1["image"], val["image"])
+  assert not np.array_equal(r1["image"], other_seed["image"])
+  assert not np.array_equal(a[0]["image"], a[1]["image"])
+  with pytest.raises(IndexError):
+    a[10]
+
+
+def test_synthetic_records_and_all_classes_appear():
+  ds = synthetic.SyntheticSegmentation("train", 50, 96)
+  assert ds.class_names == synthetic.CLASS_NAMES and len(ds.class_names) == 6
+  counts = np.zeros(6, np.int64)
+  for i in range(len(ds)):
+    r = ds[i]
+    assert r["image"].shape == (96, 96, 3) and r["image"].dtype == np.uint8
+    assert r["label"].shape == (96, 96) and r["label"].dtype == np.uint8
+    assert r["label"].max() <= 5
+    counts += np.bincount(r["label"].ravel(), minlength=6)
+  fractions = counts / counts.sum()
+  assert (fractions > 0.01).all(), fractions
+  assert fractions[0] < 0.95
+
+
+def test_synthetic_colours_are_shared_across_classes():
+  # An object's pixels are one palette colour +- TEXTURE_AMPLITUDE (plus small noise) whatever
+  # its class: every object class must use most of the palette, so colour cannot tell classes
+  # apart.
+  base = synthetic.object_palette()
+  candidates = np.concatenate([base + synthetic.TEXTURE_AMPLITUDE,
+                               base - synthetic.TEXTURE_AMPLITUDE])
+  colour_index = np.tile(np.arange(len(base)), 2)
+  ds = synthetic.SyntheticSegmentation("train", 60, 64)
+  used = np.zeros((6, len(base)), np.int64)
+  for i in range(len(ds)):
+    r = ds[i]
+    for c in range(1, 6):
+      pixels = r["image"][r["label"] == c].astype(np.float32)
+      if len(pixels):
+        nearest = np.linalg.norm(pixels[:, None] - candidates[None], axis=-1).argmin(-1)
+        used[c] += np.bincount(colour_index[nearest], minlength=len(base))
+  for c in range(1, 6):
+    share = used[c] / used[c].sum()
+    assert (share > 0.01).sum() >= 8, (synthetic.CLASS_NAMES[c], np.round(share, 3))
+    assert share.max() < 0.3, (synthetic.CLASS_NAMES[c], np.round(share, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms.
+
+
+def test_rescale_size_matches_mmcv_imrescale():
+  # factor = min(2048 / 500, 512 / 375): the short side hits 512.
+  assert T.rescale_size(375, 500, (2048, 512)) == (512, 683)
+  # factor = min(2048 / 1000, 512 / 100): the long side hits 2048.
+  assert T.rescale_size(100, 1000, (2048, 512)) == (205, 2048)
+  assert T.rescale_size(64, 64, (256, 32)) == (32, 32)
+
+
+def test_random_resize_draws_ratio_and_keeps_labels():
+  image = np.zeros((40, 60, 3), np.uint8)
+  label = np.arange(40 * 60).reshape(40, 60) % 3
+  out_image, out_label = T.random_resize(image, label, np.random.default_rng(3), (200, 50),
+                                         (0.5, 2.0))
+  ratio = np.random.default_rng(3).uniform(0.5, 2.0)
+  expected = T.rescale_size(40, 60, (int(200 * ratio), int(50 * ratio)))
+  assert out_image.shape == expected + (3,) and out_label.shape == expected
+  assert set(np.unique(out_label)) <= {0, 1, 2}
+
+
+def test_resize_label_is_nearest():
+  label = np.array([[1, 2], [3, 255]], np.uint8)
+  np.testing.assert_array_equal(T.resize_label(label, (4, 4)),
+                                np.repeat(np.repeat(label, 2, 0), 2, 1))
+  np.testing.assert_array_equal(T.resize_label(np.repeat(np.repeat(label, 2, 0), 2, 1), (2, 2)),
+                                label)
+
+
+def test_crop_is_diverse_follows_mmseg():
+  assert not T.crop_is_diverse(np.zeros((4, 4)), 0.75, 255)  # one class
+  # 3 of 4 non-ignored pixels are class 0: 0.75 is not < 0.75.
+  assert not T.crop_is_diverse(np.array([[0, 0, 0, 1, 255, 255]]), 0.75, 255)
+  assert T.crop_is_diverse(np.array([[0, 0, 1, 1, 255, 255]]), 0.75, 255)
+  # Ignore pixels do not count as a class.
+  assert not T.crop_is_diverse(np.array([[0, 255, 255, 255]]), 0.75, 255)
+
+
+def test_random_crop_retries_until_cat_max_ratio_holds():
+  # 10x10 label, class 1 only in column 0; a 10x9 crop starts at x0 = 0 (class 1 is 1/9 of it,
+  # diverse) or x0 = 1 (only class 0). Retries pick x0 = 0; without retries both occur.
+  label = np.zeros((10, 10), np.uint8)
+  label[:, 0] = 1
+  image = np.stack([label] * 3, -1)
+  with_retry, without = [], []
+  for seed in range(30):
+    _, crop = T.random_crop(image, label, np.random.default_rng(seed), (10, 9), 0.95, 255)
+    with_retry.append(crop.max())
+    _, crop = T.random_crop(image, label, np.random.default_rng(seed), (10, 9), 1.0, 255)
+    without.append(crop.max())
+  assert all(v == 1 for v in with_retry)
+  assert 0 in without and 1 in without
+
+
+def test_random_crop_of_small_image_and_content():
+  image = np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)
+  label = np.arange(30, dtype=np.uint8).reshape(5, 6)
+  out_image, out_label = T.random_crop(image, label, np.random.default_rng(0), (8, 8))
+  np.testing.assert_array_equal(out_image, image)
+  np.testing.assert_array_equal(out_label, label)
+  out_image, out_label = T.random_crop(image, label, np.random.default_rng(0), (2, 3))
+  y0, x0 = divmod(int(out_label[0, 0]), 6)
+  np.testing.assert_array_equal(out_label, label[y0:y0 + 2, x0:x0 + 3])
+  np.testing.assert_array_equal(out_image, image[y0:y0 + 2, x0:x0 + 3])
+
+
+def test_flip():
+  image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+  label = np.array([[0, 1, 2], [3, 4, 5]], np.uint8)
+  f_image, f_label = T.hflip(image, label)
+  np.testing.assert_array_equal(f_label, [[2, 1, 0], [5, 4, 3]])
+  np.testing.assert_array_equal(f_image[0, 0], image[0, 2])
+  flips = [T.random_flip(image, label, np.random.default_rng(s), 0.5)[1][0, 0] == 2
+           for s in range(40)]
+  assert 5 < sum(flips) < 35
+  assert not any(T.random_flip(image, label, np.random.default_rng(s), 0.0)[1][0, 0] == 2
+                 for s in range(10))
+
+
+def test_pad_values():
+  image = np.full((2, 3, 3), 7.0, np.float32)
+  label = np.ones((2, 3), np.uint8)
+  p_image, p_label = T.pad(image, label, (4, 5))
+  assert p_image.shape == (4, 5, 3) and p_label.shape == (4, 5)
+  np.testing.assert_array_equal(p_image[:2, :3], image)
+  assert (p_image[2:] == 0).all() and (p_image[:, 3:] == 0).all()
+  np.testing.assert_array_equal(p_label[:2, :3], label)
+  assert (p_label[2:] == 255).all() and (p_label[:, 3:] == 255).all()
+
+
+def test_normalize_numbers():
+  image = np.array([[[0, 127.5, 255]]], np.float32)
+  out = T.normalize(image, (127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
+  np.testing.assert_allclose(out, [[[-1.0, 0.0, 1.0]]])
+  out = T.normalize(np.array([[[10, 20, 30]]], np.uint8), (1, 2, 3), (3, 6, 9))
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out, [[[3.0, 3.0, 3.0]]])
+
+
+def test_hsv_uses_opencv_ranges_and_round_trips():
+  rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 255, 0]]],
+                 np.float32)
+  hsv = T.rgb_to_hsv(rgb)
+  np.testing.assert_allclose(hsv[0, :, 0], [0, 60, 120, 0, 30])
+  np.testing.assert_allclose(hsv[0, :, 1], [255, 255, 255, 0, 255])
+  np.testing.assert_allclose(hsv[0, :, 2], [255, 255, 255, 128, 255])
+  image = np.random.default_rng(0).integers(0, 256, (16, 16, 3)).astype(np.float32)
+  np.testing.assert_allclose(T.hsv_to_rgb(T.rgb_to_hsv(image)), image, atol=1e-3)
+
+
+def test_photometric_distortion_range_and_determinism():
+  image = synthetic.SyntheticSegmentation("train", 1, 64)[0]["image"]
+  outs = []
+  for seed in range(8):
+    a = T.photometric_distortion(image, np.random.default_rng(seed))
+    b = T.photometric_distortion(image, np.random.default_rng(seed))
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == np.uint8 and a.shape == image.shape
+    outs.append(a)
+  assert sum(not np.array_equal(o, image) for o in outs) >= 6
+  # Brightness +200 saturates: values stay clipped to [0, 255].
+  bright = T.photometric_distortion(image, np.random.default_rng(0), brightness_delta=1000)
+  assert bright.min() >= 0 and bright.max() <= 255
+
+
+def test_eval_resize_keeps_label_resolution():
+  record = dict(image=np.zeros((30, 40, 3), np.uint8), label=np.zeros((30, 40), np.uint8),
+                name="x")
+  out = T.EvalResize(scale=(80, 60)).map(record)
+  assert out["image"].shape == (60, 80, 3) and out["label"].shape == (30, 40)
+  assert T.EvalResize(scale=()).map(record)["image"].shape == (30, 40, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipelines.
+
+
+def test_train_batches_shapes_and_values():
+  c = _run_config()
+  it = pipeline.make_train_iterator(c, process_index=0, process_count=1)
+  batch = next(it)
+  assert set(batch) == {"image", "label"}
+  assert batch["image"].shape == (4, 48, 48, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (4, 48, 48) and batch["label"].dtype == np.int32
+  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+  assert set(np.unique(batch["label"])) <= set(range(6)) | {255}
+
+
+def test_train_iterator_is_deterministic_and_resumes_exactly():
+  c = _run_config()
+  it = pipeline.make_train_iterator(c, 0, 1)
+  first = [next(it) for _ in range(3)]
+  state = it.get_state()
+  expected = [next(it) for _ in range(2)]
+  fresh = pipeline.make_train_iterator(c, 0, 1)
+  np.testing.assert_array_equal(next(fresh)["image"], first[0]["image"])
+  resumed = pipeline.make_train_iterator(c, 0, 1)
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_worker_processes_give_the_same_batches_and_resume():
+  # mp_prefetch workers need absl flags parsed (spec environment.md); batches must not depend
+  # on the number of workers, and the state must restore across them.
+  c = _run_config(num_workers=2)
+  it = pipeline.make_train_iterator(c, 0, 1)
+  try:
+    first = [next(it) for _ in range(2)]
+    state = it.get_state()
+    expected = next(it)
+  finally:
+    it.close()
+  in_process = pipeline.make_train_iterator(_run_config(), 0, 1)
+  for want in first:
+    np.testing.assert_array_equal(next(in_process)["image"], want["image"])
+  resumed = pipeline.make_train_iterator(c, 0, 1)
+  try:
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["label"], expected["label"])
+  finally:
+    resumed.close()
+
+
+def test_train_iterator_shards_across_processes():
+  c = _run_config()
+  b0 = next(pipeline.make_train_iterator(c, 0, 2))
+  b1 = next(pipeline.make_train_iterator(c, 1, 2))
+  assert b0["image"].shape[0] == 2 and b1["image"].shape[0] == 2
+  assert not np.array_equal(b0["image"], b1["image"])
+  c.batch_size = 5
+  with pytest.raises(ValueError, match="not divisible"):
+    pipeline.make_train_iterator(c, 0, 2)
+
+
+def test_eval_dataset_records():
+  c = _run_config()
+  c.eval.max_examples = 3
+  ds, names = pipeline.make_eval_dataset(c, process_index=0, process_count=1)
+  assert names == synthetic.CLASS_NAMES and len(ds) == 3
+  r = ds[1]
+  assert r["image"].shape == (32, 32, 3) and r["image"].dtype == np.float32
+  assert r["label"].shape == (64, 64) and r["label"].dtype == np.int32
+  assert r["name"] == "synthetic_val_000001"
+  raw = synthetic.SyntheticSegmentation("val", 10, 64)[1]
+  np.testing.assert_array_equal(r["label"], raw["label"])
+  shard, _ = pipeline.make_eval_dataset(c, process_index=1, process_count=2)
+  assert [x["name"] for x in shard] == ["synthetic_val_000001"]
+  c.eval.max_examples = -1
+  assert len(pipeline.make_eval_dataset(c, process_index=0, process_count=1)[0]) == 10
+
+
+# ----------------------------------------------------------------------------------------------
+# File sources.
+
+
+def _write_pair(root, image_dir, label_dir, name, label, image_ext=".jpg"):
+  os.makedirs(os.path.join(root, image_dir), exist_ok=True)
+  os.makedirs(os.path.join(root, label_dir), exist_ok=True)
+  h, w = label.shape
+  image = np.random.default_rng(0).integers(0, 256, (h, w, 3)).astype(np.uint8)
+  Image.fromarray(image).save(os.path.join(root, image_dir, name + image_ext))
+  Image.fromarray(label.astype(np.uint8), mode="L").save(os.path.join(root, label_dir,
+                                                                      name + ".png"))
+  return image
+
+
+def test_ade20k_layout_with_reduce_zero_label(tmp_path):
+  root = str(tmp_path / "ADEChallengeData2016")
+  label = np.array([[0, 1, 2, 150], [5, 0, 150, 1]], np.uint8)
+  for split in ("training", "validation"):
+    _write_pair(root, f"images/{split}", f"annotations/{split}", f"ADE_{split}_00000001", label)
+  c = _run_config(name="ade20k", root=root, reduce_zero_label=True, num_classes=150)
+  source = sources.get_source(c.dataset, "val")
+  assert len(source) == 1 and len(source.class_names) == 150
+  assert source.class_names[:3] == ("wall", "building", "sky")
+  r = source[0]
+  assert r["name"] == "ADE_validation_00000001"
+  assert r["image"].shape == (2, 4, 3) and r["image"].dtype == np.uint8
+  np.testing.assert_array_equal(r["label"], [[255, 0, 1, 149], [4, 255, 149, 0]])
+  c.dataset.reduce_zero_label = False
+  with pytest.raises(ValueError, match="num_classes is 150 but dataset 'ade20k' has 151"):
+    sources.get_source(c.dataset, "train")
+
+
+def test_folder_source(tmp_path):
+  root = str(tmp_path / "mydata")
+  label = np.array([[0, 1], [2, 255]], np.uint8)
+  image = _write_pair(root, "images/train", "annotations/train", "a", label, ".png")
+  _write_pair(root, "images/train", "annotations/train", "b", label, ".jpg")
+  with open(os.path.join(root, "classes.txt"), "w") as f:
+    f.write("sky\nroad\n\ncar\n")
+  c = _run_config(name="folder", root=root, num_classes=3)
+  source = sources.get_source(c.dataset, "train")
+  assert source.class_names == ("sky", "road", "car") and len(source) == 2
+  r = source[0]
+  assert r["name"] == "a"
+  np.testing.assert_array_equal(r["image"], image)  # PNG is lossless
+  np.testing.assert_array_equal(r["label"], label)
+
+
+def test_missing_root_names_the_path(tmp_path):
+  missing = str(tmp_path / "nowhere" / "ADEChallengeData2016")
+  c = _run_config(name="ade20k", root=missing, reduce_zero_label=True, num_classes=150)
+  with pytest.raises(FileNotFoundError, match="nowhere/ADEChallengeData2016") as e:
+    sources.get_source(c.dataset, "train")
+  assert "images/training" in str(e.value)
+  os.makedirs(missing)
+  with pytest.raises(FileNotFoundError,
+                     match=os.path.join(missing, "images", "training").replace(".", r"\.")):
+    sources.get_source(c.dataset, "train")
+  c = _run_config(name="folder", root=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="classes.txt"):
+    sources.get_source(c.dataset, "train")
+
+
+def test_unknown_dataset_lists_known_names():
+  with pytest.raises(ValueError, match="synthetic, ade20k, folder"):
+    sources.get_source(_run_config(name="imagenet").dataset, "train")
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+  root = str(tmp_path / "d")
+  _write_pair(root, "images/val", "annotations/val", "good", np.zeros((2, 2)))
+  bad = os.path.join(root, "images", "val", "bad.jpg")
+  with open(bad, "wb") as f:
+    f.write(b"this is not a jpeg")
+  Image.fromarray(np.zeros((2, 2), np.uint8)).save(os.path.join(root, "annotations/val/bad.png"))
+  with open(os.path.join(root, "classes.txt"), "w") as f:
+    f.write("a\nb\n")
+  source = sources.get_source(_run_config(name="folder", root=root, num_classes=2).dataset, "val")
+  with pytest.raises(ValueError, match="bad.jpg"):
+    source[0]  # sorted: "bad" before "good"
+  assert source[1]["name"] == "good"
+
+
+def test_out_of_range_label_names_file_and_value(tmp_path):
+  root = str(tmp_path / "d")
+  _write_pair(root, "images/train", "annotations/train", "x", np.array([[0, 7], [1, 255]]))
+  with open(os.path.join(root, "classes.txt"), "w") as f:
+    f.write("a\nb\nc\n")
+  source = sources.get_source(_run_config(name="folder", root=root, num_classes=3).dataset,
+                              "train")
+  with pytest.raises(ValueError, match=r"x\.png has value\(s\) 7 outside the valid range 0\.\.2"):
+    source[0]
