@@ -13,6 +13,10 @@ class pairs one shape with one texture:
 The background (class 0) is a smooth low-frequency blend of two palette colours. Objects span
 25-55% of the image side, 1-4 per image, later ones occluding earlier ones; label maps are
 exact (no anti-aliasing). One 128x128 example takes a few milliseconds.
+
+Difficulty, measured with a from-scratch 6-layer width-192 ViT (patch 8, 128x128, per-patch
+logits upsampled bilinearly, AdamW 1e-3, batch 16, no augmentation): 79 mIoU after 600 steps;
+the same model reaches 84 in 250 steps when each class is given its own colour instead.
 """
 
 from __future__ import annotations
@@ -133,7 +137,7 @@ def _stripes(s, t, rng):
 
 
 def _checkerboard(s, t, rng):
-  cell = rng.uniform(2.5, 4.0)
+  cell = rng.uniform(2.5, 3.5)  # finer than the grid, so the two lattices differ in scale
   return (np.mod(np.floor(s / cell) + np.floor(t / cell), 2)).astype(np.float32)
 
 
@@ -145,15 +149,13 @@ def _dots(s, t, rng):
 
 
 def _noise(s, t, rng):
-  block = 1
-  h, w = s.shape
-  cells = rng.random(((h + block - 1) // block, (w + block - 1) // block)) < 0.5
-  return np.repeat(np.repeat(cells, block, 0), block, 1)[:h, :w].astype(np.float32)
+  # Independent per pixel: no period, no orientation.
+  return (rng.random(s.shape, dtype=np.float32) < 0.5).astype(np.float32)
 
 
 def _grid(s, t, rng):
-  period = rng.uniform(5.0, 7.0)
-  width = 0.25 * period
+  period = rng.uniform(7.0, 9.0)
+  width = rng.uniform(1.3, 1.8)
   return ((np.mod(s, period) < width) | (np.mod(t, period) < width)).astype(np.float32)
 
 
