@@ -139,7 +139,9 @@ class SegmentationFiles:
 
 def _require_dir(path: str, layout: str) -> None:
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"missing directory {path}; expected layout: {layout}")
+    shown = path if os.path.isabs(path) else f"{path} (= {os.path.abspath(path)})"
+    raise FileNotFoundError(f"missing directory {shown}; expected layout: {layout}. Point "
+                            "--config.dataset.root at the dataset.")
 
 
 def paired_files(image_dir: str, label_dir: str, layout: str,

@@ -218,3 +218,38 @@ class SyntheticSegmentation:
   def __repr__(self) -> str:
     return (f"SyntheticSegmentation(split={self.split!r}, num_examples={self.num_examples}, "
             f"image_size={self.image_size}, seed={self.seed})")
+
+
+def write_folder(root: str, split: str, num_examples: int, image_size: int, seed: int = 0,
+                 with_labels: bool = True) -> str:
+  """Writes a split in the custom-folder layout (root/images/{split}/NAME.png, labels in
+  root/annotations/{split}/NAME.png, root/classes.txt): inputs for predict.py, or a dataset
+  to exercise the folder reader."""
+  import os  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  source = SyntheticSegmentation(split, num_examples, image_size, seed)
+  image_dir = os.path.join(root, "images", split)
+  os.makedirs(image_dir, exist_ok=True)
+  if with_labels:
+    os.makedirs(os.path.join(root, "annotations", split), exist_ok=True)
+    with open(os.path.join(root, "classes.txt"), "w") as f:
+      f.write("\n".join(CLASS_NAMES) + "\n")
+  for i in range(num_examples):
+    ex = source[i]
+    Image.fromarray(ex["image"]).save(os.path.join(image_dir, f"{ex['name']}.png"))
+    if with_labels:
+      Image.fromarray(ex["label"]).save(
+          os.path.join(root, "annotations", split, f"{ex['name']}.png"))
+  return image_dir
+
+
+if __name__ == "__main__":
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description="Write synthetic examples as image files.")
+  parser.add_argument("--output", required=True)
+  parser.add_argument("--split", default="val")
+  parser.add_argument("--num", type=int, default=4)
+  parser.add_argument("--size", type=int, default=128)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  print(write_folder(args.output, args.split, args.num, args.size, args.seed))
