@@ -14,10 +14,10 @@ from configs import common
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = common.run_config()
   c.seed = 0
-  c.total_steps = 2400
+  c.total_steps = 3000
   c.batch_size = 16
   c.log_every = 100
-  c.ckpt_every = 600
+  c.ckpt_every = 1000
   c.keep_ckpts = 2
   c.eval_every = 0  # `make demo` evaluates with eval.py afterwards
 
