@@ -107,9 +107,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           evaluate_fn: Callable | None = None) -> dict[str, float]:
   """Trains until `config.total_steps`; returns the last logged scalars."""
   os.makedirs(workdir, exist_ok=True)
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
 
   # Data first: a missing dataset fails here, within seconds.
   class_names = sources.get_source(config.dataset, config.dataset.train_split).class_names

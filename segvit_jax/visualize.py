@@ -13,12 +13,10 @@ def palette(num_classes: int, seed: int = 3) -> np.ndarray:
   return np.concatenate([colours, np.zeros((1, 3), np.uint8)])
 
 
-def colorize(label: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+def colorize(label: np.ndarray, num_classes: int) -> np.ndarray:
   """(H, W) class ids -> (H, W, 3) uint8 colours; ignore / out-of-range pixels black."""
-  pal = palette(num_classes)
   idx = np.where((label >= 0) & (label < num_classes), label, num_classes)
-  del ignore_index
-  return pal[idx]
+  return palette(num_classes)[idx]
 
 
 def overlay(image: np.ndarray, label: np.ndarray, num_classes: int, alpha: float = 0.5

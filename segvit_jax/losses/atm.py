@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from segvit_jax.models.layers import upsample_masks
 
 
-def class_targets(labels: jax.Array, num_classes: int, ignore_index: int = 255):
-  """(B, H, W) int labels -> one-hot masks (B, K, H, W) float32 and presence (B, K) bool."""
-  del ignore_index  # ignore pixels match no class id in [0, K)
+def class_targets(labels: jax.Array, num_classes: int):
+  """(B, H, W) int labels -> one-hot masks (B, K, H, W) float32 and presence (B, K) bool.
+  Ignore pixels (any id outside [0, K)) belong to no mask."""
   masks = (labels[:, None] == jnp.arange(num_classes)[None, :, None, None]).astype(jnp.float32)
   return masks, masks.max(axis=(2, 3)) > 0
 
@@ -29,7 +29,7 @@ def class_targets(labels: jax.Array, num_classes: int, ignore_index: int = 255):
 def classification_loss(class_logits: jax.Array, present: jax.Array,
                         no_object_weight: float) -> jax.Array:
   """Weighted-mean cross-entropy; (B, K, K + 1) logits, (B, K) presence."""
-  b, k, _ = class_logits.shape
+  k = class_logits.shape[1]
   target = jnp.where(present, jnp.arange(k)[None], k)
   logp = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
@@ -70,7 +70,7 @@ def atm_loss(outputs: Mapping[str, Any], labels: jax.Array, *, num_classes: int,
   `labels`: (B, H, W) int, `ignore_index` for unlabelled pixels.
   """
   labels = labels.astype(jnp.int32)
-  targets, present = class_targets(labels, num_classes, ignore_index)
+  targets, present = class_targets(labels, num_classes)
   if ignore_in_masks:
     valid = (labels != ignore_index).astype(jnp.float32)[:, None]
   else:
