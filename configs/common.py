@@ -15,6 +15,15 @@ ATM_HEADS = {
 }
 DROP_PATH = {"B/16": 0.1, "L/16": 0.3}
 
+# The AugReg weights SegViT starts from (spec segvit.md: i21k -> in1k at 384 px; timm names
+# vit_{base,large}_patch16_384.augreg_in21k_ft_in1k), as published in gs://vit_models/augreg/.
+AUGREG_FILES = {
+    "B/16": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-"
+            "lr_0.01-res_384.npz",
+    "L/16": "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-"
+            "lr_0.01-res_384.npz",
+}
+
 
 def run_config() -> ml_collections.ConfigDict:
   """The skeleton every training/evaluation config fills in."""
@@ -26,7 +35,10 @@ def run_config() -> ml_collections.ConfigDict:
   c.ckpt_every = 4000
   c.keep_ckpts = 3
   c.eval_every = 16_000  # 0 disables evaluation during training
-  c.model_init = ""  # path of pretrained weights for the backbone ("" = from scratch)
+  # Pretrained weights: "" (from scratch), a bundle (whole model or backbone), or a foreign
+  # backbone checkpoint in `model_init_format` (segvit_jax.convert.FORMATS), converted and
+  # resized to the model on load.
+  c.model_init = ""
   c.model_init_format = "bundle"
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining
@@ -132,6 +144,8 @@ def segvit_ade20k_config(variant: str, crop: int, stride: int) -> ml_collections
   c.augment.crop_size = (crop, crop)
   c.augment.scale = (2048, crop)
   c.model = segvit_model_config(variant, num_classes=150)
+  c.model_init = f"weights/{AUGREG_FILES[variant]}"
+  c.model_init_format = "augreg-npz"
   patch = int(variant.split("/")[1])
   c.model.backbone.posemb_grid = (crop // patch, crop // patch)
   c.optim.weight_decay = 0.01

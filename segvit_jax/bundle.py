@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from segvit_jax import inference
-from segvit_jax.models import build_model, patch_size
+from segvit_jax.models import build_model, patch_size, vit
 
 FORMAT = "segvit_jax.bundle"
 VERSION = 1
@@ -53,6 +53,9 @@ class Bundle:
 
   def predict(self, images: np.ndarray) -> np.ndarray:
     """uint8 (B, H, W, 3) -> scores (B, C, H, W) float32, whole image at its own resolution."""
+    if self.config.model.get("name") == "vit":
+      raise ValueError("this is a backbone bundle (no decode head): use "
+                       "segvit_jax.backbone_features(bundle, images) instead of predict")
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"predict expects uint8 images (B, H, W, 3), got {images.shape}")
@@ -60,6 +63,46 @@ class Bundle:
     scores = inference.whole_inference(fn, self.normalize(images),
                                        size_divisor=patch_size(self.config.model))
     return np.asarray(scores, np.float32)
+
+
+  @functools.cached_property
+  def _features_fn(self):
+    cfg = self.config.model
+    if cfg.get("name") == "vit":
+      model, params = self.model, self.variables["params"]
+    else:  # a segmentor: its backbone
+      backbone = dict(cfg.backbone.to_dict())
+      backbone.setdefault("final_norm", False)
+      model = vit.Model(**backbone, dtype=self.model.dtype)
+      params = self.variables["params"]["backbone"]
+
+    def run(p, x):
+      tokens, aux = model.apply({"params": p}, x)
+      out = {"blocks": aux["blocks"]}
+      if model.final_norm:
+        out["normed"] = tokens
+      return out
+
+    return functools.partial(jax.jit(run), params)
+
+  def backbone_features(self, images) -> dict[str, Any]:
+    """See `segvit_jax.backbone_features`."""
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"backbone_features expects normalised float images (B, H, W, 3), "
+                       f"got {images.shape}")
+    return self._features_fn(images.astype(jnp.float32))
+
+
+def backbone_features(bundle: "Bundle | str", images) -> dict[str, Any]:
+  """Backbone features of normalised NHWC float images (H, W divisible by the patch size; the
+  position embedding is resized on the fly):
+    {"blocks": [(B, h, w, D) patch tokens after each block, before the final norm],
+     "normed": (B, h, w, D) patch tokens after the final norm (backbones that have one)}.
+  `bundle` is a `Bundle` or the path of a bundle (backbone or whole model)."""
+  if isinstance(bundle, str):
+    bundle = load_bundle(bundle)
+  return bundle.backbone_features(images)
 
 
 def save_bundle(path: str, params: Any, model_cfg: Mapping[str, Any], *, mean, std,
@@ -79,7 +122,8 @@ def save_bundle(path: str, params: Any, model_cfg: Mapping[str, Any], *, mean, s
   return path
 
 
-def _read_json(path: str) -> dict:
+def read_config(path: str) -> dict:
+  """The `config.json` of a bundle or workdir, as a dict."""
   file = os.path.join(path, "config.json")
   if not os.path.isfile(file):
     raise FileNotFoundError(
@@ -91,14 +135,14 @@ def _read_json(path: str) -> dict:
 
 def is_bundle(path: str) -> bool:
   try:
-    return _read_json(path).get("format") == FORMAT
+    return read_config(path).get("format") == FORMAT
   except (FileNotFoundError, json.JSONDecodeError):
     return False
 
 
 def load_params(path: str) -> Any:
   """The parameters of a bundle, as numpy arrays on the host."""
-  meta = _read_json(path)
+  meta = read_config(path)
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path}/config.json is not a {FORMAT} bundle (format="
                      f"{meta.get('format')!r})")
@@ -108,7 +152,7 @@ def load_params(path: str) -> Any:
 
 def load_bundle(path: str) -> Bundle:
   """Loads a bundle, checking its parameters against the model its config describes."""
-  meta = _read_json(path)
+  meta = read_config(path)
   config = ml_collections.ConfigDict(meta)
   model = build_model(config.model)
   params = load_params(path)
@@ -122,7 +166,7 @@ def load_model(path: str, step: int | None = None) -> Bundle:
   if is_bundle(path):
     return load_bundle(path)
   from segvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  meta = _read_json(path)
+  meta = read_config(path)
   if "model" not in meta or "dataset" not in meta:
     raise ValueError(f"{path}/config.json is neither a bundle nor a training config")
   config = ml_collections.ConfigDict(meta)

@@ -25,7 +25,7 @@ import optax
 from absl import logging
 
 from segvit_jax import checkpoint as ckpt_lib
-from segvit_jax import optim, sharding
+from segvit_jax import convert, optim, sharding
 from segvit_jax.data import pipeline, sources
 from segvit_jax.losses import atm_loss
 from segvit_jax.models import build_model
@@ -166,6 +166,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     data_iter = pipeline.make_train_iterator(config)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
     start = ckpt.latest_step()
+    if start is None and config.model_init:
+      convert.require_init(config.model_init)  # before compiling anything
     if start is not None:
       abstract_state = jax.tree.map(
           lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -236,8 +238,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _load_init(config, params, param_sh):
-  """Loads `config.model_init` (a model bundle) and merges it strictly into `params`."""
-  from segvit_jax import bundle  # pylint: disable=g-import-not-at-top
-  loaded = bundle.load_params(config.model_init)
-  merged = bundle.merge_params(params, loaded, source=config.model_init)
+  """Merges `config.model_init` (format `config.model_init_format`) strictly into `params`:
+  a whole-model bundle, or pretrained backbone weights (see `segvit_jax.convert.init_params`)."""
+  merged = convert.init_params(params, config.model, config.model_init,
+                               config.model_init_format)
+  logging.info("initialised from %s (%s)", config.model_init, config.model_init_format)
   return jax.device_put(merged, param_sh)

@@ -119,51 +119,135 @@ class Attention(nn.Module):
     return out
 
 
+def _cubic_near(x, a: float):  # Keys cubic convolution, |x| <= 1
+  return ((a + 2) * x - (a + 3)) * x * x + 1
+
+
+def _cubic_far(x, a: float):  # Keys cubic convolution, 1 < |x| < 2
+  return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+
 def _cubic_weights(t: np.ndarray, a: float) -> np.ndarray:
   """Keys cubic-convolution weights for taps at offsets -1, 0, 1, 2 from floor(x)."""
-  def near(x):  # |x| <= 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-  def far(x):  # 1 < |x| < 2
-    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+  return np.stack([_cubic_far(t + 1, a), _cubic_near(t, a), _cubic_near(1 - t, a),
+                   _cubic_far(2 - t, a)], axis=-1)
+
+
+def _aa_filter(x: np.ndarray, method: str) -> np.ndarray:
+  """torch's antialias filters: Keys cubic with a = -0.5 (as PIL), or the triangle."""
+  x = np.abs(x)
+  if method == "bicubic":
+    return np.where(x < 1, _cubic_near(x, -0.5), np.where(x < 2, _cubic_far(x, -0.5), 0.0))
+  return np.maximum(1.0 - x, 0.0)
 
 
 @functools.lru_cache(maxsize=256)
-def interpolation_matrix(in_size: int, out_size: int, method: str = "bicubic") -> np.ndarray:
-  """(out_size, in_size) matrix M with `out = M @ in`, matching torch's F.interpolate with
-  align_corners=False and no antialiasing ('bicubic' uses A = -0.75 and clamped borders, as
-  torch does; 'bilinear' likewise clamps at the borders)."""
-  scale = in_size / out_size
-  src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+def _interpolation_matrix64(in_size: int, out_size: int, method: str, antialias: bool,
+                            scale_factor: float | None) -> np.ndarray:
+  if method not in ("bicubic", "bilinear"):
+    raise ValueError(f"unknown interpolation method {method!r}; expected 'bicubic' or 'bilinear'")
+  if in_size < 1 or out_size < 1:
+    raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
+  if scale_factor is not None and not scale_factor > 0:
+    raise ValueError(f"scale_factor must be positive, got {scale_factor}")
+  # torch copies equal-size axes in its antialias and (bi)linear kernels, even when given a
+  # scale_factor; its plain bicubic kernel applies the scale_factor's scale regardless.
+  if in_size == out_size and (antialias or method == "bilinear"):
+    m = np.eye(in_size)
+    m.flags.writeable = False
+    return m
+  # torch's area_pixel_compute_scale: 1 / scale_factor when one is given, else in / out.
+  scale = in_size / out_size if scale_factor is None else 1.0 / scale_factor
   m = np.zeros((out_size, in_size), np.float64)
   rows = np.arange(out_size)
-  if method == "bicubic":
-    base = np.floor(src)
-    w = _cubic_weights(src - base, -0.75)
+  if antialias:
+    # torch's separable "aa" kernels (HelperInterpBase::_compute_weights_aa): the filter is
+    # stretched by the scale when downsampling, truncated to the window and renormalised.
+    support = (2.0 if method == "bicubic" else 1.0) * max(scale, 1.0)
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    max_taps = int(np.ceil(support)) * 2 + 1
+    for i in rows:
+      center = scale * (i + 0.5)
+      lo = max(int(center - support + 0.5), 0)  # int() truncates like torch's cast
+      n = min(max(min(int(center + support + 0.5), in_size) - lo, 0), max_taps)
+      idx = np.arange(lo, lo + n)
+      w = _aa_filter((idx - center + 0.5) * invscale, method)
+      total = w.sum()
+      m[i, idx] = w / total if total != 0.0 else w
+  elif method == "bicubic":
+    # A = -0.75 and clamped border taps; index and fraction guarded as torch's
+    # guard_index_and_lambda (only matters for scale factors torch would not produce).
+    src = (rows + 0.5) * scale - 0.5
+    base = np.minimum(np.floor(src), in_size - 1)
+    w = _cubic_weights(np.clip(src - base, 0.0, 1.0), -0.75)
     for tap in range(4):
       idx = np.clip(base.astype(int) - 1 + tap, 0, in_size - 1)
       np.add.at(m, (rows, idx), w[:, tap])
-  elif method == "bilinear":
-    src = np.maximum(src, 0.0)
+  else:
+    src = np.maximum((rows + 0.5) * scale - 0.5, 0.0)
     lo = np.minimum(np.floor(src).astype(int), in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
-    frac = src - lo
+    frac = np.clip(src - lo, 0.0, 1.0)
     np.add.at(m, (rows, lo), 1.0 - frac)
     np.add.at(m, (rows, hi), frac)
-  else:
-    raise ValueError(f"unknown interpolation method {method!r}; expected 'bicubic' or 'bilinear'")
-  return m.astype(np.float32)
+  m.flags.writeable = False  # cached
+  return m
+
+
+@functools.lru_cache(maxsize=256)
+def interpolation_matrix(in_size: int, out_size: int, method: str = "bicubic",
+                         antialias: bool = False, scale_factor: float | None = None) -> np.ndarray:
+  """(out_size, in_size) float32 matrix M with `out = M @ in`, equal to torch's
+  F.interpolate(mode=method, align_corners=False, antialias=antialias) along one axis.
+
+  'bicubic' uses A = -0.75 with clamped borders; with antialias, torch's (PIL-like) a = -0.5
+  filter, widened by the scale when downsampling, weights renormalised per output. `scale_factor`
+  mimics F.interpolate(scale_factor=sf) (recompute_scale_factor=None): source coordinates use
+  1/sf instead of in/out; torch's output size would be floor(in * sf).
+  """
+  m = _interpolation_matrix64(in_size, out_size, method, antialias, scale_factor).astype(np.float32)
+  m.flags.writeable = False  # cached
+  return m
+
+
+# Named resize methods: (kernel, antialias, scale_factor offset o), o meaning
+# scale_factor = (out + o) / in per axis.
+_RESIZE_SPECS = {
+    # torch's default bicubic: SegViT / mmseg, HF Dinov2Model.
+    "bicubic": ("bicubic", False, None),
+    # timm resample_abs_pos_embed, HF Dinov2WithRegisters, DINOv2 register models.
+    "bicubic_antialias": ("bicubic", True, None),
+    # Original DINOv2 non-register models: the "+ 0.1" scale_factor kludge.
+    "bicubic_dinov2": ("bicubic", False, 0.1),
+    "bilinear": ("bilinear", False, None),
+}
+RESIZE_METHODS = tuple(_RESIZE_SPECS)
+
+
+def _resize_spec(method: str) -> tuple[str, bool, float | None]:
+  if method not in _RESIZE_SPECS:
+    raise ValueError(f"unknown resize method {method!r}; expected one of {RESIZE_METHODS}")
+  return _RESIZE_SPECS[method]
+
+
+def resize_matrix(in_size: int, out_size: int, method: str = "bicubic") -> np.ndarray:
+  """Float64 (out_size, in_size) matrix of a named method of RESIZE_METHODS along one axis."""
+  kernel, antialias, offset = _resize_spec(method)
+  scale_factor = None if offset is None else (out_size + offset) / in_size
+  return _interpolation_matrix64(in_size, out_size, kernel, antialias, scale_factor)
 
 
 def resize_grid(x: jax.Array, size: tuple[int, int], method: str = "bicubic",
                 axes: tuple[int, int] = (1, 2)) -> jax.Array:
-  """Separable resize of two spatial axes of `x` (default (B, H, W, D) layout) to `size`,
-  identical to torch F.interpolate(align_corners=False, antialias=False)."""
+  """Separable resize of two spatial axes of `x` (default (B, H, W, D) layout) to `size` by a
+  named method of RESIZE_METHODS, identical to the corresponding torch F.interpolate call.
+  Returns `x` itself when the size is unchanged (as DINOv2 does for "bicubic_dinov2")."""
+  _resize_spec(method)  # unknown names fail even when nothing is resized
   ha, wa = axes
   if (x.shape[ha], x.shape[wa]) == tuple(size):
     return x
-  mh = jnp.asarray(interpolation_matrix(x.shape[ha], size[0], method), x.dtype)
-  mw = jnp.asarray(interpolation_matrix(x.shape[wa], size[1], method), x.dtype)
+  mh = jnp.asarray(resize_matrix(x.shape[ha], size[0], method), x.dtype)
+  mw = jnp.asarray(resize_matrix(x.shape[wa], size[1], method), x.dtype)
   x = jnp.moveaxis(jnp.tensordot(mh, x, axes=((1,), (ha,)), precision="highest"), 0, ha)
   x = jnp.moveaxis(jnp.tensordot(mw, x, axes=((1,), (wa,)), precision="highest"), 0, wa)
   return x
@@ -171,8 +255,27 @@ def resize_grid(x: jax.Array, size: tuple[int, int], method: str = "bicubic",
 
 def resize_posemb(posemb: jax.Array, new_grid: tuple[int, int],
                   method: str = "bicubic") -> jax.Array:
-  """Resizes a (1, gh, gw, D) position embedding to (1, *new_grid, D)."""
+  """Resizes a (1, gh, gw, D) position embedding to (1, *new_grid, D); see resize_grid."""
   return resize_grid(posemb, new_grid, method, axes=(1, 2))
+
+
+def resample_patch_kernel(kernel, new_patch: tuple[int, int],
+                          method: str = "bicubic_antialias") -> np.ndarray:
+  """FlexiViT PI-resize (Beyer et al. 2023) of a (ph, pw, Cin, D) patch-embedding kernel.
+
+  With R the (nh*nw, ph*pw) matrix resizing a flattened patch to `new_patch` by `method`,
+  returns pinv(R^T) @ kernel (float64, cast back to the input dtype): when upsampling,
+  <resize(x), new_kernel> == <x, kernel> for every patch x; otherwise the least-squares
+  solution. Same recipe as timm's resample_patch_embed (its default is bicubic + antialias).
+  """
+  kernel = np.asarray(kernel)
+  ph, pw = kernel.shape[:2]
+  nh, nw = new_patch
+  if (ph, pw) == (nh, nw):
+    return kernel
+  r = np.kron(resize_matrix(ph, nh, method), resize_matrix(pw, nw, method))
+  new = np.linalg.pinv(r.T) @ kernel.reshape(ph * pw, -1).astype(np.float64)
+  return new.reshape(nh, nw, *kernel.shape[2:]).astype(kernel.dtype)
 
 
 def upsample_masks(masks: jax.Array, size: tuple[int, int]) -> jax.Array:

@@ -66,10 +66,14 @@ def build_model(model_cfg: ml_collections.ConfigDict | dict) -> nn.Module:
   cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
   name = cfg.pop("name", "segvit")
   dtype = DTYPES[cfg.pop("dtype", "float32")]
+  if name == "vit":  # a backbone alone (converted pretrained weights)
+    backbone = dict(cfg["backbone"])
+    backbone["posemb_grid"] = tuple(backbone["posemb_grid"])
+    return vit.Model(**backbone, dtype=dtype)
   if name == "segvit":
     backbone = dict(cfg["backbone"])
     backbone.setdefault("final_norm", False)
     backbone["posemb_grid"] = tuple(backbone["posemb_grid"])
     return SegViT(num_classes=cfg["num_classes"], backbone=backbone, head=dict(cfg["head"]),
                   dtype=dtype)
-  raise ValueError(f"unknown model name {name!r}; known: 'segvit'")
+  raise ValueError(f"unknown model name {name!r}; known: 'segvit', 'vit'")

@@ -1,0 +1,155 @@
+"""Converters from the public forms of AugReg and DINOv2 weights into our ViT, and loading them
+into a segmentor's backbone (`config.model_init`).
+
+  python -m segvit_jax.convert SRC OUT --from FORMAT [--image-size S] [--patch-size P] ...
+
+Formats (one module each, a declarative key table plus small transforms):
+  augreg-npz   big_vision / vision_transformer .npz, every flavour      (`augreg.py`)
+  timm         timm .safetensors / .pth, AugReg and DINOv2 models        (`timm.py`)
+  dinov2       facebookresearch/dinov2 .pth, registers, SwiGLU, chunks  (`dinov2.py`)
+  hf-vit       transformers ViTModel `save_pretrained` directory        (`hf.py`)
+  hf-dinov2    transformers Dinov2Model / Dinov2WithRegistersModel dir  (`hf.py`)
+  bundle       (loading only) one of our bundles
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segvit_jax import bundle as bundle_lib
+from segvit_jax.convert import augreg, dinov2, hf, mapping, timm
+from segvit_jax.convert.mapping import Converted
+from segvit_jax.models import vit
+
+LOADERS: dict[str, Callable[..., Converted]] = {
+    "augreg-npz": augreg.load,
+    "timm": timm.load,
+    "dinov2": dinov2.load,
+    "hf-vit": hf.load_vit,
+    "hf-dinov2": hf.load_dinov2,
+}
+FORMATS = tuple(LOADERS)
+
+
+def _flatten(tree) -> dict[str, Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
+
+
+def _unflatten(flat: Mapping[str, Any]):
+  return flax.traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def backbone_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  """Flat parameter shapes of our ViT for a backbone config."""
+  model = vit.Model(**cfg)
+  p, (gh, gw) = cfg["patch_size"], cfg["posemb_grid"]
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               jnp.zeros((1, gh * p, gw * p, 3))))
+  # Shapes from the boxes directly: unboxing would apply sharding constraints under a mesh.
+  return {k: getattr(v, "value", v).shape for k, v in _flatten(abstract["params"]).items()}
+
+
+def load(path: str, fmt: str, *, num_heads: int | None = None, trust_pickle: bool = False,
+         image_size: int | tuple[int, int] | None = None, patch_size: int | None = None,
+         posemb_resize: str | None = None, patch_resize: str = "bicubic_antialias",
+         mean: tuple[float, ...] | None = None,
+         std: tuple[float, ...] | None = None) -> Converted:
+  """Reads a backbone checkpoint of format `fmt`, checks it strictly against our ViT (a
+  missing or mis-shaped tensor fails naming the keys) and optionally resamples it:
+  `image_size` (H or (H, W)) sets the stored position grid (resized with `posemb_resize`,
+  which also becomes the run-time method; default: the method of the source implementation),
+  `patch_size` resamples the patch kernel (FlexiViT pseudo-inverse with `patch_resize`)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist (format {fmt!r})")
+  if fmt == "bundle":
+    conv = _load_backbone_bundle(path)
+  elif fmt in LOADERS:
+    conv = LOADERS[fmt](path, num_heads=num_heads, trust_pickle=trust_pickle)
+  else:
+    raise ValueError(f"unknown checkpoint format {fmt!r}; known: {', '.join(FORMATS)}, bundle")
+  check(conv.params, conv.backbone, source=path)
+  grid = None
+  if image_size is not None:
+    size = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
+    patch = patch_size or conv.backbone["patch_size"]
+    if size[0] % patch or size[1] % patch:
+      raise ValueError(f"image size {size} is not divisible by the patch size {patch}")
+    grid = (size[0] // patch, size[1] // patch)
+  if posemb_resize:
+    conv.backbone["posemb_resize"] = posemb_resize
+  conv.params, conv.backbone = mapping.resample(
+      conv.params, conv.backbone, grid=grid, patch=patch_size, patch_resize=patch_resize)
+  if mean is not None:
+    conv.mean = tuple(mean)
+  if std is not None:
+    conv.std = tuple(std)
+  return conv
+
+
+def check(params: Mapping[str, np.ndarray], cfg: Mapping[str, Any], *, source: str) -> None:
+  """Strict comparison with the ViT `cfg` describes (bundle.merge_params' error format)."""
+  shapes = backbone_shapes(cfg)
+  bundle_lib.merge_params(_unflatten({k: jax.ShapeDtypeStruct(s, jnp.float32)
+                                      for k, s in shapes.items()}),
+                          _unflatten(params), source=source)
+
+
+def _load_backbone_bundle(path: str) -> Converted:
+  meta = bundle_lib.read_config(path)
+  if meta["model"].get("name") != "vit":
+    raise ValueError(f"{path} is a {meta['model'].get('name')!r} bundle, not a backbone "
+                     "('vit') bundle")
+  params = _flatten(bundle_lib.load_params(path))
+  cfg = dict(meta["model"]["backbone"])
+  cfg["posemb_grid"] = tuple(cfg["posemb_grid"])
+  return Converted(params, cfg, tuple(meta["mean"]), tuple(meta["std"]))
+
+
+def convert(src: str, out: str, fmt: str, **options) -> str:
+  """Converts `src` (format `fmt`) into a backbone bundle at `out`; see `load` for options."""
+  conv = load(src, fmt, **options)
+  return bundle_lib.save_bundle(
+      out, _unflatten(conv.params), {"name": "vit", "backbone": conv.backbone}, mean=conv.mean,
+      std=conv.std, class_names=[], source=os.path.abspath(src), source_format=fmt,
+      options={k: v for k, v in options.items() if v is not None and k != "trust_pickle"})
+
+
+def require_init(path: str) -> None:
+  """Fails early, naming the path, when `config.model_init` does not exist."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"model_init {os.path.abspath(path)} does not exist. Download the checkpoint (README, "
+        "'Pretrained weights') or pass --config.model_init='' to train from scratch.")
+
+
+def init_params(params: Any, model_cfg: Mapping[str, Any], path: str, fmt: str = "bundle", *,
+                posemb_resize: str | None = None,
+                patch_resize: str = "bicubic_antialias") -> Any:
+  """`params` (a segmentor's freshly initialised parameters) with pretrained weights merged
+  in strictly: a bundle of the same model replaces everything; a backbone (a backbone bundle
+  or any of FORMATS) replaces `params["backbone"]` after resizing the position grid (with
+  `posemb_resize`, default the model's own run-time method) and the patch kernel to the
+  model's, and dropping a final norm the model does not have."""
+  require_init(path)
+  if fmt == "bundle" and bundle_lib.read_config(path)["model"].get("name") != "vit":
+    return bundle_lib.merge_params(params, bundle_lib.load_params(path), source=path)
+  bb = dict(model_cfg["backbone"])
+  target = {**(vit.decode_variant(bb["variant"]) if bb.get("variant") else {}), **bb}
+  # Layouts without a head count take the model's (it does not change the parameters).
+  conv = load(path, fmt, num_heads=target["num_heads"])
+  conv.params, conv.backbone = mapping.resample(
+      conv.params, conv.backbone, grid=tuple(target["posemb_grid"]),
+      patch=target["patch_size"], patch_resize=patch_resize,
+      posemb_resize=posemb_resize or target.get("posemb_resize", "bicubic"))
+  flat_init = _flatten(params["backbone"])
+  if "encoder_norm/scale" not in flat_init:  # SegViT's backbone has no final norm
+    conv.params = {k: v for k, v in conv.params.items() if not k.startswith("encoder_norm/")}
+  merged = bundle_lib.merge_params(params["backbone"], _unflatten(conv.params),
+                                   source=f"{path} ({fmt})")
+  return {**params, "backbone": merged}

@@ -1,0 +1,344 @@
+"""Test-side writers of *foreign* checkpoint layouts (AugReg .npz, timm, DINOv2 .pth), built from
+the weights of a randomly initialised HuggingFace model.
+
+Written from the layout descriptions in the checkpoint spec (checkpoints.md), independently of the
+library's converters, so that converter tests compare two independent readings of the spec.
+Nothing here imports the library.
+
+Inputs are HuggingFace state dicts as `save_pretrained` writes them (`model.safetensors`), as
+numpy arrays. In transformers 5.x the in-memory `model.state_dict()` uses different names
+(`attention.q_proj`, `mlp.gate_proj/up_proj/down_proj`, ViT `layers.{i}` ...) than the saved
+file (`attention.attention.query`, `mlp.weights_in/weights_out`, `encoder.layer.{i}` ...), so
+use `hf_saved_state_dict(model)`, which saves the model and reads the file back.
+
+Layouts written (D = width, N = patches, R = registers, h = heads, hd = head_dim):
+- `augreg_npz_from_hf_vit`: flat '/'-joined keys of the big_vision / vision_transformer .npz,
+  in five flavours (pre-linen numbering, per-type numbering, `params/` nesting, big_vision
+  `params/img/` with a cls-less `pos_embedding`, stacked blocks).
+- `timm_from_hf_vit`, `timm_from_hf_dinov2`: timm state dicts (q/k/v packed as `attn.qkv`).
+- `dinov2_from_hf_dinov2`: the facebookresearch DINOv2 .pth, optionally in `block_chunks` form.
+Save helpers: `save_npz`, `save_torch`, `save_safetensors`, `save_pickle_with_object`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+import numpy as np
+
+AUGREG_FLAVOURS = ("prelinen", "per_type", "params", "params_img_posemb", "stacked")
+NUM_HEAD_CLASSES = 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the HF side
+
+
+def hf_saved_state_dict(model) -> dict[str, np.ndarray]:
+  """The state dict `model.save_pretrained` writes, as numpy arrays (see the module docstring)."""
+  from safetensors.numpy import load_file
+
+  with tempfile.TemporaryDirectory() as d:
+    model.save_pretrained(d, safe_serialization=True)
+    path = os.path.join(d, "model.safetensors")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"expected a single-file checkpoint, got {sorted(os.listdir(d))}")
+    return {k: np.array(v) for k, v in load_file(path).items()}
+
+
+def _get(sd: dict, key: str) -> np.ndarray:
+  if key not in sd:
+    raise KeyError(f"{key!r} not in the HF state dict; writers expect the layout that "
+                   "save_pretrained writes (use hf_saved_state_dict), got e.g. "
+                   f"{sorted(sd)[:6]}")
+  return np.ascontiguousarray(sd[key])
+
+
+def _depth(sd: dict) -> int:
+  idx = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
+  if not idx or idx != set(range(len(idx))):
+    raise KeyError(f"no contiguous encoder.layer.{{i}} keys (got {sorted(idx)}); writers expect "
+                   "the layout that save_pretrained writes (use hf_saved_state_dict)")
+  return len(idx)
+
+
+def _linear(sd: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """A torch Linear (weight (out, in), bias (out,))."""
+  return _get(sd, name + ".weight"), _get(sd, name + ".bias")
+
+
+def _random_like_head(rng, d_in: int, d_out: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+  """A random (in, out) kernel and bias; for heads the converters must drop."""
+  return (rng.normal(0.0, 0.02, (d_in, d_out)).astype(dtype),
+          rng.normal(0.0, 0.02, (d_out,)).astype(dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# AugReg ViT .npz (big_vision / vision_transformer)
+
+
+def augreg_npz_from_hf_vit(sd: dict, *, flavour: str, num_heads: int,
+                           seed: int = 0) -> dict[str, np.ndarray]:
+  """A HF ViTModel state dict as a flat AugReg .npz dict ('/'-joined keys).
+
+  flavour:
+    "prelinen": `embedding/{kernel (p,p,3,D), bias}`, `cls` (1,1,D),
+      `Transformer/posembed_input/pos_embedding` (1,1+N,D), blocks
+      `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2,
+      MlpBlock_3}`, `Transformer/encoder_norm`, random `head` (D,10) and `pre_logits` (D,D).
+    "per_type": the same, blocks numbered per type (`LayerNorm_0, MultiHeadDotProductAttention_0,
+      LayerNorm_1, MlpBlock_0`).
+    "params": per_type nested under `params/`.
+    "params_img_posemb": per_type under `params/img/`, the position embedding at
+      `params/img/pos_embedding` (1,N,D) without the cls slot, and the cls position folded into
+      the token (`cls = cls_token + position_embeddings[:, :1]`): functionally the same model.
+    "stacked": per_type with the blocks stacked as `Transformer/encoderblock/...`, every block
+      array with a leading depth axis.
+  Attention kernels: `{query,key,value}/kernel` (D,h,hd), `/bias` (h,hd); `out/kernel` (h,hd,D),
+  `out/bias` (D,). Dense kernels are (in, out); LayerNorm is `{scale, bias}`.
+  """
+  if flavour not in AUGREG_FLAVOURS:
+    raise ValueError(f"flavour must be one of {AUGREG_FLAVOURS}, got {flavour!r}")
+  depth = _depth(sd)
+  cls = _get(sd, "embeddings.cls_token")
+  pos = _get(sd, "embeddings.position_embeddings")
+  d = cls.shape[-1]
+  if d % num_heads:
+    raise ValueError(f"width {d} is not divisible by num_heads={num_heads}")
+  hd = d // num_heads
+  conv_w, conv_b = _linear(sd, "embeddings.patch_embeddings.projection")
+
+  if flavour == "prelinen":
+    ln0, mha, ln1, mlp = ("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2",
+                          "MlpBlock_3")
+  else:
+    ln0, mha, ln1, mlp = ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1",
+                          "MlpBlock_0")
+
+  out: dict[str, np.ndarray] = {}
+  out["embedding/kernel"] = conv_w.transpose(2, 3, 1, 0)  # (D,3,p,p) -> (p,p,3,D)
+  out["embedding/bias"] = conv_b
+  if flavour == "params_img_posemb":
+    out["cls"] = cls + pos[:, :1]
+    out["pos_embedding"] = pos[:, 1:]
+  else:
+    out["cls"] = cls
+    out["Transformer/posembed_input/pos_embedding"] = pos
+
+  blocks = []
+  for i in range(depth):
+    p = f"encoder.layer.{i}."
+    blk: dict[str, np.ndarray] = {}
+    blk[f"{ln0}/scale"], blk[f"{ln0}/bias"] = _linear(sd, p + "layernorm_before")
+    for name in ("query", "key", "value"):
+      w, b = _linear(sd, p + f"attention.attention.{name}")
+      blk[f"{mha}/{name}/kernel"] = w.T.reshape(d, num_heads, hd)
+      blk[f"{mha}/{name}/bias"] = b.reshape(num_heads, hd)
+    w, b = _linear(sd, p + "attention.output.dense")
+    blk[f"{mha}/out/kernel"] = w.T.reshape(num_heads, hd, d)
+    blk[f"{mha}/out/bias"] = b
+    blk[f"{ln1}/scale"], blk[f"{ln1}/bias"] = _linear(sd, p + "layernorm_after")
+    w, b = _linear(sd, p + "intermediate.dense")
+    blk[f"{mlp}/Dense_0/kernel"], blk[f"{mlp}/Dense_0/bias"] = w.T, b
+    w, b = _linear(sd, p + "output.dense")
+    blk[f"{mlp}/Dense_1/kernel"], blk[f"{mlp}/Dense_1/bias"] = w.T, b
+    blocks.append(blk)
+
+  if flavour == "stacked":
+    for k in blocks[0]:
+      out[f"Transformer/encoderblock/{k}"] = np.stack([blk[k] for blk in blocks])
+  else:
+    for i, blk in enumerate(blocks):
+      for k, v in blk.items():
+        out[f"Transformer/encoderblock_{i}/{k}"] = v
+
+  out["Transformer/encoder_norm/scale"], out["Transformer/encoder_norm/bias"] = _linear(
+      sd, "layernorm")
+  rng = np.random.default_rng(seed)
+  out["pre_logits/kernel"], out["pre_logits/bias"] = _random_like_head(rng, d, d, cls.dtype)
+  out["head/kernel"], out["head/bias"] = _random_like_head(rng, d, NUM_HEAD_CLASSES, cls.dtype)
+
+  prefix = {"params": "params/", "params_img_posemb": "params/img/"}.get(flavour, "")
+  return {prefix + k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def save_npz(path, flat: dict[str, np.ndarray]) -> None:
+  """np.savez with the '/'-joined keys as array names (as the AugReg files are written)."""
+  np.savez(path, **flat)
+
+
+# ----------------------------------------------------------------------------------------------
+# timm
+
+
+def _timm_attn(sd: dict, p: str, q: str) -> dict[str, np.ndarray]:
+  """timm `attn.qkv` (q, k, v stacked along the output axis) and `attn.proj` from HF block p."""
+  ws, bs = zip(*(_linear(sd, p + f"attention.attention.{n}") for n in ("query", "key", "value")))
+  w, b = _linear(sd, p + "attention.output.dense")
+  return {f"{q}attn.qkv.weight": np.concatenate(ws, 0), f"{q}attn.qkv.bias": np.concatenate(bs, 0),
+          f"{q}attn.proj.weight": w, f"{q}attn.proj.bias": b}
+
+
+def _add_norm(out: dict, sd: dict, dst: str, src: str) -> None:
+  out[dst + ".weight"], out[dst + ".bias"] = _linear(sd, src)
+
+
+def _timm_head(out: dict, d: int, dtype, seed: int) -> None:
+  k, b = _random_like_head(np.random.default_rng(seed), d, NUM_HEAD_CLASSES, dtype)
+  out["head.weight"], out["head.bias"] = np.ascontiguousarray(k.T), b
+
+
+def timm_from_hf_vit(sd: dict, *, head: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+  """A HF ViTModel state dict in timm's VisionTransformer layout.
+
+  `cls_token` (1,1,D), `pos_embed` (1,1+N,D), `patch_embed.proj.{weight (D,3,p,p), bias}`,
+  `blocks.{i}.{norm1, attn.qkv (3D,D), attn.proj, norm2, mlp.fc1, mlp.fc2}`, `norm`, and (head)
+  a random `head.{weight (10,D), bias}`. Linear weights stay in torch (out, in) layout.
+  """
+  out: dict[str, np.ndarray] = {}
+  out["cls_token"] = _get(sd, "embeddings.cls_token")
+  out["pos_embed"] = _get(sd, "embeddings.position_embeddings")
+  _add_norm(out, sd, "patch_embed.proj", "embeddings.patch_embeddings.projection")
+  for i in range(_depth(sd)):
+    p, q = f"encoder.layer.{i}.", f"blocks.{i}."
+    _add_norm(out, sd, q + "norm1", p + "layernorm_before")
+    out.update(_timm_attn(sd, p, q))
+    _add_norm(out, sd, q + "norm2", p + "layernorm_after")
+    _add_norm(out, sd, q + "mlp.fc1", p + "intermediate.dense")
+    _add_norm(out, sd, q + "mlp.fc2", p + "output.dense")
+  _add_norm(out, sd, "norm", "layernorm")
+  if head:
+    _timm_head(out, out["cls_token"].shape[-1], out["cls_token"].dtype, seed)
+  return out
+
+
+def _is_swiglu(sd: dict) -> bool:
+  return "encoder.layer.0.mlp.weights_in.weight" in sd
+
+
+def _dinov2_block(sd: dict, i: int, q: str, *, swiglu_names: tuple[str, str]) -> dict:
+  """One DINOv2 block in the timm / facebookresearch naming (they differ only in SwiGLU names)."""
+  p = f"encoder.layer.{i}."
+  out: dict[str, np.ndarray] = {}
+  _add_norm(out, sd, q + "norm1", p + "norm1")
+  out.update(_timm_attn(sd, p, q))
+  out[q + "ls1.gamma"] = _get(sd, p + "layer_scale1.lambda1")
+  _add_norm(out, sd, q + "norm2", p + "norm2")
+  if _is_swiglu(sd):
+    # weights_in rows: [x1 (silu gate); x2]; out = weights_out(silu(x1) * x2), same packing.
+    _add_norm(out, sd, q + swiglu_names[0], p + "mlp.weights_in")
+    _add_norm(out, sd, q + swiglu_names[1], p + "mlp.weights_out")
+  else:
+    _add_norm(out, sd, q + "mlp.fc1", p + "mlp.fc1")
+    _add_norm(out, sd, q + "mlp.fc2", p + "mlp.fc2")
+  out[q + "ls2.gamma"] = _get(sd, p + "layer_scale2.lambda1")
+  return out
+
+
+def timm_from_hf_dinov2(sd: dict, *, head: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+  """A HF Dinov2Model / Dinov2WithRegistersModel state dict in timm's DINOv2 layout.
+
+  As `timm_from_hf_vit` plus `blocks.{i}.ls{1,2}.gamma`; SwiGLU models keep the packed
+  `mlp.fc1` (2*hidden, D) = [x1 (silu gate); x2] and `mlp.fc2` (D, hidden). Register models use
+  timm's no_embed_class form: `reg_token` (1,R,D), `cls_token` = cls + pos[:, :1] (folded),
+  `pos_embed` = pos[:, 1:] (1,N,D). Plain models keep `pos_embed` (1,1+N,D) and the raw cls.
+  `mask_token` is dropped.
+  """
+  out: dict[str, np.ndarray] = {}
+  cls = _get(sd, "embeddings.cls_token")
+  pos = _get(sd, "embeddings.position_embeddings")
+  if "embeddings.register_tokens" in sd:
+    out["cls_token"] = cls + pos[:, :1]
+    out["reg_token"] = _get(sd, "embeddings.register_tokens")
+    out["pos_embed"] = np.ascontiguousarray(pos[:, 1:])
+  else:
+    out["cls_token"], out["pos_embed"] = cls, pos
+  _add_norm(out, sd, "patch_embed.proj", "embeddings.patch_embeddings.projection")
+  for i in range(_depth(sd)):
+    out.update(_dinov2_block(sd, i, f"blocks.{i}.", swiglu_names=("mlp.fc1", "mlp.fc2")))
+  _add_norm(out, sd, "norm", "layernorm")
+  if head:
+    _timm_head(out, cls.shape[-1], cls.dtype, seed)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# DINOv2 original (facebookresearch) .pth
+
+
+def dinov2_from_hf_dinov2(sd: dict, *, chunks: int = 0) -> dict[str, np.ndarray]:
+  """A HF Dinov2Model / Dinov2WithRegistersModel state dict in the facebookresearch .pth layout.
+
+  `cls_token` (1,1,D), `pos_embed` (1,1+N,D), `mask_token` (1,D), `register_tokens` (1,R,D)
+  (register models), `patch_embed.proj.{weight,bias}`, `blocks.{i}.{norm1, attn.qkv (3D,D),
+  attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}` (SwiGLU: `mlp.w12` (2*hidden, D),
+  `mlp.w3` (D, hidden)), `norm`. With chunks > 0, blocks are split into `chunks` equal
+  consecutive chunks named `blocks.{chunk}.{i}` with i the GLOBAL block index (`block_chunks`).
+  """
+  depth = _depth(sd)
+  if chunks < 0 or (chunks and depth % chunks):
+    raise ValueError(f"chunks={chunks} must be 0 or divide the depth {depth}")
+  out: dict[str, np.ndarray] = {}
+  out["cls_token"] = _get(sd, "embeddings.cls_token")
+  out["pos_embed"] = _get(sd, "embeddings.position_embeddings")
+  out["mask_token"] = _get(sd, "embeddings.mask_token")
+  if "embeddings.register_tokens" in sd:
+    out["register_tokens"] = _get(sd, "embeddings.register_tokens")
+  _add_norm(out, sd, "patch_embed.proj", "embeddings.patch_embeddings.projection")
+  per_chunk = depth // chunks if chunks else depth
+  for i in range(depth):
+    q = f"blocks.{i // per_chunk}.{i}." if chunks else f"blocks.{i}."
+    out.update(_dinov2_block(sd, i, q, swiglu_names=("mlp.w12", "mlp.w3")))
+  _add_norm(out, sd, "norm", "layernorm")
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def _to_torch(sd: dict) -> dict:
+  import torch
+
+  return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
+
+
+def save_torch(path, sd: dict[str, np.ndarray], wrap: str | None = None) -> None:
+  """torch.save of the arrays as tensors, optionally wrapped as {wrap: state_dict}."""
+  import torch
+
+  tensors = _to_torch(sd)
+  torch.save({wrap: tensors} if wrap else tensors, path)
+
+
+def save_safetensors(path, sd: dict[str, np.ndarray]) -> None:
+  """A .safetensors file (metadata format=pt, as timm / HF write them)."""
+  from safetensors.numpy import save_file
+
+  save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path),
+            metadata={"format": "pt"})
+
+
+class CheckpointMeta:
+  """A stand-in for the library objects (mmcv Config, ...) some released pickles carry."""
+
+  def __init__(self, **fields):
+    self.fields = dict(fields)
+
+  def __eq__(self, other):
+    return isinstance(other, CheckpointMeta) and self.fields == other.fields
+
+
+def save_pickle_with_object(path, sd: dict[str, np.ndarray], wrap: str | None = "state_dict",
+                            **meta) -> None:
+  """torch.save of {wrap: tensors, "meta": CheckpointMeta(**meta)} (wrap=None: the tensors and
+  "meta" side by side at the top level). `torch.load(weights_only=True)` refuses the file
+  (pickle.UnpicklingError); `weights_only=False` loads it while this module is importable."""
+  import torch
+
+  tensors = _to_torch(sd)
+  obj = dict(tensors) if wrap is None else {wrap: tensors}
+  obj["meta"] = CheckpointMeta(**(meta or {"config": "segvit", "mmcv_version": "1.4.0"}))
+  torch.save(obj, path)
