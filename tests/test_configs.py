@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import common, demo, segvit_vit_b16_ade20k, segvit_vit_l16_ade20k
-from segvit_jax.models import build_model
+from segvit_jax.models import build_model, vit
 
 
 def param_counts(config):
@@ -78,3 +78,45 @@ def test_demo_configs_build():
     param_counts(c)
   with pytest.raises(ValueError, match="unknown demo config argument 'x'"):
     demo.get_config("x")
+
+
+def dinov2_count(width, depth, mlp, registers, swiglu, grid=37, patch=14):
+  ffn = 3 * width * mlp + 2 * mlp + width if swiglu else 2 * width * mlp + mlp + width
+  block = 4 * width + 4 * (width * width + width) + 2 * width + ffn  # norms, attn, LayerScale
+  embed = patch * patch * 3 * width + width + (1 + grid * grid) * width + (1 + registers) * width
+  return embed + depth * block + 2 * width
+
+
+@pytest.mark.parametrize("size,width,depth,mlp,paper_m", [
+    ("S", 384, 12, 1536, 21), ("B", 768, 12, 3072, 86), ("L", 1024, 24, 4096, 300),
+    ("g", 1536, 40, 4096, 1100),  # g: SwiGLU, hidden 2/3 * 6144 rounded to 8
+])
+@pytest.mark.parametrize("reg", ["", "-reg4"])
+def test_dinov2_variant_parameter_counts(size, width, depth, mlp, paper_m, reg):
+  """DINOv2 backbones at 518 px (37x37 grid) by variant name: the formula, and the paper's
+  rounded sizes (Oquab et al. 2023: 21M / 86M / 300M / 1.1B; measured 22.06M / 86.58M /
+  304.32M / 1136.48M, so the paper rounds S and g loosely) within 6%."""
+  model = vit.Model(variant=f"dinov2-{size}/14{reg}")
+  params = nn.meta.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 518, 518, 3)))["params"]))
+  got = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  assert got == dinov2_count(width, depth, mlp, 4 if reg else 0, size == "g")
+  assert abs(got / (paper_m * 1e6) - 1) < 0.06, got
+  assert model.ffn == ("swiglu" if size == "g" else "mlp")
+  assert model.posemb_resize == ("bicubic_antialias" if reg else "bicubic_dinov2")
+
+
+def test_variant_names():
+  assert vit.decode_variant("augreg-B/16") == vit.decode_variant("B/16")
+  with pytest.raises(ValueError, match=r"unknown ViT variant 'dinov3-B/16'"):
+    vit.decode_variant("dinov3-B/16")
+  with pytest.raises(ValueError, match="registers exist only for 'dinov2-' variants"):
+    vit.decode_variant("B/16-reg4")
+
+
+def test_ade20k_configs_start_from_augreg():
+  for module, name in ((segvit_vit_b16_ade20k, "B_16"), (segvit_vit_l16_ade20k, "L_16")):
+    c = module.get_config()
+    assert c.model_init_format == "augreg-npz"
+    assert c.model_init.startswith(f"weights/{name}-i21k-300ep-") and c.model_init.endswith(
+        "res_384.npz")

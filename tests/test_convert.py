@@ -302,3 +302,34 @@ def test_model_init_mismatch_lists_keys(refs, tmp_path):
   assert "unexpected (7): encoderblock_0/ls1, encoderblock_0/ls2" in msg and "registers" in msg
   with pytest.raises(FileNotFoundError, match="model_init .*nope.npz does not exist"):
     convert.init_params(params, c.model, str(tmp_path / "nope.npz"), "augreg-npz")
+
+
+def test_sharded_hf_directory_and_bf16_safetensors(refs, tmp_path):
+  """Large HF models are saved in shards (model.safetensors.index.json); released timm files
+  may be bf16: both read to the same parameters (bf16 up to its rounding)."""
+  model = _perturb(_hf_model("vit"), 7)
+  model.save_pretrained(str(tmp_path / "one"))
+  model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
+  assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+  one = convert.load(str(tmp_path / "one"), "hf-vit").params
+  sharded = convert.load(str(tmp_path / "sharded"), "hf-vit").params
+  assert set(one) == set(sharded)
+  assert all(np.array_equal(one[k], sharded[k]) for k in one)
+
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  tensors = writers.timm_from_hf_vit(writers.hf_saved_state_dict(model))
+  path = str(tmp_path / "bf16.safetensors")
+  safetensors.torch.save_file({k: torch.from_numpy(v).bfloat16() for k, v in tensors.items()},
+                              path)
+  bf16 = convert.load(path, "timm", num_heads=HEADS).params
+  rel = max(float(np.max(np.abs(bf16[k] - one[k]))) / float(np.max(np.abs(one[k])))
+            for k in one)
+  assert bf16["embedding/kernel"].dtype == np.float32 and 0 < rel < 2**-8
+
+
+def test_wrong_file_type_is_explained(refs, tmp_path):
+  path = str(tmp_path / "weights.npz")
+  with open(path, "wb") as f:
+    f.write(b"not an archive")
+  with pytest.raises(ValueError, match=r"weights\.npz is not a readable \.npz archive"):
+    convert.load(path, "augreg-npz")

@@ -168,8 +168,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
-  with np.load(path, allow_pickle=False) as f:
-    return {k: f[k] for k in f.files}
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except (ValueError, OSError, AttributeError) as e:  # not a zip, pickled, or a lone .npy
+    raise ValueError(f"{path} is not a readable .npz archive of arrays ({e})") from None
 
 
 def strip_prefix(tensors: Mapping[str, np.ndarray], prefixes: Iterable[str]):
