@@ -241,6 +241,6 @@ def _load_init(config, params, param_sh):
   """Merges `config.model_init` (format `config.model_init_format`) strictly into `params`:
   a whole-model bundle, or pretrained backbone weights (see `segvit_jax.convert.init_params`)."""
   merged = convert.init_params(params, config.model, config.model_init,
-                               config.model_init_format)
+                               config.model_init_format, mean=config.mean, std=config.std)
   logging.info("initialised from %s (%s)", config.model_init, config.model_init_format)
   return jax.device_put(merged, param_sh)

@@ -333,3 +333,34 @@ def test_wrong_file_type_is_explained(refs, tmp_path):
     f.write(b"not an archive")
   with pytest.raises(ValueError, match=r"weights\.npz is not a readable \.npz archive"):
     convert.load(path, "augreg-npz")
+
+
+def test_backbone_bundle_as_model_init_and_features_of_a_segmentor(refs, tmp_path, caplog):
+  """A converted backbone bundle initialises a SegViT like the raw file does; the features
+  API also reads a whole-model bundle's backbone; predict refuses a backbone bundle."""
+  _, sd, _ = refs["vit"]
+  src = _write(tmp_path, ("vit", sd), "timm", "pth")
+  bundle_path = convert.convert(src, str(tmp_path / "bb"), "timm", num_heads=HEADS)
+  c = _smoke_config()
+  model = trainer.build_model(c.model)
+  init = bundle._abstract_params(model, c.model)  # pylint: disable=protected-access
+  from_file = convert.init_params(init, c.model, src, "timm")
+  with caplog.at_level("WARNING"):
+    from_bundle = convert.init_params(init, c.model, bundle_path, "bundle", mean=(0.0,) * 3,
+                                      std=(1.0,) * 3)
+  assert "expects pixel mean (127.5, 127.5, 127.5) but the config uses (0.0, 0.0, 0.0)" in \
+      caplog.text
+  a, b = (flax.traverse_util.flatten_dict(p["backbone"], sep="/") for p in (from_file,
+                                                                            from_bundle))
+  assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+  seg = bundle.save_bundle(str(tmp_path / "seg"), {**from_file, "head": jax.tree.map(
+      lambda x: np.zeros(x.shape, x.dtype), from_file["head"])}, c.model, mean=c.mean,
+                           std=c.std, class_names=[str(i) for i in range(6)])
+  x = _images(32, 32)
+  feats = segvit_jax.backbone_features(seg, x)
+  assert set(feats) == {"blocks"} and len(feats["blocks"]) == DEPTH  # SegViT: no final norm
+  # The segmentor drops the cls token before the blocks; the backbone bundle keeps it.
+  assert feats["blocks"][0].shape == (2, 4, 4, D)
+  with pytest.raises(ValueError, match="backbone bundle .* use segvit_jax.backbone_features"):
+    segvit_jax.load_bundle(bundle_path).predict(np.zeros((1, 32, 32, 3), np.uint8))

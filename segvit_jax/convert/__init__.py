@@ -21,6 +21,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from segvit_jax import bundle as bundle_lib
 from segvit_jax.convert import augreg, dinov2, hf, mapping, timm
@@ -129,13 +130,14 @@ def require_init(path: str) -> None:
 
 
 def init_params(params: Any, model_cfg: Mapping[str, Any], path: str, fmt: str = "bundle", *,
-                posemb_resize: str | None = None,
-                patch_resize: str = "bicubic_antialias") -> Any:
+                posemb_resize: str | None = None, patch_resize: str = "bicubic_antialias",
+                mean: Any = None, std: Any = None) -> Any:
   """`params` (a segmentor's freshly initialised parameters) with pretrained weights merged
   in strictly: a bundle of the same model replaces everything; a backbone (a backbone bundle
   or any of FORMATS) replaces `params["backbone"]` after resizing the position grid (with
   `posemb_resize`, default the model's own run-time method) and the patch kernel to the
-  model's, and dropping a final norm the model does not have."""
+  model's, and dropping a final norm the model does not have. With the config's `mean` /
+  `std`, warns when the weights were trained with other pixel statistics."""
   require_init(path)
   if fmt == "bundle" and bundle_lib.read_config(path)["model"].get("name") != "vit":
     return bundle_lib.merge_params(params, bundle_lib.load_params(path), source=path)
@@ -147,6 +149,10 @@ def init_params(params: Any, model_cfg: Mapping[str, Any], path: str, fmt: str =
       conv.params, conv.backbone, grid=tuple(target["posemb_grid"]),
       patch=target["patch_size"], patch_resize=patch_resize,
       posemb_resize=posemb_resize or target.get("posemb_resize", "bicubic"))
+  for name, want, got in (("mean", conv.mean, mean), ("std", conv.std, std)):
+    if got is not None and not np.allclose(want, got, atol=1e-3):
+      logging.warning("model_init %s expects pixel %s %s but the config uses %s", path, name,
+                      tuple(want), tuple(got))
   flat_init = _flatten(params["backbone"])
   if "encoder_norm/scale" not in flat_init:  # SegViT's backbone has no final norm
     conv.params = {k: v for k, v in conv.params.items() if not k.startswith("encoder_norm/")}
