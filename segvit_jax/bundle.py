@@ -64,7 +64,6 @@ class Bundle:
                                        size_divisor=patch_size(self.config.model))
     return np.asarray(scores, np.float32)
 
-
   @functools.cached_property
   def _features_fn(self):
     cfg = self.config.model
