@@ -52,7 +52,6 @@ assert len(ADE20K_CLASSES) == 150
 ADE20K_SPLITS = {"train": "training", "val": "validation", "training": "training",
                  "validation": "validation"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-KNOWN_DATASETS = ("synthetic", "ade20k", "folder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +213,38 @@ def folder_source(root: str, split: str, reduce_zero: bool = False,
 # Entry point.
 
 
+def _dataset_root(dataset_cfg) -> str:
+  root = os.path.expanduser(dataset_cfg.get("root", "") or "")
+  if not root:
+    raise FileNotFoundError(f"config.dataset.root is empty; set it to the {dataset_cfg.name} "
+                            "directory")
+  return root
+
+
+def _synthetic(dataset_cfg, split: str):
+  is_train = split == dataset_cfg.get("train_split", "train")
+  num = dataset_cfg.num_train if is_train else dataset_cfg.num_eval
+  return synthetic.SyntheticSegmentation(split, num, dataset_cfg.image_size,
+                                         seed=dataset_cfg.get("seed", 0))
+
+
+def _folder_builder(build):
+  def builder(dataset_cfg, split: str):
+    return build(_dataset_root(dataset_cfg), split, dataset_cfg.get("reduce_zero_label", False),
+                 dataset_cfg.get("ignore_index", 255))
+  return builder
+
+
+def builders() -> dict:
+  """Dataset name -> `builder(dataset_cfg, split) -> source`. Dataset modules contribute their
+  own `BUILDERS` tables."""
+  return {
+      "synthetic": _synthetic,
+      "ade20k": _folder_builder(ade20k_source),
+      "folder": _folder_builder(folder_source),
+  }
+
+
 def get_source(dataset_cfg, split: str):
   """The source for `config.dataset` and a split name ("train" / "val" or the folder's name).
 
@@ -221,20 +252,10 @@ def get_source(dataset_cfg, split: str):
   other `num_eval`. Checks that `dataset_cfg.num_classes` matches the dataset's class list.
   """
   name = dataset_cfg.name
-  ignore_index = dataset_cfg.get("ignore_index", 255)
-  if name == "synthetic":
-    is_train = split == dataset_cfg.get("train_split", "train")
-    num = dataset_cfg.num_train if is_train else dataset_cfg.num_eval
-    source = synthetic.SyntheticSegmentation(split, num, dataset_cfg.image_size,
-                                             seed=dataset_cfg.get("seed", 0))
-  elif name in ("ade20k", "folder"):
-    root = os.path.expanduser(dataset_cfg.root or "")
-    if not root:
-      raise FileNotFoundError(f"config.dataset.root is empty; set it to the {name} directory")
-    build = ade20k_source if name == "ade20k" else folder_source
-    source = build(root, split, dataset_cfg.get("reduce_zero_label", False), ignore_index)
-  else:
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(KNOWN_DATASETS)}")
+  known = builders()
+  if name not in known:
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known)}")
+  source = known[name](dataset_cfg, split)
   num_classes = dataset_cfg.get("num_classes", None)
   if num_classes is not None and num_classes != len(source.class_names):
     raise ValueError(f"config.dataset.num_classes is {num_classes} but dataset {name!r} has "
