@@ -238,10 +238,15 @@ def _folder_builder(build):
 def builders() -> dict:
   """Dataset name -> `builder(dataset_cfg, split) -> source`. Dataset modules contribute their
   own `BUILDERS` tables."""
+  # pylint: disable=g-import-not-at-top  (those modules build on this one)
+  from segvit_jax.data import coco_panoptic, datasets, tfds_sources
   return {
       "synthetic": _synthetic,
       "ade20k": _folder_builder(ade20k_source),
       "folder": _folder_builder(folder_source),
+      **datasets.BUILDERS,
+      **tfds_sources.BUILDERS,
+      **coco_panoptic.BUILDERS,
   }
 
 
