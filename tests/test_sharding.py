@@ -50,7 +50,25 @@ if args.get("distributed"):
 import numpy as np
 from configs import demo
 from segvit_jax import checkpoint as ckpt_lib, sharding, trainer
-from segvit_jax.data import pipeline
+from segvit_jax.data import pipeline, sources
+
+SEEN = set()  # indices of the training examples this process read (all runs)
+orig_source = sources.get_source
+
+
+class Recording:
+  def __init__(self, src):
+    self.src, self.class_names = src, src.class_names
+
+  def __len__(self):
+    return len(self.src)
+
+  def __getitem__(self, i):
+    SEEN.add(int(i))
+    return self.src[i]
+
+
+sources.get_source = lambda cfg, split: Recording(orig_source(cfg, split))
 
 
 class ConcatIterator:
@@ -126,6 +144,8 @@ for run in args["runs"]:
     with open(os.path.join(run["workdir"], "metrics.jsonl")) as f:
       res["metrics"] = [json.loads(line) for line in f]
   res.pop("final", None)
+  res["seen"] = sorted(SEEN)
+  SEEN.clear()
   out[run["name"]] = res
 print("RESULT " + json.dumps(out), flush=True)
 '''
@@ -368,6 +388,11 @@ def test_two_processes_match_one_device(runs, launched):
   # reference is one device fed both processes' batches side by side.
   _assert_same_training(mp, runs["one_2proc_batches"])
   assert r1["mp"]["params"] == mp["params"]  # both processes saw the same global shardings
+  # Each process read only its own examples (source[i::2], through jax.process_index()):
+  # 4 steps x 4 examples drawn from each 32-example shard, disjoint across the processes.
+  seen0, seen1 = set(r0["mp"]["seen"]), set(r1["mp"]["seen"])
+  assert len(seen0) >= 16 and len(seen1) >= 16 and not seen0 & seen1
+  assert all(i % 2 == 0 for i in seen0) and all(i % 2 == 1 for i in seen1)
   # Only process 0 logs; the checkpoint holds both processes' data iterators.
   assert len(mp["metrics"]) == STEPS
   data_dir = os.path.join(mp["workdir"], "checkpoints", str(STEPS), "data")
