@@ -18,7 +18,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from segvit_jax import inference, metrics, visualize
-from segvit_jax.data import pipeline
+from segvit_jax.data import datasets, pipeline
 from segvit_jax.models import patch_size
 
 
@@ -57,6 +57,7 @@ def evaluate_params(model, params: Any, config: ml_collections.ConfigDict, *,
                                       ignore_index=config.dataset.ignore_index))
   conf = np.zeros((k, k), np.int64)
   pic_dir = os.path.join(out_dir, "pictures") if out_dir and num_pictures else None
+  colours = datasets.palette_for(config.dataset.name, k)
   if pic_dir:
     os.makedirs(pic_dir, exist_ok=True)
   n, t0 = len(dataset), time.perf_counter()
@@ -69,7 +70,7 @@ def evaluate_params(model, params: Any, config: ml_collections.ConfigDict, *,
       img = visualize.resize_to(denormalize(np.asarray(ex["image"]), config.mean, config.std),
                                 label.shape)
       visualize.save(os.path.join(pic_dir, f"{ex['name']}.jpg"),
-                     visualize.panel(img, label, np.asarray(pred[0]), k))
+                     visualize.panel(img, label, np.asarray(pred[0]), k, colours))
     if progress and jax.process_index() == 0 and ((i + 1) % 20 == 0 or i + 1 == n):
       rate = (i + 1) / (time.perf_counter() - t0)
       logging.info("eval %d/%d images | %.1f img/s | ETA %.0fs", i + 1, n, rate,
