@@ -53,19 +53,38 @@ def run_config() -> ml_collections.ConfigDict:
   c.dataset.eval_split = "val"
   c.dataset.num_workers = 0  # grain worker processes for training data (0: in-process)
   c.dataset.prefetch = 2
+  # A training example that fails to read (undecodable image, label size mismatch, label out of
+  # range): False stops the run with the error naming the file; True skips it with a warning
+  # naming the file and goes on (segvit_jax.data.pipeline.SkipBadExamples). Find them all first
+  # with `python -m segvit_jax.data.check --config ...`.
+  c.dataset.skip_bad_examples = False
   # Only used by the synthetic set.
   c.dataset.image_size = 128
   c.dataset.num_train = 2000
   c.dataset.num_eval = 100
 
-  # Train augmentation (spec segvit.md, "Train augmentation").
+  # Train augmentation. "segvit": mmseg's (spec segvit.md, "Train augmentation"); "eomt":
+  # EoMT's colour jitter, flip, scale jitter, pad, random crop (spec eomt.md, "Optimisation").
   c.augment = ml_collections.ConfigDict()
-  c.augment.crop_size = (512, 512)
+  c.augment.pipeline = "segvit"
+  c.augment.crop_size = (512, 512)  # both pipelines
+  c.augment.flip_prob = 0.5  # both pipelines
+  # "segvit" only.
   c.augment.scale = (2048, 512)  # keep-ratio base scale (long, short)
   c.augment.ratio_range = (0.5, 2.0)
   c.augment.cat_max_ratio = 0.75
-  c.augment.flip_prob = 0.5
   c.augment.photometric = True
+  # "eomt" only. Scale jitter: the image is resized keeping its ratio by a factor uniform in
+  # this range times crop / long side; EoMT: (0.5, 2.0) semantic, (0.1, 2.0) panoptic/instance.
+  c.augment.scale_jitter = (0.5, 2.0)
+  # Colour jitter: EoMT uses it on ADE20K and Cityscapes, not on COCO. The factors follow EoMT's
+  # `Transforms` (torchvision functional ops): brightness x U(1 -+ 32/255), contrast and
+  # saturation x U(1 -+ 0.5), hue shift U(-+18/360) turns; each with p 0.5.
+  c.augment.color_jitter = True
+  c.augment.jitter_brightness = 32 / 255
+  c.augment.jitter_contrast = 0.5
+  c.augment.jitter_saturation = 0.5
+  c.augment.jitter_hue = 18 / 360
 
   # Pixel normalisation: AugReg weights expect [-1, 1].
   c.mean = (127.5, 127.5, 127.5)

@@ -222,6 +222,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 "%.1f img/s | ETA %s", step, total, last["loss"], terms, last["lr"],
                 last["grad_norm"], steps_per_s, last["images_per_s"],
                 format_eta((total - step) / max(steps_per_s, 1e-9)))
+          if config.dataset.get("skip_bad_examples", False):
+            skipped = pipeline.skipped_examples()
+            if skipped:
+              logging.info("skipped bad examples so far (this process, in-process reads): %d "
+                           "file(s), %d read(s)", len(skipped), sum(skipped.values()))
           window_losses, t0, window_start = [], time.perf_counter(), step
         if step % config.ckpt_every == 0 or step == total:
           ckpt.save(step, state, data_iter)

@@ -398,3 +398,200 @@ def test_out_of_range_label_names_file_and_value(tmp_path):
                               "train")
   with pytest.raises(ValueError, match=r"x\.png has value\(s\) 7 outside the valid range 0\.\.2"):
     source[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad examples during training (config.dataset.skip_bad_examples).
+
+
+def _folder_with_a_corrupt_jpeg(root, n=12, size=24):
+  """n examples (one a corrupt JPEG) of size x size pixels, 3 classes; returns the bad path."""
+  rng = np.random.default_rng(1)
+  for i in range(n):
+    _write_pair(root, "images/train", "annotations/train", f"ex{i:02d}",
+                rng.integers(0, 3, (size, size)))
+  bad = os.path.join(root, "images", "train", "ex05.jpg")
+  with open(bad, "wb") as f:
+    f.write(b"\xff\xd8\xff\xe0 not really a jpeg")
+  with open(os.path.join(root, "classes.txt"), "w") as f:
+    f.write("a\nb\nc\n")
+  return bad
+
+
+def _folder_config(root, **dataset):
+  c = _run_config(name="folder", root=root, num_classes=3, **dataset)
+  c.augment.crop_size = (16, 16)
+  c.augment.scale = (64, 16)
+  return c
+
+
+def test_bad_example_stops_the_run_by_default(tmp_path):
+  root = str(tmp_path / "d")
+  _folder_with_a_corrupt_jpeg(root)
+  c = _folder_config(root)
+  assert c.dataset.skip_bad_examples is False
+  it = pipeline.make_train_iterator(c, 0, 1)
+  with pytest.raises(ValueError, match=r"cannot decode image .*ex05\.jpg"):
+    for _ in range(3):  # one epoch: 12 examples in batches of 4
+      next(it)
+
+
+def test_skip_bad_examples_full_batches_deterministic_resumable(tmp_path):
+  root = str(tmp_path / "d")
+  bad = _folder_with_a_corrupt_jpeg(root)
+  c = _folder_config(root, skip_bad_examples=True)
+  before = pipeline.skipped_examples()
+  it = pipeline.make_train_iterator(c, 0, 1)
+  first = [next(it) for _ in range(4)]  # past the first epoch's 11 good examples
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  for b in first + expected:
+    assert b["image"].shape == (4, 16, 16, 3) and b["label"].shape == (4, 16, 16)
+  # Exactly one distinct file skipped, and it is the corrupt one.
+  new = {k: v - before.get(k, 0) for k, v in pipeline.skipped_examples().items()
+         if v > before.get(k, 0)}
+  assert list(new) == [bad] and new[bad] >= 1
+  # The 11 good examples of epoch 1 fill batches 1-2 and 3/4 of batch 3: they are all distinct.
+  epoch = np.concatenate([b["image"] for b in first])[:11].reshape(11, -1)
+  assert len(np.unique(epoch, axis=0)) == 11
+  fresh = pipeline.make_train_iterator(c, 0, 1)
+  for want in first:
+    np.testing.assert_array_equal(next(fresh)["image"], want["image"])
+  resumed = pipeline.make_train_iterator(c, 0, 1)
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_skip_bad_examples_changes_nothing_on_clean_data():
+  # Batching after to_iter_dataset gives the same stream as MapDataset.batch.
+  plain = pipeline.make_train_iterator(_run_config(), 0, 1)
+  skipping = pipeline.make_train_iterator(_run_config(skip_bad_examples=True), 0, 1)
+  for _ in range(2):
+    a, b = next(plain), next(skipping)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_skip_bad_examples_wrapper_counts_and_logs(tmp_path, caplog):
+  root = str(tmp_path / "d")
+  bad = _folder_with_a_corrupt_jpeg(root, n=6)  # ex05 is the 6th file
+  source = pipeline.SkipBadExamples(
+      sources.get_source(_folder_config(root).dataset, "train"))
+  assert len(source) == 6 and source.class_names == ("a", "b", "c")
+  before = pipeline.skipped_examples().get(bad, 0)
+  with caplog.at_level("WARNING"):
+    records = [source[i] for i in range(len(source))]
+    assert source[5] is None
+  assert [r is None for r in records] == [False] * 5 + [True]
+  assert pipeline.skipped_examples()[bad] - before == 2  # read twice, counted twice
+  warnings = [r.getMessage() for r in caplog.records if "skipping bad example" in r.getMessage()]
+  assert len(warnings) == 1 and bad in warnings[0] and "cannot decode image" in warnings[0]
+  # Nothing left to skip to: an error instead of an endless search for a good example.
+  only_bad = pipeline.SkipBadExamples(
+      sources.SegmentationFiles([source.source.pairs[5]] * 2, source.class_names))
+  assert only_bad[0] is None
+  with pytest.raises(ValueError, match=r"all 2 examples of .* failed to read"):
+    only_bad[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# EoMT augmentation (config.augment.pipeline = "eomt").
+
+
+def test_new_config_defaults_keep_the_segvit_pipeline():
+  c = _run_config()
+  assert c.augment.pipeline == "segvit" and c.dataset.skip_bad_examples is False
+  assert c.augment.scale_jitter == (0.5, 2.0) and c.augment.color_jitter is True
+  assert [type(op).__name__ for op in pipeline.train_transforms(c)] == [
+      "RandomResize", "RandomCrop", "RandomFlip", "PhotoMetricDistortion", "Normalize", "Pad",
+      "Format"]
+  c.augment.pipeline = "eomt"
+  assert [type(op).__name__ for op in pipeline.train_transforms(c)] == [
+      "ColorJitter", "RandomFlip", "ScaleJitter", "Pad", "RandomCrop", "Normalize", "Format"]
+  c.augment.color_jitter = False
+  assert type(pipeline.train_transforms(c)[0]).__name__ == "RandomFlip"
+  c.augment.pipeline = "lsj"
+  with pytest.raises(ValueError, match="unknown config.augment.pipeline 'lsj'; known: segvit"):
+    pipeline.train_transforms(c)
+
+
+def test_scale_jitter_size_numbers():
+  # factor * crop / long side, keep ratio, truncated (torchvision ScaleJitter).
+  assert T.scale_jitter_size(375, 500, (512, 512), 1.0) == (384, 512)
+  assert T.scale_jitter_size(375, 500, (512, 512), 0.5) == (192, 256)
+  assert T.scale_jitter_size(375, 500, (512, 512), 2.0) == (768, 1024)
+  assert T.scale_jitter_size(1024, 2048, (1024, 1024), 0.1) == (51, 102)
+  assert T.scale_jitter_size(10, 10, (4, 4), 0.01) == (1, 1)
+
+
+def test_scale_jitter_factor_range_and_nearest_labels():
+  image = np.zeros((40, 60, 3), np.uint8)
+  label = np.full((40, 60), 3, np.uint8)
+  label[:20, :30], label[20:, 30:] = 0, 255
+  longs = []
+  for seed in range(60):
+    out_image, out_label = T.scale_jitter(image, label, np.random.default_rng(seed), (32, 32),
+                                          (0.5, 2.0))
+    factor = np.random.default_rng(seed).uniform(0.5, 2.0)
+    expected = T.scale_jitter_size(40, 60, (32, 32), factor)
+    assert out_image.shape == expected + (3,) and out_label.shape == expected
+    assert set(np.unique(out_label)) == {0, 3, 255}  # nearest: values kept, none invented
+    longs.append(out_label.shape[1])
+  assert 16 <= min(longs) < 20 and 60 < max(longs) <= 64  # long side 32 x [0.5, 2.0]
+
+
+def test_color_jitter_ops_numbers_and_determinism():
+  pixel = np.array([[[100, 50, 200], [10, 20, 30]]], np.uint8)
+  np.testing.assert_array_equal(T.adjust_brightness(pixel, 1.5), [[[150, 75, 255], [15, 30, 45]]])
+  # Grey = floor(0.2989 R + 0.587 G + 0.114 B) = 82 and 18; contrast blends with their mean 50.
+  np.testing.assert_array_equal(T.grayscale(pixel)[..., 0], [[82, 18]])
+  np.testing.assert_array_equal(T.adjust_contrast(pixel, 0.5), [[[75, 50, 125], [30, 35, 40]]])
+  np.testing.assert_array_equal(T.adjust_saturation(pixel, 0.0), [[[82] * 3, [18] * 3]])
+  np.testing.assert_array_equal(T.adjust_hue(np.array([[[255, 0, 0]]], np.uint8), 0.5),
+                                [[[0, 255, 255]]])  # half a turn: red -> cyan
+  image = synthetic.SyntheticSegmentation("train", 1, 32)[0]["image"]
+  np.testing.assert_array_equal(T.color_jitter(image, np.random.default_rng(0), 0, 0, 0, 0),
+                                image)
+  outs = []
+  for seed in range(8):
+    a = T.color_jitter(image, np.random.default_rng(seed))
+    np.testing.assert_array_equal(a, T.color_jitter(image, np.random.default_rng(seed)))
+    assert a.dtype == np.uint8 and a.shape == image.shape
+    outs.append(a)
+  assert sum(not np.array_equal(o, image) for o in outs) >= 6
+
+
+def _eomt_config(**augment):
+  c = _run_config()
+  c.augment.pipeline = "eomt"
+  c.augment.update(augment)
+  return c
+
+
+def test_eomt_pipeline_shapes_and_determinism():
+  c = _eomt_config()
+  batches = [next(pipeline.make_train_iterator(c, 0, 1)) for _ in range(2)]
+  b = batches[0]
+  assert b["image"].shape == (4, 48, 48, 3) and b["image"].dtype == np.float32
+  assert b["label"].shape == (4, 48, 48) and b["label"].dtype == np.int32
+  assert set(np.unique(b["label"])) <= set(range(6)) | {255}
+  np.testing.assert_array_equal(batches[0]["image"], batches[1]["image"])
+  np.testing.assert_array_equal(batches[0]["label"], batches[1]["label"])
+  c.seed = 1
+  assert not np.array_equal(next(pipeline.make_train_iterator(c, 0, 1))["image"], b["image"])
+
+
+def test_eomt_pipeline_pads_image_black_and_label_ignore():
+  # 64x64 synthetic images scaled by 0.25 * 48 / 64 -> 12x12, padded to 48x48, cropped whole.
+  c = _eomt_config(scale_jitter=(0.25, 0.25), color_jitter=False)
+  b = next(pipeline.make_train_iterator(c, 0, 1))
+  assert (b["label"][:, 12:] == 255).all() and (b["label"][:, :, 12:] == 255).all()
+  assert (b["label"][:, :12, :12] != 255).all()
+  # Padded with 0 before normalising: (0 - 127.5) / 127.5.
+  assert (b["image"][:, 12:] == -1.0).all() and (b["image"][:, :, 12:] == -1.0).all()
+  p_image, p_label = T.pad(np.full((2, 3, 3), 9, np.uint8), np.ones((2, 3), np.uint8), (4, 4))
+  assert p_image.dtype == np.uint8 and (p_image[2:] == 0).all() and (p_image[:, 3:] == 0).all()
+  assert (p_label[2:] == 255).all() and (p_label[:, 3:] == 255).all()

@@ -5,17 +5,43 @@ batch -> to_iter_dataset [-> mp_prefetch]`. Every random number comes from grain
 generators, so a (config, process) pair always yields the same batches, and the iterator's
 `get_state()` / `set_state()` resume at the exact batch.
 
+The augmentation is `config.augment.pipeline`: "segvit" (mmseg's, spec segvit.md) or "eomt"
+(colour jitter, flip, scale jitter, pad, random crop; spec eomt.md, "Optimisation").
+
+Bad examples (`config.dataset.skip_bad_examples`): by default an example whose read raises (the
+sources raise ValueError naming the file for an undecodable image, a size mismatch or an
+out-of-range label) stops the run with that error. With skipping on, the source is wrapped in
+`SkipBadExamples`, which logs a warning naming the file and the reason the first time a process
+meets it, counts it (`skipped_examples()`, per process) and returns None; the pipeline then
+batches after `to_iter_dataset`, which drops the Nones, so batches stay full, and the iterator
+state (the index of the next element) still resumes exactly. In that mode each grain worker
+process batches its own slice of the element stream, so the batches depend on
+`dataset.num_workers` (still deterministic for a given config), and the counts of skips made in
+worker processes are in their log lines, not in the main process's `skipped_examples()`.
+`python -m segvit_jax.data.check` lists every bad file up front.
+
 Eval: a `MapDataset` of per-example records (keep-ratio resized, normalised image; label at the
 original resolution), sharded by JAX process.
 """
 
 from __future__ import annotations
 
+import collections
+import threading
+
 import grain
 import numpy as np
+from absl import logging
 
 from segvit_jax.data import sources
 from segvit_jax.data import transforms as T
+
+AUGMENT_PIPELINES = ("segvit", "eomt")
+# With skip_bad_examples, the share of skipped reads (per window of 1000) that stops the run.
+MAX_BAD_RATIO = 0.9
+# What reading a bad example raises: the sources turn decoding, size and label-range problems
+# into ValueError naming the file; OSError covers a file that vanished or cannot be opened.
+BAD_EXAMPLE_ERRORS = (ValueError, OSError)
 
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -44,7 +70,83 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+# ----------------------------------------------------------------------------------------------
+# Skipping bad examples.
+
+
+def example_file(source, index: int) -> str:
+  """What to call example `index` of `source` in messages: its image file for file-backed
+  sources (those with `pairs` of (image, label) paths), else "example INDEX"."""
+  pairs = getattr(source, "pairs", None)
+  if pairs is not None:
+    return str(pairs[int(index)][0])
+  return f"example {int(index)}"
+
+
+_skip_lock = threading.Lock()
+_skipped = collections.Counter()  # example file -> times skipped in this process
+
+
+def skipped_examples() -> dict[str, int]:
+  """Examples `SkipBadExamples` skipped in this process so far: file -> number of reads skipped
+  (a bad file is met again every epoch; prefetching may read ahead of the batches returned)."""
+  with _skip_lock:
+    return dict(_skipped)
+
+
+class SkipBadExamples:
+  """grain random-access source wrapper: `source[i]`, or None if reading it raises one of
+  `BAD_EXAMPLE_ERRORS` (logged once per file and process, counted every time). ValueError once
+  every example has failed (there is nothing to skip to)."""
+
+  def __init__(self, source):
+    self.source = source
+    self.class_names = source.class_names
+    self._bad_indices = set()
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int):
+    try:
+      return self.source[index]
+    except BAD_EXAMPLE_ERRORS as e:
+      name = example_file(self.source, index)
+      with _skip_lock:
+        first = name not in _skipped
+        _skipped[name] += 1
+        distinct = len(_skipped)
+        self._bad_indices.add(int(index))
+        all_bad = len(self._bad_indices) == len(self.source)
+      if all_bad:
+        raise ValueError(f"all {len(self.source)} examples of {self.source!r} failed to read "
+                         f"(the last: {e}); check the dataset with `python -m "
+                         "segvit_jax.data.check`") from e
+      if first:
+        logging.warning("skipping bad example %s (config.dataset.skip_bad_examples; %d bad "
+                        "example(s) met in this process): %s", name, distinct, e)
+      return None
+
+  def __repr__(self) -> str:
+    return f"SkipBadExamples({self.source!r})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms.
+
+
 def train_transforms(config) -> list:
+  """The train augmentation `config.augment.pipeline` ("segvit" or "eomt") as grain transforms."""
+  name = config.augment.get("pipeline", "segvit")
+  if name == "segvit":
+    return segvit_train_transforms(config)
+  if name == "eomt":
+    return eomt_train_transforms(config)
+  raise ValueError(f"unknown config.augment.pipeline {name!r}; known: "
+                   f"{', '.join(AUGMENT_PIPELINES)}")
+
+
+def segvit_train_transforms(config) -> list:
   """The mmseg train augmentation for `config.augment` as a list of grain transforms."""
   aug = config.augment
   crop = tuple(aug.crop_size)
@@ -59,6 +161,29 @@ def train_transforms(config) -> list:
   ops += [
       T.Normalize(mean=tuple(config.mean), std=tuple(config.std)),
       T.Pad(size=crop, pad_value=0.0, label_pad_value=config.dataset.ignore_index),
+      T.Format(keys=("image", "label")),
+  ]
+  return ops
+
+
+def eomt_train_transforms(config) -> list:
+  """EoMT's train augmentation (spec eomt.md, "Optimisation"), in EoMT's order: colour jitter
+  (if `augment.color_jitter`) on the full image, horizontal flip, scale jitter of the crop size
+  by a factor in `augment.scale_jitter`, pad to the crop (image 0 before normalising, i.e. black;
+  label ignore_index), random crop to `augment.crop_size`, normalise."""
+  aug = config.augment
+  crop = tuple(aug.crop_size)
+  ignore = config.dataset.ignore_index
+  ops = []
+  if aug.color_jitter:
+    ops.append(T.ColorJitter(brightness=aug.jitter_brightness, contrast=aug.jitter_contrast,
+                             saturation=aug.jitter_saturation, hue=aug.jitter_hue))
+  ops += [
+      T.RandomFlip(prob=aug.flip_prob),
+      T.ScaleJitter(target_size=crop, scale_range=tuple(aug.scale_jitter)),
+      T.Pad(size=crop, pad_value=0, label_pad_value=ignore),
+      T.RandomCrop(crop_size=crop, cat_max_ratio=1.0, ignore_index=ignore),
+      T.Normalize(mean=tuple(config.mean), std=tuple(config.std)),
       T.Format(keys=("image", "label")),
   ]
   return ops
@@ -96,17 +221,32 @@ def make_train_dataset(config, process_index: int | None = None,
   process_index, process_count = _process_layout(process_index, process_count)
   batch = per_process_batch_size(config.batch_size, process_count)
   source = sources.get_source(config.dataset, config.dataset.train_split)
+  skip_bad = bool(config.dataset.get("skip_bad_examples", False))
+  if skip_bad:
+    source = SkipBadExamples(source)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if len(ds) < batch:
     raise ValueError(f"{len(ds)} training examples on process {process_index} is fewer than "
                      f"the per-process batch {batch}")
   ds = ds.seed(_process_seed(config.seed, process_index)).shuffle().repeat()
   ds = apply_transforms(ds, train_transforms(config))
-  ds = ds.batch(batch, drop_remainder=True)
   prefetch = max(int(config.dataset.get("prefetch", 2)), 1)
-  # Elements here are whole batches: a few threads/buffer slots, not grain's 16/500 defaults.
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
-                                               prefetch_buffer_size=prefetch))
+  if not skip_bad:
+    ds = ds.batch(batch, drop_remainder=True)
+    # Elements here are whole batches: a few threads/buffer slots, not grain's 16/500 defaults.
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
+                                                 prefetch_buffer_size=prefetch))
+  else:
+    # Skipped examples are Nones, which `to_iter_dataset` drops; batching after it keeps every
+    # batch full (MapDataset.batch cannot drop them). Elements are single examples here:
+    # `prefetch` batches' worth of buffer and threads.
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=min(prefetch * batch, 16),
+                                                 prefetch_buffer_size=prefetch * batch))
+    it_ds = it_ds.batch(batch, drop_remainder=True)
+    # Stop instead of spinning forever when (nearly) everything is bad: grain raises once
+    # `MAX_BAD_RATIO` of a window of 1000 reads were skipped (it warns from 0.9 by default).
+    it_ds = grain.experimental.WithOptionsIterDataset(it_ds, grain.experimental.DatasetOptions(
+        filter_raise_threshold_ratio=MAX_BAD_RATIO))
   num_workers = int(config.dataset.get("num_workers", 0))
   if num_workers > 0:
     _ensure_absl_flags_parsed()

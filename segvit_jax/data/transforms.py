@@ -1,9 +1,15 @@
-"""SegViT / mmseg train and test augmentations (spec segvit.md, "Train augmentation").
+"""SegViT / mmseg and EoMT train augmentations, and the test transforms.
 
-The train pipeline is mmseg's: keep-ratio resize to a base scale times a random ratio, random
-crop with `cat_max_ratio`, horizontal flip, photometric distortion, normalise, pad (image 0,
-label 255). Test: keep-ratio resize of the image only (the label stays at full resolution) and
-normalise.
+SegViT (spec segvit.md, "Train augmentation") uses mmseg's train pipeline: keep-ratio resize to a
+base scale times a random ratio, random crop with `cat_max_ratio`, horizontal flip, photometric
+distortion, normalise, pad (image 0, label 255).
+
+EoMT (spec eomt.md, "Optimisation", augmentation) uses the Mask2Former/EoMT large-scale jitter:
+colour jitter (torchvision ColorJitter-style factors, as EoMT's `Transforms.color_jitter`),
+horizontal flip, scale jitter (keep-ratio resize to factor * crop / long side, torchvision
+`ScaleJitter`), pad to the crop (image 0, label ignore), random crop to the crop.
+
+Test: keep-ratio resize of the image only (the label stays at full resolution) and normalise.
 
 Each step is a small pure numpy function on arrays; grain transform classes below wrap them for
 records `dict(image=(H, W, 3), label=(H, W), ...)`. The random ones are `grain.transforms.
@@ -212,6 +218,101 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator,
 
 
 # ----------------------------------------------------------------------------------------------
+# EoMT: scale jitter and colour jitter (spec eomt.md, "Optimisation", augmentation).
+
+
+def scale_jitter_size(height: int, width: int, target_size: Sequence[int],
+                      factor: float) -> tuple[int, int]:
+  """torchvision `ScaleJitter` output size (h, w) for a jitter factor, keeping the aspect ratio.
+
+  The image is scaled by factor * min(target_h / height, target_w / width), i.e. for a square
+  target by factor * crop / max(height, width) (Mask2Former / EoMT large-scale jitter); sizes are
+  truncated like torchvision's `int(...)`. (torchvision pairs target_size[1] with the height and
+  [0] with the width; with the square crops EoMT uses both pairings agree.)
+  """
+  r = factor * min(target_size[0] / height, target_size[1] / width)
+  return max(int(height * r), 1), max(int(width * r), 1)
+
+
+def scale_jitter(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                 target_size: Sequence[int], scale_range: Sequence[float]):
+  """EoMT's `ScaleJitter(target_size, scale_range)`: factor uniform in `scale_range`, then the
+  keep-ratio resize of `scale_jitter_size`; image bilinear, label nearest (values preserved)."""
+  factor = rng.uniform(scale_range[0], scale_range[1])
+  size = scale_jitter_size(*image.shape[:2], target_size, factor)
+  return resize_image(image, size), resize_label(label, size)
+
+
+def _blend(image: np.ndarray, other, factor: float) -> np.ndarray:
+  """torchvision `_blend` on uint8: image * f + other * (1 - f), clipped to [0, 255], truncated."""
+  out = image.astype(np.float32) * factor + np.asarray(other, np.float32) * (1.0 - factor)
+  return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def grayscale(image: np.ndarray) -> np.ndarray:
+  """torchvision `rgb_to_grayscale` of a uint8 image as float (H, W, 1): 0.2989 R + 0.587 G +
+  0.114 B, floored like torchvision does for integer images."""
+  weights = np.array([0.2989, 0.587, 0.114], np.float32)
+  return np.floor(image.astype(np.float32) @ weights)[..., None]
+
+
+def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
+  """torchvision `adjust_brightness`: blend with black (image * factor)."""
+  return _blend(image, 0.0, factor)
+
+
+def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
+  """torchvision `adjust_contrast`: blend with the mean grey level of the whole image."""
+  return _blend(image, grayscale(image).mean(), factor)
+
+
+def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
+  """torchvision `adjust_saturation`: blend with the image's own greyscale version."""
+  return _blend(image, grayscale(image), factor)
+
+
+def adjust_hue(image: np.ndarray, hue: float) -> np.ndarray:
+  """torchvision `adjust_hue`: rotate the hue by `hue` turns (in [-0.5, 0.5]); uint8 out."""
+  if hue == 0:
+    return np.asarray(image, np.uint8)
+  return _hsv_op(image, lambda hsv: np.stack(
+      [np.mod(hsv[..., 0] + hue * 180.0, 180.0), hsv[..., 1], hsv[..., 2]], -1))
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator, brightness: float = 32 / 255,
+                 contrast: float = 0.5, saturation: float = 0.5,
+                 hue: float = 18 / 360) -> np.ndarray:
+  """EoMT `Transforms.color_jitter` on a uint8 RGB image; returns uint8.
+
+  Brightness factor uniform in [1 - brightness, 1 + brightness] (p 0.5); then, in an order
+  chosen with p 0.5, contrast (factor in [1 - contrast, 1 + contrast], p 0.5) before or after
+  saturation (factor in [1 - saturation, 1 + saturation], p 0.5) and hue (shift uniform in
+  [-hue, hue] turns, p 0.5). The defaults are EoMT's: its `max_brightness_delta` 32 and
+  `max_hue_delta` 18 (mmseg's numbers) taken as 32 / 255 and 18 / 360 of torchvision factors,
+  contrast and saturation 0.5.
+  """
+  image = np.asarray(image, np.uint8)
+  if rng.random() < 0.5:
+    image = adjust_brightness(image, rng.uniform(1.0 - brightness, 1.0 + brightness))
+
+  def contrast_op(img):
+    if rng.random() < 0.5:
+      img = adjust_contrast(img, rng.uniform(1.0 - contrast, 1.0 + contrast))
+    return img
+
+  def saturation_and_hue(img):
+    if rng.random() < 0.5:
+      img = adjust_saturation(img, rng.uniform(1.0 - saturation, 1.0 + saturation))
+    if rng.random() < 0.5:
+      img = adjust_hue(img, rng.uniform(-hue, hue))
+    return img
+
+  if rng.random() < 0.5:
+    return saturation_and_hue(contrast_op(image))
+  return contrast_op(saturation_and_hue(image))
+
+
+# ----------------------------------------------------------------------------------------------
 # Normalise.
 
 
@@ -279,6 +380,32 @@ class PhotoMetricDistortion(grain.transforms.RandomMap):
   def random_map(self, record: dict, rng: np.random.Generator) -> dict:
     image = photometric_distortion(record["image"], rng, self.brightness_delta,
                                    self.contrast_range, self.saturation_range, self.hue_delta)
+    return _replace(record, image=image)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleJitter(grain.transforms.RandomMap):
+  """`scale_jitter` on a record (EoMT large-scale jitter of the target size)."""
+  target_size: tuple[int, int]
+  scale_range: tuple[float, float]
+
+  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    image, label = scale_jitter(record["image"], record["label"], rng, self.target_size,
+                                self.scale_range)
+    return _replace(record, image=image, label=label)
+
+
+@dataclasses.dataclass(frozen=True)
+class ColorJitter(grain.transforms.RandomMap):
+  """`color_jitter` on a record's image (EoMT's torchvision-style colour jitter)."""
+  brightness: float = 32 / 255
+  contrast: float = 0.5
+  saturation: float = 0.5
+  hue: float = 18 / 360
+
+  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    image = color_jitter(record["image"], rng, self.brightness, self.contrast, self.saturation,
+                         self.hue)
     return _replace(record, image=image)
 
 
