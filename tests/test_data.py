@@ -595,3 +595,28 @@ def test_eomt_pipeline_pads_image_black_and_label_ignore():
   p_image, p_label = T.pad(np.full((2, 3, 3), 9, np.uint8), np.ones((2, 3), np.uint8), (4, 4))
   assert p_image.dtype == np.uint8 and (p_image[2:] == 0).all() and (p_image[:, 3:] == 0).all()
   assert (p_label[2:] == 255).all() and (p_label[:, 3:] == 255).all()
+
+
+def test_closed_form_hsv_ops_equal_the_hsv_round_trip():
+  """Saturation scaling and hue shifts are computed without building HSV arrays; they equal
+  the round trip through rgb_to_hsv / hsv_to_rgb rounded to uint8, except by 1 where the exact
+  value is a .5 tie (the two float32 computations land on either side of it)."""
+  image = np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+  image[0, :8] = [[0, 0, 0], [255, 255, 255], [7, 7, 7], [255, 0, 0], [0, 255, 0],
+                  [0, 0, 255], [10, 200, 200], [200, 10, 200]]  # grey, pure and tied hues
+
+  def round_trip(fn, rounded=True):
+    out = T.hsv_to_rgb(fn(T.rgb_to_hsv(image)))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8) if rounded else out
+
+  cases = [(T.adjust_saturation_hsv, a, lambda hsv, a=a: np.stack(
+      [hsv[..., 0], np.clip(hsv[..., 1] * a, 0, 255), hsv[..., 2]], -1))
+           for a in (0.5, 0.9, 1.3, 1.5)]
+  cases += [(T.shift_hue_hsv, d, lambda hsv, d=d: np.stack(
+      [np.mod(hsv[..., 0] + d, 180.0), hsv[..., 1], hsv[..., 2]], -1))
+            for d in (-18, -5, 1, 17, 3.6)]
+  for op, arg, hsv_fn in cases:
+    diff = np.abs(op(image, arg).astype(int) - round_trip(hsv_fn))
+    exact = round_trip(hsv_fn, rounded=False)
+    tie = np.abs(exact - np.floor(exact) - 0.5) < 1e-3
+    assert diff.max() <= 1 and not (diff > 0)[~tie].any(), (op.__name__, arg)
