@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import pickle
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence

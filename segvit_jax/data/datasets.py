@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -168,42 +167,6 @@ def cityscapes_to_train_ids(ids: np.ndarray, ignore_index: int = 255) -> np.ndar
   return table[np.clip(np.asarray(ids).astype(np.int64), 0, 255)]  # < 0 and > 255 -> table[0|255]
 
 
-class DatasetFiles(sources.SegmentationFiles):
-  """`sources.SegmentationFiles` with a palette, an optional raw-label mapping (applied before
-  `reduce_zero_label` and the range check) and an optional hint added to range errors."""
-
-  def __init__(self, pairs: Sequence[tuple[str, str]], class_names: Sequence[str],
-               palette: np.ndarray, reduce_zero_label: bool = False, ignore_index: int = 255,
-               label_map=None, hint: str = ""):
-    super().__init__(pairs, class_names, reduce_zero_label, ignore_index)
-    self.palette = palette
-    self.label_map = label_map
-    self.hint = hint
-
-  def __getitem__(self, index: int) -> dict:
-    image_path, label_path = self.pairs[int(index)]
-    image = sources.read_image(image_path)
-    label = sources.read_label(label_path)
-    if label.shape != image.shape[:2]:
-      raise ValueError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} (WxH) but image "
-                       f"{image_path} is {image.shape[1]}x{image.shape[0]}")
-    if self.label_map is not None:
-      label = self.label_map(label, self.ignore_index)
-    if self.reduce_zero_label:
-      label = sources.reduce_zero_label(label, self.ignore_index)
-    try:
-      label = sources.check_label(label, len(self.class_names), self.ignore_index, label_path)
-    except ValueError as e:
-      if not self.hint:
-        raise
-      raise ValueError(f"{e}. {self.hint}") from None
-    name = os.path.splitext(os.path.basename(image_path))[0]
-    return dict(image=image, label=label, name=name)
-
-  def __repr__(self) -> str:
-    return f"DatasetFiles({len(self)} examples, {len(self.class_names)} classes)"
-
-
 # ----------------------------------------------------------------------------------------------
 # Layout helpers.
 
@@ -250,7 +213,7 @@ _MMSEG_COCO_HINT = ("Labels written by mmseg's tools/dataset_converters/coco_stu
 
 
 def coco_stuff10k_source(root: str, split: str, reduce_zero: bool = False,
-                         ignore_index: int = 255) -> DatasetFiles:
+                         ignore_index: int = 255) -> sources.SegmentationFiles:
   """COCO-Stuff-10K in mmseg's layout (171 classes); root holds images/, annotations/ and
   optionally imageLists/. `reduce_zero` for label files that use 0 = unlabelled, 1..171."""
   list_name = _split("COCO-Stuff-10K", split, COCO_STUFF_SPLITS)
@@ -267,8 +230,9 @@ def coco_stuff10k_source(root: str, split: str, reduce_zero: bool = False,
                           layout)
   else:
     pairs = sources.paired_files(image_dir, label_dir, layout, cocostuff.LABEL_SUFFIX)
-  return DatasetFiles(pairs, COCO_STUFF_CLASSES, PALETTES["coco_stuff10k"], reduce_zero,
-                      ignore_index, hint="" if reduce_zero else _MMSEG_COCO_HINT)
+  return sources.SegmentationFiles(pairs, COCO_STUFF_CLASSES, reduce_zero, ignore_index,
+                                   hint="" if reduce_zero else _MMSEG_COCO_HINT,
+                                   palette=PALETTES["coco_stuff10k"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +257,7 @@ def pascal_voc2010_dir(root: str) -> tuple[str, str]:
 
 
 def pascal_context_source(root: str, split: str, num_classes: int = 60,
-                          ignore_index: int = 255) -> DatasetFiles:
+                          ignore_index: int = 255) -> sources.SegmentationFiles:
   """PASCAL-Context with 60 classes (label 0 = background is a class) or 59 (reduce_zero_label:
   background ignored), from the same files."""
   if num_classes not in (59, 60):
@@ -306,10 +270,10 @@ def pascal_context_source(root: str, split: str, num_classes: int = 60,
                         os.path.join(voc, "JPEGImages"), ".jpg",
                         os.path.join(voc, "SegmentationClassContext"), ".png", layout)
   if num_classes == 60:
-    return DatasetFiles(pairs, PASCAL_CONTEXT_CLASSES, PALETTES["pascal_context"], False,
-                        ignore_index)
-  return DatasetFiles(pairs, PASCAL_CONTEXT59_CLASSES, PALETTES["pascal_context59"], True,
-                      ignore_index)
+    return sources.SegmentationFiles(pairs, PASCAL_CONTEXT_CLASSES, False, ignore_index,
+                                     palette=PALETTES["pascal_context"])
+  return sources.SegmentationFiles(pairs, PASCAL_CONTEXT59_CLASSES, True, ignore_index,
+                                   palette=PALETTES["pascal_context59"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +285,7 @@ CITYSCAPES_TRAIN_ID_SUFFIX = "_gtFine_labelTrainIds.png"
 CITYSCAPES_ID_SUFFIX = "_gtFine_labelIds.png"
 
 
-def cityscapes_source(root: str, split: str, ignore_index: int = 255) -> DatasetFiles:
+def cityscapes_source(root: str, split: str, ignore_index: int = 255) -> sources.SegmentationFiles:
   """Cityscapes fine annotations (19 classes). Reads *_gtFine_labelTrainIds.png when the split
   has any, else maps *_gtFine_labelIds.png through `cityscapes_to_train_ids`."""
   split = _split("Cityscapes", split, CITYSCAPES_SPLITS)
@@ -355,8 +319,9 @@ def cityscapes_source(root: str, split: str, ignore_index: int = 255) -> Dataset
     shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
     raise FileNotFoundError(f"{len(missing)} image(s) in {image_root} have no label file: "
                             f"{shown}; expected layout: {layout}")
-  return DatasetFiles(pairs, CITYSCAPES_CLASSES, PALETTES["cityscapes"], False, ignore_index,
-                      label_map=None if use_train_ids else cityscapes_to_train_ids)
+  return sources.SegmentationFiles(
+      pairs, CITYSCAPES_CLASSES, False, ignore_index, palette=PALETTES["cityscapes"],
+      label_map=None if use_train_ids else cityscapes_to_train_ids)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -106,15 +106,21 @@ def check_label(label: np.ndarray, num_classes: int, ignore_index: int, path: st
 class SegmentationFiles:
   """grain RandomAccessDataSource over (image, label) file pairs.
 
-  Records: dict(image=uint8 (H, W, 3), label=uint8 (H, W), name=file stem).
+  Records: dict(image=uint8 (H, W, 3), label=uint8 (H, W), name=file stem). `label_map`
+  (raw label, ignore_index) -> train ids runs before `reduce_zero_label` and the range check;
+  `hint` is appended to range errors; `palette` (K, 3) uint8 is the dataset's class colours.
   """
 
   def __init__(self, pairs: Sequence[tuple[str, str]], class_names: Sequence[str],
-               reduce_zero_label: bool = False, ignore_index: int = 255):
+               reduce_zero_label: bool = False, ignore_index: int = 255, *,
+               label_map=None, hint: str = "", palette: np.ndarray | None = None):
     self.pairs = list(pairs)
     self.class_names = tuple(class_names)
     self.reduce_zero_label = reduce_zero_label
     self.ignore_index = ignore_index
+    self.label_map = label_map
+    self.hint = hint
+    self.palette = palette
 
   def __len__(self) -> int:
     return len(self.pairs)
@@ -126,9 +132,16 @@ class SegmentationFiles:
     if label.shape != image.shape[:2]:
       raise ValueError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} (WxH) but image "
                        f"{image_path} is {image.shape[1]}x{image.shape[0]}")
+    if self.label_map is not None:
+      label = self.label_map(label, self.ignore_index)
     if self.reduce_zero_label:
       label = reduce_zero_label(label, self.ignore_index)
-    label = check_label(label, len(self.class_names), self.ignore_index, label_path)
+    try:
+      label = check_label(label, len(self.class_names), self.ignore_index, label_path)
+    except ValueError as e:
+      if not self.hint:
+        raise
+      raise ValueError(f"{e}. {self.hint}") from None
     name = os.path.splitext(os.path.basename(image_path))[0]
     return dict(image=image, label=label, name=name)
 
