@@ -127,7 +127,6 @@ def _torch():
 
 
 def _to_numpy(value) -> np.ndarray:
-  torch = _torch()
   if value.is_floating_point():
     value = value.float()
   return value.detach().cpu().numpy()
