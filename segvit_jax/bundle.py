@@ -3,7 +3,8 @@ state, the unit that converters write and inference reads.
 
   BUNDLE/config.json   {"format": "segvit_jax.bundle", "version": 1, "model": {...},
                         "mean": [...], "std": [...], "class_names": [...], ...}
-  BUNDLE/params/       the parameters, an orbax PyTree checkpoint
+  BUNDLE/params/       the parameters, an orbax PyTree checkpoint, ViT blocks always in the
+                       unstacked layout (`encoderblock_{i}`, whatever `scan_layers` says)
 
 `load_bundle(path)` returns a `Bundle` with `model`, `variables`, `config` and
 `predict(images)`: uint8 (B, H, W, 3) -> per-class scores (B, C, H, W) float32 at the input
@@ -11,7 +12,9 @@ resolution (the model's `semantic_scores`; inputs are zero-padded to a multiple 
 size and the scores cropped back, never resized).
 
 `load_model(path)` also accepts a training workdir (its `config.json` and latest checkpoint),
-so eval.py and predict.py take either.
+so eval.py and predict.py take either. Loading converts the ViT block layout (unstacked in
+bundles, stacked in the checkpoints of `scan_layers` runs) to the model's (`merge_params`):
+a `Bundle`'s variables are laid out as its model needs them.
 """
 
 from __future__ import annotations
@@ -106,14 +109,15 @@ def backbone_features(bundle: "Bundle | str", images) -> dict[str, Any]:
 
 def save_bundle(path: str, params: Any, model_cfg: Mapping[str, Any], *, mean, std,
                 class_names, **extra) -> str:
-  """Writes a bundle directory (params through orbax, atomically)."""
+  """Writes a bundle directory (params through orbax, atomically; ViT blocks unstacked)."""
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
   model_cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
   meta = {"format": FORMAT, "version": VERSION, "model": model_cfg, "mean": list(mean),
           "std": list(std), "class_names": list(class_names), **extra}
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, "params"), jax.device_get(params), force=True)
+    ckptr.save(os.path.join(path, "params"), vit.unstack_blocks(jax.device_get(params)),
+               force=True)
   tmp = os.path.join(path, "config.json.tmp")
   with open(tmp, "w") as f:
     json.dump(meta, f, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
@@ -196,9 +200,17 @@ def _abstract_params(model, model_cfg) -> Any:
 def merge_params(init: Any, loaded: Any, *, source: str = "checkpoint") -> Any:
   """Strict merge (big_vision `merge_params`): every parameter of `init` must be in `loaded`
   with the same shape and nothing else may be there. Fails with a readable list of missing,
-  unexpected and mis-shaped keys; returns `loaded` arranged like `init`, cast to its dtypes."""
-  flat_init = flax.traverse_util.flatten_dict(flax.core.unfreeze(init), sep="/")
-  flat_loaded = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
+  unexpected and mis-shaped keys; returns `loaded` arranged like `init`, cast to its dtypes.
+
+  Either ViT block layout merges into either: both sides are compared in the unstacked layout
+  (so mismatches name `encoderblock_{i}` keys) and the result is stacked again when `init` is
+  (`vit.stack_blocks`)."""
+  stacked = vit.blocks_layout(init) == "stacked"
+  init = vit.unstack_blocks(flax.core.unfreeze(init),
+                            lambda x, i: jax.ShapeDtypeStruct(x.shape[1:], x.dtype))
+  loaded = vit.unstack_blocks(flax.core.unfreeze(loaded))
+  flat_init = flax.traverse_util.flatten_dict(init, sep="/")
+  flat_loaded = flax.traverse_util.flatten_dict(loaded, sep="/")
   missing = sorted(set(flat_init) - set(flat_loaded))
   unexpected = sorted(set(flat_loaded) - set(flat_init))
   misshaped = sorted(
@@ -214,4 +226,5 @@ def merge_params(init: Any, loaded: Any, *, source: str = "checkpoint") -> Any:
         lines.append(f"  {title} ({len(keys)}): " + ", ".join(shown))
     raise ValueError("\n".join(lines))
   merged = {k: np.asarray(flat_loaded[k]).astype(flat_init[k].dtype) for k in flat_init}
-  return flax.traverse_util.unflatten_dict(merged, sep="/")
+  merged = flax.traverse_util.unflatten_dict(merged, sep="/")
+  return vit.stack_blocks(merged) if stacked else merged

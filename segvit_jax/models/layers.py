@@ -4,7 +4,7 @@ position-embedding resize.
 Logical axis names (mapped to mesh axes by `segvit_jax.sharding`):
   parameters: `embed` (model width), `mlp` (hidden width), `heads` (attention width,
               heads contiguous),
-              `classes`, `queries`;
+              `classes`, `queries`, `layers` (the depth axis of scanned ViT blocks);
   activations: `act_batch`, `act_len`, `act_embed`, `act_heads`, `act_mlp`.
 """
 
@@ -31,18 +31,24 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch per example (scaled by 1 / keep)."""
+  """Stochastic depth: drops the whole residual branch per example (scaled by 1 / keep).
 
-  rate: float
+  `rate` may be a traced scalar (per-block rates scanned over by `nn.scan`); a traced 0 keeps
+  every example. `rng` replaces the module's own "dropout" stream (the ViT hands each block a
+  key so that scanned and unrolled blocks draw the same masks)."""
+
+  rate: float | jax.Array
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    if deterministic or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
+  def __call__(self, x: jax.Array, deterministic: bool,
+               rng: jax.Array | None = None) -> jax.Array:
+    if deterministic or (not isinstance(self.rate, jax.Array) and self.rate == 0.0):
+      return x  # (a traced rate is never known to be 0 here)
+    # float32 arithmetic whether the rate is a constant or traced: same masks, same scale.
+    keep = 1.0 - jnp.asarray(self.rate, jnp.float32)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+    mask = jax.random.bernoulli(self.make_rng("dropout") if rng is None else rng, keep, shape)
+    return jnp.where(mask, x * (1.0 / keep), 0.0).astype(x.dtype)
 
 
 class Mlp(nn.Module):

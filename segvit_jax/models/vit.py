@@ -19,17 +19,25 @@ Any input H x W divisible by the patch size works, non-square included: the lear
 embedding (stored on `posemb_grid`) is resized to the input grid on the fly with
 `posemb_resize` (one of `layers.RESIZE_METHODS`; each converter records the method of the
 implementation it came from).
+
+Memory options: `remat` recomputes each block's activations in the backward pass (what is kept
+is `remat_policy`, a name of `REMAT_POLICIES`); `scan_layers` runs the blocks as one `nn.scan`
+(one compiled block instead of `depth` copies), their parameters stacked on a leading depth axis
+(logical name "layers") under one name, `encoderblock`, instead of `encoderblock_{i}`. Both
+give the same outputs, drop-path masks included. Checkpoints of either layout load into a
+model of either (`stack_blocks` / `unstack_blocks`); bundles store the unstacked layout.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from segvit_jax.models import layers
 
@@ -42,7 +50,15 @@ _SIZES = {
     "B": (768, 12, 3072, 12),
     "L": (1024, 24, 4096, 16),
     "H": (1280, 32, 5120, 16),
-  "g": (1536, 40, 6144, 24),
+    "g": (1536, 40, 6144, 24),
+}
+
+# What `remat` keeps from the forward pass (the rest is recomputed in the backward pass).
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 
 # Family defaults (spec eomt.md / segvit.md); explicit fields override them.
@@ -103,18 +119,21 @@ class SwiGLU(nn.Module):
 class EncoderBlock(nn.Module):
   """Pre-norm transformer block: x + DropPath(ls1 * MHA(LN(x))), then
   x + DropPath(ls2 * FFN(LN(x))); LayerScale (ls1, ls2) only when `layerscale` is set (its
-  initial value)."""
+  initial value).
+
+  The drop-path rate is a call argument, a float or a traced scalar (the ViT scans over the
+  per-block rates); `rng` is this block's drop-path key (None: the "dropout" stream)."""
 
   num_heads: int
   mlp_dim: int
   ffn: str = "mlp"
   layerscale: float | None = None
   norm_eps: float = 1e-6
-  drop_path: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               drop_path: float | jax.Array = 0.0, rng: jax.Array | None = None) -> jax.Array:
     norm = functools.partial(nn.LayerNorm, epsilon=self.norm_eps, dtype=self.dtype,
                              scale_init=layers.logical(nn.initializers.ones, ("embed",)),
                              bias_init=layers.logical(nn.initializers.zeros, ("embed",)))
@@ -126,9 +145,10 @@ class EncoderBlock(nn.Module):
                                               ("embed",)), (y.shape[-1],))
       return y * gamma.astype(y.dtype)
 
+    rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
     y = norm(name="norm1")(x)
     y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(y)
-    x = x + layers.DropPath(self.drop_path)(scale(y, "ls1"), deterministic)
+    x = x + layers.DropPath(drop_path)(scale(y, "ls1"), deterministic, rngs[0])
     y = norm(name="norm2")(x)
     if self.ffn == "swiglu":
       y = SwiGLU(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
@@ -136,7 +156,7 @@ class EncoderBlock(nn.Module):
       y = layers.Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
     else:
       raise ValueError(f"unknown ffn {self.ffn!r}; expected 'mlp' or 'swiglu'")
-    x = x + layers.DropPath(self.drop_path)(scale(y, "ls2"), deterministic)
+    x = x + layers.DropPath(drop_path)(scale(y, "ls2"), deterministic, rngs[1])
     return layers.constrain(x, ("act_batch", "act_len", "act_embed"))
 
 
@@ -152,6 +172,13 @@ class ViT(nn.Module):
   posemb_resize: how it is resized to other grids (`layers.RESIZE_METHODS`).
   layerscale: LayerScale initial value (None: no LayerScale). ffn: "mlp" or "swiglu".
   final_norm: LayerNorm after the last block (AugReg / DINOv2 have one; SegViT does not).
+  drop_path: stochastic-depth rate of the last block; block i gets
+    drop_path * i / (depth - 1). Each block's masks come from its own key, split from one
+    "dropout" key, so the scanned and the unrolled stacks drop the same examples.
+  remat: recompute block activations in the backward pass, keeping what `remat_policy` (a
+    name of REMAT_POLICIES) saves.
+  scan_layers: run the blocks under `nn.scan`, parameters stacked (leading depth axis,
+    logical name "layers") under `encoderblock` (see `stack_blocks`).
   """
 
   width: int
@@ -170,6 +197,8 @@ class ViT(nn.Module):
   final_norm: bool = True
   drop_path: float = 0.0
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -213,13 +242,37 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(prefix, (b, n_prefix, d)), x], axis=1)
     x = layers.constrain(x, ("act_batch", "act_len", "act_embed"))
 
-    block_cls = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
-    dpr = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
-    blocks = []
-    for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_dim, self.ffn, self.layerscale, self.norm_eps,
-                    dpr[i], dtype=self.dtype, name=f"encoderblock_{i}")(x, not train)
-      blocks.append(x[:, n_prefix:].reshape(b, gh, gw, d))
+    policy = remat_policy(self.remat_policy)  # unknown names fail even without remat
+    # float32 rates, as the scan carries them.
+    dpr = np.float32(self.drop_path) * np.arange(self.depth, dtype=np.float32) / np.float32(
+        max(self.depth - 1, 1))
+    drop = train and self.drop_path > 0.0
+    # One key per block, drawn here rather than by make_rng inside the blocks (whose streams
+    # depend on the module path, which scanning changes): same masks in both layouts.
+    keys = jax.random.split(self.make_rng("dropout"), self.depth) if drop else None
+    block_cls = EncoderBlock
+    if self.remat:  # static: `deterministic`, and the (Python float) rate when unrolled
+      block_cls = nn.remat(EncoderBlock, static_argnums=(2,) if self.scan_layers else (2, 3),
+                           policy=policy, prevent_cse=not self.scan_layers)
+    make_block = functools.partial(block_cls, self.num_heads, self.mlp_dim, self.ffn,
+                                   self.layerscale, self.norm_eps, dtype=self.dtype)
+    if self.scan_layers:
+      def body(block, x, xs):
+        rate, key = xs
+        x = block(x, not drop, rate, key)
+        return x, x[:, n_prefix:]
+
+      x, patches = nn.scan(
+          body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"},
+      )(make_block(name="encoderblock"), x, (jnp.asarray(dpr), keys))
+      blocks = [patches[i].reshape(b, gh, gw, d) for i in range(self.depth)]  # (depth, B, N, D)
+    else:
+      blocks = []
+      for i in range(self.depth):
+        x = make_block(name=f"encoderblock_{i}")(
+            x, not drop, float(dpr[i]), None if keys is None else keys[i])
+        blocks.append(x[:, n_prefix:].reshape(b, gh, gw, d))
 
     if self.final_norm:
       x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="encoder_norm",
@@ -238,3 +291,99 @@ def Model(variant: str | None = None, **kwargs) -> ViT:  # noqa: N802 (big_visio
   """`Model(variant="B/16", drop_path=0.1)`; explicit keyword sizes override the variant's."""
   sizes = decode_variant(variant) if variant else {}
   return ViT(**{**sizes, **kwargs})
+
+
+def remat_policy(name: str) -> Callable[..., bool]:
+  """The `jax.checkpoint_policies` entry a REMAT_POLICIES name stands for."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy {name!r}; known: {', '.join(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
+
+
+# Block parameter layouts. Unstacked (canonical; bundles and converters): `encoderblock_{i}/...`
+# per block. Stacked (scan_layers=True): `encoderblock/...`, each leaf with a leading depth axis.
+STACKED_BLOCKS = "encoderblock"
+_BLOCK = re.compile(r"encoderblock_(\d+)")
+
+
+def blocks_layout(tree: Any) -> str | None:
+  """"stacked", "unstacked" or None (no ViT blocks) for any pytree whose dict keys name the
+  blocks: parameters, optimizer states mirroring them, orbax metadata trees."""
+  found = set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for k in path:
+      name = getattr(k, "key", None)
+      if name == STACKED_BLOCKS:
+        found.add("stacked")
+      elif isinstance(name, str) and _BLOCK.fullmatch(name):
+        found.add("unstacked")
+  if len(found) > 1:
+    raise ValueError("the tree holds both stacked (encoderblock/) and unstacked "
+                     "(encoderblock_{i}/) ViT blocks")
+  return found.pop() if found else None
+
+
+def _stack_leaves(leaves: Sequence[Any]) -> Any:
+  if any(isinstance(x, jax.Array) for x in leaves):
+    return jnp.stack(leaves)
+  return np.stack([np.asarray(x) for x in leaves])
+
+
+def _take_leaf(x: Any, i: int) -> Any:
+  return x[i]
+
+
+def _rebuild(node: Mapping, items: list[tuple[Any, Any]]) -> Mapping:
+  return type(node)(items) if not isinstance(node, dict) else dict(items)
+
+
+def stack_blocks(tree: Any, stack: Callable[[Sequence[Any]], Any] = _stack_leaves) -> Any:
+  """`encoderblock_{i}/X` (i = 0..depth-1) -> `encoderblock/X` with a leading depth axis, in
+  every dict of `tree` that holds blocks (params, Adam's mu / nu, ...); the rest unchanged.
+  `stack` turns the per-block leaves into one (default: np.stack, jnp.stack for jax arrays)."""
+  def is_blocks(x):
+    return isinstance(x, Mapping) and any(_BLOCK.fullmatch(str(k)) for k in x)
+
+  def convert(node):
+    if not is_blocks(node):
+      return node
+    ids = sorted(int(_BLOCK.fullmatch(str(k))[1]) for k in node if _BLOCK.fullmatch(str(k)))
+    if ids != list(range(len(ids))) or STACKED_BLOCKS in node:
+      raise ValueError(f"cannot stack blocks {ids} (expected 0..{len(ids) - 1}, and no "
+                       f"{STACKED_BLOCKS!r} beside them)")
+    stacked = jax.tree.map(lambda *xs: stack(xs), *[node[f"encoderblock_{i}"] for i in ids])
+    items = []
+    for k, v in node.items():
+      if k == "encoderblock_0":
+        items.append((STACKED_BLOCKS, stacked))
+      elif not _BLOCK.fullmatch(str(k)):
+        items.append((k, stack_blocks(v, stack)))
+    return _rebuild(node, items)
+
+  return jax.tree.map(convert, tree, is_leaf=is_blocks)
+
+
+def unstack_blocks(tree: Any, take: Callable[[Any, int], Any] = _take_leaf) -> Any:
+  """The inverse of `stack_blocks`: `encoderblock/X` (depth, ...) -> `encoderblock_{i}/X`.
+  `take(leaf, i)` is block i's slice (default: leaf[i])."""
+  def is_blocks(x):
+    return isinstance(x, Mapping) and STACKED_BLOCKS in x
+
+  def convert(node):
+    if not is_blocks(node):
+      return node
+    sub = node[STACKED_BLOCKS]
+    depths = {x.shape[0] for x in jax.tree.leaves(sub)}
+    if len(depths) != 1:
+      raise ValueError(f"stacked blocks with leading axes {sorted(depths)}: expected one depth")
+    depth = depths.pop()
+    items = []
+    for k, v in node.items():
+      if k == STACKED_BLOCKS:
+        items += [(f"encoderblock_{i}", jax.tree.map(lambda x, i=i: take(x, i), sub))
+                  for i in range(depth)]
+      else:
+        items.append((k, unstack_blocks(v, take)))
+    return _rebuild(node, items)
+
+  return jax.tree.map(convert, tree, is_leaf=is_blocks)
