@@ -1,9 +1,9 @@
 """Pieces shared by every config: the run skeleton, SegViT model blocks and the paper recipe.
 
 Every number the code uses comes from a config; the code holds no paper constants. Config
-names that later work relies on: `total_steps`, `batch_size` (global), `seed`, `log_every`,
-`ckpt_every`, `eval_every`, `dataset.name`, `dataset.root`, `mesh.{data,fsdp,tensor}`,
-`model_init`.
+names that later work relies on: `total_steps`, `batch_size` (global), `grad_accum_steps`,
+`seed`, `log_every`, `ckpt_every`, `eval_every`, `dataset.name`, `dataset.root`,
+`mesh.{data,fsdp,tensor}`, `model_init`.
 """
 
 import ml_collections
@@ -31,6 +31,11 @@ def run_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 160_000
   c.batch_size = 16  # global, across all devices and hosts
+  # Micro-batches per step: the global batch is split into this many parts that run one after
+  # the other inside the step (gradients summed, one optimizer update), so a batch needs about
+  # 1 / grad_accum_steps of the activation memory. batch_size must divide by
+  # grad_accum_steps x the batch shards (mesh data x fsdp).
+  c.grad_accum_steps = 1
   c.log_every = 50
   c.ckpt_every = 4000
   c.keep_ckpts = 3
@@ -113,7 +118,15 @@ def segvit_model_config(variant: str, num_classes: int, drop_path: float | None 
       drop_path=DROP_PATH.get(variant, 0.0) if drop_path is None else drop_path,
       cls_in_blocks=False,
       posemb_grid=(32, 32),  # stored grid (crop / patch); resized to other inputs on the fly
+      # Recompute block activations in the backward pass (less memory, ~1/3 more compute);
+      # remat_policy names what is kept: nothing_saveable, dots_saveable,
+      # dots_with_no_batch_dims_saveable or everything_saveable (jax.checkpoint_policies).
       remat=False,
+      remat_policy="nothing_saveable",
+      # nn.scan over the blocks: one compiled block (faster compiles for deep models), block
+      # params stacked on a leading depth axis. Same outputs; checkpoints of either layout
+      # resume either way, bundles always store the unstacked layout.
+      scan_layers=False,
   ))
   m.head = ml_collections.ConfigDict(dict(ATM_HEADS.get(variant, ATM_HEADS["B/16"])))
   m.head.dropout = 0.1

@@ -3,6 +3,9 @@
 Mesh axes: `data` (batch), `fsdp` (batch and parameter shards), `tensor` (heads / MLP).
 Parameters and activations carry logical axis names (see `segvit_jax.models.layers`); the
 rules below map them to mesh axes. With `fsdp = tensor = 1` this is plain data parallelism.
+
+Several processes (hosts): `distributed_args` decides how `train.py` calls
+`jax.distributed.initialize`, before anything else touches jax.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("classes", None),
     ("queries", None),
+    # The stacked-layers axis of a scanned ViT (nn.scan over blocks): every device holds all
+    # layers' (sharded) slices, the scan steps through them.
+    ("layers", None),
 )
 
 
@@ -79,3 +85,48 @@ def global_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> di
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def distributed_args(flags: Mapping[str, Any], environ: Mapping[str, str]
+                     ) -> dict[str, Any] | None:
+  """Keyword arguments for `jax.distributed.initialize`, or None for a single process.
+
+  `flags`: `coordinator_address`, `num_processes`, `process_id` (None when not given).
+  In this order:
+    1. Explicit: any of the three flags given -> all three are required, and passed on
+       (bare multi-host GPU, or a launcher jax does not know).
+    2. Automatic, `{}` (jax's cluster detection fills in everything) when `environ` says this
+       is one process of several:
+       - a multi-host TPU slice on GKE: `TPU_WORKER_HOSTNAMES` (or `TPU_PROCESS_ADDRESSES`)
+         lists more than one host;
+       - a TPU multislice: `MEGASCALE_COORDINATOR_ADDRESS` is set;
+       - SLURM: `SLURM_NTASKS` > 1 and `SLURM_PROCID` set (an `srun` task; a bare `salloc`
+         shell has no SLURM_PROCID). jax reads the coordinator from SLURM_STEP_NODELIST.
+    3. Otherwise None: one process. A Cloud TPU VM pod slice started with
+       `gcloud ... ssh --worker=all` needs no call (the TPU runtime forms the slice from the
+       VM metadata); pass the flags there to force one.
+  """
+  explicit = {k: flags.get(k) for k in ("coordinator_address", "num_processes", "process_id")}
+  given = {k: v for k, v in explicit.items() if v is not None}
+  if given:
+    missing = sorted(set(explicit) - set(given))
+    if missing:
+      raise ValueError(f"--{', --'.join(sorted(given))} given without --{', --'.join(missing)}: "
+                       "a multi-process run needs all of --coordinator_address, "
+                       "--num_processes and --process_id")
+    if not 0 <= explicit["process_id"] < explicit["num_processes"]:
+      raise ValueError(f"--process_id={explicit['process_id']} is not in "
+                       f"[0, --num_processes={explicit['num_processes']})")
+    return explicit
+  hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
+  if len([h for h in hosts.split(",") if h.strip()]) > 1:
+    return {}
+  if environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return {}
+  try:
+    slurm_tasks = int(environ.get("SLURM_NTASKS", "1"))
+  except ValueError:
+    slurm_tasks = 1
+  if slurm_tasks > 1 and "SLURM_PROCID" in environ:
+    return {}
+  return None

@@ -3,15 +3,24 @@ mesh -> data -> model and optimizer shapes via `jax.eval_shape` -> shardings -> 
 with `out_shardings` -> jitted step with donated state -> resume -> loop.
 
 Resuming: rerunning with the same workdir restores the latest checkpoint (train state, step
-and the data iterator position) and continues bit-identically. A non-finite loss stops the
-run before anything is saved from it, so the last good checkpoint stays intact.
+and the data iterator position) and continues bit-identically. A checkpoint written by another
+number of processes restores too: orbax reshards the train state onto this run's mesh, but the
+data iterator state is per process and cannot be carried over, so the data order restarts from
+a fresh per-process shuffle (with a warning). A non-finite loss stops the run before anything is
+saved from it, so the last good checkpoint stays intact.
+
+Gradient accumulation (`config.grad_accum_steps`): the global batch is split into micro-batches
+inside the jitted step and their gradients are summed before the one optimizer update, so the
+step equals the whole-batch step up to float rounding (see `accumulated_value_and_grad`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -22,12 +31,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segvit_jax import checkpoint as ckpt_lib
 from segvit_jax import convert, optim, sharding
 from segvit_jax.data import pipeline, sources
 from segvit_jax.losses import atm_loss
+from segvit_jax.losses.atm import class_targets
 from segvit_jax.models import build_model
 
 
@@ -69,6 +81,173 @@ def loss_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
                     ignore_index=config.dataset.ignore_index, **loss_cfg)
 
   return fn
+
+
+# The ATM loss normalises over the whole batch (segvit_jax.losses.atm): the cross-entropy is a
+# mean weighted by 1 (class present) or `no_object_weight` (absent) over all queries of the
+# batch, focal and dice are divided by the number of present masks in the batch (at least 1).
+# Each loss term -> (its normaliser, the floor atm_loss applies to it).
+_TERM_NORMALISERS = {"loss_ce": ("queries", 0.0), "loss_mask": ("masks", 1.0),
+                     "loss_dice": ("masks", 1.0)}
+
+
+def loss_normalisers(labels: jax.Array, config: ml_collections.ConfigDict
+                     ) -> dict[str, jax.Array]:
+  """The un-floored denominators of the ATM loss terms for `labels` (B, H, W): the summed
+  no-object-weighted query count and the number of present masks. Both add up over
+  micro-batches, unlike the loss terms they divide."""
+  _, present = class_targets(labels.astype(jnp.int32), config.model.num_classes)  # (B, K)
+  weights = jnp.where(present, 1.0, config.loss.no_object_weight)
+  return {"queries": jnp.sum(weights), "masks": jnp.sum(present.astype(jnp.float32))}
+
+
+def _term_normaliser(name: str) -> tuple[str, float]:
+  base = re.sub(r"_\d+$", "", name)  # auxiliary outputs: loss_ce_0, loss_mask_1, ...
+  if base not in _TERM_NORMALISERS:
+    raise KeyError(f"loss term {name!r} has no known normaliser; gradient accumulation "
+                   f"needs one (known: {', '.join(_TERM_NORMALISERS)})")
+  return _TERM_NORMALISERS[base]
+
+
+def split_micro_batches(batch: dict, steps: int,
+                        sharding: jax.sharding.Sharding | None = None) -> dict:
+  """(B, ...) -> (steps, B // steps, ...). Micro-batch i takes rows i, i + steps, ...: the batch
+  is sharded over devices in contiguous blocks of rows, so every micro-batch keeps an equal
+  part of each device's block and the split moves no data between devices."""
+  def split(x):
+    x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+  return jax.tree.map(split, batch)
+
+
+def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.ConfigDict,
+                               mesh: jax.sharding.Mesh | None = None,
+                               grad_shardings: Any = None) -> Callable:
+  """`jax.value_and_grad(compute_loss, has_aux=True)` over `config.grad_accum_steps`
+  micro-batches: (params, batch, rng) -> ((loss, terms), grads) of the whole batch.
+
+  The micro-batches run one after the other in a `lax.scan`, so only one micro-batch's
+  activations are alive at a time. Each micro-batch's loss terms are weighted by its share of
+  the whole batch's normalisers (`loss_normalisers`) rather than by 1 / steps, which makes the
+  sum over micro-batches the whole-batch loss (and gradient) exactly, up to float rounding; with
+  equal shares the weights are 1 / steps. Dropout gets `fold_in(rng, i)` in micro-batch i.
+  `grad_shardings` (the parameter shardings) keeps the gradient sum sharded like the params.
+  """
+  steps = int(config.grad_accum_steps)
+  value_and_grad = jax.value_and_grad(compute_loss, has_aux=True)
+  if steps == 1:
+    return value_and_grad
+  micro_sharding = None if mesh is None else NamedSharding(mesh, P(None, ("data", "fsdp")))
+
+  def fn(params, batch, rng):
+    micro = split_micro_batches(batch, steps, micro_sharding)
+    counts = jax.lax.map(lambda labels: loss_normalisers(labels, config), micro["label"])
+    totals = jax.tree.map(lambda c: jnp.sum(c, axis=0), counts)
+
+    def body(carry, xs):
+      i, micro_batch, count = xs
+
+      def weighted_loss(p):
+        _, terms = compute_loss(p, micro_batch, jax.random.fold_in(rng, i))
+        scaled = {}
+        for name, value in terms.items():
+          key, floor = _term_normaliser(name)
+          share = jnp.maximum(count[key], floor) / jnp.maximum(totals[key], floor)
+          scaled[name] = value * share
+        return sum(scaled.values()), scaled
+
+      (loss, terms), grads = jax.value_and_grad(weighted_loss, has_aux=True)(params)
+      carry = jax.tree.map(jnp.add, carry, (loss, terms, grads))
+      if grad_shardings is not None:
+        carry = (*carry[:2], jax.lax.with_sharding_constraint(carry[2], grad_shardings))
+      return carry, None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    _, terms_shape = jax.eval_shape(compute_loss, params, first, rng)
+    zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+    init = (jnp.zeros((), jnp.float32), zeros(terms_shape), jax.tree.map(jnp.zeros_like, params))
+    if grad_shardings is not None:
+      init = (*init[:2], jax.lax.with_sharding_constraint(init[2], grad_shardings))
+    (loss, terms, grads), _ = jax.lax.scan(body, init, (jnp.arange(steps), micro, counts))
+    return (loss, terms), grads
+
+  return fn
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
+  """The global training batch as ShapeDtypeStructs (see `pipeline.make_train_dataset`)."""
+  h, w = config.augment.crop_size
+  sh = sharding.batch_sharding(mesh)
+  b = config.batch_size
+  return {"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=sh),
+          "label": jax.ShapeDtypeStruct((b, h, w), jnp.int32, sharding=sh)}
+
+
+def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
+  """Bytes one device holds of `abstract_tree` laid out with `shardings` (a matching tree)."""
+  return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+             for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)))
+
+
+def format_bytes(n: int | None) -> str:
+  if n is None:
+    return "n/a"
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def compiled_memory(compiled: Any) -> dict[str, int | None]:
+  """Per-device bytes of a compiled computation: arguments, outputs, temporaries and their
+  total (arguments + outputs + temp - the outputs aliased to donated arguments); None where the
+  backend does not say."""
+  try:
+    stats = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):  # backends without an analysis
+    stats = None
+  get = lambda name: None if stats is None else getattr(stats, f"{name}_size_in_bytes", None)
+  out = {k: get(k) for k in ("argument", "output", "temp")}
+  alias = get("alias")
+  out["total"] = (None if None in out.values()
+                  else out["argument"] + out["output"] + out["temp"] - (alias or 0))
+  return out
+
+
+def memory_log_line(compiled: Any, abstract_state: TrainState, state_sh: TrainState) -> str:
+  m = compiled_memory(compiled)
+  return ("memory per device: params %s, optimizer state %s | compiled train step: arguments "
+          "%s, outputs %s, temp %s, total %s" % (
+              format_bytes(bytes_per_device(abstract_state.params, state_sh.params)),
+              format_bytes(bytes_per_device(abstract_state.opt_state, state_sh.opt_state)),
+              *(format_bytes(m[k]) for k in ("argument", "output", "temp", "total"))))
+
+
+def saved_process_count(checkpoint_dir: str, step: int) -> int | None:
+  """How many processes wrote the data-iterator state of checkpoint `step` (grain writes
+  `STEP/data/process_I-of-N.json`, one per process); None when it holds no iterator state."""
+  data_dir = os.path.join(checkpoint_dir, str(step), "data")  # orbax's default step naming
+  names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+  counts = {int(m.group(1)) for m in
+            (re.fullmatch(r"process_\d+-of-(\d+)\.json", n) for n in names) if m}
+  if len(counts) > 1:
+    raise ValueError(f"{data_dir} mixes iterator states of {sorted(counts)} processes")
+  return counts.pop() if counts else None
+
+
+_BARRIER_IDS = itertools.count()
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+  """Blocks until every process gets here: a barrier of the coordination service, not a device
+  collective. CPU collectives (gloo) fail when one process reaches its first collective 30 s
+  after another, and compiling or process 0's set-up can take that much longer on one host.
+  Returns at once in a single process, or without a distributed client (a TPU slice that the
+  runtime set up without `jax.distributed.initialize`, where no such limit applies)."""
+  if jax.process_count() == 1:
+    return
+  try:
+    sync = ocp.multihost.get_barrier_sync_fn()
+  except ValueError:  # no distributed client
+    return
+  sync(key=f"segvit_{name}_{next(_BARRIER_IDS)}", timeout_ms=timeout_s * 1000)
 
 
 def format_eta(seconds: float) -> str:
@@ -119,9 +298,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   # Mesh.
   mesh = sharding.make_mesh(config.mesh)
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.batch_size % n_batch_shards:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                     f"{n_batch_shards} batch shards of mesh {dict(mesh.shape)}")
+  accum = int(config.grad_accum_steps)
+  if accum < 1:
+    raise ValueError(f"config.grad_accum_steps={accum} must be at least 1")
+  if config.batch_size % (accum * n_batch_shards):
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is not divisible by "
+        + (f"config.grad_accum_steps={accum} x " if accum > 1 else "")
+        + f"the {n_batch_shards} batch shards of mesh {dict(mesh.shape)}")
   rules = sharding.LOGICAL_RULES
 
   # Model and optimizer shapes, then shardings.
@@ -137,19 +321,20 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                  transform_non_params=lambda _: repl)
   state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
-  logging.info("model: %s parameters; mesh %s", f"{n_params:,}", dict(mesh.shape))
+  logging.info("model: %s parameters; mesh %s over %d process(es); batch %d%s", f"{n_params:,}",
+               dict(mesh.shape), jax.process_count(), config.batch_size,
+               f" in {accum} micro-batches of {config.batch_size // accum}" if accum > 1 else "")
 
   def init(rng):
     params = nn.meta.unbox(model.init(rng, dummy)["params"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  compute_loss = loss_fn(model, config)
+  value_and_grad = accumulated_value_and_grad(loss_fn(model, config), config, mesh, param_sh)
   base_rng = jax.random.key(config.seed)
 
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(base_rng, state.step)
-    (loss, terms), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-        state.params, batch, rng)
+    (loss, terms), grads = value_and_grad(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads),
@@ -161,18 +346,35 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     init_jit = jax.jit(init, out_shardings=state_sh)
     step_jit = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                        out_shardings=(state_sh, repl), donate_argnums=(0,))
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(init, jax.random.key(0)), state_sh)
 
-    # Resume, or start.
     data_iter = pipeline.make_train_iterator(config)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
     start = ckpt.latest_step()
     if start is None and config.model_init:
       convert.require_init(config.model_init)  # before compiling anything
+
+    # Compile the step once, from shapes: its memory needs are known before the first batch,
+    # and the loop runs this compiled object.
+    t_compile = time.perf_counter()
+    step_fn = step_jit.lower(abstract_state, abstract_batch(config, mesh)).compile()
+    logging.info("train step compiled in %.1f s", time.perf_counter() - t_compile)
+    logging.info("%s", memory_log_line(step_fn, abstract_state, state_sh))
+
+    # Resume, or start.
     if start is not None:
-      abstract_state = jax.tree.map(
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-          jax.eval_shape(init, jax.random.key(0)), state_sh)
-      state = ckpt.restore(abstract_state, data_iter, step=start)
+      saved = saved_process_count(ckpt.directory, start)
+      restore_iter = data_iter
+      if saved != jax.process_count():
+        restore_iter = None
+        logging.warning(
+            "checkpoint %d holds the data iterator state of %s process(es), this run has %d: "
+            "restoring the train state only (resharded onto mesh %s); the data order restarts "
+            "from a fresh per-process shuffle.", start, saved or "no", jax.process_count(),
+            dict(mesh.shape))
+      state = ckpt.restore(abstract_state, restore_iter, step=start)
       logging.info("resumed from %s at step %d", ckpt.directory, start)
     else:
       state = init_jit(jax.random.key(config.seed))
@@ -184,6 +386,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     total = config.total_steps
     last, window_losses, t0, pending = {}, [], time.perf_counter(), None
     window_start = start
+    wait_for_all_processes("first_step")
 
     def check(step: int, metrics: dict) -> float:
       loss = float(metrics["loss"])
@@ -197,7 +400,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     try:
       for step in range(start + 1, total + 1):
         batch = sharding.global_batch(next(data_iter), mesh)
-        state, metrics = step_jit(state, batch)
+        state, metrics = step_fn(state, batch)
         # Check the previous step's loss while this one runs (keeps dispatch asynchronous).
         if pending is not None:
           window_losses.append(check(*pending))

@@ -1,17 +1,23 @@
-"""Sharding: mesh resolution, and training on several devices / processes against one device.
+"""Sharding: mesh resolution, training on several devices / processes against one device, and
+resuming checkpoints on other meshes and process counts.
 
 The multi-device runs need `--xla_force_host_platform_device_count` before jax is imported, and
-pytest has already imported it, so they run in subprocesses (the `_WORKER` script below) that
-print their results as JSON. Every run trains the smoke config for 4 steps with batch 8 and the
-full learning rate from step 1 (no warmup, so the steps move the parameters); the reference is
-the same config on a single CPU device.
+pytest has already imported it, so they run in subprocesses: the `_WORKER` script below, which
+prints its results as JSON, and `train.py` itself. Every run trains the smoke config for 4
+steps with batch 8 and the full learning rate from step 1 (no warmup, so the steps move the
+parameters); the reference is the same config on a single CPU device. On 8 devices: data=8;
+data=2 x fsdp=2 x tensor=2 (also with 2 micro-batches); data=4 x fsdp=2 (also through train.py
+with --config.mesh.fsdp=2); 2 processes x 2 devices on loopback. All of them start at once.
 
 Measured differences from the 1-device run (float32; reductions run in another order):
-  loss, grad_norm and the loss terms: relative <= 3.1e-7 (asserted: 1e-5);
-  final parameters: absolute <= 1.1e-5 (asserted: 5e-5; the 4 Adam steps, lr 5e-4 decaying to
-  1.25e-4, move a parameter by up to 1.25e-3). The largest differences are in the ViT blocks'
-  attention key biases, whose exact gradient is zero (softmax ignores a shift shared by all
-  keys): Adam turns rounding noise into updates there. The other parameters differ by <= 2e-6.
+  loss, grad_norm and the loss terms: relative <= 3.1e-7 (this CPU: <= 1.9e-7 for every mesh,
+  with accumulation and through train.py) (asserted: 1e-5);
+  final parameters: absolute <= 1.1e-5 (this CPU: <= 2.7e-6) (asserted: 5e-5; the 4 Adam
+  steps, lr 5e-4 decaying to 1.25e-4, move a parameter by up to 1.25e-3). The largest
+  differences are in the ViT blocks' attention key biases, whose exact gradient is zero
+  (softmax ignores a shift shared by all keys): Adam turns rounding noise into updates there.
+  The other parameters differ by <= 2e-6 (this CPU: <= 5e-7).
+Restored checkpoints (another mesh, another process count) are bitwise equal to what was saved.
 """
 
 import json
@@ -25,7 +31,7 @@ import jax
 import numpy as np
 import pytest
 
-from segvit_jax import bundle, sharding
+from segvit_jax import bundle, checkpoint, sharding, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,24 +39,46 @@ STEPS = 4
 BASE = {"batch_size": 8, "total_steps": STEPS, "log_every": 1, "ckpt_every": 100,
         "optim.warmup_steps": 0}
 TP_MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+FSDP_MESH = {"mesh.data": 4, "mesh.fsdp": 2, "mesh.tensor": 1}
+RESHARD_MESH = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}
 RTOL = 1e-5  # losses, grad norms, loss terms
 PARAM_ATOL = 5e-5
 
 # Runs `trainer.train` on the smoke config once per entry of argv[1]["runs"] and prints
-# "RESULT {json}": metrics.jsonl, the train state's shardings (captured when it is saved),
-# and the batch shardings; process 0 also writes the final parameters to final_params.npz.
+# "RESULT {json}": metrics.jsonl, the train state's shardings (captured when it is saved and
+# when it is restored), the batch shardings, the trainer's warnings and memory log line;
+# process 0 also writes the final (and restored) parameters to final_params.npz
+# (restored_params.npz), then a `done` file. A run may first wait for another run's `done`
+# ("wait_for") and start from a copy of its checkpoints ("resume_from").
 _WORKER = r'''
-import json, os, sys
+import json, os, shutil, sys, time
 args = json.loads(sys.argv[1])
 import jax
 if args.get("distributed"):
   d = args["distributed"]
   jax.distributed.initialize(coordinator_address=d["address"], num_processes=d["num_processes"],
                              process_id=d["process_id"], initialization_timeout=120)
+import logging as py_logging
 import numpy as np
+from absl import logging
 from configs import demo
 from segvit_jax import checkpoint as ckpt_lib, sharding, trainer
 from segvit_jax.data import pipeline, sources
+
+LOG = []  # this run's trainer warnings and memory line
+
+
+class Recorder(py_logging.Handler):
+  def emit(self, record):
+    message = record.getMessage()
+    if record.levelno >= py_logging.WARNING and record.pathname.endswith("trainer.py") or (
+        message.startswith("memory per device")):
+      LOG.append(message)
+
+
+logging.get_absl_logger().addHandler(Recorder())
+logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+trainer.quiet_library_logs()
 
 SEEN = set()  # indices of the training examples this process read (all runs)
 orig_source = sources.get_source
@@ -104,10 +132,31 @@ def host_array(x):
   return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
 
 
-orig_iterator, orig_save, orig_batch = (pipeline.make_train_iterator,
-                                        ckpt_lib.Checkpointer.save, sharding.global_batch)
+def record_state(state, into, values):
+  for path, x in jax.tree_util.tree_leaves_with_path(state.params):
+    k = jax.tree_util.keystr(path)
+    into["params"][k] = {"spec": spec(x.sharding), "shape": list(x.shape),
+                         "shard_shape": list(x.addressable_shards[0].data.shape),
+                         "replicated": x.sharding.is_fully_replicated}
+    values[k] = host_array(x)
+  for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):
+    into["opt_state"][jax.tree_util.keystr(path)] = spec(x.sharding)
+
+
+orig_iterator, orig_save, orig_restore, orig_batch = (
+    pipeline.make_train_iterator, ckpt_lib.Checkpointer.save, ckpt_lib.Checkpointer.restore,
+    sharding.global_batch)
 out = {"device_count": jax.device_count(), "process_count": jax.process_count()}
 for run in args["runs"]:
+  if run.get("wait_for"):
+    deadline = time.time() + 400
+    while not os.path.exists(run["wait_for"]):
+      if time.time() > deadline:
+        raise TimeoutError(f"{run['wait_for']} did not appear")
+      time.sleep(0.5)
+  if run.get("resume_from"):
+    shutil.copytree(os.path.join(run["resume_from"], "checkpoints"),
+                    os.path.join(run["workdir"], "checkpoints"))
   c = demo.get_config("smoke")
   c.update_from_flattened_dict(run["overrides"])
   n = run.get("emulate_processes")
@@ -115,17 +164,18 @@ for run in args["runs"]:
       (lambda cfg: ConcatIterator([orig_iterator(cfg, i, n) for i in range(n)]))
       if n else orig_iterator)
   res = {"params": {}, "opt_state": {}, "final": {}, "batch": {}}
+  restored_values = {}
 
   def save(self, step, state, data_iter=None):
-    for path, x in jax.tree_util.tree_leaves_with_path(state.params):
-      k = jax.tree_util.keystr(path)
-      res["params"][k] = {"spec": spec(x.sharding), "shape": list(x.shape),
-                          "shard_shape": list(x.addressable_shards[0].data.shape),
-                          "replicated": x.sharding.is_fully_replicated}
-      res["final"][k] = host_array(x)
-    for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):
-      res["opt_state"][jax.tree_util.keystr(path)] = spec(x.sharding)
+    record_state(state, res, res["final"])
     return orig_save(self, step, state, data_iter)
+
+  def restore(self, abstract_state, data_iter=None, step=None):
+    state = orig_restore(self, abstract_state, data_iter, step)
+    res["restored"] = {"step": int(state.step), "data_iter": data_iter is not None,
+                       "params": {}, "opt_state": {}}
+    record_state(state, res["restored"], restored_values)
+    return state
 
   def global_batch(batch, mesh):
     arrays = orig_batch(batch, mesh)
@@ -134,28 +184,38 @@ for run in args["runs"]:
                     "shard_shape": list(x.addressable_shards[0].data.shape)}
     return arrays
 
-  ckpt_lib.Checkpointer.save, sharding.global_batch = save, global_batch
+  ckpt_lib.Checkpointer.save, ckpt_lib.Checkpointer.restore = save, restore
+  sharding.global_batch = global_batch
   try:
     trainer.train(c, run["workdir"])
   finally:
-    ckpt_lib.Checkpointer.save, sharding.global_batch = orig_save, orig_batch
+    ckpt_lib.Checkpointer.save, ckpt_lib.Checkpointer.restore = orig_save, orig_restore
+    sharding.global_batch = orig_batch
   if jax.process_index() == 0:
     np.savez(os.path.join(run["workdir"], "final_params.npz"), **res.pop("final"))
+    if restored_values:
+      np.savez(os.path.join(run["workdir"], "restored_params.npz"), **restored_values)
     with open(os.path.join(run["workdir"], "metrics.jsonl")) as f:
       res["metrics"] = [json.loads(line) for line in f]
+    open(os.path.join(run["workdir"], "done"), "w").close()
   res.pop("final", None)
   res["seen"] = sorted(SEEN)
+  res["log"] = list(LOG)
   SEEN.clear()
+  LOG.clear()
   out[run["name"]] = res
 print("RESULT " + json.dumps(out), flush=True)
 '''
 
 
 def _env(devices: int) -> dict:
+  # 8 training processes share the cores: the devices of one may wait for each other inside a
+  # collective longer than XLA's default 40 s before it aborts the process.
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   return {**os.environ, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+          "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}",
+                                 "--xla_cpu_collective_call_terminate_timeout_seconds=600"]),
           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
@@ -196,31 +256,58 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _start_cli(devices: int, workdir: str, *overrides: str) -> subprocess.Popen:
+  """`python train.py --config configs/demo.py:smoke ... --workdir W` with BASE as flags."""
+  flags = [f"--config.{k}={v}" for k, v in BASE.items()]
+  return subprocess.Popen(
+      [sys.executable, "train.py", "--config", "configs/demo.py:smoke", *overrides, "--workdir",
+       workdir, *flags], cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
   """Starts every training subprocess at once (they overlap well on few cores): the 1-device
-  references, the 8-device runs and the 2 processes x 2 devices run. Yields their Popen handles
-  and workdirs; whatever is still running at the end of the module is killed."""
+  references, the 8-device runs, the 2 processes x 2 devices run, the 1-process resume of its
+  checkpoint (which waits for it) and the train.py runs. Yields their Popen handles and
+  workdirs; whatever is still running at the end of the module is killed."""
   root = tmp_path_factory.mktemp("sharding")
   script = root / "sharding_worker.py"
   script.write_text(_WORKER)
   workdirs = {name: str(root / name)
-              for name in ("one", "one_2proc_batches", "dp", "tp", "mp")}
+              for name in ("one", "one_2proc_batches", "dp", "reshard", "tp", "fsdp", "accum",
+                           "mp", "mp_resumed", "cli8", "cli1")}
   procs = {
       "one": [_start(script, 1, {"runs": [
           {"name": "one", "workdir": workdirs["one"], "overrides": BASE},
           # The global batches of the 2-process run (each process reads its own data shard).
           {"name": "one_2proc_batches", "workdir": workdirs["one_2proc_batches"],
            "overrides": BASE, "emulate_processes": 2}]})],
-      "eight": [_start(script, 8, {"runs": [
-          {"name": "dp", "workdir": workdirs["dp"], "overrides": BASE},  # mesh data=-1 (8)
-          {"name": "tp", "workdir": workdirs["tp"], "overrides": {**BASE, **TP_MESH}}]})],
+      "eight": [
+          _start(script, 8, {"runs": [
+              {"name": "dp", "workdir": workdirs["dp"], "overrides": BASE},  # data=-1 (8)
+              # dp's step-4 checkpoint, restored as fsdp 4 x tensor 2, then one more step.
+              {"name": "reshard", "workdir": workdirs["reshard"], "resume_from": workdirs["dp"],
+               "overrides": {**BASE, **RESHARD_MESH, "total_steps": STEPS + 1}}]}),
+          _start(script, 8, {"runs": [
+              {"name": "tp", "workdir": workdirs["tp"], "overrides": {**BASE, **TP_MESH}},
+              {"name": "fsdp", "workdir": workdirs["fsdp"],
+               "overrides": {**BASE, **FSDP_MESH}},
+              {"name": "accum", "workdir": workdirs["accum"],
+               "overrides": {**BASE, **TP_MESH, "grad_accum_steps": 2}}]})],
+      "cli": [_start_cli(8, workdirs["cli8"], "--config.mesh.fsdp=2"),
+              _start_cli(1, workdirs["cli1"])],  # fsdp=2 needs 2 devices: the default mesh
   }
   address = f"127.0.0.1:{_free_port()}"
   procs["mp"] = [_start(script, 2, {
       "distributed": {"address": address, "num_processes": 2, "process_id": i},
       "runs": [{"name": "mp", "workdir": workdirs["mp"], "overrides": BASE}]})
                  for i in range(2)]
+  # One process (1 device) continues the 2-process checkpoint to step STEPS + 2.
+  procs["resume"] = [_start(script, 1, {"runs": [
+      {"name": "mp_resumed", "workdir": workdirs["mp_resumed"],
+       "wait_for": os.path.join(workdirs["mp"], "done"), "resume_from": workdirs["mp"],
+       "overrides": {**BASE, "total_steps": STEPS + 2}}]})]
   yield procs, workdirs
   for group in procs.values():
     for proc in group:
@@ -236,11 +323,12 @@ def _named(outputs: list[dict], workdirs: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(launched):
-  """Results of the single-process runs: one, one_2proc_batches (1 device), dp, tp (8)."""
+  """Results of the single-process worker runs: one, one_2proc_batches (1 device), dp, reshard,
+  tp, fsdp, accum (8)."""
   procs, workdirs = launched
-  (r1,), (r8,) = _results(procs["one"]), _results(procs["eight"])
-  assert r1["device_count"] == 1 and r8["device_count"] == 8
-  return _named([r1, r8], workdirs)
+  (r1,), (r8, r8b) = _results(procs["one"]), _results(procs["eight"])
+  assert r1["device_count"] == 1 and r8["device_count"] == r8b["device_count"] == 8
+  return _named([r1, r8, r8b], workdirs)
 
 
 def _assert_same_training(run: dict, ref: dict) -> None:
@@ -361,6 +449,81 @@ def test_fsdp_and_tensor_parallel_match_one_device(runs):
   assert counts and all(s == [] for s in counts)
 
 
+def _assert_split_as_specs(params: dict, sizes: dict) -> None:
+  """Every parameter's per-device shape is its shape divided by the mesh axes of its spec."""
+  for k, p in params.items():
+    want = list(p["shape"])
+    for d, axes in enumerate(p["spec"]):
+      for axis in [axes] if isinstance(axes, str) else axes or []:
+        assert want[d] % sizes[axis] == 0, (k, p)
+        want[d] //= sizes[axis]
+    assert p["shard_shape"] == want, (k, p)
+
+
+def _memory_line(run: dict) -> str:
+  lines = [m for m in run["log"] if m.startswith("memory per device")]
+  assert len(lines) == 1, run["log"]
+  return lines[0]
+
+
+def test_fsdp_mesh_matches_one_device(runs):
+  # mesh data=4 x fsdp=2: the batch over all 8 devices, parameters split over fsdp.
+  fsdp, one = runs["fsdp"], runs["one"]
+  _assert_same_training(fsdp, one)
+  assert fsdp["batch"] == {"spec": [["data", "fsdp"]], "shape": [8, 32, 32, 3],
+                           "shard_shape": [1, 32, 32, 3]}
+  params = fsdp["params"]
+  # The same rules as for data=2 x fsdp=2 x tensor=2; "tensor" has size 1 here.
+  assert {k: params[k]["spec"] for k in EXPECTED_TP_SPECS} == EXPECTED_TP_SPECS
+  _assert_split_as_specs(params, {"data": 4, "fsdp": 2, "tensor": 1})
+  # Embedding dimensions are halved, heads / MLP dimensions whole.
+  for k, shard in [("['backbone']['encoderblock_0']['attn']['query']['kernel']", [16, 32]),
+                   ("['backbone']['encoderblock_0']['mlp']['fc1']['kernel']", [16, 64]),
+                   ("['backbone']['encoderblock_0']['mlp']['fc2']['kernel']", [64, 16]),
+                   ("['backbone']['pos_embedding']", [1, 17, 16]),  # 16 patches + cls
+                   ("['head']['class_tokens']", [6, 8])]:
+    assert params[k]["shard_shape"] == shard, (k, params[k])
+  assert sum(p["replicated"] for p in params.values()) < len(params) // 4
+  # The start-up memory log counts exactly the per-device shards (float32), less than the
+  # replicated parameters of the data-parallel run.
+  per_device = 4 * sum(int(np.prod(p["shard_shape"])) for p in params.values())
+  replicated = 4 * sum(int(np.prod(p["shape"])) for p in params.values())
+  assert per_device < 0.7 * replicated
+  assert f"params {trainer.format_bytes(per_device)}," in _memory_line(fsdp)
+  assert f"params {trainer.format_bytes(replicated)}," in _memory_line(runs["dp"])
+
+
+def test_grad_accumulation_on_8_devices_matches_one_device(runs):
+  # data=2 x fsdp=2 x tensor=2, batch 8 in 2 micro-batches of 4 (one row per batch shard).
+  _assert_same_training(runs["accum"], runs["one"])
+  assert runs["accum"]["batch"]["shard_shape"] == [2, 32, 32, 3]
+
+
+def test_data_parallel_checkpoint_restores_as_fsdp_and_tensor(runs):
+  # dp's step-4 checkpoint (every parameter replicated on 8 devices) restored into
+  # mesh fsdp=4 x tensor=2: equal values, the new shardings; then it trains on.
+  dp, rs = runs["dp"], runs["reshard"]
+  restored = rs["restored"]
+  assert restored["step"] == STEPS and restored["data_iter"]  # same process count
+  got = np.load(os.path.join(rs["workdir"], "restored_params.npz"))
+  want = np.load(os.path.join(dp["workdir"], "final_params.npz"))
+  assert sorted(got.files) == sorted(want.files)
+  for k in want.files:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  params = restored["params"]
+  assert {k: params[k]["spec"] for k in EXPECTED_TP_SPECS} == EXPECTED_TP_SPECS
+  _assert_split_as_specs(params, {"data": 1, "fsdp": 4, "tensor": 2})
+  q = params["['backbone']['encoderblock_0']['attn']['query']['kernel']"]
+  assert (q["shape"], q["shard_shape"]) == ([32, 32], [8, 16])
+  t = params["['head']['class_tokens']"]
+  assert (t["shape"], t["shard_shape"]) == ([6, 16], [6, 4])
+  query = "['backbone']['encoderblock_0']['attn']['query']['kernel']"
+  moments = {k: s for k, s in restored["opt_state"].items() if k.endswith(query)}
+  assert len(moments) >= 2 and all(s == ["fsdp", "tensor"] for s in moments.values()), moments
+  assert [m["step"] for m in rs["metrics"]] == [STEPS + 1]
+  assert rs["log"] == [_memory_line(rs)]  # no warning
+
+
 @pytest.mark.skipif(jax.device_count() != 1, reason="loads on this process's devices")
 def test_checkpoint_from_8_devices_loads_on_one(runs):
   # eval.py / export_bundle on a workdir trained with another device count.
@@ -398,3 +561,72 @@ def test_two_processes_match_one_device(runs, launched):
   data_dir = os.path.join(mp["workdir"], "checkpoints", str(STEPS), "data")
   assert sorted(f for f in os.listdir(data_dir) if f.startswith("process_")) == [
       "process_0-of-2.json", "process_1-of-2.json"]
+
+
+RESUME_WARNING = (
+    "checkpoint 4 holds the data iterator state of 2 process(es), this run has 1: restoring the "
+    "train state only (resharded onto mesh {'data': 1, 'fsdp': 1, 'tensor': 1}); the data order "
+    "restarts from a fresh per-process shuffle.")
+
+
+def test_one_process_resumes_two_process_checkpoint(launched):
+  procs, workdirs = launched
+  (r,) = _results(procs["resume"])
+  assert (r["device_count"], r["process_count"]) == (1, 1)
+  res = _named([r], workdirs)["mp_resumed"]
+  # The train state is restored (from 2 processes x 2 devices onto 1 device), the per-process
+  # data iterators are not.
+  assert res["restored"]["step"] == STEPS and not res["restored"]["data_iter"]
+  assert RESUME_WARNING in res["log"]
+  got = np.load(os.path.join(res["workdir"], "restored_params.npz"))
+  want = np.load(os.path.join(workdirs["mp"], "final_params.npz"))
+  assert sorted(got.files) == sorted(want.files)
+  for k in want.files:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # The step counter goes on from 4; the parameters move on from the restored ones.
+  assert [m["step"] for m in res["metrics"]] == [STEPS + 1, STEPS + 2]
+  assert all(np.isfinite(m["loss"]) for m in res["metrics"])
+  final = np.load(os.path.join(res["workdir"], "final_params.npz"))
+  assert max(float(np.max(np.abs(final[k] - got[k]))) for k in got.files) > 1e-4
+  # A fresh one-process iterator: it reads the whole set (both processes' former shards) and
+  # its checkpoint holds one process's state.
+  assert {i % 2 for i in res["seen"]} == {0, 1}
+  data_dir = os.path.join(res["workdir"], "checkpoints", str(STEPS + 2), "data")
+  assert sorted(f for f in os.listdir(data_dir) if f.startswith("process_")) == [
+      "process_0-of-1.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py itself.
+
+def test_train_py_fsdp_on_8_devices_matches_one_device(launched):
+  procs, workdirs = launched
+  stderr = {}
+  for name, proc in zip(("cli8", "cli1"), procs["cli"]):
+    try:
+      _, err = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      _, err = proc.communicate()
+    assert proc.returncode == 0, f"{name} exited with {proc.returncode}:\n{err[-3000:]}"
+    stderr[name] = err
+  assert "mesh {'data': 4, 'fsdp': 2, 'tensor': 1} over 1 process(es)" in stderr["cli8"]
+  assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1} over 1 process(es)" in stderr["cli1"]
+  memory = [l for l in stderr["cli8"].splitlines() if "memory per device:" in l]
+  assert len(memory) == 1 and re.search(
+      r"params \d+\.\d\d MiB, optimizer state \d+\.\d\d MiB \| compiled train step: "
+      r"arguments \d+\.\d\d MiB, outputs \d+\.\d\d MiB, temp \d+\.\d\d MiB, total "
+      r"\d+\.\d\d MiB$", memory[0]), memory
+  metrics = {}
+  for name in ("cli8", "cli1"):
+    with open(os.path.join(workdirs[name], "metrics.jsonl")) as f:
+      metrics[name] = [json.loads(line) for line in f]
+  run8 = {"metrics": metrics["cli8"], "workdir": workdirs["cli8"]}
+  run1 = {"metrics": metrics["cli1"], "workdir": workdirs["cli1"]}
+  for run in (run8, run1):  # final parameters from the checkpoints, on this process's device
+    params, step = checkpoint.restore_params(os.path.join(run["workdir"], "checkpoints"))
+    assert step == STEPS
+    np.savez(os.path.join(run["workdir"], "final_params.npz"), **{
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(params)})
+  _assert_same_training(run8, run1)
