@@ -39,7 +39,6 @@ from segvit_jax import checkpoint as ckpt_lib
 from segvit_jax import convert, optim, sharding
 from segvit_jax.data import pipeline, sources
 from segvit_jax.losses import atm_loss
-from segvit_jax.losses.atm import class_targets
 from segvit_jax.models import build_model
 
 
@@ -95,8 +94,15 @@ def loss_normalisers(labels: jax.Array, config: ml_collections.ConfigDict
                      ) -> dict[str, jax.Array]:
   """The un-floored denominators of the ATM loss terms for `labels` (B, H, W): the summed
   no-object-weighted query count and the number of present masks. Both add up over
-  micro-batches, unlike the loss terms they divide."""
-  _, present = class_targets(labels.astype(jnp.int32), config.model.num_classes)  # (B, K)
+  micro-batches, unlike the loss terms they divide.
+
+  Presence as in `losses.atm.class_targets` (a class is present if a pixel has its id; other
+  ids belong to no class), from per-image pixel counts rather than the (B, K, H, W) one-hot,
+  which XLA would materialise for the whole batch."""
+  k = config.model.num_classes
+  flat = labels.reshape(labels.shape[0], -1).astype(jnp.int32)
+  flat = jnp.where((flat >= 0) & (flat < k), flat, k)  # ignore / out-of-range -> bin k
+  present = jax.vmap(lambda x: jnp.bincount(x, length=k + 1))(flat)[:, :k] > 0  # (B, K)
   weights = jnp.where(present, 1.0, config.loss.no_object_weight)
   return {"queries": jnp.sum(weights), "masks": jnp.sum(present.astype(jnp.float32))}
 
@@ -141,7 +147,9 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
 
   def fn(params, batch, rng):
     micro = split_micro_batches(batch, steps, micro_sharding)
-    counts = jax.lax.map(lambda labels: loss_normalisers(labels, config), micro["label"])
+    # (steps,) counts. vmap, not a loop: on the CPU, a collective inside a loop can deadlock
+    # with an independent one outside it (the parameters' all-gathers).
+    counts = jax.vmap(lambda labels: loss_normalisers(labels, config))(micro["label"])
     totals = jax.tree.map(lambda c: jnp.sum(c, axis=0), counts)
 
     def body(carry, xs):
