@@ -136,8 +136,10 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
   activations are alive at a time. Each micro-batch's loss terms are weighted by its share of
   the whole batch's normalisers (`loss_normalisers`) rather than by 1 / steps, which makes the
   sum over micro-batches the whole-batch loss (and gradient) exactly, up to float rounding; with
-  equal shares the weights are 1 / steps. Dropout gets `fold_in(rng, i)` in micro-batch i.
-  `grad_shardings` (the parameter shardings) keeps the gradient sum sharded like the params.
+  equal shares the weights are 1 / steps. The shares know the ATM loss's terms
+  (`_TERM_NORMALISERS`); a loss with other terms fails here rather than being mis-weighted.
+  Dropout gets `fold_in(rng, i)` in micro-batch i. `grad_shardings` (the parameter shardings)
+  keeps the gradient sum sharded like the parameters.
   """
   steps = int(config.grad_accum_steps)
   value_and_grad = jax.value_and_grad(compute_loss, has_aux=True)
@@ -172,8 +174,8 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
 
     first = jax.tree.map(lambda x: x[0], micro)
     _, terms_shape = jax.eval_shape(compute_loss, params, first, rng)
-    zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
-    init = (jnp.zeros((), jnp.float32), zeros(terms_shape), jax.tree.map(jnp.zeros_like, params))
+    zero_terms = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), terms_shape)
+    init = (jnp.zeros((), jnp.float32), zero_terms, jax.tree.map(jnp.zeros_like, params))
     if grad_shardings is not None:
       init = (*init[:2], jax.lax.with_sharding_constraint(init[2], grad_shardings))
     (loss, terms, grads), _ = jax.lax.scan(body, init, (jnp.arange(steps), micro, counts))
