@@ -39,6 +39,7 @@ from segvit_jax import checkpoint as ckpt_lib
 from segvit_jax import convert, optim, sharding
 from segvit_jax.data import pipeline, sources
 from segvit_jax.losses import atm_loss
+from segvit_jax.losses.atm import atm_normalisers, term_normaliser
 from segvit_jax.models import build_model
 
 
@@ -82,39 +83,6 @@ def loss_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
   return fn
 
 
-# The ATM loss normalises over the whole batch (segvit_jax.losses.atm): the cross-entropy is a
-# mean weighted by 1 (class present) or `no_object_weight` (absent) over all queries of the
-# batch, focal and dice are divided by the number of present masks in the batch (at least 1).
-# Each loss term -> (its normaliser, the floor atm_loss applies to it).
-_TERM_NORMALISERS = {"loss_ce": ("queries", 0.0), "loss_mask": ("masks", 1.0),
-                     "loss_dice": ("masks", 1.0)}
-
-
-def loss_normalisers(labels: jax.Array, config: ml_collections.ConfigDict
-                     ) -> dict[str, jax.Array]:
-  """The un-floored denominators of the ATM loss terms for `labels` (B, H, W): the summed
-  no-object-weighted query count and the number of present masks. Both add up over
-  micro-batches, unlike the loss terms they divide.
-
-  Presence as in `losses.atm.class_targets` (a class is present if a pixel has its id; other
-  ids belong to no class), from per-image pixel counts rather than the (B, K, H, W) one-hot,
-  which XLA would materialise for the whole batch."""
-  k = config.model.num_classes
-  flat = labels.reshape(labels.shape[0], -1).astype(jnp.int32)
-  flat = jnp.where((flat >= 0) & (flat < k), flat, k)  # ignore / out-of-range -> bin k
-  present = jax.vmap(lambda x: jnp.bincount(x, length=k + 1))(flat)[:, :k] > 0  # (B, K)
-  weights = jnp.where(present, 1.0, config.loss.no_object_weight)
-  return {"queries": jnp.sum(weights), "masks": jnp.sum(present.astype(jnp.float32))}
-
-
-def _term_normaliser(name: str) -> tuple[str, float]:
-  base = re.sub(r"_\d+$", "", name)  # auxiliary outputs: loss_ce_0, loss_mask_1, ...
-  if base not in _TERM_NORMALISERS:
-    raise KeyError(f"loss term {name!r} has no known normaliser; gradient accumulation "
-                   f"needs one (known: {', '.join(_TERM_NORMALISERS)})")
-  return _TERM_NORMALISERS[base]
-
-
 def split_micro_batches(batch: dict, steps: int,
                         sharding: jax.sharding.Sharding | None = None) -> dict:
   """(B, ...) -> (steps, B // steps, ...). Micro-batch i takes rows i, i + steps, ...: the batch
@@ -134,10 +102,10 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
 
   The micro-batches run one after the other in a `lax.scan`, so only one micro-batch's
   activations are alive at a time. Each micro-batch's loss terms are weighted by its share of
-  the whole batch's normalisers (`loss_normalisers`) rather than by 1 / steps, which makes the
+  the whole batch's normalisers (`losses.atm.atm_normalisers`) rather than by 1 / steps, which makes the
   sum over micro-batches the whole-batch loss (and gradient) exactly, up to float rounding; with
   equal shares the weights are 1 / steps. The shares know the ATM loss's terms
-  (`_TERM_NORMALISERS`); a loss with other terms fails here rather than being mis-weighted.
+  (`losses.atm.TERM_NORMALISERS`); a loss with other terms fails here rather than being mis-weighted.
   Dropout gets `fold_in(rng, i)` in micro-batch i. `grad_shardings` (the parameter shardings)
   keeps the gradient sum sharded like the parameters.
   """
@@ -151,7 +119,7 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
     micro = split_micro_batches(batch, steps, micro_sharding)
     # (steps,) counts. vmap, not a loop: on the CPU, a collective inside a loop can deadlock
     # with an independent one outside it (the parameters' all-gathers).
-    counts = jax.vmap(lambda labels: loss_normalisers(labels, config))(micro["label"])
+    counts = jax.vmap(lambda labels: atm_normalisers(labels, config.model.num_classes, config.loss.no_object_weight))(micro["label"])
     totals = jax.tree.map(lambda c: jnp.sum(c, axis=0), counts)
 
     def body(carry, xs):
@@ -161,7 +129,7 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
         _, terms = compute_loss(p, micro_batch, jax.random.fold_in(rng, i))
         scaled = {}
         for name, value in terms.items():
-          key, floor = _term_normaliser(name)
+          key, floor = term_normaliser(name)
           share = jnp.maximum(count[key], floor) / jnp.maximum(totals[key], floor)
           scaled[name] = value * share
         return sum(scaled.values()), scaled

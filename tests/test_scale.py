@@ -16,7 +16,6 @@ would draw differently). Measured (float32, this CPU):
   loss is dominated by the class cross-entropy of small logits).
 """
 
-import json
 import logging as py_logging
 import os
 import re
@@ -30,8 +29,13 @@ from absl import logging
 
 from configs import demo
 from segvit_jax import checkpoint, sharding, trainer
-from segvit_jax.losses.atm import class_targets
+from segvit_jax.losses.atm import atm_normalisers, class_targets, term_normaliser
 from segvit_jax.models import build_model
+
+try:
+  from tests.test_train import flat_params, read_metrics
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+  from test_train import flat_params, read_metrics
 
 STEPS = 3
 BASE = {"batch_size": 8, "total_steps": STEPS, "log_every": 1, "ckpt_every": STEPS,
@@ -55,18 +59,6 @@ def init_params(c, abstract=False):
   init = lambda: nn.meta.unbox(
       model.init(jax.random.key(c.seed), jnp.zeros((1, h, w, 3)))["params"])
   return jax.eval_shape(init) if abstract else init()
-
-
-def flat_params(workdir, step):
-  params, got = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), step)
-  assert got == step
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(params)}
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 class _Records(py_logging.Handler):
@@ -172,8 +164,9 @@ def test_micro_batch_weights_follow_the_loss_normalisers():
   c = config()
   labels = np.zeros((2, 4, 4), np.int32)
   labels[0, :2] = 1  # classes {0, 1} present in example 0, {0} in example 1
-  counts = [trainer.loss_normalisers(jnp.asarray(labels[i:i + 1]), c) for i in range(2)]
-  whole = trainer.loss_normalisers(jnp.asarray(labels), c)
+  counts = [atm_normalisers(jnp.asarray(labels[i:i + 1]), 6, c.loss.no_object_weight)
+            for i in range(2)]
+  whole = atm_normalisers(jnp.asarray(labels), 6, c.loss.no_object_weight)
   assert [float(n["masks"]) for n in counts] == [2.0, 1.0] and float(whole["masks"]) == 3.0
   # 6 queries each: present 1.0, absent no_object_weight 0.1.
   np.testing.assert_allclose([float(n["queries"]) for n in counts], [2.4, 1.5], rtol=1e-6)
@@ -184,13 +177,13 @@ def test_micro_batch_weights_follow_the_loss_normalisers():
   labels[0] = 2
   labels[1, :, :4] = 7  # out of range
   _, present = class_targets(jnp.asarray(labels), 6)
-  got = trainer.loss_normalisers(jnp.asarray(labels), c)
+  got = atm_normalisers(jnp.asarray(labels), 6, c.loss.no_object_weight)
   assert float(got["masks"]) == float(np.sum(present))
   np.testing.assert_allclose(float(got["queries"]),
                              float(np.sum(np.where(present, 1.0, 0.1))), rtol=1e-6)
-  assert trainer._term_normaliser("loss_dice_3") == ("masks", 1.0)
+  assert term_normaliser("loss_dice_3") == ("masks", 1.0)
   with pytest.raises(KeyError, match="loss term 'loss_box' has no known normaliser"):
-    trainer._term_normaliser("loss_box")
+    term_normaliser("loss_box")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Pixels labelled `ignore_index` are negatives for every mask (the reference behav
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import jax
@@ -93,3 +94,36 @@ def atm_loss(outputs: Mapping[str, Any], labels: jax.Array, *, num_classes: int,
   for i, aux in enumerate(outputs.get("aux_outputs", ())):
     losses.update({f"{name}_{i}": v for name, v in terms(aux).items()})
   return sum(losses.values()), losses
+
+
+# Gradient accumulation needs the loss's normalisation: the cross-entropy is a mean weighted by
+# 1 (class present) or `no_object_weight` (absent) over all queries of the batch; focal and dice
+# are divided by the number of present masks in the batch (at least 1). Each term -> (its
+# normaliser in `atm_normalisers`, the floor `atm_loss` applies to it).
+TERM_NORMALISERS = {"loss_ce": ("queries", 0.0), "loss_mask": ("masks", 1.0),
+                    "loss_dice": ("masks", 1.0)}
+
+
+def atm_normalisers(labels: jax.Array, num_classes: int, no_object_weight: float
+                    ) -> dict[str, jax.Array]:
+  """The un-floored denominators of the `atm_loss` terms for `labels` (B, H, W): the summed
+  no-object-weighted query count and the number of present masks. Both add up over
+  micro-batches, unlike the loss terms they divide.
+
+  Presence as in `class_targets` (a class is present if a pixel has its id; other ids belong
+  to no class), from per-image pixel counts rather than the (B, K, H, W) one-hot."""
+  k = num_classes
+  flat = labels.reshape(labels.shape[0], -1).astype(jnp.int32)
+  flat = jnp.where((flat >= 0) & (flat < k), flat, k)  # ignore / out-of-range -> bin k
+  present = jax.vmap(lambda x: jnp.bincount(x, length=k + 1))(flat)[:, :k] > 0  # (B, K)
+  weights = jnp.where(present, 1.0, no_object_weight)
+  return {"queries": jnp.sum(weights), "masks": jnp.sum(present.astype(jnp.float32))}
+
+
+def term_normaliser(name: str) -> tuple[str, float]:
+  """(normaliser, floor) of a loss term name, auxiliary outputs included (loss_ce_0, ...)."""
+  base = re.sub(r"_\d+$", "", name)
+  if base not in TERM_NORMALISERS:
+    raise KeyError(f"loss term {name!r} has no known normaliser; gradient accumulation "
+                   f"needs one (known: {', '.join(TERM_NORMALISERS)})")
+  return TERM_NORMALISERS[base]
