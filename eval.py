@@ -1,22 +1,26 @@
-"""Evaluates a model: mIoU, mAcc, aAcc and per-class IoU/Acc, printed as a table and written to
-`eval_results.json`, with overlay pictures of the first examples.
+"""Evaluates a model at the papers' test protocols: mIoU, mAcc, aAcc and per-class IoU/Acc,
+printed as a table and written to `eval_results.json` (with the protocol), side-by-side pictures
+of the first examples and a confusion-matrix picture.
 
   python eval.py --config configs/demo.py --workdir runs/demo        # latest checkpoint there
   python eval.py --config configs/demo.py --checkpoint runs/demo/bundle   # a bundle or workdir
-  python eval.py --config configs/segvit_vit_l16_ade20k.py --checkpoint CKPT \
-      --config.dataset.root=/data/ADEChallengeData2016 --config.eval.mode=slide
+  python eval.py --config configs/segvit_vit_b16_ade20k.py --checkpoint BUNDLE \
+      --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip --config.dataset.root=/data/ADEChallengeData2016
 
-The config supplies the dataset and the test settings (`config.eval`); the model comes from
-the checkpoint (its own config), so a bundle evaluates under any compatible data config.
+The config supplies the dataset and the test protocol (`config.eval`: resize policy, windows,
+scales, flip; see segvit_jax/evaluate.py); the model comes from the checkpoint (its own
+config), so a bundle evaluates under any compatible data config. Several processes (hosts)
+split the images: `--coordinator_address/--num_processes/--process_id` as for train.py.
 """
 
 import os
 
-from absl import app, flags, logging
+import jax
+from absl import app, flags
 from ml_collections import config_flags
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax import config_utils, evaluate, metrics, trainer
+from segvit_jax import config_utils, evaluate, metrics, sharding, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -27,13 +31,19 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (defaul
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write results (default: the workdir, "
                               "else the checkpoint directory).")
 _SPLIT = flags.DEFINE_string("split", None, "Dataset split (default: config.dataset.eval_split).")
-_PICTURES = flags.DEFINE_integer("pictures", 8, "Overlay pictures of the first N examples.")
+_NUM_VIS = flags.DEFINE_integer("num_vis", 8, "Side-by-side pictures (image | ground truth | "
+                                "prediction) of the first N examples, and confusion.png; 0: none.")
+_SCALES = flags.DEFINE_list("scales", None, "Multi-scale test ratios, e.g. 0.5,0.75,1.0,1.25,"
+                            "1.5,1.75 (default: config.eval.scales).")
+_FLIP = flags.DEFINE_bool("flip", None, "Also predict the mirrored images (default: "
+                          "config.eval.flip).")
+_DISTRIBUTED = sharding.define_distributed_flags()
 flags.mark_flag_as_required("config")
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  sharding.initialize_distributed(_DISTRIBUTED, os.environ)
   trainer.quiet_library_logs()
   path = _CHECKPOINT.value or _WORKDIR.value
   if not path:
@@ -45,13 +55,22 @@ def main(argv):
                      f"dataset has {config.model.num_classes}")
   with config.unlocked():
     config.model = model.config.model
+    if _SCALES.value:
+      try:
+        config.eval.scales = tuple(float(r) for r in _SCALES.value)
+      except ValueError:
+        raise app.UsageError(f"--scales={','.join(_SCALES.value)}: expected numbers like "
+                             "0.5,0.75,1.0") from None
+    if _FLIP.value is not None:
+      config.eval.flip = _FLIP.value
   out_dir = _OUTPUT.value or (_WORKDIR.value or path)
   os.makedirs(out_dir, exist_ok=True)
   results = evaluate.evaluate_params(model.model, model.variables["params"], config,
                                      split=_SPLIT.value, out_dir=out_dir,
-                                     num_pictures=_PICTURES.value, progress=True)
-  print(metrics.format_table(results))
-  print(f"results written to {os.path.join(out_dir, 'eval_results.json')}")
+                                     num_pictures=_NUM_VIS.value, progress=True)
+  if jax.process_index() == 0:
+    print(metrics.format_table(results))
+    print(f"results written to {os.path.join(out_dir, 'eval_results.json')}")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ logs below WARNING and writes metrics; `config.batch_size` stays the global batc
 """
 
 import os
-import sys
 
-import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from segvit_jax import config_utils, evaluate, sharding, trainer
@@ -27,30 +25,15 @@ from segvit_jax import config_utils, evaluate, sharding, trainer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for a multi-process run that jax "
-    "does not detect by itself (with --num_processes and --process_id).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_DISTRIBUTED = sharding.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   # Before anything else touches jax: initialize() must precede the first backend use.
-  try:
-    args = sharding.distributed_args(
-        {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
-         "process_id": _PROCESS_ID.value}, os.environ)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  if args is not None:
-    jax.distributed.initialize(**args)
-  logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+  sharding.initialize_distributed(_DISTRIBUTED, os.environ)
   trainer.quiet_library_logs()
-  if args is not None:
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
   trainer.train(_CONFIG.value, _WORKDIR.value, evaluate_fn=evaluate.evaluate_params)
 
 

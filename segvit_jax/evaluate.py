@@ -1,15 +1,34 @@
-"""Single-scale evaluation: whole-image or sliding-window inference over a split, mIoU / mAcc /
-aAcc / per-class IoU from a confusion matrix accumulated on device (ignore index excluded),
-results as a table and as `eval_results.json`, and overlay pictures of the first examples.
+"""Evaluation at the papers' protocols: test resize policy, whole / slide / spread windows,
+multi-scale and flip (`segvit_jax.inference.MultiScalePredictor`), mIoU / mAcc / aAcc and per-class
+IoU / Acc from a confusion matrix computed on device and summed across processes, results as a
+table and as `eval_results.json` (with the protocol used), side-by-side pictures and a
+confusion-matrix picture.
+
+The protocol is `config.eval`:
+  resize, scale, size_divisor  test resize (`transforms.test_size`): "keep_ratio" to (long,
+                               short) (SegViT / mmseg), "keep_ratio_aligned" (SegFormer ADE20K),
+                               "short_side" to the crop (EoMT), "none"
+  scales, flip                 multi-scale ratios, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), and
+                               horizontal flip
+  mode, crop_size, stride      "slide" (mmseg), "spread" (EoMT), "whole"
+  average                      "softmax" (mmseg) or "scores" (mask classification) across views
+  background_free_metrics      also report mIoU without class 0 (PASCAL-Context mIoU59 from a
+                               60-class model; on by default for pascal_context)
+  window_batch, bucket, num_threads, max_examples   speed and size knobs
+
+Every process evaluates its shard of the split on its own devices (parameters replicated on
+them), so images of any size need no cross-process agreement on shapes.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,65 +38,143 @@ from jax.experimental import multihost_utils
 
 from segvit_jax import inference, metrics, visualize
 from segvit_jax.data import datasets, pipeline
-from segvit_jax.models import patch_size
 
 
-def make_predict_fn(model, config: ml_collections.ConfigDict) -> Callable:
-  """jitted (params, image (1, h, w, 3), out_size) -> predicted class ids (1, H, W) int32
-  and scores (1, C, H, W); compiled once per (image shape, out_size)."""
+def protocol_record(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
+  """What eval_results.json says about how the numbers were obtained."""
   ev = config.eval
-
-  @functools.partial(jax.jit, static_argnums=(2,))
-  def predict(params, image, out_size):
-    score_fn = lambda x: model.apply({"params": params}, x)["semantic_scores"]  # noqa: E731
-    scores = inference.predict_scores(
-        score_fn, image, mode=ev.mode, crop=tuple(ev.crop_size), stride=tuple(ev.stride),
-        num_classes=config.model.num_classes, out_size=out_size,
-        size_divisor=patch_size(config.model), batch_size=ev.get("window_batch", None))
-    return jnp.argmax(scores, axis=1).astype(jnp.int32), scores
-
-  return predict
+  return {
+      "dataset": config.dataset.name, "split": split,
+      "resize": ev.get("resize", "keep_ratio") if tuple(ev.scale) else "none",
+      "scale": list(ev.scale), "scales": [float(r) for r in ev.get("scales", (1.0,))],
+      "flip": bool(ev.get("flip", False)), "mode": ev.mode, "crop_size": list(ev.crop_size),
+      "stride": list(ev.stride), "average": ev.get("average", "softmax"),
+      "reduce_zero_label": bool(config.dataset.get("reduce_zero_label", False)),
+  }
 
 
-def denormalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  return np.clip(image * np.asarray(std) + np.asarray(mean) + 0.5, 0, 255).astype(np.uint8)
+def background_free(config: ml_collections.ConfigDict) -> bool:
+  """Whether to also report metrics without class 0 (PASCAL-Context: mIoU59 next to mIoU60)."""
+  flag = config.eval.get("background_free_metrics", None)
+  if flag is None:
+    return config.dataset.name == "pascal_context" and config.model.num_classes == 60
+  return bool(flag)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "ignore_index", "without_class0"))
+def confusions(total: jax.Array, label: jax.Array, *, num_classes: int, ignore_index: int,
+               without_class0: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(prediction (Hb, Wb) int32, confusion matrices (V, K, K) int32) of summed view scores
+  (K, Hb, Wb) against a label buffer (Hb, Wb) padded with `ignore_index`.
+
+  With `without_class0`, a second matrix scores the image as a model without class 0 would
+  be: class 0 is never predicted (argmax over classes 1..K-1) and pixels labelled 0 are
+  ignored; its [1:, 1:] block gives e.g. PASCAL-Context's mIoU59 from a 60-class model.
+  """
+  pred = jnp.argmax(total, axis=0).astype(jnp.int32)
+  mats = [metrics.confusion_matrix(pred, label, num_classes, ignore_index)]
+  if without_class0:
+    pred0 = jnp.argmax(total[1:], axis=0).astype(jnp.int32) + 1
+    label0 = jnp.where(label == 0, ignore_index, label)
+    mats.append(metrics.confusion_matrix(pred0, label0, num_classes, ignore_index))
+  return pred, jnp.stack(mats)
+
+
+def _iterate(dataset: grain.MapDataset, num_threads: int):
+  """Records in order, read and resized by `num_threads` threads ahead of the device."""
+  if num_threads <= 0:
+    return iter(dataset)
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                        prefetch_buffer_size=2 * num_threads)))
+
+
+class _Progress:
+  """A tqdm bar with rate and ETA on process 0 (`bar`), else a log line every `every` images."""
+
+  def __init__(self, total: int, bar: bool, every: int = 50):
+    self.total, self.every, self.t0, self.done = total, every, time.perf_counter(), 0
+    self.bar = None
+    if bar and jax.process_index() == 0:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm.tqdm(total=total, desc="eval", unit="img", dynamic_ncols=True)
+
+  def update(self) -> None:
+    self.done += 1
+    if self.bar is not None:
+      self.bar.update(1)
+    elif jax.process_index() == 0 and (self.done % self.every == 0 or self.done == self.total):
+      rate = self.done / (time.perf_counter() - self.t0)
+      logging.info("eval %d/%d images | %.2f img/s | ETA %.0fs", self.done, self.total, rate,
+                   (self.total - self.done) / rate)
+
+  def close(self) -> float:
+    if self.bar is not None:
+      self.bar.close()
+    return time.perf_counter() - self.t0
 
 
 def evaluate_params(model, params: Any, config: ml_collections.ConfigDict, *,
                     split: str | None = None, out_dir: str | None = None,
                     num_pictures: int = 0, progress: bool = False) -> dict[str, Any]:
-  """Evaluates `params` on `split`; every process takes a shard, the confusion matrices are
-  summed across processes. Writes `eval_results.json` (and pictures) to `out_dir` if given."""
+  """Evaluates `params` on `split` (default config.dataset.eval_split) with the protocol of
+  `config.eval`; every process takes a shard, the confusion matrices are summed across
+  processes (all processes must call this). Writes `eval_results.json`, and with
+  `num_pictures` the first pictures and `confusion.png`, to `out_dir` if given."""
+  split = config.dataset.eval_split if split is None else split
   dataset, class_names = pipeline.make_eval_dataset(config, split)
   k = config.model.num_classes
   if len(class_names) != k:
     raise ValueError(f"dataset has {len(class_names)} classes, model.num_classes={k}")
-  predict = make_predict_fn(model, config)
-  conf_fn = jax.jit(functools.partial(metrics.confusion_matrix, num_classes=k,
-                                      ignore_index=config.dataset.ignore_index))
-  conf = np.zeros((k, k), np.int64)
+  ignore = int(config.dataset.ignore_index)
+  protocol = inference.Protocol.from_config(config)
+  apply_fn = lambda p, x: model.apply({"params": p}, x)["semantic_scores"]  # noqa: E731
+  predictor = inference.MultiScalePredictor(apply_fn, params, protocol, k, mean=config.mean,
+                                            std=config.std)
+  without0 = background_free(config)
+  score = functools.partial(confusions, num_classes=k, ignore_index=ignore,
+                            without_class0=without0)
   pic_dir = os.path.join(out_dir, "pictures") if out_dir and num_pictures else None
-  colours = datasets.palette_for(config.dataset.name, k)
-  if pic_dir:
+  if pic_dir and jax.process_index() == 0:
     os.makedirs(pic_dir, exist_ok=True)
-  n, t0 = len(dataset), time.perf_counter()
-  for i in range(n):
-    ex = dataset[i]
-    label = np.asarray(ex["label"])
-    pred, _ = predict(params, jnp.asarray(ex["image"])[None], tuple(label.shape))
-    conf += np.asarray(conf_fn(pred[0], jnp.asarray(label)), np.int64)
+  colours = datasets.palette_for(config.dataset.name, k)
+
+  conf = np.zeros((2 if without0 else 1, k, k), np.int64)
+  pending = collections.deque()  # device matrices fetched a few images late: no stalls
+  bar = _Progress(len(dataset), progress)
+  for i, ex in enumerate(_iterate(dataset, int(config.eval.get("num_threads", 4)))):
+    label = ex["label"]
+    total = predictor(ex["images"], label.shape)
+    buf = np.full(total.shape[1:], ignore, np.int32)
+    buf[:label.shape[0], :label.shape[1]] = label
+    with predictor.activate():
+      pred, mats = score(total, predictor.put(buf))
+    pending.append(mats)
+    if len(pending) > 2:
+      conf += np.asarray(pending.popleft(), np.int64)
     if pic_dir and i < num_pictures and jax.process_index() == 0:
-      img = visualize.resize_to(denormalize(np.asarray(ex["image"]), config.mean, config.std),
-                                label.shape)
+      h, w = label.shape
       visualize.save(os.path.join(pic_dir, f"{ex['name']}.jpg"),
-                     visualize.panel(img, label, np.asarray(pred[0]), k, colours))
-    if progress and jax.process_index() == 0 and ((i + 1) % 20 == 0 or i + 1 == n):
-      rate = (i + 1) / (time.perf_counter() - t0)
-      logging.info("eval %d/%d images | %.1f img/s | ETA %.0fs", i + 1, n, rate,
-                   (n - i - 1) / rate)
+                     visualize.panel(ex["image"], label, np.asarray(pred)[:h, :w], k, colours))
+    bar.update()
+  while pending:
+    conf += np.asarray(pending.popleft(), np.int64)
+  seconds = bar.close()
+  num_images = len(dataset)
   if jax.process_count() > 1:
     conf = np.asarray(multihost_utils.process_allgather(conf)).sum(axis=0)
-  results = metrics.segmentation_metrics(conf, class_names)
+    num_images = int(np.asarray(multihost_utils.process_allgather(np.int64(num_images))).sum())
+
+  results = metrics.segmentation_metrics(conf[0], class_names)
+  if without0:
+    results["without_class0"] = metrics.segmentation_metrics(conf[1][1:, 1:], class_names[1:])
+    results[f"mIoU{k}"] = results["mIoU"]
+    results[f"mIoU{k - 1}"] = results["without_class0"]["mIoU"]
+  results["protocol"] = protocol_record(config, split)
+  results["images"] = num_images
+  results["images_per_s"] = num_images / seconds if seconds > 0 else float("nan")
   if out_dir and jax.process_index() == 0:
     metrics.to_json(results, os.path.join(out_dir, "eval_results.json"))
+    if num_pictures:
+      visualize.save(os.path.join(out_dir, "confusion.png"),
+                     visualize.confusion_picture(conf[0], class_names))
   return results

@@ -1,81 +1,59 @@
-"""Test-time inference: whole-image and sliding-window per-class scores (spec segvit.md,
-"Training recipes", Test: keep-ratio resize to (2048, crop), sliding window with the dataset's
-crop / stride, window scores averaged).
+"""Test-time inference: window layouts, whole / sliding-window / spread-window per-class scores,
+and the multi-scale + flip predictor that evaluation runs (spec segvit.md "Training recipes",
+Test; segformer.md "Recipe", Test; eomt.md "Inference").
 
-Everything here is a pure function of a `score_fn` and an image batch, so eval.py and predict.py
-can wrap it in `jax.jit` for a static image shape:
+Window layouts (`window_layout`), on an image already resized by the test policy
+(`segvit_jax.data.transforms.test_size`):
 
-  score_fn(images (B, H, W, 3) float) -> scores (B, C, H', W')
+  slide   mmseg 0.x `slide_inference` (SegViT, SegFormer Cityscapes): windows of the crop size
+          (a side smaller than the crop is one window of that side) every `stride` pixels, the last row / column shifted back to end at the border;
+          window scores summed and divided by the per-pixel window count.
+  spread  EoMT: along each side, ceil(side / crop) windows with the overlap spread evenly
+          (start_j = int(j * (crop - overlap / (n - 1)))); after the short-side resize the short
+          side is one window. Averaged the same way.
+  whole   one window: the image zero-padded (in normalised space: the mean) bottom / right to a
+          multiple of the patch size; scores cropped back.
 
-e.g. `lambda x: model.apply(params, x)["semantic_scores"]`. Scores at another resolution than
-the input (H', W' != H, W) are bilinearly resized to the input, as mmseg's `encode_decode`
-does. Sliding windows are all cut at the crop size and sent through `score_fn` in batches of a
-fixed shape, so the model is traced and compiled once per image shape.
+A `score_fn(images (B, H, W, 3) float) -> scores (B, C, H', W')` gives each window's scores,
+bilinearly resized to the window (mmseg's `encode_decode`) in float32.
 
-Padding differs from mmseg 0.x in one place, on purpose: an image smaller than the crop is
-padded (bottom / right, zeros = the normalised mean) to the crop instead of running the model on
-a smaller window, to keep the model's input shape fixed; the padded scores are cropped away.
+`whole_inference` / `slide_inference` / `predict_scores` are pure functions of static shapes for
+callers that jit one image shape (`Bundle.predict`, tests). `MultiScalePredictor` is what
+evaluation runs on every image: the model is compiled once per window shape and window batch,
+and the cheap glue (cutting windows, adding them up, resizing to the original size, softmax,
+flipping back) once per image-size bucket: images are zero-padded into buffers whose sides are
+multiples of `bucket` and the true sizes travel as traced integers, so a dataset of many image
+sizes compiles a handful of programs, and the numbers are those of the unpadded image.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from segvit_jax.data import transforms
+from segvit_jax import sharding
 from segvit_jax.models import layers
 
 ScoreFn = Callable[[jax.Array], jax.Array]
+MODES = ("slide", "spread", "whole")
+AVERAGES = ("softmax", "scores")
+
+Window = tuple[int, int]
+Layout = tuple[Window, list[tuple[int, int]]]
 
 
-def keep_ratio_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:
-  """mmseg's keep-ratio test resize of an (h, w) image to `scale` = (long, short): factor =
-  min(long / max(h, w), short / min(h, w)), new size int(dim * factor + 0.5).
-
-  E.g. 480 x 640 at (2048, 512) -> 512 x 683. The one implementation lives in
-  `segvit_jax.data.transforms.rescale_size` (the data pipeline uses it too).
-  """
-  return transforms.rescale_size(h, w, scale)
-
-
-def resize_scores(scores: jax.Array, size: Sequence[int]) -> jax.Array:
-  """Bilinear (align_corners=False, torch-identical) resize of (B, C, h, w) scores to
-  (B, C, *size); a no-op when the size already matches."""
-  return layers.upsample_masks(scores, tuple(size))
-
-
-def _pad_bottom_right(image: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Zero-pads a (B, H, W, 3) batch at the bottom / right to `size` (no-op if it fits)."""
-  _, h, w, _ = image.shape
-  if (h, w) == size:
-    return image
-  return jnp.pad(image, ((0, 0), (0, size[0] - h), (0, size[1] - w), (0, 0)))
-
-
-def _scores_at(score_fn: ScoreFn, images: jax.Array) -> jax.Array:
-  """score_fn(images) checked and resized to the input's spatial size: (B, C, H, W)."""
-  scores = score_fn(images)
-  if scores.ndim != 4 or scores.shape[0] != images.shape[0]:
-    raise ValueError(f"score_fn must return (B, C, H, W) scores for {images.shape[0]} images, "
-                     f"got shape {scores.shape}")
-  # float32 before resizing / averaging: bf16 model scores would lose the small differences.
-  return resize_scores(scores.astype(jnp.float32), images.shape[1:3])
-
-
-def whole_inference(score_fn: ScoreFn, image: jax.Array, size_divisor: int = 16) -> jax.Array:
-  """(B, C, H, W) float32 scores of a (B, H, W, 3) batch in one call.
-
-  H and W are zero-padded (bottom / right) to the next multiple of `size_divisor` (the patch
-  size: a ViT needs whole patches), the scores are resized to the padded size and cropped back.
-  """
-  _, h, w, _ = image.shape
-  size_divisor = max(int(size_divisor), 1)
-  padded = (-(-h // size_divisor) * size_divisor, -(-w // size_divisor) * size_divisor)
-  scores = _scores_at(score_fn, _pad_bottom_right(image, padded))
-  return scores[:, :, :h, :w]
+# ----------------------------------------------------------------------------------------------
+# Window layouts (host, numpy).
 
 
 def slide_windows(height: int, width: int, crop: Sequence[int],
@@ -84,7 +62,8 @@ def slide_windows(height: int, width: int, crop: Sequence[int],
 
   h_grids = max(H - h_crop + h_stride - 1, 0) // h_stride + 1 (same for w); window (i, j) is
   y1 = i * h_stride, y2 = min(y1 + h_crop, H), y1 = max(y2 - h_crop, 0) (same for x), so the
-  last row / column of windows is shifted back to end at the border.
+  last row / column of windows is shifted back to end at the border, and a side smaller than
+  the crop is one window of that side.
   """
   h_crop, w_crop = crop
   h_stride, w_stride = stride
@@ -101,73 +80,383 @@ def slide_windows(height: int, width: int, crop: Sequence[int],
   return windows
 
 
-def slide_inference(score_fn: ScoreFn, image: jax.Array, crop: Sequence[int],
-                    stride: Sequence[int], num_classes: int | None = None,
-                    batch_size: int | None = None) -> jax.Array:
-  """(B, C, H, W) float32 sliding-window scores of a (B, H, W, 3) batch, mmseg semantics.
+def spread_starts(length: int, crop: int) -> list[int]:
+  """EoMT's window starts along one side: ceil(length / crop) windows, the overlap spread
+  evenly (`window_imgs_semantic`); one window at 0 when the side fits in the crop."""
+  if crop <= 0:
+    raise ValueError(f"crop {crop} must be positive")
+  n = math.ceil(length / crop)
+  overlap = n * crop - length
+  per_window = overlap / (n - 1) if overlap > 0 else 0
+  return [int(j * (crop - per_window)) for j in range(n)]
 
-  Windows come from `slide_windows` on the image padded (bottom / right, zeros) to at least the
-  crop, so every window is exactly `crop`. All B x N windows go through `score_fn` as
-  (batch_size, h_crop, w_crop, 3) chunks (default: one call with all of them; the last chunk is
-  zero-padded to the full chunk so the model sees one shape, looped with `lax.map`). Window
-  scores are summed into an accumulator and divided by the per-pixel window count; the result
-  is cropped back to (H, W). `num_classes`, if given, is checked against the scores.
+
+def window_layout(height: int, width: int, mode: str, crop: Sequence[int] = (512, 512),
+                  stride: Sequence[int] = (341, 341), size_divisor: int = 16) -> Layout:
+  """((window_h, window_w), [(y, x) window origins]) for an (height, width) image.
+
+  Where the image is smaller than the crop, the window is the image side rounded up to a
+  multiple of `size_divisor` (the model needs whole patches): the window then reaches into
+  the zero padding below / right of the image and its scores there are cropped away. (mmseg's
+  ViT pads the same way but stretches the padded scores over the unpadded window; the two
+  differ only for sides that are not a multiple of the patch size.)
+  """
+  d = max(int(size_divisor), 1)
+  fit = lambda side, c: min(int(c), -(-side // d) * d)  # noqa: E731
+  if mode == "slide":
+    windows = slide_windows(height, width, crop, stride)
+    return (fit(height, crop[0]), fit(width, crop[1])), [(w[0], w[2]) for w in windows]
+  if mode == "spread":
+    return (fit(height, crop[0]), fit(width, crop[1])), [
+        (y, x) for y in spread_starts(height, int(crop[0]))
+        for x in spread_starts(width, int(crop[1]))]
+  if mode == "whole":
+    return (-(-height // d) * d, -(-width // d) * d), [(0, 0)]
+  raise ValueError(f"unknown inference mode {mode!r}; expected one of {MODES}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Static-shape inference of a batch (pure functions).
+
+
+def resize_scores(scores: jax.Array, size: Sequence[int]) -> jax.Array:
+  """Bilinear (align_corners=False, torch-identical) resize of (B, C, h, w) scores to
+  (B, C, *size); a no-op when the size already matches."""
+  return layers.upsample_masks(scores, tuple(size))
+
+
+def _scores_at(score_fn: ScoreFn, images: jax.Array) -> jax.Array:
+  """score_fn(images) checked and resized to the input's spatial size: (B, C, H, W)."""
+  scores = score_fn(images)
+  if scores.ndim != 4 or scores.shape[0] != images.shape[0]:
+    raise ValueError(f"score_fn must return (B, C, H, W) scores for {images.shape[0]} images, "
+                     f"got shape {scores.shape}")
+  # float32 before resizing / averaging: bf16 model scores would lose the small differences.
+  return resize_scores(scores.astype(jnp.float32), images.shape[1:3])
+
+
+def _pad_bottom_right(image: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Zero-pads a (B, H, W, 3) batch at the bottom / right to `size` (no-op if it fits)."""
+  _, h, w, _ = image.shape
+  if (h, w) == tuple(size):
+    return image
+  return jnp.pad(image, ((0, 0), (0, size[0] - h), (0, size[1] - w), (0, 0)))
+
+
+def window_inference(score_fn: ScoreFn, image: jax.Array, layout: Layout,
+                     num_classes: int | None = None,
+                     batch_size: int | None = None) -> jax.Array:
+  """(B, C, H, W) float32 scores of a (B, H, W, 3) batch from the windows of `layout`.
+
+  All B x N windows go through `score_fn` as (batch_size, *window, 3) chunks (default: one call
+  with all of them; the last chunk is zero-padded to the full chunk so the model sees one shape,
+  looped with `lax.map`). Window scores are summed and divided by the per-pixel window count.
+  A window larger than the image (whole mode) sees the image zero-padded bottom / right.
   """
   b, h, w, _ = image.shape
-  h_crop, w_crop = int(crop[0]), int(crop[1])
-  ph, pw = max(h, h_crop), max(w, w_crop)
+  (wh, ww), starts = layout
+  ph, pw = max(h, wh), max(w, ww)
   image = _pad_bottom_right(image, (ph, pw))
-  windows = slide_windows(ph, pw, (h_crop, w_crop), stride)
-  n = len(windows)
-
-  # (B * N, h_crop, w_crop, 3), image-major.
-  crops = jnp.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows], axis=1)
-  crops = crops.reshape(b * n, h_crop, w_crop, image.shape[-1])
+  n = len(starts)
+  crops = jnp.stack([image[:, y:y + wh, x:x + ww] for y, x in starts], axis=1)
+  crops = crops.reshape(b * n, wh, ww, image.shape[-1])
   total = b * n
   chunk = total if batch_size is None else max(1, min(int(batch_size), total))
   num_chunks = -(-total // chunk)
   if num_chunks == 1:
     scores = _scores_at(score_fn, crops)
   else:
-    extra = num_chunks * chunk - total
-    crops = jnp.pad(crops, ((0, extra), (0, 0), (0, 0), (0, 0)))
-    crops = crops.reshape(num_chunks, chunk, h_crop, w_crop, crops.shape[-1])
+    crops = jnp.pad(crops, ((0, num_chunks * chunk - total), (0, 0), (0, 0), (0, 0)))
+    crops = crops.reshape(num_chunks, chunk, wh, ww, crops.shape[-1])
     scores = jax.lax.map(lambda x: _scores_at(score_fn, x), crops)
     scores = scores.reshape(num_chunks * chunk, *scores.shape[2:])[:total]
   c = scores.shape[1]
   if num_classes is not None and c != num_classes:
     raise ValueError(f"score_fn returned {c} score channels, expected num_classes={num_classes}")
-  scores = scores.reshape(b, n, c, h_crop, w_crop)
-
-  # The window layout is static, so the per-pixel count is a numpy constant.
+  scores = scores.reshape(b, n, c, wh, ww)
+  # The layout is static, so the per-pixel count is a numpy constant.
   count = np.zeros((ph, pw), np.float32)
   acc = jnp.zeros((b, c, ph, pw), jnp.float32)
-  for k, (y1, y2, x1, x2) in enumerate(windows):
-    count[y1:y2, x1:x2] += 1.0
-    acc = acc.at[:, :, y1:y2, x1:x2].add(scores[:, k])
-  assert count.min() >= 1, "slide windows leave pixels uncovered"
-  return (acc / jnp.asarray(count))[:, :, :h, :w]
+  for k, (y, x) in enumerate(starts):
+    count[y:y + wh, x:x + ww] += 1.0
+    acc = acc.at[:, :, y:y + wh, x:x + ww].add(scores[:, k])
+  assert count[:h, :w].min() >= 1, "windows leave pixels uncovered"
+  return (acc / jnp.asarray(np.maximum(count, 1.0)))[:, :, :h, :w]
+
+
+def whole_inference(score_fn: ScoreFn, image: jax.Array, size_divisor: int = 16) -> jax.Array:
+  """(B, C, H, W) float32 scores of a (B, H, W, 3) batch in one call, H and W zero-padded
+  (bottom / right) to the next multiple of `size_divisor` (a ViT needs whole patches), the
+  scores resized to the padded size and cropped back."""
+  _, h, w, _ = image.shape
+  return window_inference(score_fn, image, window_layout(h, w, "whole", size_divisor=size_divisor))
+
+
+def slide_inference(score_fn: ScoreFn, image: jax.Array, crop: Sequence[int],
+                    stride: Sequence[int], num_classes: int | None = None,
+                    batch_size: int | None = None) -> jax.Array:
+  """(B, C, H, W) float32 sliding-window scores of a (B, H, W, 3) batch, mmseg 0.x semantics
+  (`slide_windows`; see `window_inference` for `num_classes` / `batch_size`)."""
+  _, h, w, _ = image.shape
+  return window_inference(score_fn, image, window_layout(h, w, "slide", crop, stride),
+                          num_classes=num_classes, batch_size=batch_size)
 
 
 def predict_scores(score_fn: ScoreFn, image: jax.Array, *, mode: str = "whole",
                    crop: Sequence[int] | None = None, stride: Sequence[int] | None = None,
                    num_classes: int | None = None, out_size: Sequence[int] | None = None,
                    size_divisor: int = 16, batch_size: int | None = None) -> jax.Array:
-  """(B, C, H, W) scores of a (B, H, W, 3) batch by `mode` ("whole" | "slide"), resized to
-  `out_size` (the original label size, before the keep-ratio test resize) when given.
-
-  "slide" needs `crop` and `stride` (and uses `num_classes` / `batch_size` as
-  `slide_inference`); "whole" uses `size_divisor`.
-  """
-  if mode == "whole":
-    scores = whole_inference(score_fn, image, size_divisor=size_divisor)
-  elif mode == "slide":
-    if crop is None or stride is None:
-      raise ValueError("mode='slide' needs crop and stride")
-    scores = slide_inference(score_fn, image, crop, stride, num_classes=num_classes,
-                             batch_size=batch_size)
-  else:
-    raise ValueError(f"unknown inference mode {mode!r}; expected 'whole' or 'slide'")
+  """(B, C, H, W) scores of a (B, H, W, 3) batch by `mode` (MODES), resized to `out_size` (the
+  original label size, before the test resize) when given. "slide" needs `crop` and `stride`,
+  "spread" needs `crop`."""
+  if mode not in MODES:
+    raise ValueError(f"unknown inference mode {mode!r}; expected one of {MODES}")
+  if mode == "slide" and (crop is None or stride is None):
+    raise ValueError("mode='slide' needs crop and stride")
+  if mode == "spread" and crop is None:
+    raise ValueError("mode='spread' needs crop")
+  _, h, w, _ = image.shape
+  layout = window_layout(h, w, mode, crop or (0, 0), stride or (0, 0), size_divisor)
+  scores = window_inference(score_fn, image, layout, num_classes=num_classes,
+                            batch_size=batch_size)
   if out_size is not None:
     scores = resize_scores(scores, out_size)
   return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Shape-polymorphic pieces: true sizes are traced, buffers are bucket-sized.
+
+
+def bilinear_taps(out_len: int, in_size: jax.Array, out_size: jax.Array):
+  """torch bilinear (align_corners=False, no antialias) taps along one axis for traced sizes:
+  (i0, i1, w0, w1), each (out_len,), so out[j] = w0[j] * x[i0[j]] + w1[j] * x[i1[j]] for
+  j < out_size. src = max((j + 0.5) * in / out - 0.5, 0), i0 = floor(src), i1 = min(i0 + 1,
+  in - 1), w1 = src - i0 (as `upsample_bilinear2d`)."""
+  scale = in_size.astype(jnp.float32) / out_size.astype(jnp.float32)
+  src = jnp.maximum(scale * (jnp.arange(out_len, dtype=jnp.float32) + 0.5) - 0.5, 0.0)
+  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
+  i1 = jnp.minimum(i0 + 1, in_size - 1)
+  w1 = src - i0.astype(jnp.float32)
+  return i0, i1, 1.0 - w1, w1
+
+
+def resize_valid(x: jax.Array, in_size: tuple[jax.Array, jax.Array],
+                 out_size: tuple[jax.Array, jax.Array], out_shape: tuple[int, int]) -> jax.Array:
+  """Bilinear resize (torch-identical, align_corners=False) of the top-left `in_size` region of
+  (..., h_buf, w_buf) `x` to the top-left `out_size` region of a (..., *out_shape) result;
+  sizes may be traced. Values outside `out_size` are finite but meaningless."""
+  for axis, (n_in, n_out, length) in enumerate(zip(in_size, out_size, out_shape)):
+    i0, i1, w0, w1 = bilinear_taps(length, jnp.asarray(n_in), jnp.asarray(n_out))
+    ax = x.ndim - 2 + axis
+    shape = [1] * x.ndim
+    shape[ax] = length
+    x = (jnp.take(x, i0, axis=ax) * w0.reshape(shape) + jnp.take(x, i1, axis=ax) *
+         w1.reshape(shape))
+  return x
+
+
+def flip_valid(x: jax.Array, width: jax.Array, axis: int = -1) -> jax.Array:
+  """Mirrors the first `width` (traced) entries along `axis`; the padding beyond stays put."""
+  n = x.shape[axis]
+  cols = jnp.arange(n)
+  return jnp.take(x, jnp.where(cols < width, width - 1 - cols, cols), axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "flip"))
+def _cut_windows(image, size, slot, ys, xs, mean, std, *, window, flip):
+  """(N, *window, 3) normalised float32 windows of a bucket-padded uint8 (hb, wb, 3) image of
+  true `size` (h, w); window k is cut from view slot[k] (0: the image, 1: its mirror) at
+  (ys[k], xs[k]). Pixels outside the image are 0 after normalising (the mean)."""
+  h, w = size[0], size[1]
+  rows, cols = jnp.arange(image.shape[0]), jnp.arange(image.shape[1])
+  inside = (rows[:, None] < h) & (cols[None, :] < w)
+  x = jnp.where(inside[..., None], (image.astype(jnp.float32) - mean) / std, 0.0)
+  views = jnp.stack([x, flip_valid(x, w, axis=1)]) if flip else x[None]
+  cut = lambda s, y, x0: jax.lax.dynamic_slice(views, (s, y, x0, 0), (1, *window, 3))[0]  # noqa: E731
+  return jax.vmap(cut)(slot, ys, xs)
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _add_windows(acc, count, scores, slot, ys, xs, valid):
+  """Adds window scores (B, C, wh, ww) into acc (F, C, hb, wb) at their origins and counts the
+  windows of view 0 per pixel in count (hb, wb); invalid (padding) windows add nothing."""
+  _, c, wh, ww = scores.shape
+
+  def body(k, carry):
+    acc, count = carry
+    v = valid[k].astype(jnp.float32)
+    at = (slot[k], 0, ys[k], xs[k])
+    acc = jax.lax.dynamic_update_slice(
+        acc, jax.lax.dynamic_slice(acc, at, (1, c, wh, ww)) + v * scores[k][None], at)
+    ones = jnp.full((wh, ww), v * (slot[k] == 0), jnp.float32)
+    count = jax.lax.dynamic_update_slice(
+        count, jax.lax.dynamic_slice(count, (ys[k], xs[k]), (wh, ww)) + ones, (ys[k], xs[k]))
+    return acc, count
+
+  return jax.lax.fori_loop(0, scores.shape[0], body, (acc, count))
+
+
+@functools.partial(jax.jit, static_argnames=("softmax",), donate_argnums=(0,))
+def _add_view_scores(total, acc, count, size, out_size, *, softmax):
+  """total (C, Hb, Wb) + the window-averaged scores of every view, each resized to the original
+  `out_size`, optionally softmaxed over classes, the mirror view flipped back."""
+  avg = acc / jnp.maximum(count, 1.0)
+  out = resize_valid(avg, (size[0], size[1]), (out_size[0], out_size[1]), total.shape[-2:])
+  if softmax:
+    out = jax.nn.softmax(out, axis=1)
+  if out.shape[0] == 2:
+    out = out.at[1].set(flip_valid(out[1], out_size[1]))
+  return total + out.sum(axis=0)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-int(x) // int(m)) * int(m)
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """How an image becomes scores at test time (the inference half of `config.eval`; the test
+  resize is the data pipeline's, `segvit_jax.data.transforms.MultiScaleResize`).
+
+  mode / crop / stride: the window layout (MODES); flip: also predict the mirrored image;
+  average: how views (scales x flips) combine at the original size: "softmax" (mmseg:
+  per-pixel softmax probabilities averaged) or "scores" (semantic scores averaged, as
+  mask-classification models do); window_batch: windows per model call; bucket: buffer sides
+  are multiples of this; size_divisor: the patch size (whole mode pads to it).
+  """
+  mode: str = "slide"
+  crop: tuple[int, int] = (512, 512)
+  stride: tuple[int, int] = (341, 341)
+  flip: bool = False
+  average: str = "softmax"
+  window_batch: int = 8
+  bucket: int = 64
+  size_divisor: int = 16
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"config.eval.mode={self.mode!r}: expected one of {MODES}")
+    if self.average not in AVERAGES:
+      raise ValueError(f"config.eval.average={self.average!r}: expected one of {AVERAGES}")
+    if self.window_batch < 1 or self.bucket < 1:
+      raise ValueError(f"config.eval.window_batch={self.window_batch} and config.eval.bucket="
+                       f"{self.bucket} must be positive")
+
+  @classmethod
+  def from_config(cls, config) -> "Protocol":
+    ev = config.eval
+    from segvit_jax.models import patch_size  # pylint: disable=g-import-not-at-top
+    return cls(mode=ev.mode, crop=tuple(ev.crop_size), stride=tuple(ev.stride),
+               flip=bool(ev.get("flip", False)), average=ev.get("average", "softmax"),
+               window_batch=int(ev.get("window_batch", None) or 8),
+               bucket=int(ev.get("bucket", 64)), size_divisor=patch_size(config.model))
+
+
+def local_mesh() -> jax.sharding.Mesh:
+  """A data-parallel mesh over this process's devices (evaluation runs per process)."""
+  return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
+
+
+def local_replica(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """`tree` replicated on `mesh`. Arrays sharded over several processes (a training state) are
+  gathered first; every process must call this together in that case."""
+  if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree)):
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+class MultiScalePredictor:
+  """Multi-scale (+ flip) scores of one image at a time on this process's devices.
+
+    predictor = MultiScalePredictor(apply_fn, params, protocol, num_classes)
+    total = predictor(images, out_size)  # (C, Hb, Wb) on device; [:, :H, :W] is the image
+
+  `apply_fn(params, images (B, h, w, 3)) -> (B, C, h', w')` semantic scores; `images` are the
+  uint8 test-resized images, one per scale (`MultiScaleResize`); `out_size` is the original
+  (H, W). The result is the sum over views (scales x flips) of softmax probabilities or scores
+  at the original size (dividing by the view count would not change the argmax); its buffer is
+  (H, W) rounded up to `protocol.bucket`.
+  """
+
+  def __init__(self, apply_fn: Callable, params: Any, protocol: Protocol, num_classes: int, *,
+               mean: Sequence[float], std: Sequence[float],
+               mesh: jax.sharding.Mesh | None = None):
+    self.protocol = protocol
+    self.num_classes = int(num_classes)
+    self.mesh = local_mesh() if mesh is None else mesh
+    self.num_devices = self.mesh.devices.size
+    self._repl = NamedSharding(self.mesh, P())
+    self._batch = NamedSharding(self.mesh, P("data"))
+    with self.activate():
+      self.params = local_replica(params, self.mesh)
+    self._mean = self.put(np.asarray(mean, np.float32))
+    self._std = self.put(np.asarray(std, np.float32))
+
+    def model(params, crops):
+      crops = jax.lax.with_sharding_constraint(crops, self._batch)
+      return _scores_at(lambda x: apply_fn(params, x), crops)
+
+    self._model = jax.jit(model, out_shardings=self._repl)
+
+  def put(self, x: Any) -> jax.Array:
+    """`x` replicated on this predictor's devices."""
+    return jax.device_put(x, self._repl)
+
+  @contextlib.contextmanager
+  def activate(self):
+    """The local mesh and the logical-axis rules, for every call (also inside a training loop,
+    whose global mesh is then set aside)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      yield
+
+  def chunk_sizes(self, n: int) -> list[int]:
+    """Window-batch sizes covering n windows: full `window_batch` chunks, then the rest rounded
+    up to a power of two (few compiled shapes), all multiples of the device count."""
+    full = _round_up(self.protocol.window_batch, self.num_devices)
+    sizes = [full] * (n // full)
+    rest = n - full * len(sizes)
+    if rest:
+      sizes.append(_round_up(min(full, 1 << (rest - 1).bit_length()), self.num_devices))
+    return sizes
+
+  def __call__(self, images: Sequence[np.ndarray], out_size: tuple[int, int]) -> jax.Array:
+    p = self.protocol
+    c = self.num_classes
+    out_shape = (_round_up(out_size[0], p.bucket), _round_up(out_size[1], p.bucket))
+    views = 2 if p.flip else 1
+    softmax = p.average == "softmax" and len(images) * views > 1
+    with self.activate():
+      total = self.put(np.zeros((c, *out_shape), np.float32))
+      out_hw = self.put(np.asarray(out_size, np.int32))
+      for image in images:
+        h, w = image.shape[:2]
+        window, starts = window_layout(h, w, p.mode, p.crop, p.stride, p.size_divisor)
+        hb = _round_up(max(h, window[0]), p.bucket)
+        wb = _round_up(max(w, window[1]), p.bucket)
+        buf = np.zeros((hb, wb, 3), np.uint8)
+        buf[:h, :w] = image
+        entries = [(s, y, x) for s in range(views) for y, x in starts]
+        sizes = self.chunk_sizes(len(entries))
+        pad = sum(sizes) - len(entries)
+        table = np.asarray(entries + [(0, 0, 0)] * pad, np.int32)
+        valid = np.asarray([1] * len(entries) + [0] * pad, np.int32)
+        size = self.put(np.asarray((h, w), np.int32))
+        crops = _cut_windows(self.put(buf), size, table[:, 0], table[:, 1],
+                             table[:, 2], self._mean, self._std, window=window,
+                             flip=p.flip)
+        acc = self.put(np.zeros((views, c, hb, wb), np.float32))
+        count = self.put(np.zeros((hb, wb), np.float32))
+        start = 0
+        for n in sizes:
+          scores = self._model(self.params, crops[start:start + n])
+          if scores.shape[1] != c:
+            raise ValueError(f"the model returned {scores.shape[1]} score channels, expected "
+                             f"num_classes={c}")
+          sl = slice(start, start + n)
+          acc, count = _add_windows(acc, count, scores, table[sl, 0], table[sl, 1],
+                                    table[sl, 2], valid[sl])
+          start += n
+        total = _add_view_scores(total, acc, count, size, out_hw, softmax=softmax)
+    return total

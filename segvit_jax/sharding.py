@@ -130,3 +130,36 @@ def distributed_args(flags: Mapping[str, Any], environ: Mapping[str, str]
   if slurm_tasks > 1 and "SLURM_PROCID" in environ:
     return {}
   return None
+
+
+def define_distributed_flags() -> tuple:
+  """--coordinator_address / --num_processes / --process_id, for train.py and eval.py."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return (
+      flags.DEFINE_string(
+          "coordinator_address", None, "host:port of process 0, for a multi-process run that "
+          "jax does not detect by itself (with --num_processes and --process_id)."),
+      flags.DEFINE_integer("num_processes", None, "Processes in the run."),
+      flags.DEFINE_integer("process_id", None, "This process's index, 0-based."),
+  )
+
+
+def initialize_distributed(flag_holders: tuple, environ: Mapping[str, str]) -> bool:
+  """Calls `jax.distributed.initialize` when `distributed_args` says this is one process of
+  several (before anything else touches jax); exits with the reason on inconsistent flags.
+  Then logs at INFO on process 0 and at WARNING on the others. Returns whether it initialised."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  names = ("coordinator_address", "num_processes", "process_id")
+  try:
+    args = distributed_args({n: h.value for n, h in zip(names, flag_holders)}, environ)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  if args is not None:
+    jax.distributed.initialize(**args)
+  logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+  if args is None:
+    return False
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True

@@ -216,12 +216,58 @@ def test_photometric_distortion_range_and_determinism():
   assert bright.min() >= 0 and bright.max() <= 255
 
 
-def test_eval_resize_keeps_label_resolution():
+@pytest.mark.parametrize("resize,ratio,expected", [
+    ("keep_ratio", 1.0, (512, 683)),  # short side reaches 512 first: 640 * 512/480 + 0.5
+    ("keep_ratio", 0.5, (256, 341)),  # scale (1024, 256)
+    ("keep_ratio", 1.75, (896, 1195)),  # scale (3584, 896)
+    ("keep_ratio_aligned", 1.0, (512, 704)),  # SegFormer: 683 rounded up to a multiple of 32
+    ("keep_ratio_aligned", 0.75, (384, 512)),  # scale (1536, 384): 384 x 512 already aligned
+    ("short_side", 1.0, (512, 683)),  # EoMT: factor max(512/480, 512/640), round(682.67)
+    ("short_side", 0.5, (256, 341)),  # round(341.33)
+    ("none", 1.0, (480, 640)),
+    ("none", 0.5, (240, 320)),
+])
+def test_test_size_policies(resize, ratio, expected):
+  assert T.test_size(480, 640, resize, (2048, 512) if "keep" in resize else (512, 512),
+                     ratio) == expected
+
+
+def test_test_size_long_side_bound_and_errors():
+  # 100 x 1000 at (2048, 512): the long side hits 2048 first (factor 2.048).
+  assert T.test_size(100, 1000, "keep_ratio", (2048, 512)) == (205, 2048)
+  assert T.test_size(1000, 100, "short_side", (512, 512)) == (5120, 512)
+  with pytest.raises(ValueError, match="unknown test resize 'bicubic'"):
+    T.test_size(10, 10, "bicubic", (2048, 512))
+  with pytest.raises(ValueError, match=r"must be \(long, short\)"):
+    T.test_size(10, 10, "keep_ratio", (512,))
+
+
+def test_test_resize_resamplers():
+  """mmseg policies resample with OpenCV's bilinear (no antialiasing: an exact 2x downscale is
+  the mean of each 2x2 block), EoMT's with PIL's antialiased bilinear (wider support)."""
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (64, 96, 3)).astype(np.uint8)
+  cv = T.resize_for_test(image, "none", (), 0.5)
+  block_mean = image.reshape(32, 2, 48, 2, 3).astype(np.float64).mean(axis=(1, 3))
+  assert cv.shape == (32, 48, 3) and cv.dtype == np.uint8
+  assert np.abs(cv - block_mean).max() <= 0.5 + 1e-9  # fixed-point rounding only
+  pil = T.resize_for_test(image, "short_side", (32, 32))
+  assert pil.shape == (32, 48, 3)
+  np.testing.assert_array_equal(pil, T.resize_image(image, (32, 48)))
+  assert np.abs(pil.astype(float) - block_mean).max() > 5  # antialiased: not the block mean
+  # The aligned resize resamples twice (keep-ratio, then to the multiple of 32), as SegFormer.
+  aligned = T.resize_for_test(image, "keep_ratio_aligned", (2048, 40))
+  once = T.resize_image_cv2(image, (40, 60))
+  np.testing.assert_array_equal(aligned, T.resize_image_cv2(once, (64, 64)))
+
+
+def test_multi_scale_resize_record():
   record = dict(image=np.zeros((30, 40, 3), np.uint8), label=np.zeros((30, 40), np.uint8),
                 name="x")
-  out = T.EvalResize(scale=(80, 60)).map(record)
-  assert out["image"].shape == (60, 80, 3) and out["label"].shape == (30, 40)
-  assert T.EvalResize(scale=()).map(record)["image"].shape == (30, 40, 3)
+  out = T.MultiScaleResize(resize="keep_ratio", scale=(80, 60), ratios=(0.5, 1.0)).map(record)
+  assert [im.shape for im in out["images"]] == [(30, 40, 3), (60, 80, 3)]
+  assert out["image"].shape == (30, 40, 3) and out["label"].shape == (30, 40)
+  assert out["label"].dtype == np.int32 and out["name"] == "x"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +340,8 @@ def test_eval_dataset_records():
   ds, names = pipeline.make_eval_dataset(c, process_index=0, process_count=1)
   assert names == synthetic.CLASS_NAMES and len(ds) == 3
   r = ds[1]
-  assert r["image"].shape == (32, 32, 3) and r["image"].dtype == np.float32
+  assert r["image"].shape == (64, 64, 3) and r["image"].dtype == np.uint8
+  assert [im.shape for im in r["images"]] == [(32, 32, 3)] and r["images"][0].dtype == np.uint8
   assert r["label"].shape == (64, 64) and r["label"].dtype == np.int32
   assert r["name"] == "synthetic_val_000001"
   raw = synthetic.SyntheticSegmentation("val", 10, 64)[1]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from segvit_jax import inference
+from segvit_jax.data import transforms as T
 
 C = 4
 _W = jnp.asarray(np.random.default_rng(0).normal(size=(3, C)), jnp.float32)
@@ -155,4 +156,4 @@ def test_predict_scores_errors():
     (1024, 768, (2048, 640), (853, 640)),  # shrink: factor 640/768, 1024 * 0.8333 = 853.33
 ])
 def test_keep_ratio_size(h, w, scale, expected):
-  assert inference.keep_ratio_size(h, w, scale) == expected
+  assert T.rescale_size(h, w, scale) == expected

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from segvit_jax import metrics
+from segvit_jax import metrics, visualize
 
 # 3 classes, rows = GT, cols = prediction:
 #   [[3, 1, 0],
@@ -125,3 +125,100 @@ def test_format_table():
   assert lines[2] == "| wall  |  60.00 |  75.00 |"
   assert lines[5] == "| sky   |    nan |    nan |"
   assert lines[-1] == "aAcc: 70.00  mIoU: 55.56  mAcc: 75.00"
+
+
+def _reduce_zero_label(raw: np.ndarray) -> np.ndarray:
+  """mmseg's LoadAnnotations(reduce_zero_label=True): 0 -> 255, v -> v - 1, 255 stays 255."""
+  label = raw.astype(np.int64)
+  return np.where((label == 0) | (label == 255), 255, label - 1)
+
+
+def test_metric_path_matches_per_class_masks_in_numpy():
+  # 6 classes after reduction; raw values 5 and 6 never occur, so classes 4 and 5 are absent
+  # from the ground truth. Class 4 is predicted (IoU 0, Acc NaN), class 5 never is (NaN).
+  np.testing.assert_array_equal(_reduce_zero_label(np.array([0, 1, 2, 6, 255], np.uint8)),
+                                [255, 0, 1, 5, 255])
+  k, rng = 6, np.random.default_rng(7)
+  conf_fn = jax.jit(metrics.confusion_matrix, static_argnums=(2, 3))
+  conf = np.zeros((k, k), np.int64)
+  intersect, union, area_label = np.zeros(k), np.zeros(k), np.zeros(k)
+  for _ in range(4):
+    raw = rng.choice(np.array([0, 1, 2, 3, 4, 255], np.uint8), size=(2, 19, 23))
+    label = _reduce_zero_label(raw).astype(np.uint8)  # as the data pipeline stores it
+    pred = rng.integers(0, 5, raw.shape)  # 0..4: class 5 is never predicted
+    pred = np.where(rng.random(raw.shape) < 0.5, np.where(label == 255, pred, label), pred)
+    conf += np.asarray(conf_fn(pred, label, k, 255), np.int64)
+    valid = label != 255
+    for c in range(k):
+      in_label, in_pred = label == c, (pred == c) & valid
+      intersect[c] += np.sum(in_label & in_pred)
+      union[c] += np.sum(in_label | in_pred)
+      area_label[c] += np.sum(in_label)
+  assert area_label[4] == area_label[5] == 0 and union[4] > 0 and union[5] == 0
+  with np.errstate(divide="ignore", invalid="ignore"):
+    iou, acc = 100 * intersect / union, 100 * intersect / area_label
+  a_acc = 100 * intersect.sum() / area_label.sum()
+  r = metrics.segmentation_metrics(conf)
+  assert abs(r["mIoU"] - np.mean(iou[:5])) < 1e-9  # class 5 (NaN) left out, class 4 (0) in
+  assert abs(r["mAcc"] - np.mean(acc[:4])) < 1e-9
+  assert abs(r["aAcc"] - a_acc) < 1e-9
+  for c, row in enumerate(r["per_class"]):
+    for got, want in ((row["IoU"], iou[c]), (row["Acc"], acc[c])):
+      assert (math.isnan(got) and math.isnan(want)) or abs(got - want) < 1e-9
+  assert r["per_class"][4]["IoU"] == 0.0 and math.isnan(r["per_class"][4]["Acc"])
+  assert math.isnan(r["per_class"][5]["IoU"]) and math.isnan(r["per_class"][5]["Acc"])
+
+
+def _cell_colours(picture: np.ndarray, layout, n: int) -> np.ndarray:
+  """(n, n, 3) colours sampled at the cell centres of a confusion picture."""
+  ys, xs = zip(*[layout.centre(i, j) for i in range(n) for j in range(n)])
+  return picture[np.array(ys), np.array(xs)].reshape(n, n, 3)
+
+
+def test_confusion_picture_colour_ramp():
+  np.testing.assert_array_equal(visualize._ramp(np.array([0.0, 1.0, np.nan])),
+                                [[255, 255, 255], visualize._DARK, visualize._NO_PIXELS])
+  darkness = visualize._ramp(np.linspace(0, 1, 11)).astype(int).sum(-1)
+  assert np.all(np.diff(darkness) < 0)
+
+
+def test_confusion_picture_diagonal_is_darkest_and_empty_row_grey():
+  names = ["wall", "building", "sky", "a very long class name indeed"]
+  conf = np.diag([5, 100, 0, 7])  # row 2 (sky) has no ground-truth pixels
+  picture = visualize.confusion_picture(conf, names)
+  layout = visualize._layout(names)
+  assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
+  assert picture.shape[0] == layout.top + 4 * layout.cell + visualize._PAD
+  cells = _cell_colours(picture, layout, 4)
+  want = np.zeros((4, 4, 3), np.uint8) + 255
+  want[[0, 1, 3], [0, 1, 3]] = visualize._DARK  # every row normalised: 5/5 = 100/100 = 7/7
+  want[2] = visualize._NO_PIXELS
+  np.testing.assert_array_equal(cells, want)
+  # A non-diagonal row: shares 3/4 and 1/4 of the row's pixels.
+  conf = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 1]])
+  cells = _cell_colours(visualize.confusion_picture(conf, names[:3]),
+                        visualize._layout(names[:3]), 3)
+  np.testing.assert_array_equal(cells[0], visualize._ramp(np.array([0.75, 0.25, 0.0])))
+  sums = cells.astype(int).sum(-1)
+  assert np.all(sums.argmin(axis=1) == np.arange(3))
+
+
+def test_confusion_picture_keeps_classes_with_most_pixels():
+  k, rng = 150, np.random.default_rng(0)
+  conf = rng.integers(0, 50, (k, k)) * (rng.random((k, k)) < 0.1)
+  conf[np.arange(k), np.arange(k)] += rng.permutation(k) * 100  # distinct row totals
+  conf[9] = 0  # a class with no pixels is never among the shown
+  gt = conf.sum(axis=1)
+  want = np.sort(np.argsort(gt)[::-1][:40])
+  shown = visualize._shown_classes(gt, 40)
+  np.testing.assert_array_equal(shown, want)
+  assert gt[shown].min() > np.delete(gt, shown).max()
+  np.testing.assert_array_equal(visualize._shown_classes(np.array([1, 5, 5, 2]), 2), [1, 2])
+  names = [f"class{i}" for i in range(k)]
+  picture = visualize.confusion_picture(conf, names, max_classes=40)
+  layout = visualize._layout([names[i] for i in want])
+  assert picture.shape[0] == layout.top + 40 * layout.cell + visualize._PAD
+  share = conf[np.ix_(want, want)] / gt[want, None]  # divided by all of the row's pixels
+  np.testing.assert_array_equal(_cell_colours(picture, layout, 40), visualize._ramp(share))
+  assert "40 of 150 classes with the most pixels" in visualize._title(150, 40, int(gt.sum()))
+  assert "4 classes;" in visualize._title(4, 4, 10)

@@ -190,12 +190,13 @@ def eomt_train_transforms(config) -> list:
 
 
 def eval_transforms(config) -> list:
-  """Test-time resize + normalise, keeping `name` and the full-resolution label."""
-  return [
-      T.EvalResize(scale=tuple(config.eval.scale)),
-      T.Normalize(mean=tuple(config.mean), std=tuple(config.std)),
-      T.Format(keys=("image", "label", "name")),
-  ]
+  """Test-time resize at every multi-scale ratio (`config.eval.resize`, `scale`, `scales`);
+  normalisation happens on the device (`segvit_jax.evaluate`)."""
+  ev = config.eval
+  resize = ev.get("resize", "keep_ratio") if tuple(ev.scale) else "none"
+  return [T.MultiScaleResize(resize=resize, scale=tuple(ev.scale),
+                             ratios=tuple(float(r) for r in ev.get("scales", (1.0,))),
+                             size_divisor=int(ev.get("size_divisor", 32)))]
 
 
 def apply_transforms(ds: grain.MapDataset, ops) -> grain.MapDataset:
@@ -268,9 +269,9 @@ def make_eval_dataset(config, split: str | None = None, process_index: int | Non
                       process_count: int | None = None) -> tuple[grain.MapDataset, tuple[str, ...]]:
   """(dataset, class_names) for evaluation on `split` (default config.dataset.eval_split).
 
-  The dataset is a grain MapDataset of records: image float32 (h, w, 3) normalised after the
-  keep-ratio resize to config.eval.scale, label int32 (H, W) at the original resolution, name
-  str. `config.eval.max_examples` (>= 0) keeps the first examples of the split; the rest is
+  The dataset is a grain MapDataset of records (`transforms.MultiScaleResize`): images, a
+  tuple of uint8 (h, w, 3) test-resized images, one per ratio in config.eval.scales; image, the
+  original uint8 image; label int32 (H, W) at the original resolution; name str. `config.eval.max_examples` (>= 0) keeps the first examples of the split; the rest is
   split across processes round-robin (shards may differ in size by one).
   """
   process_index, process_count = _process_layout(process_index, process_count)

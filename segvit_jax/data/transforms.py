@@ -9,7 +9,8 @@ colour jitter (torchvision ColorJitter-style factors, as EoMT's `Transforms.colo
 horizontal flip, scale jitter (keep-ratio resize to factor * crop / long side, torchvision
 `ScaleJitter`), pad to the crop (image 0, label ignore), random crop to the crop.
 
-Test: keep-ratio resize of the image only (the label stays at full resolution) and normalise.
+Test: the image resized by the protocol's policy at every multi-scale ratio (`MultiScaleResize`); the
+label stays at full resolution and normalisation happens on the device.
 
 Each step is a small pure numpy function on arrays; grain transform classes below wrap them for
 records `dict(image=(H, W, 3), label=(H, W), ...)`. The random ones are `grain.transforms.
@@ -462,19 +463,82 @@ class Pad(grain.transforms.Map):
     return _replace(record, image=image, label=label)
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalResize(grain.transforms.Map):
-  """Test-time keep-ratio resize of the image to scale (long, short); the label is untouched.
+# ----------------------------------------------------------------------------------------------
+# Test-time resize policies (spec segvit.md / segformer.md / eomt.md, "Test" / "Inference").
 
-  An empty scale keeps the image as it is.
+TEST_RESIZES = ("keep_ratio", "keep_ratio_aligned", "short_side", "none")
+
+
+def test_size(height: int, width: int, resize: str, scale: Sequence[int], ratio: float = 1.0,
+              size_divisor: int = 32) -> tuple[int, int]:
+  """The (h, w) an (height, width) image is resized to at test time, at one multi-scale `ratio`.
+
+  keep_ratio          mmseg `Resize(keep_ratio=True)` in `MultiScaleFlipAug`: the scale
+                      (long, short) becomes (int(long * ratio), int(short * ratio)), then the
+                      mmcv keep-ratio rule (`rescale_size`). SegViT: scale (2048, crop).
+  keep_ratio_aligned  SegFormer's `AlignedResize`: keep_ratio, then both sides rounded UP to a
+                      multiple of `size_divisor` (32).
+  short_side          EoMT: factor = max(crop_h / h, crop_w / w) for scale (crop_h, crop_w)
+                      times `ratio`, sides round(side * factor) (Python rounding), so the shorter
+                      side becomes the crop.
+  none                the image as it is (times `ratio`, int(side * ratio + 0.5)).
   """
-  scale: tuple[int, ...] = ()
+  if resize == "keep_ratio" or resize == "keep_ratio_aligned":
+    if len(scale) != 2:
+      raise ValueError(f"config.eval.scale={tuple(scale)} must be (long, short) for {resize!r}")
+    h, w = rescale_size(height, width, (int(scale[0] * ratio), int(scale[1] * ratio)))
+    if resize == "keep_ratio_aligned":
+      d = int(size_divisor)
+      h, w = -(-h // d) * d, -(-w // d) * d
+    return h, w
+  if resize == "short_side":
+    if len(scale) != 2:
+      raise ValueError(f"config.eval.scale={tuple(scale)} must be the (h, w) crop for "
+                       "'short_side'")
+    factor = max(scale[0] * ratio / height, scale[1] * ratio / width)
+    return max(round(height * factor), 1), max(round(width * factor), 1)
+  if resize == "none":
+    return max(int(height * ratio + 0.5), 1), max(int(width * ratio + 0.5), 1)
+  raise ValueError(f"unknown test resize {resize!r}; expected one of {TEST_RESIZES}")
+
+
+def resize_image_cv2(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Bilinear resize of a uint8 (H, W, 3) image to (h, w) with OpenCV, as mmcv `imresize`
+  (cv2.INTER_LINEAR: no antialiasing, fixed-point weights), bit for bit."""
+  import cv2  # pylint: disable=g-import-not-at-top  (only the test resize needs it)
+  h, w = size
+  if image.shape[:2] == (h, w):
+    return image
+  return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_for_test(image: np.ndarray, resize: str, scale: Sequence[int], ratio: float = 1.0,
+                    size_divisor: int = 32) -> np.ndarray:
+  """A uint8 image resized by the test policy `resize` (see `test_size`) with the resampler of
+  the implementation it comes from: OpenCV bilinear for mmseg / SegFormer (the aligned resize
+  resamples twice, as `AlignedResize` does), PIL bilinear (antialiased) for EoMT."""
+  h, w = image.shape[:2]
+  if resize == "short_side":
+    return resize_image(image, test_size(h, w, resize, scale, ratio))
+  if resize == "keep_ratio_aligned":
+    image = resize_image_cv2(image, test_size(h, w, "keep_ratio", scale, ratio))
+  return resize_image_cv2(image, test_size(h, w, resize, scale, ratio, size_divisor))
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiScaleResize(grain.transforms.Map):
+  """The evaluation record: `images`, the image resized by the test policy at each multi-scale
+  ratio (uint8); `image` (the original, uint8), `label` (int32, full resolution) and `name`."""
+  resize: str = "keep_ratio"
+  scale: tuple[int, ...] = (2048, 512)
+  ratios: tuple[float, ...] = (1.0,)
+  size_divisor: int = 32
 
   def map(self, record: dict) -> dict:
-    if not self.scale:
-      return record
-    size = rescale_size(*record["image"].shape[:2], self.scale)
-    return _replace(record, image=resize_image(record["image"], size))
+    images = tuple(resize_for_test(record["image"], self.resize, self.scale, r,
+                                   self.size_divisor) for r in self.ratios)
+    return {"images": images, "image": record["image"], "name": record["name"],
+            "label": np.ascontiguousarray(record["label"], np.int32)}
 
 
 @dataclasses.dataclass(frozen=True)
