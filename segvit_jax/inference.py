@@ -87,7 +87,7 @@ def spread_starts(length: int, crop: int) -> list[int]:
     raise ValueError(f"crop {crop} must be positive")
   n = math.ceil(length / crop)
   overlap = n * crop - length
-  per_window = overlap / (n - 1) if overlap > 0 else 0
+  per_window = overlap / (n - 1) if overlap > 0 and n > 1 else 0
   return [int(j * (crop - per_window)) for j in range(n)]
 
 

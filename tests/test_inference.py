@@ -157,3 +157,33 @@ def test_predict_scores_errors():
 ])
 def test_keep_ratio_size(h, w, scale, expected):
   assert T.rescale_size(h, w, scale) == expected
+
+
+@pytest.mark.parametrize("length,crop,expected", [
+    (1100, 512, [0, 294, 588]),  # 3 windows, overlap 436 spread as 218: int(j * 294)
+    (512, 512, [0]),  # the short side after EoMT's resize: one window
+    (1024, 512, [0, 512]),  # no overlap
+    (300, 512, [0]),  # smaller than the crop
+    (1025, 512, [0, 256, 513]),  # overlap 511 / 2 = 255.5: int(256.5) = 256, int(513.0)
+])
+def test_spread_starts_hand_computed(length, crop, expected):
+  starts = inference.spread_starts(length, crop)
+  assert starts == expected
+  assert starts[-1] + crop >= length  # the last window reaches the end
+
+
+def test_window_layouts():
+  # mmseg slide on 512 x 683 at 512 / 341: one row, windows at x = 0 and 683 - 512 = 171.
+  assert inference.window_layout(512, 683, "slide", (512, 512), (341, 341)) == (
+      (512, 512), [(0, 0), (0, 171)])
+  # A side smaller than the crop is one window, rounded up to whole patches (384 already is;
+  # 360 becomes 368 = 23 x 16 and reaches 8 px into the padding).
+  assert inference.window_layout(384, 683, "slide", (512, 512), (341, 341))[0] == (384, 512)
+  assert inference.window_layout(360, 480, "slide", (480, 480), (320, 320)) == (
+      (368, 480), [(0, 0)])
+  # EoMT: short side = crop, evenly spread windows along the long side.
+  assert inference.window_layout(1100, 512, "spread", (512, 512)) == (
+      (512, 512), [(0, 0), (294, 0), (588, 0)])
+  assert inference.window_layout(500, 700, "whole", size_divisor=32) == ((512, 704), [(0, 0)])
+  with pytest.raises(ValueError, match="unknown inference mode 'tiles'"):
+    inference.window_layout(10, 10, "tiles")
