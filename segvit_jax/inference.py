@@ -399,6 +399,9 @@ class MultiScalePredictor:
       return _scores_at(lambda x: apply_fn(params, x), crops)
 
     self._model = jax.jit(model, out_shardings=self._repl)
+    # Accumulators start on the devices (no host allocation and transfer of C x H x W zeros).
+    self._zeros = jax.jit(lambda shape: jnp.zeros(shape, jnp.float32), static_argnums=0,
+                          out_shardings=self._repl)
 
   def put(self, x: Any) -> jax.Array:
     """`x` replicated on this predictor's devices."""
@@ -428,7 +431,7 @@ class MultiScalePredictor:
     views = 2 if p.flip else 1
     softmax = p.average == "softmax" and len(images) * views > 1
     with self.activate():
-      total = self.put(np.zeros((c, *out_shape), np.float32))
+      total = self._zeros((c, *out_shape))
       out_hw = self.put(np.asarray(out_size, np.int32))
       for image in images:
         h, w = image.shape[:2]
@@ -446,8 +449,8 @@ class MultiScalePredictor:
         crops = _cut_windows(self.put(buf), size, table[:, 0], table[:, 1],
                              table[:, 2], self._mean, self._std, window=window,
                              flip=p.flip)
-        acc = self.put(np.zeros((views, c, hb, wb), np.float32))
-        count = self.put(np.zeros((hb, wb), np.float32))
+        acc = self._zeros((views, c, hb, wb))
+        count = self._zeros((hb, wb))
         start = 0
         for n in sizes:
           scores = self._model(self.params, crops[start:start + n])
