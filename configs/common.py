@@ -100,11 +100,34 @@ def run_config() -> ml_collections.ConfigDict:
   c.optim = optim_config()
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.mode = "slide"  # "whole" or "slide"
+  # Test protocol (segvit_jax.evaluate; eval.py --scales / --flip set scales / flip).
+  # Test resize: "keep_ratio" to scale (long, short) (mmseg: SegViT), "keep_ratio_aligned" (the
+  # same, sides rounded up to size_divisor: SegFormer ADE20K), "short_side" (shorter side to
+  # scale = the crop: EoMT), "none"; an empty scale keeps the image as it is.
+  c.eval.resize = "keep_ratio"
+  c.eval.scale = (2048, 512)
+  c.eval.size_divisor = 32
+  c.eval.scales = (1.0,)  # multi-scale ratios, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+  c.eval.flip = False  # also predict the mirrored image
+  # Windows: "slide" (mmseg grid, crop_size / stride), "spread" (EoMT: ceil(side / crop)
+  # evenly spread windows), "whole" (the image, padded to the patch size).
+  c.eval.mode = "slide"
   c.eval.crop_size = (512, 512)
   c.eval.stride = (341, 341)
-  c.eval.scale = (2048, 512)  # keep-ratio test resize; () keeps the image as it is
+  # Views (scales x flips) combine as "softmax" probabilities (mmseg) or raw "scores" (mask
+  # classification: EoMT, Mask2Former).
+  c.eval.average = "softmax"
+  # Also report metrics without class 0 (mIoU59 of a 60-class PASCAL-Context model); None:
+  # automatic (pascal_context with 60 classes).
+  c.eval.background_free_metrics = None
+  c.eval.window_batch = 8  # windows per model call
+  c.eval.bucket = 64  # image buffers are padded to multiples of this (fewer compilations)
+  c.eval.num_threads = 4  # reading / resizing threads ahead of the device
   c.eval.max_examples = -1  # -1: the whole split
+  # Evaluations during training keep the parameters of the best one as a bundle in WORKDIR/best/
+  # (its record in WORKDIR/best.json): the evaluation result compared, higher is better;
+  # "" keeps none.
+  c.eval.best_metric = "mIoU"
   return c
 
 

@@ -109,13 +109,18 @@ def backbone_features(bundle: "Bundle | str", images) -> dict[str, Any]:
 
 def save_bundle(path: str, params: Any, model_cfg: Mapping[str, Any], *, mean, std,
                 class_names, **extra) -> str:
-  """Writes a bundle directory (params through orbax, atomically; ViT blocks unstacked)."""
+  """Writes a bundle directory (params through orbax, atomically; ViT blocks unstacked).
+
+  The calling process writes alone, from host copies of `params`: in a multi-process run the
+  others need not call it (the trainer writes its best bundle from process 0 only)."""
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
   model_cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
   meta = {"format": FORMAT, "version": VERSION, "model": model_cfg, "mean": list(mean),
           "std": list(std), "class_names": list(class_names), **extra}
-  with ocp.StandardCheckpointer() as ckptr:
+  me = jax.process_index()
+  alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
     ckptr.save(os.path.join(path, "params"), vit.unstack_blocks(jax.device_get(params)),
                force=True)
   tmp = os.path.join(path, "config.json.tmp")

@@ -12,6 +12,11 @@ saved from it, so the last good checkpoint stays intact.
 Gradient accumulation (`config.grad_accum_steps`): the global batch is split into micro-batches
 inside the jitted step and their gradients are summed before the one optimizer update, so the
 step equals the whole-batch step up to float rounding (see `accumulated_value_and_grad`).
+
+Best parameters (`config.eval.best_metric`): after each evaluation during training, results
+that beat the best so far are kept as a model bundle in WORKDIR/best/, with their record
+{"step", "metric", "value"} in WORKDIR/best.json (see `BestKeeper`). A resumed run reads the
+record back, so it only replaces best/ with better parameters.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from typing import Any, Callable
 
@@ -33,10 +39,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segvit_jax import checkpoint as ckpt_lib
-from segvit_jax import convert, optim, sharding
+from segvit_jax import bundle, convert, optim, sharding
 from segvit_jax.data import pipeline, sources
 from segvit_jax.losses import atm_loss
 from segvit_jax.losses.atm import atm_normalisers, term_normaliser
@@ -260,6 +267,150 @@ class MetricsWriter:
       self.jsonl.close()
 
 
+BEST_DIR = "best"
+BEST_RECORD = "best.json"
+
+
+def is_improvement(value: float, best: float | None) -> bool:
+  """Whether evaluation result `value` beats `best` (higher is better, strictly greater).
+  NaN never wins; any other value beats no best (None)."""
+  return not math.isnan(value) and (best is None or value > best)
+
+
+def gather_params(params: Any, mesh: jax.sharding.Mesh) -> Any:
+  """`params` (sharded over `mesh`, which may span processes) as numpy arrays on process 0,
+  None on the others. A collective: every process must call it."""
+  replicated = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(params)
+  if jax.process_index() != 0:
+    return None
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), replicated)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def replace_dir(src: str, dst: str) -> None:
+  """Moves the complete directory `src` to `dst`, replacing `dst`. POSIX cannot swap two
+  directories in one rename, so the old `dst` steps aside to `dst.old` first: a crash leaves
+  `dst` whole (old or new) or, between the two renames, missing with the old one whole in
+  `dst.old`, which `recover_dir(dst)` moves back."""
+  old = dst + ".old"
+  if os.path.exists(old):
+    shutil.rmtree(old)
+  if os.path.exists(dst):
+    os.replace(dst, old)
+  try:
+    os.replace(src, dst)
+  except BaseException:
+    if os.path.exists(old) and not os.path.exists(dst):
+      os.replace(old, dst)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dst: str) -> None:
+  """Undoes what a crash inside `replace_dir` (or before it) left: drops the half-written
+  `dst.tmp`, and moves `dst.old` back when `dst` is missing."""
+  tmp, old = dst + ".tmp", dst + ".old"
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  if os.path.exists(old):
+    if os.path.exists(dst):
+      shutil.rmtree(old)
+    else:
+      os.replace(old, dst)
+      logging.warning("restored %s from %s (a run stopped while replacing it)", dst, old)
+
+
+def read_best(workdir: str) -> dict | None:
+  """The record {"step", "metric", "value"} of the parameters kept in WORKDIR/best/, or None.
+
+  WORKDIR/best.json is written after best/ is swapped in, and the bundle in best/ carries the
+  same record (its config.json's "best"): where a crash fell between the two writes they
+  differ, and the bundle's record, which describes the parameters on disk, wins."""
+  path = os.path.join(workdir, BEST_DIR)
+  in_bundle = bundle.read_config(path).get("best") if bundle.is_bundle(path) else None
+  record_file = os.path.join(workdir, BEST_RECORD)
+  record = None
+  if os.path.isfile(record_file):
+    with open(record_file) as f:
+      record = json.load(f)
+  if record != in_bundle:
+    logging.warning("%s says %s but %s holds %s: keeping the latter", record_file, record,
+                    path, in_bundle)
+    if in_bundle is None:
+      os.remove(record_file)
+    else:
+      _write_json(record_file, in_bundle)
+  return in_bundle
+
+
+class BestKeeper:
+  """Keeps the parameters of the best evaluation so far as a model bundle in WORKDIR/best/
+  (`bundle.save_bundle`, with its record as config.json's "best") and the record
+  {"step", "metric", "value"} in WORKDIR/best.json.
+
+  Every process calls `update` after each evaluation (gathering sharded parameters is a
+  collective); process 0 decides and writes. A new best is written to WORKDIR/best.tmp/ and
+  swapped in (`replace_dir`), so a crash never leaves a half-written best/ nor loses the
+  previous one. A resumed run reads the record back (`read_best`); a record of another metric
+  is dropped (the next evaluation replaces best/).
+  """
+
+  def __init__(self, workdir: str, metric: str, **bundle_kwargs):
+    """`bundle_kwargs`: `model_cfg`, `mean`, `std`, `class_names` and extra entries of the
+    bundle's config.json (`bundle.save_bundle`)."""
+    self.workdir, self.metric, self.bundle_kwargs = workdir, metric, bundle_kwargs
+    self.path = os.path.join(workdir, BEST_DIR)
+    self.active = jax.process_index() == 0
+    self.best = None
+    if self.active:
+      recover_dir(self.path)
+      self.best = read_best(workdir)
+      if self.best is not None and self.best["metric"] != metric:
+        logging.warning("%s keeps the best %s; this run keeps the best %s: the next "
+                        "evaluation replaces it", self.path, self.best["metric"], metric)
+        self.best = None
+
+  def update(self, step: int, results: dict, get_params: Callable[[], Any]) -> bool:
+    """Writes `get_params()` (called on every process; host arrays on process 0) as the new
+    best if `results[metric]` beats the best so far. Returns whether it did."""
+    if self.metric not in results:
+      raise KeyError(f"config.eval.best_metric={self.metric!r} is not an evaluation result; "
+                     f"expected one of {sorted(k for k in results if k != 'per_class')}")
+    value = float(results[self.metric])
+    improved = self.active and is_improvement(
+        value, None if self.best is None else self.best["value"])
+    if jax.process_count() > 1:  # process 0's decision: every process must gather, or none
+      improved = bool(multihost_utils.broadcast_one_to_all(np.int32(improved)))
+    if not improved:
+      if self.active:
+        logging.info("%s %.2f at step %d: best stays %s", self.metric, value, step,
+                     self._describe(self.best))
+      return False
+    params = get_params()
+    if self.active:
+      record = {"step": step, "metric": self.metric, "value": value}
+      recover_dir(self.path)  # a leftover best.tmp/
+      bundle.save_bundle(self.path + ".tmp", params, step=step, best=record,
+                         **self.bundle_kwargs)
+      replace_dir(self.path + ".tmp", self.path)
+      _write_json(os.path.join(self.workdir, BEST_RECORD), record)
+      logging.info("new best %s %.2f at step %d (was %s): wrote %s", self.metric, value, step,
+                   self._describe(self.best), self.path)
+      self.best = record
+    wait_for_all_processes("best")  # the others wait here, not in a collective that times out
+    return True
+
+  @staticmethod
+  def _describe(record: dict | None) -> str:
+    return "none" if record is None else f"{record['value']:.2f} at step {record['step']}"
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           evaluate_fn: Callable | None = None) -> dict[str, float]:
   """Trains until `config.total_steps`; returns the last logged scalars."""
@@ -361,6 +512,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         state = state.replace(params=_load_init(config, state.params, param_sh))
 
     writer = MetricsWriter(workdir)
+    best = None
+    if evaluate_fn is not None and config.eval_every and config.eval.get("best_metric"):
+      best = BestKeeper(workdir, config.eval.best_metric, model_cfg=config.model,
+                        mean=config.mean, std=config.std, class_names=class_names,
+                        source=os.path.abspath(workdir))
     total = config.total_steps
     last, window_losses, t0, pending = {}, [], time.perf_counter(), None
     window_start = start
@@ -417,6 +573,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           logging.info("step %d eval: mIoU %.2f mAcc %.2f aAcc %.2f", step, results["mIoU"],
                        results["mAcc"], results["aAcc"])
           writer.write(step, {f"eval/{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")})
+          if best is not None:
+            best.update(step, results, lambda: gather_params(state.params, mesh))
     finally:
       ckpt.close()
       writer.close()
