@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -142,4 +143,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(f"| {r['name']:<{width}} | {_fmt(r['IoU']):>6} | {_fmt(r['Acc']):>6} |")
   lines.append(f"aAcc: {_fmt(results['aAcc'])}  mIoU: {_fmt(results['mIoU'])}  "
                f"mAcc: {_fmt(results['mAcc'])}")
+  variants = sorted(k for k in results if re.fullmatch(r"mIoU\d+", k))  # e.g. mIoU59, mIoU60
+  if variants:
+    lines.append("  ".join(f"{k}: {_fmt(results[k])}" for k in variants))
   return "\n".join(lines)

@@ -47,9 +47,11 @@ from segvit_jax.models import build_model
 
 try:
   from tests.test_cli import ROOT, _fabricate_ade20k, run
+  from tests.test_datasets import _pascal_context
   from tests.test_sharding import _env, _free_port, _results
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
   from test_cli import ROOT, _fabricate_ade20k, run
+  from test_datasets import _pascal_context
   from test_sharding import _env, _free_port, _results
 
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -359,3 +361,41 @@ def test_resize_valid_matches_torch_bilinear(in_size, out_size):
   assert out.shape == (2, 3, 64, 64)
   np.testing.assert_allclose(np.asarray(out)[..., :out_size[0], :out_size[1]], ref, atol=1e-5,
                              rtol=0)
+
+
+def test_pascal_context_reports_miou60_and_miou59(tmp_path):
+  """A 60-class model on PASCAL-Context: mIoU60 over all pixels and mIoU59 as a 59-class model
+  would score (background never predicted, background pixels ignored), equal to numpy on the
+  predictor's own summed scores."""
+  voc = str(tmp_path / "VOCdevkit" / "VOC2010")
+  label = np.zeros((40, 56), np.uint8)
+  label[:, 20:] = 7
+  label[25:, :] = 33  # background (0), two classes
+  _pascal_context(voc, label)
+  cfg, model, params = tiny_segvit(60)
+  c = common.run_config()
+  c.dataset.update(name="pascal_context", root=str(tmp_path), num_classes=60)
+  c.update_from_flattened_dict({**SMALL, "eval.mode": "slide"})
+  c.model = cfg
+  results = evaluate.evaluate_params(model, params, c)
+  assert results["mIoU60"] == results["mIoU"]
+  assert results["mIoU59"] == results["without_class0"]["mIoU"]
+  assert [r["name"] for r in results["without_class0"]["per_class"]][:2] == [
+      "aeroplane", "bag"]
+  assert len(results["without_class0"]["per_class"]) == 59
+  # The same numbers from numpy on the summed scores of the one val image.
+  ex = pipeline.make_eval_dataset(c)[0][0]
+  p = inference.Protocol.from_config(c)
+  total = np.asarray(inference.MultiScalePredictor(
+      lambda q, x: model.apply({"params": q}, x)["semantic_scores"], params, p, 60,
+      mean=c.mean, std=c.std)(ex["images"], label.shape))[:, :40, :56]
+  pred59 = total[1:].argmax(0) + 1
+  keep = label != 0
+  conf = np.zeros((60, 60), np.int64)
+  np.add.at(conf, (label[keep].astype(int), pred59[keep]), 1)
+  assert results["mIoU59"] == pytest.approx(
+      metrics.segmentation_metrics(conf[1:, 1:])["mIoU"], abs=1e-9)
+  conf60 = np.zeros((60, 60), np.int64)
+  np.add.at(conf60, (label.astype(int).ravel(), total.argmax(0).ravel()), 1)
+  assert results["mIoU60"] == pytest.approx(metrics.segmentation_metrics(conf60)["mIoU"],
+                                            abs=1e-9)

@@ -222,3 +222,9 @@ def test_confusion_picture_keeps_classes_with_most_pixels():
   np.testing.assert_array_equal(_cell_colours(picture, layout, 40), visualize._ramp(share))
   assert "40 of 150 classes with the most pixels" in visualize._title(150, 40, int(gt.sum()))
   assert "4 classes;" in visualize._title(4, 4, 10)
+
+
+def test_format_table_shows_class_count_variants():
+  r = metrics.segmentation_metrics(HAND_CONF, ["a", "b", "c"])
+  r.update({"mIoU3": r["mIoU"], "mIoU2": 12.345})
+  assert metrics.format_table(r).splitlines()[-1] == "mIoU2: 12.35  mIoU3: 55.56"
