@@ -19,7 +19,6 @@ first).
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import tempfile
@@ -70,23 +69,13 @@ def windows_per_image(c, height: int, width: int) -> list[int]:
 def measure(c, model, params) -> list[float]:
   """Seconds per image of `evaluate_params`'s loop (`num_threads` 0: reading in this thread;
   it is ~1% of a step here)."""
-  k = c.model.num_classes
-  ignore = int(c.dataset.ignore_index)
   dataset, _ = pipeline.make_eval_dataset(c, "train")
-  predictor = inference.MultiScalePredictor(
-      lambda p, x: model.apply({"params": p}, x)["semantic_scores"], params,
-      inference.Protocol.from_config(c), k, mean=c.mean, std=c.std)
-  score = functools.partial(evaluate.confusions, num_classes=k, ignore_index=ignore)
+  predictor = evaluate.make_predictor(model, params, c)
   times = []
   for i in range(len(dataset)):
     t0 = time.perf_counter()
-    ex = dataset[i]
-    label = ex["label"]
-    total = predictor(ex["images"], label.shape)
-    buf = np.full(total.shape[1:], ignore, np.int32)
-    buf[:label.shape[0], :label.shape[1]] = label
-    with predictor.activate():
-      _, mats = score(total, predictor.put(buf))
+    _, mats = evaluate.score_image(predictor, dataset[i],
+                                   ignore_index=int(c.dataset.ignore_index))
     np.asarray(mats)  # waits for the device
     times.append(time.perf_counter() - t0)
   return times

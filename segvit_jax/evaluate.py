@@ -80,6 +80,29 @@ def confusions(total: jax.Array, label: jax.Array, *, num_classes: int, ignore_i
   return pred, jnp.stack(mats)
 
 
+def make_predictor(model, params: Any, config: ml_collections.ConfigDict
+                   ) -> inference.MultiScalePredictor:
+  """The model's semantic scores under `config.eval`'s protocol, on this process's devices."""
+  apply_fn = lambda p, x: model.apply({"params": p}, x)["semantic_scores"]  # noqa: E731
+  return inference.MultiScalePredictor(apply_fn, params, inference.Protocol.from_config(config),
+                                       config.model.num_classes, mean=config.mean,
+                                       std=config.std)
+
+
+def score_image(predictor: inference.MultiScalePredictor, record: dict[str, Any], *,
+                ignore_index: int, without_class0: bool = False
+                ) -> tuple[jax.Array, jax.Array]:
+  """`confusions` of one evaluation record (`MultiScaleResize`), on the devices (not waited
+  for): (prediction (Hb, Wb), confusion matrices (V, K, K))."""
+  label = record["label"]
+  total = predictor(record["images"], label.shape)
+  buf = np.full(total.shape[1:], ignore_index, np.int32)
+  buf[:label.shape[0], :label.shape[1]] = label
+  with predictor.activate():
+    return confusions(total, predictor.put(buf), num_classes=predictor.num_classes,
+                      ignore_index=ignore_index, without_class0=without_class0)
+
+
 def _iterate(dataset: grain.MapDataset, num_threads: int):
   """Records in order, read and resized by `num_threads` threads ahead of the device."""
   if num_threads <= 0:
@@ -126,13 +149,8 @@ def evaluate_params(model, params: Any, config: ml_collections.ConfigDict, *,
   if len(class_names) != k:
     raise ValueError(f"dataset has {len(class_names)} classes, model.num_classes={k}")
   ignore = int(config.dataset.ignore_index)
-  protocol = inference.Protocol.from_config(config)
-  apply_fn = lambda p, x: model.apply({"params": p}, x)["semantic_scores"]  # noqa: E731
-  predictor = inference.MultiScalePredictor(apply_fn, params, protocol, k, mean=config.mean,
-                                            std=config.std)
+  predictor = make_predictor(model, params, config)
   without0 = background_free(config)
-  score = functools.partial(confusions, num_classes=k, ignore_index=ignore,
-                            without_class0=without0)
   pic_dir = os.path.join(out_dir, "pictures") if out_dir and num_pictures else None
   if pic_dir and jax.process_index() == 0:
     os.makedirs(pic_dir, exist_ok=True)
@@ -143,11 +161,7 @@ def evaluate_params(model, params: Any, config: ml_collections.ConfigDict, *,
   bar = _Progress(len(dataset), progress)
   for i, ex in enumerate(_iterate(dataset, int(config.eval.get("num_threads", 4)))):
     label = ex["label"]
-    total = predictor(ex["images"], label.shape)
-    buf = np.full(total.shape[1:], ignore, np.int32)
-    buf[:label.shape[0], :label.shape[1]] = label
-    with predictor.activate():
-      pred, mats = score(total, predictor.put(buf))
+    pred, mats = score_image(predictor, ex, ignore_index=ignore, without_class0=without0)
     pending.append(mats)
     if len(pending) > 2:
       conf += np.asarray(pending.popleft(), np.int64)

@@ -385,10 +385,8 @@ def test_pascal_context_reports_miou60_and_miou59(tmp_path):
   assert len(results["without_class0"]["per_class"]) == 59
   # The same numbers from numpy on the summed scores of the one val image.
   ex = pipeline.make_eval_dataset(c)[0][0]
-  p = inference.Protocol.from_config(c)
-  total = np.asarray(inference.MultiScalePredictor(
-      lambda q, x: model.apply({"params": q}, x)["semantic_scores"], params, p, 60,
-      mean=c.mean, std=c.std)(ex["images"], label.shape))[:, :40, :56]
+  total = np.asarray(evaluate.make_predictor(model, params, c)(ex["images"],
+                                                               label.shape))[:, :40, :56]
   pred59 = total[1:].argmax(0) + 1
   keep = label != 0
   conf = np.zeros((60, 60), np.int64)
