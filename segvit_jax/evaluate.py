@@ -65,16 +65,16 @@ def background_free(config: ml_collections.ConfigDict) -> bool:
 def confusions(total: jax.Array, label: jax.Array, *, num_classes: int, ignore_index: int,
                without_class0: bool = False) -> tuple[jax.Array, jax.Array]:
   """(prediction (Hb, Wb) int32, confusion matrices (V, K, K) int32) of summed view scores
-  (K, Hb, Wb) against a label buffer (Hb, Wb) padded with `ignore_index`.
+  (Hb, Wb, K) against a label buffer (Hb, Wb) padded with `ignore_index`.
 
   With `without_class0`, a second matrix scores the image as a model without class 0 would
   be: class 0 is never predicted (argmax over classes 1..K-1) and pixels labelled 0 are
   ignored; its [1:, 1:] block gives e.g. PASCAL-Context's mIoU59 from a 60-class model.
   """
-  pred = jnp.argmax(total, axis=0).astype(jnp.int32)
+  pred = jnp.argmax(total, axis=-1).astype(jnp.int32)
   mats = [metrics.confusion_matrix(pred, label, num_classes, ignore_index)]
   if without_class0:
-    pred0 = jnp.argmax(total[1:], axis=0).astype(jnp.int32) + 1
+    pred0 = jnp.argmax(total[..., 1:], axis=-1).astype(jnp.int32) + 1
     label0 = jnp.where(label == 0, ignore_index, label)
     mats.append(metrics.confusion_matrix(pred0, label0, num_classes, ignore_index))
   return pred, jnp.stack(mats)
@@ -96,7 +96,7 @@ def score_image(predictor: inference.MultiScalePredictor, record: dict[str, Any]
   for): (prediction (Hb, Wb), confusion matrices (V, K, K))."""
   label = record["label"]
   total = predictor(record["images"], label.shape)
-  buf = np.full(total.shape[1:], ignore_index, np.int32)
+  buf = np.full(total.shape[:2], ignore_index, np.int32)
   buf[:label.shape[0], :label.shape[1]] = label
   with predictor.activate():
     return confusions(total, predictor.put(buf), num_classes=predictor.num_classes,

@@ -242,13 +242,16 @@ def bilinear_taps(out_len: int, in_size: jax.Array, out_size: jax.Array):
 
 
 def resize_valid(x: jax.Array, in_size: tuple[jax.Array, jax.Array],
-                 out_size: tuple[jax.Array, jax.Array], out_shape: tuple[int, int]) -> jax.Array:
+                 out_size: tuple[jax.Array, jax.Array], out_shape: tuple[int, int],
+                 axes: tuple[int, int] = (-2, -1)) -> jax.Array:
   """Bilinear resize (torch-identical, align_corners=False) of the top-left `in_size` region of
-  (..., h_buf, w_buf) `x` to the top-left `out_size` region of a (..., *out_shape) result;
-  sizes may be traced. Values outside `out_size` are finite but meaningless."""
-  for axis, (n_in, n_out, length) in enumerate(zip(in_size, out_size, out_shape)):
+  the two spatial `axes` of `x` to the top-left `out_size` region of `out_shape`; sizes may be
+  traced. Values outside `out_size` are finite but meaningless. (Gathers of whole rows: with
+  the channels last, (..., H, W, C) and axes (-3, -2), this is several times faster on a CPU
+  than gathering single values along the minor axis.)"""
+  for ax, n_in, n_out, length in zip(axes, in_size, out_size, out_shape):
     i0, i1, w0, w1 = bilinear_taps(length, jnp.asarray(n_in), jnp.asarray(n_out))
-    ax = x.ndim - 2 + axis
+    ax = ax % x.ndim
     shape = [1] * x.ndim
     shape[ax] = length
     x = (jnp.take(x, i0, axis=ax) * w0.reshape(shape) + jnp.take(x, i1, axis=ax) *
@@ -279,16 +282,16 @@ def _cut_windows(image, size, slot, ys, xs, mean, std, *, window, flip):
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _add_windows(acc, count, scores, slot, ys, xs, valid):
-  """Adds window scores (B, C, wh, ww) into acc (F, C, hb, wb) at their origins and counts the
+  """Adds window scores (B, wh, ww, C) into acc (F, hb, wb, C) at their origins and counts the
   windows of view 0 per pixel in count (hb, wb); invalid (padding) windows add nothing."""
-  _, c, wh, ww = scores.shape
+  _, wh, ww, c = scores.shape
 
   def body(k, carry):
     acc, count = carry
     v = valid[k].astype(jnp.float32)
-    at = (slot[k], 0, ys[k], xs[k])
+    at = (slot[k], ys[k], xs[k], 0)
     acc = jax.lax.dynamic_update_slice(
-        acc, jax.lax.dynamic_slice(acc, at, (1, c, wh, ww)) + v * scores[k][None], at)
+        acc, jax.lax.dynamic_slice(acc, at, (1, wh, ww, c)) + v * scores[k][None], at)
     ones = jnp.full((wh, ww), v * (slot[k] == 0), jnp.float32)
     count = jax.lax.dynamic_update_slice(
         count, jax.lax.dynamic_slice(count, (ys[k], xs[k]), (wh, ww)) + ones, (ys[k], xs[k]))
@@ -299,14 +302,16 @@ def _add_windows(acc, count, scores, slot, ys, xs, valid):
 
 @functools.partial(jax.jit, static_argnames=("softmax",), donate_argnums=(0,))
 def _add_view_scores(total, acc, count, size, out_size, *, softmax):
-  """total (C, Hb, Wb) + the window-averaged scores of every view, each resized to the original
-  `out_size`, optionally softmaxed over classes, the mirror view flipped back."""
-  avg = acc / jnp.maximum(count, 1.0)
-  out = resize_valid(avg, (size[0], size[1]), (out_size[0], out_size[1]), total.shape[-2:])
+  """total (Hb, Wb, C) + the window-averaged scores of every view (acc (F, hb, wb, C)), each
+  resized to the original `out_size`, optionally softmaxed over classes, the mirror view
+  flipped back."""
+  avg = acc / jnp.maximum(count, 1.0)[..., None]
+  out = resize_valid(avg, (size[0], size[1]), (out_size[0], out_size[1]), total.shape[:2],
+                     axes=(1, 2))
   if softmax:
-    out = jax.nn.softmax(out, axis=1)
+    out = jax.nn.softmax(out, axis=-1)
   if out.shape[0] == 2:
-    out = out.at[1].set(flip_valid(out[1], out_size[1]))
+    out = out.at[1].set(flip_valid(out[1], out_size[1], axis=1))
   return total + out.sum(axis=0)
 
 
@@ -371,13 +376,13 @@ class MultiScalePredictor:
   """Multi-scale (+ flip) scores of one image at a time on this process's devices.
 
     predictor = MultiScalePredictor(apply_fn, params, protocol, num_classes)
-    total = predictor(images, out_size)  # (C, Hb, Wb) on device; [:, :H, :W] is the image
+    total = predictor(images, out_size)  # (Hb, Wb, C) on device; [:H, :W] is the image
 
   `apply_fn(params, images (B, h, w, 3)) -> (B, C, h', w')` semantic scores; `images` are the
   uint8 test-resized images, one per scale (`MultiScaleResize`); `out_size` is the original
   (H, W). The result is the sum over views (scales x flips) of softmax probabilities or scores
   at the original size (dividing by the view count would not change the argmax); its buffer is
-  (H, W) rounded up to `protocol.bucket`.
+  (H, W) rounded up to `protocol.bucket`, channels last (the layout the glue is fast in).
   """
 
   def __init__(self, apply_fn: Callable, params: Any, protocol: Protocol, num_classes: int, *,
@@ -396,7 +401,7 @@ class MultiScalePredictor:
 
     def model(params, crops):
       crops = jax.lax.with_sharding_constraint(crops, self._batch)
-      return _scores_at(lambda x: apply_fn(params, x), crops)
+      return jnp.moveaxis(_scores_at(lambda x: apply_fn(params, x), crops), 1, -1)
 
     self._model = jax.jit(model, out_shardings=self._repl)
     # Accumulators start on the devices (no host allocation and transfer of C x H x W zeros).
@@ -431,7 +436,7 @@ class MultiScalePredictor:
     views = 2 if p.flip else 1
     softmax = p.average == "softmax" and len(images) * views > 1
     with self.activate():
-      total = self._zeros((c, *out_shape))
+      total = self._zeros((*out_shape, c))
       out_hw = self.put(np.asarray(out_size, np.int32))
       for image in images:
         h, w = image.shape[:2]
@@ -449,13 +454,13 @@ class MultiScalePredictor:
         crops = _cut_windows(self.put(buf), size, table[:, 0], table[:, 1],
                              table[:, 2], self._mean, self._std, window=window,
                              flip=p.flip)
-        acc = self._zeros((views, c, hb, wb))
+        acc = self._zeros((views, hb, wb, c))
         count = self._zeros((hb, wb))
         start = 0
         for n in sizes:
           scores = self._model(self.params, crops[start:start + n])
-          if scores.shape[1] != c:
-            raise ValueError(f"the model returned {scores.shape[1]} score channels, expected "
+          if scores.shape[-1] != c:
+            raise ValueError(f"the model returned {scores.shape[-1]} score channels, expected "
                              f"num_classes={c}")
           sl = slice(start, start + n)
           acc, count = _add_windows(acc, count, scores, table[sl, 0], table[sl, 1],

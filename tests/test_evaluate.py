@@ -142,7 +142,7 @@ def test_two_process_evaluation_matches_one_process(ade_bundle, tmp_path):
   preds = {}
   for ex in dataset:
     h, w = ex["label"].shape
-    preds[ex["name"]] = np.asarray(predictor(ex["images"], (h, w)))[:, :h, :w].argmax(0)
+    preds[ex["name"]] = np.asarray(predictor(ex["images"], (h, w)))[:h, :w].argmax(-1)
   # Left half: the prediction (raw PNG value = class + 1); a 0 (ignored) band on top.
   for name, pred in preds.items():
     png = os.path.join(root, "annotations/validation", name + ".png")
@@ -239,6 +239,11 @@ def reference_total(score_fn, images, out_size, p: inference.Protocol) -> np.nda
   return total
 
 
+def chw(total: jax.Array) -> np.ndarray:
+  """A predictor's (Hb, Wb, C) total as (C, Hb, Wb)."""
+  return np.moveaxis(np.asarray(total), -1, 0)
+
+
 def _images(sizes, seed=0):
   rng = np.random.default_rng(seed)
   return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
@@ -257,9 +262,9 @@ def test_predictor_equals_sum_of_predict_scores_views(mode, average):
                          window_batch=4, bucket=64, size_divisor=16)
   images = _images(SIZES)
   total = _predictor(window_mixing_scores, p)(images, OUT)
-  assert total.shape == (C, 64, 128)
+  assert total.shape == (64, 128, C)  # channels last
   expected = reference_total(window_mixing_scores, images, OUT, p)
-  np.testing.assert_allclose(np.asarray(total)[:, :40, :70], expected, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(chw(total)[:, :40, :70], expected, atol=1e-5, rtol=0)
   if average == "softmax":  # 6 views of probabilities
     np.testing.assert_allclose(expected.sum(axis=0), 6.0, atol=1e-5)
 
@@ -273,7 +278,7 @@ def test_predictor_equals_sum_of_predict_scores_views_tiny_segvit():
   total = _predictor(None, p, params, apply_fn)(images, OUT)
   expected = reference_total(functools.partial(apply_fn, params), images, OUT, p)
   assert np.ptp(expected[0]) > 100 * 1e-5  # the random model's scores vary over the image
-  np.testing.assert_allclose(np.asarray(total)[:, :40, :70], expected, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(chw(total)[:, :40, :70], expected, atol=1e-5, rtol=0)
 
 
 def test_slide_on_one_window_image_equals_whole():
@@ -292,9 +297,8 @@ def test_flip_of_flip_equivariant_scores_doubles_the_total():
   # differs between a pixel and its mirror: up to 2.6e-5 on these random images.)
   images = _images([(40, 70), (20, 35)], seed=3)
   kw = dict(mode="slide", crop=(32, 32), stride=(20, 20), average="scores", window_batch=4)
-  plain = np.asarray(_predictor(pointwise_scores, inference.Protocol(**kw))(images, OUT))
-  both = np.asarray(_predictor(pointwise_scores, inference.Protocol(flip=True, **kw))(images,
-                                                                                      OUT))
+  plain = chw(_predictor(pointwise_scores, inference.Protocol(**kw))(images, OUT))
+  both = chw(_predictor(pointwise_scores, inference.Protocol(flip=True, **kw))(images, OUT))
   np.testing.assert_allclose(both[:, :40, :70] / 2, plain[:, :40, :70], atol=1e-5, rtol=0)
   np.testing.assert_array_equal(both[:, :40, :70].argmax(0), plain[:, :40, :70].argmax(0))
 
@@ -312,7 +316,7 @@ def test_scales_one_equals_single_scale():
   x = (single.astype(np.float32) - np.float32(MEAN)) / np.float32(STD)
   expected = inference.predict_scores(window_mixing_scores, jnp.asarray(x[None]), mode="slide",
                                       crop=(64, 64), stride=(32, 32), out_size=(48, 64))
-  np.testing.assert_allclose(np.asarray(total)[:, :48, :64], np.asarray(expected)[0], atol=1e-5,
+  np.testing.assert_allclose(chw(total)[:, :48, :64], np.asarray(expected)[0], atol=1e-5,
                              rtol=0)
 
 
@@ -326,7 +330,8 @@ def test_confusions_without_class0_against_numpy():
   total = rng.normal(size=(k, 16, 24)).astype(np.float32)
   label = rng.integers(0, k, (16, 24)).astype(np.int32)
   label[rng.random((16, 24)) < 0.2] = ignore
-  pred, mats = evaluate.confusions(jnp.asarray(total), jnp.asarray(label), num_classes=k,
+  pred, mats = evaluate.confusions(jnp.asarray(np.moveaxis(total, 0, -1)), jnp.asarray(label),
+                                   num_classes=k,
                                    ignore_index=ignore, without_class0=True)
   pred0 = total[1:].argmax(0) + 1
   expected = np.zeros((2, k, k), np.int64)
@@ -385,8 +390,7 @@ def test_pascal_context_reports_miou60_and_miou59(tmp_path):
   assert len(results["without_class0"]["per_class"]) == 59
   # The same numbers from numpy on the summed scores of the one val image.
   ex = pipeline.make_eval_dataset(c)[0][0]
-  total = np.asarray(evaluate.make_predictor(model, params, c)(ex["images"],
-                                                               label.shape))[:, :40, :56]
+  total = chw(evaluate.make_predictor(model, params, c)(ex["images"], label.shape))[:, :40, :56]
   pred59 = total[1:].argmax(0) + 1
   keep = label != 0
   conf = np.zeros((60, 60), np.int64)
