@@ -107,6 +107,9 @@ def run_config() -> ml_collections.ConfigDict:
   c.eval.resize = "keep_ratio"
   c.eval.scale = (2048, 512)
   c.eval.size_divisor = 32
+  # mmseg 0.x Resize(min_size=...) with keep_ratio: the short side becomes max(short * ratio,
+  # min_size), the long side uncapped (SegViT's COCO-Stuff / PASCAL-Context test); 0: off.
+  c.eval.min_size = 0
   c.eval.scales = (1.0,)  # multi-scale ratios, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
   c.eval.flip = False  # also predict the mirrored image
   # Windows: "slide" (mmseg grid, crop_size / stride), "spread" (EoMT: ceil(side / crop)
@@ -186,27 +189,92 @@ def optim_config() -> ml_collections.ConfigDict:
   ))
 
 
-def segvit_ade20k_config(variant: str, crop: int, stride: int) -> ml_collections.ConfigDict:
-  """The paper's ADE20K recipe (spec segvit.md, "Training recipes") for a ViT variant."""
+# The paper's per-dataset recipes (spec segvit.md, "Training recipes"; the released configs for
+# what the spec leaves open): crop and slide stride per ViT size, iterations, weight decay,
+# poly power, classes, train base scale and test resize. The ATM and Shrunk models share them.
+SEGVIT_RECIPES = {
+    "ade20k": dict(
+        name="ade20k", root="data/ADEChallengeData2016", num_classes=150,
+        reduce_zero_label=True, crop={"B/16": 512, "L/16": 640},
+        stride={"B/16": 341, "L/16": 608}, steps=160_000, weight_decay=0.01, poly_power=1.0,
+        scale=None, test_min_size=0),
+    # The release tests with mmseg's Resize(min_size=512): short side 512 (x ratio, at least
+    # 512), long side uncapped.
+    "coco_stuff10k": dict(
+        name="coco_stuff10k", root="data/coco_stuff10k", num_classes=171,
+        reduce_zero_label=False, crop={"B/16": 512, "L/16": 512},
+        stride={"B/16": 341, "L/16": 341}, steps=80_000, weight_decay=0.02, poly_power=2.0,
+        scale=None, test_min_size=512),
+    # The release trains and tests PASCAL-Context at base scale (520, 520), not (2048, crop),
+    # and tests with Resize(min_size=480): short side max(520 x ratio, 480).
+    "pascal_context": dict(
+        name="pascal_context", root="data/VOCdevkit/VOC2010", num_classes=60,
+        reduce_zero_label=False, crop={"B/16": 480, "L/16": 480},
+        stride={"B/16": 320, "L/16": 320}, steps=80_000, weight_decay=0.03, poly_power=1.0,
+        scale=(520, 520), test_min_size=480),
+}
+
+# SegViT-Shrunk (spec segvit.md, "Shrunk structure"): query down-sampling at `shrink_idx`,
+# QU reading `tap_layers` shallow first, then a single-stage ATM head; widths as the ATM heads.
+SHRUNK = {
+    "B/16": dict(shrink_idx=6, tap_layers=(5, 11)),
+    "L/16": dict(shrink_idx=8, tap_layers=(7, 23)),
+}
+
+
+def shrunk_model_config(variant: str, num_classes: int, crop: int,
+                        drop_path: float | None = None) -> ml_collections.ConfigDict:
+  """SegViT-Shrunk: the ViT with query down-sampling + QU + single-stage ATM head. The QU
+  query grid is stored at crop / patch and resized to other inputs on the fly."""
+  m = segvit_model_config(variant, num_classes, drop_path)
+  atm = ATM_HEADS[variant]
+  patch = int(variant.split("/")[1])
+  m.backbone.shrink_idx = SHRUNK[variant]["shrink_idx"]
+  m.head = ml_collections.ConfigDict(dict(
+      type="shrunk", tap_layers=SHRUNK[variant]["tap_layers"], width=atm["width"],
+      num_heads=atm["num_heads"], query_grid=(crop // patch, crop // patch), qu_layers=3,
+      atm_layers=3, dropout=0.1))
+  return m
+
+
+def segvit_config(variant: str, dataset: str, *, shrunk: bool = False,
+                  pascal_classes: int = 60) -> ml_collections.ConfigDict:
+  """The paper's recipe for SegViT (or SegViT-Shrunk) with a ViT `variant` on `dataset` (a
+  SEGVIT_RECIPES key). PASCAL-Context: 60 classes (background a class; mIoU59 reported beside
+  mIoU60) or 59 (background ignored in training)."""
+  r = SEGVIT_RECIPES[dataset]
+  crop, stride = r["crop"][variant], r["stride"][variant]
+  num_classes = r["num_classes"]
   c = run_config()
-  c.total_steps = 160_000
+  c.total_steps = r["steps"]
   c.batch_size = 16
-  c.dataset.name = "ade20k"
-  c.dataset.root = "data/ADEChallengeData2016"
-  c.dataset.num_classes = 150
-  c.dataset.reduce_zero_label = True
+  c.dataset.name = r["name"]
+  if dataset == "pascal_context":
+    if pascal_classes not in (59, 60):
+      raise ValueError(f"PASCAL-Context has 60 or 59 classes, not {pascal_classes!r}")
+    num_classes = pascal_classes
+    c.dataset.name = "pascal_context" if pascal_classes == 60 else "pascal_context59"
+  c.dataset.root = r["root"]
+  c.dataset.num_classes = num_classes
+  c.dataset.reduce_zero_label = r["reduce_zero_label"]
   c.dataset.num_workers = 8
+  scale = tuple(r["scale"] or (2048, crop))
   c.augment.crop_size = (crop, crop)
-  c.augment.scale = (2048, crop)
-  c.model = segvit_model_config(variant, num_classes=150)
+  c.augment.scale = scale
+  if shrunk:
+    c.model = shrunk_model_config(variant, num_classes, crop)
+  else:
+    c.model = segvit_model_config(variant, num_classes)
   c.model_init = f"weights/{AUGREG_FILES[variant]}"
   c.model_init_format = "augreg-npz"
   patch = int(variant.split("/")[1])
   c.model.backbone.posemb_grid = (crop // patch, crop // patch)
-  c.optim.weight_decay = 0.01
-  c.optim.poly_power = 1.0
+  c.optim.weight_decay = r["weight_decay"]
+  c.optim.poly_power = r["poly_power"]
   c.eval.mode = "slide"
   c.eval.crop_size = (crop, crop)
   c.eval.stride = (stride, stride)
-  c.eval.scale = (2048, crop)
+  c.eval.scale = scale
+  c.eval.min_size = r["test_min_size"]
   return c
+

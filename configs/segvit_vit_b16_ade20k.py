@@ -17,4 +17,4 @@ from configs import common
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del arg
-  return common.segvit_ade20k_config("B/16", crop=512, stride=341)
+  return common.segvit_config("B/16", "ade20k")

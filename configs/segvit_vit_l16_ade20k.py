@@ -18,4 +18,4 @@ from configs import common
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del arg
-  return common.segvit_ade20k_config("L/16", crop=640, stride=608)
+  return common.segvit_config("L/16", "ade20k")

@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from segvit_jax import inference
-from segvit_jax.models import build_model, patch_size, vit
+from segvit_jax.models import build_model, input_divisor, patch_size, vit
 
 FORMAT = "segvit_jax.bundle"
 VERSION = 1
@@ -64,7 +64,7 @@ class Bundle:
       raise ValueError(f"predict expects uint8 images (B, H, W, 3), got {images.shape}")
     fn = functools.partial(self._score_fn, self.variables)
     scores = inference.whole_inference(fn, self.normalize(images),
-                                       size_divisor=patch_size(self.config.model))
+                                       size_divisor=input_divisor(self.config.model))
     return np.asarray(scores, np.float32)
 
   @functools.cached_property

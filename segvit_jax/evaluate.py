@@ -8,6 +8,7 @@ The protocol is `config.eval`:
   resize, scale, size_divisor  test resize (`transforms.test_size`): "keep_ratio" to (long,
                                short) (SegViT / mmseg), "keep_ratio_aligned" (SegFormer ADE20K),
                                "short_side" to the crop (EoMT), "none"
+  min_size                     mmseg's Resize(min_size): short side >= it, long side uncapped
   scales, flip                 multi-scale ratios, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), and
                                horizontal flip
   mode, crop_size, stride      "slide" (mmseg), "spread" (EoMT), "whole"
@@ -46,7 +47,8 @@ def protocol_record(config: ml_collections.ConfigDict, split: str) -> dict[str, 
   return {
       "dataset": config.dataset.name, "split": split,
       "resize": ev.get("resize", "keep_ratio") if tuple(ev.scale) else "none",
-      "scale": list(ev.scale), "scales": [float(r) for r in ev.get("scales", (1.0,))],
+      "scale": list(ev.scale), "min_size": int(ev.get("min_size", 0)),
+      "scales": [float(r) for r in ev.get("scales", (1.0,))],
       "flip": bool(ev.get("flip", False)), "mode": ev.mode, "crop_size": list(ev.crop_size),
       "stride": list(ev.stride), "average": ev.get("average", "softmax"),
       "reduce_zero_label": bool(config.dataset.get("reduce_zero_label", False)),

@@ -328,7 +328,8 @@ class Protocol:
   average: how views (scales x flips) combine at the original size: "softmax" (mmseg:
   per-pixel softmax probabilities averaged) or "scores" (semantic scores averaged, as
   mask-classification models do); window_batch: windows per model call; bucket: buffer sides
-  are multiples of this; size_divisor: the patch size (whole mode pads to it).
+  are multiples of this; size_divisor: what model inputs must be multiples of (the patch
+  size; twice that for SegViT-Shrunk): whole mode pads to it.
   """
   mode: str = "slide"
   crop: tuple[int, int] = (512, 512)
@@ -351,11 +352,11 @@ class Protocol:
   @classmethod
   def from_config(cls, config) -> "Protocol":
     ev = config.eval
-    from segvit_jax.models import patch_size  # pylint: disable=g-import-not-at-top
+    from segvit_jax.models import input_divisor  # pylint: disable=g-import-not-at-top
     return cls(mode=ev.mode, crop=tuple(ev.crop_size), stride=tuple(ev.stride),
                flip=bool(ev.get("flip", False)), average=ev.get("average", "softmax"),
                window_batch=int(ev.get("window_batch", None) or 8),
-               bucket=int(ev.get("bucket", 64)), size_divisor=patch_size(config.model))
+               bucket=int(ev.get("bucket", 64)), size_divisor=input_divisor(config.model))
 
 
 def local_mesh() -> jax.sharding.Mesh:

@@ -196,7 +196,8 @@ def eval_transforms(config) -> list:
   resize = ev.get("resize", "keep_ratio") if tuple(ev.scale) else "none"
   return [T.MultiScaleResize(resize=resize, scale=tuple(ev.scale),
                              ratios=tuple(float(r) for r in ev.get("scales", (1.0,))),
-                             size_divisor=int(ev.get("size_divisor", 32)))]
+                             size_divisor=int(ev.get("size_divisor", 32)),
+                             min_size=int(ev.get("min_size", 0)))]
 
 
 def apply_transforms(ds: grain.MapDataset, ops) -> grain.MapDataset:

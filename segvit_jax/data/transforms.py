@@ -470,7 +470,7 @@ TEST_RESIZES = ("keep_ratio", "keep_ratio_aligned", "short_side", "none")
 
 
 def test_size(height: int, width: int, resize: str, scale: Sequence[int], ratio: float = 1.0,
-              size_divisor: int = 32) -> tuple[int, int]:
+              size_divisor: int = 32, min_size: int = 0) -> tuple[int, int]:
   """The (h, w) an (height, width) image is resized to at test time, at one multi-scale `ratio`.
 
   keep_ratio          mmseg `Resize(keep_ratio=True)` in `MultiScaleFlipAug`: the scale
@@ -486,7 +486,12 @@ def test_size(height: int, width: int, resize: str, scale: Sequence[int], ratio:
   if resize == "keep_ratio" or resize == "keep_ratio_aligned":
     if len(scale) != 2:
       raise ValueError(f"config.eval.scale={tuple(scale)} must be (long, short) for {resize!r}")
-    h, w = rescale_size(height, width, (int(scale[0] * ratio), int(scale[1] * ratio)))
+    target = (int(scale[0] * ratio), int(scale[1] * ratio))
+    if min_size:
+      short = max(min(target), int(min_size))
+      target = ((short * height / width, short) if height > width else
+                (short, short * width / height))
+    h, w = rescale_size(height, width, target)
     if resize == "keep_ratio_aligned":
       d = int(size_divisor)
       h, w = -(-h // d) * d, -(-w // d) * d
@@ -513,7 +518,7 @@ def resize_image_cv2(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def resize_for_test(image: np.ndarray, resize: str, scale: Sequence[int], ratio: float = 1.0,
-                    size_divisor: int = 32) -> np.ndarray:
+                    size_divisor: int = 32, min_size: int = 0) -> np.ndarray:
   """A uint8 image resized by the test policy `resize` (see `test_size`) with the resampler of
   the implementation it comes from: OpenCV bilinear for mmseg / SegFormer (the aligned resize
   resamples twice, as `AlignedResize` does), PIL bilinear (antialiased) for EoMT."""
@@ -521,8 +526,9 @@ def resize_for_test(image: np.ndarray, resize: str, scale: Sequence[int], ratio:
   if resize == "short_side":
     return resize_image(image, test_size(h, w, resize, scale, ratio))
   if resize == "keep_ratio_aligned":
-    image = resize_image_cv2(image, test_size(h, w, "keep_ratio", scale, ratio))
-  return resize_image_cv2(image, test_size(h, w, resize, scale, ratio, size_divisor))
+    image = resize_image_cv2(image, test_size(h, w, "keep_ratio", scale, ratio,
+                                              min_size=min_size))
+  return resize_image_cv2(image, test_size(h, w, resize, scale, ratio, size_divisor, min_size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,10 +539,11 @@ class MultiScaleResize(grain.transforms.Map):
   scale: tuple[int, ...] = (2048, 512)
   ratios: tuple[float, ...] = (1.0,)
   size_divisor: int = 32
+  min_size: int = 0
 
   def map(self, record: dict) -> dict:
     images = tuple(resize_for_test(record["image"], self.resize, self.scale, r,
-                                   self.size_divisor) for r in self.ratios)
+                                   self.size_divisor, self.min_size) for r in self.ratios)
     return {"images": images, "image": record["image"], "name": record["name"],
             "label": np.ascontiguousarray(record["label"], np.int32)}
 

@@ -122,3 +122,56 @@ class ATMHead(nn.Module):
           outputs.append({"class_logits": class_embed(x).astype(jnp.float32),
                           "mask_logits": total})
     return outputs
+
+
+class ShrunkHead(nn.Module):
+  """SegViT-Shrunk's decoder (spec segvit.md, "Shrunk structure"): query up-sampling (QU)
+  followed by a single-stage ATM head.
+
+  `features`: tapped backbone outputs (B, h, w, D), SHALLOW FIRST (not reversed): the first on
+  the 1/16 grid (before the backbone's query down-sampling), the others on any grid (1/32).
+  QU: one learnable query per 1/16 grid cell, stored on `query_grid` and resized to the input's
+  grid with `query_resize` (like a position embedding; the reference ties the count to one
+  square crop), passes `qu_layers` post-norm decoder layers whose memory is the projected
+  first feature (Dense + LayerNorm), then `qu_layers` more against the next one, and so on.
+  The up-sampled queries, on the 1/16 grid, are the memory of a single-stage ATM head
+  (`ATMHead` without input projection) whose every layer emits class logits and its own,
+  not summed, masks. Returns `ATMHead`'s list (the last entry is the output).
+  """
+
+  num_classes: int
+  width: int
+  num_heads: int
+  query_grid: tuple[int, int]
+  qu_layers: int = 3
+  atm_layers: int = 3
+  mlp_ratio: int = 4
+  dropout: float = 0.1
+  query_resize: str = "bicubic"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Sequence[jax.Array], *, train: bool = False) -> list[dict]:
+    b, gh, gw, _ = features[0].shape
+    qh, qw = self.query_grid
+    queries = self.param("queries",
+                         layers.logical(nn.initializers.normal(1.0), ("queries", "embed")),
+                         (qh * qw, self.width))
+    queries = layers.resize_posemb(queries.reshape(1, qh, qw, self.width), (gh, gw),
+                                   self.query_resize)
+    x = jnp.broadcast_to(queries.reshape(1, gh * gw, self.width).astype(self.dtype),
+                         (b, gh * gw, self.width))
+    for s, feat in enumerate(features):
+      mem = feat.reshape(b, -1, feat.shape[-1])
+      mem = nn.Dense(self.width, dtype=self.dtype, name=f"input_proj_{s}",
+                     kernel_init=layers.logical(layers.trunc_normal_02, ("mlp", "embed")),
+                     bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(mem)
+      mem = _layer_norm(f"proj_norm_{s}", dtype=self.dtype)(mem)
+      for j in range(self.qu_layers):
+        x, _ = DecoderLayer(self.num_heads, self.width * self.mlp_ratio, self.dropout,
+                            return_mask=False, dtype=self.dtype,
+                            name=f"decoder_{s}_layer_{j}")(x, mem, not train)
+    return ATMHead(self.num_classes, self.width, self.num_heads, self.atm_layers,
+                   self.mlp_ratio, self.dropout, use_input_proj=False, cumulative=False,
+                   masks_per_layer=True, dtype=self.dtype, name="atm")(
+                       [x.reshape(b, gh, gw, self.width)], train=train)

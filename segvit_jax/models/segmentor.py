@@ -1,11 +1,15 @@
 """Segmentors: a backbone joined to a decode head, returning everything training, inference
 and analysis need.
 
-SegViT (spec segvit.md): plain ViT with the class token dropped before the blocks + ATM head.
+SegViT (spec segvit.md): plain ViT with the class token dropped before the blocks + ATM head
+(`head.type="atm"`), or SegViT-Shrunk: the ViT with query down-sampling (`backbone.shrink_idx`)
++ query up-sampling and a single-stage ATM head (`head.type="shrunk"`, `atm.ShrunkHead`).
 Output dict:
-  class_logits     (B, K, K + 1)  final stage
-  mask_logits      (B, K, H, W)   final cumulative masks, bilinearly resized to the input
+  class_logits     (B, K, K + 1)  final stage (Shrunk: final layer)
+  mask_logits      (B, K, H, W)   final masks (cumulative over ATM stages), bilinearly resized
+                                  to the input
   aux_outputs      list of {class_logits, mask_logits (B, K, h, w)} of the earlier stages
+                   (Shrunk: of the earlier ATM layers)
   semantic_scores  (B, K, H, W)   sum_q softmax(class)[c] * sigmoid(mask)
 """
 
@@ -23,8 +27,12 @@ from segvit_jax.models import atm, layers, vit
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+HEAD_TYPES = ("atm", "shrunk")
+
+
 class SegViT(nn.Module):
-  """SegViT: `backbone` holds ViT fields (incl. `variant`), `head` the ATM fields."""
+  """SegViT: `backbone` holds ViT fields (incl. `variant`), `head` the head's fields, its
+  `type` (HEAD_TYPES, default "atm") and `tap_layers` (0-based block indices)."""
 
   num_classes: int
   backbone: dict
@@ -35,15 +43,25 @@ class SegViT(nn.Module):
     self.encoder = vit.Model(**self.backbone, dtype=self.dtype, name="backbone")
     head = dict(self.head)
     self.tap_layers = tuple(head.pop("tap_layers"))
-    self.decode_head = atm.ATMHead(num_classes=self.num_classes, dtype=self.dtype,
-                                   name="head", **head)
+    self.head_type = head.pop("type", "atm")
+    if self.head_type == "atm":
+      self.decode_head = atm.ATMHead(num_classes=self.num_classes, dtype=self.dtype,
+                                     name="head", **head)
+    elif self.head_type == "shrunk":
+      head["query_grid"] = tuple(head["query_grid"])
+      self.decode_head = atm.ShrunkHead(num_classes=self.num_classes, dtype=self.dtype,
+                                        name="head", **head)
+    else:
+      raise ValueError(f"unknown head type {self.head_type!r}; expected one of {HEAD_TYPES}")
 
   def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, Any]:
     depth = self.encoder.depth
     if any(not 0 <= i < depth for i in self.tap_layers):
       raise ValueError(f"tap_layers {self.tap_layers} out of range for a {depth}-block ViT")
     _, aux = self.encoder(images.astype(self.dtype), train=train)
-    taps = [aux["blocks"][i] for i in sorted(self.tap_layers, reverse=True)]  # deepest first
+    # The ATM head reads the deepest block first, the Shrunk head the shallowest.
+    order = sorted(self.tap_layers, reverse=self.head_type == "atm")
+    taps = [aux["blocks"][i] for i in order]
     stages = self.decode_head(taps, train=train)
     final = stages[-1]
     masks = layers.upsample_masks(final["mask_logits"], images.shape[1:3])
@@ -59,6 +77,13 @@ def patch_size(model_cfg: ml_collections.ConfigDict | dict) -> int:
   """The backbone patch size a model config implies (its variant, or an explicit override)."""
   bb = model_cfg["backbone"]
   return int(bb.get("patch_size") or vit.decode_variant(bb["variant"])["patch_size"])
+
+
+def input_divisor(model_cfg: ml_collections.ConfigDict | dict) -> int:
+  """What input sides must be multiples of: the patch size, twice that with query
+  down-sampling (the token grid is halved inside the backbone)."""
+  shrunk = model_cfg["backbone"].get("shrink_idx") is not None
+  return patch_size(model_cfg) * (2 if shrunk else 1)
 
 
 def build_model(model_cfg: ml_collections.ConfigDict | dict) -> nn.Module:

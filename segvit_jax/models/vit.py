@@ -121,6 +121,10 @@ class EncoderBlock(nn.Module):
   x + DropPath(ls2 * FFN(LN(x))); LayerScale (ls1, ls2) only when `layerscale` is set (its
   initial value).
 
+  With `queries` (SegViT-Shrunk's query down-sampling, QD), the attention takes its queries
+  from them and its keys / values from all of `x`, and the residual path starts from them:
+  q + MHA(LN(q), LN(x), LN(x)), then the FFN as usual; the output has the queries' length.
+
   The drop-path rate is a call argument, a float or a traced scalar (the ViT scans over the
   per-block rates); `rng` is this block's drop-path key (None: the "dropout" stream)."""
 
@@ -133,7 +137,8 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
-               drop_path: float | jax.Array = 0.0, rng: jax.Array | None = None) -> jax.Array:
+               drop_path: float | jax.Array = 0.0, rng: jax.Array | None = None,
+               queries: jax.Array | None = None) -> jax.Array:
     norm = functools.partial(nn.LayerNorm, epsilon=self.norm_eps, dtype=self.dtype,
                              scale_init=layers.logical(nn.initializers.ones, ("embed",)),
                              bias_init=layers.logical(nn.initializers.zeros, ("embed",)))
@@ -146,8 +151,13 @@ class EncoderBlock(nn.Module):
       return y * gamma.astype(y.dtype)
 
     rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
-    y = norm(name="norm1")(x)
-    y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(y)
+    norm1 = norm(name="norm1")
+    if queries is None:
+      y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(norm1(x))
+    else:  # query down-sampling: fewer queries attend to every token, residual on the queries
+      y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(norm1(queries),
+                                                                           norm1(x))
+      x = queries
     x = x + layers.DropPath(drop_path)(scale(y, "ls1"), deterministic, rngs[0])
     y = norm(name="norm2")(x)
     if self.ffn == "swiglu":
@@ -179,6 +189,9 @@ class ViT(nn.Module):
     name of REMAT_POLICIES) saves.
   scan_layers: run the blocks under `nn.scan`, parameters stacked (leading depth axis,
     logical name "layers") under `encoderblock` (see `stack_blocks`).
+  shrink_idx: SegViT-Shrunk's query down-sampling (QD): block `shrink_idx` takes as queries
+    the top-left token of every 2x2 window of the patch grid (keys / values: all tokens) and
+    every later block runs on the halved grid (`query_downsample`); None: a plain ViT.
   """
 
   width: int
@@ -199,6 +212,7 @@ class ViT(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
+  shrink_idx: int | None = None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -256,6 +270,13 @@ class ViT(nn.Module):
                            policy=policy, prevent_cse=not self.scan_layers)
     make_block = functools.partial(block_cls, self.num_heads, self.mlp_dim, self.ffn,
                                    self.layerscale, self.norm_eps, dtype=self.dtype)
+    if self.shrink_idx is not None:
+      if not 0 <= self.shrink_idx < self.depth:
+        raise ValueError(f"shrink_idx={self.shrink_idx} out of range for a {self.depth}-block "
+                         "ViT")
+      if self.scan_layers:
+        raise ValueError("scan_layers does not support query down-sampling (shrink_idx): the "
+                         "blocks before and after it run on different grids; use remat")
     if self.scan_layers:
       def body(block, x, xs):
         rate, key = xs
@@ -270,8 +291,11 @@ class ViT(nn.Module):
     else:
       blocks = []
       for i in range(self.depth):
+        queries = None
+        if i == self.shrink_idx:
+          queries, (gh, gw) = query_downsample(x, n_prefix, (gh, gw), p)
         x = make_block(name=f"encoderblock_{i}")(
-            x, not drop, float(dpr[i]), None if keys is None else keys[i])
+            x, not drop, float(dpr[i]), None if keys is None else keys[i], queries)
         blocks.append(x[:, n_prefix:].reshape(b, gh, gw, d))
 
     if self.final_norm:
@@ -285,6 +309,20 @@ class ViT(nn.Module):
     if self.num_registers:
       aux["registers"] = x[:, int(has_cls):n_prefix]
     return x[:, n_prefix:].reshape(b, gh, gw, d), aux
+
+
+def query_downsample(x: jax.Array, n_prefix: int, grid: tuple[int, int],
+                     patch_size: int) -> tuple[jax.Array, tuple[int, int]]:
+  """SegViT-Shrunk's QD queries: tokens (B, n_prefix + gh * gw, D) -> the prefix tokens (cls,
+  registers) and the top-left patch token of every 2x2 window (nearest 2x down-sampling of
+  the grid), (B, n_prefix + gh * gw / 4, D), and the halved grid."""
+  gh, gw = grid
+  if gh % 2 or gw % 2:
+    raise ValueError(f"query down-sampling needs an even token grid, got {gh}x{gw}: input "
+                     f"sides must be multiples of {2 * patch_size}")
+  b, _, d = x.shape
+  down = x[:, n_prefix:].reshape(b, gh, gw, d)[:, ::2, ::2].reshape(b, -1, d)
+  return jnp.concatenate([x[:, :n_prefix], down], axis=1), (gh // 2, gw // 2)
 
 
 def Model(variant: str | None = None, **kwargs) -> ViT:  # noqa: N802 (big_vision factory name)
