@@ -1,5 +1,7 @@
 """The paper configs, checked by shape (jax.eval_shape) and parameter count, never run."""
 
+import importlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,17 @@ import numpy as np
 import pytest
 
 from configs import common, demo, segvit_vit_b16_ade20k, segvit_vit_l16_ade20k
-from segvit_jax.models import build_model, vit
+from segvit_jax.models import build_model, input_divisor, vit
+
+PAPER_CONFIGS = (
+    "segvit_vit_b16_ade20k", "segvit_vit_l16_ade20k", "segvit_shrunk_vit_l16_ade20k",
+    "segvit_shrunk_vit_b16_ade20k", "segvit_vit_l16_cocostuff10k",
+    "segvit_shrunk_vit_l16_cocostuff10k", "segvit_vit_l16_pascal_context",
+    "segvit_shrunk_vit_l16_pascal_context")
+
+
+def load_config(name, arg=""):
+  return importlib.import_module(f"configs.{name}").get_config(arg)
 
 
 def param_counts(config):
@@ -24,39 +36,109 @@ def vit_count(width, depth, mlp, patch, grid):
   return patch * patch * 3 * width + width + (1 + grid * grid) * width + width + depth * block
 
 
+def decoder_layer_count(width):
+  """Self- and cross-attention (q, k, v, out with biases), FFN 4 x width, three LayerNorms."""
+  return 2 * 4 * (width * width + width) + 2 * width * 4 * width + 4 * width + width + 6 * width
+
+
 def atm_count(in_dim, width, stages, layers, k):
-  layer = 2 * 4 * (width * width + width) + 2 * width * 4 * width + 4 * width + width + 6 * width
-  return stages * (in_dim * width + width + 2 * width + layers * layer) + k * width + (
-      width * (k + 1) + k + 1)
+  return stages * (in_dim * width + width + 2 * width + layers * decoder_layer_count(width)) + (
+      k * width + width * (k + 1) + k + 1)
 
 
-@pytest.mark.parametrize("module,variant,backbone,head", [
-    (segvit_vit_b16_ade20k, "B/16", 86_433_024, 22_303_255),
-    (segvit_vit_l16_ade20k, "L/16", 304_737_280, 39_568_023),
-])
-def test_paper_config_parameter_counts(module, variant, backbone, head):
-  config = module.get_config()
+def shrunk_head_count(in_dim, width, taps, qu_layers, atm_layers, grid, k):
+  qu = grid * grid * width + taps * (in_dim * width + 3 * width + qu_layers *
+                                     decoder_layer_count(width))
+  return qu + atm_layers * decoder_layer_count(width) + k * width + width * (k + 1) + k + 1
+
+
+# Pinned parameter counts (backbone, head) at each config's crop. The backbone differs between
+# crops only by the stored position grid; the head by the class count and (Shrunk) the QU
+# query grid. The paper reports no parameter counts for SegViT.
+PINNED = {
+    "segvit_vit_b16_ade20k": (86_433_024, 22_303_255),
+    "segvit_vit_l16_ade20k": (304_737_280, 39_568_023),
+    "segvit_shrunk_vit_l16_ade20k": (304_737_280, 39_861_399),
+    "segvit_shrunk_vit_b16_ade20k": (86_433_024, 22_400_407),
+    "segvit_vit_l16_cocostuff10k": (304_147_456, 39_589_548),
+    "segvit_shrunk_vit_l16_cocostuff10k": (304_147_456, 39_588_012),
+    "segvit_vit_l16_pascal_context": (304_020_480, 39_475_773),
+    "segvit_shrunk_vit_l16_pascal_context": (304_020_480, 39_410_749),
+}
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_config_parameter_counts(name):
+  config = load_config(name)
+  variant = config.model.backbone.variant
   got = param_counts(config)
-  assert got == (backbone, head)
+  assert got == PINNED[name]
   width, depth, mlp = {"B/16": (768, 12, 3072), "L/16": (1024, 24, 4096)}[variant]
   crop = config.augment.crop_size[0]
-  assert backbone == vit_count(width, depth, mlp, 16, crop // 16)
-  head_cfg = common.ATM_HEADS[variant]
-  assert head == atm_count(width, head_cfg["width"], 3, 3, 150)
+  k = config.model.num_classes
+  assert got[0] == vit_count(width, depth, mlp, 16, crop // 16)
+  head = common.ATM_HEADS[variant]
+  if "shrunk" in name:
+    assert got[1] == shrunk_head_count(width, head["width"], 2, 3, 3, crop // 16, k)
+  else:
+    assert got[1] == atm_count(width, head["width"], 3, 3, k)
 
 
-def test_paper_config_recipe_numbers():
-  for module, crop, stride, taps, drop_path in (
-      (segvit_vit_b16_ade20k, 512, 341, (5, 7, 11), 0.1),
-      (segvit_vit_l16_ade20k, 640, 608, (7, 15, 23), 0.3)):
-    c = module.get_config()
-    assert c.augment.crop_size == (crop, crop) and c.eval.stride == (stride, stride)
+# name: (crop, stride, steps, weight decay, poly power, classes, dataset, train scale,
+# test min_size)
+RECIPES = {
+    "segvit_vit_b16_ade20k": (512, 341, 160_000, 0.01, 1.0, 150, "ade20k", (2048, 512), 0),
+    "segvit_vit_l16_ade20k": (640, 608, 160_000, 0.01, 1.0, 150, "ade20k", (2048, 640), 0),
+    "segvit_shrunk_vit_l16_ade20k": (640, 608, 160_000, 0.01, 1.0, 150, "ade20k",
+                                     (2048, 640), 0),
+    "segvit_shrunk_vit_b16_ade20k": (512, 341, 160_000, 0.01, 1.0, 150, "ade20k",
+                                     (2048, 512), 0),
+    "segvit_vit_l16_cocostuff10k": (512, 341, 80_000, 0.02, 2.0, 171, "coco_stuff10k",
+                                    (2048, 512), 512),
+    "segvit_shrunk_vit_l16_cocostuff10k": (512, 341, 80_000, 0.02, 2.0, 171, "coco_stuff10k",
+                                           (2048, 512), 512),
+    "segvit_vit_l16_pascal_context": (480, 320, 80_000, 0.03, 1.0, 60, "pascal_context",
+                                      (520, 520), 480),
+    "segvit_shrunk_vit_l16_pascal_context": (480, 320, 80_000, 0.03, 1.0, 60, "pascal_context",
+                                             (520, 520), 480),
+}
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_config_recipe_numbers(name):
+  crop, stride, steps, wd, power, k, dataset, scale, min_size = RECIPES[name]
+  c = load_config(name)
+  variant = c.model.backbone.variant
+  assert c.augment.crop_size == (crop, crop) and c.eval.crop_size == (crop, crop)
+  assert c.eval.stride == (stride, stride) and c.eval.mode == "slide"
+  assert tuple(c.augment.scale) == tuple(c.eval.scale) == scale
+  assert c.eval.min_size == min_size
+  assert (c.total_steps, c.optim.weight_decay, c.optim.poly_power) == (steps, wd, power)
+  assert (c.dataset.name, c.dataset.num_classes, c.model.num_classes) == (dataset, k, k)
+  assert (c.optim.lr, c.optim.lr_mults["head"]) == (2e-5, 10.0)
+  assert (c.optim.warmup_steps, c.optim.clip_norm, c.batch_size) == (1500, 35.0, 16)
+  assert c.mean == c.std == (127.5, 127.5, 127.5)
+  assert c.model.backbone.drop_path == {"B/16": 0.1, "L/16": 0.3}[variant]
+  assert c.model.backbone.posemb_grid == (crop // 16, crop // 16)
+  if "shrunk" in name:
+    shrink, taps = {"B/16": (6, (5, 11)), "L/16": (8, (7, 23))}[variant]
+    assert c.model.backbone.shrink_idx == shrink and c.model.head.type == "shrunk"
     assert tuple(c.model.head.tap_layers) == taps
-    assert c.model.backbone.drop_path == drop_path
-    assert (c.optim.lr, c.optim.lr_mults["head"], c.optim.weight_decay) == (2e-5, 10.0, 0.01)
-    assert (c.optim.warmup_steps, c.optim.clip_norm, c.batch_size) == (1500, 35.0, 16)
-    assert (c.total_steps, c.dataset.name, c.dataset.num_classes) == (160_000, "ade20k", 150)
-    assert c.mean == c.std == (127.5, 127.5, 127.5)
+    assert tuple(c.model.head.query_grid) == (crop // 16, crop // 16)
+    assert input_divisor(c.model) == 32
+  else:
+    assert tuple(c.model.head.tap_layers) == {"B/16": (5, 7, 11), "L/16": (7, 15, 23)}[variant]
+    assert input_divisor(c.model) == 16
+
+
+def test_pascal_context_59_class_variant():
+  for name in ("segvit_vit_l16_pascal_context", "segvit_shrunk_vit_l16_pascal_context"):
+    c = load_config(name, "59")
+    assert (c.dataset.name, c.model.num_classes, c.dataset.num_classes) == (
+        "pascal_context59", 59, 59)
+    assert load_config(name, "60").dataset.name == "pascal_context"
+    with pytest.raises(ValueError, match="unknown PASCAL-Context config argument '58'"):
+      load_config(name, "58")
 
 
 def test_l16_output_shapes_on_non_square_input():

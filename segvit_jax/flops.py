@@ -1,0 +1,229 @@
+"""Multiply-add counts of a model's forward pass, the "GFLOPs" of the SegViT and SegFormer
+papers (spec segvit.md, "Results to reproduce": GFLOPs count multiply-adds, as fvcore does).
+
+  python -m segvit_jax.flops --config configs/segvit_vit_l16_ade20k.py
+  python -m segvit_jax.flops --config configs/segvit_vit_b16_ade20k.py --size 512x683 \
+      --config.model.head.layers_per_stage=2
+
+The count walks the jaxpr of `model.apply` traced on abstract shapes (`jax.eval_shape`,
+`jax.make_jaxpr`): nothing runs, a ViT-L at 640 is counted in about a second on a CPU.
+What counts (fvcore's convention for the ops that matter in these models):
+  dot_general           batch x lhs-free x rhs-free x contracting sizes (matmuls, einsums,
+                        Dense layers, attention products);
+  conv_general_dilated  output elements x kernel window x input features per group;
+  everything else       0 (elementwise ops, softmax, norms, reductions, gathers). fvcore adds
+                        ~5 per element for a LayerNorm: ~0.1% of a ViT, left out.
+Resizes in this repository are separable matrix products (`layers.resize_grid`), so they count
+as the matmuls they are: the final bilinear mask upsampling of a SegViT costs
+K x H x (h w + W w) MACs (1.3 G for ViT-B at 512), where fvcore's upsample_bilinear2d would
+count 4 per output element (0.16 G). The papers' numbers come from fvcore's FlopCountAnalysis
+of mmseg's `forward_dummy` (SegViT's tools/get_flops_fvcore.py): our counts with fvcore's
+LayerNorm and upsampling terms in place of the dense resize give 120.88 and 637.87 G for the
+ViT-B and ViT-L ADE20K models (paper: 120.9, 637.9); as counted here, 121.8 and 639.6.
+
+Sub-jaxprs: jit / closed_call / remat / custom_jvp / custom_vjp and any other primitive holding
+jaxprs count each once; scan counts its body `length` times; while counts its body (and
+predicate) ONCE, as the trip count is unknown at trace time; cond counts its costliest branch.
+
+Per-module split: Flax runs every module method under `jax.named_scope` (flax_profile, on by
+default), so an equation's name stack reads like "SegViT/backbone/encoderblock_3/attn/query".
+Equations inside a sub-jaxpr carry stacks relative to the equation holding it (a scanned block
+reads "encoderblock/attn/query" under a scan at "SegViT/backbone"), so the walk prefixes the
+parent's stack. Each count goes to the first stack component naming a direct child of the
+root module (recorded with `nn.intercept_methods`, ".method" suffixes dropped). Work done by
+the root module's own code -- in a SegViT the bilinear mask upsampling and the semantic-score
+einsum of `SegViT.__call__` -- goes to the "head" bucket: mmseg's SegViT runs both inside its
+decode head (`ATMHead.forward` upsamples, `semantic_inference` in test mode), and the papers
+split the cost into backbone + decode head. Models without a child named "head" report that
+work as "other".
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import re
+from typing import Any, Collection, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from jax.extend import core as jax_core
+from ml_collections import config_flags
+
+from segvit_jax import config_utils
+from segvit_jax.models import build_model
+
+GIGA = 1e9
+
+
+def eqn_macs(eqn: jax_core.JaxprEqn) -> int:
+  """Multiply-adds of one equation itself (sub-jaxprs excluded): dot_general and
+  conv_general_dilated; 0 for every other primitive."""
+  name = eqn.primitive.name
+  if name == "dot_general":
+    lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+    (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+    rhs_free = [d for i, d in enumerate(rhs) if i not in (*rhs_contract, *rhs_batch)]
+    # Every lhs element (batch x free x contracting) meets every rhs-free column once.
+    return math.prod(lhs) * math.prod(rhs_free)
+  if name == "conv_general_dilated":
+    rhs = eqn.invars[1].aval.shape
+    out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+    # The kernel's input-feature axis already holds in_features / feature_group_count.
+    return math.prod(eqn.outvars[0].aval.shape) * (math.prod(rhs) // out_features)
+  return 0
+
+
+def _as_jaxpr(x: Any) -> jax_core.Jaxpr | None:
+  if isinstance(x, jax_core.ClosedJaxpr):
+    return x.jaxpr
+  return x if isinstance(x, jax_core.Jaxpr) else None
+
+
+def _join(prefix: str, stack: str) -> str:
+  return "/".join(s for s in (prefix, stack) if s)
+
+
+def macs_by_scope(jaxpr: jax_core.Jaxpr | jax_core.ClosedJaxpr,
+                  prefix: str = "") -> collections.Counter[str]:
+  """Multiply-adds of a jaxpr, recursively, keyed by each equation's full name stack
+  ("SegViT/backbone/encoderblock_0/attn/query"); see the module docstring for the rules."""
+  jaxpr = _as_jaxpr(jaxpr)
+  counts: collections.Counter[str] = collections.Counter()
+  for eqn in jaxpr.eqns:
+    scope = _join(prefix, str(eqn.source_info.name_stack))
+    if macs := eqn_macs(eqn):
+      counts[scope] += macs
+    name, params = eqn.primitive.name, eqn.params
+    if name == "cond":  # one branch runs: the costliest
+      branches = [macs_by_scope(b, scope) for b in params["branches"]]
+      counts.update(max(branches, key=lambda c: sum(c.values())))
+      continue
+    for value in params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if (sub := _as_jaxpr(sub)) is not None:
+          sub_counts = macs_by_scope(sub, scope)
+          if name == "scan":
+            sub_counts = collections.Counter(
+                {k: v * params["length"] for k, v in sub_counts.items()})
+          counts.update(sub_counts)  # while: body and predicate once
+  return counts
+
+
+def count_macs(jaxpr: jax_core.Jaxpr | jax_core.ClosedJaxpr) -> int:
+  """Total multiply-adds of a jaxpr (`jax.make_jaxpr(f)(*abstract_args)`)."""
+  return sum(macs_by_scope(jaxpr).values())
+
+
+def group_by_module(counts: Mapping[str, int], children: Collection[str],
+                    outside: str = "other") -> dict[str, int]:
+  """Sums name-stack counts per child module: the first stack component naming one of
+  `children` (a ".method" suffix dropped); counts under none go to `outside`."""
+  groups: dict[str, int] = collections.defaultdict(int)
+  for scope, macs in counts.items():
+    names = (part.split(".")[0] for part in scope.split("/"))
+    groups[next((n for n in names if n in children), outside)] += macs
+  return dict(groups)
+
+
+def apply_scopes(model: nn.Module, variables: Any, *args, **kwargs
+                 ) -> tuple[collections.Counter[str], set[str]]:
+  """`macs_by_scope` of `model.apply(variables, *args, **kwargs)` traced with `variables` and
+  `args` abstract (arrays or jax.ShapeDtypeStructs; `kwargs` stay static, e.g. `train=False`),
+  and the names of the root module's direct children."""
+  children = set()
+
+  def record_children(next_fun, args, kwargs, context):
+    if len(context.module.path) == 1:
+      children.add(context.module.path[0])
+    return next_fun(*args, **kwargs)
+
+  with nn.override_named_call(True), nn.intercept_methods(record_children):
+    jaxpr = jax.make_jaxpr(lambda v, a: model.apply(v, *a, **kwargs))(variables, args)
+  return macs_by_scope(jaxpr), children
+
+
+def model_scopes(config: ml_collections.ConfigDict, height: int | None = None,
+                 width: int | None = None, batch: int = 1
+                 ) -> tuple[collections.Counter[str], set[str]]:
+  """`apply_scopes` of one eval-mode forward pass of `build_model(config.model)` on a
+  (batch, height, width, 3) input (default: `config.augment.crop_size`), abstract throughout.
+  `config` is a run config or its `model` part (then give the size)."""
+  model_cfg = config.model if "model" in config else config
+  if height is None or width is None:
+    if "augment" not in config:
+      raise ValueError("give height and width, or a run config with augment.crop_size")
+    height, width = config.augment.crop_size
+  model = build_model(model_cfg)
+  images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                             images)
+  return apply_scopes(model, variables, images, train=False)
+
+
+def count_model(config: ml_collections.ConfigDict, height: int | None = None,
+                width: int | None = None, batch: int = 1,
+                outside: str | None = "head") -> dict[str, int]:
+  """Multiply-adds of one eval-mode forward pass (see `model_scopes` for the arguments):
+  {"total": ..., then one entry per top-level submodule with any MACs, largest first (a SegViT:
+  "backbone", "head")}. MACs of the root module's own code go to `outside` when it names a
+  submodule, else (and with `outside=None`) to "other"."""
+  return summarize(*model_scopes(config, height, width, batch), outside=outside)
+
+
+def summarize(scopes: Mapping[str, int], children: Collection[str],
+              outside: str | None = "head") -> dict[str, int]:
+  """`count_model`'s dict from `model_scopes`' counts and children."""
+  groups = group_by_module(scopes, children, outside if outside in children else "other")
+  groups = sorted(((k, v) for k, v in groups.items() if v), key=lambda kv: -kv[1])
+  return {"total": sum(v for _, v in groups), **dict(groups)}
+
+
+def format_table(counts: Mapping[str, int], outside_head: int = 0) -> str:
+  """The module / GFLOPs / share table of `count_model` counts; `outside_head`: the part of
+  "head" done by the root module's own code, shown on a line of its own."""
+  total, w = counts["total"], max(map(len, counts))
+  rows = [f"{'module':<{w}} {'GFLOPs':>9} {'share':>7}"]
+  for name, macs in counts.items():
+    if name != "total":
+      rows.append(f"{name:<{w}} {macs / GIGA:>9.1f} {macs / total:>7.1%}")
+    if name == "head" and outside_head:
+      rows.append(f"  of which outside the head module: {outside_head / GIGA:.1f}")
+  rows.append(f"{'total':<{w}} {total / GIGA:>9.1f} {1:>7.1%}")
+  return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def _parse_size(size: str) -> tuple[int, int]:
+  m = re.fullmatch(r"(\d+)(?:x(\d+))?", size)
+  if not m:
+    raise app.UsageError(f"--size={size}: expected HxW or a side, e.g. 512x683 or 640")
+  return int(m[1]), int(m[2] or m[1])
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  height, width = _parse_size(_SIZE.value) if _SIZE.value else config.augment.crop_size
+  scopes, children = model_scopes(config, height, width)
+  counts = summarize(scopes, children)
+  outside_head = summarize(scopes, children, None).get("other", 0) if "head" in counts else 0
+  model = config.model
+  print(f"{model.get('name', 'segvit')} {model.get('backbone', {}).get('variant', '')} at "
+        f"{height}x{width}: multiply-adds, giga = 1e9")
+  print(format_table(counts, outside_head))
+  print(f"GFLOPs: {counts['total'] / GIGA:.1f}")
+
+
+if __name__ == "__main__":  # flags only for the CLI: importing this module defines none
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
+                                            lock_config=True)
+  _SIZE = flags.DEFINE_string("size", None, "Input HxW (default: config.augment.crop_size).")
+  flags.mark_flag_as_required("config")
+  app.run(main, flags_parser=config_utils.parse_flags)
