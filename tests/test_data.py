@@ -242,6 +242,29 @@ def test_test_size_long_side_bound_and_errors():
     T.test_size(10, 10, "keep_ratio", (512,))
 
 
+@pytest.mark.parametrize("size,scale,min_size,ratio,expected", [
+    # PASCAL-Context (520, 520), min_size 480, a 375 x 500 image: the short side becomes
+    # max(int(520 * ratio), 480), the long side follows (mmseg 0.x Resize(min_size=...)).
+    ((375, 500), (520, 520), 480, 0.5, (480, 640)),
+    ((375, 500), (520, 520), 480, 1.0, (520, 693)),  # 520 * 500 / 375 = 693.3
+    ((375, 500), (520, 520), 480, 1.75, (910, 1213)),
+    ((500, 375), (520, 520), 480, 1.0, (693, 520)),  # portrait: the same with sides swapped
+    # COCO-Stuff (2048, 512), min_size 512, 480 x 640: every ratio below 1 gives 512.
+    ((480, 640), (2048, 512), 512, 0.5, (512, 683)),
+    ((480, 640), (2048, 512), 512, 0.75, (512, 683)),
+    ((480, 640), (2048, 512), 512, 1.75, (896, 1195)),
+    # A very wide image: no cap at the long side (without min_size it would stop at 2048).
+    ((100, 1000), (2048, 512), 512, 1.0, (512, 5120)),
+])
+def test_keep_ratio_with_min_size_is_mmseg_resize_min_size(size, scale, min_size, ratio,
+                                                           expected):
+  assert T.test_size(*size, "keep_ratio", scale, ratio, min_size=min_size) == expected
+
+
+def test_keep_ratio_without_min_size_fits_the_scale():
+  assert T.test_size(375, 500, "keep_ratio", (520, 520)) == (390, 520)
+
+
 def test_test_resize_resamplers():
   """mmseg policies resample with OpenCV's bilinear (no antialiasing: an exact 2x downscale is
   the mean of each 2x2 block), EoMT's with PIL's antialiased bilinear (wider support)."""
