@@ -158,3 +158,27 @@ def test_small_shrunk_model_trains_at_a_non_square_crop(tmp_path):
   losses = [m["loss"] for m in read_metrics(tmp_path)]
   assert len(losses) == 6
   assert losses[-1] < 0.85 * losses[0], losses  # measured: 8.93 -> 5.74
+
+
+def test_shrunk_model_in_the_multi_scale_predictor():
+  # An image whose sides are not multiples of 32, windows smaller than the crop: the predictor
+  # pads windows to input_divisor (32) and sizes the QU queries from each window's grid. One
+  # 64 x 64 window over a 64 x 64 image equals whole-image inference.
+  from segvit_jax import inference  # pylint: disable=g-import-not-at-top
+  cfg = tiny_shrunk_config()
+  model = build_model(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  apply_fn = lambda p, x: model.apply({"params": p}, x)["semantic_scores"]  # noqa: E731
+  rng = np.random.default_rng(4)
+  kw = dict(crop=(64, 64), stride=(32, 32), size_divisor=input_divisor(cfg), window_batch=2)
+  for mode in ("slide", "whole"):
+    predictor = inference.MultiScalePredictor(apply_fn, params, inference.Protocol(
+        mode=mode, **kw), 5, mean=(127.5,) * 3, std=(127.5,) * 3)
+    image = rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    total = np.asarray(predictor([image], (40, 70)))[:40, :70]
+    assert total.shape == (40, 70, 5) and np.isfinite(total).all()
+  square = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  slide, whole = (np.asarray(inference.MultiScalePredictor(
+      apply_fn, params, inference.Protocol(mode=m, **kw), 5, mean=(127.5,) * 3,
+      std=(127.5,) * 3)([square], (64, 64)))[:64, :64] for m in ("slide", "whole"))
+  np.testing.assert_allclose(slide, whole, atol=1e-6, rtol=0)

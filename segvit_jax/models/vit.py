@@ -20,6 +20,10 @@ embedding (stored on `posemb_grid`) is resized to the input grid on the fly with
 `posemb_resize` (one of `layers.RESIZE_METHODS`; each converter records the method of the
 implementation it came from).
 
+SegViT-Shrunk's query down-sampling (`shrink_idx`, spec segvit.md "Shrunk structure"): one
+block takes the top-left token of every 2x2 window as its queries and all tokens as keys and
+values; later blocks run on the halved grid, so inputs need sides divisible by 2 x the patch.
+
 Memory options: `remat` recomputes each block's activations in the backward pass (what is kept
 is `remat_policy`, a name of `REMAT_POLICIES`); `scan_layers` runs the blocks as one `nn.scan`
 (one compiled block instead of `depth` copies), their parameters stacked on a leading depth axis
