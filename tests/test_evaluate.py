@@ -107,7 +107,7 @@ def test_eval_py_ade20k_multiscale_flip_on_fabricated_copy(ade_bundle, tmp_path)
   assert 0 <= results["mIoU"] <= 100 and 0 <= results["aAcc"] <= 100
   assert results["protocol"] == {
       "dataset": "ade20k", "split": "val", "resize": "keep_ratio", "scale": [256, 64],
-      "scales": list(SCALES), "flip": True, "mode": "slide", "crop_size": [64, 64],
+      "min_size": 0, "scales": list(SCALES), "flip": True, "mode": "slide", "crop_size": [64, 64],
       "stride": [32, 32], "average": "softmax", "reduce_zero_label": True}
   pictures = sorted(os.listdir(os.path.join(out, "pictures")))
   assert pictures == ["ADE_val_00000001.jpg"]  # --num-vis 1

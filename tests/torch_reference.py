@@ -11,6 +11,9 @@ parity tests. Nothing here is imported by the library.
   over the classes present, like the reference.
 - `load_*_from_flax`: copy weights from our Flax params (unboxed numpy pytree) into these modules
   and into transformers' ViTModel.
+- `SegViTShrunk`: mmseg's ViT with query down-sampling + QU (stock torch TransformerDecoder) +
+  single-stage ATM head, its `state_dict()` keys the names of the authors' release;
+  `official_state_dict` / `load_official_state_dict` give `SegViT` the release's names.
 
 Tensors are (B, C, H, W) images in, and (B, h, w, D) token grids out, like the Flax model.
 """
@@ -425,3 +428,357 @@ def randomize_params(tree, seed: int = 0, gain: float = 1.0):
     return v.astype(np.float32)
 
   return walk(tree, ())
+
+
+# ----------------------------------------------------------------------------------------------
+# SegViT-Shrunk, and the state-dict names of the authors' release (mmseg 0.24, zbwxp/SegVit;
+# spec checkpoints.md, "SegViT official release"), written from the spec (segvit.md, "Shrunk
+# structure").
+#
+# `SegViTShrunk`'s `state_dict()` keys ARE the release's names (backbone.* / decode_head.*): its
+# ViT is mmseg's (nn.MultiheadAttention with packed in_proj, `ffn.layers.0.0` / `ffn.layers.1`),
+# its QU decoders are STOCK torch nn.TransformerDecoder / nn.TransformerDecoderLayer modules
+# (sequence-first, as the release), its single-stage ATM head uses the release's module names.
+# The ATM model above (`SegViT`) keeps its own names; `official_state_dict` /
+# `load_official_state_dict` rename them to and from the release's.
+
+import re  # noqa: E402  (used by this section only)
+
+
+class MMSegFFN(nn.Module):
+  """mmcv FFN: `layers.0.0` (fc1, GELU inside the inner Sequential), `layers.1` (fc2)."""
+
+  def __init__(self, dim: int, hidden: int):
+    super().__init__()
+    self.layers = nn.Sequential(nn.Sequential(nn.Linear(dim, hidden), nn.GELU()),
+                                nn.Linear(hidden, dim))
+
+  def forward(self, x):
+    return self.layers(x)
+
+
+class MMSegAttention(nn.Module):
+  """mmcv MultiheadAttention: a torch nn.MultiheadAttention under `attn`."""
+
+  def __init__(self, dim: int, num_heads: int):
+    super().__init__()
+    self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+
+  def forward(self, query, key_value):
+    return self.attn(query, key_value, key_value, need_weights=False)[0]
+
+
+class MMSegBlock(nn.Module):
+  """mmseg TransformerEncoderLayer (pre-norm, LN eps 1e-6 as SegViT's configs). With `queries`
+  (query down-sampling), the attention's queries and the residual come from them, keys and
+  values from all of `x` (release: vit_shrink's ShrinkLayer)."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_dim: int):
+    super().__init__()
+    self.ln1 = nn.LayerNorm(dim, eps=1e-6)
+    self.attn = MMSegAttention(dim, num_heads)
+    self.ln2 = nn.LayerNorm(dim, eps=1e-6)
+    self.ffn = MMSegFFN(dim, mlp_dim)
+
+  def forward(self, x, queries=None):
+    q = x if queries is None else queries
+    x = q + self.attn(self.ln1(q), self.ln1(x))
+    return x + self.ffn(self.ln2(x))
+
+
+class MMSegPatchEmbed(nn.Module):
+  def __init__(self, in_chans: int, dim: int, patch_size: int):
+    super().__init__()
+    self.projection = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+  def forward(self, x):
+    return self.projection(x)
+
+
+class MMSegViT(nn.Module):
+  """mmseg VisionTransformer as SegViT configures it (with_cls_token=False: the cls token and
+  its position slot exist but are dropped before the blocks; final_norm=False; bicubic
+  position-embedding resize, align_corners=False), plus query down-sampling at `shrink_idx`:
+  the top-left token of every 2x2 window queries all tokens; later blocks run on the halved
+  grid. Returns the (B, h, w, D) tokens after every block."""
+
+  def __init__(self, width, depth, mlp_dim, num_heads, patch_size=16, posemb_grid=(14, 14),
+               shrink_idx=None, in_chans=3):
+    super().__init__()
+    self.posemb_grid = tuple(posemb_grid)
+    self.shrink_idx = shrink_idx
+    self.patch_embed = MMSegPatchEmbed(in_chans, width, patch_size)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+    self.pos_embed = nn.Parameter(torch.zeros(1, 1 + posemb_grid[0] * posemb_grid[1], width))
+    self.layers = nn.ModuleList(MMSegBlock(width, num_heads, mlp_dim) for _ in range(depth))
+
+  def forward(self, images):
+    b = images.shape[0]
+    x = self.patch_embed(images)  # (b, d, gh, gw)
+    d, gh, gw = x.shape[1:]
+    pos = self.pos_embed[:, 1:].reshape(1, *self.posemb_grid, d).permute(0, 3, 1, 2)
+    if (gh, gw) != self.posemb_grid:
+      pos = F.interpolate(pos, size=(gh, gw), mode="bicubic", align_corners=False)
+    x = x.flatten(2).transpose(1, 2) + pos.flatten(2).transpose(1, 2)
+    blocks = []
+    for i, layer in enumerate(self.layers):
+      if i == self.shrink_idx:
+        down = x.reshape(b, gh, gw, d)[:, ::2, ::2]
+        gh, gw = down.shape[1:3]
+        x = layer(x, queries=down.reshape(b, gh * gw, d))
+      else:
+        x = layer(x)
+      blocks.append(x.reshape(b, gh, gw, d))
+    return blocks
+
+
+class ATMDecoderLayer(DecoderLayer):
+  """`DecoderLayer` under the release's name for its cross-attention, `multihead_attn` (the
+  release's TPN_DecoderLayer: a torch TransformerDecoderLayer whose multihead_attn is replaced
+  by separate q, k, v, proj Linear layers). Same computation: the module is only renamed."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.multihead_attn = self._modules.pop("cross_attn")
+
+  @property
+  def cross_attn(self):  # what DecoderLayer.forward calls
+    return self.multihead_attn
+
+
+class ATMDecoder(nn.Module):
+  """The release's TPN_Decoder: `layers.{j}`; every layer's (tokens, mask) returned."""
+
+  def __init__(self, make_layer, num_layers: int):
+    super().__init__()
+    self.layers = nn.ModuleList(make_layer() for _ in range(num_layers))
+
+  def forward(self, x, mem):
+    outs = []
+    for layer in self.layers:
+      x, mask = layer(x, mem)
+      outs.append((x, mask))
+    return outs
+
+
+class ATMSingleHead(nn.Module):
+  """SegViT-Shrunk's single-stage ATM head (no input projection): `q` (class tokens),
+  `decoder_1.layers.{j}`, `class_embed`. EVERY layer emits class logits and its own mask
+  (head-averaged pre-softmax cross-attention logits, not summed across layers)."""
+
+  def __init__(self, num_classes, width, num_heads, num_layers=3, mlp_ratio=4, dropout=0.1):
+    super().__init__()
+    self.num_classes = num_classes
+    self.decoder_1 = ATMDecoder(
+        lambda: ATMDecoderLayer(width, num_heads, width * mlp_ratio, dropout), num_layers)
+    self.q = nn.Embedding(num_classes, width)
+    self.class_embed = nn.Linear(width, num_classes + 1)
+
+  def forward(self, features):
+    """features: [(B, h, w, W)] (one). Returns one dict per layer."""
+    (feat,) = features
+    b, gh, gw, w = feat.shape
+    x = self.q.weight.unsqueeze(0).expand(b, -1, -1)
+    return [{"class_logits": self.class_embed(x),
+             "mask_logits": mask.reshape(b, self.num_classes, gh, gw)}
+            for x, mask in self.decoder_1(x, feat.reshape(b, gh * gw, w))]
+
+
+class TPNATMHead(nn.Module):
+  """SegViT-Shrunk's head: query up-sampling (QU) + `ATMSingleHead` (under `atm`).
+
+  QU: `q` holds one query per cell of the crop's 1/16 grid (`query_grid`, row-major). For each
+  tapped feature, SHALLOW FIRST: Linear + LayerNorm (`input_proj_{s+1}`, `proj_norm_{s+1}`)
+  gives the memory of a stock nn.TransformerDecoder (`decoder_{s+1}`; post-norm, ReLU,
+  dim_feedforward 4 x width, dropout) that refines the queries. The result, on the 1/16 grid,
+  is the ATM head's memory.
+
+  The release ties the query count to the crop (it fails on other grids). On another grid
+  (that of the first tapped feature) this reference resizes the query grid bicubically
+  (align_corners=False), as our model does; at the crop it is the release's computation."""
+
+  def __init__(self, in_dim, num_classes, width, num_heads, query_grid, num_stages=2,
+               qu_layers=3, atm_layers=3, mlp_ratio=4, dropout=0.1):
+    super().__init__()
+    self.query_grid = tuple(query_grid)
+    self.num_stages = num_stages
+    for s in range(num_stages):
+      self.add_module(f"input_proj_{s + 1}", nn.Linear(in_dim, width))
+      self.add_module(f"proj_norm_{s + 1}", nn.LayerNorm(width, eps=1e-5))
+      layer = nn.TransformerDecoderLayer(width, num_heads, dim_feedforward=width * mlp_ratio,
+                                         dropout=dropout)
+      self.add_module(f"decoder_{s + 1}", nn.TransformerDecoder(layer, qu_layers))
+    self.q = nn.Embedding(self.query_grid[0] * self.query_grid[1], width)
+    self.atm = ATMSingleHead(num_classes, width, num_heads, atm_layers, mlp_ratio, dropout)
+
+  def queries(self, grid):
+    """(gh * gw, W): the stored queries, resized to `grid` when it is not the stored one."""
+    q = self.q.weight
+    if tuple(grid) == self.query_grid:
+      return q
+    q = q.reshape(1, *self.query_grid, -1).permute(0, 3, 1, 2)
+    q = F.interpolate(q, size=tuple(grid), mode="bicubic", align_corners=False)
+    return q.flatten(2)[0].transpose(0, 1)
+
+  def forward(self, features):
+    """features: tapped (B, h, w, D), shallow first; the first on the 1/16 grid."""
+    b, gh, gw, _ = features[0].shape
+    x = self.queries((gh, gw)).unsqueeze(1).expand(-1, b, -1)  # (N, B, W), sequence first
+    for s, feat in enumerate(features):
+      mem = getattr(self, f"proj_norm_{s + 1}")(
+          getattr(self, f"input_proj_{s + 1}")(feat.reshape(b, -1, feat.shape[-1])))
+      x = getattr(self, f"decoder_{s + 1}")(x, mem.transpose(0, 1))
+    return self.atm([x.transpose(0, 1).reshape(b, gh, gw, -1)])
+
+
+class SegViTShrunk(nn.Module):
+  """MMSegViT with query down-sampling + TPNATMHead; `state_dict()` keys are the release's.
+  backbone: width, depth, mlp_dim, num_heads, patch_size, posemb_grid, shrink_idx.
+  head: tap_layers, width, num_heads, query_grid, qu_layers, atm_layers (+ mlp_ratio, dropout)."""
+
+  def __init__(self, num_classes, backbone: dict, head: dict):
+    super().__init__()
+    head = dict(head)
+    self.tap_layers = tuple(sorted(head.pop("tap_layers")))  # shallow first
+    self.backbone = MMSegViT(**backbone)
+    self.decode_head = TPNATMHead(backbone["width"], num_classes,
+                                  num_stages=len(self.tap_layers), **head)
+
+  def forward(self, images):
+    blocks = self.backbone(images)
+    taps = [blocks[i] for i in self.tap_layers]
+    layers = self.decode_head(taps)
+    masks = F.interpolate(layers[-1]["mask_logits"], size=images.shape[-2:], mode="bilinear",
+                          align_corners=False)
+    return {"class_logits": layers[-1]["class_logits"], "mask_logits": masks,
+            "aux_outputs": layers[:-1], "taps": taps,
+            "semantic_scores": semantic_scores(layers[-1]["class_logits"], masks)}
+
+
+# The release's names for `SegViT`'s state dict (regex on our reference's key -> function of
+# the match). The ATM stages are deepest first in both, numbered from 1 in the release.
+_OFFICIAL_NAMES = (
+    (r"backbone\.(cls_token|pos_embed)", lambda m: f"backbone.{m[1]}"),
+    (r"backbone\.patch_embed\.(weight|bias)", lambda m: f"backbone.patch_embed.projection.{m[1]}"),
+    (r"backbone\.blocks\.(\d+)\.norm([12])\.(weight|bias)",
+     lambda m: f"backbone.layers.{m[1]}.ln{m[2]}.{m[3]}"),
+    (r"backbone\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)",
+     lambda m: f"backbone.layers.{m[1]}.attn.attn.in_proj_{m[2]}"),
+    (r"backbone\.blocks\.(\d+)\.attn\.proj\.(weight|bias)",
+     lambda m: f"backbone.layers.{m[1]}.attn.attn.out_proj.{m[2]}"),
+    (r"backbone\.blocks\.(\d+)\.fc1\.(weight|bias)",
+     lambda m: f"backbone.layers.{m[1]}.ffn.layers.0.0.{m[2]}"),
+    (r"backbone\.blocks\.(\d+)\.fc2\.(weight|bias)",
+     lambda m: f"backbone.layers.{m[1]}.ffn.layers.1.{m[2]}"),
+    (r"head\.(input_proj|proj_norm)\.(\d+)\.(weight|bias)",
+     lambda m: f"decode_head.{m[1]}_{int(m[2]) + 1}.{m[3]}"),
+    (r"head\.stages\.(\d+)\.(\d+)\.cross_attn\.(.*)",
+     lambda m: f"decode_head.decoder_{int(m[1]) + 1}.layers.{m[2]}.multihead_attn.{m[3]}"),
+    (r"head\.stages\.(\d+)\.(\d+)\.(.*)",
+     lambda m: f"decode_head.decoder_{int(m[1]) + 1}.layers.{m[2]}.{m[3]}"),
+    (r"head\.class_tokens\.weight", lambda m: "decode_head.q.weight"),
+    (r"head\.class_embed\.(weight|bias)", lambda m: f"decode_head.class_embed.{m[1]}"),
+)
+
+
+def official_name(key: str) -> str:
+  """A `SegViT` state-dict key -> the release's name for it."""
+  for pattern, name in _OFFICIAL_NAMES:
+    m = re.fullmatch(pattern, key)
+    if m:
+      return name(m)
+  raise KeyError(f"no release name for {key!r}")
+
+
+def official_state_dict(model: SegViT) -> dict[str, torch.Tensor]:
+  """`model.state_dict()` under the release's names (for an ATM-head SegViT)."""
+  return {official_name(k): v for k, v in model.state_dict().items()}
+
+
+def load_official_state_dict(model: SegViT, state: dict) -> None:
+  """Loads a release-named state dict into `SegViT`, strictly (every key, nothing else)."""
+  ours = {official_name(k): k for k in model.state_dict()}
+  unknown = sorted(set(state) - set(ours))
+  if unknown:
+    raise KeyError(f"keys SegViT does not have: {unknown[:20]}")
+  model.load_state_dict({ours[k]: v for k, v in state.items()}, strict=True)
+
+
+def randomize_torch_(model: nn.Module, seed: int = 0, gain: float = 1.0) -> nn.Module:
+  """Random values of a useful scale in every parameter, in place (the counterpart of
+  `randomize_params` for torch modules): Linear / Conv / packed in_proj weights
+  z * gain / sqrt(fan_in), biases 0.2 z, LayerNorm weights 1 + 0.2 z, embeddings (class tokens,
+  QU queries) z, position embedding and cls token 0.5 z."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for module in model.modules():
+      for name, p in module.named_parameters(recurse=False):
+        z = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        if isinstance(module, nn.LayerNorm) and name == "weight":
+          v = 1.0 + 0.2 * z
+        elif name.endswith("bias"):
+          v = 0.2 * z
+        elif isinstance(module, nn.Embedding):
+          v = z
+        elif name in ("pos_embed", "cls_token"):
+          v = 0.5 * z
+        else:
+          v = gain * z / math.sqrt(int(np.prod(p.shape[1:])))
+        p.copy_(v.to(p.dtype))
+  return model
+
+
+def load_segvit_shrunk_from_flax(model: SegViTShrunk, params) -> None:
+  """Copies our Flax SegViT-Shrunk parameters into `SegViTShrunk`."""
+  bb, p = model.backbone, params["backbone"]
+  _set(bb.patch_embed.projection.weight,
+       np.transpose(np.asarray(p["embedding"]["kernel"]), (3, 2, 0, 1)))
+  _set(bb.patch_embed.projection.bias, p["embedding"]["bias"])
+  _set(bb.pos_embed, p["pos_embedding"])
+  _set(bb.cls_token, p["cls"])
+  for i, layer in enumerate(bb.layers):
+    bp = p[f"encoderblock_{i}"]
+    _set_ln(layer.ln1, bp["norm1"])
+    _set_ln(layer.ln2, bp["norm2"])
+    _set_packed_attention(layer.attn.attn, bp["attn"])
+    _set_linear(layer.ffn.layers[0][0], bp["mlp"]["fc1"])
+    _set_linear(layer.ffn.layers[1], bp["mlp"]["fc2"])
+  head, hp = model.decode_head, params["head"]
+  _set(head.q.weight, hp["queries"])
+  for s in range(head.num_stages):
+    _set_linear(getattr(head, f"input_proj_{s + 1}"), hp[f"input_proj_{s}"])
+    _set_ln(getattr(head, f"proj_norm_{s + 1}"), hp[f"proj_norm_{s}"])
+    for j, layer in enumerate(getattr(head, f"decoder_{s + 1}").layers):
+      lp = hp[f"decoder_{s}_layer_{j}"]
+      _set_packed_attention(layer.self_attn, lp["self_attn"])
+      _set_packed_attention(layer.multihead_attn, lp["cross_attn"])
+      _set_linear(layer.linear1, lp["mlp"]["fc1"])
+      _set_linear(layer.linear2, lp["mlp"]["fc2"])
+      for n in ("norm1", "norm2", "norm3"):
+        _set_ln(getattr(layer, n), lp[n])
+  atm, ap = head.atm, hp["atm"]
+  _set(atm.q.weight, ap["class_tokens"])
+  _set_linear(atm.class_embed, ap["class_embed"])
+  for j, layer in enumerate(atm.decoder_1.layers):
+    lp = ap[f"decoder_0_layer_{j}"]
+    _set_packed_attention(layer.self_attn, lp["self_attn"])
+    for name, lin in (("query", layer.multihead_attn.q), ("key", layer.multihead_attn.k),
+                      ("value", layer.multihead_attn.v), ("out", layer.multihead_attn.proj)):
+      cp = lp["cross_attn"][name]
+      w, b = head_proj_w(cp) if name != "out" else out_proj_w(cp)
+      _set(lin.weight, w)
+      _set(lin.bias, b)
+    _set_linear(layer.linear1, lp["mlp"]["fc1"])
+    _set_linear(layer.linear2, lp["mlp"]["fc2"])
+    for n in ("norm1", "norm2", "norm3"):
+      _set_ln(getattr(layer, n), lp[n])
+
+
+def _set_packed_attention(mha: nn.MultiheadAttention, p) -> None:
+  """Our query/key/value/out -> torch nn.MultiheadAttention (in_proj = q, k, v stacked)."""
+  qkv = [head_proj_w(p[n]) for n in ("query", "key", "value")]
+  _set(mha.in_proj_weight, np.concatenate([w for w, _ in qkv], 0))
+  _set(mha.in_proj_bias, np.concatenate([b for _, b in qkv], 0))
+  w, b = out_proj_w(p["out"])
+  _set(mha.out_proj.weight, w)
+  _set(mha.out_proj.bias, b)

@@ -1,7 +1,10 @@
 """Converters from the public forms of AugReg and DINOv2 weights into our ViT, and loading them
-into a segmentor's backbone (`config.model_init`).
+into a segmentor's backbone (`config.model_init`); whole SegViT models of the authors' release,
+both ways.
 
   python -m segvit_jax.convert SRC OUT --from FORMAT [--image-size S] [--patch-size P] ...
+  python -m segvit_jax.convert SRC.pth OUT --from segvit-official --config configs/X.py[:ARG]
+  python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
 
 Formats (one module each, a declarative key table plus small transforms):
   augreg-npz   big_vision / vision_transformer .npz, every flavour      (`augreg.py`)
@@ -10,6 +13,9 @@ Formats (one module each, a declarative key table plus small transforms):
   hf-vit       transformers ViTModel `save_pretrained` directory        (`hf.py`)
   hf-dinov2    transformers Dinov2Model / Dinov2WithRegistersModel dir  (`hf.py`)
   bundle       (loading only) one of our bundles
+Whole models (a bundle with the decode head; import needs our config of the model):
+  segvit-official  SegViT (ATM head) and SegViT-Shrunk .pth of the mmseg 0.24 release
+                   (zbwxp/SegVit), import and export, one table  (`segvit_official.py`)
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax.convert import augreg, dinov2, hf, mapping, timm
+from segvit_jax.convert import augreg, dinov2, hf, mapping, segvit_official, timm
 from segvit_jax.convert.mapping import Converted
 from segvit_jax.models import vit
 
@@ -36,6 +42,29 @@ LOADERS: dict[str, Callable[..., Converted]] = {
     "hf-dinov2": hf.load_dinov2,
 }
 FORMATS = tuple(LOADERS)
+# Whole-model layouts (not backbones: not for `model_init`): read with `--from` (+ `--config`),
+# written with `--to`.
+MODEL_FORMATS = (segvit_official.FORMAT,)
+EXPORT_FORMATS = (segvit_official.FORMAT,)
+
+
+def convert_model(src: str, out: str, fmt: str, config: Any, *,
+                  trust_pickle: bool = False) -> str:
+  """A whole-model checkpoint of format `fmt` (MODEL_FORMATS) -> a bundle at `out`; `config`
+  (a ConfigDict or 'configs/X.py[:ARG]') describes the model."""
+  if fmt != segvit_official.FORMAT:
+    raise ValueError(f"unknown whole-model format {fmt!r}; known: {', '.join(MODEL_FORMATS)}")
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"{src} does not exist (format {fmt!r})")
+  return segvit_official.convert(src, out, config, trust_pickle=trust_pickle)
+
+
+def export(bundle_path: str, out: str, fmt: str) -> str:
+  """A whole-model bundle -> a checkpoint of format `fmt` (EXPORT_FORMATS) at `out`."""
+  if fmt != segvit_official.FORMAT:
+    raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
+  segvit_official.export(bundle_path, out)
+  return os.path.abspath(out)
 
 
 def _flatten(tree) -> dict[str, Any]:

@@ -1,6 +1,9 @@
-"""Converts a pretrained ViT checkpoint into a segvit_jax backbone bundle.
+r"""Converts a pretrained ViT checkpoint into a segvit_jax backbone bundle, and whole SegViT
+models between the authors' release and our bundles.
 
   python -m segvit_jax.convert SRC OUT --from FORMAT [--image-size 640] [--patch-size 16]
+  python -m segvit_jax.convert SRC.pth OUT --from segvit-official --config configs/X.py[:ARG]
+  python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
 
 Examples (file names of the public releases; see the README, "Pretrained weights"):
   python -m segvit_jax.convert \
@@ -8,6 +11,11 @@ Examples (file names of the public releases; see the README, "Pretrained weights
       weights/augreg_l16 --from augreg-npz --image-size 640
   python -m segvit_jax.convert dinov2_vitl14_reg4_pretrain.pth weights/dinov2_l16_640 \
       --from dinov2 --image-size 640 --patch-size 16
+  # a SegViT-Shrunk ViT-L/16 of the authors' release (the file does not record tap layers,
+  # shrink_idx or head counts: the config says them), and back to the release's layout:
+  python -m segvit_jax.convert shrunk_l16_ade.pth weights/shrunk_l16_ade \
+      --from segvit-official --config configs/segvit_shrunk_vit_l16_ade20k.py
+  python -m segvit_jax.convert weights/shrunk_l16_ade shrunk_l16_ade_again.pth --to segvit-official
 """
 
 from __future__ import annotations
@@ -28,13 +36,30 @@ def _floats(text: str) -> tuple[float, ...]:
   return tuple(float(v) for v in text.split(","))
 
 
+def _model_summary(m) -> str:
+  bb, head = m["backbone"], m["head"]
+  kind = head.get("type", "atm")
+  text = (f"SegViT{'-Shrunk' if kind == 'shrunk' else ''} {bb.get('variant') or 'ViT'} "
+          f"grid {tuple(bb['posemb_grid'])} taps {tuple(head['tap_layers'])}")
+  if kind == "shrunk":
+    text += f" shrink_idx {bb.get('shrink_idx')} query grid {tuple(head['query_grid'])}"
+  return text + f" head width {head['width']} classes {m['num_classes']}"
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m segvit_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("src", help="checkpoint file or (hf-*) save_pretrained directory")
-  parser.add_argument("out", help="bundle directory to write")
-  parser.add_argument("--from", dest="fmt", required=True, choices=convert.FORMATS,
-                      help="layout of SRC")
+  parser.add_argument("src", help="checkpoint file or (hf-*) save_pretrained directory; with "
+                      "--to, a whole-model bundle")
+  parser.add_argument("out", help="bundle directory to write; with --to, the file to write")
+  parser.add_argument("--from", dest="fmt", default=None,
+                      choices=convert.FORMATS + convert.MODEL_FORMATS,
+                      help="layout of SRC (backbones, or whole models: segvit-official)")
+  parser.add_argument("--to", dest="to", default=None, choices=convert.EXPORT_FORMATS,
+                      help="write the bundle SRC in this layout (instead of --from)")
+  parser.add_argument("--config", default=None,
+                      help="with --from segvit-official: our config of the checkpoint's model, "
+                           "configs/X.py[:ARG] (tap layers, shrink_idx, heads, classes, mean/std)")
   parser.add_argument("--image-size", type=_size, default=None,
                       help="resample the stored position grid for this input size (H or HxW)")
   parser.add_argument("--patch-size", type=int, default=None,
@@ -42,8 +67,7 @@ def main(argv=None) -> int:
   parser.add_argument("--posemb-resize", choices=layers.RESIZE_METHODS, default=None,
                       help="position-embedding resize method, at conversion and at run time "
                            "(default: the method of the implementation SRC comes from)")
-  parser.add_argument("--patch-resize", choices=layers.RESIZE_METHODS,
-                      default="bicubic_antialias",
+  parser.add_argument("--patch-resize", choices=layers.RESIZE_METHODS, default=None,
                       help="resize whose pseudo-inverse resamples the patch kernel (default "
                            "bicubic_antialias, as timm / EoMT)")
   parser.add_argument("--num-heads", type=int, default=None,
@@ -57,10 +81,41 @@ def main(argv=None) -> int:
                       help="allow .pth files that pickle Python objects besides tensors "
                            "(runs their unpickling code: only for files you trust)")
   args = parser.parse_args(argv)
+  backbone_only = {"--image-size": args.image_size, "--patch-size": args.patch_size,
+                   "--posemb-resize": args.posemb_resize, "--num-heads": args.num_heads,
+                   "--mean": args.mean, "--std": args.std, "--patch-resize": args.patch_resize}
   try:
+    if (args.fmt is None) == (args.to is None):
+      raise ValueError("give exactly one of --from FORMAT (convert SRC into a bundle) and --to "
+                       "FORMAT (write the bundle SRC in another layout)")
+    whole = args.to is not None or args.fmt in convert.MODEL_FORMATS
+    given = [k for k, v in backbone_only.items() if v is not None]
+    if whole and given:
+      raise ValueError(f"{', '.join(given)} apply to backbone formats only; a whole model keeps "
+                       "its stored grids (the model resizes them at run time)")
+    if args.to is not None:
+      if args.config or args.trust_pickle:
+        raise ValueError("--config and --trust-pickle apply to --from only (the bundle records "
+                         "its model)")
+      path = convert.export(args.src, args.out, args.to)
+      meta = convert.bundle_lib.read_config(args.src)["model"]
+      print(f"wrote {path}: {_model_summary(meta)} in the {args.to} layout")
+      return 0
+    if whole:
+      if not args.config:
+        raise ValueError(f"--from {args.fmt} needs --config configs/X.py[:ARG]: the checkpoint "
+                         "does not record tap layers, shrink_idx, head counts or classes")
+      path = convert.convert_model(args.src, args.out, args.fmt, args.config,
+                                   trust_pickle=args.trust_pickle)
+      print(f"wrote {path}: {_model_summary(convert.bundle_lib.read_config(path)['model'])}")
+      return 0
+    if args.config:
+      raise ValueError(f"--config applies to whole-model formats "
+                       f"({', '.join(convert.MODEL_FORMATS)}), not --from {args.fmt}")
     path = convert.convert(
         args.src, args.out, args.fmt, image_size=args.image_size, patch_size=args.patch_size,
-        posemb_resize=args.posemb_resize, patch_resize=args.patch_resize,
+        posemb_resize=args.posemb_resize,
+        patch_resize=args.patch_resize or "bicubic_antialias",
         num_heads=args.num_heads, mean=args.mean, std=args.std, trust_pickle=args.trust_pickle)
   except (ValueError, FileNotFoundError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -68,9 +68,13 @@ def semantic_scores(class_logits: jax.Array, mask_logits: jax.Array) -> jax.Arra
 class ATMHead(nn.Module):
   """Multi-stage ATM decoder.
 
-  `features`: tapped backbone outputs (B, h, w, D), DEEPEST FIRST, all on the same grid.
+  `features`: tapped backbone outputs (B, h_s, w_s, D_s), DEEPEST FIRST. A plain ViT gives
+  one grid; a hierarchical backbone (MiT) gives finer grids for shallower stages: each
+  stage's masks are then resized bilinearly to the last stage's grid before the cumulative sum
+  (as the reference interpolates every stage's masks to the last one's size).
   Returns a list with one dict per stage, `class_logits` (B, K, K + 1) and the cumulative
-  `mask_logits` (B, K, h, w); the last entry is the output, the others are auxiliary.
+  `mask_logits` (B, K, h, w) on the last stage's grid; the last entry is the output, the
+  others are auxiliary.
 
   `cumulative=False` with `use_input_proj=False` and `masks_per_layer=True` is the single-stage
   variant of the Shrunk model (every layer emits masks, not summed).
@@ -89,7 +93,8 @@ class ATMHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array], *, train: bool = False) -> list[dict]:
-    b, gh, gw, _ = features[0].shape
+    b = features[0].shape[0]
+    out_grid = features[-1].shape[1:3]
     k = self.num_classes
     tokens = self.param("class_tokens",
                         layers.logical(nn.initializers.normal(1.0), ("queries", "embed")),
@@ -102,8 +107,7 @@ class ATMHead(nn.Module):
 
     outputs, total = [], None
     for s, feat in enumerate(features):
-      if feat.shape[1:3] != (gh, gw):
-        raise ValueError(f"ATM stage {s} feature grid {feat.shape[1:3]} != {(gh, gw)}")
+      gh, gw = feat.shape[1:3]
       mem = feat.reshape(b, gh * gw, feat.shape[-1])
       if self.use_input_proj:
         mem = nn.Dense(self.width, dtype=self.dtype, name=f"input_proj_{s}",
@@ -117,7 +121,8 @@ class ATMHead(nn.Module):
                                return_mask=emit, dtype=self.dtype,
                                name=f"decoder_{s}_layer_{j}")(x, mem, not train)
         if emit:
-          mask = mask.reshape(b, k, gh, gw).astype(jnp.float32)
+          mask = layers.upsample_masks(mask.reshape(b, k, gh, gw).astype(jnp.float32),
+                                       out_grid)
           total = mask if (total is None or not self.cumulative) else total + mask
           outputs.append({"class_logits": class_embed(x).astype(jnp.float32),
                           "mask_logits": total})
