@@ -66,7 +66,7 @@ def main(argv):
       config.eval.flip = _FLIP.value
   out_dir = _OUTPUT.value or (_WORKDIR.value or path)
   os.makedirs(out_dir, exist_ok=True)
-  results = evaluate.evaluate_params(model.model, model.variables["params"], config,
+  results = evaluate.evaluate_params(model.model, model.variables, config,
                                      split=_SPLIT.value, out_dir=out_dir,
                                      num_pictures=_NUM_VIS.value, progress=True)
   if jax.process_index() == 0:

@@ -71,7 +71,7 @@ def measure(c, model, params) -> list[float]:
   """Seconds per image of `evaluate_params`'s loop (`num_threads` 0: reading in this thread;
   it is ~1% of a step here)."""
   dataset, _ = pipeline.make_eval_dataset(c, "train")
-  predictor = evaluate.make_predictor(model, params, c)
+  predictor = evaluate.make_predictor(model, {"params": params}, c)
   times = []
   for i in range(len(dataset)):
     t0 = time.perf_counter()

@@ -108,8 +108,10 @@ def backbone_features(bundle: "Bundle | str", images) -> dict[str, Any]:
 
 
 def save_bundle(path: str, params: Any, model_cfg: Mapping[str, Any], *, mean, std,
-                class_names, **extra) -> str:
-  """Writes a bundle directory (params through orbax, atomically; ViT blocks unstacked).
+                class_names, model_state: Mapping[str, Any] | None = None, **extra) -> str:
+  """Writes a bundle directory (params through orbax, atomically; ViT blocks unstacked), and
+  the model's other variable collections (`model_state`, e.g. BatchNorm's batch_stats) in
+  `state/` when there are any.
 
   The calling process writes alone, from host copies of `params`: in a multi-process run the
   others need not call it (the trainer writes its best bundle from process 0 only)."""
@@ -123,6 +125,8 @@ def save_bundle(path: str, params: Any, model_cfg: Mapping[str, Any], *, mean, s
   with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
     ckptr.save(os.path.join(path, "params"), vit.unstack_blocks(jax.device_get(params)),
                force=True)
+    if model_state:
+      ckptr.save(os.path.join(path, "state"), jax.device_get(dict(model_state)), force=True)
   tmp = os.path.join(path, "config.json.tmp")
   with open(tmp, "w") as f:
     json.dump(meta, f, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
@@ -158,14 +162,34 @@ def load_params(path: str) -> Any:
     return jax.device_get(ckptr.restore(os.path.join(os.path.abspath(path), "params")))
 
 
+def load_model_state(path: str) -> dict:
+  """A bundle's variable collections besides the parameters (`state/`), {} without any."""
+  state_dir = os.path.join(os.path.abspath(path), "state")
+  if not os.path.isdir(state_dir):
+    return {}
+  with ocp.StandardCheckpointer() as ckptr:
+    return dict(jax.device_get(ckptr.restore(state_dir)))
+
+
 def load_bundle(path: str) -> Bundle:
-  """Loads a bundle, checking its parameters against the model its config describes."""
+  """Loads a bundle, checking its parameters (and other collections) against the model its
+  config describes."""
   meta = read_config(path)
   config = ml_collections.ConfigDict(meta)
   model = build_model(config.model)
-  params = load_params(path)
-  params = merge_params(_abstract_params(model, config.model), params, source=path)
-  return Bundle(model=model, variables={"params": params}, config=config)
+  abstract = _abstract_variables(model, config.model)
+  params = merge_params(abstract["params"], load_params(path), source=path)
+  state = _merge_state(abstract, load_model_state(path), source=path)
+  return Bundle(model=model, variables={"params": params, **state}, config=config)
+
+
+def _merge_state(abstract: Mapping[str, Any], state: Mapping[str, Any], *, source: str) -> dict:
+  """The loaded non-parameter collections checked strictly against the model's."""
+  want = {k: v for k, v in abstract.items() if k != "params"}
+  if set(want) != set(state):
+    raise ValueError(f"{source}: holds variable collections {sorted(state)} besides the "
+                     f"parameters, the model has {sorted(want)}")
+  return {k: merge_params(want[k], state[k], source=f"{source} ({k})") for k in want}
 
 
 def load_model(path: str, step: int | None = None) -> Bundle:
@@ -179,8 +203,11 @@ def load_model(path: str, step: int | None = None) -> Bundle:
     raise ValueError(f"{path}/config.json is neither a bundle nor a training config")
   config = ml_collections.ConfigDict(meta)
   model = build_model(config.model)
-  params, step = checkpoint.restore_params(os.path.join(path, "checkpoints"), step)
-  params = merge_params(_abstract_params(model, config.model), params, source=path)
+  params, step, state = checkpoint.restore_params(os.path.join(path, "checkpoints"), step,
+                                                  with_model_state=True)
+  abstract = _abstract_variables(model, config.model)
+  params = merge_params(abstract["params"], params, source=path)
+  state = _merge_state(abstract, state, source=path)
   classes_file = os.path.join(path, "classes.txt")
   if os.path.isfile(classes_file):
     with open(classes_file) as f:
@@ -191,15 +218,18 @@ def load_model(path: str, step: int | None = None) -> Bundle:
       "format": FORMAT, "version": VERSION, "model": meta["model"], "mean": meta["mean"],
       "std": meta["std"], "class_names": class_names,
       "step": step, "source": path})
-  return Bundle(model=model, variables={"params": params}, config=bundle_cfg)
+  return Bundle(model=model, variables={"params": params, **state}, config=bundle_cfg)
 
 
-def _abstract_params(model, model_cfg) -> Any:
+def _abstract_variables(model, model_cfg) -> Any:
   p = patch_size(model_cfg)
   grid = tuple(model_cfg["backbone"].get("posemb_grid", (4, 4)))
   x = jnp.zeros((1, grid[0] * p, grid[1] * p, 3))
-  return flax.linen.meta.unbox(
-      jax.eval_shape(lambda: model.init(jax.random.key(0), x)["params"]))
+  return flax.linen.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
+
+
+def _abstract_params(model, model_cfg) -> Any:
+  return _abstract_variables(model, model_cfg)["params"]
 
 
 def merge_params(init: Any, loaded: Any, *, source: str = "checkpoint") -> Any:

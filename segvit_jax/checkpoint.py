@@ -103,9 +103,12 @@ def _take_abstract(x, i):
   return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_depth_sharding(x.sharding, False))
 
 
-def restore_params(directory: str, step: int | None = None) -> tuple[dict, int]:
-  """Reads only the parameters of a training checkpoint (no optimizer, no data state), on the
-  host/default device, in the block layout they were saved in (`bundle.merge_params` converts).
+def restore_params(directory: str, step: int | None = None, *,
+                   with_model_state: bool = False) -> tuple:
+  """Reads the parameters of a training checkpoint (no optimizer, no data state), on the
+  host/default device, in the block layout they were saved in (`bundle.merge_params` converts):
+  (params, step), or (params, step, model_state) with `with_model_state` (the other variable
+  collections, e.g. batch_stats; {} for models without any or checkpoints from before them).
   `directory` is a checkpoint root (with step subdirectories)."""
   mngr = ocp.CheckpointManager(os.path.abspath(directory),
                                options=ocp.CheckpointManagerOptions(read_only=True),
@@ -121,4 +124,6 @@ def restore_params(directory: str, step: int | None = None) -> tuple[dict, int]:
   state = mngr.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   mngr.close()
+  if with_model_state:
+    return state["params"], step, dict(state.get("model_state") or {})
   return state["params"], step

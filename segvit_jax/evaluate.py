@@ -82,11 +82,13 @@ def confusions(total: jax.Array, label: jax.Array, *, num_classes: int, ignore_i
   return pred, jnp.stack(mats)
 
 
-def make_predictor(model, params: Any, config: ml_collections.ConfigDict
+def make_predictor(model, variables: Any, config: ml_collections.ConfigDict
                    ) -> inference.MultiScalePredictor:
-  """The model's semantic scores under `config.eval`'s protocol, on this process's devices."""
-  apply_fn = lambda p, x: model.apply({"params": p}, x)["semantic_scores"]  # noqa: E731
-  return inference.MultiScalePredictor(apply_fn, params, inference.Protocol.from_config(config),
+  """The model's semantic scores under `config.eval`'s protocol, on this process's devices.
+  `variables`: {"params": ...} and any other collections (BatchNorm's batch_stats)."""
+  apply_fn = lambda v, x: model.apply(v, x)["semantic_scores"]  # noqa: E731
+  return inference.MultiScalePredictor(apply_fn, variables,
+                                       inference.Protocol.from_config(config),
                                        config.model.num_classes, mean=config.mean,
                                        std=config.std)
 
@@ -138,11 +140,11 @@ class _Progress:
     return time.perf_counter() - self.t0
 
 
-def evaluate_params(model, params: Any, config: ml_collections.ConfigDict, *,
+def evaluate_params(model, variables: Any, config: ml_collections.ConfigDict, *,
                     split: str | None = None, out_dir: str | None = None,
                     num_pictures: int = 0, progress: bool = False) -> dict[str, Any]:
-  """Evaluates `params` on `split` (default config.dataset.eval_split) with the protocol of
-  `config.eval`; every process takes a shard, the confusion matrices are summed across
+  """Evaluates the model's `variables` ({"params": ..., other collections}) on `split`
+  (default config.dataset.eval_split) with the protocol of `config.eval`; every process takes a shard, the confusion matrices are summed across
   processes (all processes must call this). Writes `eval_results.json`, and with
   `num_pictures` the first pictures and `confusion.png`, to `out_dir` if given."""
   split = config.dataset.eval_split if split is None else split
@@ -151,7 +153,7 @@ def evaluate_params(model, params: Any, config: ml_collections.ConfigDict, *,
   if len(class_names) != k:
     raise ValueError(f"dataset has {len(class_names)} classes, model.num_classes={k}")
   ignore = int(config.dataset.ignore_index)
-  predictor = make_predictor(model, params, config)
+  predictor = make_predictor(model, variables, config)
   without0 = background_free(config)
   pic_dir = os.path.join(out_dir, "pictures") if out_dir and num_pictures else None
   if pic_dir and jax.process_index() == 0:

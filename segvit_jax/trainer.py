@@ -21,6 +21,7 @@ record back, so it only replaces best/ with better parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -43,10 +44,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segvit_jax import checkpoint as ckpt_lib
-from segvit_jax import bundle, convert, optim, sharding
+from segvit_jax import bundle, convert, losses, optim, sharding
 from segvit_jax.data import pipeline, sources
-from segvit_jax.losses import atm_loss
-from segvit_jax.losses.atm import atm_normalisers, term_normaliser
 from segvit_jax.models import build_model
 
 
@@ -68,9 +67,18 @@ def quiet_library_logs(libraries: tuple[str, ...] = ("orbax", "grain")) -> None:
 
 @flax.struct.dataclass
 class TrainState:
+  """`model_state`: the model's variable collections other than "params" that training
+  updates without the optimizer, e.g. {"batch_stats": ...} of BatchNorm (SegFormer); {} for
+  models without any."""
   step: jax.Array
   params: Any
   opt_state: Any
+  model_state: Any = dataclasses.field(default_factory=dict)
+
+
+def model_state_of(variables: Any) -> dict:
+  """The variable collections of a model other than "params" (e.g. batch_stats)."""
+  return {k: v for k, v in variables.items() if k != "params"}
 
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
@@ -79,13 +87,22 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
 
 
 def loss_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
-  """(params, batch, rng) -> (loss, terms) for the model family of `config.model`."""
-  loss_cfg = dict(config.loss)
+  """(params, model_state, batch, rng) -> (loss, (terms, new model_state)) with the loss
+  `config.loss.name` names (`segvit_jax.losses.LOSSES`). `model_state` (e.g. BatchNorm's
+  batch_stats) is updated by the training-mode forward pass; {} stays {}."""
+  loss, options = losses.get_loss(config.loss)
 
-  def fn(params, batch, rng):
-    out = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-    return atm_loss(out, batch["label"], num_classes=config.model.num_classes,
-                    ignore_index=config.dataset.ignore_index, **loss_cfg)
+  def fn(params, model_state, batch, rng):
+    variables = {"params": params, **model_state}
+    if model_state:
+      out, new_state = model.apply(variables, batch["image"], train=True,
+                                   rngs={"dropout": rng}, mutable=list(model_state))
+    else:
+      out, new_state = model.apply(variables, batch["image"], train=True,
+                                   rngs={"dropout": rng}), {}
+    total, terms = loss.fn(out, batch["label"], num_classes=config.model.num_classes,
+                           ignore_index=config.dataset.ignore_index, **options)
+    return total, (terms, dict(new_state))
 
   return fn
 
@@ -105,56 +122,66 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
                                mesh: jax.sharding.Mesh | None = None,
                                grad_shardings: Any = None) -> Callable:
   """`jax.value_and_grad(compute_loss, has_aux=True)` over `config.grad_accum_steps`
-  micro-batches: (params, batch, rng) -> ((loss, terms), grads) of the whole batch.
+  micro-batches: (params, model_state, batch, rng) -> ((loss, (terms, model_state)), grads) of
+  the whole batch, for a `compute_loss` like `loss_fn`'s.
 
   The micro-batches run one after the other in a `lax.scan`, so only one micro-batch's
   activations are alive at a time. Each micro-batch's loss terms are weighted by its share of
-  the whole batch's normalisers (`losses.atm.atm_normalisers`) rather than by 1 / steps, which makes the
-  sum over micro-batches the whole-batch loss (and gradient) exactly, up to float rounding; with
-  equal shares the weights are 1 / steps. The shares know the ATM loss's terms
-  (`losses.atm.TERM_NORMALISERS`); a loss with other terms fails here rather than being mis-weighted.
-  Dropout gets `fold_in(rng, i)` in micro-batch i. `grad_shardings` (the parameter shardings)
-  keeps the gradient sum sharded like the parameters.
+  the whole batch's normalisers (the loss's `normalisers`, `segvit_jax.losses.Loss`) rather
+  than by 1 / steps, which makes the sum over micro-batches the whole-batch loss (and
+  gradient) exactly, up to float rounding; with equal shares the weights are 1 / steps. A
+  term the loss has no normaliser for fails here rather than being mis-weighted. Dropout gets
+  `fold_in(rng, i)` in micro-batch i; `model_state` (BatchNorm statistics) passes from one
+  micro-batch to the next, as in a framework that accumulates over several forward passes.
+  `grad_shardings` (the parameter shardings) keeps the gradient sum sharded like the
+  parameters.
   """
   steps = int(config.grad_accum_steps)
   value_and_grad = jax.value_and_grad(compute_loss, has_aux=True)
   if steps == 1:
     return value_and_grad
   micro_sharding = None if mesh is None else NamedSharding(mesh, P(None, ("data", "fsdp")))
+  loss, options = losses.get_loss(config.loss)
+  k, ignore = config.model.num_classes, config.dataset.ignore_index
 
-  def fn(params, batch, rng):
+  def fn(params, model_state, batch, rng):
     micro = split_micro_batches(batch, steps, micro_sharding)
     # (steps,) counts. vmap, not a loop: on the CPU, a collective inside a loop can deadlock
     # with an independent one outside it (the parameters' all-gathers).
-    counts = jax.vmap(lambda labels: atm_normalisers(labels, config.model.num_classes, config.loss.no_object_weight))(micro["label"])
+    counts = jax.vmap(lambda labels: loss.normalisers(labels, k, ignore, options))(
+        micro["label"])
     totals = jax.tree.map(lambda c: jnp.sum(c, axis=0), counts)
 
     def body(carry, xs):
+      total_loss, total_terms, total_grads, state = carry
       i, micro_batch, count = xs
 
       def weighted_loss(p):
-        _, terms = compute_loss(p, micro_batch, jax.random.fold_in(rng, i))
+        _, (terms, new_state) = compute_loss(p, state, micro_batch, jax.random.fold_in(rng, i))
         scaled = {}
         for name, value in terms.items():
-          key, floor = term_normaliser(name)
+          key, floor = loss.term_normaliser(name)
           share = jnp.maximum(count[key], floor) / jnp.maximum(totals[key], floor)
           scaled[name] = value * share
-        return sum(scaled.values()), scaled
+        return sum(scaled.values()), (scaled, new_state)
 
-      (loss, terms), grads = jax.value_and_grad(weighted_loss, has_aux=True)(params)
-      carry = jax.tree.map(jnp.add, carry, (loss, terms, grads))
+      (value, (terms, state)), grads = jax.value_and_grad(weighted_loss, has_aux=True)(params)
+      total_loss, total_terms, total_grads = jax.tree.map(
+          jnp.add, (total_loss, total_terms, total_grads), (value, terms, grads))
       if grad_shardings is not None:
-        carry = (*carry[:2], jax.lax.with_sharding_constraint(carry[2], grad_shardings))
-      return carry, None
+        total_grads = jax.lax.with_sharding_constraint(total_grads, grad_shardings)
+      return (total_loss, total_terms, total_grads, state), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    _, terms_shape = jax.eval_shape(compute_loss, params, first, rng)
+    _, (terms_shape, _) = jax.eval_shape(compute_loss, params, model_state, first, rng)
     zero_terms = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), terms_shape)
-    init = (jnp.zeros((), jnp.float32), zero_terms, jax.tree.map(jnp.zeros_like, params))
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
     if grad_shardings is not None:
-      init = (*init[:2], jax.lax.with_sharding_constraint(init[2], grad_shardings))
-    (loss, terms, grads), _ = jax.lax.scan(body, init, (jnp.arange(steps), micro, counts))
-    return (loss, terms), grads
+      zero_grads = jax.lax.with_sharding_constraint(zero_grads, grad_shardings)
+    init = (jnp.zeros((), jnp.float32), zero_terms, zero_grads, model_state)
+    (total, terms, grads, model_state), _ = jax.lax.scan(
+        body, init, (jnp.arange(steps), micro, counts))
+    return (total, (terms, model_state)), grads
 
   return fn
 
@@ -278,8 +305,8 @@ def is_improvement(value: float, best: float | None) -> bool:
 
 
 def gather_params(params: Any, mesh: jax.sharding.Mesh) -> Any:
-  """`params` (sharded over `mesh`, which may span processes) as numpy arrays on process 0,
-  None on the others. A collective: every process must call it."""
+  """`params` (any pytree sharded over `mesh`, which may span processes) as numpy arrays on
+  process 0, None on the others. A collective: every process must call it."""
   replicated = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(params)
   if jax.process_index() != 0:
     return None
@@ -376,9 +403,10 @@ class BestKeeper:
                         "evaluation replaces it", self.path, self.best["metric"], metric)
         self.best = None
 
-  def update(self, step: int, results: dict, get_params: Callable[[], Any]) -> bool:
-    """Writes `get_params()` (called on every process; host arrays on process 0) as the new
-    best if `results[metric]` beats the best so far. Returns whether it did."""
+  def update(self, step: int, results: dict, get_variables: Callable[[], Any]) -> bool:
+    """Writes `get_variables()` (called on every process; (params, model_state) as host arrays
+    on process 0) as the new best if `results[metric]` beats the best so far. Returns whether
+    it did."""
     if self.metric not in results:
       raise KeyError(f"config.eval.best_metric={self.metric!r} is not an evaluation result; "
                      f"expected one of {sorted(k for k in results if k != 'per_class')}")
@@ -392,12 +420,13 @@ class BestKeeper:
         logging.info("%s %.2f at step %d: best stays %s", self.metric, value, step,
                      self._describe(self.best))
       return False
-    params = get_params()
+    variables = get_variables()
     if self.active:
+      params, model_state = variables
       record = {"step": step, "metric": self.metric, "value": value}
       recover_dir(self.path)  # a leftover best.tmp/
       bundle.save_bundle(self.path + ".tmp", params, step=step, best=record,
-                         **self.bundle_kwargs)
+                         model_state=model_state, **self.bundle_kwargs)
       replace_dir(self.path + ".tmp", self.path)
       _write_json(os.path.join(self.workdir, BEST_RECORD), record)
       logging.info("new best %s %.2f at step %d (was %s): wrote %s", self.metric, value, step,
@@ -440,7 +469,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   # Model and optimizer shapes, then shardings.
   model = build_model(config.model)
   dummy = jnp.zeros(input_shape(config), jnp.float32)
-  boxed_params = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy)["params"])
+  boxed_vars = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))
+  boxed_params = boxed_vars["params"]
   abstract_params = nn.meta.unbox(boxed_params)
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps, abstract_params)
   param_sh = sharding.logical_shardings(boxed_params, mesh, rules)
@@ -448,27 +478,34 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   repl = sharding.replicated(mesh)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
                                  transform_non_params=lambda _: repl)
-  state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh)
+  # Other collections (BatchNorm statistics): small, replicated.
+  model_state_sh = jax.tree.map(lambda _: repl, model_state_of(nn.meta.unbox(boxed_vars)))
+  state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh,
+                        model_state=model_state_sh)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
   logging.info("model: %s parameters; mesh %s over %d process(es); batch %d%s", f"{n_params:,}",
                dict(mesh.shape), jax.process_count(), config.batch_size,
                f" in {accum} micro-batches of {config.batch_size // accum}" if accum > 1 else "")
 
   def init(rng):
-    params = nn.meta.unbox(model.init(rng, dummy)["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    variables = nn.meta.unbox(model.init(rng, dummy))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      model_state=model_state_of(variables))
 
   value_and_grad = accumulated_value_and_grad(loss_fn(model, config), config, mesh, param_sh)
   base_rng = jax.random.key(config.seed)
 
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(base_rng, state.step)
-    (loss, terms), grads = value_and_grad(state.params, batch, rng)
+    (loss, (terms, model_state)), grads = value_and_grad(state.params, state.model_state,
+                                                         batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      model_state=model_state), metrics
 
   batch_sh = sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -569,12 +606,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           ckpt.save(step, state, data_iter)
         if evaluate_fn is not None and config.eval_every and (
             step % config.eval_every == 0 or step == total):
-          results = evaluate_fn(model, state.params, config)
+          results = evaluate_fn(model, {"params": state.params, **state.model_state}, config)
           logging.info("step %d eval: mIoU %.2f mAcc %.2f aAcc %.2f", step, results["mIoU"],
                        results["mAcc"], results["aAcc"])
           writer.write(step, {f"eval/{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")})
           if best is not None:
-            best.update(step, results, lambda: gather_params(state.params, mesh))
+            best.update(step, results,
+                        lambda: gather_params((state.params, state.model_state), mesh))
     finally:
       ckpt.close()
       writer.close()

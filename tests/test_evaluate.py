@@ -382,7 +382,7 @@ def test_pascal_context_reports_miou60_and_miou59(tmp_path):
   c.dataset.update(name="pascal_context", root=str(tmp_path), num_classes=60)
   c.update_from_flattened_dict({**SMALL, "eval.mode": "slide"})
   c.model = cfg
-  results = evaluate.evaluate_params(model, params, c)
+  results = evaluate.evaluate_params(model, {"params": params}, c)
   assert results["mIoU60"] == results["mIoU"]
   assert results["mIoU59"] == results["without_class0"]["mIoU"]
   assert [r["name"] for r in results["without_class0"]["per_class"]][:2] == [
@@ -390,7 +390,8 @@ def test_pascal_context_reports_miou60_and_miou59(tmp_path):
   assert len(results["without_class0"]["per_class"]) == 59
   # The same numbers from numpy on the summed scores of the one val image.
   ex = pipeline.make_eval_dataset(c)[0][0]
-  total = chw(evaluate.make_predictor(model, params, c)(ex["images"], label.shape))[:, :40, :56]
+  total = chw(evaluate.make_predictor(model, {"params": params}, c)(ex["images"],
+                                                                     label.shape))[:, :40, :56]
   pred59 = total[1:].argmax(0) + 1
   keep = label != 0
   conf = np.zeros((60, 60), np.int64)

@@ -29,7 +29,8 @@ from absl import logging
 
 from configs import demo
 from segvit_jax import checkpoint, sharding, trainer
-from segvit_jax.losses.atm import atm_normalisers, class_targets, term_normaliser
+from segvit_jax.losses import LOSSES
+from segvit_jax.losses.atm import atm_normalisers, class_targets
 from segvit_jax.models import build_model
 
 try:
@@ -144,14 +145,14 @@ def test_micro_batches_take_strided_rows():
 def test_micro_batches_draw_their_own_dropout_rng():
   # A stand-in loss whose value is the rng's draw: micro-batch i gets fold_in(rng, i), and
   # equal normaliser shares weight each by 1 / 2.
-  def compute_loss(params, batch, rng):
+  def compute_loss(params, model_state, batch, rng):
     value = jnp.sum(params["w"] * jax.random.normal(rng, (3,)))
-    return value, {"loss_ce": value}
+    return value, ({"loss_ce": value}, model_state)
 
   batch = {"image": jnp.zeros((4, 2, 2, 3)), "label": jnp.zeros((4, 2, 2), jnp.int32)}
   rng = jax.random.key(3)
   fn = trainer.accumulated_value_and_grad(compute_loss, config(grad_accum_steps=2))
-  (loss, terms), grads = fn({"w": jnp.ones(3)}, batch, rng)
+  (loss, (terms, _)), grads = fn({"w": jnp.ones(3)}, {}, batch, rng)
   draws = [jax.random.normal(jax.random.fold_in(rng, i), (3,)) for i in range(2)]
   np.testing.assert_allclose(grads["w"], 0.5 * (draws[0] + draws[1]), rtol=1e-6)
   np.testing.assert_allclose(float(loss), float(terms["loss_ce"]), rtol=1e-6)
@@ -181,6 +182,7 @@ def test_micro_batch_weights_follow_the_loss_normalisers():
   assert float(got["masks"]) == float(np.sum(present))
   np.testing.assert_allclose(float(got["queries"]),
                              float(np.sum(np.where(present, 1.0, 0.1))), rtol=1e-6)
+  term_normaliser = LOSSES["atm"].term_normaliser
   assert term_normaliser("loss_dice_3") == ("masks", 1.0)
   with pytest.raises(KeyError, match="loss term 'loss_box' has no known normaliser"):
     term_normaliser("loss_box")
@@ -226,7 +228,7 @@ def test_bfloat16_gradients_are_float32(accum):
   batch = {"image": jax.ShapeDtypeStruct((8, h, w, 3), jnp.float32),
            "label": jax.ShapeDtypeStruct((8, h, w), jnp.int32)}
   fn = trainer.accumulated_value_and_grad(trainer.loss_fn(model, c), c)
-  (loss, terms), grads = jax.eval_shape(fn, params, batch, jax.random.key(0))
+  (loss, (terms, _)), grads = jax.eval_shape(fn, params, {}, batch, jax.random.key(0))
   assert loss.dtype == np.float32
   assert {t.dtype for t in terms.values()} == {np.dtype("float32")}
   assert set(_leaf_dtypes(grads).values()) == {np.dtype("float32")}

@@ -93,8 +93,8 @@ def scripted_evaluate(values):
   """A stand-in for `evaluate.evaluate_params` returning `values` as mIoU, one per call."""
   values = list(values)
 
-  def evaluate_fn(model, params, config):
-    del model, params, config
+  def evaluate_fn(model, variables, config):
+    del model, variables, config
     v = values.pop(0)
     return {"mIoU": v, "mAcc": v + 1.0, "aAcc": v + 2.0, "per_class": {}}
 
@@ -169,7 +169,7 @@ def test_best_swap_crash_keeps_previous_best(tmp_path, monkeypatch):
   workdir = str(tmp_path)
   best_dir = os.path.join(workdir, "best")
   keeper = trainer.BestKeeper(workdir, "mIoU", **keeper_kwargs())
-  assert keeper.update(1, {"mIoU": 5.0}, lambda: {"w": np.full(3, 1.0)})
+  assert keeper.update(1, {"mIoU": 5.0}, lambda: ({"w": np.full(3, 1.0)}, {}))
 
   # The swap fails (os.replace raises): best/ and best.json still describe step 1.
   real_replace = os.replace
@@ -181,7 +181,7 @@ def test_best_swap_crash_keeps_previous_best(tmp_path, monkeypatch):
 
   monkeypatch.setattr(os, "replace", failing_replace)
   with pytest.raises(OSError, match="simulated crash"):
-    keeper.update(2, {"mIoU": 7.0}, lambda: {"w": np.full(3, 2.0)})
+    keeper.update(2, {"mIoU": 7.0}, lambda: ({"w": np.full(3, 2.0)}, {}))
   monkeypatch.undo()
   np.testing.assert_array_equal(bundle.load_params(best_dir)["w"], np.full(3, 1.0))
   assert read_best_json(workdir)["step"] == 1
@@ -195,7 +195,7 @@ def test_best_swap_crash_keeps_previous_best(tmp_path, monkeypatch):
   assert sorted(os.listdir(workdir)) == ["best", "best.json"]
   np.testing.assert_array_equal(bundle.load_params(best_dir)["w"], np.full(3, 1.0))
   assert not keeper.update(3, {"mIoU": float("nan")}, lambda: pytest.fail("gathered params"))
-  assert keeper.update(3, {"mIoU": 6.0}, lambda: {"w": np.full(3, 3.0)})
+  assert keeper.update(3, {"mIoU": 6.0}, lambda: ({"w": np.full(3, 3.0)}, {}))
   np.testing.assert_array_equal(bundle.load_params(best_dir)["w"], np.full(3, 3.0))
   assert read_best_json(workdir) == {"step": 3, "metric": "mIoU", "value": 6.0}
 

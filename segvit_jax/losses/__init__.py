@@ -1,3 +1,62 @@
-from segvit_jax.losses.atm import atm_loss
+"""Losses by name (`config.loss.name`): each with the denominators gradient accumulation needs
+to weight micro-batches exactly (see `trainer.accumulated_value_and_grad`).
 
-__all__ = ["atm_loss"]
+  atm       SegViT's ATM loss (`atm.py`): the default
+  pixel_ce  per-pixel cross-entropy of per-pixel classifiers, SegFormer (`pixel_ce.py`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Mapping
+
+from segvit_jax.losses import atm, pixel_ce
+from segvit_jax.losses.atm import atm_loss
+from segvit_jax.losses.pixel_ce import pixel_ce_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """`fn(outputs, labels, num_classes=, ignore_index=, **options) -> (loss, terms)`;
+  `normalisers(labels, num_classes, ignore_index, options) -> {name: denominator}` of the
+  batch (they add up over micro-batches); `terms`: term name (auxiliary suffix `_i`
+  stripped) -> (its denominator's name, the floor the loss applies to it)."""
+
+  fn: Callable[..., Any]
+  normalisers: Callable[..., Mapping[str, Any]]
+  terms: Mapping[str, tuple[str, float]]
+
+  def term_normaliser(self, name: str) -> tuple[str, float]:
+    base = re.sub(r"_\d+$", "", name)
+    if base not in self.terms:
+      raise KeyError(f"loss term {name!r} has no known normaliser; gradient accumulation "
+                     f"needs one (known: {', '.join(self.terms)})")
+    return self.terms[base]
+
+
+LOSSES = {
+    "atm": Loss(
+        fn=lambda out, labels, *, num_classes, ignore_index, **o: atm_loss(
+            out, labels, num_classes=num_classes, ignore_index=ignore_index, **o),
+        normalisers=lambda labels, k, ignore_index, o: atm.atm_normalisers(
+            labels, k, o.get("no_object_weight", 0.1)),
+        terms=atm.TERM_NORMALISERS),
+    "pixel_ce": Loss(
+        fn=pixel_ce_loss,
+        normalisers=lambda labels, k, ignore_index, o: pixel_ce.pixel_ce_normalisers(
+            labels, k, ignore_index, o.get("avg_non_ignore", False)),
+        terms=pixel_ce.TERM_NORMALISERS),
+}
+
+
+def get_loss(loss_cfg: Mapping[str, Any]) -> tuple[Loss, dict[str, Any]]:
+  """(the Loss `loss_cfg["name"]` names (default "atm"), the rest of `loss_cfg`: its options)."""
+  options = dict(loss_cfg)
+  name = options.pop("name", "atm")
+  if name not in LOSSES:
+    raise ValueError(f"config.loss.name={name!r}: expected one of {', '.join(LOSSES)}")
+  return LOSSES[name], options
+
+
+__all__ = ["LOSSES", "Loss", "atm_loss", "get_loss", "pixel_ce_loss"]

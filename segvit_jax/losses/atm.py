@@ -11,7 +11,6 @@ Pixels labelled `ignore_index` are negatives for every mask (the reference behav
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
 import jax
@@ -118,12 +117,3 @@ def atm_normalisers(labels: jax.Array, num_classes: int, no_object_weight: float
   present = jax.vmap(lambda x: jnp.bincount(x, length=k + 1))(flat)[:, :k] > 0  # (B, K)
   weights = jnp.where(present, 1.0, no_object_weight)
   return {"queries": jnp.sum(weights), "masks": jnp.sum(present.astype(jnp.float32))}
-
-
-def term_normaliser(name: str) -> tuple[str, float]:
-  """(normaliser, floor) of a loss term name, auxiliary outputs included (loss_ce_0, ...)."""
-  base = re.sub(r"_\d+$", "", name)
-  if base not in TERM_NORMALISERS:
-    raise KeyError(f"loss term {name!r} has no known normaliser; gradient accumulation "
-                   f"needs one (known: {', '.join(TERM_NORMALISERS)})")
-  return TERM_NORMALISERS[base]

@@ -1,0 +1,58 @@
+"""Per-pixel cross-entropy of per-pixel classifiers (SegFormer's all-MLP head; mmseg's
+`CrossEntropyLoss` as the SegFormer release trains with, spec segformer.md).
+
+The logits (B, K, h, w) are bilinearly resized (align_corners=False) to the label size first,
+as mmseg's decode head does. Pixels labelled `ignore_index` contribute nothing; mmseg 0.x then
+averages over ALL pixels of the batch (`avg_non_ignore=False`, what the papers trained with),
+or over the labelled ones with `avg_non_ignore=True` (mmseg >= 0.23's option).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from segvit_jax.models.layers import upsample_masks
+
+
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = 255,
+                        avg_non_ignore: bool = False) -> jax.Array:
+  """Mean cross-entropy of (B, K, h, w) logits against (B, H, W) int labels."""
+  labels = labels.astype(jnp.int32)
+  k = logits.shape[1]
+  logits = upsample_masks(logits.astype(jnp.float32), labels.shape[1:])
+  logp = jax.nn.log_softmax(logits, axis=1)
+  valid = (labels != ignore_index) & (labels >= 0) & (labels < k)
+  target = jnp.where(valid, labels, 0)
+  nll = -jnp.take_along_axis(logp, target[:, None], axis=1)[:, 0]
+  total = jnp.sum(jnp.where(valid, nll, 0.0))
+  denom = jnp.sum(valid) if avg_non_ignore else labels.size
+  return total / jnp.maximum(denom, 1)
+
+
+def pixel_ce_loss(outputs: Mapping[str, Any], labels: jax.Array, *, num_classes: int,
+                  ignore_index: int = 255, ce_weight: float = 1.0,
+                  avg_non_ignore: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss and its terms ({"loss_ce"}) of a segmentor's `logits` (B, K, h, w)."""
+  if outputs["logits"].shape[1] != num_classes:
+    raise ValueError(f"the model gives {outputs['logits'].shape[1]} classes, "
+                     f"num_classes={num_classes}")
+  loss = ce_weight * pixel_cross_entropy(outputs["logits"], labels, ignore_index,
+                                         avg_non_ignore)
+  return loss, {"loss_ce": loss}
+
+
+def pixel_ce_normalisers(labels: jax.Array, num_classes: int, ignore_index: int = 255,
+                         avg_non_ignore: bool = False) -> dict[str, jax.Array]:
+  """The un-floored denominator of `pixel_ce_loss` for `labels` (B, H, W): all pixels, or the
+  labelled ones with `avg_non_ignore`; it adds up over micro-batches."""
+  if not avg_non_ignore:
+    return {"pixels": jnp.asarray(labels.size, jnp.float32)}
+  labels = labels.astype(jnp.int32)
+  valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+  return {"pixels": jnp.sum(valid).astype(jnp.float32)}
+
+
+TERM_NORMALISERS = {"loss_ce": ("pixels", 1.0)}
