@@ -11,6 +11,14 @@ Output dict:
   aux_outputs      list of {class_logits, mask_logits (B, K, h, w)} of the earlier stages
                    (Shrunk: of the earlier ATM layers)
   semantic_scores  (B, K, H, W)   sum_q softmax(class)[c] * sigmoid(mask)
+
+SegFormer (spec segformer.md): MiT encoder (`mit.Model`) + all-MLP decoder
+(`segformer_head.SegFormerHead`). Output dict:
+  logits           (B, K, H/4, W/4)  per-pixel class logits on the stage-1 grid (train on these,
+                                     resized to the labels, as mmseg does)
+  semantic_scores  (B, K, H, W)      the logits bilinearly resized to the input
+Variables: {"params", "batch_stats"} (the decoder's BatchNorm); `train=True` needs
+`mutable=["batch_stats"]`.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from segvit_jax.models import atm, layers, vit
+from segvit_jax.models import atm, layers, mit, segformer_head, vit
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -73,6 +81,27 @@ class SegViT(nn.Module):
     }
 
 
+class SegFormer(nn.Module):
+  """SegFormer: `backbone` holds MiT fields (incl. `variant`), `head` SegFormerHead's fields
+  (`width`, `dropout`)."""
+
+  num_classes: int
+  backbone: dict
+  head: dict
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.encoder = mit.Model(**self.backbone, dtype=self.dtype, name="backbone")
+    self.decode_head = segformer_head.SegFormerHead(num_classes=self.num_classes,
+                                                    dtype=self.dtype, name="head", **self.head)
+
+  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, Any]:
+    features, _ = self.encoder(images.astype(self.dtype), train=train)
+    logits = self.decode_head(features, train=train).astype(jnp.float32)
+    return {"logits": logits,
+            "semantic_scores": layers.upsample_masks(logits, images.shape[1:3])}
+
+
 def patch_size(model_cfg: ml_collections.ConfigDict | dict) -> int:
   """The backbone patch size a model config implies (its variant, or an explicit override)."""
   bb = model_cfg["backbone"]
@@ -81,7 +110,10 @@ def patch_size(model_cfg: ml_collections.ConfigDict | dict) -> int:
 
 def input_divisor(model_cfg: ml_collections.ConfigDict | dict) -> int:
   """What input sides must be multiples of: the patch size, twice that with query
-  down-sampling (the token grid is halved inside the backbone)."""
+  down-sampling (the token grid is halved inside the backbone). A SegFormer takes any size;
+  its 32 (the MiT's total stride) makes every stage grid an exact fraction of the input."""
+  if model_cfg.get("name") == "segformer":
+    return 32
   shrunk = model_cfg["backbone"].get("shrink_idx") is not None
   return patch_size(model_cfg) * (2 if shrunk else 1)
 
@@ -101,4 +133,8 @@ def build_model(model_cfg: ml_collections.ConfigDict | dict) -> nn.Module:
     backbone["posemb_grid"] = tuple(backbone["posemb_grid"])
     return SegViT(num_classes=cfg["num_classes"], backbone=backbone, head=dict(cfg["head"]),
                   dtype=dtype)
-  raise ValueError(f"unknown model name {name!r}; known: 'segvit', 'vit'")
+  if name == "segformer":
+    backbone = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["backbone"].items()}
+    return SegFormer(num_classes=cfg["num_classes"], backbone=backbone, head=dict(cfg["head"]),
+                     dtype=dtype)
+  raise ValueError(f"unknown model name {name!r}; known: 'segformer', 'segvit', 'vit'")
