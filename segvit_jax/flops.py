@@ -13,13 +13,15 @@ What counts (fvcore's convention for the ops that matter in these models):
   conv_general_dilated  output elements x kernel window x input features per group;
   everything else       0 (elementwise ops, softmax, norms, reductions, gathers). fvcore adds
                         ~5 per element for a LayerNorm: ~0.1% of a ViT, left out.
-Resizes in this repository are separable matrix products (`layers.resize_grid`), so they count
-as the matmuls they are: the final bilinear mask upsampling of a SegViT costs
-K x H x (h w + W w) MACs (1.3 G for ViT-B at 512), where fvcore's upsample_bilinear2d would
-count 4 per output element (0.16 G). The papers' numbers come from fvcore's FlopCountAnalysis
-of mmseg's `forward_dummy` (SegViT's tools/get_flops_fvcore.py): our counts with fvcore's
-LayerNorm and upsampling terms in place of the dense resize give 120.88 and 637.87 G for the
-ViT-B and ViT-L ADE20K models (paper: 120.9, 637.9); as counted here, 121.8 and 639.6.
+Interpolation is reported apart and left out of the total. Resizes in this repository are
+separable matrix products (`layers.resize_grid`, run under the name scope "resize"); neither
+paper's tool counted them as such: the SegViT numbers come from fvcore's FlopCountAnalysis of
+mmseg's `forward_dummy` (SegViT's tools/get_flops_fvcore.py), which charges an
+upsample_bilinear2d 4 per output element, and SegFormer's from mmcv's
+get_model_complexity_info, which does not see F.interpolate at all. As matmuls they would be
+large: upsampling 150 class maps to 512 x 512 is 6.3 G, most of a SegFormer-B0. Without them,
+SegViT ViT-B / ViT-L on ADE20K count 120.5 / 637.0 G (paper 120.9 / 637.9; the rest is
+fvcore's LayerNorm and upsampling charges) and SegFormer B0-B5 within 0.14% of the paper.
 
 Sub-jaxprs: jit / closed_call / remat / custom_jvp / custom_vjp and any other primitive holding
 jaxprs count each once; scan counts its body `length` times; while counts its body (and
@@ -35,7 +37,8 @@ the root module's own code -- in a SegViT the bilinear mask upsampling and the s
 einsum of `SegViT.__call__` -- goes to the "head" bucket: mmseg's SegViT runs both inside its
 decode head (`ATMHead.forward` upsamples, `semantic_inference` in test mode), and the papers
 split the cost into backbone + decode head. Models without a child named "head" report that
-work as "other".
+work as "other". Equations under a "resize" scope go to the "resize" bucket, which `count_model`
+reports beside the total, not in it.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from jax.extend import core as jax_core
 from ml_collections import config_flags
 
 from segvit_jax import config_utils
-from segvit_jax.models import build_model
+from segvit_jax.models import build_model, layers
 
 GIGA = 1e9
 
@@ -119,14 +122,21 @@ def count_macs(jaxpr: jax_core.Jaxpr | jax_core.ClosedJaxpr) -> int:
   return sum(macs_by_scope(jaxpr).values())
 
 
+RESIZE = layers.RESIZE_SCOPE
+
+
 def group_by_module(counts: Mapping[str, int], children: Collection[str],
                     outside: str = "other") -> dict[str, int]:
   """Sums name-stack counts per child module: the first stack component naming one of
-  `children` (a ".method" suffix dropped); counts under none go to `outside`."""
+  `children` (a ".method" suffix dropped); counts under none go to `outside`, counts inside
+  a "resize" scope (interpolation) to "resize"."""
   groups: dict[str, int] = collections.defaultdict(int)
   for scope, macs in counts.items():
-    names = (part.split(".")[0] for part in scope.split("/"))
-    groups[next((n for n in names if n in children), outside)] += macs
+    names = [part.split(".")[0] for part in scope.split("/")]
+    if RESIZE in names:
+      groups[RESIZE] += macs
+    else:
+      groups[next((n for n in names if n in children), outside)] += macs
   return dict(groups)
 
 
@@ -170,8 +180,9 @@ def count_model(config: ml_collections.ConfigDict, height: int | None = None,
                 outside: str | None = "head") -> dict[str, int]:
   """Multiply-adds of one eval-mode forward pass (see `model_scopes` for the arguments):
   {"total": ..., then one entry per top-level submodule with any MACs, largest first (a SegViT:
-  "backbone", "head")}. MACs of the root module's own code go to `outside` when it names a
-  submodule, else (and with `outside=None`) to "other"."""
+  "backbone", "head")}, and "resize": the interpolation's MACs, NOT in the total (module
+  docstring). MACs of the root module's own code go to `outside` when it names a submodule,
+  else (and with `outside=None`) to "other"."""
   return summarize(*model_scopes(config, height, width, batch), outside=outside)
 
 
@@ -179,8 +190,9 @@ def summarize(scopes: Mapping[str, int], children: Collection[str],
               outside: str | None = "head") -> dict[str, int]:
   """`count_model`'s dict from `model_scopes`' counts and children."""
   groups = group_by_module(scopes, children, outside if outside in children else "other")
+  resize = groups.pop(RESIZE, 0)
   groups = sorted(((k, v) for k, v in groups.items() if v), key=lambda kv: -kv[1])
-  return {"total": sum(v for _, v in groups), **dict(groups)}
+  return {"total": sum(v for _, v in groups), **dict(groups), RESIZE: resize}
 
 
 def format_table(counts: Mapping[str, int], outside_head: int = 0) -> str:
@@ -189,11 +201,14 @@ def format_table(counts: Mapping[str, int], outside_head: int = 0) -> str:
   total, w = counts["total"], max(map(len, counts))
   rows = [f"{'module':<{w}} {'GFLOPs':>9} {'share':>7}"]
   for name, macs in counts.items():
-    if name != "total":
+    if name not in ("total", RESIZE):
       rows.append(f"{name:<{w}} {macs / GIGA:>9.1f} {macs / total:>7.1%}")
     if name == "head" and outside_head:
       rows.append(f"  of which outside the head module: {outside_head / GIGA:.1f}")
   rows.append(f"{'total':<{w}} {total / GIGA:>9.1f} {1:>7.1%}")
+  if counts.get(RESIZE):
+    rows.append(f"(interpolation as matrix products, not counted: "
+                f"{counts[RESIZE] / GIGA:.1f})")
   return "\n".join(rows)
 
 
