@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from segvit_jax import inference
-from segvit_jax.models import build_model, input_divisor, patch_size, vit
+from segvit_jax.models import build_model, input_divisor, vit
 
 FORMAT = "segvit_jax.bundle"
 VERSION = 1
@@ -222,9 +222,10 @@ def load_model(path: str, step: int | None = None) -> Bundle:
 
 
 def _abstract_variables(model, model_cfg) -> Any:
-  p = patch_size(model_cfg)
-  grid = tuple(model_cfg["backbone"].get("posemb_grid", (4, 4)))
-  x = jnp.zeros((1, grid[0] * p, grid[1] * p, 3))
+  """The model's variables as shapes. They do not depend on the input size (stored grids are
+  config fields), so any valid input does: 64 px, or 2 x what inputs must be multiples of."""
+  side = max(64, 2 * input_divisor(model_cfg))
+  x = jnp.zeros((1, side, side, 3))
   return flax.linen.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
 
 

@@ -2,8 +2,9 @@
 and analysis need.
 
 SegViT (spec segvit.md): plain ViT with the class token dropped before the blocks + ATM head
-(`head.type="atm"`), or SegViT-Shrunk: the ViT with query down-sampling (`backbone.shrink_idx`)
-+ query up-sampling and a single-stage ATM head (`head.type="shrunk"`, `atm.ShrunkHead`).
+(`head.type="atm"`; on a SegFormer MiT encoder with `backbone.type="mit"`), or SegViT-Shrunk:
+the ViT with query down-sampling (`backbone.shrink_idx`) + query up-sampling and a
+single-stage ATM head (`head.type="shrunk"`, `atm.ShrunkHead`).
 Output dict:
   class_logits     (B, K, K + 1)  final stage (Shrunk: final layer)
   mask_logits      (B, K, H, W)   final masks (cumulative over ATM stages), bilinearly resized
@@ -38,9 +39,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 HEAD_TYPES = ("atm", "shrunk")
 
 
+BACKBONE_TYPES = ("vit", "mit")
+
+
 class SegViT(nn.Module):
-  """SegViT: `backbone` holds ViT fields (incl. `variant`), `head` the head's fields, its
-  `type` (HEAD_TYPES, default "atm") and `tap_layers` (0-based block indices)."""
+  """SegViT: `backbone` holds the backbone's fields (incl. `variant`) and its `type`
+  (BACKBONE_TYPES, default "vit"; "mit": the ATM head on a SegFormer MiT encoder, the SegViT
+  paper's hierarchical-backbone variant), `head` the head's fields, its `type` (HEAD_TYPES,
+  default "atm") and `tap_layers`: 0-based ViT block indices, or MiT stage indices (0..3,
+  strides 4..32)."""
 
   num_classes: int
   backbone: dict
@@ -48,7 +55,15 @@ class SegViT(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.encoder = vit.Model(**self.backbone, dtype=self.dtype, name="backbone")
+    backbone = dict(self.backbone)
+    self.backbone_type = backbone.pop("type", "vit")
+    if self.backbone_type == "vit":
+      self.encoder = vit.Model(**backbone, dtype=self.dtype, name="backbone")
+    elif self.backbone_type == "mit":
+      self.encoder = mit.Model(**backbone, dtype=self.dtype, name="backbone")
+    else:
+      raise ValueError(f"unknown backbone type {self.backbone_type!r}; expected one of "
+                       f"{BACKBONE_TYPES}")
     head = dict(self.head)
     self.tap_layers = tuple(head.pop("tap_layers"))
     self.head_type = head.pop("type", "atm")
@@ -63,13 +78,15 @@ class SegViT(nn.Module):
       raise ValueError(f"unknown head type {self.head_type!r}; expected one of {HEAD_TYPES}")
 
   def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, Any]:
-    depth = self.encoder.depth
-    if any(not 0 <= i < depth for i in self.tap_layers):
-      raise ValueError(f"tap_layers {self.tap_layers} out of range for a {depth}-block ViT")
-    _, aux = self.encoder(images.astype(self.dtype), train=train)
+    out, aux = self.encoder(images.astype(self.dtype), train=train)
+    # A ViT is tapped after blocks, an MiT after its four stages.
+    feats = aux["blocks"] if self.backbone_type == "vit" else list(out)
+    what = "-block ViT" if self.backbone_type == "vit" else "-stage MiT"
+    if any(not 0 <= i < len(feats) for i in self.tap_layers):
+      raise ValueError(f"tap_layers {self.tap_layers} out of range for a {len(feats)}{what}")
     # The ATM head reads the deepest block first, the Shrunk head the shallowest.
     order = sorted(self.tap_layers, reverse=self.head_type == "atm")
-    taps = [aux["blocks"][i] for i in order]
+    taps = [feats[i] for i in order]
     stages = self.decode_head(taps, train=train)
     final = stages[-1]
     masks = layers.upsample_masks(final["mask_logits"], images.shape[1:3])
@@ -112,7 +129,7 @@ def input_divisor(model_cfg: ml_collections.ConfigDict | dict) -> int:
   """What input sides must be multiples of: the patch size, twice that with query
   down-sampling (the token grid is halved inside the backbone). A SegFormer takes any size;
   its 32 (the MiT's total stride) makes every stage grid an exact fraction of the input."""
-  if model_cfg.get("name") == "segformer":
+  if model_cfg.get("name") == "segformer" or model_cfg["backbone"].get("type") == "mit":
     return 32
   shrunk = model_cfg["backbone"].get("shrink_idx") is not None
   return patch_size(model_cfg) * (2 if shrunk else 1)
@@ -128,9 +145,9 @@ def build_model(model_cfg: ml_collections.ConfigDict | dict) -> nn.Module:
     backbone["posemb_grid"] = tuple(backbone["posemb_grid"])
     return vit.Model(**backbone, dtype=dtype)
   if name == "segvit":
-    backbone = dict(cfg["backbone"])
-    backbone.setdefault("final_norm", False)
-    backbone["posemb_grid"] = tuple(backbone["posemb_grid"])
+    backbone = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["backbone"].items()}
+    if backbone.get("type", "vit") == "vit":
+      backbone.setdefault("final_norm", False)
     return SegViT(num_classes=cfg["num_classes"], backbone=backbone, head=dict(cfg["head"]),
                   dtype=dtype)
   if name == "segformer":
