@@ -278,3 +278,82 @@ def segvit_config(variant: str, dataset: str, *, shrunk: bool = False,
   c.eval.min_size = r["test_min_size"]
   return c
 
+
+
+# SegFormer (spec segformer.md): MiT variant -> decoder width; the paper's recipe per dataset
+# (crop, train base scale, test protocol, batch), as the NVlabs release configures it.
+SEGFORMER_HEAD_WIDTH = {"B0": 256, "B1": 256, "B2": 768, "B3": 768, "B4": 768, "B5": 768}
+IMAGENET_MEAN_STD = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+SEGFORMER_RECIPES = {
+    # ADE20K: whole-image test at the keep-ratio (2048, crop) size rounded up to 32
+    # (AlignedResize); B5 trains and tests at 640.
+    "ade20k": dict(name="ade20k", root="data/ADEChallengeData2016", num_classes=150,
+                   reduce_zero_label=True, batch=16, eval_mode="whole",
+                   eval_resize="keep_ratio_aligned"),
+    # Cityscapes: 1024 crops of (2048, 1024) images, sliding-window test 1024 / 768.
+    "cityscapes": dict(name="cityscapes", root="data/cityscapes", num_classes=19,
+                       reduce_zero_label=False, batch=8, eval_mode="slide",
+                       eval_resize="keep_ratio"),
+}
+
+
+def segformer_crop(variant: str, dataset: str) -> int:
+  if dataset == "cityscapes":
+    return 1024
+  return 640 if variant == "B5" else 512
+
+
+def segformer_config(variant: str, dataset: str) -> ml_collections.ConfigDict:
+  """SegFormer-`variant` (B0..B5) on `dataset` (SEGFORMER_RECIPES) with the paper's recipe:
+  AdamW lr 6e-5, weight decay 0.01 (none on backbone norms), decoder lr x10, poly power 1
+  with 1500 linear warm-up iterations, no gradient clipping, 160k iterations, mmseg's
+  augmentation (scale 0.5-2.0 of (2048, crop), cat_max_ratio 0.75 crop, flip, photometric),
+  ImageNet pixel statistics, per-pixel cross-entropy. Starts from the ImageNet MiT encoder
+  `weights/mit_bX.pth` of the release (README, "Pretrained weights")."""
+  r = SEGFORMER_RECIPES[dataset]
+  crop = segformer_crop(variant, dataset)
+  c = run_config()
+  c.total_steps = 160_000
+  c.batch_size = r["batch"]
+  c.dataset.name = r["name"]
+  c.dataset.root = r["root"]
+  c.dataset.num_classes = r["num_classes"]
+  c.dataset.reduce_zero_label = r["reduce_zero_label"]
+  c.dataset.num_workers = 8
+  c.mean, c.std = IMAGENET_MEAN_STD
+  c.augment.crop_size = (crop, crop)
+  c.augment.scale = (2048, crop)
+  c.model = ml_collections.ConfigDict(dict(
+      name="segformer", num_classes=r["num_classes"], dtype="float32",
+      backbone=dict(variant=variant, drop_path=0.1, norm_eps=1e-6),
+      head=dict(width=SEGFORMER_HEAD_WIDTH[variant], dropout=0.1)))
+  c.model_init = f"weights/mit_{variant.lower()}.pth"
+  c.model_init_format = "segformer-official"
+  c.loss = ml_collections.ConfigDict(dict(name="pixel_ce", ce_weight=1.0,
+                                          avg_non_ignore=False))
+  c.optim.lr = 6e-5
+  c.optim.weight_decay = 0.01
+  c.optim.clip_norm = 0.0  # none
+  c.optim.poly_power = 1.0
+  c.eval.mode = r["eval_mode"]
+  c.eval.resize = r["eval_resize"]
+  c.eval.scale = (2048, crop)
+  c.eval.size_divisor = 32
+  c.eval.crop_size = (crop, crop)
+  c.eval.stride = (768, 768) if dataset == "cityscapes" else (crop * 2 // 3, crop * 2 // 3)
+  return c
+
+
+def segvit_mit_config(variant: str = "B2") -> ml_collections.ConfigDict:
+  """SegViT's ATM head on a SegFormer MiT encoder (the SegViT paper's hierarchical-backbone
+  variant) on ADE20K: SegFormer's ADE20K recipe and test protocol, the ATM loss; the head
+  reads stages 4, 3, 2 (strides 32, 16, 8; masks summed on the 1/8 grid)."""
+  c = segformer_config(variant, "ade20k")
+  c.model = ml_collections.ConfigDict(dict(
+      name="segvit", num_classes=150, dtype="float32",
+      backbone=dict(type="mit", variant=variant, drop_path=0.1, norm_eps=1e-6),
+      head=dict(tap_layers=(1, 2, 3), width=256, num_heads=8, layers_per_stage=3,
+                dropout=0.1)))
+  c.loss = atm_loss_config()
+  c.eval.average = "softmax"
+  return c

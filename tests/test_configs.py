@@ -202,3 +202,53 @@ def test_ade20k_configs_start_from_augreg():
     assert c.model_init_format == "augreg-npz"
     assert c.model_init.startswith(f"weights/{name}-i21k-300ep-") and c.model_init.endswith(
         "res_384.npz")
+
+
+SEGFORMER_CONFIGS = [f"segformer_b{v}_{d}" for v in range(6) for d in ("ade20k", "cityscapes")]
+
+
+@pytest.mark.parametrize("name", SEGFORMER_CONFIGS)
+def test_segformer_config_recipes_and_shapes(name):
+  c = load_config(name)
+  variant, dataset = name.split("_")[1].upper(), name.split("_")[2]
+  crop = 1024 if dataset == "cityscapes" else (640 if variant == "B5" else 512)
+  k = 19 if dataset == "cityscapes" else 150
+  assert c.model.name == "segformer" and c.model.backbone.variant == variant
+  assert c.model.head.width == (256 if variant in ("B0", "B1") else 768)
+  assert (c.augment.crop_size, tuple(c.augment.scale)) == ((crop, crop), (2048, crop))
+  assert (c.optim.lr, c.optim.weight_decay, c.optim.lr_mults["head"]) == (6e-5, 0.01, 10.0)
+  assert (c.optim.poly_power, c.optim.warmup_steps, c.optim.clip_norm) == (1.0, 1500, 0.0)
+  assert (c.total_steps, c.batch_size) == (160_000, 8 if dataset == "cityscapes" else 16)
+  assert c.loss.name == "pixel_ce" and c.model.backbone.drop_path == 0.1
+  assert (c.mean, c.std) == common.IMAGENET_MEAN_STD
+  if dataset == "cityscapes":
+    assert (c.eval.mode, c.eval.crop_size, c.eval.stride) == ("slide", (1024, 1024), (768, 768))
+  else:
+    assert (c.eval.mode, c.eval.resize, c.eval.size_divisor) == ("whole",
+                                                                  "keep_ratio_aligned", 32)
+  assert c.model_init == f"weights/mit_{variant.lower()}.pth"
+  model = build_model(c.model)
+  x = jax.ShapeDtypeStruct((1, 384, 640, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert set(variables) == {"params", "batch_stats"}
+  out = jax.eval_shape(model.apply, variables, x)
+  assert out["logits"].shape == (1, k, 96, 160)
+  assert out["semantic_scores"].shape == (1, k, 384, 640)
+
+
+def test_segvit_atm_on_mit_b2_config():
+  c = load_config("segvit_atm_mit_b2_ade20k")
+  assert c.model.backbone.type == "mit" and c.loss.get("name", "atm") == "atm"
+  model = build_model(c.model)
+  x = jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  out = jax.eval_shape(model.apply, variables, x)
+  assert out["class_logits"].shape == (1, 150, 151)
+  assert out["semantic_scores"].shape == (1, 150, 512, 512)
+  # Stages 4, 3, 2: every stage's masks summed on the 1/8 grid.
+  assert [a["mask_logits"].shape for a in out["aux_outputs"]] == [(1, 150, 64, 64)] * 2
+  backbone, head = param_counts(c)
+  assert backbone == param_counts(load_config("segformer_b2_ade20k"))[0] == 24_196_288
+  w, k = 256, 150  # input projections from 512-, 320- and 128-wide stages
+  assert head == 9_806_231 == ((512 + 320 + 128) * w + 3 * 3 * w + 9 * decoder_layer_count(w)
+                               + k * w + w * (k + 1) + k + 1)
