@@ -1,7 +1,18 @@
-"""AdamW with the SegViT recipe (spec segvit.md, "Training recipes"): poly decay with linear
-warm-up (mmcv semantics), a learning-rate multiplier per top-level module (decoder x10), no
-weight decay on the parameters matching `no_decay` patterns (backbone LayerNorms), gradient
-clipping by global norm. Every number comes from `config.optim`.
+"""AdamW with the papers' recipes. Every number comes from `config.optim`:
+
+  schedule "warmup_poly" (SegViT, SegFormer; mmcv semantics): linear warm-up over
+           `warmup_steps` from `warmup_ratio` x lr, then poly decay with `poly_power`;
+           "two_stage" (EoMT, spec eomt.md "Optimisation"): the new parameters warm up
+           linearly over `warmup_steps` while the backbone stays at lr 0, then the backbone
+           warms up linearly over `backbone_warmup_steps`; each then decays as
+           (1 - t' / T') ** poly_power over its own remaining steps (the release's
+           TwoStageWarmupPolySchedule).
+  lr_mults       a learning-rate multiplier per top-level module (SegViT's decoder x10);
+  layer_decay    layer-wise lr decay of the ViT backbone (EoMT 0.8): block i of L gets
+                 decay ** (L - 1 - i), the patch / position embedding, cls and registers block
+                 0's factor, the final norm and everything outside the backbone 1; None: off;
+  no_decay       regexes of parameter paths without weight decay (backbone LayerNorms);
+  clip_norm      gradient clipping by global norm (0: none).
 """
 
 from __future__ import annotations
@@ -35,17 +46,74 @@ def warmup_poly_schedule(base_lr: float, total_steps: int, warmup_steps: int = 0
   return schedule
 
 
+def two_stage_schedules(base_lr: float, total_steps: int, warmup_steps: int,
+                        backbone_warmup_steps: int, power: float = 0.9
+                        ) -> tuple[Callable[[jax.Array], jax.Array],
+                                   Callable[[jax.Array], jax.Array]]:
+  """EoMT's two-stage warm-up + poly: (schedule of the new parameters, of the backbone), as
+  functions of the 0-based step t. New: base * t / w1 for t < w1, then
+  base * (1 - (t - w1) / (T - w1)) ** power. Backbone: 0 for t < w1, base * (t - w1) / w2 for
+  t < w1 + w2, then base * (1 - (t - w1 - w2) / (T - w1 - w2)) ** power."""
+  w1, w2 = int(warmup_steps), int(backbone_warmup_steps)
+
+  def poly(t, start):  # 1 - progress written without cancellation near the end
+    remaining = (total_steps - jnp.maximum(t, start)) / max(1, total_steps - start)
+    return base_lr * jnp.clip(remaining, 0.0, 1.0) ** power
+
+  def new(step):
+    t = jnp.asarray(step, jnp.float32)
+    if w1 <= 0:
+      return poly(t, 0)
+    return jnp.where(t < w1, base_lr * t / w1, poly(t, w1))
+
+  def backbone(step):
+    t = jnp.asarray(step, jnp.float32)
+    ramp = base_lr * (t - w1) / max(w2, 1)
+    return jnp.where(t < w1, 0.0, jnp.where(t < w1 + w2, ramp, poly(t, w1 + w2)))
+
+  return new, backbone
+
+
+_BLOCK = re.compile(r"encoderblock_(\d+)")
+# Backbone parameters before the first block: they take block 0's layer-decay factor.
+_EMBEDDING = ("embedding", "pos_embedding", "cls", "registers")
+
+
+def layer_decay_factor(path: str, depth: int, decay: float | None) -> float:
+  """The layer-wise lr factor of a '/'-joined parameter path (see the module docstring)."""
+  parts = path.split("/")
+  if decay is None or parts[0] != "backbone":
+    return 1.0
+  m = _BLOCK.fullmatch(parts[1]) if len(parts) > 1 else None
+  if m:
+    return float(decay) ** (depth - 1 - int(m[1]))
+  if len(parts) > 1 and parts[1] in _EMBEDDING:
+    return float(decay) ** (depth - 1)
+  return 1.0
+
+
+def backbone_depth(params: Any) -> int:
+  """The number of `encoderblock_{i}` blocks under params["backbone"] (0 without any)."""
+  names = params.get("backbone", {}) if isinstance(params, Mapping) else {}
+  return sum(1 for k in names if _BLOCK.fullmatch(str(k)))
+
+
 def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def param_labels(params: Any, lr_mults: Mapping[str, float]) -> Any:
-  """Labels each parameter with its top-level module name when it has an lr multiplier,
-  else 'default'."""
-  def label(path, _):
-    top = _path_str(path[:1])
-    return top if top in lr_mults else "default"
-  return jax.tree_util.tree_map_with_path(label, params)
+def lr_factors(params: Any, lr_mults: Mapping[str, float], layer_decay: float | None = None
+               ) -> Any:
+  """The learning-rate factor of every parameter: its top-level module's multiplier times
+  its layer-decay factor."""
+  depth = backbone_depth(params)
+
+  def factor(path, _):
+    name = _path_str(path)
+    return float(lr_mults.get(name.split("/")[0], 1.0)) * layer_decay_factor(
+        name, depth, layer_decay)
+
+  return jax.tree_util.tree_map_with_path(factor, params)
 
 
 def decay_mask(params: Any, no_decay: Sequence[str]) -> Any:
@@ -58,18 +126,41 @@ def decay_mask(params: Any, no_decay: Sequence[str]) -> Any:
 
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int, params: Any
                    ) -> tuple[optax.GradientTransformation, Callable]:
-  """Returns (tx, schedule); `params` may be abstract (only the tree structure is read)."""
+  """Returns (tx, schedule): the schedule is the base learning rate of the parameters outside
+  the backbone (what the trainer logs as `lr`). `params` may be abstract (only the tree
+  structure is read); the backbone's blocks must be unstacked (`encoderblock_{i}`) when
+  `layer_decay` is set."""
   c = optim_cfg
-  schedule = warmup_poly_schedule(c.lr, total_steps, c.warmup_steps, c.warmup_ratio,
-                                  c.poly_power, c.min_lr)
-  lr_mults = dict(c.lr_mults)
-  scalers = {"default": optax.scale_by_learning_rate(schedule)}
-  for name, mult in lr_mults.items():
-    scalers[name] = optax.scale_by_learning_rate(lambda s, m=mult: m * schedule(s))
+  kind = c.get("schedule", "warmup_poly")
+  if kind == "warmup_poly":
+    schedule = backbone_schedule = warmup_poly_schedule(
+        c.lr, total_steps, c.warmup_steps, c.warmup_ratio, c.poly_power, c.min_lr)
+  elif kind == "two_stage":
+    schedule, backbone_schedule = two_stage_schedules(
+        c.lr, total_steps, c.warmup_steps, c.backbone_warmup_steps, c.poly_power)
+  else:
+    raise ValueError(f"config.optim.schedule={kind!r}: expected 'warmup_poly' or 'two_stage'")
+  layer_decay = c.get("layer_decay", None)
+  if layer_decay is not None and isinstance(params, Mapping) and "encoderblock" in params.get(
+      "backbone", {}):
+    raise ValueError("config.optim.layer_decay needs the backbone's blocks unstacked: "
+                     "set model.backbone.scan_layers=False")
+  factors = lr_factors(params, dict(c.lr_mults), layer_decay)
+  # One learning-rate transform per (schedule, factor) pair that occurs.
+  def label(path, factor):
+    group = "backbone" if _path_str(path[:1]) == "backbone" else "other"
+    return f"{group}:{factor!r}"
+  labels = jax.tree_util.tree_map_with_path(label, factors)
+  scalers = {}
+  for name in set(jax.tree.leaves(labels)):
+    group, factor = name.split(":")
+    sched = backbone_schedule if group == "backbone" else schedule
+    scalers[name] = optax.scale_by_learning_rate(
+        lambda s, f=float(factor), sched=sched: f * sched(s))
   tx = optax.chain(
       optax.clip_by_global_norm(c.clip_norm) if c.clip_norm > 0 else optax.identity(),
       optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps),
       optax.add_decayed_weights(c.weight_decay, mask=decay_mask(params, c.no_decay)),
-      optax.multi_transform(scalers, param_labels(params, lr_mults)),
+      optax.multi_transform(scalers, labels),
   )
   return tx, schedule

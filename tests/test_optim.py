@@ -61,3 +61,64 @@ def test_clip_by_global_norm():
   updates, _ = tx.update(grads, tx.init(params), params)
   # b1 = b2 = 0, eps = 0: adam's direction is sign(g); lr 1 at step 0 of 10.
   np.testing.assert_allclose(updates["backbone"]["w"], [-1.0, -1.0], rtol=1e-5)
+
+
+def release_two_stage(base, step, w1, w2, total, power, backbone):
+  """EoMT's TwoStageWarmupPolySchedule.get_lr, transcribed from its definition."""
+  if not backbone:
+    if w1 > 0 and step < w1:
+      return base * step / w1
+    return base * (1 - max(0, step - w1) / max(1, total - w1)) ** power
+  if step < w1:
+    return 0.0
+  if step < w1 + w2:
+    return base * (step - w1) / w2
+  return base * (1 - max(0, step - w1 - w2) / max(1, total - w1 - w2)) ** power
+
+
+def test_two_stage_schedule_matches_the_release():
+  new, backbone = optim.two_stage_schedules(1e-4, 20_000, 500, 1000, 0.9)
+  for t in (0, 1, 250, 499, 500, 501, 1000, 1499, 1500, 1501, 10_000, 19_999, 20_000):
+    np.testing.assert_allclose(float(new(t)), release_two_stage(1e-4, t, 500, 1000, 20_000,
+                                                                0.9, False), rtol=1e-5,
+                               atol=1e-12, err_msg=str(t))
+    np.testing.assert_allclose(float(backbone(t)), release_two_stage(1e-4, t, 500, 1000,
+                                                                     20_000, 0.9, True),
+                               rtol=1e-5, atol=1e-12, err_msg=str(t))
+
+
+def test_layer_decay_and_two_stage_learning_rates_per_parameter():
+  # A 3-block ViT backbone + a head. Zero gradients, weight decay 1: each update is
+  # -lr(step) * factor * p, so the updates read the per-parameter learning rates.
+  ones = lambda *s: jnp.ones(s)  # noqa: E731
+  params = {
+      "backbone": {"embedding": {"kernel": ones(2)}, "pos_embedding": ones(2),
+                   "cls": ones(2), "registers": ones(2),
+                   **{f"encoderblock_{i}": {"attn": {"query": {"kernel": ones(2)}}}
+                      for i in range(3)},
+                   "encoder_norm": {"scale": ones(2)}},
+      "head": {"queries": ones(2)},
+  }
+  cfg = common.optim_config()
+  cfg.update(schedule="two_stage", lr=1e-4, warmup_steps=2, backbone_warmup_steps=4,
+             poly_power=0.9, weight_decay=1.0, no_decay=(), clip_norm=0.0, layer_decay=0.8)
+  cfg.lr_mults = {}  # (update() would merge into the decoder's x10)
+  tx, schedule = optim.make_optimizer(cfg, total_steps=100, params=params)
+  state = tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  lrs = []
+  for _ in range(8):
+    updates, state = tx.update(zero, state, params)
+    lrs.append(jax.tree.map(lambda u: -float(u[0]), updates))
+  head = [lr["head"]["queries"] for lr in lrs]
+  np.testing.assert_allclose(head, [release_two_stage(1e-4, t, 2, 4, 100, 0.9, False)
+                                    for t in range(8)], rtol=1e-5, atol=1e-12)
+  np.testing.assert_allclose([float(schedule(t)) for t in range(8)], head, rtol=1e-6)
+  factors = {"encoderblock_2": 1.0, "encoderblock_1": 0.8, "encoderblock_0": 0.64,
+             "embedding": 0.64, "pos_embedding": 0.64, "cls": 0.64, "registers": 0.64,
+             "encoder_norm": 1.0}
+  for name, f in factors.items():
+    got = [jax.tree.leaves(lr["backbone"][name])[0] for lr in lrs]
+    want = [f * release_two_stage(1e-4, t, 2, 4, 100, 0.9, True) for t in range(8)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12, err_msg=name)
+  assert lrs[1]["backbone"]["cls"] == 0.0 and lrs[3]["backbone"]["cls"] > 0.0
