@@ -86,6 +86,9 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
   return (1, h, w, 3)
 
 
+LOSS_RNG_STREAM = 0x10551  # fold_in index of the loss's own random stream
+
+
 def loss_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
   """(params, model_state, batch, rng) -> (loss, (terms, new model_state)) with the loss
   `config.loss.name` names (`segvit_jax.losses.LOSSES`). `model_state` (e.g. BatchNorm's
@@ -100,6 +103,8 @@ def loss_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
     else:
       out, new_state = model.apply(variables, batch["image"], train=True,
                                    rngs={"dropout": rng}), {}
+    if loss.needs_rng:  # point sampling: a stream of its own, apart from dropout's
+      options = {**options, "rng": jax.random.fold_in(rng, LOSS_RNG_STREAM)}
     total, terms = loss.fn(out, batch["label"], num_classes=config.model.num_classes,
                            ignore_index=config.dataset.ignore_index, **options)
     return total, (terms, dict(new_state))

@@ -1,8 +1,10 @@
 """Losses by name (`config.loss.name`): each with the denominators gradient accumulation needs
 to weight micro-batches exactly (see `trainer.accumulated_value_and_grad`).
 
-  atm       SegViT's ATM loss (`atm.py`): the default
-  pixel_ce  per-pixel cross-entropy of per-pixel classifiers, SegFormer (`pixel_ce.py`)
+  atm         SegViT's ATM loss (`atm.py`): the default
+  pixel_ce    per-pixel cross-entropy of per-pixel classifiers, SegFormer (`pixel_ce.py`)
+  mask2former Hungarian-matched mask classification, EoMT (`mask_classification.py`;
+              semantic targets: one mask per class present; draws points, so it takes `rng`)
 """
 
 from __future__ import annotations
@@ -11,21 +13,24 @@ import dataclasses
 import re
 from typing import Any, Callable, Mapping
 
-from segvit_jax.losses import atm, pixel_ce
+from segvit_jax.losses import atm, mask_classification, pixel_ce
 from segvit_jax.losses.atm import atm_loss
+from segvit_jax.losses.mask_classification import mask2former_semantic_loss
 from segvit_jax.losses.pixel_ce import pixel_ce_loss
 
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-  """`fn(outputs, labels, num_classes=, ignore_index=, **options) -> (loss, terms)`;
-  `normalisers(labels, num_classes, ignore_index, options) -> {name: denominator}` of the
-  batch (they add up over micro-batches); `terms`: term name (auxiliary suffix `_i`
-  stripped) -> (its denominator's name, the floor the loss applies to it)."""
+  """`fn(outputs, labels, num_classes=, ignore_index=, **options) -> (loss, terms)` (and
+  `rng=` when `needs_rng`); `normalisers(labels, num_classes, ignore_index, options) ->
+  {name: denominator}` of the batch (they add up over micro-batches); `terms`: term name
+  (auxiliary suffix `_i` stripped) -> (its denominator's name, the floor the loss applies to
+  it)."""
 
   fn: Callable[..., Any]
   normalisers: Callable[..., Mapping[str, Any]]
   terms: Mapping[str, tuple[str, float]]
+  needs_rng: bool = False
 
   def term_normaliser(self, name: str) -> tuple[str, float]:
     base = re.sub(r"_\d+$", "", name)
@@ -47,6 +52,10 @@ LOSSES = {
         normalisers=lambda labels, k, ignore_index, o: pixel_ce.pixel_ce_normalisers(
             labels, k, ignore_index, o.get("avg_non_ignore", False)),
         terms=pixel_ce.TERM_NORMALISERS),
+    "mask2former": Loss(
+        fn=mask2former_semantic_loss,
+        normalisers=mask_classification.mask2former_normalisers,
+        terms=mask_classification.TERM_NORMALISERS, needs_rng=True),
 }
 
 
@@ -59,4 +68,5 @@ def get_loss(loss_cfg: Mapping[str, Any]) -> tuple[Loss, dict[str, Any]]:
   return LOSSES[name], options
 
 
-__all__ = ["LOSSES", "Loss", "atm_loss", "get_loss", "pixel_ce_loss"]
+__all__ = ["LOSSES", "Loss", "atm_loss", "get_loss", "mask2former_semantic_loss",
+           "pixel_ce_loss"]
