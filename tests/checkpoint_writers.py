@@ -342,3 +342,65 @@ def save_pickle_with_object(path, sd: dict[str, np.ndarray], wrap: str | None = 
   obj = dict(tensors) if wrap is None else {wrap: tensors}
   obj["meta"] = CheckpointMeta(**(meta or {"config": "segvit", "mmcv_version": "1.4.0"}))
   torch.save(obj, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# SegFormer: the NVlabs release (mmseg 0.x) from transformers' saved layout
+
+
+def _segformer_official_key(key: str) -> str | None:
+  """One transformers SegformerForSemanticSegmentation key -> the release's (None: the key and
+  value projections, packed apart). Stages are 0-based there, 1-based in the release."""
+  up = lambda m: str(int(m.group(1)) + 1)  # noqa: E731
+  enc = "segformer.encoder."
+  if key.startswith(enc):
+    k = key[len(enc):]
+    if re.match(r"block\.\d+\.\d+\.attention\.self\.(key|value)\.", k):
+      return None
+    k = re.sub(r"^patch_embeddings\.(\d+)\.", lambda m: f"patch_embed{up(m)}.", k)
+    k = re.sub(r"^layer_norm\.(\d+)\.", lambda m: f"norm{up(m)}.", k)
+    k = re.sub(r"^block\.(\d+)\.", lambda m: f"block{up(m)}.", k)
+    for old, new in ((".layer_norm.", ".norm."), ("layer_norm_1.", "norm1."),
+                     ("layer_norm_2.", "norm2."), ("attention.self.query.", "attn.q."),
+                     ("attention.self.sr.", "attn.sr."), ("attention.self.norm.", "attn.norm."),
+                     ("attention.output.dense.", "attn.proj."), ("mlp.dense1.", "mlp.fc1."),
+                     ("mlp.dense2.", "mlp.fc2.")):
+      k = k.replace(old, new)
+    return "backbone." + k
+  k = key.removeprefix("decode_head.")
+  k = re.sub(r"^linear_c\.(\d+)\.", lambda m: f"linear_c{up(m)}.", k)
+  k = re.sub(r"^linear_fuse\.", "linear_fuse.conv.", k)
+  k = re.sub(r"^batch_norm\.", "linear_fuse.bn.", k)
+  k = re.sub(r"^classifier\.", "linear_pred.", k)
+  return "decode_head." + k
+
+
+def segformer_official_state_dict(sd: dict, *, encoder_only: bool = False,
+                                  seed: int = 0) -> dict[str, np.ndarray]:
+  """transformers' saved SegformerForSemanticSegmentation state dict -> the release's
+  (spec checkpoints.md, "SegFormer official release"): `backbone.*` (key and value packed in
+  `attn.kv`, key rows first) + `decode_head.*` with mmseg's unused `conv_seg` (random). With
+  `encoder_only`: an ImageNet `mit_bX.pth`, the backbone keys without `backbone.` plus a random
+  1000-class `head.*`."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for key, value in sd.items():
+    name = _segformer_official_key(key)
+    if name is not None:
+      out[name] = np.array(value)  # copies; keeps 0-d arrays (num_batches_tracked) 0-d
+  for key in sd:
+    m = re.fullmatch(r"segformer\.encoder\.block\.(\d+)\.(\d+)\.attention\.self\.key\.(\w+)", key)
+    if m:
+      value = _get(sd, key.replace(".key.", ".value."))
+      kv = f"backbone.block{int(m.group(1)) + 1}.{m.group(2)}.attn.kv.{m.group(3)}"
+      out[kv] = np.concatenate([_get(sd, key), value], axis=0)
+  cls = out["decode_head.linear_pred.weight"]
+  out["decode_head.conv_seg.weight"] = rng.standard_normal(cls.shape).astype(cls.dtype)
+  out["decode_head.conv_seg.bias"] = rng.standard_normal(cls.shape[:1]).astype(cls.dtype)
+  if encoder_only:
+    out = {k[len("backbone."):]: v for k, v in out.items() if k.startswith("backbone.")}
+    last = max(int(m.group(1)) for k in out if (m := re.match(r"norm(\d+)\.weight", k)))
+    d = out[f"norm{last}.weight"].shape[0]
+    out["head.weight"] = (rng.standard_normal((1000, d)) / np.sqrt(d)).astype(np.float32)
+    out["head.bias"] = np.zeros(1000, np.float32)
+  return out

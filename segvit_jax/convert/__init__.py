@@ -5,6 +5,8 @@ both ways.
   python -m segvit_jax.convert SRC OUT --from FORMAT [--image-size S] [--patch-size P] ...
   python -m segvit_jax.convert SRC.pth OUT --from segvit-official --config configs/X.py[:ARG]
   python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
+  python -m segvit_jax.convert SRC OUT --from segformer-official|hf-segformer [--config X.py]
+  python -m segvit_jax.convert BUNDLE OUT --to segformer-official|hf-segformer
 
 Formats (one module each, a declarative key table plus small transforms):
   augreg-npz   big_vision / vision_transformer .npz, every flavour      (`augreg.py`)
@@ -13,9 +15,17 @@ Formats (one module each, a declarative key table plus small transforms):
   hf-vit       transformers ViTModel `save_pretrained` directory        (`hf.py`)
   hf-dinov2    transformers Dinov2Model / Dinov2WithRegistersModel dir  (`hf.py`)
   bundle       (loading only) one of our bundles
-Whole models (a bundle with the decode head; import needs our config of the model):
+Whole models (a bundle with the decode head; segvit-official import needs our config):
   segvit-official  SegViT (ATM head) and SegViT-Shrunk .pth of the mmseg 0.24 release
                    (zbwxp/SegVit), import and export, one table  (`segvit_official.py`)
+  segformer-official  SegFormer .pth of the NVlabs release (mmseg 0.x)  (`segformer.py`)
+  hf-segformer        transformers SegformerForSemanticSegmentation directory
+                      (both: import and export; the model is inferred from the file,
+                      --config optional)
+MiT backbones (`config.model_init` of a SegFormer, or of a SegViT with backbone.type='mit'):
+  model_init_format "segformer-official" (an ImageNet mit_bX.pth or a whole release file),
+  "hf-segformer" (SegformerModel / ...ForImageClassification / ...ForSemanticSegmentation
+  directories), or "bundle"; the encoder is merged strictly into params["backbone"].
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import numpy as np
 from absl import logging
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax.convert import augreg, dinov2, hf, mapping, segvit_official, timm
+from segvit_jax.convert import augreg, dinov2, hf, mapping, segformer, segvit_official, timm
 from segvit_jax.convert.mapping import Converted
 from segvit_jax.models import vit
 
@@ -42,28 +52,39 @@ LOADERS: dict[str, Callable[..., Converted]] = {
     "hf-dinov2": hf.load_dinov2,
 }
 FORMATS = tuple(LOADERS)
-# Whole-model layouts (not backbones: not for `model_init`): read with `--from` (+ `--config`),
-# written with `--to`.
-MODEL_FORMATS = (segvit_official.FORMAT,)
-EXPORT_FORMATS = (segvit_official.FORMAT,)
+# Whole-model layouts: read with `--from` (+ `--config`: required for CONFIG_REQUIRED, optional
+# for the SegFormer layouts, which record their model), written with `--to`.
+MODEL_FORMATS = (segvit_official.FORMAT, *segformer.FORMATS)
+EXPORT_FORMATS = (segvit_official.FORMAT, *segformer.FORMATS)
+# Formats whose import needs our config of the model (the file does not record it all).
+CONFIG_REQUIRED = (segvit_official.FORMAT,)
+# Backbone formats of MiT models (`init_params`); each also reads its whole-model files.
+MIT_FORMATS = segformer.FORMATS
 
 
-def convert_model(src: str, out: str, fmt: str, config: Any, *,
+def convert_model(src: str, out: str, fmt: str, config: Any = None, *,
                   trust_pickle: bool = False) -> str:
   """A whole-model checkpoint of format `fmt` (MODEL_FORMATS) -> a bundle at `out`; `config`
-  (a ConfigDict or 'configs/X.py[:ARG]') describes the model."""
-  if fmt != segvit_official.FORMAT:
+  (a ConfigDict or 'configs/X.py[:ARG]') describes the model (optional for SegFormer)."""
+  if fmt not in MODEL_FORMATS:
     raise ValueError(f"unknown whole-model format {fmt!r}; known: {', '.join(MODEL_FORMATS)}")
   if not os.path.exists(src):
     raise FileNotFoundError(f"{src} does not exist (format {fmt!r})")
+  if fmt in segformer.FORMATS:
+    return segformer.convert(src, out, fmt, config, trust_pickle=trust_pickle)
+  if config is None:
+    raise ValueError(f"--from {fmt} needs our config of the model (--config configs/X.py)")
   return segvit_official.convert(src, out, config, trust_pickle=trust_pickle)
 
 
 def export(bundle_path: str, out: str, fmt: str) -> str:
   """A whole-model bundle -> a checkpoint of format `fmt` (EXPORT_FORMATS) at `out`."""
-  if fmt != segvit_official.FORMAT:
+  if fmt in segformer.FORMATS:
+    segformer.export(bundle_path, out, fmt)
+  elif fmt == segvit_official.FORMAT:
+    segvit_official.export(bundle_path, out)
+  else:
     raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
-  segvit_official.export(bundle_path, out)
   return os.path.abspath(out)
 
 
@@ -165,9 +186,16 @@ def init_params(params: Any, model_cfg: Mapping[str, Any], path: str, fmt: str =
   in strictly: a bundle of the same model replaces everything; a backbone (a backbone bundle
   or any of FORMATS) replaces `params["backbone"]` after resizing the position grid (with
   `posemb_resize`, default the model's own run-time method) and the patch kernel to the
-  model's, and dropping a final norm the model does not have. With the config's `mean` /
-  `std`, warns when the weights were trained with other pixel statistics."""
+  model's, and dropping a final norm the model does not have. Models with an MiT backbone
+  (SegFormer, SegViT with backbone.type='mit') take MIT_FORMATS instead (`_init_mit`). With
+  the config's `mean` / `std`, warns when the weights were trained with other pixel
+  statistics."""
   require_init(path)
+  if is_mit(model_cfg):
+    return _init_mit(params, model_cfg, path, fmt, mean=mean, std=std)
+  if fmt in MIT_FORMATS:
+    raise ValueError(f"model_init {path} ({fmt}) holds MiT (SegFormer) weights; this model's "
+                     "backbone is a ViT")
   if fmt == "bundle" and bundle_lib.read_config(path)["model"].get("name") != "vit":
     return bundle_lib.merge_params(params, bundle_lib.load_params(path), source=path)
   bb = dict(model_cfg["backbone"])
@@ -185,6 +213,49 @@ def init_params(params: Any, model_cfg: Mapping[str, Any], path: str, fmt: str =
   flat_init = _flatten(params["backbone"])
   if "encoder_norm/scale" not in flat_init:  # SegViT's backbone has no final norm
     conv.params = {k: v for k, v in conv.params.items() if not k.startswith("encoder_norm/")}
+  merged = bundle_lib.merge_params(params["backbone"], _unflatten(conv.params),
+                                   source=f"{path} ({fmt})")
+  return {**params, "backbone": merged}
+
+
+def is_mit(model_cfg: Mapping[str, Any]) -> bool:
+  """Whether a model config's backbone is an MiT (SegFormer, or SegViT on MiT)."""
+  return model_cfg.get("name") == "segformer" or model_cfg["backbone"].get("type") == "mit"
+
+
+def _init_mit(params: Any, model_cfg: Mapping[str, Any], path: str, fmt: str, *, mean: Any,
+              std: Any) -> Any:
+  """`init_params` for MiT backbones. A bundle of the same model (every parameter present
+  with its shape) replaces everything; the MiT of any other source (a bundle of another MiT
+  model, e.g. a SegFormer of other classes; a mit_bX.pth; an HF encoder or whole-model
+  directory; a whole release file) is merged strictly into `params["backbone"]`, and the head
+  keeps its fresh initialisation. Warns when the source's LayerNorm eps or pixel statistics
+  differ from the model's."""
+  if fmt == "bundle":
+    meta = bundle_lib.read_config(path)
+    loaded = bundle_lib.load_params(path)
+    shapes = lambda tree: {k: np.shape(v) for k, v in _flatten(tree).items()}  # noqa: E731
+    if shapes(loaded) == shapes(params):
+      return bundle_lib.merge_params(params, loaded, source=path)
+    if not is_mit(meta["model"]):
+      raise ValueError(f"model_init {path} is a {meta['model'].get('name')!r} bundle with a ViT "
+                       "backbone; this model's backbone is an MiT")
+    conv = Converted(_flatten(loaded["backbone"]),
+                     segformer.resolved_backbone(meta["model"]["backbone"]),
+                     tuple(meta["mean"]), tuple(meta["std"]))
+  elif fmt in MIT_FORMATS:
+    conv = segformer.load_backbone(path, fmt)
+  else:
+    raise ValueError(f"model_init_format {fmt!r} reads ViT weights; an MiT backbone starts from "
+                     f"{', '.join(MIT_FORMATS)} or a bundle")
+  want_eps = segformer.resolved_backbone(model_cfg["backbone"])["norm_eps"]
+  if conv.backbone["norm_eps"] != want_eps:
+    logging.warning("model_init %s was trained with LayerNorm eps %s; the model uses %s", path,
+                    conv.backbone["norm_eps"], want_eps)
+  for name, want, got in (("mean", conv.mean, mean), ("std", conv.std, std)):
+    if got is not None and not np.allclose(want, got, atol=1e-3):
+      logging.warning("model_init %s expects pixel %s %s but the config uses %s", path, name,
+                      tuple(want), tuple(got))
   merged = bundle_lib.merge_params(params["backbone"], _unflatten(conv.params),
                                    source=f"{path} ({fmt})")
   return {**params, "backbone": merged}

@@ -1,9 +1,11 @@
 r"""Converts a pretrained ViT checkpoint into a segvit_jax backbone bundle, and whole SegViT
-models between the authors' release and our bundles.
+and SegFormer models between the authors' releases (and transformers) and our bundles.
 
   python -m segvit_jax.convert SRC OUT --from FORMAT [--image-size 640] [--patch-size 16]
   python -m segvit_jax.convert SRC.pth OUT --from segvit-official --config configs/X.py[:ARG]
   python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
+  python -m segvit_jax.convert SRC OUT --from segformer-official|hf-segformer [--config X.py]
+  python -m segvit_jax.convert BUNDLE OUT --to segformer-official|hf-segformer
 
 Examples (file names of the public releases; see the README, "Pretrained weights"):
   python -m segvit_jax.convert \
@@ -16,6 +18,15 @@ Examples (file names of the public releases; see the README, "Pretrained weights
   python -m segvit_jax.convert shrunk_l16_ade.pth weights/shrunk_l16_ade \
       --from segvit-official --config configs/segvit_shrunk_vit_l16_ade20k.py
   python -m segvit_jax.convert weights/shrunk_l16_ade shrunk_l16_ade_again.pth --to segvit-official
+  # SegFormer: the release's whole model (sizes, classes from the file; LayerNorm eps 1e-6),
+  # a transformers directory (eps 1e-5), and back to either layout:
+  python -m segvit_jax.convert segformer.b2.512x512.ade.160k.pth weights/segformer_b2_ade \
+      --from segformer-official
+  python -m segvit_jax.convert segformer-b2-finetuned-ade-512-512/ weights/segformer_b2_hf \
+      --from hf-segformer
+  python -m segvit_jax.convert weights/segformer_b2_ade segformer_b2_hf/ --to hf-segformer
+  # an ImageNet MiT encoder (mit_b2.pth, or an HF nvidia/mit-b2 directory) is a backbone:
+  # config.model_init='mit_b2.pth', config.model_init_format='segformer-official'
 """
 
 from __future__ import annotations
@@ -37,6 +48,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _model_summary(m) -> str:
+  if m.get("name") == "segformer":
+    return convert.segformer.summary(m)
   bb, head = m["backbone"], m["head"]
   kind = head.get("type", "atm")
   text = (f"SegViT{'-Shrunk' if kind == 'shrunk' else ''} {bb.get('variant') or 'ViT'} "
@@ -54,12 +67,15 @@ def main(argv=None) -> int:
   parser.add_argument("out", help="bundle directory to write; with --to, the file to write")
   parser.add_argument("--from", dest="fmt", default=None,
                       choices=convert.FORMATS + convert.MODEL_FORMATS,
-                      help="layout of SRC (backbones, or whole models: segvit-official)")
+                      help="layout of SRC (backbones, or whole models: segvit-official, "
+                           "segformer-official, hf-segformer)")
   parser.add_argument("--to", dest="to", default=None, choices=convert.EXPORT_FORMATS,
                       help="write the bundle SRC in this layout (instead of --from)")
   parser.add_argument("--config", default=None,
                       help="with --from segvit-official: our config of the checkpoint's model, "
-                           "configs/X.py[:ARG] (tap layers, shrink_idx, heads, classes, mean/std)")
+                           "configs/X.py[:ARG] (tap layers, shrink_idx, heads, classes, mean/std); "
+                           "optional with segformer-official / hf-segformer (class names, "
+                           "mean/std; its model must agree with the file)")
   parser.add_argument("--image-size", type=_size, default=None,
                       help="resample the stored position grid for this input size (H or HxW)")
   parser.add_argument("--patch-size", type=int, default=None,
@@ -102,7 +118,7 @@ def main(argv=None) -> int:
       print(f"wrote {path}: {_model_summary(meta)} in the {args.to} layout")
       return 0
     if whole:
-      if not args.config:
+      if not args.config and args.fmt in convert.CONFIG_REQUIRED:
         raise ValueError(f"--from {args.fmt} needs --config configs/X.py[:ARG]: the checkpoint "
                          "does not record tap layers, shrink_idx, head counts or classes")
       path = convert.convert_model(args.src, args.out, args.fmt, args.config,
@@ -110,8 +126,10 @@ def main(argv=None) -> int:
       print(f"wrote {path}: {_model_summary(convert.bundle_lib.read_config(path)['model'])}")
       return 0
     if args.config:
+      optional = [f for f in convert.MODEL_FORMATS if f not in convert.CONFIG_REQUIRED]
       raise ValueError(f"--config applies to whole-model formats "
-                       f"({', '.join(convert.MODEL_FORMATS)}), not --from {args.fmt}")
+                       f"({', '.join(convert.CONFIG_REQUIRED)}), not --from {args.fmt}; "
+                       f"optional with {', '.join(optional)}")
     path = convert.convert(
         args.src, args.out, args.fmt, image_size=args.image_size, patch_size=args.patch_size,
         posemb_resize=args.posemb_resize,

@@ -221,10 +221,11 @@ def _shown(keys: Sequence[str], limit: int = 20) -> str:
 
 
 def to_ours(tensors: Mapping[str, np.ndarray], rules: Sequence[KeyRule], *,
-            source: str) -> Flat:
-  """Release keys -> our flat parameter paths. Keys no rule (and no DROPPED pattern) knows fail
-  with their names."""
-  dropped = [re.compile(p) for p in DROPPED]
+            source: str, layout: str = FORMAT, dropped: Sequence[str] = DROPPED) -> Flat:
+  """Release keys -> our flat parameter paths. Keys no rule (and no `dropped` pattern) knows
+  fail with their names. `layout` names the format in messages (the tables of other layouts,
+  e.g. `segformer.py`, use these functions too)."""
+  dropped = [re.compile(p) for p in dropped]
   out: Flat = {}
   unknown = []
   for key, value in tensors.items():
@@ -244,13 +245,13 @@ def to_ours(tensors: Mapping[str, np.ndarray], rules: Sequence[KeyRule], *,
         raise ValueError(f"{source}: two tensors map to {name!r} (second: {key!r})")
       out[name] = np.asarray(v, np.float32)
   if unknown:
-    raise ValueError(f"{source}: {len(unknown)} tensor(s) the {FORMAT} layout of this model "
+    raise ValueError(f"{source}: {len(unknown)} tensor(s) the {layout} layout of this model "
                      f"does not have: {_shown(unknown)}")
   return out
 
 
 def to_official(params: Mapping[str, np.ndarray], rules: Sequence[KeyRule], *,
-                source: str) -> dict[str, np.ndarray]:
+                source: str, layout: str = FORMAT) -> dict[str, np.ndarray]:
   """Our flat parameters -> release keys (numerically sorted), float32 and contiguous. Every
   parameter must be mapped: the rest fail with their names, as do packed groups with a part
   missing."""
@@ -272,7 +273,7 @@ def to_official(params: Mapping[str, np.ndarray], rules: Sequence[KeyRule], *,
       value = rule.to_official(*[np.asarray(left.pop(n)) for n in names])
       out[format_key(rule.official, fields)] = np.ascontiguousarray(value, np.float32)
   if left or incomplete:
-    lines = [f"{source}: parameters the {FORMAT} layout cannot hold:"]
+    lines = [f"{source}: parameters the {layout} layout cannot hold:"]
     if left:
       lines.append(f"  unmapped ({len(left)}): {_shown(list(left))}")
     if incomplete:
