@@ -79,7 +79,11 @@ class Attention(nn.Module):
 
   With `return_logits`, also returns the pre-softmax logits `(q k^T) * head_dim^-0.5` averaged
   over heads, (B, Nq, Nk): SegViT's Attention-to-Mask reads its masks from them (spec segvit.md,
-  ATM head, item 5).
+  ATM head, item 5); they are returned unmasked.
+
+  `mask`: optional boolean attention mask, True where a query may attend to a key,
+  broadcastable to (B, heads, Nq, Nk) (EoMT's masked attention, spec eomt.md "Architecture" 5).
+  Every query must keep at least one key.
   """
 
   num_heads: int
@@ -91,7 +95,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None,
-               deterministic: bool = True):
+               deterministic: bool = True, mask: jax.Array | None = None):
     x_kv = x_q if x_kv is None else x_kv
     d = x_q.shape[-1]
     if d % self.num_heads:
@@ -111,11 +115,14 @@ class Attention(nn.Module):
     need_probs = self.return_logits or (self.dropout > 0.0 and not deterministic)
     if need_probs:
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
-      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      masked = logits.astype(jnp.float32)
+      if mask is not None:  # the finite fill of jax.nn.dot_product_attention
+        masked = jnp.where(mask, masked, -0.7 * jnp.finfo(jnp.float32).max)
+      probs = jax.nn.softmax(masked, axis=-1).astype(v.dtype)
       probs = nn.Dropout(self.dropout)(probs, deterministic)
       out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v)
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
 
     out = nn.Dense(d, dtype=self.dtype, name="out",
                    kernel_init=logical(self.kernel_init, ("heads", "embed")),

@@ -20,6 +20,11 @@ SegFormer (spec segformer.md): MiT encoder (`mit.Model`) + all-MLP decoder
   semantic_scores  (B, K, H, W)      the logits bilinearly resized to the input
 Variables: {"params", "batch_stats"} (the decoder's BatchNorm); `train=True` needs
 `mutable=["batch_stats"]`.
+
+EoMT (spec eomt.md): `eomt.EoMT`, a DINOv2 ViT whose last `num_blocks` blocks also carry
+`num_queries` learnable queries, with masked attention in training (`mask_probs` call
+argument). Output dict: class_logits (B, K, C + 1), mask_logits (B, K, H/4, W/4), aux_outputs
+(intermediate predictions, training only), semantic_scores (B, C, H, W); see eomt.py.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from segvit_jax.models import atm, layers, mit, segformer_head, vit
+from segvit_jax.models import atm, eomt, layers, mit, segformer_head, vit
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -154,4 +159,7 @@ def build_model(model_cfg: ml_collections.ConfigDict | dict) -> nn.Module:
     backbone = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["backbone"].items()}
     return SegFormer(num_classes=cfg["num_classes"], backbone=backbone, head=dict(cfg["head"]),
                      dtype=dtype)
-  raise ValueError(f"unknown model name {name!r}; known: 'segformer', 'segvit', 'vit'")
+  if name == "eomt":
+    return eomt.EoMT(num_classes=cfg["num_classes"], num_queries=cfg["num_queries"],
+                     num_blocks=cfg["num_blocks"], backbone=dict(cfg["backbone"]), dtype=dtype)
+  raise ValueError(f"unknown model name {name!r}; known: 'eomt', 'segformer', 'segvit', 'vit'")

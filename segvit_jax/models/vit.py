@@ -13,7 +13,10 @@ The model returns `(tokens, aux)`: `tokens` (B, h, w, D) patch tokens after the 
 norm and `aux["blocks"]`, the patch tokens after every block (B, h, w, D), so a decoder taps
 intermediate layers without plumbing; `aux["cls"]` / `aux["registers"]` when present.
 Token order inside the blocks: [cls | registers | patches]; registers carry no position
-embedding.
+embedding. The pieces of the forward pass that own parameters (`embed`, `block_factory`,
+`final_layer_norm`; `block_schedule` for drop path) are methods, so that EoMT's encoder
+(`eomt.EoMTEncoder`, a subclass that inserts queries and masks attention) runs the same
+parameters, under the same names, its own way.
 
 Any input H x W divisible by the patch size works, non-square included: the learned position
 embedding (stored on `posemb_grid`) is resized to the input grid on the fly with
@@ -130,7 +133,9 @@ class EncoderBlock(nn.Module):
   q + MHA(LN(q), LN(x), LN(x)), then the FFN as usual; the output has the queries' length.
 
   The drop-path rate is a call argument, a float or a traced scalar (the ViT scans over the
-  per-block rates); `rng` is this block's drop-path key (None: the "dropout" stream)."""
+  per-block rates); `rng` is this block's drop-path key (None: the "dropout" stream).
+  `mask`: optional boolean self-attention mask, True = may attend, broadcastable to
+  (B, heads, N, N) (EoMT's masked attention; see `layers.Attention`)."""
 
   num_heads: int
   mlp_dim: int
@@ -142,7 +147,7 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
                drop_path: float | jax.Array = 0.0, rng: jax.Array | None = None,
-               queries: jax.Array | None = None) -> jax.Array:
+               queries: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
     norm = functools.partial(nn.LayerNorm, epsilon=self.norm_eps, dtype=self.dtype,
                              scale_init=layers.logical(nn.initializers.ones, ("embed",)),
                              bias_init=layers.logical(nn.initializers.zeros, ("embed",)))
@@ -157,10 +162,10 @@ class EncoderBlock(nn.Module):
     rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
     norm1 = norm(name="norm1")
     if queries is None:
-      y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(norm1(x))
+      y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(norm1(x), mask=mask)
     else:  # query down-sampling: fewer queries attend to every token, residual on the queries
-      y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(norm1(queries),
-                                                                           norm1(x))
+      y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(
+          norm1(queries), norm1(x), mask=mask)
       x = queries
     x = x + layers.DropPath(drop_path)(scale(y, "ls1"), deterministic, rngs[0])
     y = norm(name="norm2")(x)
@@ -221,6 +226,55 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False):
+    x, (gh, gw), n_prefix = self.embed(images)
+    b, d, p = x.shape[0], self.width, self.patch_size
+    drop, dpr, keys = self.block_schedule(train)
+    make_block = self.block_factory()
+    if self.shrink_idx is not None:
+      if not 0 <= self.shrink_idx < self.depth:
+        raise ValueError(f"shrink_idx={self.shrink_idx} out of range for a {self.depth}-block "
+                         "ViT")
+      if self.scan_layers:
+        raise ValueError("scan_layers does not support query down-sampling (shrink_idx): the "
+                         "blocks before and after it run on different grids; use remat")
+    if self.scan_layers:
+      def body(block, x, xs):
+        rate, key = xs
+        x = block(x, not drop, rate, key)
+        return x, x[:, n_prefix:]
+
+      x, patches = nn.scan(
+          body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"},
+      )(make_block(name="encoderblock"), x, (jnp.asarray(dpr), keys))
+      blocks = [patches[i].reshape(b, gh, gw, d) for i in range(self.depth)]  # (depth, B, N, D)
+    else:
+      blocks = []
+      for i in range(self.depth):
+        queries = None
+        if i == self.shrink_idx:
+          queries, (gh, gw) = query_downsample(x, n_prefix, (gh, gw), p)
+        x = make_block(name=f"encoderblock_{i}")(
+            x, not drop, float(dpr[i]), None if keys is None else keys[i], queries)
+        blocks.append(x[:, n_prefix:].reshape(b, gh, gw, d))
+
+    if self.final_norm:
+      x = self.final_layer_norm()(x)
+    aux = {"blocks": blocks, "grid": (gh, gw)}
+    has_cls = self.cls_token and self.cls_in_blocks
+    if has_cls:
+      aux["cls"] = x[:, 0]
+    if self.num_registers:
+      aux["registers"] = x[:, int(has_cls):n_prefix]
+    return x[:, n_prefix:].reshape(b, gh, gw, d), aux
+
+  # The pieces below create this module's parameters; they are called from a compact
+  # `__call__` (this one, or a subclass's that runs the blocks differently, e.g.
+  # `eomt.EoMTEncoder`), so every user shares one parameter layout.
+
+  def embed(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int], int]:
+    """Images (B, H, W, 3) -> (tokens (B, n_prefix + gh * gw, D) = [cls | registers | patches]
+    with position embeddings added, the patch grid (gh, gw), n_prefix)."""
     b, h, w, _ = images.shape
     p = self.patch_size
     if h % p or w % p:
@@ -258,9 +312,12 @@ class ViT(nn.Module):
     if prefix:
       prefix = jnp.concatenate(prefix, axis=1).astype(x.dtype)
       x = jnp.concatenate([jnp.broadcast_to(prefix, (b, n_prefix, d)), x], axis=1)
-    x = layers.constrain(x, ("act_batch", "act_len", "act_embed"))
+    return layers.constrain(x, ("act_batch", "act_len", "act_embed")), (gh, gw), n_prefix
 
-    policy = remat_policy(self.remat_policy)  # unknown names fail even without remat
+  def block_schedule(self, train: bool) -> tuple[bool, np.ndarray, jax.Array | None]:
+    """(whether drop path is on, the per-block rates (depth,) float32, one drop-path key per
+    block or None)."""
+    remat_policy(self.remat_policy)  # unknown names fail even without remat
     # float32 rates, as the scan carries them.
     dpr = np.float32(self.drop_path) * np.arange(self.depth, dtype=np.float32) / np.float32(
         max(self.depth - 1, 1))
@@ -268,51 +325,23 @@ class ViT(nn.Module):
     # One key per block, drawn here rather than by make_rng inside the blocks (whose streams
     # depend on the module path, which scanning changes): same masks in both layouts.
     keys = jax.random.split(self.make_rng("dropout"), self.depth) if drop else None
+    return drop, dpr, keys
+
+  def block_factory(self) -> Callable[..., nn.Module]:
+    """`make_block(name=...)`: an EncoderBlock of this ViT (rematerialised with `remat`)."""
     block_cls = EncoderBlock
     if self.remat:  # static: `deterministic`, and the (Python float) rate when unrolled
       block_cls = nn.remat(EncoderBlock, static_argnums=(2,) if self.scan_layers else (2, 3),
-                           policy=policy, prevent_cse=not self.scan_layers)
-    make_block = functools.partial(block_cls, self.num_heads, self.mlp_dim, self.ffn,
-                                   self.layerscale, self.norm_eps, dtype=self.dtype)
-    if self.shrink_idx is not None:
-      if not 0 <= self.shrink_idx < self.depth:
-        raise ValueError(f"shrink_idx={self.shrink_idx} out of range for a {self.depth}-block "
-                         "ViT")
-      if self.scan_layers:
-        raise ValueError("scan_layers does not support query down-sampling (shrink_idx): the "
-                         "blocks before and after it run on different grids; use remat")
-    if self.scan_layers:
-      def body(block, x, xs):
-        rate, key = xs
-        x = block(x, not drop, rate, key)
-        return x, x[:, n_prefix:]
+                           policy=remat_policy(self.remat_policy),
+                           prevent_cse=not self.scan_layers)
+    return functools.partial(block_cls, self.num_heads, self.mlp_dim, self.ffn,
+                             self.layerscale, self.norm_eps, dtype=self.dtype)
 
-      x, patches = nn.scan(
-          body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"},
-      )(make_block(name="encoderblock"), x, (jnp.asarray(dpr), keys))
-      blocks = [patches[i].reshape(b, gh, gw, d) for i in range(self.depth)]  # (depth, B, N, D)
-    else:
-      blocks = []
-      for i in range(self.depth):
-        queries = None
-        if i == self.shrink_idx:
-          queries, (gh, gw) = query_downsample(x, n_prefix, (gh, gw), p)
-        x = make_block(name=f"encoderblock_{i}")(
-            x, not drop, float(dpr[i]), None if keys is None else keys[i], queries)
-        blocks.append(x[:, n_prefix:].reshape(b, gh, gw, d))
-
-    if self.final_norm:
-      x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="encoder_norm",
-                       scale_init=layers.logical(nn.initializers.ones, ("embed",)),
-                       bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(x)
-    aux = {"blocks": blocks, "grid": (gh, gw)}
-    has_cls = self.cls_token and self.cls_in_blocks
-    if has_cls:
-      aux["cls"] = x[:, 0]
-    if self.num_registers:
-      aux["registers"] = x[:, int(has_cls):n_prefix]
-    return x[:, n_prefix:].reshape(b, gh, gw, d), aux
+  def final_layer_norm(self) -> nn.LayerNorm:
+    """The LayerNorm after the last block, `encoder_norm` (create it once per call)."""
+    return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="encoder_norm",
+                        scale_init=layers.logical(nn.initializers.ones, ("embed",)),
+                        bias_init=layers.logical(nn.initializers.zeros, ("embed",)))
 
 
 def query_downsample(x: jax.Array, n_prefix: int, grid: tuple[int, int],
