@@ -357,3 +357,79 @@ def segvit_mit_config(variant: str = "B2") -> ml_collections.ConfigDict:
   c.loss = atm_loss_config()
   c.eval.average = "softmax"
   return c
+
+
+# EoMT (spec eomt.md): DINOv2 with 4 registers run at patch 16, K queries in the last L2
+# blocks, Mask2Former loss, EoMT's optimisation and semantic inference.
+EOMT_RECIPES = {
+    # images / global batch 16 x epochs.
+    "ade20k": dict(name="ade20k", root="data/ADEChallengeData2016", num_classes=150,
+                   reduce_zero_label=True, crop=512, steps=39_120, color_jitter=True,
+                   annealing={"L": ((6520, 13040, 19560, 26080),
+                                    (13040, 19560, 26080, 32600))}),
+    "cityscapes": dict(name="cityscapes", root="data/cityscapes", num_classes=19,
+                       reduce_zero_label=False, crop=1024, steps=19_902, color_jitter=True,
+                       annealing={"L": ((3317, 6634, 9951, 13268),
+                                        (6634, 9951, 13268, 16585))}),
+}
+# DINOv2 release files (README, "Pretrained weights"), converted and resized on load.
+DINOV2_FILES = {s: f"weights/dinov2_vit{s.lower()}14_reg4_pretrain.pth" for s in "SBLg"}
+
+
+def annealing_windows(total_steps: int, num_blocks: int) -> tuple[tuple[int, ...],
+                                                                  tuple[int, ...]]:
+  """The release's annealing windows when none are given: the run split into L2 + 2 equal
+  parts, block i annealed over part i + 1 (its published ViT-L windows follow this rule)."""
+  part = total_steps // (num_blocks + 2)
+  return (tuple(part * (i + 1) for i in range(num_blocks)),
+          tuple(part * (i + 2) for i in range(num_blocks)))
+
+
+def eomt_config(size: str, dataset: str, num_queries: int = 100) -> ml_collections.ConfigDict:
+  """EoMT-`size` (S, B, L, g) semantic segmentation on `dataset` (EOMT_RECIPES): AdamW lr 1e-4,
+  weight decay 0.05 on every parameter, clip 0.01, layer-wise lr decay 0.8, two-stage warm-up
+  (500 steps heads only, then 1000 for the ViT) and poly 0.9, batch 16, bfloat16 compute;
+  colour jitter, flip, scale jitter 0.5-2.0, crop; Mask2Former loss (12544 points, weights
+  2 / 5 / 5, no-object 0.1); test: shorter side to the crop, evenly spread square windows."""
+  from segvit_jax.models import eomt  # pylint: disable=g-import-not-at-top
+  r = EOMT_RECIPES[dataset]
+  crop, l2 = r["crop"], eomt.NUM_BLOCKS[size]
+  c = run_config()
+  c.total_steps = r["steps"]
+  c.batch_size = 16
+  c.dataset.name = r["name"]
+  c.dataset.root = r["root"]
+  c.dataset.num_classes = r["num_classes"]
+  c.dataset.reduce_zero_label = r["reduce_zero_label"]
+  c.dataset.num_workers = 8
+  c.mean, c.std = IMAGENET_MEAN_STD
+  c.augment.pipeline = "eomt"
+  c.augment.crop_size = (crop, crop)
+  c.augment.scale_jitter = (0.5, 2.0)
+  c.augment.color_jitter = r["color_jitter"]
+  starts, ends = r["annealing"].get(size, annealing_windows(r["steps"], l2))
+  c.model = ml_collections.ConfigDict(dict(
+      name="eomt", num_classes=r["num_classes"], num_queries=num_queries, num_blocks=l2,
+      dtype="bfloat16",
+      backbone=dict(variant=f"dinov2-{size}/14-reg4", patch_size=16,
+                    posemb_grid=(crop // 16, crop // 16), posemb_resize="bicubic_antialias",
+                    drop_path=0.0),
+      mask_annealing=dict(enabled=True, start_steps=starts, end_steps=ends, power=0.9)))
+  c.model_init = DINOV2_FILES[size]
+  c.model_init_format = "dinov2"
+  c.loss = ml_collections.ConfigDict(dict(
+      name="mask2former", num_queries=num_queries, num_points=12544, oversample_ratio=3.0,
+      importance_ratio=0.75, no_object_weight=0.1, class_weight=2.0, mask_weight=5.0,
+      dice_weight=5.0))
+  c.optim = optim_config()
+  c.optim.update(schedule="two_stage", lr=1e-4, weight_decay=0.05, no_decay=(),
+                 clip_norm=0.01, warmup_steps=500, backbone_warmup_steps=1000,
+                 poly_power=0.9, layer_decay=0.8)
+  c.optim.lr_mults = {}
+  c.eval.resize = "short_side"
+  c.eval.scale = (crop, crop)
+  c.eval.mode = "spread"
+  c.eval.crop_size = (crop, crop)
+  c.eval.stride = (crop, crop)
+  c.eval.average = "scores"
+  return c

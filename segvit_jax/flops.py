@@ -10,7 +10,9 @@ The count walks the jaxpr of `model.apply` traced on abstract shapes (`jax.eval_
 What counts (fvcore's convention for the ops that matter in these models):
   dot_general           batch x lhs-free x rhs-free x contracting sizes (matmuls, einsums,
                         Dense layers, attention products);
-  conv_general_dilated  output elements x kernel window x input features per group;
+  conv_general_dilated  output elements x kernel window x input features per group; a
+                        transposed convolution (input dilation): input pixels x kernel size,
+                        as fvcore counts it (the inserted zeros are not multiply-adds);
   everything else       0 (elementwise ops, softmax, norms, reductions, gathers). fvcore adds
                         ~5 per element for a LayerNorm: ~0.1% of a ViT, left out.
 Interpolation is reported apart and left out of the total. Resizes in this repository are
@@ -74,8 +76,14 @@ def eqn_macs(eqn: jax_core.JaxprEqn) -> int:
     # Every lhs element (batch x free x contracting) meets every rhs-free column once.
     return math.prod(lhs) * math.prod(rhs_free)
   if name == "conv_general_dilated":
-    rhs = eqn.invars[1].aval.shape
-    out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+    lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+    dims = eqn.params["dimension_numbers"]
+    if any(d > 1 for d in eqn.params.get("lhs_dilation") or ()):
+      # A transposed convolution: every input pixel meets every kernel entry once (the zeros
+      # the dilation inserts are not multiply-adds): batch x input pixels x kernel size.
+      spatial = [lhs[i] for i in dims.lhs_spec[2:]]
+      return lhs[dims.lhs_spec[0]] * math.prod(spatial) * math.prod(rhs)
+    out_features = rhs[dims.rhs_spec[0]]
     # The kernel's input-feature axis already holds in_features / feature_group_count.
     return math.prod(eqn.outvars[0].aval.shape) * (math.prod(rhs) // out_features)
   return 0

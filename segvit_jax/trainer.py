@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from segvit_jax import checkpoint as ckpt_lib
 from segvit_jax import bundle, convert, losses, optim, sharding
 from segvit_jax.data import pipeline, sources
-from segvit_jax.models import build_model
+from segvit_jax.models import build_model, vit
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,24 +89,42 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
 LOSS_RNG_STREAM = 0x10551  # fold_in index of the loss's own random stream
 
 
+def training_inputs(config: ml_collections.ConfigDict, step: jax.Array | None) -> dict:
+  """Step-dependent inputs of the training-mode forward pass: EoMT's masked-attention
+  probabilities of its last L2 blocks from `config.model.mask_annealing` (`optim.
+  mask_annealing`; with `enabled=False`, no masking and no intermediate predictions)."""
+  if config.model.get("name") != "eomt":
+    return {}
+  ann = config.model.get("mask_annealing", None)
+  if ann is None or not ann.get("enabled", True):
+    return {}
+  if step is None:
+    raise ValueError("EoMT's mask annealing needs the training step")
+  return {"mask_probs": optim.mask_annealing(step, tuple(ann.start_steps), tuple(ann.end_steps),
+                                             ann.get("power", 0.9))}
+
+
 def loss_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
-  """(params, model_state, batch, rng) -> (loss, (terms, new model_state)) with the loss
+  """(params, model_state, batch, rng, step) -> (loss, (terms, new model_state)) with the loss
   `config.loss.name` names (`segvit_jax.losses.LOSSES`). `model_state` (e.g. BatchNorm's
-  batch_stats) is updated by the training-mode forward pass; {} stays {}."""
+  batch_stats) is updated by the training-mode forward pass; {} stays {}. `step` feeds
+  `training_inputs` (EoMT's mask annealing)."""
   loss, options = losses.get_loss(config.loss)
 
-  def fn(params, model_state, batch, rng):
+  def fn(params, model_state, batch, rng, step=None):
     variables = {"params": params, **model_state}
+    kwargs = training_inputs(config, step)
     if model_state:
       out, new_state = model.apply(variables, batch["image"], train=True,
-                                   rngs={"dropout": rng}, mutable=list(model_state))
+                                   rngs={"dropout": rng}, mutable=list(model_state), **kwargs)
     else:
       out, new_state = model.apply(variables, batch["image"], train=True,
-                                   rngs={"dropout": rng}), {}
+                                   rngs={"dropout": rng}, **kwargs), {}
+    extra = {}
     if loss.needs_rng:  # point sampling: a stream of its own, apart from dropout's
-      options = {**options, "rng": jax.random.fold_in(rng, LOSS_RNG_STREAM)}
+      extra["rng"] = jax.random.fold_in(rng, LOSS_RNG_STREAM)
     total, terms = loss.fn(out, batch["label"], num_classes=config.model.num_classes,
-                           ignore_index=config.dataset.ignore_index, **options)
+                           ignore_index=config.dataset.ignore_index, **options, **extra)
     return total, (terms, dict(new_state))
 
   return fn
@@ -127,8 +145,8 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
                                mesh: jax.sharding.Mesh | None = None,
                                grad_shardings: Any = None) -> Callable:
   """`jax.value_and_grad(compute_loss, has_aux=True)` over `config.grad_accum_steps`
-  micro-batches: (params, model_state, batch, rng) -> ((loss, (terms, model_state)), grads) of
-  the whole batch, for a `compute_loss` like `loss_fn`'s.
+  micro-batches: (params, model_state, batch, rng, step) -> ((loss, (terms, model_state)),
+  grads) of the whole batch, for a `compute_loss` like `loss_fn`'s.
 
   The micro-batches run one after the other in a `lax.scan`, so only one micro-batch's
   activations are alive at a time. Each micro-batch's loss terms are weighted by its share of
@@ -149,7 +167,7 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
   loss, options = losses.get_loss(config.loss)
   k, ignore = config.model.num_classes, config.dataset.ignore_index
 
-  def fn(params, model_state, batch, rng):
+  def fn(params, model_state, batch, rng, step=None):
     micro = split_micro_batches(batch, steps, micro_sharding)
     # (steps,) counts. vmap, not a loop: on the CPU, a collective inside a loop can deadlock
     # with an independent one outside it (the parameters' all-gathers).
@@ -162,7 +180,8 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
       i, micro_batch, count = xs
 
       def weighted_loss(p):
-        _, (terms, new_state) = compute_loss(p, state, micro_batch, jax.random.fold_in(rng, i))
+        _, (terms, new_state) = compute_loss(p, state, micro_batch, jax.random.fold_in(rng, i),
+                                             step)
         scaled = {}
         for name, value in terms.items():
           key, floor = loss.term_normaliser(name)
@@ -178,7 +197,7 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
       return (total_loss, total_terms, total_grads, state), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    _, (terms_shape, _) = jax.eval_shape(compute_loss, params, model_state, first, rng)
+    _, (terms_shape, _) = jax.eval_shape(compute_loss, params, model_state, first, rng, step)
     zero_terms = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), terms_shape)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     if grad_shardings is not None:
@@ -504,11 +523,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(base_rng, state.step)
     (loss, (terms, model_state)), grads = value_and_grad(state.params, state.model_state,
-                                                         batch, rng)
+                                                         batch, rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
+    for name, value in training_inputs(config, state.step).items():  # e.g. mask_probs_0
+      metrics.update({f"{name}_{i}": v for i, v in enumerate(value)})
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       model_state=model_state), metrics
 
@@ -551,7 +572,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       state = init_jit(jax.random.key(config.seed))
       start = 0
       if config.model_init:
-        state = state.replace(params=_load_init(config, state.params, param_sh))
+        state = _load_init(config, state, state_sh)
 
     writer = MetricsWriter(workdir)
     best = None
@@ -624,10 +645,23 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   return last
 
 
-def _load_init(config, params, param_sh):
-  """Merges `config.model_init` (format `config.model_init_format`) strictly into `params`:
-  a whole-model bundle, or pretrained backbone weights (see `segvit_jax.convert.init_params`)."""
-  merged = convert.init_params(params, config.model, config.model_init,
+def _load_init(config, state: TrainState, state_sh: TrainState) -> TrainState:
+  """`state` with `config.model_init` (format `config.model_init_format`) merged strictly into
+  its parameters: a whole-model bundle, or pretrained backbone weights (see
+  `segvit_jax.convert.init_params`). A whole-model bundle of this model also brings its other
+  collections (BatchNorm statistics)."""
+  merged = convert.init_params(state.params, config.model, config.model_init,
                                config.model_init_format, mean=config.mean, std=config.std)
+  model_state = state.model_state
+  if config.model_init_format == "bundle" and model_state:
+    shapes = lambda tree: jax.tree.map(np.shape, tree)  # noqa: E731
+    loaded = bundle.load_model_state(config.model_init)
+    whole = shapes(vit.unstack_blocks(bundle.load_params(config.model_init))) == shapes(
+        vit.unstack_blocks(state.params))
+    if whole and set(loaded) == set(model_state):  # the same model: its statistics too
+      model_state = {k: bundle.merge_params(model_state[k], loaded[k],
+                                            source=f"{config.model_init} ({k})")
+                     for k in model_state}
   logging.info("initialised from %s (%s)", config.model_init, config.model_init_format)
-  return jax.device_put(merged, param_sh)
+  return state.replace(params=jax.device_put(merged, state_sh.params),
+                       model_state=jax.device_put(model_state, state_sh.model_state))

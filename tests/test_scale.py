@@ -145,7 +145,7 @@ def test_micro_batches_take_strided_rows():
 def test_micro_batches_draw_their_own_dropout_rng():
   # A stand-in loss whose value is the rng's draw: micro-batch i gets fold_in(rng, i), and
   # equal normaliser shares weight each by 1 / 2.
-  def compute_loss(params, model_state, batch, rng):
+  def compute_loss(params, model_state, batch, rng, step=None):
     value = jnp.sum(params["w"] * jax.random.normal(rng, (3,)))
     return value, ({"loss_ce": value}, model_state)
 
