@@ -134,6 +134,16 @@ def run_config() -> ml_collections.ConfigDict:
   return c
 
 
+def set_dataset(c: ml_collections.ConfigDict, recipe: dict, num_classes: int | None = None,
+                name: str | None = None) -> None:
+  """Fills `c.dataset` from a recipe entry (name, root, num_classes, reduce_zero_label)."""
+  c.dataset.name = name or recipe["name"]
+  c.dataset.root = recipe["root"]
+  c.dataset.num_classes = num_classes or recipe["num_classes"]
+  c.dataset.reduce_zero_label = recipe["reduce_zero_label"]
+  c.dataset.num_workers = 8
+
+
 def segvit_model_config(variant: str, num_classes: int, drop_path: float | None = None):
   """SegViT = plain ViT backbone (cls token dropped before the blocks) + ATM head."""
   m = ml_collections.ConfigDict()
@@ -248,16 +258,13 @@ def segvit_config(variant: str, dataset: str, *, shrunk: bool = False,
   c = run_config()
   c.total_steps = r["steps"]
   c.batch_size = 16
-  c.dataset.name = r["name"]
+  name = r["name"]
   if dataset == "pascal_context":
     if pascal_classes not in (59, 60):
       raise ValueError(f"PASCAL-Context has 60 or 59 classes, not {pascal_classes!r}")
     num_classes = pascal_classes
-    c.dataset.name = "pascal_context" if pascal_classes == 60 else "pascal_context59"
-  c.dataset.root = r["root"]
-  c.dataset.num_classes = num_classes
-  c.dataset.reduce_zero_label = r["reduce_zero_label"]
-  c.dataset.num_workers = 8
+    name = "pascal_context" if pascal_classes == 60 else "pascal_context59"
+  set_dataset(c, r, num_classes, name)
   scale = tuple(r["scale"] or (2048, crop))
   c.augment.crop_size = (crop, crop)
   c.augment.scale = scale
@@ -315,11 +322,7 @@ def segformer_config(variant: str, dataset: str) -> ml_collections.ConfigDict:
   c = run_config()
   c.total_steps = 160_000
   c.batch_size = r["batch"]
-  c.dataset.name = r["name"]
-  c.dataset.root = r["root"]
-  c.dataset.num_classes = r["num_classes"]
-  c.dataset.reduce_zero_label = r["reduce_zero_label"]
-  c.dataset.num_workers = 8
+  set_dataset(c, r)
   c.mean, c.std = IMAGENET_MEAN_STD
   c.augment.crop_size = (crop, crop)
   c.augment.scale = (2048, crop)
@@ -397,11 +400,7 @@ def eomt_config(size: str, dataset: str, num_queries: int = 100) -> ml_collectio
   c = run_config()
   c.total_steps = r["steps"]
   c.batch_size = 16
-  c.dataset.name = r["name"]
-  c.dataset.root = r["root"]
-  c.dataset.num_classes = r["num_classes"]
-  c.dataset.reduce_zero_label = r["reduce_zero_label"]
-  c.dataset.num_workers = 8
+  set_dataset(c, r)
   c.mean, c.std = IMAGENET_MEAN_STD
   c.augment.pipeline = "eomt"
   c.augment.crop_size = (crop, crop)

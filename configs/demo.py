@@ -3,7 +3,9 @@
   python train.py --config configs/demo.py --workdir runs/demo
   python eval.py --config configs/demo.py --workdir runs/demo
 
-`configs/demo.py:smoke` is a seconds-long variant for tests.
+`configs/demo.py:smoke` is a seconds-long variant for tests; `configs/demo.py:eomt` the same
+task with a small EoMT (queries in the last 2 of 4 blocks, annealed masked attention,
+Mask2Former loss, EoMT's optimiser and spread-window test).
 """
 
 import ml_collections
@@ -54,7 +56,26 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.stride = (size * 2 // 3, size * 2 // 3)
   c.eval.scale = ()
 
-  if arg == "smoke":  # tiny and fast, for tests
+  if arg == "eomt":
+    c.model = ml_collections.ConfigDict(dict(
+        name="eomt", num_classes=6, num_queries=16, num_blocks=2, dtype="float32",
+        backbone=dict(variant="dinov2-S/14-reg4", width=128, depth=4, num_heads=4,
+                      mlp_dim=512, patch_size=patch, posemb_grid=(size // patch, size // patch),
+                      posemb_resize="bicubic_antialias"),
+        mask_annealing=dict(enabled=True, start_steps=(500, 1000), end_steps=(1000, 1500),
+                            power=0.9)))
+    c.loss = ml_collections.ConfigDict(dict(
+        name="mask2former", num_queries=16, num_points=2304, oversample_ratio=3.0,
+        importance_ratio=0.75, no_object_weight=0.1, class_weight=2.0, mask_weight=5.0,
+        dice_weight=5.0))
+    c.total_steps = 2000
+    c.optim.update(schedule="two_stage", lr=1e-3, weight_decay=0.05, no_decay=(),
+                   clip_norm=1.0, warmup_steps=100, backbone_warmup_steps=100,
+                   poly_power=0.9, layer_decay=0.8)
+    c.optim.lr_mults = {}
+    c.eval.update(resize="short_side", scale=(size, size), mode="spread",
+                  crop_size=(size, size), average="scores")
+  elif arg == "smoke":  # tiny and fast, for tests
     c.total_steps = 6
     c.batch_size = 4
     c.log_every = 2
@@ -69,5 +90,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval.crop_size = (32, 32)
     c.eval.stride = (16, 16)
   elif arg:
-    raise ValueError(f"unknown demo config argument {arg!r}; expected '' or 'smoke'")
+    raise ValueError(f"unknown demo config argument {arg!r}; expected '', 'eomt' or 'smoke'")
   return c

@@ -48,8 +48,10 @@ from segvit_jax.models import build_model
 
 try:
   from tests import checkpoint_writers as writers
+  from tests.test_segformer_vs_hf import _randomize_ as randomize_segformer_
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
   import checkpoint_writers as writers
+  from test_segformer_vs_hf import _randomize_ as randomize_segformer_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # float32 Flax vs float64 torch
@@ -88,24 +90,12 @@ def _cli(*args) -> int:
 
 
 def _randomize_(model: torch.nn.Module, seed: int) -> None:
-  """Every parameter random (fan-in-scaled weights, norm scales around 1, biases around 0), the
-  BatchNorm running statistics away from (0, 1) and its step counter set."""
-  g = torch.Generator().manual_seed(seed)
-  randn = lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype)  # noqa: E731
+  """test_segformer_vs_hf's randomisation (every parameter, BatchNorm running statistics), and
+  the BatchNorm step counter set."""
+  randomize_segformer_(model, seed)
   with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim > 1:
-        p.copy_(randn(p) / np.sqrt(np.prod(p.shape[1:])))
-      elif name.endswith("weight"):
-        p.copy_(1.0 + 0.2 * randn(p))
-      else:
-        p.copy_(0.2 * randn(p))
     for name, b in model.named_buffers():
-      if name.endswith("running_mean"):
-        b.copy_(0.3 * randn(b))
-      elif name.endswith("running_var"):
-        b.copy_(torch.exp(0.5 * randn(b)))
-      elif name.endswith("num_batches_tracked"):
+      if name.endswith("num_batches_tracked"):
         b.fill_(NUM_BATCHES_TRACKED)
 
 
