@@ -154,7 +154,7 @@ def test_l16_output_shapes_on_non_square_input():
 
 
 def test_demo_configs_build():
-  for arg in ("", "smoke"):
+  for arg in ("", "smoke", "eomt"):
     c = demo.get_config(arg)
     assert c.batch_size % 2 == 0
     param_counts(c)
