@@ -223,8 +223,10 @@ def load_model(path: str, step: int | None = None) -> Bundle:
 
 def _abstract_variables(model, model_cfg) -> Any:
   """The model's variables as shapes. They do not depend on the input size (stored grids are
-  config fields), so any valid input does: 64 px, or 2 x what inputs must be multiples of."""
-  side = max(64, 2 * input_divisor(model_cfg))
+  config fields), so any valid input does: the first multiple of what inputs must be multiples
+  of (the patch, 32, ...) that is at least 64 px and 2 of them."""
+  d = input_divisor(model_cfg)
+  side = d * max(2, -(-64 // d))
   x = jnp.zeros((1, side, side, 3))
   return flax.linen.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
 

@@ -404,3 +404,97 @@ def segformer_official_state_dict(sd: dict, *, encoder_only: bool = False,
     out["head.weight"] = (rng.standard_normal((1000, d)) / np.sqrt(d)).astype(np.float32)
     out["head.bias"] = np.zeros(1000, np.float32)
   return out
+
+
+# ----------------------------------------------------------------------------------------------
+# EoMT: the authors' release (Lightning) from transformers' saved layout
+
+
+IMAGENET_MEAN_01 = (0.485, 0.456, 0.406)
+IMAGENET_STD_01 = (0.229, 0.224, 0.225)
+
+
+def _eomt_official_key(key: str) -> str | None:
+  """One transformers EomtForUniversalSegmentation key (as saved) -> the release's, None for
+  the tensors packed or rebuilt apart (q / k / v, SwiGLU, the position table)."""
+  if re.fullmatch(r"layers\.\d+\.(attention\.[qkv]_proj|mlp\.(gate_proj|up_proj|weights_in))"
+                  r"\.\w+", key) or key == "embeddings.position_embeddings.weight":
+    return None
+  m = re.fullmatch(r"layers\.(\d+)\.(.*)", key)
+  if m:
+    rest = m.group(2)
+    for old, new in (("attention.out_proj.", "attn.proj."), ("layer_scale1.lambda1", "ls1.gamma"),
+                     ("layer_scale2.lambda1", "ls2.gamma"), ("mlp.down_proj.", "mlp.fc2."),
+                     ("mlp.weights_out.", "mlp.fc2.")):
+      rest = rest.replace(old, new)
+    return f"network.encoder.backbone.blocks.{m.group(1)}.{rest}"
+  m = re.fullmatch(r"upscale_block\.block\.(\d+)\.(conv1|conv2|layernorm2d)\.(\w+)", key)
+  if m:
+    part = "norm" if m.group(2) == "layernorm2d" else m.group(2)
+    return f"network.upscale.{m.group(1)}.{part}.{m.group(3)}"
+  m = re.fullmatch(r"mask_head\.fc([123])\.(\w+)", key)
+  if m:
+    return f"network.mask_head.{2 * (int(m.group(1)) - 1)}.{m.group(2)}"
+  fixed = {"embeddings.cls_token": "network.encoder.backbone.cls_token",
+           "embeddings.register_tokens": "network.encoder.backbone.reg_token",
+           "query.weight": "network.q.weight", "attn_mask_probs": "network.attn_mask_probs",
+           "criterion.empty_weight": "criterion.empty_weight"}
+  if key in fixed:
+    return fixed[key]
+  for old, new in (("embeddings.patch_embeddings.projection.",
+                    "network.encoder.backbone.patch_embed.proj."),
+                   ("layernorm.", "network.encoder.backbone.norm."),
+                   ("class_predictor.", "network.class_head.")):
+    if key.startswith(old):
+      return new + key[len(old):]
+  raise KeyError(f"unmapped transformers EoMT key {key!r}")
+
+
+def eomt_official_state_dict(sd: dict, *, pixel_mean=IMAGENET_MEAN_01,
+                             pixel_std=IMAGENET_STD_01) -> dict[str, np.ndarray]:
+  """transformers' saved EomtForUniversalSegmentation state dict -> the release's
+  LightningModule state dict (spec checkpoints.md, "EoMT official release"):
+  `network.encoder.backbone.*` in timm's DINOv2 names (`attn.qkv` (3D, D) = q, k, v stacked;
+  `pos_embed` (1, N, D) without a cls slot, timm's no_embed_class; `reg_token`; SwiGLU packed as
+  `mlp.fc1` (2h, D) = [gate; value], `mlp.fc2` = the down projection), `network.q.weight`,
+  `network.class_head`, `network.mask_head.{0,2,4}`, `network.upscale.{i}.{conv1, conv2, norm}`,
+  the buffers `network.attn_mask_probs`, `network.encoder.pixel_mean/std` (1, 3, 1, 1) on the
+  0-1 scale, and `criterion.empty_weight`."""
+  out = {}
+  for key, value in sd.items():
+    name = _eomt_official_key(key)
+    if name is not None:
+      out[name] = np.array(value)
+  layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))})
+  for i in layers:
+    p, q = f"layers.{i}.", f"network.encoder.backbone.blocks.{i}."
+    for part in ("weight", "bias"):
+      out[f"{q}attn.qkv.{part}"] = np.concatenate(
+          [_get(sd, f"{p}attention.{x}_proj.{part}") for x in "qkv"], 0)
+      if f"{p}mlp.gate_proj.{part}" in sd:  # transformers 5.x names
+        out[f"{q}mlp.fc1.{part}"] = np.concatenate(
+            [_get(sd, f"{p}mlp.gate_proj.{part}"), _get(sd, f"{p}mlp.up_proj.{part}")], 0)
+      elif f"{p}mlp.weights_in.{part}" in sd:  # 4.x: already packed [gate; value]
+        out[f"{q}mlp.fc1.{part}"] = _get(sd, f"{p}mlp.weights_in.{part}")
+  out["network.encoder.backbone.pos_embed"] = _get(sd, "embeddings.position_embeddings.weight")[
+      None]
+  out["network.encoder.pixel_mean"] = np.asarray(pixel_mean, np.float32).reshape(1, 3, 1, 1)
+  out["network.encoder.pixel_std"] = np.asarray(pixel_std, np.float32).reshape(1, 3, 1, 1)
+  return out
+
+
+def hf_eomt_packed_swiglu(sd: dict) -> dict[str, np.ndarray]:
+  """A transformers 5.x EoMT state dict with SwiGLU (`mlp.gate_proj/up_proj/down_proj`) in the
+  names transformers 4.x saved (the hub's files): `mlp.weights_in` (2h, D) = [gate; value] and
+  `mlp.weights_out`."""
+  out = {}
+  for key, value in sd.items():
+    m = re.fullmatch(r"(layers\.\d+\.mlp\.)(gate_proj|up_proj|down_proj)\.(\w+)", key)
+    if not m:
+      out[key] = np.array(value)
+    elif m.group(2) == "down_proj":
+      out[f"{m.group(1)}weights_out.{m.group(3)}"] = np.array(value)
+    elif m.group(2) == "gate_proj":
+      out[f"{m.group(1)}weights_in.{m.group(3)}"] = np.concatenate(
+          [_get(sd, key), _get(sd, key.replace("gate_proj", "up_proj"))], 0)
+  return out

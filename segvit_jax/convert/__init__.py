@@ -7,6 +7,8 @@ both ways.
   python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
   python -m segvit_jax.convert SRC OUT --from segformer-official|hf-segformer [--config X.py]
   python -m segvit_jax.convert BUNDLE OUT --to segformer-official|hf-segformer
+  python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py]
+  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt
 
 Formats (one module each, a declarative key table plus small transforms):
   augreg-npz   big_vision / vision_transformer .npz, every flavour      (`augreg.py`)
@@ -22,6 +24,10 @@ Whole models (a bundle with the decode head; segvit-official import needs our co
   hf-segformer        transformers SegformerForSemanticSegmentation directory
                       (both: import and export; the model is inferred from the file,
                       --config optional)
+  eomt-official  EoMT checkpoints of the authors' release (Lightning)        (`eomt.py`)
+  hf-eomt        transformers EomtForUniversalSegmentation directory
+                 (both: import and export; the model is inferred from the file; --config
+                 optional, needed for non-standard widths of release files)
 MiT backbones (`config.model_init` of a SegFormer, or of a SegViT with backbone.type='mit'):
   model_init_format "segformer-official" (an ImageNet mit_bX.pth or a whole release file),
   "hf-segformer" (SegformerModel / ...ForImageClassification / ...ForSemanticSegmentation
@@ -40,7 +46,8 @@ import numpy as np
 from absl import logging
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax.convert import augreg, dinov2, hf, mapping, segformer, segvit_official, timm
+from segvit_jax.convert import augreg, dinov2, eomt, hf, mapping, segformer, segvit_official, \
+    timm
 from segvit_jax.convert.mapping import Converted
 from segvit_jax.models import vit
 
@@ -53,9 +60,9 @@ LOADERS: dict[str, Callable[..., Converted]] = {
 }
 FORMATS = tuple(LOADERS)
 # Whole-model layouts: read with `--from` (+ `--config`: required for CONFIG_REQUIRED, optional
-# for the SegFormer layouts, which record their model), written with `--to`.
-MODEL_FORMATS = (segvit_official.FORMAT, *segformer.FORMATS)
-EXPORT_FORMATS = (segvit_official.FORMAT, *segformer.FORMATS)
+# for the SegFormer and EoMT layouts, which record their model), written with `--to`.
+MODEL_FORMATS = (segvit_official.FORMAT, *segformer.FORMATS, *eomt.FORMATS)
+EXPORT_FORMATS = (segvit_official.FORMAT, *segformer.FORMATS, *eomt.FORMATS)
 # Formats whose import needs our config of the model (the file does not record it all).
 CONFIG_REQUIRED = (segvit_official.FORMAT,)
 # Backbone formats of MiT models (`init_params`); each also reads its whole-model files.
@@ -65,13 +72,16 @@ MIT_FORMATS = segformer.FORMATS
 def convert_model(src: str, out: str, fmt: str, config: Any = None, *,
                   trust_pickle: bool = False) -> str:
   """A whole-model checkpoint of format `fmt` (MODEL_FORMATS) -> a bundle at `out`; `config`
-  (a ConfigDict or 'configs/X.py[:ARG]') describes the model (optional for SegFormer)."""
+  (a ConfigDict or 'configs/X.py[:ARG]') describes the model (optional for SegFormer and
+  EoMT)."""
   if fmt not in MODEL_FORMATS:
     raise ValueError(f"unknown whole-model format {fmt!r}; known: {', '.join(MODEL_FORMATS)}")
   if not os.path.exists(src):
     raise FileNotFoundError(f"{src} does not exist (format {fmt!r})")
   if fmt in segformer.FORMATS:
     return segformer.convert(src, out, fmt, config, trust_pickle=trust_pickle)
+  if fmt in eomt.FORMATS:
+    return eomt.convert(src, out, fmt, config, trust_pickle=trust_pickle)
   if config is None:
     raise ValueError(f"--from {fmt} needs our config of the model (--config configs/X.py)")
   return segvit_official.convert(src, out, config, trust_pickle=trust_pickle)
@@ -81,6 +91,8 @@ def export(bundle_path: str, out: str, fmt: str) -> str:
   """A whole-model bundle -> a checkpoint of format `fmt` (EXPORT_FORMATS) at `out`."""
   if fmt in segformer.FORMATS:
     segformer.export(bundle_path, out, fmt)
+  elif fmt in eomt.FORMATS:
+    eomt.export(bundle_path, out, fmt)
   elif fmt == segvit_official.FORMAT:
     segvit_official.export(bundle_path, out)
   else:

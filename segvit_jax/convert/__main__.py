@@ -1,11 +1,13 @@
-r"""Converts a pretrained ViT checkpoint into a segvit_jax backbone bundle, and whole SegViT
-and SegFormer models between the authors' releases (and transformers) and our bundles.
+r"""Converts a pretrained ViT checkpoint into a segvit_jax backbone bundle, and whole SegViT,
+SegFormer and EoMT models between the authors' releases (and transformers) and our bundles.
 
   python -m segvit_jax.convert SRC OUT --from FORMAT [--image-size 640] [--patch-size 16]
   python -m segvit_jax.convert SRC.pth OUT --from segvit-official --config configs/X.py[:ARG]
   python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
   python -m segvit_jax.convert SRC OUT --from segformer-official|hf-segformer [--config X.py]
   python -m segvit_jax.convert BUNDLE OUT --to segformer-official|hf-segformer
+  python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py]
+  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt
 
 Examples (file names of the public releases; see the README, "Pretrained weights"):
   python -m segvit_jax.convert \
@@ -27,6 +29,13 @@ Examples (file names of the public releases; see the README, "Pretrained weights
   python -m segvit_jax.convert weights/segformer_b2_ade segformer_b2_hf/ --to hf-segformer
   # an ImageNet MiT encoder (mit_b2.pth, or an HF nvidia/mit-b2 directory) is a backbone:
   # config.model_init='mit_b2.pth', config.model_init_format='segformer-official'
+  # EoMT: a checkpoint of the release (Lightning .ckpt or its state dict; heads from the
+  # width, L2 from its attn_mask_probs; --config adds class names), a transformers
+  # save_pretrained directory, and back:
+  python -m segvit_jax.convert EOMT_L_ADE20K.ckpt weights/eomt_l_ade \
+      --from eomt-official --config configs/eomt_vit_l_ade20k.py
+  python -m segvit_jax.convert EOMT_L_ADE20K_HF_DIR/ weights/eomt_l_ade_hf --from hf-eomt
+  python -m segvit_jax.convert weights/eomt_l_ade eomt_l_ade_hf/ --to hf-eomt
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ def _floats(text: str) -> tuple[float, ...]:
 def _model_summary(m) -> str:
   if m.get("name") == "segformer":
     return convert.segformer.summary(m)
+  if m.get("name") == "eomt":
+    return convert.eomt.summary(m)
   bb, head = m["backbone"], m["head"]
   kind = head.get("type", "atm")
   text = (f"SegViT{'-Shrunk' if kind == 'shrunk' else ''} {bb.get('variant') or 'ViT'} "
@@ -68,14 +79,15 @@ def main(argv=None) -> int:
   parser.add_argument("--from", dest="fmt", default=None,
                       choices=convert.FORMATS + convert.MODEL_FORMATS,
                       help="layout of SRC (backbones, or whole models: segvit-official, "
-                           "segformer-official, hf-segformer)")
+                           "segformer-official, hf-segformer, eomt-official, hf-eomt)")
   parser.add_argument("--to", dest="to", default=None, choices=convert.EXPORT_FORMATS,
                       help="write the bundle SRC in this layout (instead of --from)")
   parser.add_argument("--config", default=None,
                       help="with --from segvit-official: our config of the checkpoint's model, "
                            "configs/X.py[:ARG] (tap layers, shrink_idx, heads, classes, mean/std); "
-                           "optional with segformer-official / hf-segformer (class names, "
-                           "mean/std; its model must agree with the file)")
+                           "optional with segformer-official / hf-segformer / eomt-official / "
+                           "hf-eomt (class names, mean/std, what the file does not record; its "
+                           "model must agree with the file)")
   parser.add_argument("--image-size", type=_size, default=None,
                       help="resample the stored position grid for this input size (H or HxW)")
   parser.add_argument("--patch-size", type=int, default=None,

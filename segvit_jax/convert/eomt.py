@@ -1,0 +1,678 @@
+"""Whole EoMT models (`models.eomt.EoMT`) in the layouts of the authors' release and of
+HuggingFace transformers, both ways (spec checkpoints.md, "EoMT official release" and
+"HuggingFace transformers layouts"; spec eomt.md):
+
+  python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py[:ARG]]
+  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt
+
+Formats (one `KeyRule` table each, shared by import and export, as `segformer.py`):
+  eomt-official  a checkpoint of the release (tue-mps/eomt, Lightning): the LightningModule's
+      state dict, bare or wrapped in `state_dict` beside `epoch`, `optimizer_states`, ...
+      (skipped). The network is under `network.`: timm's DINOv2 under
+      `network.encoder.backbone.` (q / k / v packed in `attn.qkv`; giant's SwiGLU packed as
+      `mlp.fc1` (2h, D) = [gate; value] and `mlp.fc2`; registers `reg_token`; timm's
+      `no_embed_class` position table `pos_embed` (1, N, D): the cls token has no position, our
+      cls slot is zero), `network.q.weight` (K, D), `network.class_head`,
+      `network.mask_head.{0,2,4}` (an nn.Sequential with GELUs between),
+      `network.upscale.{i}.{conv1, conv2, norm}`. Buffers, read apart: `network.attn_mask_probs`
+      (L2,) and `network.encoder.pixel_mean` / `pixel_std` (1, 3, 1, 1) on the 0-1 scale (the
+      release divides images by 255 first; the bundle's mean / std are 255 times them). The
+      loss's class weights `criterion.empty_weight` are dropped. A file holding the network's
+      own state dict (no `network.` prefix) is read too.
+  hf-eomt  a `save_pretrained` directory of transformers' EomtForUniversalSegmentation
+      (config.json + model.safetensors, sharded, or pytorch_model.bin): `embeddings.*`,
+      `layers.{i}.*`, `layernorm`, `query`, `class_predictor`, `mask_head.fc{1,2,3}`,
+      `upscale_block.block.{i}.*`, buffers `attn_mask_probs` and `criterion.empty_weight`
+      (dropped). SwiGLU (giant): transformers 5 saves `mlp.gate_proj / up_proj / down_proj`;
+      files of transformers 4.x have `mlp.weights_in` (packed [gate; value]) and
+      `mlp.weights_out` (the names spec checkpoints.md lists): both are read; export writes
+      transformers 5's.
+
+What the files do not record. The release's files record neither the attention heads (from
+the width, `mapping.HEADS_BY_WIDTH`) nor, except through the length of its `attn_mask_probs`
+buffer, L2 (`num_blocks`, the blocks that see the queries). `--config configs/X.py[:ARG]`
+(optional for both layouts) gives them, with class names and pixel statistics; its model must
+agree with the file (every field the file records, shapes strictly). Files this module wrote
+carry our model config in `meta.segvit_jax`, read (and checked) as a `--config` would be, so
+their re-import needs none. Classes: `--config`'s, HF's id2label, the export's meta, else
+class_0, class_1, ... Pixel statistics: the release's buffers, HF's preprocessor_config.json,
+else `--config`'s, else ImageNet's (a `--config` that disagrees with the file is warned about;
+the file wins). A file saved before masked attention was annealed away (a probability > 0 in
+`attn_mask_probs`) is warned about: the bundle runs unmasked, as EoMT's inference.
+
+Position embeddings. Both layouts store the position table of the training crop (timm resizes
+DINOv2's 37x37 table once, when the release loads the pretrained weights); the bundle keeps that
+grid (`posemb_grid`) and resizes at run time for other input sizes with the method of the
+source: timm's `resample_abs_pos_embed`, bicubic with antialias (`bicubic_antialias`), for the
+release; transformers' EoMT has a fixed grid and never resizes (its inputs must be the
+configured size), so an HF import records plain `bicubic`. Nothing is resampled on
+conversion: bundle -> export -> import is bitwise exact.
+
+Export. Both layouts give the cls token no position: a non-zero cls slot of our table (a model
+trained here) is folded into the cls token (the same function; zero slots stay bitwise). The
+buffers are written so the files load as they are: `attn_mask_probs` as zeros, the value of a
+fully annealed model (transformers masks attention in eval whenever a probability is > 0),
+`criterion.empty_weight` as ones with the no-object weight last, and
+(release) the pixel buffers from the bundle's mean / std. The release's timm blocks use
+LayerNorm eps 1e-6 (warned about when the bundle's differs); transformers reads the eps from
+config.json. hf-eomt also writes preprocessor_config.json (the bundle's mean / std, EoMT's
+semantic inference: shorter side to the crop size, square windows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import flax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from segvit_jax import bundle as bundle_lib
+from segvit_jax import config_utils
+from segvit_jax.convert import hf, mapping, segformer, segvit_official
+from segvit_jax.convert.mapping import IMAGENET_MEAN_STD, Flat, is_square, split3, \
+    split3_linear, split_swiglu
+# pylint: disable=protected-access  (the rule builders and readers of the sibling layouts)
+from segvit_jax.convert.segformer import _conv, _linear, _norm, join_kv
+from segvit_jax.convert.segvit_official import KeyRule, join3, join3_linear, to_official, \
+    to_ours
+from segvit_jax.models import build_model, vit
+from segvit_jax.models import eomt as eomt_model
+
+OFFICIAL = "eomt-official"
+HF = "hf-eomt"
+FORMATS = (OFFICIAL, HF)
+# Run-time position-embedding resize of each layout's implementation (module docstring).
+POSEMB_RESIZE = {OFFICIAL: "bicubic_antialias", HF: "bicubic"}
+# The release's timm DINOv2 (LayerNorm eps, LayerScale init); transformers reads config.json.
+RELEASE_NORM_EPS, RELEASE_LAYERSCALE = 1e-6, 1e-5
+# The no-object class weight of the loss buffer written on export (the release's and
+# transformers' default; spec eomt.md, "Loss").
+NO_OBJECT_WEIGHT = 0.1
+P = "params/"  # our side of the tables: flat variable paths, collection first
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms
+
+def _posemb_in(pos):
+  """The release's pos_embed (1, N, D) (timm `no_embed_class`) -> ours with a zero cls slot;
+  a table that already has a cls slot (1, 1 + g*g, D) stays."""
+  return np.concatenate([np.zeros_like(pos[:, :1]), pos], 1) if is_square(pos.shape[1]) else pos
+
+
+def _posemb_out(pos):
+  """Ours (1, 1 + N, D) -> (1, N, D); the cls slot is zero (`_fold_cls_slot`)."""
+  return pos[:, 1:]
+
+
+def _hf_posemb_in(pos):
+  """transformers' position_embeddings.weight (N, D) -> ours (1, 1 + N, D), zero cls slot."""
+  return np.concatenate([np.zeros_like(pos[:1]), pos])[None]
+
+
+def _hf_posemb_out(pos):
+  return pos[0, 1:]
+
+
+def conv_transpose(w):
+  """torch ConvTranspose2d (in, out, kh, kw) -> Flax ConvTranspose (kh, kw, in, out), both
+  spatial axes flipped (Flax does not flip its kernel; see models/eomt.py)."""
+  return np.ascontiguousarray(w.transpose(2, 3, 0, 1)[::-1, ::-1])
+
+
+def conv_transpose_to_torch(w):
+  """Inverse of `conv_transpose`."""
+  return np.ascontiguousarray(w[::-1, ::-1].transpose(2, 3, 0, 1))
+
+
+# A SwiGLU's [gate; value] packing is two Linear layers stacked on the output axis, as
+# SegFormer's key / value packing.
+join_swiglu = join_kv
+
+
+# ----------------------------------------------------------------------------------------------
+# The tables
+
+def _ffn(key: str, ours: str, kind: str) -> tuple[KeyRule, ...]:
+  """The FFN of one block: "mlp" (fc1, fc2), "timm_swiglu" (packed fc1 = [gate; value], fc2),
+  "hf_swiglu" (gate_proj, up_proj, down_proj), "hf_swiglu_packed" (weights_in, weights_out)."""
+  if kind == "mlp":
+    return (*_linear(key + "fc1", ours + "fc1"), *_linear(key + "fc2", ours + "fc2"))
+  if kind == "hf_swiglu":
+    return (*_linear(key + "gate_proj", ours + "w1"), *_linear(key + "up_proj", ours + "w2"),
+            *_linear(key + "down_proj", ours + "w3"))
+  packed, out = {"timm_swiglu": ("fc1", "fc2"), "hf_swiglu_packed": ("weights_in",
+                                                                     "weights_out")}[kind]
+  return (*(KeyRule(f"{key}{packed}.{part}", (f"{ours}w1/{o}", f"{ours}w2/{o}"), split_swiglu,
+                    join_swiglu) for part, o in (("weight", "kernel"), ("bias", "bias"))),
+          *_linear(key + out, ours + "w3"))
+
+
+def _scale_block(key: str, ours: str, norm: str) -> tuple[KeyRule, ...]:
+  """ScaleBlock: ConvTranspose 2x2 stride 2, depthwise 3x3 conv without bias, LayerNorm2d."""
+  return (KeyRule(key + "conv1.weight", ours + "conv1/kernel", conv_transpose,
+                  conv_transpose_to_torch),
+          KeyRule(key + "conv1.bias", ours + "conv1/bias"),
+          *_conv(key + "conv2", ours + "conv2", bias=False),  # (D, 1, 3, 3) <-> (3, 3, 1, D)
+          *_norm(key + norm, ours + "norm"))
+
+
+def official_rules(ffn: str) -> tuple[KeyRule, ...]:
+  """The release's network (`ffn`: "mlp" or "swiglu") <-> our EoMT."""
+  bb, o = "network.encoder.backbone.", P + "backbone/"
+  b, ob = bb + "blocks.{i}.", o + "encoderblock_{i}/"
+  qkv = tuple(f"{ob}attn/{n}/" for n in ("query", "key", "value"))
+  return (
+      KeyRule(bb + "cls_token", o + "cls"),
+      KeyRule(bb + "reg_token", o + "registers"),
+      KeyRule(bb + "pos_embed", o + "pos_embedding", _posemb_in, _posemb_out),
+      *_conv(bb + "patch_embed.proj", o + "embedding"),
+      *_norm(b + "norm1", ob + "norm1"),
+      KeyRule(b + "attn.qkv.weight", tuple(t + "kernel" for t in qkv), split3_linear,
+              join3_linear),
+      KeyRule(b + "attn.qkv.bias", tuple(t + "bias" for t in qkv), split3, join3),
+      *_linear(b + "attn.proj", ob + "attn/out"),
+      KeyRule(b + "ls1.gamma", ob + "ls1"),
+      *_norm(b + "norm2", ob + "norm2"),
+      *_ffn(b + "mlp.", ob + "mlp/", "timm_swiglu" if ffn == "swiglu" else "mlp"),
+      KeyRule(b + "ls2.gamma", ob + "ls2"),
+      *_norm(bb + "norm", o + "encoder_norm"),
+      KeyRule("network.q.weight", P + "queries"),
+      *_linear("network.class_head", P + "head/class_head"),
+      *(r for j, k in enumerate((0, 2, 4))  # Linear, GELU, Linear, GELU, Linear
+        for r in _linear(f"network.mask_head.{k}", f"{P}head/mask_head/fc{j + 1}")),
+      *_scale_block("network.upscale.{i}.", P + "head/upscale_{i}/", norm="norm"),
+  )
+
+
+def hf_rules(ffn: str, *, packed_swiglu: bool = False) -> tuple[KeyRule, ...]:
+  """transformers' EomtForUniversalSegmentation as saved <-> our EoMT; `packed_swiglu`: the
+  4.x names (import only: export writes one layout)."""
+  e, o = "embeddings.", P + "backbone/"
+  b, ob = "layers.{i}.", o + "encoderblock_{i}/"
+  if ffn == "swiglu":
+    kind = "hf_swiglu_packed" if packed_swiglu else "hf_swiglu"
+  else:
+    kind = "mlp"
+  return (
+      KeyRule(e + "cls_token", o + "cls"),
+      KeyRule(e + "register_tokens", o + "registers"),
+      KeyRule(e + "position_embeddings.weight", o + "pos_embedding", _hf_posemb_in,
+              _hf_posemb_out),
+      *_conv(e + "patch_embeddings.projection", o + "embedding"),
+      *_norm(b + "norm1", ob + "norm1"),
+      *(r for x, y in (("q", "query"), ("k", "key"), ("v", "value"), ("out", "out"))
+        for r in _linear(f"{b}attention.{x}_proj", f"{ob}attn/{y}")),
+      KeyRule(b + "layer_scale1.lambda1", ob + "ls1"),
+      *_norm(b + "norm2", ob + "norm2"),
+      *_ffn(b + "mlp.", ob + "mlp/", kind),
+      KeyRule(b + "layer_scale2.lambda1", ob + "ls2"),
+      *_norm("layernorm", o + "encoder_norm"),
+      KeyRule("query.weight", P + "queries"),
+      *_linear("class_predictor", P + "head/class_head"),
+      *(r for j in (1, 2, 3) for r in _linear(f"mask_head.fc{j}", f"{P}head/mask_head/fc{j}")),
+      *_scale_block("upscale_block.block.{i}.", P + "head/upscale_{i}/", norm="layernorm2d"),
+  )
+
+
+# Buffers read apart (`_buffers`) or dropped (regexes, full match).
+MASK_PROBS = {OFFICIAL: "network.attn_mask_probs", HF: "attn_mask_probs"}
+PIXEL_MEAN, PIXEL_STD = "network.encoder.pixel_mean", "network.encoder.pixel_std"
+EMPTY_WEIGHT = "criterion.empty_weight"
+DROPPED = {
+    OFFICIAL: (re.escape(MASK_PROBS[OFFICIAL]), r"network\.encoder\.pixel_(?:mean|std)",
+               r"criterion\..*"),
+    HF: (re.escape(MASK_PROBS[HF]), r"criterion\..*"),
+}
+_OFFICIAL_MARKER = "network.encoder.backbone.patch_embed.proj.weight"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+
+def _official_tensors(tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+  """The release's tensors with the `network.` prefix (added to a bare network state dict);
+  a checkpoint of another model fails naming some of its keys."""
+  if _OFFICIAL_MARKER not in tensors and "encoder.backbone.patch_embed.proj.weight" in tensors:
+    tensors = {"network." + k: v for k, v in tensors.items()}
+  if _OFFICIAL_MARKER in tensors:
+    return tensors
+  keys = list(tensors)
+  hints = [("backbone.layers.", "a SegViT checkpoint (--from segvit-official)"),
+           ("backbone.patch_embed1.", "a SegFormer checkpoint (--from segformer-official)"),
+           ("embeddings.patch_embeddings.", "a transformers directory's weights (--from hf-eomt "
+                                            "reads the directory)"),
+           ("blocks.0.", "a ViT backbone (timm / DINOv2: config.model_init)")]
+  hint = next((f" (it looks like {what})" for prefix, what in hints
+               if any(k.startswith(prefix) for k in keys)), "")
+  raise ValueError(f"{source} is not an EoMT checkpoint of the official release: no "
+                   f"{_OFFICIAL_MARKER}{hint}. It has {len(keys)} tensor(s), e.g. "
+                   f"{segvit_official._shown(keys, 8)}")
+
+
+def _official_ffn(tensors: Mapping[str, np.ndarray]) -> str:
+  """timm packs giant's SwiGLU in fc1 (2h, D) with fc2 (D, h); an MLP has fc1 (h, D)."""
+  b = "network.encoder.backbone.blocks.0.mlp."
+  fc1, fc2 = tensors.get(b + "fc1.weight"), tensors.get(b + "fc2.weight")
+  if fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]:
+    return "swiglu"
+  return "mlp"
+
+
+def _read_hf(path: str, trust_pickle: bool) -> tuple[dict, dict[str, np.ndarray]]:
+  config, tensors = hf.read_dir(path, trust_pickle=trust_pickle)
+  if config.get("model_type") != "eomt":
+    raise ValueError(f"{path}/config.json has model_type={config.get('model_type')!r}; "
+                     f"--from {HF} reads EoMT directories (model_type 'eomt')")
+  bad = {k: config[k] for k, want in (("hidden_act", "gelu"), ("num_channels", 3))
+         if config.get(k, want) != want}
+  for k in ("image_size", "patch_size"):
+    if not isinstance(config.get(k, 0), int):
+      bad[k] = config[k]
+  if bad:
+    raise ValueError(f"{path}/config.json: {bad}; our EoMT has exact GELU, RGB input and "
+                     "square images and patches")
+  patch = config.get("patch_size", 16)
+  ups = config.get("num_upscale_blocks", 2)
+  if ups != eomt_model.num_upscale_blocks(patch):
+    raise ValueError(f"{path}/config.json: num_upscale_blocks={ups}; our EoMT derives it from "
+                     f"the patch size ({eomt_model.num_upscale_blocks(patch)} at patch {patch}, "
+                     "as the release)")
+  return config, tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# The model a file holds
+
+@dataclasses.dataclass
+class EoMTCheckpoint:
+  """A whole EoMT read from a foreign file: params, our model config, pixel statistics
+  (0-255) and class names."""
+
+  params: dict
+  model: dict
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  class_names: tuple[str, ...]
+
+
+def resolved_backbone(bb: Mapping[str, Any]) -> dict[str, Any]:
+  """Every ViT field a backbone config means: class defaults < the variant < explicit
+  fields."""
+  fields = {f.name: f.default for f in dataclasses.fields(vit.ViT)
+            if f.default is not dataclasses.MISSING and f.name not in ("dtype", "name",
+                                                                       "parent")}
+  return {**fields, **eomt_model.backbone_fields(dict(bb))}
+
+
+def _inferred_model(flat: Flat, fmt: str, source: str, *, num_heads: int | None,
+                    num_blocks: int | None, hf_config: Mapping[str, Any] | None) -> dict:
+  """Our model config from the converted shapes and what the file records."""
+  prefix = P + "backbone/"
+  backbone_flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  width = backbone_flat["embedding/kernel"].shape[-1] if "embedding/kernel" in backbone_flat \
+      else None
+  if num_heads is None and width not in mapping.HEADS_BY_WIDTH:
+    raise ValueError(f"{source} does not record the attention heads and its width {width} is "
+                     f"not a standard DINOv2 width ({sorted(mapping.HEADS_BY_WIDTH)}): give "
+                     "--config configs/X.py[:ARG] describing the model")
+  pos = backbone_flat.get("pos_embedding")
+  if pos is not None and not is_square(pos.shape[1] - 1):
+    raise ValueError(f"{source}: the position table has {pos.shape[1] - 1} rows besides the cls "
+                     "slot, not a square grid g*g")
+  if num_blocks is None:
+    raise ValueError(f"{source} does not record num_blocks (L2, the blocks that see the "
+                     f"queries): no {MASK_PROBS[fmt]} buffer. Give --config configs/X.py[:ARG] "
+                     "describing the model")
+  fields: dict[str, Any] = dict(norm_eps=RELEASE_NORM_EPS, layerscale=RELEASE_LAYERSCALE,
+                                posemb_resize=POSEMB_RESIZE[fmt])
+  if hf_config is not None:
+    fields.update(norm_eps=float(hf_config.get("layer_norm_eps", 1e-6)),
+                  layerscale=float(hf_config.get("layerscale_value", 1.0)))
+    if hf_config.get("drop_path_rate"):
+      fields["drop_path"] = float(hf_config["drop_path_rate"])
+  backbone = mapping.infer_backbone(backbone_flat, num_heads=num_heads, source=source, **fields)
+  if backbone["variant"] is None:
+    del backbone["variant"]
+  classes, queries = flat.get(P + "head/class_head/kernel"), flat.get(P + "queries")
+  if classes is None or queries is None:
+    raise ValueError(f"{source}: no class head or queries: not a whole EoMT")
+  return {"name": "eomt", "num_classes": int(classes.shape[-1]) - 1,
+          "num_queries": int(queries.shape[0]), "num_blocks": int(num_blocks),
+          "backbone": backbone}
+
+
+def _check_config(model_cfg: Mapping[str, Any], inferred: Mapping[str, Any],
+                  recorded: Mapping[str, str], source: str,
+                  described_by: str = "the config") -> None:
+  """`--config`'s model (or the one a file we wrote records) against the file: the shapes, and
+  `recorded` (field -> where the file records it) of the fields shapes do not show;
+  differences named."""
+  if model_cfg.get("name") != "eomt":
+    raise ValueError(f"{described_by} describes a {model_cfg.get('name')!r} model; EoMT "
+                     "checkpoints are model.name='eomt' models")
+  want, got = resolved_backbone(model_cfg["backbone"]), inferred["backbone"]
+  bad = [f"backbone.{k}: config {want[k]}, file {got[k]}"
+         for k in ("width", "depth", "mlp_dim", "ffn", "patch_size", "num_registers")
+         if want[k] != got[k]]
+  if "num_heads" in recorded and want["num_heads"] != got["num_heads"]:
+    bad.append(f"backbone.num_heads: config {want['num_heads']}, file {got['num_heads']} "
+               f"({recorded['num_heads']})")
+  for k in ("num_classes", "num_queries", "num_blocks"):
+    if model_cfg[k] != inferred[k]:
+      where = f" ({recorded[k]})" if k in recorded else ""
+      bad.append(f"{k}: config {model_cfg[k]}, file {inferred[k]}{where}")
+  if bad:
+    raise ValueError(f"{source} does not hold the model {described_by} describes: "
+                     + "; ".join(bad))
+
+
+def _meta_model(meta: Mapping[str, Any]) -> dict:
+  """Our model config in the meta of a file this module wrote, else {}."""
+  ours = meta.get("segvit_jax") if isinstance(meta.get("segvit_jax"), dict) else {}
+  model = ours.get("model")
+  return model if isinstance(model, dict) and model.get("name") == "eomt" else {}
+
+
+def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = None, *,
+         trust_pickle: bool = False) -> EoMTCheckpoint:
+  """Reads a whole EoMT of layout `fmt` (FORMATS), checked strictly against the model it holds
+  (with `config`: the config's model, which must agree with the file)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist (format {fmt!r})")
+  hf_config, meta = None, {}
+  recorded: dict[str, str] = {}
+  if fmt == OFFICIAL:
+    tensors, meta = segformer._read_official(path, trust_pickle)
+    tensors = _official_tensors(tensors, path)
+    rules = official_rules(_official_ffn(tensors))
+    num_heads = None
+  elif fmt == HF:
+    hf_config, tensors = _read_hf(path, trust_pickle)
+    packed = any(".mlp.weights_in." in k for k in tensors)
+    rules = hf_rules("swiglu" if hf_config.get("use_swiglu_ffn") else "mlp",
+                     packed_swiglu=packed)
+    num_heads = hf_config.get("num_attention_heads")
+    recorded["num_heads"] = f"{path}/config.json num_attention_heads"
+  else:
+    raise ValueError(f"unknown EoMT format {fmt!r}; known: {', '.join(FORMATS)}")
+  flat = to_ours(tensors, rules, source=path, layout=fmt, dropped=DROPPED[fmt])
+
+  num_blocks = None
+  probs = tensors.get(MASK_PROBS[fmt])
+  if hf_config is not None and "num_blocks" in hf_config:
+    num_blocks = int(hf_config["num_blocks"])
+    recorded["num_blocks"] = f"{path}/config.json num_blocks"
+  elif probs is not None:
+    num_blocks = int(np.asarray(probs).size)
+    recorded["num_blocks"] = f"{MASK_PROBS[fmt]} has {num_blocks} entries"
+  if probs is not None and np.any(np.asarray(probs) > 0):
+    logging.warning("%s: %s = %s: saved before masked attention was annealed away, so its "
+                    "source still masks some queries at inference; the bundle runs unmasked "
+                    "(EoMT's inference)", path, MASK_PROBS[fmt], np.asarray(probs).tolist())
+
+  model_cfg, described_by = None, "the config"
+  if config is not None:
+    config = config_utils.load_config(config) if isinstance(config, str) else config
+    model_cfg = config.model.to_dict()
+  elif _meta_model(meta):  # a file this module wrote: our model config, checked as a config
+    model_cfg, described_by = _meta_model(meta), "the model config the file records"
+  if model_cfg is not None:
+    want = resolved_backbone(model_cfg["backbone"])
+    inferred = _inferred_model(flat, fmt, path, num_heads=num_heads or want["num_heads"],
+                               num_blocks=num_blocks or model_cfg["num_blocks"],
+                               hf_config=hf_config)
+    _check_config(model_cfg, inferred, recorded, path, described_by)
+    bb, got = model_cfg["backbone"], inferred["backbone"]
+    for k in ("norm_eps", "posemb_resize"):
+      if k in bb and bb[k] != got[k]:
+        logging.warning("%s: %s says backbone.%s=%r; the bundle records %r, as the %s weights "
+                        "are run", path, described_by, k, bb[k], got[k], fmt)
+    # The file's grid (nothing is resampled) and the source's runtime.
+    bb.update(posemb_grid=got["posemb_grid"], norm_eps=got["norm_eps"],
+              posemb_resize=got["posemb_resize"])
+  else:
+    model_cfg = _inferred_model(flat, fmt, path, num_heads=num_heads, num_blocks=num_blocks,
+                                hf_config=hf_config)
+  # Strictly against the model (shapes from an input of twice the patch size, so any patch
+  # size works); a missing, unexpected or mis-shaped tensor fails naming the keys.
+  abstract = bundle_lib._abstract_params(build_model(model_cfg), model_cfg)
+  params = bundle_lib.merge_params(abstract, flax.traverse_util.unflatten_dict(
+      {k[len(P):]: v for k, v in flat.items()}, sep="/"), source=path)
+  mean, std = _mean_std(path, fmt, tensors, config, meta)
+  return EoMTCheckpoint(params, model_cfg, mean, std,
+                        _class_names(config, hf_config, meta, model_cfg["num_classes"]))
+
+
+def _mean_std(path: str, fmt: str, tensors: Mapping[str, np.ndarray], config,
+              meta: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Pixel statistics (0-255): the file's (the release's buffers on the 0-1 scale, HF's
+  preprocessor_config.json), else the config's, else ImageNet's."""
+  recorded = None
+  if fmt == OFFICIAL and PIXEL_MEAN in tensors and PIXEL_STD in tensors:
+    recorded = tuple(tuple(round(float(v) * 255, 4) for v in np.ravel(tensors[k]))
+                     for k in (PIXEL_MEAN, PIXEL_STD))
+  elif fmt == HF:
+    recorded = hf._mean_std(path, None)
+  if recorded is None:
+    ours = meta.get("segvit_jax") if isinstance(meta.get("segvit_jax"), dict) else {}
+    if config is not None:
+      return tuple(config.mean), tuple(config.std)
+    if ours.get("mean") and ours.get("std"):
+      return tuple(ours["mean"]), tuple(ours["std"])
+    return IMAGENET_MEAN_STD
+  mean, std = (tuple(float(v) for v in x) for x in recorded)
+  if config is not None and not (np.allclose(config.mean, mean, atol=1e-3)
+                                 and np.allclose(config.std, std, atol=1e-3)):
+    logging.warning("%s was trained with pixel mean %s, std %s (0-255); the config says %s, %s: "
+                    "the bundle records the file's", path, mean, std, tuple(config.mean),
+                    tuple(config.std))
+  return mean, std
+
+
+def _class_names(config, hf_config, meta: Mapping[str, Any], k: int) -> tuple[str, ...]:
+  names = None
+  if config is not None:
+    names = segvit_official.class_names(config)
+  elif hf_config is not None:
+    names = segformer._hf_class_names(hf_config, k)
+  elif meta.get("CLASSES") is not None and len(meta["CLASSES"]) == k:
+    names = tuple(str(n) for n in meta["CLASSES"])
+  return names or tuple(f"class_{i}" for i in range(k))
+
+
+def convert(src: str, out: str, fmt: str, config: ml_collections.ConfigDict | str | None = None,
+            *, trust_pickle: bool = False) -> str:
+  """A whole EoMT file of layout `fmt` -> a bundle at `out`."""
+  ckpt = load(src, fmt, config, trust_pickle=trust_pickle)
+  extra = {"options": {"config": config}} if isinstance(config, str) else {}
+  return bundle_lib.save_bundle(
+      out, ckpt.params, ckpt.model, mean=ckpt.mean, std=ckpt.std, class_names=ckpt.class_names,
+      source=os.path.abspath(src), source_format=fmt, **extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+def _hf_mlp_ratio(bb: Mapping[str, Any]) -> int | None:
+  """transformers' integer mlp_ratio giving the bundle's FFN width (SwiGLU: DINOv2's 2/3 rule
+  of it), or None."""
+  d = bb["width"]
+  for ratio in range(1, 17):
+    hidden = d * ratio
+    if (vit.swiglu_hidden(hidden) if bb["ffn"] == "swiglu" else hidden) == bb["mlp_dim"]:
+      return ratio
+  return None
+
+
+def _check_exportable(model_cfg: Mapping[str, Any], fmt: str, source: str) -> dict[str, Any]:
+  """The resolved backbone; what the layout cannot express fails, named."""
+  bb = resolved_backbone(model_cfg["backbone"])
+  need = dict(cls_token=True, cls_in_blocks=True, final_norm=True, shrink_idx=None)
+  bad = [f"backbone.{k}={bb[k]!r} (the layout: {v!r})" for k, v in need.items() if bb[k] != v]
+  if bb["layerscale"] is None:
+    bad.append("backbone.layerscale=None (the layout's blocks have LayerScale)")
+  if bb["posemb_grid"][0] != bb["posemb_grid"][1]:
+    bad.append(f"backbone.posemb_grid={tuple(bb['posemb_grid'])} (the layout stores a square "
+               "grid)")
+  if fmt == HF and _hf_mlp_ratio(bb) is None:
+    bad.append(f"backbone.mlp_dim={bb['mlp_dim']} ({bb['ffn']}): not an integer mlp_ratio of "
+               f"width {bb['width']}, as transformers' config needs")
+  if bad:
+    raise ValueError(f"{source}: the {fmt} layout cannot express this model: " + "; ".join(bad))
+  if fmt == OFFICIAL and bb["norm_eps"] != RELEASE_NORM_EPS:
+    logging.warning("%s runs its LayerNorms with eps %s; the release's timm ViT uses %s: "
+                    "written unchanged", source, bb["norm_eps"], RELEASE_NORM_EPS)
+  return bb
+
+
+def _fold_cls_slot(flat: Flat, source: str) -> Flat:
+  """Our cls slot of the position table added to the cls token (both layouts give the cls
+  token no position); zero slots leave both bitwise unchanged."""
+  pos_key, cls_key = P + "backbone/pos_embedding", P + "backbone/cls"
+  pos = flat[pos_key]
+  if not np.any(pos[:, :1]):
+    return flat
+  logging.info("%s: folding the cls position into the cls token (the layouts have no cls "
+               "position)", source)
+  flat = dict(flat)
+  flat[cls_key] = flat[cls_key] + pos[:, :1]
+  flat[pos_key] = np.concatenate([np.zeros_like(pos[:, :1]), pos[:, 1:]], 1)
+  return flat
+
+
+def _export_state(bundle_path: str, fmt: str, out: str) -> tuple[dict, dict, dict]:
+  """(bundle config, resolved backbone, the layout's state dict as numpy, buffers included)."""
+  meta = bundle_lib.read_config(bundle_path)
+  name = meta.get("model", {}).get("name", "segvit")
+  if name != "eomt":
+    raise ValueError(f"{bundle_path} is a {name!r} bundle; --to {fmt} writes whole EoMT models "
+                     "(a bundle of model.name='eomt')")
+  model_cfg = meta["model"]
+  bb = _check_exportable(model_cfg, fmt, bundle_path)
+  loaded = bundle_lib.load_bundle(bundle_path)  # strict check against its model
+  flat = {P + k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(loaded.variables["params"]), sep="/").items()}
+  flat = _fold_cls_slot(flat, bundle_path)
+  rules = official_rules(bb["ffn"]) if fmt == OFFICIAL else hf_rules(bb["ffn"])
+  state = to_official(flat, rules, source=bundle_path, layout=fmt)
+  # The table is one-to-one: mapping the result back must give the same keys and shapes.
+  back = to_ours(state, rules, source=out, layout=fmt, dropped=DROPPED[fmt])
+  if {k: v.shape for k, v in back.items()} != {k: v.shape for k, v in flat.items()}:
+    raise AssertionError(f"{fmt} table is not invertible for {bundle_path}")
+  k = model_cfg["num_classes"]
+  # Fully annealed (module docstring); the loss's class weights, no-object last.
+  state[MASK_PROBS[fmt]] = np.zeros(model_cfg["num_blocks"], np.float32)
+  state[EMPTY_WEIGHT] = np.concatenate([np.ones(k, np.float32),
+                                        np.full(1, NO_OBJECT_WEIGHT, np.float32)])
+  return meta, bb, state
+
+
+def _labels(meta: Mapping[str, Any]) -> list[str]:
+  k = meta["model"]["num_classes"]
+  names = list(meta.get("class_names") or [])
+  return names if len(names) == k else [f"class_{i}" for i in range(k)]
+
+
+def _pixel_stats(meta: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+  return (list(meta.get("mean") or IMAGENET_MEAN_STD[0]),
+          list(meta.get("std") or IMAGENET_MEAN_STD[1]))
+
+
+def export_official(bundle_path: str, out: str) -> dict[str, np.ndarray]:
+  """An EoMT bundle -> a release checkpoint at `out`: torch.save of {"state_dict": float32
+  tensors (the LightningModule's names, buffers included), "meta": {CLASSES, segvit_jax: model
+  config, pixel statistics, source}}, readable with torch.load(weights_only=True). Returns the
+  state dict as numpy arrays."""
+  meta, _, state = _export_state(bundle_path, OFFICIAL, out)
+  mean, std = _pixel_stats(meta)
+  for key, values in ((PIXEL_MEAN, mean), (PIXEL_STD, std)):
+    state[key] = (np.asarray(values, np.float64) / 255).astype(np.float32).reshape(1, -1, 1, 1)
+  state = {k: state[k] for k in sorted(state, key=segvit_official._natural)}
+  torch = mapping._torch()
+  info = {"model": meta["model"], "mean": mean, "std": std,
+          "source": os.path.abspath(bundle_path)}
+  obj = {"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
+         # Plain containers only, so that weights_only loading accepts the file.
+         "meta": {"CLASSES": tuple(_labels(meta)),
+                  "segvit_jax": json.loads(json.dumps(info, default=list))}}
+  out = os.path.abspath(out)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  torch.save(obj, out + ".tmp")
+  os.replace(out + ".tmp", out)
+  return state
+
+
+def hf_config(meta: Mapping[str, Any], bb: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """config.json of EomtForUniversalSegmentation for an EoMT bundle's config."""
+  model = meta["model"]
+  bb = bb or resolved_backbone(model["backbone"])
+  names = _labels(meta)
+  patch = int(bb["patch_size"])
+  return {
+      "architectures": ["EomtForUniversalSegmentation"], "model_type": "eomt",
+      "hidden_size": int(bb["width"]), "num_hidden_layers": int(bb["depth"]),
+      "num_attention_heads": int(bb["num_heads"]), "mlp_ratio": _hf_mlp_ratio(bb),
+      "use_swiglu_ffn": bb["ffn"] == "swiglu", "hidden_act": "gelu",
+      "hidden_dropout_prob": 0.0, "attention_dropout": 0.0,
+      "drop_path_rate": float(bb.get("drop_path") or 0.0), "initializer_range": 0.02,
+      "layer_norm_eps": float(bb["norm_eps"]), "layerscale_value": float(bb["layerscale"]),
+      "image_size": int(bb["posemb_grid"][0]) * patch, "patch_size": patch, "num_channels": 3,
+      "num_register_tokens": int(bb["num_registers"]),
+      "num_upscale_blocks": eomt_model.num_upscale_blocks(patch),
+      "num_blocks": int(model["num_blocks"]), "num_queries": int(model["num_queries"]),
+      "no_object_weight": NO_OBJECT_WEIGHT,
+      "id2label": {str(i): n for i, n in enumerate(names)},
+      "label2id": {n: i for i, n in enumerate(names)},
+  }
+
+
+def export_hf(bundle_path: str, out: str) -> dict[str, np.ndarray]:
+  """An EoMT bundle -> a directory EomtForUniversalSegmentation.from_pretrained loads:
+  config.json, model.safetensors (float32) and preprocessor_config.json (the bundle's mean /
+  std; EoMT's semantic inference). Returns the state dict."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  meta, bb, state = _export_state(bundle_path, HF, out)
+  out = os.path.abspath(out)
+  os.makedirs(out, exist_ok=True)
+  config = hf_config(meta, bb)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  mean, std = _pixel_stats(meta)
+  with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+    json.dump({"image_processor_type": "EomtImageProcessor", "do_resize": True,
+               "size": {"shortest_edge": config["image_size"], "longest_edge": None},
+               "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+               "do_normalize": True, "image_mean": [m / 255 for m in mean],
+               "image_std": [s / 255 for s in std], "do_split_image": True, "do_pad": False},
+              f, indent=2)
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
+            os.path.join(out, "model.safetensors.tmp"), metadata={"format": "pt"})
+  os.replace(os.path.join(out, "model.safetensors.tmp"), os.path.join(out, "model.safetensors"))
+  return state
+
+
+def export(bundle_path: str, out: str, fmt: str) -> dict[str, np.ndarray]:
+  if fmt == OFFICIAL:
+    return export_official(bundle_path, out)
+  if fmt == HF:
+    return export_hf(bundle_path, out)
+  raise ValueError(f"unknown EoMT format {fmt!r}; known: {', '.join(FORMATS)}")
+
+
+def summary(model: Mapping[str, Any]) -> str:
+  """One line for the CLI: 'EoMT dinov2-L/16-reg4 width 1024 depth 24 ... classes 150'."""
+  bb = resolved_backbone(model["backbone"])
+  name = model["backbone"].get("variant") or "ViT"
+  return (f"EoMT {name} width {bb['width']} depth {bb['depth']} heads {bb['num_heads']} "
+          f"patch {bb['patch_size']} grid {tuple(bb['posemb_grid'])} "
+          f"registers {bb['num_registers']} queries {model['num_queries']} "
+          f"num_blocks {model['num_blocks']} classes {model['num_classes']} "
+          f"posemb_resize {bb['posemb_resize']}")
