@@ -123,6 +123,8 @@ def loss_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
     extra = {}
     if loss.needs_rng:  # point sampling: a stream of its own, apart from dropout's
       extra["rng"] = jax.random.fold_in(rng, LOSS_RNG_STREAM)
+    for key in loss.batch_keys:  # targets beyond the label map (panoptic segment classes)
+      extra[key] = batch[key]
     total, terms = loss.fn(out, batch["label"], num_classes=config.model.num_classes,
                            ignore_index=config.dataset.ignore_index, **options, **extra)
     return total, (terms, dict(new_state))
@@ -211,12 +213,10 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
-  """The global training batch as ShapeDtypeStructs (see `pipeline.make_train_dataset`)."""
-  h, w = config.augment.crop_size
+  """The global training batch as ShapeDtypeStructs (`pipeline.train_batch_spec`)."""
   sh = sharding.batch_sharding(mesh)
-  b = config.batch_size
-  return {"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=sh),
-          "label": jax.ShapeDtypeStruct((b, h, w), jnp.int32, sharding=sh)}
+  return {k: jax.ShapeDtypeStruct((config.batch_size, *shape), dtype, sharding=sh)
+          for k, (shape, dtype) in pipeline.train_batch_spec(config).items()}
 
 
 def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from typing import Any
 
 import grain
 import numpy as np
@@ -211,6 +212,13 @@ def per_process_batch_size(batch_size: int, process_count: int) -> int:
     raise ValueError(f"config.batch_size {batch_size} is not divisible by the number of JAX "
                      f"processes {process_count}")
   return batch_size // process_count
+
+
+def train_batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """The per-example layout of a training batch: key -> (shape without the batch axis,
+  dtype), what `make_train_dataset` yields (batched) and the trainer compiles for."""
+  h, w = config.augment.crop_size
+  return {"image": ((h, w, 3), np.float32), "label": ((h, w), np.int32)}
 
 
 def make_train_dataset(config, process_index: int | None = None,

@@ -22,7 +22,7 @@ from segvit_jax.losses.pixel_ce import pixel_ce_loss
 @dataclasses.dataclass(frozen=True)
 class Loss:
   """`fn(outputs, labels, num_classes=, ignore_index=, **options) -> (loss, terms)` (and
-  `rng=` when `needs_rng`); `normalisers(labels, num_classes, ignore_index, options) ->
+  `rng=` when `needs_rng`, and the batch's `batch_keys` entries by name); `normalisers(labels, num_classes, ignore_index, options) ->
   {name: denominator}` of the batch (they add up over micro-batches); `terms`: term name
   (auxiliary suffix `_i` stripped) -> (its denominator's name, the floor the loss applies to
   it)."""
@@ -31,6 +31,7 @@ class Loss:
   normalisers: Callable[..., Mapping[str, Any]]
   terms: Mapping[str, tuple[str, float]]
   needs_rng: bool = False
+  batch_keys: tuple[str, ...] = ()  # batch entries besides "label" passed to fn by name
 
   def term_normaliser(self, name: str) -> tuple[str, float]:
     base = re.sub(r"_\d+$", "", name)
