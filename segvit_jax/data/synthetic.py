@@ -166,12 +166,21 @@ _CLASSES = (None, (_disc, _stripes), (_square, _checkerboard), (_triangle, _dots
 
 def generate(seed: int, split: str, index: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
   """One example: image uint8 (S, S, 3) and label uint8 (S, S) with class ids 0..5."""
+  image, label, _ = generate_scene(seed, split, index, image_size)
+  return image, label
+
+
+def generate_scene(seed: int, split: str, index: int, image_size: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`generate`'s example and its instances: int32 (S, S), 0 for the background, k for the
+  k-th object drawn (1-based; later objects cover earlier ones, an object may vanish)."""
   rng = _rng(seed, split, index)
   size = image_size
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
   image = _background(rng, size)
   label = np.zeros((size, size), np.uint8)
-  for _ in range(int(rng.integers(1, _MAX_OBJECTS + 1))):
+  instances = np.zeros((size, size), np.int32)
+  for k in range(1, int(rng.integers(1, _MAX_OBJECTS + 1)) + 1):
     cls = int(rng.integers(1, len(_CLASSES)))
     shape_fn, texture_fn = _CLASSES[cls]
     r = 0.5 * size * rng.uniform(*_SIZE_RANGE)
@@ -183,8 +192,9 @@ def generate(seed: int, split: str, index: int, image_size: int) -> tuple[np.nda
     c0, c1 = object_colours(rng)
     image = np.where(mask[..., None], c0 * (1 - texture) + c1 * texture, image)
     label[mask] = cls
+    instances[mask] = k
   image = image + rng.normal(0.0, _PIXEL_NOISE, image.shape).astype(np.float32)
-  return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
+  return np.clip(np.rint(image), 0, 255).astype(np.uint8), label, instances
 
 
 class SyntheticSegmentation:

@@ -1,0 +1,77 @@
+"""Miniature datasets in real on-disk layouts, made from the built-in synthetic scenes, for
+tests that need a dataset the code reads from files.
+
+`write_coco_panoptic(root, ...)`: root/{train2017,val2017}/*.jpg,
+root/annotations/panoptic_{train,val}2017.json and .../panoptic_{split}/*.png (segment id =
+R + 256 G + 256^2 B, 0 = void), as COCO's panoptic release. Categories: the five synthetic
+shapes are "thing" classes (COCO ids 1..5), the background a "stuff" class (COCO id 200);
+every shape is its own segment, the background one segment; optionally the last object of
+some images is marked crowd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from segvit_jax.data import synthetic
+
+THING_IDS = (1, 2, 3, 4, 5)  # COCO category ids of the synthetic shape classes 1..5
+STUFF_ID = 200
+
+
+def _id_to_rgb(ids: np.ndarray) -> np.ndarray:
+  ids = np.asarray(ids, np.int64)
+  return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+
+
+def coco_categories() -> list[dict]:
+  names = synthetic.CLASS_NAMES
+  return ([{"id": cid, "name": names[i + 1], "isthing": 1, "supercategory": "shape"}
+           for i, cid in enumerate(THING_IDS)]
+          + [{"id": STUFF_ID, "name": names[0], "isthing": 0, "supercategory": "stuff"}])
+
+
+def write_coco_panoptic(root: str, num_train: int = 8, num_val: int = 4, size: int = 64,
+                        seed: int = 0, crowd_every: int = 0) -> str:
+  """Writes the miniature COCO panoptic copy under `root` and returns it. With
+  `crowd_every` = n > 0, the last object of every n-th image is marked `iscrowd`."""
+  os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+  image_id = 1
+  for split, count in (("train2017", num_train), ("val2017", num_val)):
+    img_dir = os.path.join(root, split)
+    png_dir = os.path.join(root, "annotations", f"panoptic_{split}")
+    os.makedirs(img_dir, exist_ok=True)
+    os.makedirs(png_dir, exist_ok=True)
+    images, annotations = [], []
+    for i in range(count):
+      image, label, instances = synthetic.generate_scene(seed, split, i, size)
+      stem = f"{image_id:012d}"
+      ids = np.zeros(label.shape, np.int64)
+      segments = []
+      ids[instances == 0] = 1
+      segments.append({"id": 1, "category_id": STUFF_ID, "iscrowd": 0,
+                       "area": int(np.sum(instances == 0))})
+      present = [k for k in np.unique(instances) if k > 0]
+      for n, k in enumerate(present):
+        seg_id = 2 + int(k)
+        mask = instances == k
+        ids[mask] = seg_id
+        cls = int(label[mask][0])
+        crowd = int(crowd_every > 0 and i % crowd_every == 0 and n == len(present) - 1)
+        segments.append({"id": seg_id, "category_id": THING_IDS[cls - 1], "iscrowd": crowd,
+                         "area": int(mask.sum())})
+      Image.fromarray(image).save(os.path.join(img_dir, stem + ".jpg"), quality=95)
+      Image.fromarray(_id_to_rgb(ids)).save(os.path.join(png_dir, stem + ".png"))
+      images.append({"id": image_id, "file_name": stem + ".jpg", "height": size,
+                     "width": size})
+      annotations.append({"image_id": image_id, "file_name": stem + ".png",
+                          "segments_info": segments})
+      image_id += 1
+    with open(os.path.join(root, "annotations", f"panoptic_{split}.json"), "w") as f:
+      json.dump({"images": images, "annotations": annotations,
+                 "categories": coco_categories()}, f)
+  return str(root)
