@@ -1,0 +1,215 @@
+"""Inference latency (batch 1) and throughput, ours against the PyTorch implementation of the
+same model with the same weights, side by side in one run.
+
+  python benchmarks/models.py [--models segvit_b16,segformer_b0,...] [--full] [--repeats 5]
+      [--batch 4] [--dtype float32|bfloat16]
+
+Models and their PyTorch counterparts (weights moved by our exporters, so both sides compute
+the same function; the first call checks the outputs agree):
+  segvit_b16, segvit_l16   SegViT (ATM head): the torch reference of the tests
+                           (tests/torch_reference.py SegViT) loaded from `--to segvit-official`
+  shrunk_l16               SegViT-Shrunk: tests/torch_reference.py SegViTShrunk, same exporter
+  segformer_b0, b5         transformers SegformerForSemanticSegmentation from `--to hf-segformer`
+  eomt_s, eomt_l           transformers EomtForUniversalSegmentation from `--to hf-eomt`
+                           (COCO panoptic set-up: 200 queries, 133 classes)
+Sizes: the papers' (`--full`: 512 / 640, EoMT 640) or half of them (default, for a CPU). Ours is
+one jitted function per shape; its first call (tracing + compilation) is reported apart.
+Times are medians over `--repeats` runs, ours and torch alternating so that load on the machine
+hits both alike. The outputs compared and timed are what each implementation returns from its
+forward pass: SegViT semantic scores at the input size, SegFormer logits at 1/4, EoMT class
+and mask logits at 1/4 (ours computes nothing else: the rest of our output dict is dead code
+under jit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+
+from configs import common  # noqa: E402
+from segvit_jax import bundle, config_utils, convert  # noqa: E402
+from segvit_jax.models import build_model  # noqa: E402
+from tests import torch_reference as ref  # noqa: E402
+
+# name: (config, full size, what is compared)
+MODELS = {
+    "segvit_b16": ("configs/segvit_vit_b16_ade20k.py", 512, "segvit"),
+    "segvit_l16": ("configs/segvit_vit_l16_ade20k.py", 640, "segvit"),
+    "shrunk_l16": ("configs/segvit_shrunk_vit_l16_ade20k.py", 640, "segvit"),
+    "segformer_b0": ("configs/segformer_b0_ade20k.py", 512, "segformer"),
+    "segformer_b5": ("configs/segformer_b5_ade20k.py", 640, "segformer"),
+    "eomt_s": ("S", 640, "eomt"),
+    "eomt_l": ("L", 640, "eomt"),
+}
+
+
+def model_config(name: str, size: int):
+  """The model config of a benchmark entry at input `size` (stored grids resized to it)."""
+  spec, _, kind = MODELS[name]
+  if kind == "eomt":
+    c = common.eomt_config(spec, "ade20k", num_queries=200)
+    c.model.num_classes = 133
+  else:
+    c = config_utils.load_config(spec)
+  m = c.model
+  m.dtype = "float32"
+  if kind == "segvit":
+    m.backbone.posemb_grid = (size // 16, size // 16)
+    if m.head.get("type") == "shrunk":
+      m.head.query_grid = (size // 16, size // 16)
+  if kind == "eomt":
+    m.backbone.posemb_grid = (size // 16, size // 16)
+    m.backbone.posemb_resize = "bicubic"  # transformers' (its grid is fixed)
+  return c
+
+
+def export(c, variables, tmp: str, kind: str) -> str:
+  """Our weights in the PyTorch implementation's layout, via our exporters."""
+  path = bundle.save_bundle(os.path.join(tmp, "bundle"), variables["params"], c.model,
+                            mean=c.mean, std=c.std,
+                            class_names=[f"c{i}" for i in range(c.model.num_classes)],
+                            model_state={k: v for k, v in variables.items() if k != "params"})
+  fmt = {"segvit": "segvit-official", "segformer": "hf-segformer", "eomt": "hf-eomt"}[kind]
+  out = os.path.join(tmp, "torch.pth" if kind == "segvit" else "torch_dir")
+  convert.export(path, out, fmt)
+  return out
+
+
+def torch_model(c, path: str, kind: str) -> Callable[[torch.Tensor], Any]:
+  """(forward on NCHW float32 images -> the compared outputs) of the PyTorch counterpart."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  if kind == "segformer":
+    model = transformers.SegformerForSemanticSegmentation.from_pretrained(path).eval()
+    return lambda x: model(pixel_values=x).logits
+  if kind == "eomt":
+    model = transformers.EomtForUniversalSegmentation.from_pretrained(path).eval()
+
+    def run(x):
+      out = model(pixel_values=x)
+      return out.class_queries_logits, out.masks_queries_logits
+    return run
+  m = c.model
+  from segvit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  sizes = vit.decode_variant(m.backbone.variant)
+  backbone = dict(width=sizes["width"], depth=sizes["depth"], mlp_dim=sizes["mlp_dim"],
+                  num_heads=sizes["num_heads"], patch_size=sizes["patch_size"],
+                  posemb_grid=tuple(m.backbone.posemb_grid))
+  head = {k: v for k, v in m.head.to_dict().items() if k not in ("dropout",)}
+  state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+  if head.pop("type", "atm") == "shrunk":
+    model = ref.SegViTShrunk(m.num_classes, dict(backbone, shrink_idx=m.backbone.shrink_idx),
+                             head).eval()
+    model.load_state_dict(state, strict=False)
+  else:
+    model = ref.SegViT(m.num_classes, dict(backbone, cls_token=True, cls_in_blocks=False,
+                                           final_norm=False), head).eval()
+    ref.load_official_state_dict(model, state)
+  return lambda x: model(x)["semantic_scores"]
+
+
+def our_model(c, variables, kind: str, dtype) -> Callable[[jax.Array], Any]:
+  m = c.model.to_dict()
+  m["dtype"] = dtype
+  model = build_model(m)
+
+  def run(v, x):
+    out = model.apply(v, x)
+    if kind == "segvit":
+      return out["semantic_scores"]
+    if kind == "segformer":
+      return out["logits"]
+    return out["class_logits"], out["mask_logits"]
+
+  fn = jax.jit(run)
+  return lambda x: jax.block_until_ready(fn(variables, x))
+
+
+def timed(fn: Callable[[], Any]) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def compare(ours, theirs) -> float:
+  """Max abs difference of the outputs (tuples compared element-wise)."""
+  ours = ours if isinstance(ours, tuple) else (ours,)
+  theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+  return max(float(np.max(np.abs(np.asarray(a, np.float32) - t.detach().numpy())))
+             for a, t in zip(ours, theirs))
+
+
+def bench(name: str, size: int, batch: int, repeats: int, dtype: str) -> dict:
+  c = model_config(name, size)
+  kind = MODELS[name][2]
+  model = build_model(c.model)
+  x0 = jnp.zeros((1, size, size, 3), jnp.float32)
+  variables = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), x0)))()
+  with tempfile.TemporaryDirectory() as tmp:
+    path = export(c, variables, tmp, kind)
+    theirs = torch_model(c, path, kind)
+  ours = our_model(c, variables, kind, dtype)
+  rng = np.random.default_rng(0)
+  row = {"model": name, "size": size}
+  for b, key in ((1, "latency"), (batch, "throughput")):
+    x = rng.standard_normal((b, size, size, 3)).astype(np.float32)
+    xj, xt = jnp.asarray(x), torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    first = timed(lambda: ours(xj))  # trace + compile + run
+    with torch.inference_mode():
+      theirs(xt)  # warm-up
+      if b == 1:
+        row["max_diff"] = compare(ours(xj), theirs(xt))
+      t_ours, t_torch = [], []
+      for _ in range(repeats):
+        t_ours.append(timed(lambda: ours(xj)))
+        t_torch.append(timed(lambda: theirs(xt)))
+    row[f"{key}_ours"] = statistics.median(t_ours)
+    row[f"{key}_torch"] = statistics.median(t_torch)
+    if b == 1:
+      row["compile_s"] = first - row["latency_ours"]
+  row["batch"] = batch
+  return row
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--full", action="store_true", help="the papers' sizes")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--batch", type=int, default=4, help="batch of the throughput rows")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  args = parser.parse_args()
+  torch.set_grad_enabled(False)
+  print(f"{jax.devices()[0].device_kind} x {jax.local_device_count()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__};"
+        f" ours in {args.dtype}, torch float32; medians of {args.repeats}")
+  print("| model | size | ours ms (batch 1) | torch ms | ours / torch | ours img/s (batch "
+        f"{args.batch}) | torch img/s | ours / torch time | compile s | max abs diff |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for name in args.models.split(","):
+    full = MODELS[name][1]
+    size = full if args.full else full // 2
+    r = bench(name, size, args.batch, args.repeats, args.dtype)
+    b = r["batch"]
+    print(f"| {name} | {size} | {1e3 * r['latency_ours']:.0f} | {1e3 * r['latency_torch']:.0f} "
+          f"| {r['latency_ours'] / r['latency_torch']:.2f} | {b / r['throughput_ours']:.2f} | "
+          f"{b / r['throughput_torch']:.2f} | {r['throughput_ours'] / r['throughput_torch']:.2f}"
+          f" | {r['compile_s']:.1f} | {r['max_diff']:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
