@@ -1,11 +1,15 @@
 """Evaluates a model at the papers' test protocols: mIoU, mAcc, aAcc and per-class IoU/Acc,
 printed as a table and written to `eval_results.json` (with the protocol), side-by-side pictures
-of the first examples and a confusion-matrix picture.
+of the first examples and a confusion-matrix picture. With `config.eval.task` "panoptic" (or
+"instance"), a mask-classification model's PQ / SQ / RQ (All, Things, Stuff, per class) and
+COCO mask AP (or AP alone) at EoMT's panoptic / instance protocol instead.
 
   python eval.py --config configs/demo.py --workdir runs/demo        # latest checkpoint there
   python eval.py --config configs/demo.py --checkpoint runs/demo/bundle   # a bundle or workdir
   python eval.py --config configs/segvit_vit_b16_ade20k.py --checkpoint BUNDLE \
       --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip --config.dataset.root=/data/ADEChallengeData2016
+  python eval.py --config configs/eomt_vit_l_coco_panoptic.py --checkpoint BUNDLE \
+      --config.dataset.root=/data/coco                                  # PQ and AP
 
 The config supplies the dataset and the test protocol (`config.eval`: resize policy, windows,
 scales, flip; see segvit_jax/evaluate.py); the model comes from the checkpoint (its own
@@ -20,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax import config_utils, evaluate, metrics, sharding, trainer
+from segvit_jax import config_utils, evaluate, metrics, panoptic_metrics, sharding, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -70,7 +74,10 @@ def main(argv):
                                      split=_SPLIT.value, out_dir=out_dir,
                                      num_pictures=_NUM_VIS.value, progress=True)
   if jax.process_index() == 0:
-    print(metrics.format_table(results))
+    if config.eval.get("task", "semantic") == "semantic":
+      print(metrics.format_table(results))
+    else:
+      print(panoptic_metrics.format_table(results))
     print(f"results written to {os.path.join(out_dir, 'eval_results.json')}")
 
 

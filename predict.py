@@ -2,13 +2,27 @@
 
   python predict.py --checkpoint runs/demo/bundle --input photo.jpg --output out/
   python predict.py --checkpoint runs/demo --input images/ --output out/ --save-scores
+  python predict.py --task panoptic --checkpoint BUNDLE --input coco/val2017 --output out/
 
-Per image NAME: `NAME.png` (class ids, uint8 or uint16), `NAME_overlay.jpg` (colour overlay)
-and, with --save-scores, `NAME.npy`: per-class scores (C, H, W) float32 at the input resolution.
-The whole image is processed at its own resolution with the model's own normalisation.
+Semantic (default), per image NAME: `NAME.png` (class ids, uint8 or uint16), `NAME_overlay.jpg`
+(colour overlay) and, with --save-scores, `NAME.npy`: per-class scores (C, H, W) float32 at the
+input resolution. The whole image is processed at its own resolution with the model's own
+normalisation.
+
+Panoptic (`--task panoptic`, mask-classification models: EoMT), in COCO's panoptic format so
+that COCO's panopticapi scores the output as it is (`pq_compute(GT_JSON, "out/panoptic.json")`):
+`panoptic/NAME.png` (segment id = R + 256 G + 256^2 B, 0 = void), `panoptic.json` ({"annotations":
+[{image_id, file_name, segments_info: [{id, category_id, isthing, iscrowd, area, bbox}]}],
+"categories": [...]}; image_id = int(NAME) for COCO's numeric file names) and
+`NAME_overlay.jpg`. The image goes through EoMT's panoptic protocol (`segvit_jax.evaluate`):
+longer side resized to --size, black padding to the square, one model call, the post-processing
+of `segvit_jax.panoptic` with --object-mask-threshold / --overlap-threshold. Category ids and
+thing flags come from the bundle's `categories` entry ([{id, name, isthing}], in class order)
+or from --categories (a COCO panoptic json, e.g. annotations/panoptic_val2017.json).
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -38,6 +52,17 @@ def main(argv=None) -> int:
   parser.add_argument("--output", required=True, help="output directory")
   parser.add_argument("--save-scores", action="store_true", help="also write NAME.npy scores")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir")
+  parser.add_argument("--task", choices=("semantic", "panoptic"), default="semantic",
+                      help="semantic class maps, or COCO-format panoptic segments")
+  parser.add_argument("--size", type=int, default=None, help="panoptic: the square model "
+                      "input (default: the model's position grid x its patch size)")
+  parser.add_argument("--categories", default=None, help="panoptic: a COCO panoptic json whose "
+                      "categories (in class order) give category ids and thing flags "
+                      "(default: the bundle's)")
+  parser.add_argument("--object-mask-threshold", type=float, default=0.8,
+                      help="panoptic: queries kept above this class probability")
+  parser.add_argument("--overlap-threshold", type=float, default=0.8,
+                      help="panoptic: segments kept if this share of their mask survives")
   args = parser.parse_args(argv)
 
   from segvit_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
@@ -46,6 +71,8 @@ def main(argv=None) -> int:
 
   files = list_images(args.input)
   model = bundle_lib.load_model(args.checkpoint, step=args.step)
+  if args.task == "panoptic":
+    return predict_panoptic(model, files, args)
   num_classes = model.config.model.num_classes
   os.makedirs(args.output, exist_ok=True)
   t0 = time.perf_counter()
@@ -62,6 +89,82 @@ def main(argv=None) -> int:
     rate = (i + 1) / (time.perf_counter() - t0)
     print(f"[{i + 1}/{len(files)}] {file} -> {name}.png ({rate:.2f} img/s)", flush=True)
   print(f"wrote {len(files)} predictions to {args.output}")
+  return 0
+
+
+def load_categories(model, path: str | None) -> list[dict]:
+  """[{id, name, isthing}] in class order: from a COCO panoptic json (`path`) or the bundle."""
+  if path:
+    with open(path, encoding="utf-8") as f:
+      categories = json.load(f)["categories"]
+  else:
+    categories = model.config.get("categories", None)
+    if not categories:
+      raise SystemExit("panoptic prediction needs the dataset's categories (COCO ids and thing "
+                       "flags): the bundle has none; pass --categories with a COCO panoptic "
+                       "json, e.g. annotations/panoptic_val2017.json")
+  categories = [{"id": int(c["id"]), "name": str(c["name"]), "isthing": int(c["isthing"])}
+                for c in categories]
+  if len(categories) != model.config.model.num_classes:
+    raise SystemExit(f"{len(categories)} categories for a model of "
+                     f"{model.config.model.num_classes} classes")
+  return categories
+
+
+def predict_panoptic(model, files: list[str], args) -> int:
+  """`--task panoptic`: COCO panoptic PNGs + json and overlays (module docstring)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from segvit_jax import inference, panoptic  # pylint: disable=g-import-not-at-top
+  from segvit_jax import visualize  # pylint: disable=g-import-not-at-top
+  from segvit_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from segvit_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  from segvit_jax.models import patch_size  # pylint: disable=g-import-not-at-top
+
+  cfg = model.config.model
+  if cfg.get("name") != "eomt":
+    raise SystemExit(f"--task panoptic needs a mask-classification model (eomt), not "
+                     f"{cfg.get('name')!r}")
+  categories = load_categories(model, args.categories)
+  is_thing = [bool(c["isthing"]) for c in categories]
+  coco_ids = [c["id"] for c in categories]
+  size = args.size or int(cfg.backbone.posemb_grid[0]) * patch_size(cfg)
+
+  def apply_fn(v, x):
+    out = model.model.apply(v, x)
+    return out["class_logits"], out["mask_logits"]
+
+  predictor = inference.MaskPredictor(apply_fn, model.variables, (size, size),
+                                      mean=model.config.mean, std=model.config.std)
+  colours = visualize.palette(len(categories))
+  png_dir = os.path.join(args.output, "panoptic")
+  os.makedirs(png_dir, exist_ok=True)
+  annotations = []
+  t0 = time.perf_counter()
+  for i, file in enumerate(files):
+    image = sources.read_image(file)
+    h, w = image.shape[:2]
+    resized = transforms.resize_for_test(image, "long_side", (size, size))
+    class_logits, mask_logits = predictor.logits([resized])
+    masks = predictor.at_size(mask_logits[0], resized.shape[:2], (h, w))
+    maps = panoptic.panoptic_maps(class_logits[0], masks, jnp.asarray((h, w), jnp.int32),
+                                  args.object_mask_threshold)
+    maps = {k: np.asarray(v) for k, v in maps.items()}
+    lookup, segments = panoptic.panoptic_segments(maps, is_thing, args.overlap_threshold)
+    ids = panoptic.segment_map(maps, lookup, (h, w))
+    name = os.path.splitext(os.path.basename(file))[0]
+    Image.fromarray(panoptic.id_to_rgb(ids)).save(os.path.join(png_dir, f"{name}.png"))
+    annotations.append({"image_id": int(name) if name.isdigit() else name,
+                        "file_name": f"{name}.png",
+                        "segments_info": panoptic.coco_segments_info(ids, segments, coco_ids)})
+    classes = [s["class_id"] for s in segments]
+    visualize.save(os.path.join(args.output, f"{name}_overlay.jpg"),
+                   panoptic.overlay(image, ids, classes, is_thing, colours))
+    rate = (i + 1) / (time.perf_counter() - t0)
+    print(f"[{i + 1}/{len(files)}] {file} -> panoptic/{name}.png, {len(segments)} segments "
+          f"({rate:.2f} img/s)", flush=True)
+  with open(os.path.join(args.output, "panoptic.json"), "w", encoding="utf-8") as f:
+    json.dump({"annotations": annotations, "categories": categories}, f)
+  print(f"wrote {len(files)} panoptic predictions to {args.output}")
   return 0
 
 

@@ -127,6 +127,18 @@ def run_config() -> ml_collections.ConfigDict:
   c.eval.bucket = 64  # image buffers are padded to multiples of this (fewer compilations)
   c.eval.num_threads = 4  # reading / resizing threads ahead of the device
   c.eval.max_examples = -1  # -1: the whole split
+  # What to evaluate (segvit_jax.evaluate): "semantic" (mIoU), or for mask-classification
+  # models (EoMT) "panoptic" (PQ / SQ / RQ, plus COCO mask AP of the things with instance_ap)
+  # or "instance" (mask AP). Those test with resize "long_side" (scale = the model input), one
+  # image per window (window_batch images per model call), and the post-processing of
+  # segvit_jax.panoptic with EoMT's / Mask2Former's COCO thresholds: queries kept above
+  # object_mask_threshold, segments kept if >= overlap_threshold of their own mask survives,
+  # top_k (query, class) detections per image for AP.
+  c.eval.task = "semantic"
+  c.eval.object_mask_threshold = 0.8
+  c.eval.overlap_threshold = 0.8
+  c.eval.top_k = 100
+  c.eval.instance_ap = True
   # Evaluations during training keep the parameters of the best one as a bundle in WORKDIR/best/
   # (its record in WORKDIR/best.json): the evaluation result compared, higher is better;
   # "" keeps none.
@@ -368,12 +380,24 @@ EOMT_RECIPES = {
     # images / global batch 16 x epochs.
     "ade20k": dict(name="ade20k", root="data/ADEChallengeData2016", num_classes=150,
                    reduce_zero_label=True, crop=512, steps=39_120, color_jitter=True,
+                   scale_jitter=(0.5, 2.0),
                    annealing={"L": ((6520, 13040, 19560, 26080),
                                     (13040, 19560, 26080, 32600))}),
     "cityscapes": dict(name="cityscapes", root="data/cityscapes", num_classes=19,
                        reduce_zero_label=False, crop=1024, steps=19_902, color_jitter=True,
+                       scale_jitter=(0.5, 2.0),
                        annealing={"L": ((3317, 6634, 9951, 13268),
                                         (6634, 9951, 13268, 16585))}),
+    # 118,287 train2017 images, 12 epochs at batch 16: 6 x 14,782 = 88,692 steps (12 x 7,391),
+    # the total behind the release's ViT-L windows (each 1/6 of the run, as
+    # `annealing_windows`). Large-scale jitter, no colour jitter. `max_segments`: segments per
+    # training image in the batch (thing instances and stuff regions, crowd dropped);
+    # training checks the json against it before it starts.
+    "coco_panoptic": dict(name="coco_panoptic", root="data/coco", num_classes=133,
+                          reduce_zero_label=False, crop=640, steps=88_692, color_jitter=False,
+                          scale_jitter=(0.1, 2.0), max_segments=100,
+                          annealing={"L": ((14782, 29564, 44346, 59128),
+                                           (29564, 44346, 59128, 73910))}),
 }
 # DINOv2 release files (README, "Pretrained weights"), converted and resized on load.
 DINOV2_FILES = {s: f"weights/dinov2_vit{s.lower()}14_reg4_pretrain.pth" for s in "SBLg"}
@@ -388,15 +412,17 @@ def annealing_windows(total_steps: int, num_blocks: int) -> tuple[tuple[int, ...
           tuple(part * (i + 2) for i in range(num_blocks)))
 
 
-def eomt_config(size: str, dataset: str, num_queries: int = 100) -> ml_collections.ConfigDict:
+def eomt_config(size: str, dataset: str, num_queries: int = 100,
+                crop: int | None = None) -> ml_collections.ConfigDict:
   """EoMT-`size` (S, B, L, g) semantic segmentation on `dataset` (EOMT_RECIPES): AdamW lr 1e-4,
   weight decay 0.05 on every parameter, clip 0.01, layer-wise lr decay 0.8, two-stage warm-up
   (500 steps heads only, then 1000 for the ViT) and poly 0.9, batch 16, bfloat16 compute;
   colour jitter, flip, scale jitter 0.5-2.0, crop; Mask2Former loss (12544 points, weights
-  2 / 5 / 5, no-object 0.1); test: shorter side to the crop, evenly spread square windows."""
+  2 / 5 / 5, no-object 0.1); test: shorter side to the crop, evenly spread square windows.
+  `crop`: the input size, if not the recipe's."""
   from segvit_jax.models import eomt  # pylint: disable=g-import-not-at-top
   r = EOMT_RECIPES[dataset]
-  crop, l2 = r["crop"], eomt.NUM_BLOCKS[size]
+  crop, l2 = crop or r["crop"], eomt.NUM_BLOCKS[size]
   c = run_config()
   c.total_steps = r["steps"]
   c.batch_size = 16
@@ -404,7 +430,7 @@ def eomt_config(size: str, dataset: str, num_queries: int = 100) -> ml_collectio
   c.mean, c.std = IMAGENET_MEAN_STD
   c.augment.pipeline = "eomt"
   c.augment.crop_size = (crop, crop)
-  c.augment.scale_jitter = (0.5, 2.0)
+  c.augment.scale_jitter = r["scale_jitter"]
   c.augment.color_jitter = r["color_jitter"]
   starts, ends = r["annealing"].get(size, annealing_windows(r["steps"], l2))
   c.model = ml_collections.ConfigDict(dict(
@@ -431,4 +457,22 @@ def eomt_config(size: str, dataset: str, num_queries: int = 100) -> ml_collectio
   c.eval.crop_size = (crop, crop)
   c.eval.stride = (crop, crop)
   c.eval.average = "scores"
+  return c
+
+
+def eomt_panoptic_config(size: str, image_size: int = 640) -> ml_collections.ConfigDict:
+  """EoMT-`size` (S, B, L, g) panoptic segmentation on COCO at `image_size` (640 or 1280):
+  `eomt_config`'s optimisation and model with 200 queries and 133 classes, 12 epochs with the
+  release's ViT-L annealing windows (the same rule for the other sizes, and at 1280), flip,
+  large-scale jitter 0.1-2.0, pad and crop without colour jitter, the Mask2Former loss on every
+  segment (`mask2former_panoptic`: segment-index maps, at most `dataset.max_segments` segments
+  per image); test (`config.eval.task`): longer side to the input size, zero-padded square."""
+  r = EOMT_RECIPES["coco_panoptic"]
+  c = eomt_config(size, "coco_panoptic", num_queries=200, crop=image_size)
+  c.dataset.max_segments = r["max_segments"]
+  c.loss.name = "mask2former_panoptic"
+  c.eval.task = "panoptic"
+  c.eval.resize = "long_side"
+  c.eval.scale = (image_size, image_size)
+  c.eval.best_metric = "PQ"
   return c

@@ -36,6 +36,8 @@ from segvit_jax import inference
 from segvit_jax.models import build_model, input_divisor, vit
 
 FORMAT = "segvit_jax.bundle"
+# A training workdir's panoptic categories ([{id, name, isthing}] in class order).
+CATEGORIES_FILE = "categories.json"
 VERSION = 1
 
 
@@ -214,10 +216,15 @@ def load_model(path: str, step: int | None = None) -> Bundle:
       class_names = [line.rstrip("\n") for line in f if line.strip()]
   else:
     class_names = [f"class_{i}" for i in range(config.model.num_classes)]
+  extra = {}
+  categories_file = os.path.join(path, CATEGORIES_FILE)
+  if os.path.isfile(categories_file):
+    with open(categories_file) as f:
+      extra["categories"] = json.load(f)
   bundle_cfg = ml_collections.ConfigDict({
       "format": FORMAT, "version": VERSION, "model": meta["model"], "mean": meta["mean"],
       "std": meta["std"], "class_names": class_names,
-      "step": step, "source": path})
+      "step": step, "source": path, **extra})
   return Bundle(model=model, variables={"params": params, **state}, config=bundle_cfg)
 
 

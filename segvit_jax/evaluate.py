@@ -4,7 +4,17 @@ IoU / Acc from a confusion matrix computed on device and summed across processes
 table and as `eval_results.json` (with the protocol used), side-by-side pictures and a
 confusion-matrix picture.
 
-The protocol is `config.eval`:
+`config.eval.task` "panoptic" or "instance" evaluates a mask-classification model (EoMT) at the
+panoptic / instance protocol instead (`evaluate_mask_classification`, spec eomt.md
+"Inference"): the longer side resized to the input (`resize` "long_side", `scale` the input
+size), padded to the square input, one model call per image (`inference.MaskPredictor`,
+`window_batch` images per call), the panoptic / instance post-processing of
+`segvit_jax.panoptic` (`object_mask_threshold`, `overlap_threshold`, `top_k`), PQ / SQ / RQ
+(All, Things, Stuff, per class; summed across processes) and, for "instance" or with
+`instance_ap` (default on), COCO mask AP over the thing classes (gathered to process 0)
+(`segvit_jax.panoptic_metrics`).
+
+The semantic protocol is `config.eval`:
   resize, scale, size_divisor  test resize (`transforms.test_size`): "keep_ratio" to (long,
                                short) (SegViT / mmseg), "keep_ratio_aligned" (SegFormer ADE20K),
                                "short_side" to the crop (EoMT), "none"
@@ -37,7 +47,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from segvit_jax import inference, metrics, visualize
+from segvit_jax import inference, metrics, panoptic, panoptic_metrics, visualize
 from segvit_jax.data import datasets, pipeline
 
 
@@ -148,6 +158,12 @@ def evaluate_params(model, variables: Any, config: ml_collections.ConfigDict, *,
   processes (all processes must call this). Writes `eval_results.json`, and with
   `num_pictures` the first pictures and `confusion.png`, to `out_dir` if given."""
   split = config.dataset.eval_split if split is None else split
+  task = config.eval.get("task", "semantic")
+  if task not in panoptic.TASKS:
+    raise ValueError(f"config.eval.task={task!r}: expected one of {panoptic.TASKS}")
+  if task != "semantic":
+    return evaluate_mask_classification(model, variables, config, split=split, out_dir=out_dir,
+                                        num_pictures=num_pictures, progress=progress)
   dataset, class_names = pipeline.make_eval_dataset(config, split)
   k = config.model.num_classes
   if len(class_names) != k:
@@ -196,3 +212,165 @@ def evaluate_params(model, variables: Any, config: ml_collections.ConfigDict, *,
       visualize.save(os.path.join(out_dir, "confusion.png"),
                      visualize.confusion_picture(conf[0], class_names))
   return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Panoptic / instance evaluation of mask-classification models.
+
+
+def mask_protocol_record(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
+  """What eval_results.json says about how panoptic / instance numbers were obtained."""
+  ev, post = config.eval, panoptic.PostProcessing.from_config(config)
+  record = {
+      "dataset": config.dataset.name, "split": split, "task": post.task,
+      "resize": ev.get("resize", "long_side"), "scale": list(ev.scale),
+      "pad": "bottom/right to the scale, black", "scales": [1.0], "flip": False,
+      "object_mask_threshold": post.object_mask_threshold,
+      "overlap_threshold": post.overlap_threshold, "top_k": post.top_k,
+  }
+  if post.task == "panoptic":
+    record["pq"] = ("COCO panopticapi: same-class IoU > 0.5 matches, predicted pixels on void "
+                    "left out of the union, crowd never matched nor missed, unmatched "
+                    "predictions more than half on void or same-class crowd ignored")
+  if post.computes_ap:
+    record["ap"] = ("pycocotools COCOeval segm, at most top_k detections per image, thing "
+                    "classes, crowd ground truth as iscrowd")
+  return record
+
+
+def make_mask_predictor(model, variables: Any, config: ml_collections.ConfigDict
+                        ) -> inference.MaskPredictor:
+  """The model's class and mask logits under `config.eval`'s panoptic / instance protocol, on
+  this process's devices (the input is `config.eval.scale`)."""
+  ev = config.eval
+  if len(tuple(ev.scale)) != 2:
+    raise ValueError(f"config.eval.scale={tuple(ev.scale)}: the panoptic / instance protocol "
+                     "needs the (h, w) model input, e.g. (640, 640)")
+  if tuple(float(r) for r in ev.get("scales", (1.0,))) != (1.0,) or ev.get("flip", False):
+    raise ValueError("the panoptic / instance protocol is single-scale without flip: set "
+                     "config.eval.scales=(1.0,) and config.eval.flip=False")
+
+  def apply_fn(v, x):
+    out = model.apply(v, x)
+    return out["class_logits"], out["mask_logits"]
+
+  return inference.MaskPredictor(apply_fn, variables, tuple(ev.scale), mean=config.mean,
+                                 std=config.std, batch=int(ev.get("window_batch", None) or 1),
+                                 bucket=int(ev.get("bucket", 64)))
+
+
+def _groups(iterator, size: int):
+  """Lists of up to `size` consecutive elements."""
+  group = []
+  for element in iterator:
+    group.append(element)
+    if len(group) == size:
+      yield group
+      group = []
+  if group:
+    yield group
+
+
+def evaluate_mask_classification(model, variables: Any, config: ml_collections.ConfigDict, *,
+                                 split: str | None = None, out_dir: str | None = None,
+                                 num_pictures: int = 0, progress: bool = False
+                                 ) -> dict[str, Any]:
+  """Panoptic (PQ, SQ, RQ; with `instance_ap` also mask AP) or instance (mask AP) evaluation
+  of a mask-classification model's `variables` on `split` under `config.eval` (module
+  docstring). Every process takes a shard; all must call this. Writes `eval_results.json`,
+  and with `num_pictures` the first [image | ground truth | prediction] pictures, to `out_dir`
+  if given."""
+  split = config.dataset.eval_split if split is None else split
+  post = panoptic.PostProcessing.from_config(config)
+  dataset, categories = pipeline.make_panoptic_eval_dataset(config, split)
+  names, k = categories.names, config.model.num_classes
+  if len(names) != k:
+    raise ValueError(f"dataset has {len(names)} classes, model.num_classes={k}")
+  is_thing = np.asarray(categories.is_thing, bool)
+  # AP counts thing classes (a panoptic model's instance AP, Mask2Former's panoptic_on rule).
+  ap_classes = is_thing if is_thing.any() else None
+  predictor = make_mask_predictor(model, variables, config)
+  pic_dir = os.path.join(out_dir, "pictures") if out_dir and num_pictures else None
+  if pic_dir and jax.process_index() == 0:
+    os.makedirs(pic_dir, exist_ok=True)
+  colours = datasets.palette_for(config.dataset.name, k)
+
+  stats = panoptic_metrics.PQStats.zeros(k)
+  instances = panoptic_metrics.InstanceAccumulator()
+  done = [0]
+
+  def consume(ex: dict, outputs: dict) -> None:
+    outputs = jax.device_get(outputs)
+    gt = ex["segments"]
+    if post.task == "panoptic":
+      maps = outputs["panoptic"]
+      lookup, segments = panoptic.panoptic_segments(maps, is_thing, post.overlap_threshold)
+      pred = panoptic.segment_map(maps, lookup, gt.shape)
+      pred_classes = [s["class_id"] for s in segments]
+      stats.add(panoptic_metrics.pq_stats(pred, pred_classes, gt, ex["segment_classes"],
+                                          ex["segment_is_crowd"], k))
+      if pic_dir and done[0] < num_pictures and jax.process_index() == 0:
+        image, gap = ex["image"], np.full((gt.shape[0], 4, 3), 255, np.uint8)
+        visualize.save(os.path.join(pic_dir, f"{ex['name']}.jpg"), np.concatenate([
+            image, gap,
+            panoptic.overlay(image, gt, ex["segment_classes"], is_thing, colours), gap,
+            panoptic.overlay(image, pred, pred_classes, is_thing, colours)], axis=1))
+    if post.computes_ap:
+      inst = outputs["instance"]
+      h, w = gt.shape
+      masks = np.moveaxis(inst["masks"][:h, :w], -1, 0)
+      instances.add_image(ex["image_id"], gt, ex["segment_classes"], ex["segment_is_crowd"],
+                          masks, inst["labels"], inst["scores"], ap_classes)
+    done[0] += 1
+
+  pending = collections.deque()  # device outputs fetched a few images late: no stalls
+  bar = _Progress(len(dataset), progress)
+  threads = int(config.eval.get("num_threads", 4))
+  for group in _groups(_iterate(dataset, threads), predictor.batch):
+    images = [ex["images"][0] for ex in group]
+    class_logits, mask_logits = predictor.logits(images)
+    for j, ex in enumerate(group):
+      size = ex["segments"].shape
+      masks = predictor.at_size(mask_logits[j], images[j].shape[:2], size)
+      with predictor.activate():
+        size = jnp.asarray(size, jnp.int32)
+        outputs = {}
+        if post.task == "panoptic":
+          outputs["panoptic"] = panoptic.panoptic_maps(class_logits[j], masks, size,
+                                                       post.object_mask_threshold)
+        if post.computes_ap:
+          outputs["instance"] = panoptic.instance_predictions(class_logits[j], masks, size,
+                                                              top_k=post.top_k)
+      pending.append((ex, outputs))
+      if len(pending) > 2:
+        consume(*pending.popleft())
+      bar.update()
+  while pending:
+    consume(*pending.popleft())
+  seconds = bar.close()
+  num_images = len(dataset)
+  if jax.process_count() > 1:
+    num_images = int(np.asarray(multihost_utils.process_allgather(np.int64(num_images))).sum())
+
+  results: dict[str, Any] = {}
+  per_class = [{"name": n, "isthing": bool(t)} for n, t in zip(names, is_thing)]
+  if post.task == "panoptic":
+    pq = panoptic_metrics.pq_results(stats.allreduce(), names, is_thing)
+    for row, pq_row in zip(per_class, pq.pop("per_class")):
+      row.update(pq_row)
+    results.update(pq)
+  if post.computes_ap:
+    ap = panoptic_metrics.ap_allprocesses(instances, names, ap_classes)
+    by_name = {r["name"]: r["AP"] for r in ap.pop("per_class")}
+    for row in per_class:
+      if row["name"] in by_name:
+        row["AP"] = by_name[row["name"]]
+    results.update(ap)
+  results["per_class"] = per_class
+  results["protocol"] = mask_protocol_record(config, split)
+  results["images"] = num_images
+  results["images_per_s"] = num_images / seconds if seconds > 0 else float("nan")
+  if out_dir and jax.process_index() == 0:
+    metrics.to_json(results, os.path.join(out_dir, "eval_results.json"))
+  return results
+

@@ -17,9 +17,12 @@ def main(argv):
   del argv
   b = bundle.load_model(_WORKDIR.value, step=_STEP.value)
   cfg = b.config
+  extra = {"categories": cfg.categories} if cfg.get("categories") else {}
   path = bundle.save_bundle(_OUTPUT.value, b.variables["params"], cfg.model, mean=cfg.mean,
                             std=cfg.std, class_names=cfg.class_names, step=cfg.step,
-                            source=cfg.source)
+                            source=cfg.source,
+                            model_state={k: v for k, v in b.variables.items() if k != "params"},
+                            **extra)
   print(f"wrote bundle {path} (step {cfg.step})")
 
 

@@ -1,6 +1,7 @@
 """Test-time inference: window layouts, whole / sliding-window / spread-window per-class scores,
-and the multi-scale + flip predictor that evaluation runs (spec segvit.md "Training recipes",
-Test; segformer.md "Recipe", Test; eomt.md "Inference").
+the multi-scale + flip predictor that semantic evaluation runs (spec segvit.md "Training
+recipes", Test; segformer.md "Recipe", Test; eomt.md "Inference"), and the whole-image mask
+predictor of panoptic / instance evaluation (`MaskPredictor`, spec eomt.md "Inference").
 
 Window layouts (`window_layout`), on an image already resized by the test policy
 (`segvit_jax.data.transforms.test_size`):
@@ -319,6 +320,17 @@ def _round_up(x: int, m: int) -> int:
   return -(-int(x) // int(m)) * int(m)
 
 
+def chunk_sizes(n: int, batch: int, num_devices: int) -> list[int]:
+  """Batch sizes covering n inputs: full `batch` chunks, then the rest rounded up to a power of
+  two (few compiled shapes), all multiples of the device count."""
+  full = _round_up(batch, num_devices)
+  sizes = [full] * (n // full)
+  rest = n - full * len(sizes)
+  if rest:
+    sizes.append(_round_up(min(full, 1 << (rest - 1).bit_length()), num_devices))
+  return sizes
+
+
 @dataclasses.dataclass(frozen=True)
 class Protocol:
   """How an image becomes scores at test time (the inference half of `config.eval`; the test
@@ -421,14 +433,8 @@ class MultiScalePredictor:
       yield
 
   def chunk_sizes(self, n: int) -> list[int]:
-    """Window-batch sizes covering n windows: full `window_batch` chunks, then the rest rounded
-    up to a power of two (few compiled shapes), all multiples of the device count."""
-    full = _round_up(self.protocol.window_batch, self.num_devices)
-    sizes = [full] * (n // full)
-    rest = n - full * len(sizes)
-    if rest:
-      sizes.append(_round_up(min(full, 1 << (rest - 1).bit_length()), self.num_devices))
-    return sizes
+    """`chunk_sizes` of n windows for this predictor's window batch and devices."""
+    return chunk_sizes(n, self.protocol.window_batch, self.num_devices)
 
   def __call__(self, images: Sequence[np.ndarray], out_size: tuple[int, int]) -> jax.Array:
     p = self.protocol
@@ -469,3 +475,99 @@ class MultiScalePredictor:
           start += n
         total = _add_view_scores(total, acc, count, size, out_hw, softmax=softmax)
     return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-image mask predictions (panoptic / instance protocol).
+
+
+@functools.partial(jax.jit, static_argnames=("input_size", "out_shape"))
+def masks_at_size(mask_logits: jax.Array, valid: jax.Array, out_size: jax.Array, *,
+                  input_size: tuple[int, int], out_shape: tuple[int, int]) -> jax.Array:
+  """Mask logits of one padded input at the original image size, EoMT's
+  `revert_resize_and_pad_logits_instance_panoptic`: (K, h', w') logits (the head's 1/4 grid)
+  bilinearly upsampled to the padded `input_size`, the top-left `valid` (h, w) region (the
+  test-resized image) resized bilinearly to `out_size` (H, W) (both torch-identical,
+  align_corners=False). Returns (Hb, Wb, K) float32, channels last, in an `out_shape` buffer
+  whose [:H, :W] is the image (sizes traced: one program per buffer shape)."""
+  up = layers.upsample_masks(mask_logits[None].astype(jnp.float32), input_size)[0]
+  up = jnp.moveaxis(up, 0, -1)  # (S, S, K): resizing whole rows is fast on every backend
+  return resize_valid(up, (valid[0], valid[1]), (out_size[0], out_size[1]), out_shape,
+                      axes=(0, 1))
+
+
+class MaskPredictor:
+  """Mask-classification outputs of whole images at EoMT's panoptic / instance protocol (spec
+  eomt.md, "Inference"), on this process's devices:
+
+    predictor = MaskPredictor(apply_fn, params, input_size=(640, 640), mean=..., std=...)
+    class_logits, mask_logits = predictor.logits(images)      # (B, K, C + 1), (B, K, h', w')
+    masks = predictor.at_size(mask_logits[i], images[i].shape[:2], (H, W))  # (Hb, Wb, K)
+
+  `images` are uint8 test-resized images (`transforms.test_size` "long_side": the longer side
+  is the input size) that fit in `input_size`; each is padded with zeros at the bottom / right
+  to the (square) input, as uint8, so the padding is black after normalising (EoMT pads the
+  uint8 image before its normalisation); the batch (up to `batch` images per call, a multiple
+  of the device count, sharded over them) goes through the model once. `at_size` takes one
+  image's mask logits back to its original size (`masks_at_size`), in a buffer whose sides are
+  multiples of `bucket`. `apply_fn(params, images (B, S, S, 3) float) -> (class_logits,
+  mask_logits)`.
+  """
+
+  def __init__(self, apply_fn: Callable, params: Any, input_size: Sequence[int], *,
+               mean: Sequence[float], std: Sequence[float], batch: int = 1, bucket: int = 64,
+               mesh: jax.sharding.Mesh | None = None):
+    self.input_size = (int(input_size[0]), int(input_size[1]))
+    self.batch, self.bucket = max(int(batch), 1), max(int(bucket), 1)
+    self.mesh = local_mesh() if mesh is None else mesh
+    self.num_devices = self.mesh.devices.size
+    self._repl = NamedSharding(self.mesh, P())
+    self._batch = NamedSharding(self.mesh, P("data"))
+    with self.activate():
+      self.params = local_replica(params, self.mesh)
+    mean = jnp.asarray(np.asarray(mean, np.float32))
+    std = jnp.asarray(np.asarray(std, np.float32))
+
+    def model(params, images):
+      x = (jax.lax.with_sharding_constraint(images, self._batch).astype(jnp.float32) - mean) / std
+      class_logits, mask_logits = apply_fn(params, x)
+      return class_logits.astype(jnp.float32), mask_logits.astype(jnp.float32)
+
+    self._model = jax.jit(model, out_shardings=self._repl)
+
+  @contextlib.contextmanager
+  def activate(self):
+    """The local mesh and the logical-axis rules (as `MultiScalePredictor.activate`)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      yield
+
+  def padded(self, images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """(size, S, S, 3) uint8: `images` at the top-left of black inputs (the rest all black)."""
+    s0, s1 = self.input_size
+    buf = np.zeros((size, s0, s1, 3), np.uint8)
+    for i, image in enumerate(images):
+      h, w = image.shape[:2]
+      if h > s0 or w > s1:
+        raise ValueError(f"a test-resized image of {h}x{w} (HxW) does not fit the {s0}x{s1} "
+                         "model input: resize with config.eval.resize='long_side' to "
+                         "config.eval.scale = the input size")
+      buf[i, :h, :w] = image
+    return buf
+
+  def logits(self, images: Sequence[np.ndarray]) -> tuple[jax.Array, jax.Array]:
+    """(class_logits (B, K, C + 1), mask_logits (B, K, h', w')) float32 on the devices (not
+    waited for) of up to `batch` images; B >= len(images) (the rest is padding)."""
+    if not 0 < len(images) <= chunk_sizes(self.batch, self.batch, self.num_devices)[0]:
+      raise ValueError(f"{len(images)} images per call; expected 1..{self.batch}")
+    size = chunk_sizes(len(images), self.batch, self.num_devices)[0]
+    with self.activate():
+      return self._model(self.params, jax.device_put(self.padded(images, size), self._batch))
+
+  def at_size(self, mask_logits: jax.Array, valid: Sequence[int],
+              out_size: Sequence[int]) -> jax.Array:
+    """`masks_at_size` of one image's (K, h', w') mask logits: (Hb, Wb, K) on the devices."""
+    out_shape = (_round_up(out_size[0], self.bucket), _round_up(out_size[1], self.bucket))
+    with self.activate():
+      return masks_at_size(mask_logits, jax.device_put(np.asarray(valid, np.int32), self._repl),
+                           jax.device_put(np.asarray(out_size, np.int32), self._repl),
+                           input_size=self.input_size, out_shape=out_shape)

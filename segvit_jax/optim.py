@@ -152,7 +152,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int, param
     return f"{group}:{factor!r}"
   labels = jax.tree_util.tree_map_with_path(label, factors)
   scalers = {}
-  for name in set(jax.tree.leaves(labels)):
+  for name in sorted(set(jax.tree.leaves(labels))):  # sorted: the same program everywhere
     group, factor = name.split(":")
     sched = backbone_schedule if group == "backbone" else schedule
     scalers[name] = optax.scale_by_learning_rate(

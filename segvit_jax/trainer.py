@@ -86,6 +86,8 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
   return (1, h, w, 3)
 
 
+# Evaluation results logged during training (semantic; panoptic and instance).
+EVAL_HEADLINES = ("mIoU", "mAcc", "aAcc", "PQ", "SQ", "RQ", "PQ_th", "PQ_st", "AP")
 LOSS_RNG_STREAM = 0x10551  # fold_in index of the loss's own random stream
 
 
@@ -173,8 +175,10 @@ def accumulated_value_and_grad(compute_loss: Callable, config: ml_collections.Co
     micro = split_micro_batches(batch, steps, micro_sharding)
     # (steps,) counts. vmap, not a loop: on the CPU, a collective inside a loop can deadlock
     # with an independent one outside it (the parameters' all-gathers).
-    counts = jax.vmap(lambda labels: loss.normalisers(labels, k, ignore, options))(
-        micro["label"])
+    # The loss's extra batch entries (panoptic segment classes) count too.
+    counts = jax.vmap(lambda mb: loss.normalisers(
+        mb["label"], k, ignore, options, **{key: mb[key] for key in loss.batch_keys}))(
+            {key: micro[key] for key in ("label", *loss.batch_keys)})
     totals = jax.tree.map(lambda c: jnp.sum(c, axis=0), counts)
 
     def body(carry, xs):
@@ -470,12 +474,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
 
   # Data first: a missing dataset fails here, within seconds.
-  class_names = sources.get_source(config.dataset, config.dataset.train_split).class_names
+  train_source = sources.get_source(config.dataset, config.dataset.train_split)
+  class_names = train_source.class_names
+  # Panoptic data: the COCO category ids and thing flags, which panoptic output needs.
+  categories = getattr(train_source, "categories", None)
+  bundle_extra = {"categories": categories.as_json()} if hasattr(categories, "as_json") else {}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     with open(os.path.join(workdir, "classes.txt"), "w") as f:
       f.write("\n".join(class_names) + "\n")
+    if bundle_extra:
+      _write_json(os.path.join(workdir, bundle.CATEGORIES_FILE), bundle_extra["categories"])
 
   # Mesh.
   mesh = sharding.make_mesh(config.mesh)
@@ -579,7 +589,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if evaluate_fn is not None and config.eval_every and config.eval.get("best_metric"):
       best = BestKeeper(workdir, config.eval.best_metric, model_cfg=config.model,
                         mean=config.mean, std=config.std, class_names=class_names,
-                        source=os.path.abspath(workdir))
+                        source=os.path.abspath(workdir), **bundle_extra)
     total = config.total_steps
     last, window_losses, t0, pending = {}, [], time.perf_counter(), None
     window_start = start
@@ -633,9 +643,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if evaluate_fn is not None and config.eval_every and (
             step % config.eval_every == 0 or step == total):
           results = evaluate_fn(model, {"params": state.params, **state.model_state}, config)
-          logging.info("step %d eval: mIoU %.2f mAcc %.2f aAcc %.2f", step, results["mIoU"],
-                       results["mAcc"], results["aAcc"])
-          writer.write(step, {f"eval/{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")})
+          shown = {k: float(results[k]) for k in EVAL_HEADLINES if k in results}
+          logging.info("step %d eval: %s", step,
+                       " ".join(f"{k} {v:.2f}" for k, v in shown.items()))
+          writer.write(step, {f"eval/{k}": v for k, v in shown.items()})
           if best is not None:
             best.update(step, results,
                         lambda: gather_params((state.params, state.model_state), mesh))

@@ -128,7 +128,8 @@ def test_categories_and_split_order(root):
 def test_records_exact_with_crowd_dropped(root):
   src = cp.coco_panoptic_source(root, "train")
   r = src[0]
-  assert set(r) == {"image", "masks", "class_ids", "is_thing", "name"}
+  assert set(r) == {"image", "masks", "class_ids", "is_thing", "is_crowd", "name"}
+  assert r["is_crowd"].dtype == bool and not r["is_crowd"].any()
   assert r["name"] == "000000000139"
   assert r["image"].shape == (4, 6, 3) and r["image"].dtype == np.uint8
   assert abs(float(r["image"].mean()) - 40) < 3  # JPEG
@@ -155,6 +156,7 @@ def test_keep_crowd_and_builder(root):
   assert isinstance(src, cp.CocoPanoptic)
   r = src[0]
   assert r["class_ids"].tolist() == [2, 0, 0, 1] and r["is_thing"].tolist() == [False] + [True] * 3
+  assert r["is_crowd"].tolist() == [False, True, False, False]
   np.testing.assert_array_equal(r["masks"][1], _mask("000000000139", _CROWD))
   assert cp.semantic_label(r)[:2, 4:].tolist() == [[255, 0], [255, 0]]
   del cfg.drop_crowd  # default: dropped

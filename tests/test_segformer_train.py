@@ -4,6 +4,8 @@ restored bit-exactly on resume, carried into bundles) and fixed in evaluation.""
 
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -69,3 +71,9 @@ def test_segformer_trains_and_its_batch_norm_statistics_are_state(tmp_path):
                             class_names=[str(i) for i in range(6)],
                             model_state={"batch_stats": stats})
   np.testing.assert_array_equal(bundle.load_bundle(path).predict(image), first)
+  # export_bundle writes them too.
+  exported = str(tmp_path / "exported")
+  subprocess.run([sys.executable, "-m", "segvit_jax.export_bundle", "--workdir", straight,
+                  "--output", exported], check=True, capture_output=True, timeout=300,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  np.testing.assert_array_equal(bundle.load_bundle(exported).predict(image), first)

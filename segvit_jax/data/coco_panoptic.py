@@ -6,12 +6,18 @@ Layout (root = the coco directory):
   root/annotations/panoptic_{train,val}2017/NAME.png   segment id = R + 256 G + 256^2 B, 0 = void
 
 Records: dict(image=uint8 (H, W, 3), masks=bool (N, H, W), class_ids=int32 (N,),
-is_thing=bool (N,), name=str), one entry per segment in the json's `segments_info` order. Sparse
-COCO category ids (1..200) become contiguous ids 0..K-1 in the order of the json's `categories`
-list (the official file lists the 80 things, then the 53 stuff classes). Crowd segments
+is_thing=bool (N,), is_crowd=bool (N,), name=str), one entry per segment in the json's
+`segments_info` order. Sparse COCO category ids (1..200) become contiguous ids 0..K-1 in the
+order of the json's `categories` list (the official file lists the 80 things, then the 53 stuff
+classes). Crowd segments
 (`iscrowd` 1) are dropped with `drop_crowd=True` (the default, as in Mask2Former / EoMT training);
-`drop_crowd=False` keeps them as ordinary segments (detectron2's panoptic -> semantic conversion
-labels crowd pixels with their class).
+`drop_crowd=False` keeps them as segments flagged `is_crowd` (detectron2's panoptic -> semantic
+conversion labels crowd pixels with their class; panoptic evaluation needs them to ignore
+predictions on crowd regions, as COCO's panopticapi does).
+
+Training (`segvit_jax.data.pipeline`) turns records into a segment-index map plus per-segment
+classes (`transforms.segment_map`); `CocoPanoptic.check_max_segments` checks the json up front
+against `config.dataset.max_segments`.
 
 Layout problems (missing json, image or png, an annotation naming an unknown category) raise in
 `coco_panoptic_source`, naming the file; a segment id absent from its png raises ValueError on
@@ -69,6 +75,11 @@ class Categories:
   def thing_classes(self) -> tuple[str, ...]:
     return tuple(n for n, t in zip(self.names, self.is_thing) if t)
 
+  def as_json(self) -> list[dict]:
+    """[{id, name, isthing}] in class order: what bundles record for panoptic output."""
+    return [{"id": i, "name": n, "isthing": int(t)}
+            for i, n, t in zip(self.coco_ids, self.names, self.is_thing)]
+
 
 def parse_categories(categories: list[dict], json_path: str) -> Categories:
   """`Categories` from the json's list; ValueError naming the json on a duplicate id."""
@@ -87,6 +98,7 @@ class Example:
   segment_ids: tuple[int, ...]
   class_ids: tuple[int, ...]
   is_thing: tuple[bool, ...]
+  is_crowd: tuple[bool, ...] = ()  # empty: none is
 
 
 def parse_annotation(annotation: dict, image_file: str, categories: Categories, image_dir: str,
@@ -94,7 +106,7 @@ def parse_annotation(annotation: dict, image_file: str, categories: Categories, 
   """An `Example` from one json annotation; ValueError naming the json on an unknown category."""
   png_name = annotation["file_name"]
   contiguous = categories.contiguous
-  segment_ids, class_ids, is_thing = [], [], []
+  segment_ids, class_ids, is_thing, is_crowd = [], [], [], []
   for segment in annotation["segments_info"]:
     coco_id = int(segment["category_id"])
     if coco_id not in contiguous:
@@ -105,8 +117,9 @@ def parse_annotation(annotation: dict, image_file: str, categories: Categories, 
     segment_ids.append(int(segment["id"]))
     class_ids.append(contiguous[coco_id])
     is_thing.append(categories.is_thing[contiguous[coco_id]])
+    is_crowd.append(bool(segment.get("iscrowd", 0)))
   return Example(os.path.join(image_dir, image_file), os.path.join(png_dir, png_name),
-                 tuple(segment_ids), tuple(class_ids), tuple(is_thing))
+                 tuple(segment_ids), tuple(class_ids), tuple(is_thing), tuple(is_crowd))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +171,21 @@ class CocoPanoptic:
                        f"panoptic png {ex.png_path}")
     return dict(image=image, masks=masks, class_ids=np.asarray(ex.class_ids, np.int32),
                 is_thing=np.asarray(ex.is_thing, bool),
+                is_crowd=np.asarray(ex.is_crowd or (False,) * len(segment_ids), bool),
                 name=os.path.splitext(os.path.basename(ex.image_path))[0])
+
+  def check_max_segments(self, max_segments: int) -> None:
+    """ValueError naming the png (and the json) of the image with the most kept segments if it
+    has more than `max_segments`: the training batch holds `max_segments` per image. From the
+    json alone, so a run fails before reading any image."""
+    kept = [len(ex.segment_ids) - sum(ex.is_crowd) for ex in self.examples]
+    most = int(np.argmax(kept))
+    if kept[most] > max_segments:
+      over = sum(n > max_segments for n in kept)
+      raise ValueError(f"panoptic png {self.examples[most].png_path} has {kept[most]} segments "
+                       f"(crowd dropped) in {self.json_path}, more than config.dataset."
+                       f"max_segments={max_segments} ({over} image(s) do); raise it to at "
+                       f"least {kept[most]}")
 
   def __repr__(self) -> str:
     return f"CocoPanoptic({len(self)} images, {len(self.class_names)} classes)"
@@ -220,3 +247,6 @@ def _builder(dataset_cfg, split: str) -> CocoPanoptic:
 
 
 BUILDERS = {"coco_panoptic": _builder}
+# Dataset names whose records are panoptic (masks + class_ids, no label map): training turns
+# them into segment-index maps (`segvit_jax.data.pipeline`, `transforms.segment_map`).
+PANOPTIC_DATASETS = frozenset(BUILDERS)

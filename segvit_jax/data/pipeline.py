@@ -8,6 +8,13 @@ generators, so a (config, process) pair always yields the same batches, and the 
 The augmentation is `config.augment.pipeline`: "segvit" (mmseg's, spec segvit.md) or "eomt"
 (colour jitter, flip, scale jitter, pad, random crop; spec eomt.md, "Optimisation").
 
+Panoptic datasets (`coco_panoptic.PANOPTIC_DATASETS`) train with the "eomt" pipeline on a
+segment-index map (`transforms.segment_map`): batches carry `label` (B, H, W) int32 = the index
+of the pixel's segment, `config.dataset.ignore_index` on void, crowd and padding pixels, and
+`segment_classes` (B, config.dataset.max_segments) int32 = each segment's contiguous class id,
+-1 for padding and for segments the augmentation left without a pixel. Their loss must read
+`segment_classes` (`mask2former_panoptic`).
+
 Bad examples (`config.dataset.skip_bad_examples`): by default an example whose read raises (the
 sources raise ValueError naming the file for an undecodable image, a size mismatch or an
 out-of-range label) stops the run with that error. With skipping on, the source is wrapped in
@@ -21,12 +28,15 @@ worker processes are in their log lines, not in the main process's `skipped_exam
 `python -m segvit_jax.data.check` lists every bad file up front.
 
 Eval: a `MapDataset` of per-example records (keep-ratio resized, normalised image; label at the
-original resolution), sharded by JAX process.
+original resolution), sharded by JAX process. Panoptic / instance evaluation
+(`make_panoptic_eval_dataset`) keeps each image's ground truth as a segment map with per-segment
+classes and crowd flags instead of a label map.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from typing import Any
 
@@ -34,7 +44,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from segvit_jax.data import sources
+from segvit_jax.data import coco_panoptic, sources
 from segvit_jax.data import transforms as T
 
 AUGMENT_PIPELINES = ("segvit", "eomt")
@@ -136,9 +146,28 @@ class SkipBadExamples:
 # Transforms.
 
 
+def is_panoptic(config) -> bool:
+  """Whether `config.dataset` yields panoptic records (trained on segment-index maps)."""
+  return config.dataset.name in coco_panoptic.PANOPTIC_DATASETS
+
+
+def max_segments(config) -> int:
+  """`config.dataset.max_segments` of a panoptic config: segments per training image."""
+  n = config.dataset.get("max_segments")
+  if not n or int(n) < 1:
+    raise ValueError(f"dataset {config.dataset.name!r} is panoptic: set config.dataset."
+                     f"max_segments (segments per training image, e.g. 100 for COCO)")
+  return int(n)
+
+
 def train_transforms(config) -> list:
   """The train augmentation `config.augment.pipeline` ("segvit" or "eomt") as grain transforms."""
   name = config.augment.get("pipeline", "segvit")
+  if is_panoptic(config):
+    if name != "eomt":
+      raise ValueError(f"dataset {config.dataset.name!r} is panoptic: it trains with "
+                       f"config.augment.pipeline='eomt', not {name!r}")
+    return eomt_panoptic_train_transforms(config)
   if name == "segvit":
     return segvit_train_transforms(config)
   if name == "eomt":
@@ -172,22 +201,47 @@ def eomt_train_transforms(config) -> list:
   (if `augment.color_jitter`) on the full image, horizontal flip, scale jitter of the crop size
   by a factor in `augment.scale_jitter`, pad to the crop (image 0 before normalising, i.e. black;
   label ignore_index), random crop to `augment.crop_size`, normalise."""
+  return [
+      *_eomt_color_jitter(config),
+      *_eomt_geometric(config),
+      T.Normalize(mean=tuple(config.mean), std=tuple(config.std)),
+      T.Format(keys=("image", "label")),
+  ]
+
+
+def eomt_panoptic_train_transforms(config) -> list:
+  """EoMT's train augmentation on panoptic records: the record's masks become a segment-index
+  map (`T.PanopticTargets`), then the steps of `eomt_train_transforms` (colour jitter if
+  `augment.color_jitter`, off for COCO), the geometric ones in `T.PanopticAugment` (segments
+  left without a pixel become invalid; redrawn if none is left), normalise."""
+  return [
+      T.PanopticTargets(max_segments=max_segments(config),
+                        ignore_index=config.dataset.ignore_index),
+      *_eomt_color_jitter(config),
+      T.PanopticAugment(ops=tuple(_eomt_geometric(config))),
+      T.Normalize(mean=tuple(config.mean), std=tuple(config.std)),
+      T.Format(keys=("image", "label", "segment_classes")),
+  ]
+
+
+def _eomt_color_jitter(config) -> list:
+  aug = config.augment
+  if not aug.color_jitter:
+    return []
+  return [T.ColorJitter(brightness=aug.jitter_brightness, contrast=aug.jitter_contrast,
+                        saturation=aug.jitter_saturation, hue=aug.jitter_hue)]
+
+
+def _eomt_geometric(config) -> list:
   aug = config.augment
   crop = tuple(aug.crop_size)
   ignore = config.dataset.ignore_index
-  ops = []
-  if aug.color_jitter:
-    ops.append(T.ColorJitter(brightness=aug.jitter_brightness, contrast=aug.jitter_contrast,
-                             saturation=aug.jitter_saturation, hue=aug.jitter_hue))
-  ops += [
+  return [
       T.RandomFlip(prob=aug.flip_prob),
       T.ScaleJitter(target_size=crop, scale_range=tuple(aug.scale_jitter)),
       T.Pad(size=crop, pad_value=0, label_pad_value=ignore),
       T.RandomCrop(crop_size=crop, cat_max_ratio=1.0, ignore_index=ignore),
-      T.Normalize(mean=tuple(config.mean), std=tuple(config.std)),
-      T.Format(keys=("image", "label")),
   ]
-  return ops
 
 
 def eval_transforms(config) -> list:
@@ -218,7 +272,32 @@ def train_batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
   """The per-example layout of a training batch: key -> (shape without the batch axis,
   dtype), what `make_train_dataset` yields (batched) and the trainer compiles for."""
   h, w = config.augment.crop_size
-  return {"image": ((h, w, 3), np.float32), "label": ((h, w), np.int32)}
+  spec = {"image": ((h, w, 3), np.float32), "label": ((h, w), np.int32)}
+  if is_panoptic(config):
+    spec["segment_classes"] = ((max_segments(config),), np.int32)
+  check_loss_reads_targets(config)
+  return spec
+
+
+def check_loss_reads_targets(config) -> None:
+  """ValueError unless `config.loss` fits the data: a loss needing batch entries the dataset
+  does not yield, or a semantic loss on panoptic segment-index maps (it would take segment
+  indices for classes)."""
+  if config.get("loss") is None:
+    return
+  from segvit_jax import losses  # pylint: disable=g-import-not-at-top  (jax; not in workers)
+  loss, _ = losses.get_loss(config.loss)
+  name = config.loss.get("name", "atm")
+  keys = {"image", "label"} | ({"segment_classes"} if is_panoptic(config) else set())
+  missing = [k for k in loss.batch_keys if k not in keys]
+  if missing:
+    raise ValueError(f"config.loss.name={name!r} needs the batch entries {missing}, which "
+                     f"dataset {config.dataset.name!r} does not yield (panoptic datasets: "
+                     f"{', '.join(sorted(coco_panoptic.PANOPTIC_DATASETS))})")
+  if is_panoptic(config) and "segment_classes" not in loss.batch_keys:
+    raise ValueError(f"dataset {config.dataset.name!r} trains on segment-index maps: "
+                     f"config.loss.name must be a panoptic loss that reads segment_classes "
+                     f"('mask2former_panoptic'), not {name!r}")
 
 
 def make_train_dataset(config, process_index: int | None = None,
@@ -226,11 +305,15 @@ def make_train_dataset(config, process_index: int | None = None,
   """The infinite training `IterDataset` of this process's batches.
 
   Batches: image float32 (B, crop_h, crop_w, 3) normalised, label int32 (B, crop_h, crop_w) with
-  ignore_index in padding; B = config.batch_size // process_count.
+  ignore_index in padding; B = config.batch_size // process_count. Panoptic datasets: label is
+  the segment-index map, plus segment_classes int32 (B, max_segments) (module docstring).
   """
   process_index, process_count = _process_layout(process_index, process_count)
   batch = per_process_batch_size(config.batch_size, process_count)
+  check_loss_reads_targets(config)
   source = sources.get_source(config.dataset, config.dataset.train_split)
+  if is_panoptic(config) and hasattr(source, "check_max_segments"):
+    source.check_max_segments(max_segments(config))  # from the annotations, before any image
   skip_bad = bool(config.dataset.get("skip_bad_examples", False))
   if skip_bad:
     source = SkipBadExamples(source)
@@ -291,4 +374,72 @@ def make_eval_dataset(config, split: str | None = None, process_index: int | Non
   if max_examples >= 0:
     ds = ds[:max_examples]
   ds = ds[process_index::process_count]
-  return apply_transforms(ds, eval_transforms(config)), tuple(source.class_names)
+  ops = eval_transforms(config)
+  if is_panoptic(config):  # semantic evaluation of panoptic records: their class-id label map
+    ops = [SemanticFromPanoptic(ignore_index=int(config.dataset.ignore_index)), *ops]
+  return apply_transforms(ds, ops), tuple(source.class_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class SemanticFromPanoptic(grain.transforms.Map):
+  """A panoptic record -> dict(image, label = the class id per pixel, ignore_index on void
+  (`coco_panoptic.semantic_label`), name), for semantic evaluation of a panoptic dataset."""
+  ignore_index: int = 255
+
+  def map(self, record: dict) -> dict:
+    return {"image": record["image"], "name": record["name"],
+            "label": coco_panoptic.semantic_label(record, self.ignore_index)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PanopticEvalTarget(grain.transforms.Map):
+  """A panoptic record (masks (N, H, W), class_ids, is_crowd) and its index in the split ->
+  dict(image, name, image_id = the index, segments (H, W) int32 = i + 1 on the pixels of
+  segment i and 0 on void, segment_classes (N,) int32, segment_is_crowd (N,) bool): the ground
+  truth of `segvit_jax.panoptic_metrics` in one map instead of N masks."""
+
+  def map(self, element: tuple[int, dict]) -> dict:
+    index, record = element
+    masks = np.asarray(record["masks"], bool)
+    segments = np.zeros(masks.shape[1:], np.int32)
+    for i, mask in enumerate(masks):
+      segments[mask] = i + 1
+    n = len(masks)
+    return {"image": record["image"], "name": record["name"], "image_id": int(index),
+            "segments": segments,
+            "segment_classes": np.asarray(record["class_ids"], np.int32).reshape(n),
+            "segment_is_crowd": np.asarray(record.get("is_crowd", np.zeros(n, bool)),
+                                           bool).reshape(n)}
+
+
+def make_panoptic_eval_dataset(config, split: str | None = None,
+                               process_index: int | None = None,
+                               process_count: int | None = None
+                               ) -> tuple[grain.MapDataset, coco_panoptic.Categories]:
+  """(dataset, categories) for panoptic / instance evaluation (`config.eval.task`) on `split`.
+
+  The source is read with crowd segments kept (`drop_crowd=False`, whatever training uses):
+  PQ and AP ignore predictions on crowd regions. Records (`PanopticEvalTarget`, then
+  `transforms.MultiScaleResize` by `config.eval`): images (the test-resized image,
+  "long_side"), image (the original uint8), name, image_id (the index in the split: unique
+  across processes), segments (H, W) int32 (0 void, i + 1 segment i), segment_classes,
+  segment_is_crowd. `categories`: class names, thing flags and the dataset's (COCO) category
+  ids. Sharded across processes like `make_eval_dataset`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  process_index, process_count = _process_layout(process_index, process_count)
+  split = config.dataset.eval_split if split is None else split
+  dataset_cfg = ml_collections.ConfigDict(config.dataset.to_dict())
+  dataset_cfg.drop_crowd = False
+  source = sources.get_source(dataset_cfg, split)
+  categories = getattr(source, "categories", None)
+  if not isinstance(categories, coco_panoptic.Categories):
+    raise ValueError(f"config.eval.task={config.eval.get('task')!r} needs a panoptic dataset "
+                     f"(records with masks, class ids and thing / stuff categories, e.g. "
+                     f"{', '.join(sorted(coco_panoptic.PANOPTIC_DATASETS))}); "
+                     f"config.dataset.name={config.dataset.name!r} is not one")
+  ds = grain.MapDataset.source(source)
+  max_examples = int(config.eval.get("max_examples", -1))
+  if max_examples >= 0:
+    ds = ds[:max_examples]
+  ds = ds.map_with_index(lambda i, r: (i, r))[process_index::process_count]
+  return apply_transforms(ds, [PanopticEvalTarget(), *eval_transforms(config)]), categories

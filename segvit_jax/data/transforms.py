@@ -7,7 +7,9 @@ distortion, normalise, pad (image 0, label 255).
 EoMT (spec eomt.md, "Optimisation", augmentation) uses the Mask2Former/EoMT large-scale jitter:
 colour jitter (torchvision ColorJitter-style factors, as EoMT's `Transforms.color_jitter`),
 horizontal flip, scale jitter (keep-ratio resize to factor * crop / long side, torchvision
-`ScaleJitter`), pad to the crop (image 0, label ignore), random crop to the crop.
+`ScaleJitter`), pad to the crop (image 0, label ignore), random crop to the crop. Panoptic
+training (COCO panoptic) runs the same steps on a segment-index map (`segment_map`,
+`PanopticAugment`: vanished segments invalid, redrawn when none is left).
 
 Test: the image resized by the protocol's policy at every multi-scale ratio (`MultiScaleResize`); the
 label stays at full resolution and normalisation happens on the device.
@@ -464,9 +466,95 @@ class Pad(grain.transforms.Map):
 
 
 # ----------------------------------------------------------------------------------------------
+# Panoptic training targets (spec eomt.md, "Loss"; datasets.md, COCO panoptic). A training
+# example carries its segments as a segment-index map, never as a (N, H, W) mask stack: `label`
+# (H, W) int32 holds k on the pixels of segment k and `ignore_index` on void / crowd / padding
+# pixels; `segment_classes` (max_segments,) int32 holds segment k's contiguous class id, -1 for
+# padding and for segments the augmentation cropped or scaled away. The same geometric
+# transforms as for a semantic label map apply (nearest resizing keeps the indices).
+
+
+def segment_map(masks: np.ndarray, class_ids: np.ndarray, max_segments: int,
+                ignore_index: int = 255, name: str = "") -> tuple[np.ndarray, np.ndarray]:
+  """Disjoint segment masks (N, H, W) bool and their classes (N,) -> (label (H, W) int32,
+  segment_classes (max_segments,) int32) as described above, segment k = masks[k].
+  ValueError naming the example `name` if N > max_segments, or if `ignore_index` could be a
+  segment index."""
+  if 0 <= ignore_index < max_segments:
+    raise ValueError(f"ignore_index {ignore_index} is a valid segment index with "
+                     f"max_segments={max_segments}: segment indices are 0..{max_segments - 1}")
+  n = len(class_ids)
+  if n > max_segments:
+    raise ValueError(f"{name or 'an example'} has {n} segments (crowd dropped), more than "
+                     f"config.dataset.max_segments={max_segments}; raise it")
+  label = np.full(masks.shape[1:], ignore_index, np.int32)
+  for k, mask in enumerate(masks):
+    label[mask] = k
+  classes = np.full((max_segments,), -1, np.int32)
+  classes[:n] = class_ids
+  return label, classes
+
+
+def segments_present(label: np.ndarray, num_segments: int) -> np.ndarray:
+  """(num_segments,) bool: segment k has a pixel in the segment-index map `label`."""
+  flat = label.ravel()
+  flat = flat[(flat >= 0) & (flat < num_segments)]
+  return np.bincount(flat, minlength=num_segments)[:num_segments] > 0
+
+
+def drop_vanished_segments(label: np.ndarray, segment_classes: np.ndarray) -> np.ndarray:
+  """`segment_classes` with -1 for the segments that have no pixel left in `label`."""
+  present = segments_present(label, len(segment_classes))
+  return np.where(present, segment_classes, -1).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PanopticTargets(grain.transforms.Map):
+  """A panoptic record (image, masks (N, H, W), class_ids (N,), name, optionally is_crowd (N,))
+  -> dict(image, label = the segment-index map, segment_classes, name) by `segment_map`.
+  Segments flagged `is_crowd` (a source read with drop_crowd=False) are no segments: their
+  pixels are ignored, as EoMT's training transforms drop crowd targets."""
+  max_segments: int
+  ignore_index: int = 255
+
+  def map(self, record: dict) -> dict:
+    name = record.get("name", "")
+    masks, class_ids = record["masks"], record["class_ids"]
+    if "is_crowd" in record:
+      keep = ~np.asarray(record["is_crowd"], bool)
+      masks, class_ids = masks[keep], np.asarray(class_ids)[keep]
+    label, classes = segment_map(masks, class_ids, self.max_segments, self.ignore_index, name)
+    return {"image": record["image"], "label": label, "segment_classes": classes,
+            "name": name}
+
+
+@dataclasses.dataclass(frozen=True)
+class PanopticAugment(grain.transforms.RandomMap):
+  """The geometric augmentation `ops` (grain Maps / RandomMaps on records) on a panoptic record,
+  then the segments with no pixel left marked invalid (`drop_vanished_segments`). As in EoMT's
+  `Transforms`, which keep only non-empty masks and redo the augmentation from the original
+  image when none is left: `ops` are redrawn up to `max_tries` times until a segment is left
+  (the last draw is kept otherwise; an example without segments is augmented once)."""
+  ops: tuple
+  max_tries: int = 10
+
+  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    tries = self.max_tries if (record["segment_classes"] >= 0).any() else 1
+    for _ in range(tries):
+      out = record
+      for op in self.ops:
+        out = (op.random_map(out, rng) if isinstance(op, grain.transforms.RandomMap)
+               else op.map(out))
+      classes = drop_vanished_segments(out["label"], out["segment_classes"])
+      if (classes >= 0).any():
+        break
+    return _replace(out, segment_classes=classes)
+
+
+# ----------------------------------------------------------------------------------------------
 # Test-time resize policies (spec segvit.md / segformer.md / eomt.md, "Test" / "Inference").
 
-TEST_RESIZES = ("keep_ratio", "keep_ratio_aligned", "short_side", "none")
+TEST_RESIZES = ("keep_ratio", "keep_ratio_aligned", "short_side", "long_side", "none")
 
 
 def test_size(height: int, width: int, resize: str, scale: Sequence[int], ratio: float = 1.0,
@@ -478,9 +566,14 @@ def test_size(height: int, width: int, resize: str, scale: Sequence[int], ratio:
                       mmcv keep-ratio rule (`rescale_size`). SegViT: scale (2048, crop).
   keep_ratio_aligned  SegFormer's `AlignedResize`: keep_ratio, then both sides rounded UP to a
                       multiple of `size_divisor` (32).
-  short_side          EoMT: factor = max(crop_h / h, crop_w / w) for scale (crop_h, crop_w)
-                      times `ratio`, sides round(side * factor) (Python rounding), so the shorter
-                      side becomes the crop.
+  short_side          EoMT semantic: factor = max(crop_h / h, crop_w / w) for scale (crop_h,
+                      crop_w) times `ratio`, sides round(side * factor) (Python rounding), so the
+                      shorter side becomes the crop.
+  long_side           EoMT panoptic / instance: factor = min(size_h / h, size_w / w) for scale
+                      (size_h, size_w) (the model input) times `ratio`, sides round(side *
+                      factor), so the longer side becomes the input size and the image fits in
+                      it; the mask predictor (`segvit_jax.inference.MaskPredictor`) then pads it
+                      with black at the bottom / right to the square input.
   none                the image as it is (times `ratio`, int(side * ratio + 0.5)).
   """
   if resize == "keep_ratio" or resize == "keep_ratio_aligned":
@@ -501,6 +594,12 @@ def test_size(height: int, width: int, resize: str, scale: Sequence[int], ratio:
       raise ValueError(f"config.eval.scale={tuple(scale)} must be the (h, w) crop for "
                        "'short_side'")
     factor = max(scale[0] * ratio / height, scale[1] * ratio / width)
+    return max(round(height * factor), 1), max(round(width * factor), 1)
+  if resize == "long_side":
+    if len(scale) != 2:
+      raise ValueError(f"config.eval.scale={tuple(scale)} must be the (h, w) model input for "
+                       "'long_side'")
+    factor = min(scale[0] * ratio / height, scale[1] * ratio / width)
     return max(round(height * factor), 1), max(round(width * factor), 1)
   if resize == "none":
     return max(int(height * ratio + 0.5), 1), max(int(width * ratio + 0.5), 1)
@@ -523,7 +622,7 @@ def resize_for_test(image: np.ndarray, resize: str, scale: Sequence[int], ratio:
   the implementation it comes from: OpenCV bilinear for mmseg / SegFormer (the aligned resize
   resamples twice, as `AlignedResize` does), PIL bilinear (antialiased) for EoMT."""
   h, w = image.shape[:2]
-  if resize == "short_side":
+  if resize in ("short_side", "long_side"):
     return resize_image(image, test_size(h, w, resize, scale, ratio))
   if resize == "keep_ratio_aligned":
     image = resize_image_cv2(image, test_size(h, w, "keep_ratio", scale, ratio,
@@ -534,7 +633,9 @@ def resize_for_test(image: np.ndarray, resize: str, scale: Sequence[int], ratio:
 @dataclasses.dataclass(frozen=True)
 class MultiScaleResize(grain.transforms.Map):
   """The evaluation record: `images`, the image resized by the test policy at each multi-scale
-  ratio (uint8); `image` (the original, uint8), `label` (int32, full resolution) and `name`."""
+  ratio (uint8); `image` (the original, uint8), `label` (int32, full resolution; records
+  without one, e.g. panoptic ones, pass without) and `name`; any other entry of the record
+  (panoptic ground truth, `segvit_jax.data.pipeline.PanopticTarget`) passes unchanged."""
   resize: str = "keep_ratio"
   scale: tuple[int, ...] = (2048, 512)
   ratios: tuple[float, ...] = (1.0,)
@@ -544,8 +645,10 @@ class MultiScaleResize(grain.transforms.Map):
   def map(self, record: dict) -> dict:
     images = tuple(resize_for_test(record["image"], self.resize, self.scale, r,
                                    self.size_divisor, self.min_size) for r in self.ratios)
-    return {"images": images, "image": record["image"], "name": record["name"],
-            "label": np.ascontiguousarray(record["label"], np.int32)}
+    out = {**record, "images": images}
+    if "label" in record:
+      out["label"] = np.ascontiguousarray(record["label"], np.int32)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,9 @@ to weight micro-batches exactly (see `trainer.accumulated_value_and_grad`).
   pixel_ce    per-pixel cross-entropy of per-pixel classifiers, SegFormer (`pixel_ce.py`)
   mask2former Hungarian-matched mask classification, EoMT (`mask_classification.py`;
               semantic targets: one mask per class present; draws points, so it takes `rng`)
+  mask2former_panoptic
+              the same on panoptic segments: the label map is a segment-index map and the
+              batch's `segment_classes` (B, M) give each segment's class (-1: none)
 """
 
 from __future__ import annotations
@@ -15,17 +18,19 @@ from typing import Any, Callable, Mapping
 
 from segvit_jax.losses import atm, mask_classification, pixel_ce
 from segvit_jax.losses.atm import atm_loss
-from segvit_jax.losses.mask_classification import mask2former_semantic_loss
+from segvit_jax.losses.mask_classification import (mask2former_panoptic_loss,
+                                                   mask2former_semantic_loss)
 from segvit_jax.losses.pixel_ce import pixel_ce_loss
 
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
   """`fn(outputs, labels, num_classes=, ignore_index=, **options) -> (loss, terms)` (and
-  `rng=` when `needs_rng`, and the batch's `batch_keys` entries by name); `normalisers(labels, num_classes, ignore_index, options) ->
-  {name: denominator}` of the batch (they add up over micro-batches); `terms`: term name
-  (auxiliary suffix `_i` stripped) -> (its denominator's name, the floor the loss applies to
-  it)."""
+  `rng=` when `needs_rng`, and the batch's `batch_keys` entries by name);
+  `normalisers(labels, num_classes, ignore_index, options) -> {name: denominator}` of the
+  batch (they add up over micro-batches; the `batch_keys` entries by name too, if any);
+  `terms`: term name (auxiliary suffix `_i` stripped) -> (its denominator's name, the floor
+  the loss applies to it)."""
 
   fn: Callable[..., Any]
   normalisers: Callable[..., Mapping[str, Any]]
@@ -57,6 +62,11 @@ LOSSES = {
         fn=mask2former_semantic_loss,
         normalisers=mask_classification.mask2former_normalisers,
         terms=mask_classification.TERM_NORMALISERS, needs_rng=True),
+    "mask2former_panoptic": Loss(
+        fn=mask2former_panoptic_loss,
+        normalisers=mask_classification.mask2former_panoptic_normalisers,
+        terms=mask_classification.TERM_NORMALISERS, needs_rng=True,
+        batch_keys=("segment_classes",)),
 }
 
 
@@ -69,5 +79,5 @@ def get_loss(loss_cfg: Mapping[str, Any]) -> tuple[Loss, dict[str, Any]]:
   return LOSSES[name], options
 
 
-__all__ = ["LOSSES", "Loss", "atm_loss", "get_loss", "mask2former_semantic_loss",
-           "pixel_ce_loss"]
+__all__ = ["LOSSES", "Loss", "atm_loss", "get_loss", "mask2former_panoptic_loss",
+           "mask2former_semantic_loss", "pixel_ce_loss"]

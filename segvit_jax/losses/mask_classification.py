@@ -20,6 +20,8 @@ resolution are sampled at the same places without resizing either. Targets are a
 (B, M, H, W) mask stack, or `LabelMasks` (a label map and one class per target) that sample
 masks `labels == class` straight from the labels: semantic segmentation's one mask per class
 present never builds its (B, K, H, W) one-hot. Only min(M, Q) matched masks are sampled.
+Panoptic segmentation's targets (every thing instance and stuff region) come the same way from
+a segment-index map (`panoptic_targets`, `mask2former_panoptic_loss`).
 """
 
 from __future__ import annotations
@@ -314,6 +316,16 @@ def semantic_targets(labels: jax.Array, num_classes: int, ignore_index: int = 25
   return masks.astype(jnp.float32), classes, _present(labels, num_classes)
 
 
+def _check_outputs(outputs: Mapping[str, Any], num_classes: int,
+                   num_queries: int | None) -> None:
+  _, q, k1 = outputs["class_logits"].shape
+  if k1 != num_classes + 1:
+    raise ValueError(f"the model gives {k1} class logits, expected num_classes + 1 = "
+                     f"{num_classes + 1} (the last is no-object)")
+  if num_queries is not None and num_queries != q:
+    raise ValueError(f"loss option num_queries={num_queries}, the model gives {q} queries")
+
+
 def mask2former_semantic_loss(outputs: Mapping[str, Any], labels: jax.Array, *,
                               num_classes: int, ignore_index: int = 255, rng: jax.Array,
                               num_queries: int | None = None, **options
@@ -321,17 +333,48 @@ def mask2former_semantic_loss(outputs: Mapping[str, Any], labels: jax.Array, *,
   """`mask2former_loss` with one target per class present in (B, H, W) `labels`
   (`semantic_targets`), sampled from the labels. `num_queries`, if given (the accumulation
   normaliser needs it), must be the outputs' Q; `options`: those of `mask2former_loss`."""
-  b, q, k1 = outputs["class_logits"].shape
-  if k1 != num_classes + 1:
-    raise ValueError(f"the model gives {k1} class logits, expected num_classes + 1 = "
-                     f"{num_classes + 1} (the last is no-object)")
-  if num_queries is not None and num_queries != q:
-    raise ValueError(f"loss option num_queries={num_queries}, the model gives {q} queries")
+  _check_outputs(outputs, num_classes, num_queries)
+  b = labels.shape[0]
   labels = _labelled(labels, num_classes, ignore_index)
   classes = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32), (b, num_classes))
   return mask2former_loss(outputs, LabelMasks(labels, classes), classes,
                           _present(labels, num_classes), rng=rng, **options)
 
+
+# --------------------------------------------------------------------------- panoptic targets
+
+
+def panoptic_targets(labels: jax.Array, segment_classes: jax.Array, ignore_index: int = 255
+                     ) -> tuple[LabelMasks, jax.Array, jax.Array]:
+  """Panoptic segments from a segment-index map (`segvit_jax.data.transforms.segment_map`):
+  `labels` (B, H, W) int with segment m's pixels = m and `ignore_index` (or any id outside
+  [0, M)) elsewhere, `segment_classes` (B, M) int = segment m's class, -1 for padding.
+  -> targets `LabelMasks` (mask m = `labels == m`), classes (B, M) int32 (padding -> 0),
+  valid (B, M) bool = a class is given and the segment has a pixel (a segment the crop
+  removed is no target, as in EoMT, which drops empty masks after augmenting)."""
+  m = segment_classes.shape[1]
+  labels = _labelled(labels, m, ignore_index)
+  valid = (segment_classes >= 0) & _present(labels, m)
+  index = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), segment_classes.shape)
+  return (LabelMasks(labels, index), jnp.maximum(segment_classes, 0).astype(jnp.int32),
+          valid)
+
+
+def mask2former_panoptic_loss(outputs: Mapping[str, Any], labels: jax.Array, *,
+                              segment_classes: jax.Array, num_classes: int,
+                              ignore_index: int = 255, rng: jax.Array,
+                              num_queries: int | None = None, **options
+                              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`mask2former_loss` on panoptic segments (`panoptic_targets`: thing instances and stuff
+  regions alike, each its own target) given as a (B, H, W) segment-index map and the
+  segments' classes (B, M); the masks are sampled from the map, never built. `num_queries`,
+  if given, must be the outputs' Q; `options`: those of `mask2former_loss`."""
+  _check_outputs(outputs, num_classes, num_queries)
+  targets, classes, valid = panoptic_targets(labels, segment_classes, ignore_index)
+  return mask2former_loss(outputs, targets, classes, valid, rng=rng, **options)
+
+
+# --------------------------------------------------------------------------- accumulation
 
 # Gradient accumulation needs the loss's normalisation: the cross-entropy is a mean weighted
 # by 1 (matched query) or `no_object_weight` over all queries of the batch; BCE and dice are
@@ -347,12 +390,28 @@ def mask2former_normalisers(labels: jax.Array, num_classes: int, ignore_index: i
   (B, H, W) and the loss `options` (`num_queries` required, `no_object_weight`): the
   no-object-weighted query count (min(masks, Q) queries of an image are matched) and the
   number of masks. Both add up over micro-batches, unlike the loss terms they divide."""
+  masks = jnp.sum(_present(_labelled(labels, num_classes, ignore_index), num_classes), axis=1)
+  return _normalisers(masks, options)
+
+
+def mask2former_panoptic_normalisers(labels: jax.Array, num_classes: int, ignore_index: int,
+                                     options: Mapping[str, Any], *, segment_classes: jax.Array
+                                     ) -> dict[str, jax.Array]:
+  """`mask2former_normalisers` of `mask2former_panoptic_loss`: the masks are the valid
+  segments (`panoptic_targets`) of the (B, H, W) segment-index map `labels` and its
+  `segment_classes` (B, M)."""
+  del num_classes  # the segments, not the classes, are the targets
+  _, _, valid = panoptic_targets(labels, segment_classes, ignore_index)
+  return _normalisers(jnp.sum(valid, axis=1), options)
+
+
+def _normalisers(masks: jax.Array, options: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """From the (B,) target counts: the no-object-weighted query count and the mask count."""
   if options.get("num_queries") is None:
     raise ValueError("the mask2former loss needs config.loss.num_queries (the model's query "
                      "count) to weight micro-batches for gradient accumulation")
   q = int(options["num_queries"])
   no_object_weight = options.get("no_object_weight", 0.1)
-  masks = jnp.sum(_present(_labelled(labels, num_classes, ignore_index), num_classes), axis=1)
   matched = jnp.minimum(masks, q).astype(jnp.float32)
   queries = jnp.sum(matched + (q - matched) * no_object_weight)
   return {"queries": queries, "masks": jnp.sum(masks).astype(jnp.float32)}
