@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 
 import grain
 import jax
@@ -497,3 +498,21 @@ def test_train_cli_runs_the_coco_config(coco, trained, tmp_path):
   assert [m["step"] for m in metrics] == [m["step"] for m in trained[1]]
   np.testing.assert_allclose([m["loss"] for m in metrics], [m["loss"] for m in trained[1]],
                              rtol=1e-6)
+
+
+def test_eval_cli_reports_pq_with_the_coco_config(coco, trained):
+  """`python eval.py --config configs/eomt_vit_l_coco_panoptic.py --workdir W
+  --config.dataset.root=ROOT` (the class count and eval size shrunk with the model) prints PQ
+  and writes it, with the protocol, to eval_results.json."""
+  workdir, _ = trained
+  out = run("eval.py", "--config", L_CONFIG, "--workdir", workdir,
+            f"--config.dataset.root={coco}", "--num_vis=1",
+            *(_flag(k, v) for k, v in {  # the model itself comes from the workdir
+                "model.num_classes": NUM_CLASSES, "dataset.num_classes": NUM_CLASSES,
+                "eval.scale": (32, 32)}.items())).stdout
+  assert re.search(r"PQ: \d+\.\d", out), out[-2000:]
+  with open(os.path.join(workdir, "eval_results.json")) as f:
+    results = json.load(f)
+  assert {"PQ", "SQ", "RQ", "PQ_th", "PQ_st"} <= set(results)
+  assert 0.0 <= results["PQ"] <= 100.0
+  assert results["protocol"]["task"] == "panoptic"
