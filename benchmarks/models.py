@@ -90,19 +90,13 @@ def export(c, variables, tmp: str, kind: str) -> str:
   return out
 
 
-def torch_model(c, path: str, kind: str) -> Callable[[torch.Tensor], Any]:
-  """(forward on NCHW float32 images -> the compared outputs) of the PyTorch counterpart."""
+def torch_module(c, path: str, kind: str) -> torch.nn.Module:
+  """The PyTorch counterpart with the exported weights (eval mode)."""
   import transformers  # pylint: disable=g-import-not-at-top
   if kind == "segformer":
-    model = transformers.SegformerForSemanticSegmentation.from_pretrained(path).eval()
-    return lambda x: model(pixel_values=x).logits
+    return transformers.SegformerForSemanticSegmentation.from_pretrained(path).eval()
   if kind == "eomt":
-    model = transformers.EomtForUniversalSegmentation.from_pretrained(path).eval()
-
-    def run(x):
-      out = model(pixel_values=x)
-      return out.class_queries_logits, out.masks_queries_logits
-    return run
+    return transformers.EomtForUniversalSegmentation.from_pretrained(path).eval()
   m = c.model
   from segvit_jax.models import vit  # pylint: disable=g-import-not-at-top
   sizes = vit.decode_variant(m.backbone.variant)
@@ -114,11 +108,24 @@ def torch_model(c, path: str, kind: str) -> Callable[[torch.Tensor], Any]:
   if head.pop("type", "atm") == "shrunk":
     model = ref.SegViTShrunk(m.num_classes, dict(backbone, shrink_idx=m.backbone.shrink_idx),
                              head).eval()
-    model.load_state_dict(state, strict=False)
-  else:
-    model = ref.SegViT(m.num_classes, dict(backbone, cls_token=True, cls_in_blocks=False,
-                                           final_norm=False), head).eval()
-    ref.load_official_state_dict(model, state)
+    model.load_state_dict(state, strict=True)
+    return model
+  model = ref.SegViT(m.num_classes, dict(backbone, cls_token=True, cls_in_blocks=False,
+                                         final_norm=False), head).eval()
+  ref.load_official_state_dict(model, state)
+  return model
+
+
+def torch_model(c, path: str, kind: str) -> Callable[[torch.Tensor], Any]:
+  """(forward on NCHW float32 images -> the compared outputs) of the PyTorch counterpart."""
+  model = torch_module(c, path, kind)
+  if kind == "segformer":
+    return lambda x: model(pixel_values=x).logits
+  if kind == "eomt":
+    def run(x):
+      out = model(pixel_values=x)
+      return out.class_queries_logits, out.masks_queries_logits
+    return run
   return lambda x: model(x)["semantic_scores"]
 
 

@@ -1,0 +1,171 @@
+"""Training step time, ours against the PyTorch implementation of the same model with the same
+weights, side by side in one run.
+
+  python benchmarks/train_step.py [--models segvit_b16,segformer_b0,eomt_s] [--full]
+      [--batch 2] [--repeats 5] [--dtype float32|bfloat16]
+
+A step is forward, loss, backward and the AdamW update on one batch of random images and
+labels: ours is the trainer's jitted step (`trainer.loss_fn` + `accumulated_value_and_grad` +
+the config's optimizer), torch's is forward, loss, `backward()` and `torch.optim.AdamW.step()`
+(eager, float32). Losses: SegViT's ATM loss (ours; the torch reference's `atm_loss` from the
+tests), SegFormer's pixel cross-entropy (transformers computes it from `labels`), EoMT's
+Mask2Former loss (transformers' EomtLoss from `mask_labels` / `class_labels`, its Hungarian
+matching on the host with scipy; ours in the jitted step; 1000 points per mask there and here
+instead of 12544, to keep a CPU run short). Sizes as benchmarks/models.py. Medians over
+`--repeats` steps after one warm-up step; ours' first step (compilation) is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks import models as bm  # noqa: E402
+from segvit_jax import optim, trainer  # noqa: E402
+from segvit_jax.models import build_model  # noqa: E402
+from tests import torch_reference as ref  # noqa: E402
+
+NUM_POINTS = 1000
+
+
+def our_step(c, variables, dtype: str):
+  """(jitted step(state, batch) -> (state, loss), initial state)."""
+  c.model.dtype = dtype
+  model = build_model(c.model)
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"}
+  tx, _ = optim.make_optimizer(c.optim, c.total_steps, params)
+  value_and_grad = trainer.accumulated_value_and_grad(trainer.loss_fn(model, c), c)
+
+  def step(state, batch):
+    params, opt_state, model_state, t = state
+    (loss, (_, model_state)), grads = value_and_grad(params, model_state, batch,
+                                                     jax.random.key(0), t)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, model_state, t + 1), loss
+
+  state = (params, tx.init(params), model_state, jnp.int32(c.optim.warmup_steps + 10))
+  return jax.jit(step, donate_argnums=(0,)), state
+
+
+def torch_step(c, path: str, kind: str):
+  """step(images NCHW, labels (B, H, W) long) -> loss, for the PyTorch counterpart."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  if kind == "eomt":  # transformers' loss, with our point count
+    model = transformers.EomtForUniversalSegmentation.from_pretrained(
+        path, train_num_points=NUM_POINTS).train()
+  else:
+    model = bm.torch_module(c, path, kind).train()
+  k = c.model.num_classes
+  if kind == "segformer":
+    loss_fn = lambda x, y: model(pixel_values=x, labels=y).loss  # noqa: E731
+  elif kind == "eomt":
+    def loss_fn(x, y):
+      masks, classes = [], []
+      for label in y:
+        present = [int(v) for v in torch.unique(label) if v < k]
+        masks.append(torch.stack([(label == v).float() for v in present]))
+        classes.append(torch.tensor(present))
+      return model(pixel_values=x, mask_labels=masks, class_labels=classes).loss
+  else:
+    def loss_fn(x, y):
+      out = model(x)
+      final = {"class_logits": out["class_logits"], "mask_logits": out["mask_logits"]}
+      return ref.atm_loss({**final, "aux_outputs": out["aux_outputs"]}, y, k)[0]
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+
+  def step(x, y):
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(x, y)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+  return step
+
+
+def bench(name: str, size: int, batch: int, repeats: int, dtype: str) -> dict:
+  c = bm.model_config(name, size)
+  kind = bm.MODELS[name][2]
+  c.augment.crop_size = (size, size)
+  if kind == "eomt":
+    c.loss.num_points = NUM_POINTS
+    c.model.mask_annealing.enabled = False  # transformers' masking is off (probs 0) too
+  model = build_model(c.model)
+  x0 = jnp.zeros((1, size, size, 3), jnp.float32)
+  variables = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), x0)))()
+  with tempfile.TemporaryDirectory() as tmp:
+    path = bm.export(c, variables, tmp, kind)
+    theirs = torch_step(c, path, kind)
+  step, state = our_step(c, variables, dtype)
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
+  # Labels: a few rectangles of random classes, some ignore pixels.
+  labels = np.full((batch, size, size), 0, np.int32)
+  k = c.model.num_classes
+  for b in range(batch):
+    for _ in range(6):
+      y0, x0_ = rng.integers(0, size - 8, 2)
+      labels[b, y0:y0 + size // 3, x0_:x0_ + size // 3] = rng.integers(0, k)
+  labels[:, :4] = 255
+  batch_j = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+  xt = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+  yt = torch.from_numpy(labels).long()
+  t0 = time.perf_counter()
+  state, loss = step(state, batch_j)
+  jax.block_until_ready(loss)
+  first = time.perf_counter() - t0
+  theirs(xt, yt)  # warm-up
+  t_ours, t_torch = [], []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state, loss = step(state, batch_j)
+    jax.block_until_ready(loss)
+    t_ours.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    theirs(xt, yt)
+    t_torch.append(time.perf_counter() - t0)
+  ours, torch_s = statistics.median(t_ours), statistics.median(t_torch)
+  return {"model": name, "size": size, "batch": batch, "ours": ours, "torch": torch_s,
+          "compile": first - ours}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="segvit_b16,segformer_b0,eomt_s")
+  parser.add_argument("--full", action="store_true", help="the papers' sizes")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  args = parser.parse_args()
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.mark_as_parsed()
+  print(f"{jax.devices()[0].device_kind} x {jax.local_device_count()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); ours {args.dtype}; "
+        f"batch {args.batch}; medians of {args.repeats}")
+  print("| model | size | ours s / step | torch s / step | ours / torch | compile s |")
+  print("|---|---|---|---|---|---|")
+  for name in args.models.split(","):
+    full = bm.MODELS[name][1]
+    size = full if args.full else full // 2
+    r = bench(name, size, args.batch, args.repeats, args.dtype)
+    print(f"| {name} | {size} | {r['ours']:.2f} | {r['torch']:.2f} | "
+          f"{r['ours'] / r['torch']:.2f} | {r['compile']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
