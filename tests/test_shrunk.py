@@ -97,12 +97,21 @@ def tiny_shrunk_config(**head):
                 qu_layers=2, atm_layers=3, **head))
 
 
-def test_shrunk_model_outputs_on_a_non_square_input():
+@pytest.fixture(scope="module")
+def tiny_shrunk():
+  """(model, unboxed params) of `tiny_shrunk_config`, initialised once (jitted) for the file."""
+  model = build_model(tiny_shrunk_config())
+  params = jax.jit(lambda: nn.meta.unbox(
+      model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]))()
+  return model, params
+
+
+def test_shrunk_model_outputs_on_a_non_square_input(tiny_shrunk):
   cfg = tiny_shrunk_config()
-  model = build_model(cfg)
+  model, params = tiny_shrunk
   assert input_divisor(cfg) == 32
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 96, 3)), jnp.float32)
-  variables = model.init(jax.random.key(0), x)
+  variables = {"params": params}
   out = model.apply(variables, x)
   assert out["class_logits"].shape == (2, 5, 6)
   assert out["mask_logits"].shape == out["semantic_scores"].shape == (2, 5, 64, 96)
@@ -114,14 +123,11 @@ def test_shrunk_model_outputs_on_a_non_square_input():
     model.apply(variables, jnp.zeros((1, 48, 64, 3)))
 
 
-def test_qu_queries_are_resized_from_the_stored_grid():
+def test_qu_queries_are_resized_from_the_stored_grid(tiny_shrunk):
   # At the stored grid the queries are used as they are; at another grid the model equals one
   # whose stored queries were resized beforehand (bicubic, as a position embedding).
-  cfg = tiny_shrunk_config()
-  model = build_model(cfg)
+  model, params = tiny_shrunk
   x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 96, 64, 3)), jnp.float32)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
-  params = nn.meta.unbox(params)
   q = params["head"]["queries"]
   resized = layers.resize_posemb(q.reshape(1, 4, 4, 32), (6, 4), "bicubic").reshape(24, 32)
   cfg2 = tiny_shrunk_config()
@@ -160,14 +166,13 @@ def test_small_shrunk_model_trains_at_a_non_square_crop(tmp_path):
   assert losses[-1] < 0.85 * losses[0], losses  # measured: 8.93 -> 5.74
 
 
-def test_shrunk_model_in_the_multi_scale_predictor():
+def test_shrunk_model_in_the_multi_scale_predictor(tiny_shrunk):
   # An image whose sides are not multiples of 32, windows smaller than the crop: the predictor
   # pads windows to input_divisor (32) and sizes the QU queries from each window's grid. One
   # 64 x 64 window over a 64 x 64 image equals whole-image inference.
   from segvit_jax import inference  # pylint: disable=g-import-not-at-top
   cfg = tiny_shrunk_config()
-  model = build_model(cfg)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  model, params = tiny_shrunk
   apply_fn = lambda p, x: model.apply({"params": p}, x)["semantic_scores"]  # noqa: E731
   rng = np.random.default_rng(4)
   kw = dict(crop=(64, 64), stride=(32, 32), size_divisor=input_divisor(cfg), window_batch=2)
