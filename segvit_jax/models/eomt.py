@@ -106,9 +106,9 @@ class ScaleBlock(nn.Module):
                          name="conv1",
                          kernel_init=layers.logical(_torch_init, (None, None, "embed", None)),
                          bias_init=layers.logical(nn.initializers.zeros, (None,)))(x)
-    x = nn.Conv(d, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=d, use_bias=False,
-                dtype=self.dtype, name="conv2",
-                kernel_init=layers.logical(_torch_init, (None, None, None, "embed")))(_gelu(x))
+    x = layers.DepthwiseConv(3, use_bias=False, dtype=self.dtype, name="conv2",
+                             kernel_init=layers.logical(_torch_init,
+                                                        (None, None, None, "embed")))(_gelu(x))
     x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm",
                      scale_init=layers.logical(nn.initializers.ones, ("embed",)),
                      bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(x)

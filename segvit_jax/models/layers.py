@@ -51,6 +51,34 @@ class DropPath(nn.Module):
     return jnp.where(mask, x * (1.0 / keep), 0.0).astype(x.dtype)
 
 
+class DepthwiseConv(nn.Module):
+  """Depthwise k x k convolution, stride 1, zero padding k // 2 (torch's Conv2d(C, C, k,
+  padding=k // 2, groups=C)) on (B, H, W, C), as a sum of k * k shifted, per-channel-scaled
+  copies of the input. The parameters are those of `nn.Conv(C, (k, k),
+  feature_group_count=C)` (`kernel` (k, k, 1, C), `bias` (C,)), so checkpoints do not see the
+  difference; XLA's grouped convolution on the CPU is ~30x slower than this (measured in
+  BENCHMARKS.md), on accelerators the two compile to similar fused loops."""
+
+  kernel_size: int = 3
+  use_bias: bool = True
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c = self.kernel_size, x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (k, k, 1, c)).astype(self.dtype)
+    x = x.astype(self.dtype)
+    h, w = x.shape[1:3]
+    p = k // 2
+    xp = jnp.pad(x, ((0, 0), (p, k - 1 - p), (p, k - 1 - p), (0, 0)))
+    out = sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(k) for j in range(k))
+    if self.use_bias:
+      out = out + self.param("bias", self.bias_init, (c,)).astype(self.dtype)
+    return out
+
+
 class Mlp(nn.Module):
   """Two Dense layers with an activation between them (ViT: GELU, decoders: ReLU)."""
 

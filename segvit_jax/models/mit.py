@@ -107,11 +107,10 @@ class MixFFN(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     d, hid = x.shape[-1], self.hidden_dim
     y = _dense(hid, ("embed", "mlp"), "fc1", self.dtype)(x)
-    y = nn.Conv(hid, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=hid,
-                dtype=self.dtype, name="dwconv",
-                kernel_init=layers.logical(_conv_init((3, 3), hid, hid),
-                                           (None, None, None, "mlp")),
-                bias_init=layers.logical(nn.initializers.zeros, ("mlp",)))(y)
+    y = layers.DepthwiseConv(3, dtype=self.dtype, name="dwconv",
+                             kernel_init=layers.logical(_conv_init((3, 3), hid, hid),
+                                                        (None, None, None, "mlp")),
+                             bias_init=layers.logical(nn.initializers.zeros, ("mlp",)))(y)
     y = nn.gelu(y, approximate=False)
     y = layers.constrain(y, ("act_batch", None, None, "act_mlp"))
     return _dense(d, ("mlp", "embed"), "fc2", self.dtype)(y)

@@ -1,0 +1,27 @@
+"""Layers with a hand-written computation checked against the library op they replace."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segvit_jax.models import layers
+
+
+@pytest.mark.parametrize("k,bias", [(3, True), (3, False), (5, True)])
+def test_depthwise_conv_equals_grouped_conv(k, bias):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 13, 6)), jnp.float32)
+  ours = layers.DepthwiseConv(k, use_bias=bias,
+                              bias_init=nn.initializers.normal(1.0))
+  variables = ours.init(jax.random.key(1), x)
+  grouped = nn.Conv(6, (k, k), padding=((k // 2, k // 2),) * 2, feature_group_count=6,
+                    use_bias=bias)
+  # Same parameter names and shapes: checkpoints of either load into the other.
+  assert jax.tree.map(np.shape, variables) == jax.tree.map(
+      np.shape, grouped.init(jax.random.key(1), x))
+  want = jax.lax.conv_general_dilated(
+      x, variables["params"]["kernel"], (1, 1), ((k // 2, k // 2),) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
+      precision="highest") + (variables["params"]["bias"] if bias else 0.0)
+  np.testing.assert_allclose(ours.apply(variables, x), want, atol=1e-5, rtol=0)
