@@ -13,6 +13,8 @@ What counts (fvcore's convention for the ops that matter in these models):
   conv_general_dilated  output elements x kernel window x input features per group; a
                         transposed convolution (input dilation): input pixels x kernel size,
                         as fvcore counts it (the inserted zeros are not multiply-adds);
+  depthwise convolutions written as shifted products (`layers.DepthwiseConv`, scope
+                        "depthwise_conv"): those products, as a convolution's MACs;
   everything else       0 (elementwise ops, softmax, norms, reductions, gathers). fvcore adds
                         ~5 per element for a LayerNorm: ~0.1% of a ViT, left out.
 Interpolation is reported apart and left out of the total. Resizes in this repository are
@@ -109,6 +111,9 @@ def macs_by_scope(jaxpr: jax_core.Jaxpr | jax_core.ClosedJaxpr,
     scope = _join(prefix, str(eqn.source_info.name_stack))
     if macs := eqn_macs(eqn):
       counts[scope] += macs
+    elif eqn.primitive.name == "mul" and DEPTHWISE in scope.split("/"):
+      # `layers.DepthwiseConv` computes a convolution as elementwise products: count them.
+      counts[scope] += math.prod(eqn.outvars[0].aval.shape)
     name, params = eqn.primitive.name, eqn.params
     if name == "cond":  # one branch runs: the costliest
       branches = [macs_by_scope(b, scope) for b in params["branches"]]
@@ -131,6 +136,7 @@ def count_macs(jaxpr: jax_core.Jaxpr | jax_core.ClosedJaxpr) -> int:
 
 
 RESIZE = layers.RESIZE_SCOPE
+DEPTHWISE = layers.DEPTHWISE_SCOPE
 
 
 def group_by_module(counts: Mapping[str, int], children: Collection[str],

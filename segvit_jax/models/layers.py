@@ -51,6 +51,9 @@ class DropPath(nn.Module):
     return jnp.where(mask, x * (1.0 / keep), 0.0).astype(x.dtype)
 
 
+DEPTHWISE_SCOPE = "depthwise_conv"
+
+
 class DepthwiseConv(nn.Module):
   """Depthwise k x k convolution, stride 1, zero padding k // 2 (torch's Conv2d(C, C, k,
   padding=k // 2, groups=C)) on (B, H, W, C), as a sum of k * k shifted, per-channel-scaled
@@ -73,7 +76,9 @@ class DepthwiseConv(nn.Module):
     h, w = x.shape[1:3]
     p = k // 2
     xp = jnp.pad(x, ((0, 0), (p, k - 1 - p), (p, k - 1 - p), (0, 0)))
-    out = sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(k) for j in range(k))
+    with jax.named_scope(DEPTHWISE_SCOPE):  # the FLOP counter counts these products as MACs
+      out = sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+                for i in range(k) for j in range(k))
     if self.use_bias:
       out = out + self.param("bias", self.bias_init, (c,)).astype(self.dtype)
     return out
