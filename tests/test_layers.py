@@ -25,3 +25,14 @@ def test_depthwise_conv_equals_grouped_conv(k, bias):
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
       precision="highest") + (variables["params"]["bias"] if bias else 0.0)
   np.testing.assert_allclose(ours.apply(variables, x), want, atol=1e-5, rtol=0)
+
+
+def test_pointwise_conv_equals_a_1x1_conv():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 7, 6)), jnp.float32)
+  ours = layers.PointwiseConv(4, bias_init=nn.initializers.normal(1.0))
+  variables = ours.init(jax.random.key(1), x)
+  conv = nn.Conv(4, (1, 1))
+  assert jax.tree.map(np.shape, variables) == jax.tree.map(
+      np.shape, conv.init(jax.random.key(1), x))
+  np.testing.assert_allclose(ours.apply(variables, x), conv.apply(variables, x), atol=1e-5,
+                             rtol=0)

@@ -55,9 +55,10 @@ class SegFormerHead(nn.Module):
       maps.append(layers.resize_grid(y, grid, "bilinear", axes=(1, 2)))
     x = jnp.concatenate(maps[::-1], axis=-1)  # (B, h_1, w_1, 4C): [stage 4, 3, 2, 1]
     x = layers.constrain(x, ("act_batch", None, None, None))
-    x = nn.Conv(c, (1, 1), use_bias=False, dtype=self.dtype, name="linear_fuse",
-                kernel_init=layers.logical(nn.initializers.normal(math.sqrt(2.0 / c)),
-                                           (None, None, None, "mlp")))(x)
+    x = layers.PointwiseConv(c, use_bias=False, dtype=self.dtype, name="linear_fuse",
+                             kernel_init=layers.logical(
+                                 nn.initializers.normal(math.sqrt(2.0 / c)),
+                                 (None, None, None, "mlp")))(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                      epsilon=self.bn_eps, use_fast_variance=False, dtype=self.dtype,
                      name="batch_norm",
@@ -65,8 +66,8 @@ class SegFormerHead(nn.Module):
                      bias_init=layers.logical(nn.initializers.zeros, ("mlp",)))(x)
     x = layers.constrain(nn.relu(x), ("act_batch", None, None, "act_mlp"))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier",
-                kernel_init=layers.logical(nn.initializers.normal(0.01),
-                                           (None, None, "mlp", "classes")),
-                bias_init=layers.logical(nn.initializers.zeros, ("classes",)))(x)
+    x = layers.PointwiseConv(self.num_classes, dtype=self.dtype, name="classifier",
+                             kernel_init=layers.logical(nn.initializers.normal(0.01),
+                                                        (None, None, "mlp", "classes")),
+                             bias_init=layers.logical(nn.initializers.zeros, ("classes",)))(x)
     return jnp.transpose(x, (0, 3, 1, 2))  # (B, K, h_1, w_1)
