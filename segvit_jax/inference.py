@@ -385,7 +385,30 @@ def local_replica(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-class MultiScalePredictor:
+class LocalPredictor:
+  """What both predictors share: this process's devices as a data-parallel mesh, the
+  parameters replicated on it, and `activate()` (the mesh and the logical-axis rules, for every
+  call: evaluation also runs inside a training loop, whose global mesh is then set aside)."""
+
+  def __init__(self, params: Any, mesh: jax.sharding.Mesh | None = None):
+    self.mesh = local_mesh() if mesh is None else mesh
+    self.num_devices = self.mesh.devices.size
+    self._repl = NamedSharding(self.mesh, P())
+    self._batch = NamedSharding(self.mesh, P("data"))
+    with self.activate():
+      self.params = local_replica(params, self.mesh)
+
+  def put(self, x: Any) -> jax.Array:
+    """`x` replicated on this predictor's devices."""
+    return jax.device_put(x, self._repl)
+
+  @contextlib.contextmanager
+  def activate(self):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      yield
+
+
+class MultiScalePredictor(LocalPredictor):
   """Multi-scale (+ flip) scores of one image at a time on this process's devices.
 
     predictor = MultiScalePredictor(apply_fn, params, protocol, num_classes)
@@ -401,14 +424,9 @@ class MultiScalePredictor:
   def __init__(self, apply_fn: Callable, params: Any, protocol: Protocol, num_classes: int, *,
                mean: Sequence[float], std: Sequence[float],
                mesh: jax.sharding.Mesh | None = None):
+    super().__init__(params, mesh)
     self.protocol = protocol
     self.num_classes = int(num_classes)
-    self.mesh = local_mesh() if mesh is None else mesh
-    self.num_devices = self.mesh.devices.size
-    self._repl = NamedSharding(self.mesh, P())
-    self._batch = NamedSharding(self.mesh, P("data"))
-    with self.activate():
-      self.params = local_replica(params, self.mesh)
     self._mean = self.put(np.asarray(mean, np.float32))
     self._std = self.put(np.asarray(std, np.float32))
 
@@ -420,17 +438,6 @@ class MultiScalePredictor:
     # Accumulators start on the devices (no host allocation and transfer of C x H x W zeros).
     self._zeros = jax.jit(lambda shape: jnp.zeros(shape, jnp.float32), static_argnums=0,
                           out_shardings=self._repl)
-
-  def put(self, x: Any) -> jax.Array:
-    """`x` replicated on this predictor's devices."""
-    return jax.device_put(x, self._repl)
-
-  @contextlib.contextmanager
-  def activate(self):
-    """The local mesh and the logical-axis rules, for every call (also inside a training loop,
-    whose global mesh is then set aside)."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      yield
 
   def chunk_sizes(self, n: int) -> list[int]:
     """`chunk_sizes` of n windows for this predictor's window batch and devices."""
@@ -496,7 +503,7 @@ def masks_at_size(mask_logits: jax.Array, valid: jax.Array, out_size: jax.Array,
                       axes=(0, 1))
 
 
-class MaskPredictor:
+class MaskPredictor(LocalPredictor):
   """Mask-classification outputs of whole images at EoMT's panoptic / instance protocol (spec
   eomt.md, "Inference"), on this process's devices:
 
@@ -517,14 +524,9 @@ class MaskPredictor:
   def __init__(self, apply_fn: Callable, params: Any, input_size: Sequence[int], *,
                mean: Sequence[float], std: Sequence[float], batch: int = 1, bucket: int = 64,
                mesh: jax.sharding.Mesh | None = None):
+    super().__init__(params, mesh)
     self.input_size = (int(input_size[0]), int(input_size[1]))
     self.batch, self.bucket = max(int(batch), 1), max(int(bucket), 1)
-    self.mesh = local_mesh() if mesh is None else mesh
-    self.num_devices = self.mesh.devices.size
-    self._repl = NamedSharding(self.mesh, P())
-    self._batch = NamedSharding(self.mesh, P("data"))
-    with self.activate():
-      self.params = local_replica(params, self.mesh)
     mean = jnp.asarray(np.asarray(mean, np.float32))
     std = jnp.asarray(np.asarray(std, np.float32))
 
@@ -534,12 +536,6 @@ class MaskPredictor:
       return class_logits.astype(jnp.float32), mask_logits.astype(jnp.float32)
 
     self._model = jax.jit(model, out_shardings=self._repl)
-
-  @contextlib.contextmanager
-  def activate(self):
-    """The local mesh and the logical-axis rules (as `MultiScalePredictor.activate`)."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      yield
 
   def padded(self, images: Sequence[np.ndarray], size: int) -> np.ndarray:
     """(size, S, S, 3) uint8: `images` at the top-left of black inputs (the rest all black)."""
@@ -568,6 +564,6 @@ class MaskPredictor:
     """`masks_at_size` of one image's (K, h', w') mask logits: (Hb, Wb, K) on the devices."""
     out_shape = (_round_up(out_size[0], self.bucket), _round_up(out_size[1], self.bucket))
     with self.activate():
-      return masks_at_size(mask_logits, jax.device_put(np.asarray(valid, np.int32), self._repl),
-                           jax.device_put(np.asarray(out_size, np.int32), self._repl),
+      return masks_at_size(mask_logits, self.put(np.asarray(valid, np.int32)),
+                           self.put(np.asarray(out_size, np.int32)),
                            input_size=self.input_size, out_shape=out_shape)
