@@ -27,6 +27,21 @@ def test_depthwise_conv_equals_grouped_conv(k, bias):
   np.testing.assert_allclose(ours.apply(variables, x), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("k", [3, 5])
+def test_depthwise_conv_gradient_equals_grouped_conv_gradient(k):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 7, 10, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, 4)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 7, 10, 4)), jnp.float32)
+  grouped = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+      x, w[:, :, None], (1, 1), ((k // 2, k // 2),) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4, precision="highest")
+  want = jax.vjp(grouped, x, kernel)[1](g)
+  got = jax.vjp(layers.depthwise_conv, x, kernel)[1](g)
+  for a, b in zip(got, want):  # max abs diff of the x and kernel gradients
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+
+
 def test_pointwise_conv_equals_a_1x1_conv():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 7, 6)), jnp.float32)
   ours = layers.PointwiseConv(4, bias_init=nn.initializers.normal(1.0))

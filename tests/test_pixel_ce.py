@@ -2,6 +2,7 @@
 resized bilinearly to the label size, ignore pixels add nothing, mean over all pixels (or over
 labelled ones with avg_non_ignore); its accumulation normaliser."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,6 +32,17 @@ def test_pixel_cross_entropy_equals_torch(avg_non_ignore):
   expected = (nll.sum() / (labels != 255).sum()) if avg_non_ignore else nll.mean()
   assert abs(float(loss) - float(expected)) < 2e-6, (float(loss), float(expected))
   assert set(terms) == {"loss_ce"}
+
+
+def test_pixel_cross_entropy_gradient_equals_torch():
+  logits, labels = _case(1)
+  grad = jax.grad(lambda x: pixel_ce_loss({"logits": x}, jnp.asarray(labels), num_classes=5)[0])(
+      jnp.asarray(logits))
+  x = torch.from_numpy(logits).double().requires_grad_()
+  up = F.interpolate(x, size=(32, 48), mode="bilinear", align_corners=False)
+  (F.cross_entropy(up, torch.from_numpy(labels).long(), ignore_index=255, reduction="sum")
+   / labels.size).backward()
+  np.testing.assert_allclose(np.asarray(grad), x.grad.numpy(), atol=1e-7)  # max abs diff
 
 
 def test_normalisers_and_registry():

@@ -74,10 +74,47 @@ class PointwiseConv(nn.Module):
 DEPTHWISE_SCOPE = "depthwise_conv"
 
 
+def _shifted_sum(x: jax.Array, kernel: jax.Array, before: int) -> jax.Array:
+  """sum_ij pad(x)[:, i:i + H, j:j + W] * kernel[i, j]: (B, H, W, C), (k, k, C), padding
+  `before` zeros above / left and k - 1 - before below / right."""
+  k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
+  xp = jnp.pad(x, ((0, 0), (before, k - 1 - before), (before, k - 1 - before), (0, 0)))
+  return sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j] for i in range(k) for j in range(k))
+
+
+@jax.custom_vjp
+def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """torch's Conv2d(C, C, k, padding=k // 2, groups=C, bias=False) of (B, H, W, C) `x` with a
+  (k, k, C) kernel, as k * k shifted, per-channel-scaled copies. The gradient is written out:
+  for x the same sum over the output gradient with the kernel flipped, for the kernel k * k
+  fused product-reductions; differentiating the slices instead pads each tap's gradient to a
+  full-size buffer (3x the step time of SegFormer-B0's Mix-FFN on the CPU)."""
+  return _shifted_sum(x, kernel, kernel.shape[0] // 2)
+
+
+def _depthwise_fwd(x, kernel):
+  return depthwise_conv(x, kernel), (x, kernel)
+
+
+def _depthwise_bwd(res, g):
+  x, kernel = res
+  k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
+  p = k // 2
+  dx = _shifted_sum(g.astype(x.dtype), kernel[::-1, ::-1], k - 1 - p)
+  xp = jnp.pad(x, ((0, 0), (p, k - 1 - p), (p, k - 1 - p), (0, 0)))
+  dk = jnp.stack([jnp.stack([jnp.sum(xp[:, i:i + h, j:j + w, :] * g, axis=(0, 1, 2),
+                                     dtype=jnp.float32) for j in range(k)])
+                  for i in range(k)])
+  return dx, dk.astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 class DepthwiseConv(nn.Module):
   """Depthwise k x k convolution, stride 1, zero padding k // 2 (torch's Conv2d(C, C, k,
-  padding=k // 2, groups=C)) on (B, H, W, C), as a sum of k * k shifted, per-channel-scaled
-  copies of the input. The parameters are those of `nn.Conv(C, (k, k),
+  padding=k // 2, groups=C)) on (B, H, W, C), as `depthwise_conv`'s sum of k * k shifted,
+  per-channel-scaled copies of the input. The parameters are those of `nn.Conv(C, (k, k),
   feature_group_count=C)` (`kernel` (k, k, 1, C), `bias` (C,)), so checkpoints do not see the
   difference; XLA's grouped convolution on the CPU is ~30x slower than this (measured in
   BENCHMARKS.md), on accelerators the two compile to similar fused loops."""
@@ -92,13 +129,8 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     k, c = self.kernel_size, x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (k, k, 1, c)).astype(self.dtype)
-    x = x.astype(self.dtype)
-    h, w = x.shape[1:3]
-    p = k // 2
-    xp = jnp.pad(x, ((0, 0), (p, k - 1 - p), (p, k - 1 - p), (0, 0)))
     with jax.named_scope(DEPTHWISE_SCOPE):  # the FLOP counter counts these products as MACs
-      out = sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
-                for i in range(k) for j in range(k))
+      out = depthwise_conv(x.astype(self.dtype), kernel[:, :, 0])
     if self.use_bias:
       out = out + self.param("bias", self.bias_init, (c,)).astype(self.dtype)
     return out
