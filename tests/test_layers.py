@@ -51,3 +51,20 @@ def test_pointwise_conv_equals_a_1x1_conv():
       np.shape, conv.init(jax.random.key(1), x))
   np.testing.assert_allclose(ours.apply(variables, x), conv.apply(variables, x), atol=1e-5,
                              rtol=0)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_patch_conv_transpose_equals_conv_transpose(k):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5, 6)), jnp.float32)
+  ours = layers.PatchConvTranspose(4, k, bias_init=nn.initializers.normal(1.0))
+  variables = ours.init(jax.random.key(1), x)
+  conv = nn.ConvTranspose(4, (k, k), strides=(k, k), padding="VALID")
+  assert jax.tree.map(np.shape, variables) == jax.tree.map(
+      np.shape, conv.init(jax.random.key(1), x))
+  np.testing.assert_allclose(ours.apply(variables, x), conv.apply(variables, x), atol=1e-5,
+                             rtol=0)
+  # The gradients too (ours differentiates a product, the library a dilated convolution).
+  grad = lambda m: jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), (0, 1))(  # noqa: E731
+      variables, x)
+  for a, b in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(conv))):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

@@ -35,8 +35,9 @@ its cls slot, `cls`, `registers`, `encoderblock_{i}`, `encoder_norm`), so DINOv2
 `head/mask_head/{fc1,fc2,fc3}`, `head/upscale_{i}/{conv1 (ConvTranspose), conv2 (depthwise),
 norm}`. Checkpoint layouts (spec checkpoints.md): a torch ConvTranspose2d weight
 (in, out, kh, kw) is our `conv1/kernel` (kh, kw, in, out) with BOTH spatial axes flipped,
-`w.transpose(2, 3, 0, 1)[::-1, ::-1]` (Flax's ConvTranspose does not flip its kernel; checked
-against transformers in tests/test_eomt_vs_hf.py); a depthwise Conv2d weight (D, 1, 3, 3) is
+`w.transpose(2, 3, 0, 1)[::-1, ::-1]` (`layers.PatchConvTranspose` has Flax ConvTranspose's
+parameters, and like it does not flip its kernel; checked against transformers in
+tests/test_eomt_vs_hf.py); a depthwise Conv2d weight (D, 1, 3, 3) is
 `conv2/kernel` (3, 3, 1, D); transformers' `embeddings.position_embeddings.weight` (N, D) has
 no cls slot (the cls token carries no position): slot 0 of our `pos_embedding` is zero.
 
@@ -102,10 +103,10 @@ class ScaleBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    x = nn.ConvTranspose(d, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
-                         name="conv1",
-                         kernel_init=layers.logical(_torch_init, (None, None, "embed", None)),
-                         bias_init=layers.logical(nn.initializers.zeros, (None,)))(x)
+    x = layers.PatchConvTranspose(d, 2, dtype=self.dtype, name="conv1",
+                                  kernel_init=layers.logical(_torch_init,
+                                                             (None, None, "embed", None)),
+                                  bias_init=layers.logical(nn.initializers.zeros, (None,)))(x)
     x = layers.DepthwiseConv(3, use_bias=False, dtype=self.dtype, name="conv2",
                              kernel_init=layers.logical(_torch_init,
                                                         (None, None, None, "embed")))(_gelu(x))

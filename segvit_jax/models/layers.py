@@ -71,6 +71,36 @@ class PointwiseConv(nn.Module):
     return y
 
 
+class PatchConvTranspose(nn.Module):
+  """A transposed convolution whose kernel equals its stride, k x k (torch's
+  ConvTranspose2d(C, F, k, stride=k)), on (B, h, w, C) -> (B, k h, k w, F): every input pixel
+  becomes its own k x k output patch, a matrix product and a depth-to-space. The parameters
+  and their meaning are those of `nn.ConvTranspose(F, (k, k), strides=(k, k),
+  padding="VALID")` (`kernel` (k, k, C, F), unflipped: output offset (a, c) in a patch uses
+  `kernel[k - 1 - a, k - 1 - c]`; `bias` (F,)). XLA computes the convolution's kernel gradient
+  on the CPU as an input-dilated convolution, ~1.6 s of EoMT-S's 3.2 s training step at 320
+  (BENCHMARKS.md); the product's gradient is two more products."""
+
+  features: int
+  kernel_size: int = 2
+  use_bias: bool = True
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, f = self.kernel_size, self.features
+    b, h, w, c = x.shape
+    kernel = self.param("kernel", self.kernel_init, (k, k, c, f)).astype(self.dtype)
+    y = jnp.einsum("bhwc,xycf->bhxwyf",
+                   x.astype(self.dtype), kernel[::-1, ::-1])
+    y = y.reshape(b, h * k, w * k, f)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (f,)).astype(self.dtype)
+    return y
+
+
 DEPTHWISE_SCOPE = "depthwise_conv"
 
 
