@@ -43,12 +43,14 @@ _SCALES = flags.DEFINE_list("scales", None, "Multi-scale test ratios, e.g. 0.5,0
 _FLIP = flags.DEFINE_bool("flip", None, "Also predict the mirrored images (default: "
                           "config.eval.flip).")
 _DISTRIBUTED = sharding.define_distributed_flags()
+_CACHE = sharding.define_cache_flag()
 flags.mark_flag_as_required("config")
 
 
 def main(argv):
   del argv
   sharding.initialize_distributed(_DISTRIBUTED, os.environ)
+  sharding.enable_compilation_cache(_CACHE.value)
   trainer.quiet_library_logs()
   path = _CHECKPOINT.value or _WORKDIR.value
   if not path:

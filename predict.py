@@ -63,12 +63,19 @@ def main(argv=None) -> int:
                       help="panoptic: queries kept above this class probability")
   parser.add_argument("--overlap-threshold", type=float, default=0.8,
                       help="panoptic: segments kept if this share of their mask survives")
+  parser.add_argument("--compilation-cache", default=None, help="jax's persistent compilation "
+                      "cache directory ('' = off; default: $JAX_COMPILATION_CACHE_DIR, else "
+                      "~/.cache/segvit_jax/xla)")
   args = parser.parse_args(argv)
 
   from segvit_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   from segvit_jax import visualize  # pylint: disable=g-import-not-at-top
   from segvit_jax.data import sources  # pylint: disable=g-import-not-at-top
 
+  from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
+  cache = args.compilation_cache
+  sharding.enable_compilation_cache(sharding.default_compilation_cache() if cache is None
+                                    else cache)
   files = list_images(args.input)
   model = bundle_lib.load_model(args.checkpoint, step=args.step)
   if args.task == "panoptic":

@@ -26,6 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 _DISTRIBUTED = sharding.define_distributed_flags()
+_CACHE = sharding.define_cache_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,6 +34,7 @@ def main(argv):
   del argv
   # Before anything else touches jax: initialize() must precede the first backend use.
   sharding.initialize_distributed(_DISTRIBUTED, os.environ)
+  sharding.enable_compilation_cache(_CACHE.value)
   trainer.quiet_library_logs()
   trainer.train(_CONFIG.value, _WORKDIR.value, evaluate_fn=evaluate.evaluate_params)
 

@@ -10,6 +10,7 @@ Several processes (hosts): `distributed_args` decides how `train.py` calls
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -142,6 +143,31 @@ def define_distributed_flags() -> tuple:
       flags.DEFINE_integer("num_processes", None, "Processes in the run."),
       flags.DEFINE_integer("process_id", None, "This process's index, 0-based."),
   )
+
+
+DEFAULT_COMPILATION_CACHE = "~/.cache/segvit_jax/xla"
+
+
+def default_compilation_cache() -> str:
+  """$JAX_COMPILATION_CACHE_DIR if set, else DEFAULT_COMPILATION_CACHE."""
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR", DEFAULT_COMPILATION_CACHE)
+
+
+def define_cache_flag():
+  """--compilation_cache, for train.py and eval.py."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return flags.DEFINE_string(
+      "compilation_cache", default_compilation_cache(),
+      "Directory of jax's persistent compilation cache: a rerun with the same shapes (a resumed "
+      "training run, eval of each checkpoint) loads its programs instead of compiling them. "
+      "'' turns it off. Default: $JAX_COMPILATION_CACHE_DIR, else " + DEFAULT_COMPILATION_CACHE)
+
+
+def enable_compilation_cache(path: str | None) -> None:
+  """Points jax's persistent compilation cache at `path` (programs that took >= 1 s to
+  compile are kept); None or '' leaves it off."""
+  if path:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
 
 
 def initialize_distributed(flag_holders: tuple, environ: Mapping[str, str]) -> bool:

@@ -10,8 +10,10 @@ import jax  # noqa: E402  (after the environment is set)
 
 # Many tests build the same small train step; a persistent compilation cache shared by the
 # session compiles each program once (about halves the suite's time on 2 CPU cores).
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("SEGVIT_TEST_JAX_CACHE",
-                                 os.path.join(tempfile.gettempdir(), "segvit_jax_test_cache")))
+# The command-line tools the tests start (their --compilation_cache default) share it.
+_CACHE = os.environ.get("SEGVIT_TEST_JAX_CACHE",
+                        os.path.join(tempfile.gettempdir(), "segvit_jax_test_cache"))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -630,3 +630,18 @@ def test_train_py_fsdp_on_8_devices_matches_one_device(launched):
         jax.tree_util.keystr(k): np.asarray(v)
         for k, v in jax.tree_util.tree_leaves_with_path(params)})
   _assert_same_training(run8, run1)
+
+
+def test_compilation_cache_setting(monkeypatch, tmp_path):
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+  assert sharding.default_compilation_cache() == str(tmp_path / "env")
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  assert sharding.default_compilation_cache() == sharding.DEFAULT_COMPILATION_CACHE
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    sharding.enable_compilation_cache("")  # off: nothing changes
+    assert jax.config.jax_compilation_cache_dir == before
+    sharding.enable_compilation_cache(str(tmp_path / "cache"))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)

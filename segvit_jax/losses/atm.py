@@ -43,7 +43,8 @@ def sigmoid_focal(logits: jax.Array, targets: jax.Array, valid: jax.Array,
   p = jax.nn.sigmoid(logits)
   ce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
   p_t = p * targets + (1 - p) * (1 - targets)
-  loss = ce * (1 - p_t) ** gamma
+  # An integer gamma (2 in every recipe) as repeated products: a float power is exp(log).
+  loss = ce * (1 - p_t) ** (int(gamma) if float(gamma).is_integer() else gamma)
   if alpha >= 0:
     loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
   return jnp.sum(loss * valid, axis=(2, 3)) / jnp.maximum(jnp.sum(valid, axis=(2, 3)), 1.0)
