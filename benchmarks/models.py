@@ -2,7 +2,7 @@
 same model with the same weights, side by side in one run.
 
   python benchmarks/models.py [--models segvit_b16,segformer_b0,...] [--full] [--repeats 5]
-      [--batch 4] [--dtype float32|bfloat16]
+      [--batch 4] [--dtype float32|bfloat16] [--no-torch] [--peak-tflops T]
 
 Models and their PyTorch counterparts (weights moved by our exporters, so both sides compute
 the same function; the first call checks the outputs agree):
@@ -19,6 +19,13 @@ hits both alike. The outputs compared and timed are what each implementation ret
 forward pass: SegViT semantic scores at the input size, SegFormer logits at 1/4, EoMT class
 and mask logits at 1/4 (ours computes nothing else: the rest of our output dict is dead code
 under jit).
+
+A second table gives what an accelerator run needs: the analytic forward multiply-adds per
+image (`segvit_jax.flops`, the papers' "GFLOPs", interpolation not counted), ours' FPS at
+batch 1 and images/s at the throughput batch, the achieved TFLOP/s (2 FLOPs per multiply-add),
+the model FLOPs utilisation (MFU: achieved / the device's dense bf16 peak, from PEAK_TFLOPS by
+device kind or --peak-tflops) and the device's peak memory. `--no-torch` leaves PyTorch out
+(on a GPU or TPU machine whose torch is a CPU build; the side-by-side columns then read "-").
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 from configs import common  # noqa: E402
-from segvit_jax import bundle, config_utils, convert  # noqa: E402
+from segvit_jax import bundle, config_utils, convert, flops  # noqa: E402
 from segvit_jax.models import build_model  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
@@ -56,6 +63,36 @@ MODELS = {
     "eomt_s": ("S", 640, "eomt"),
     "eomt_l": ("L", 640, "eomt"),
 }
+
+
+# Dense bf16 peak TFLOP/s by device kind (vendor data sheets; no sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
+               "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+
+
+def peak_tflops(override: float | None = None) -> float | None:
+  """The device's dense bf16 peak: `override`, else PEAK_TFLOPS by device kind, else None."""
+  if override:
+    return override
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+
+
+def peak_memory_mib() -> float | None:
+  """Peak bytes in use on device 0 (GPU / TPU memory_stats), None where not reported."""
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**20
+
+
+def forward_gmacs(c, size: int) -> float:
+  """Analytic forward multiply-adds (G) of one size x size image: what the papers call
+  "GFLOPs"; the hardware does 2 FLOPs per multiply-add."""
+  return flops.count_model(c.model, size, size)["total"] / 1e9
+
+
+def fmt(value: float | None, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
 
 
 def model_config(name: str, size: int):
@@ -160,15 +197,18 @@ def compare(ours, theirs) -> float:
              for a, t in zip(ours, theirs))
 
 
-def bench(name: str, size: int, batch: int, repeats: int, dtype: str) -> dict:
+def bench(name: str, size: int, batch: int, repeats: int, dtype: str,
+          with_torch: bool = True) -> dict:
   c = model_config(name, size)
   kind = MODELS[name][2]
   model = build_model(c.model)
   x0 = jnp.zeros((1, size, size, 3), jnp.float32)
   variables = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), x0)))()
-  with tempfile.TemporaryDirectory() as tmp:
-    path = export(c, variables, tmp, kind)
-    theirs = torch_model(c, path, kind)
+  theirs = None
+  if with_torch:
+    with tempfile.TemporaryDirectory() as tmp:
+      path = export(c, variables, tmp, kind)
+      theirs = torch_model(c, path, kind)
   ours = our_model(c, variables, kind, dtype)
   rng = np.random.default_rng(0)
   row = {"model": name, "size": size}
@@ -177,18 +217,22 @@ def bench(name: str, size: int, batch: int, repeats: int, dtype: str) -> dict:
     xj, xt = jnp.asarray(x), torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     first = timed(lambda: ours(xj))  # trace + compile + run
     with torch.inference_mode():
-      theirs(xt)  # warm-up
-      if b == 1:
-        row["max_diff"] = compare(ours(xj), theirs(xt))
+      if theirs is not None:
+        theirs(xt)  # warm-up
+        if b == 1:
+          row["max_diff"] = compare(ours(xj), theirs(xt))
       t_ours, t_torch = [], []
       for _ in range(repeats):
         t_ours.append(timed(lambda: ours(xj)))
-        t_torch.append(timed(lambda: theirs(xt)))
+        if theirs is not None:
+          t_torch.append(timed(lambda: theirs(xt)))
     row[f"{key}_ours"] = statistics.median(t_ours)
-    row[f"{key}_torch"] = statistics.median(t_torch)
+    row[f"{key}_torch"] = statistics.median(t_torch) if t_torch else None
     if b == 1:
       row["compile_s"] = first - row["latency_ours"]
   row["batch"] = batch
+  row["gmacs"] = forward_gmacs(c, size)
+  row["peak_mib"] = peak_memory_mib()
   return row
 
 
@@ -199,23 +243,37 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--batch", type=int, default=4, help="batch of the throughput rows")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--no-torch", action="store_true", help="ours alone")
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="the device's peak TFLOP/s for MFU (default: PEAK_TFLOPS)")
   args = parser.parse_args()
   torch.set_grad_enabled(False)
+  peak = peak_tflops(args.peak_tflops)
   print(f"{jax.devices()[0].device_kind} x {jax.local_device_count()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__};"
         f" ours in {args.dtype}, torch float32; medians of {args.repeats}")
   print("| model | size | ours ms (batch 1) | torch ms | ours / torch | ours img/s (batch "
         f"{args.batch}) | torch img/s | ours / torch time | compile s | max abs diff |")
   print("|---|---|---|---|---|---|---|---|---|---|")
+  rows = []
   for name in args.models.split(","):
     full = MODELS[name][1]
     size = full if args.full else full // 2
-    r = bench(name, size, args.batch, args.repeats, args.dtype)
-    b = r["batch"]
-    print(f"| {name} | {size} | {1e3 * r['latency_ours']:.0f} | {1e3 * r['latency_torch']:.0f} "
-          f"| {r['latency_ours'] / r['latency_torch']:.2f} | {b / r['throughput_ours']:.2f} | "
-          f"{b / r['throughput_torch']:.2f} | {r['throughput_ours'] / r['throughput_torch']:.2f}"
-          f" | {r['compile_s']:.1f} | {r['max_diff']:.1e} |", flush=True)
+    r = bench(name, size, args.batch, args.repeats, args.dtype, not args.no_torch)
+    rows.append(r)
+    b, lt, tt = r["batch"], r["latency_torch"], r["throughput_torch"]
+    print(f"| {name} | {size} | {1e3 * r['latency_ours']:.0f} | {fmt(lt and 1e3 * lt, '.0f')} "
+          f"| {fmt(lt and r['latency_ours'] / lt, '.2f')} | {b / r['throughput_ours']:.2f} | "
+          f"{fmt(tt and b / tt, '.2f')} | {fmt(tt and r['throughput_ours'] / tt, '.2f')}"
+          f" | {r['compile_s']:.1f} | {fmt(r.get('max_diff'), '.1e')} |", flush=True)
+  print(f"\n| model | size | GMACs / img | ours FPS (batch 1) | ours img/s (batch {args.batch})"
+        f" | TFLOP/s (batch {args.batch}) | MFU (peak {fmt(peak, '.0f')}) | peak memory MiB |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    achieved = 2 * r["gmacs"] * r["batch"] / r["throughput_ours"] / 1e3
+    print(f"| {r['model']} | {r['size']} | {r['gmacs']:.1f} | {1 / r['latency_ours']:.1f} | "
+          f"{r['batch'] / r['throughput_ours']:.2f} | {achieved:.3f} | "
+          f"{fmt(peak and achieved / peak, '.1%')} | {fmt(r['peak_mib'], '.0f')} |")
 
 
 if __name__ == "__main__":

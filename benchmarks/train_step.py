@@ -1,8 +1,8 @@
 """Training step time, ours against the PyTorch implementation of the same model with the same
 weights, side by side in one run.
 
-  python benchmarks/train_step.py [--models segvit_b16,segformer_b0,eomt_s] [--full]
-      [--batch 2] [--repeats 5] [--dtype float32|bfloat16]
+  python benchmarks/train_step.py [--models segvit_b16,segformer_b0,...] [--full]
+      [--batch 2] [--repeats 5] [--dtype float32|bfloat16] [--no-torch] [--peak-tflops T]
 
 A step is forward, loss, backward and the AdamW update on one batch of random images and
 labels: ours is the trainer's jitted step (`trainer.loss_fn` + `accumulated_value_and_grad` +
@@ -13,6 +13,10 @@ Mask2Former loss (transformers' EomtLoss from `mask_labels` / `class_labels`, it
 matching on the host with scipy; ours in the jitted step; 1000 points per mask there and here
 instead of 12544, to keep a CPU run short). Sizes as benchmarks/models.py. Medians over
 `--repeats` steps after one warm-up step; ours' first step (compilation) is reported apart.
+The last columns: the achieved TFLOP/s of ours, counting a training step as 3x the analytic
+forward pass (6 FLOPs per forward multiply-add and image, the usual convention: the backward
+pass costs two forward passes), the MFU against the device's dense bf16 peak and the device's
+peak memory (benchmarks/models.py; "-" where unknown). `--no-torch` times ours alone.
 """
 
 from __future__ import annotations
@@ -98,7 +102,8 @@ def torch_step(c, path: str, kind: str):
   return step
 
 
-def bench(name: str, size: int, batch: int, repeats: int, dtype: str) -> dict:
+def bench(name: str, size: int, batch: int, repeats: int, dtype: str,
+          with_torch: bool = True) -> dict:
   c = bm.model_config(name, size)
   kind = bm.MODELS[name][2]
   c.augment.crop_size = (size, size)
@@ -108,9 +113,11 @@ def bench(name: str, size: int, batch: int, repeats: int, dtype: str) -> dict:
   model = build_model(c.model)
   x0 = jnp.zeros((1, size, size, 3), jnp.float32)
   variables = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), x0)))()
-  with tempfile.TemporaryDirectory() as tmp:
-    path = bm.export(c, variables, tmp, kind)
-    theirs = torch_step(c, path, kind)
+  theirs = None
+  if with_torch:
+    with tempfile.TemporaryDirectory() as tmp:
+      path = bm.export(c, variables, tmp, kind)
+      theirs = torch_step(c, path, kind)
   step, state = our_step(c, variables, dtype)
   rng = np.random.default_rng(0)
   images = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
@@ -129,42 +136,55 @@ def bench(name: str, size: int, batch: int, repeats: int, dtype: str) -> dict:
   state, loss = step(state, batch_j)
   jax.block_until_ready(loss)
   first = time.perf_counter() - t0
-  theirs(xt, yt)  # warm-up
+  if theirs is not None:
+    theirs(xt, yt)  # warm-up
   t_ours, t_torch = [], []
   for _ in range(repeats):
     t0 = time.perf_counter()
     state, loss = step(state, batch_j)
     jax.block_until_ready(loss)
     t_ours.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    theirs(xt, yt)
-    t_torch.append(time.perf_counter() - t0)
-  ours, torch_s = statistics.median(t_ours), statistics.median(t_torch)
+    if theirs is not None:
+      t0 = time.perf_counter()
+      theirs(xt, yt)
+      t_torch.append(time.perf_counter() - t0)
+  ours = statistics.median(t_ours)
+  torch_s = statistics.median(t_torch) if t_torch else None
   return {"model": name, "size": size, "batch": batch, "ours": ours, "torch": torch_s,
-          "compile": first - ours}
+          "compile": first - ours, "gmacs": bm.forward_gmacs(c, size),
+          "peak_mib": bm.peak_memory_mib()}
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--models", default="segvit_b16,segformer_b0,eomt_s")
+  parser.add_argument("--models", default=",".join(bm.MODELS))
   parser.add_argument("--full", action="store_true", help="the papers' sizes")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--no-torch", action="store_true", help="ours alone")
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="the device's peak TFLOP/s for MFU (default: bm.PEAK_TFLOPS)")
   args = parser.parse_args()
+  peak = bm.peak_tflops(args.peak_tflops)
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()
   print(f"{jax.devices()[0].device_kind} x {jax.local_device_count()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); ours {args.dtype}; "
         f"batch {args.batch}; medians of {args.repeats}")
-  print("| model | size | ours s / step | torch s / step | ours / torch | compile s |")
-  print("|---|---|---|---|---|---|")
+  print("| model | size | ours s / step | torch s / step | ours / torch | compile s | "
+        f"ours TFLOP/s | MFU (peak {bm.fmt(peak, '.0f')}) | peak memory MiB |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for name in args.models.split(","):
     full = bm.MODELS[name][1]
     size = full if args.full else full // 2
-    r = bench(name, size, args.batch, args.repeats, args.dtype)
-    print(f"| {name} | {size} | {r['ours']:.2f} | {r['torch']:.2f} | "
-          f"{r['ours'] / r['torch']:.2f} | {r['compile']:.1f} |", flush=True)
+    r = bench(name, size, args.batch, args.repeats, args.dtype, not args.no_torch)
+    achieved = 6 * r["gmacs"] * r["batch"] / r["ours"] / 1e3
+    theirs = r["torch"]
+    print(f"| {name} | {size} | {r['ours']:.2f} | {bm.fmt(theirs, '.2f')} | "
+          f"{bm.fmt(theirs and r['ours'] / theirs, '.2f')} | {r['compile']:.1f} | "
+          f"{achieved:.3f} | {bm.fmt(peak and achieved / peak, '.1%')} | "
+          f"{bm.fmt(r['peak_mib'], '.0f')} |", flush=True)
 
 
 if __name__ == "__main__":
