@@ -93,9 +93,8 @@ class PatchConvTranspose(nn.Module):
     k, f = self.kernel_size, self.features
     b, h, w, c = x.shape
     kernel = self.param("kernel", self.kernel_init, (k, k, c, f)).astype(self.dtype)
-    y = jnp.einsum("bhwc,xycf->bhxwyf",
-                   x.astype(self.dtype), kernel[::-1, ::-1])
-    y = y.reshape(b, h * k, w * k, f)
+    y = jnp.einsum("bhwc,xycf->bhxwyf", x.astype(self.dtype), kernel[::-1, ::-1])
+    y = y.reshape(b, h * k, w * k, f)  # depth-to-space: row h k + x, column w k + y
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (f,)).astype(self.dtype)
     return y
