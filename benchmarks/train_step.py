@@ -16,7 +16,8 @@ instead of 12544, to keep a CPU run short). Sizes as benchmarks/models.py. Media
 The last columns: the achieved TFLOP/s of ours, counting a training step as 3x the analytic
 forward pass (6 FLOPs per forward multiply-add and image, the usual convention: the backward
 pass costs two forward passes), the MFU against the device's dense bf16 peak and the device's
-peak memory (benchmarks/models.py; "-" where unknown). `--no-torch` times ours alone.
+peak memory (benchmarks/models.py; "-" where unknown). `--no-torch` times ours alone. Each
+model runs in a process of its own (an L model's two training states need most of 24 GiB).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -165,26 +167,54 @@ def main() -> None:
   parser.add_argument("--no-torch", action="store_true", help="ours alone")
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="the device's peak TFLOP/s for MFU (default: bm.PEAK_TFLOPS)")
+  parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)  # one model, no header
   args = parser.parse_args()
-  peak = bm.peak_tflops(args.peak_tflops)
+  names = args.models.split(",")
+  if not args.row:
+    print(f"{jax.devices()[0].device_kind} x {jax.local_device_count()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads); ours {args.dtype}; "
+          f"batch {args.batch}; medians of {args.repeats}")
+    print("| model | size | ours s / step | torch s / step | ours / torch | compile s | "
+          f"ours TFLOP/s | MFU (peak {bm.fmt(bm.peak_tflops(args.peak_tflops), '.0f')}) | "
+          "peak memory MiB |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    if len(names) > 1:
+      # One process per model: two optimizers' states and the previous models' leftovers do
+      # not fit beside an L model in 24 GiB, and a model that fails leaves the others' rows.
+      for name in names:
+        proc = subprocess.run([sys.executable, __file__, "--models", name, "--row",
+                               *_without_models(sys.argv[1:])], capture_output=True, text=True)
+        rows = [line for line in proc.stdout.splitlines() if line.startswith(f"| {name} ")]
+        print(rows[-1] if rows and proc.returncode == 0 else
+              f"| {name} | failed (exit {proc.returncode}): "
+              f"{(proc.stderr.strip().splitlines() or ['no output'])[-1][:200]} |", flush=True)
+      return
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()
-  print(f"{jax.devices()[0].device_kind} x {jax.local_device_count()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads); ours {args.dtype}; "
-        f"batch {args.batch}; medians of {args.repeats}")
-  print("| model | size | ours s / step | torch s / step | ours / torch | compile s | "
-        f"ours TFLOP/s | MFU (peak {bm.fmt(peak, '.0f')}) | peak memory MiB |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for name in args.models.split(","):
-    full = bm.MODELS[name][1]
-    size = full if args.full else full // 2
-    r = bench(name, size, args.batch, args.repeats, args.dtype, not args.no_torch)
-    achieved = 6 * r["gmacs"] * r["batch"] / r["ours"] / 1e3
-    theirs = r["torch"]
-    print(f"| {name} | {size} | {r['ours']:.2f} | {bm.fmt(theirs, '.2f')} | "
-          f"{bm.fmt(theirs and r['ours'] / theirs, '.2f')} | {r['compile']:.1f} | "
-          f"{achieved:.3f} | {bm.fmt(peak and achieved / peak, '.1%')} | "
-          f"{bm.fmt(r['peak_mib'], '.0f')} |", flush=True)
+  peak = bm.peak_tflops(args.peak_tflops)
+  name = names[0]
+  full = bm.MODELS[name][1]
+  size = full if args.full else full // 2
+  r = bench(name, size, args.batch, args.repeats, args.dtype, not args.no_torch)
+  achieved = 6 * r["gmacs"] * r["batch"] / r["ours"] / 1e3
+  theirs = r["torch"]
+  print(f"| {name} | {size} | {r['ours']:.2f} | {bm.fmt(theirs, '.2f')} | "
+        f"{bm.fmt(theirs and r['ours'] / theirs, '.2f')} | {r['compile']:.1f} | "
+        f"{achieved:.3f} | {bm.fmt(peak and achieved / peak, '.1%')} | "
+        f"{bm.fmt(r['peak_mib'], '.0f')} |", flush=True)
+
+
+def _without_models(argv: list[str]) -> list[str]:
+  """`argv` less its --models option (either spelling)."""
+  out, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+    elif arg == "--models":
+      skip = True
+    elif not arg.startswith("--models="):
+      out.append(arg)
+  return out
 
 
 if __name__ == "__main__":
