@@ -116,7 +116,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """torch's Conv2d(C, C, k, padding=k // 2, groups=C, bias=False) of (B, H, W, C) `x` with a
   (k, k, C) kernel, as k * k shifted, per-channel-scaled copies. The gradient is written out:
   for x the same sum over the output gradient with the kernel flipped, for the kernel k * k
-  fused product-reductions; differentiating the slices instead pads each tap's gradient to a
+  products summed by `sum_rows`; differentiating the slices instead pads each tap's gradient to a
   full-size buffer (3x the step time of SegFormer-B0's Mix-FFN on the CPU)."""
   return _shifted_sum(x, kernel, kernel.shape[0] // 2)
 
@@ -125,15 +125,29 @@ def _depthwise_fwd(x, kernel):
   return depthwise_conv(x, kernel), (x, kernel)
 
 
+def sum_rows(x: jax.Array, rows: int = 64) -> jax.Array:
+  """sum(x, axis=0) of (N, C) `x` by pairwise halving: elementwise adds of the two halves down
+  to `rows` rows, then one small reduction. XLA's CPU reduction over a major axis runs as a
+  scalar loop (~10x slower for SegFormer's depthwise kernel gradients)."""
+  n = x.shape[0]
+  while n > rows:
+    if n % 2:
+      x = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
+      n += 1
+    x = x[:n // 2] + x[n // 2:]
+    n //= 2
+  return jnp.sum(x, axis=0)
+
+
 def _depthwise_bwd(res, g):
   x, kernel = res
-  k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
+  k, h, w, c = kernel.shape[0], x.shape[1], x.shape[2], x.shape[3]
   p = k // 2
   dx = _shifted_sum(g.astype(x.dtype), kernel[::-1, ::-1], k - 1 - p)
   xp = jnp.pad(x, ((0, 0), (p, k - 1 - p), (p, k - 1 - p), (0, 0)))
-  dk = jnp.stack([jnp.stack([jnp.sum(xp[:, i:i + h, j:j + w, :] * g, axis=(0, 1, 2),
-                                     dtype=jnp.float32) for j in range(k)])
-                  for i in range(k)])
+  g32 = g.astype(jnp.float32)
+  dk = jnp.stack([jnp.stack([sum_rows((xp[:, i:i + h, j:j + w, :] * g32).reshape(-1, c))
+                             for j in range(k)]) for i in range(k)])
   return dx, dk.astype(kernel.dtype)
 
 
