@@ -69,10 +69,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   from segvit_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
-  from segvit_jax import visualize  # pylint: disable=g-import-not-at-top
+  from segvit_jax import sharding, visualize  # pylint: disable=g-import-not-at-top
   from segvit_jax.data import sources  # pylint: disable=g-import-not-at-top
 
-  from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
   cache = args.compilation_cache
   sharding.enable_compilation_cache(sharding.default_compilation_cache() if cache is None
                                     else cache)
