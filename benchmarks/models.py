@@ -115,6 +115,13 @@ def model_config(name: str, size: int):
   return c
 
 
+def init_variables(c, size: int) -> Any:
+  """Random variables (seed 0) of `c.model` for size x size inputs."""
+  model = build_model(c.model)
+  x0 = jnp.zeros((1, size, size, 3), jnp.float32)
+  return jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), x0)))()
+
+
 def export(c, variables, tmp: str, kind: str) -> str:
   """Our weights in the PyTorch implementation's layout, via our exporters."""
   path = bundle.save_bundle(os.path.join(tmp, "bundle"), variables["params"], c.model,
@@ -201,9 +208,7 @@ def bench(name: str, size: int, batch: int, repeats: int, dtype: str,
           with_torch: bool = True) -> dict:
   c = model_config(name, size)
   kind = MODELS[name][2]
-  model = build_model(c.model)
-  x0 = jnp.zeros((1, size, size, 3), jnp.float32)
-  variables = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), x0)))()
+  variables = init_variables(c, size)
   theirs = None
   if with_torch:
     with tempfile.TemporaryDirectory() as tmp:

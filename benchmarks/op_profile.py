@@ -30,7 +30,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -88,15 +87,9 @@ def main() -> None:
   flags.FLAGS.mark_as_parsed()
 
   size = args.size or bm.MODELS[args.model][1] // 2
-  c = bm.model_config(args.model, size)
-  kind = bm.MODELS[args.model][2]
-  c.augment.crop_size = (size, size)
-  if kind == "eomt":
-    c.loss.num_points = ts.NUM_POINTS
-    c.model.mask_annealing.enabled = False
+  c = ts.train_config(args.model, size)
   model = build_model(c.model)
-  x0 = jnp.zeros((1, size, size, 3), jnp.float32)
-  variables = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), x0)))()
+  variables = bm.init_variables(c, size)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((args.batch, size, size, 3)), jnp.float32)
   if args.what == "train":

@@ -36,7 +36,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
@@ -48,6 +47,17 @@ from segvit_jax.models import build_model  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
 NUM_POINTS = 1000
+
+
+def train_config(name: str, size: int):
+  """The run config of a benchmark entry trained at size x size crops (EoMT: NUM_POINTS points
+  per mask, no masked attention, as transformers' model trains here)."""
+  c = bm.model_config(name, size)
+  c.augment.crop_size = (size, size)
+  if bm.MODELS[name][2] == "eomt":
+    c.loss.num_points = NUM_POINTS
+    c.model.mask_annealing.enabled = False  # transformers' masking is off (probs 0) too
+  return c
 
 
 def our_step(c, variables, dtype: str):
@@ -108,15 +118,9 @@ def torch_step(c, path: str, kind: str):
 
 def bench(name: str, size: int, batch: int, repeats: int, dtype: str,
           with_torch: bool = True) -> dict:
-  c = bm.model_config(name, size)
+  c = train_config(name, size)
   kind = bm.MODELS[name][2]
-  c.augment.crop_size = (size, size)
-  if kind == "eomt":
-    c.loss.num_points = NUM_POINTS
-    c.model.mask_annealing.enabled = False  # transformers' masking is off (probs 0) too
-  model = build_model(c.model)
-  x0 = jnp.zeros((1, size, size, 3), jnp.float32)
-  variables = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), x0)))()
+  variables = bm.init_variables(c, size)
   theirs = None
   if with_torch:
     with tempfile.TemporaryDirectory() as tmp:

@@ -240,6 +240,11 @@ def test_test_size_long_side_bound_and_errors():
     T.test_size(10, 10, "bicubic", (2048, 512))
   with pytest.raises(ValueError, match=r"must be \(long, short\)"):
     T.test_size(10, 10, "keep_ratio", (512,))
+  with pytest.raises(ValueError, match=r"\(h, w\) crop for 'short_side'"):
+    T.test_size(10, 10, "short_side", (512,))
+  with pytest.raises(ValueError, match=r"\(h, w\) model input for 'long_side'"):
+    T.test_size(10, 10, "long_side", (512,))
+  assert T.test_size(1000, 100, "long_side", (640, 640)) == (640, 64)
 
 
 @pytest.mark.parametrize("size,scale,min_size,ratio,expected", [

@@ -589,17 +589,14 @@ def test_size(height: int, width: int, resize: str, scale: Sequence[int], ratio:
       d = int(size_divisor)
       h, w = -(-h // d) * d, -(-w // d) * d
     return h, w
-  if resize == "short_side":
+  if resize in ("short_side", "long_side"):
     if len(scale) != 2:
-      raise ValueError(f"config.eval.scale={tuple(scale)} must be the (h, w) crop for "
-                       "'short_side'")
-    factor = max(scale[0] * ratio / height, scale[1] * ratio / width)
-    return max(round(height * factor), 1), max(round(width * factor), 1)
-  if resize == "long_side":
-    if len(scale) != 2:
-      raise ValueError(f"config.eval.scale={tuple(scale)} must be the (h, w) model input for "
-                       "'long_side'")
-    factor = min(scale[0] * ratio / height, scale[1] * ratio / width)
+      what = "crop" if resize == "short_side" else "model input"
+      raise ValueError(f"config.eval.scale={tuple(scale)} must be the (h, w) {what} for "
+                       f"'{resize}'")
+    # short_side: the image covers the (h, w) box; long_side: it fits inside it.
+    fit = max if resize == "short_side" else min
+    factor = fit(scale[0] * ratio / height, scale[1] * ratio / width)
     return max(round(height * factor), 1), max(round(width * factor), 1)
   if resize == "none":
     return max(int(height * ratio + 0.5), 1), max(int(width * ratio + 0.5), 1)

@@ -116,8 +116,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """torch's Conv2d(C, C, k, padding=k // 2, groups=C, bias=False) of (B, H, W, C) `x` with a
   (k, k, C) kernel, as k * k shifted, per-channel-scaled copies. The gradient is written out:
   for x the same sum over the output gradient with the kernel flipped, for the kernel k * k
-  products summed by `sum_rows`; differentiating the slices instead pads each tap's gradient to a
-  full-size buffer (3x the step time of SegFormer-B0's Mix-FFN on the CPU)."""
+  products summed by `sum_rows`. Differentiating the slices instead pads each tap's gradient
+  to a full-size buffer: SegFormer-B0's gradient at 256 px took 319 ms instead of 235 on the
+  CPU (BENCHMARKS.md, "Training step")."""
   return _shifted_sum(x, kernel, kernel.shape[0] // 2)
 
 
