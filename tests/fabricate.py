@@ -75,3 +75,54 @@ def write_coco_panoptic(root: str, num_train: int = 8, num_val: int = 4, size: i
       json.dump({"images": images, "annotations": annotations,
                  "categories": coco_categories()}, f)
   return str(root)
+
+
+def image_file(path, h, w, seed=0):
+  """A random RGB image file (JPEG or PNG by its name); returns it as decoded."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  image = np.random.default_rng(seed).integers(0, 256, (h, w, 3)).astype(np.uint8)
+  Image.fromarray(image).save(path)
+  return np.asarray(Image.open(path).convert("RGB"))  # as decoded (JPEG is lossy)
+
+
+def label_file(path, label):
+  """An 8-bit single-channel label PNG."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.asarray(label, np.uint8), mode="L").save(path)
+
+
+def lines_file(path, names):
+  """A text file of one name per line."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write("".join(n + "\n" for n in names))
+
+
+def pascal_context(voc, label):
+  """A miniature VOC2010 PASCAL-Context layout under `voc` whose four labels are `label`:
+  train lists 2008_000003, 2008_000002; val 2008_000007; 2008_000099 is in no list."""
+  for i, name in enumerate(["2008_000002", "2008_000003", "2008_000007", "2008_000099"]):
+    image_file(f"{voc}/JPEGImages/{name}.jpg", *label.shape, seed=i)
+    label_file(f"{voc}/SegmentationClassContext/{name}.png", label)
+  lines_file(f"{voc}/ImageSets/SegmentationContext/train.txt", ["2008_000003", "2008_000002"])
+  lines_file(f"{voc}/ImageSets/SegmentationContext/val.txt", ["2008_000007"])
+
+
+def ade20k(root: str, num_train: int = 6, num_val: int = 2) -> None:
+  """A miniature ADEChallengeData2016 in the real layout (JPEG images, 8-bit PNG labels with
+  0 = other and 1..150)."""
+  rng = np.random.default_rng(0)
+  for split, n in (("training", num_train), ("validation", num_val)):
+    for d in (f"images/{split}", f"annotations/{split}"):
+      os.makedirs(os.path.join(root, d), exist_ok=True)
+    prefix = "ADE_train" if split == "training" else "ADE_val"
+    for i in range(n):
+      h, w = (48, 64) if i % 2 else (64, 48)
+      label = np.zeros((h, w), np.uint8)
+      label[:, w // 2:] = rng.integers(1, 151)
+      label[h // 2:, :] = rng.integers(1, 151)
+      image = (rng.integers(0, 64, (h, w, 3)) + label[..., None]).astype(np.uint8)
+      name = f"{prefix}_{i + 1:08d}"
+      Image.fromarray(image).save(os.path.join(root, f"images/{split}", name + ".jpg"))
+      Image.fromarray(label, mode="L").save(os.path.join(root, f"annotations/{split}",
+                                                         name + ".png"))

@@ -18,10 +18,7 @@ import torch
 from segvit_jax.losses.atm import atm_loss
 from segvit_jax.models import build_model
 
-try:
-  from tests import torch_reference as ref
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-  import torch_reference as ref
+from tests import torch_reference as ref
 
 NUM_CLASSES = 5
 CFG = {

@@ -19,10 +19,7 @@ import pytest
 import torch
 import transformers
 
-try:
-  from tests import checkpoint_writers as cw
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-  import checkpoint_writers as cw
+from tests import checkpoint_writers as cw
 
 D, DEPTH, HEADS, PATCH, IMAGE = 32, 2, 2, 8, 32
 HD, N = D // HEADS, (IMAGE // PATCH) ** 2

@@ -3,11 +3,8 @@ eval.py, export_bundle, load_bundle / predict, predict.py."""
 
 import json
 import os
-import subprocess
-import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,19 +14,8 @@ from segvit_jax import bundle as bundle_lib
 from segvit_jax import trainer
 from segvit_jax.data import synthetic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(*args, check=True):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-  proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                        env=env, timeout=600)
-  if check and proc.returncode:
-    raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-  return proc
+from tests import fabricate
+from tests.support import run
 
 
 @pytest.fixture(scope="module")
@@ -109,32 +95,12 @@ def test_predict_cli(workdir, tmp_path):
   assert proc.returncode != 0 and "broken.jpg" in proc.stderr
 
 
-def _fabricate_ade20k(root: str, num_train: int = 6, num_val: int = 2) -> None:
-  """A miniature ADEChallengeData2016 in the real layout (JPEG images, 8-bit PNG labels with
-  0 = other and 1..150)."""
-  rng = np.random.default_rng(0)
-  for split, n in (("training", num_train), ("validation", num_val)):
-    for d in (f"images/{split}", f"annotations/{split}"):
-      os.makedirs(os.path.join(root, d), exist_ok=True)
-    prefix = "ADE_train" if split == "training" else "ADE_val"
-    for i in range(n):
-      h, w = (48, 64) if i % 2 else (64, 48)
-      label = np.zeros((h, w), np.uint8)
-      label[:, w // 2:] = rng.integers(1, 151)
-      label[h // 2:, :] = rng.integers(1, 151)
-      image = (rng.integers(0, 64, (h, w, 3)) + label[..., None]).astype(np.uint8)
-      name = f"{prefix}_{i + 1:08d}"
-      Image.fromarray(image).save(os.path.join(root, f"images/{split}", name + ".jpg"))
-      Image.fromarray(label, mode="L").save(os.path.join(root, f"annotations/{split}",
-                                                         name + ".png"))
-
-
 def test_train_ade20k_config_on_fabricated_copy(tmp_path):
   """The paper config's data path (ADE20K layout, reduce_zero_label, 150 classes, the mmseg
   augmentations, slide evaluation) end to end, with the model shrunk and no pretrained
   weights so it runs in seconds."""
   root = str(tmp_path / "ADEChallengeData2016")
-  _fabricate_ade20k(root)
+  fabricate.ade20k(root)
   workdir = str(tmp_path / "run")
   tiny = ["--config.model.backbone.variant=mu/16", "--config.model.backbone.posemb_grid=(4,4)",
           "--config.model.head.width=16", "--config.model.head.num_heads=2",

@@ -24,10 +24,7 @@ import segvit_jax
 from segvit_jax import bundle, convert, trainer
 from segvit_jax.models import layers
 
-try:
-  from tests import checkpoint_writers as writers
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-  import checkpoint_writers as writers
+from tests import checkpoint_writers as writers
 
 D, DEPTH, HEADS, PATCH, IMAGE = 64, 3, 4, 8, 48  # stored grid 6x6
 SIZES = {"native": (48, 48), "wide": (40, 64)}  # 6x6; 5x8: down in H, up in W
@@ -246,8 +243,8 @@ def test_cli_converts_and_reports(refs, tmp_path):
   out = str(tmp_path / "bundle")
   proc = subprocess.run(
       [sys.executable, "-m", "segvit_jax.convert", src, out, "--from", "dinov2",
-       "--image-size", "64", "--patch-size", "16", "--num-heads", str(HEADS)], cwd=ROOT, capture_output=True, text=True,
-      check=False)
+       "--image-size", "64", "--patch-size", "16", "--num-heads", str(HEADS)], cwd=ROOT,
+      capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "patch 16 grid (4, 4) registers 4 posemb_resize bicubic_antialias" in proc.stdout
   meta = bundle.read_config(out)

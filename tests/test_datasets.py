@@ -17,30 +17,13 @@ from PIL import Image
 from segvit_jax.data import cocostuff
 from segvit_jax.data import datasets
 from segvit_jax.data.sources import get_source
+from tests import fabricate
 
 _REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 
 
 def _cfg(**kw):
   return ml_collections.ConfigDict(kw)
-
-
-def _image(path, h, w, seed=0):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  image = np.random.default_rng(seed).integers(0, 256, (h, w, 3)).astype(np.uint8)
-  Image.fromarray(image).save(path)
-  return np.asarray(Image.open(path).convert("RGB"))  # as decoded (JPEG is lossy)
-
-
-def _label(path, label):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(np.asarray(label, np.uint8), mode="L").save(path)
-
-
-def _lines(path, names):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    f.write("".join(n + "\n" for n in names))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,10 +38,10 @@ def _cityscapes(root, label, kinds=("labelTrainIds",)):
                                             ("train", "aachen", "000000_000019"),
                                             ("val", "frankfurt", "000000_000294")]):
     stem = f"{city}_{frame}"
-    images[stem] = _image(f"{root}/leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png",
-                          *label.shape, seed=i)
+    images[stem] = fabricate.image_file(
+        f"{root}/leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png", *label.shape, seed=i)
     for kind in kinds:
-      _label(f"{root}/gtFine/{split}/{city}/{stem}_gtFine_{kind}.png", label)
+      fabricate.label_file(f"{root}/gtFine/{split}/{city}/{stem}_gtFine_{kind}.png", label)
   return images
 
 
@@ -105,11 +88,12 @@ def test_cityscapes_layout_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="cityscapes") as e:
     get_source(cfg, "train")
   assert "leftImg8bit/train/CITY/X_leftImg8bit.png" in str(e.value)
-  _image(f"{root}/leftImg8bit/train/ulm/ulm_000000_000019_leftImg8bit.png", 2, 2)
+  fabricate.image_file(f"{root}/leftImg8bit/train/ulm/ulm_000000_000019_leftImg8bit.png", 2, 2)
   with pytest.raises(FileNotFoundError, match=os.path.join(root, "gtFine", "train")):
     get_source(cfg, "train")
-  _label(f"{root}/gtFine/train/ulm/ulm_000000_000019_gtFine_labelTrainIds.png", np.zeros((2, 2)))
-  _image(f"{root}/leftImg8bit/train/ulm/ulm_000000_000020_leftImg8bit.png", 2, 2)
+  fabricate.label_file(f"{root}/gtFine/train/ulm/ulm_000000_000019_gtFine_labelTrainIds.png",
+                       np.zeros((2, 2)))
+  fabricate.image_file(f"{root}/leftImg8bit/train/ulm/ulm_000000_000020_leftImg8bit.png", 2, 2)
   with pytest.raises(FileNotFoundError,
                      match="1 image.* no label file: .*ulm_000000_000020_gtFine_labelTrainIds"):
     get_source(cfg, "train")
@@ -124,20 +108,12 @@ def test_cityscapes_layout_errors(tmp_path):
 # PASCAL-Context.
 
 
-def _pascal_context(voc, label):
-  for i, name in enumerate(["2008_000002", "2008_000003", "2008_000007", "2008_000099"]):
-    _image(f"{voc}/JPEGImages/{name}.jpg", *label.shape, seed=i)
-    _label(f"{voc}/SegmentationClassContext/{name}.png", label)
-  _lines(f"{voc}/ImageSets/SegmentationContext/train.txt", ["2008_000003", "2008_000002"])
-  _lines(f"{voc}/ImageSets/SegmentationContext/val.txt", ["2008_000007"])
-
-
 @pytest.mark.parametrize("nested", [True, False])
 def test_pascal_context_60_and_59_from_the_same_files(tmp_path, nested):
   root = str(tmp_path / "pc")
   voc = os.path.join(root, "VOCdevkit", "VOC2010") if nested else root
   label = np.array([[0, 5, 59], [255, 1, 0]], np.uint8)
-  _pascal_context(voc, label)
+  fabricate.pascal_context(voc, label)
   pc60 = get_source(_cfg(name="pascal_context", root=root, num_classes=60), "train")
   pc59 = get_source(_cfg(name="pascal_context59", root=root, num_classes=59), "train")
   # The split list decides membership and order (2008_000099 is in no list).
@@ -162,16 +138,17 @@ def test_pascal_context_layout_errors(tmp_path):
                      ".*JPEGImages"):
     get_source(cfg, "train")
   voc = os.path.join(root, "VOCdevkit", "VOC2010")
-  _image(f"{voc}/JPEGImages/2008_000002.jpg", 2, 2)
-  _label(f"{voc}/SegmentationClassContext/2008_000002.png", np.zeros((2, 2)))
+  fabricate.image_file(f"{voc}/JPEGImages/2008_000002.jpg", 2, 2)
+  fabricate.label_file(f"{voc}/SegmentationClassContext/2008_000002.png", np.zeros((2, 2)))
   with pytest.raises(FileNotFoundError, match="missing file .*SegmentationContext/val.txt") as e:
     get_source(cfg, "val")
   assert "root/VOCdevkit/VOC2010" in str(e.value)  # says which layout was found
-  _lines(f"{voc}/ImageSets/SegmentationContext/val.txt", ["2008_000002", "2008_000004"])
+  fabricate.lines_file(f"{voc}/ImageSets/SegmentationContext/val.txt",
+                       ["2008_000002", "2008_000004"])
   with pytest.raises(FileNotFoundError, match="2 file.*val.txt do not exist: .*2008_000004.jpg, "
                      ".*SegmentationClassContext/2008_000004.png"):
     get_source(cfg, "val")
-  _lines(f"{voc}/ImageSets/SegmentationContext/val.txt", ["2008_000002"])
+  fabricate.lines_file(f"{voc}/ImageSets/SegmentationContext/val.txt", ["2008_000002"])
   assert len(get_source(cfg, "val")) == 1
   with pytest.raises(ValueError, match="num_classes is 59 but dataset 'pascal_context' has 60"):
     get_source(_cfg(name="pascal_context", root=root, num_classes=59), "val")
@@ -209,9 +186,9 @@ _TRAIN_IDS = [[255, 0, 10, 255], [11, 80, 170, 255]]
 
 def _raw_cocostuff(raw, names_by_split):
   for split, names in names_by_split.items():
-    _lines(f"{raw}/imageLists/{split}.txt", names)
+    fabricate.lines_file(f"{raw}/imageLists/{split}.txt", names)
     for i, name in enumerate(names):
-      _image(f"{raw}/images/{name}.jpg", 2, 4, seed=i)
+      fabricate.image_file(f"{raw}/images/{name}.jpg", 2, 4, seed=i)
       os.makedirs(f"{raw}/annotations", exist_ok=True)
       scipy.io.savemat(f"{raw}/annotations/{name}.mat", {"S": _RAW_IDS})
 
@@ -246,9 +223,11 @@ def test_cocostuff_round_trip(tmp_path):
   np.testing.assert_array_equal(source.palette, datasets.PALETTES["coco_stuff10k"])
 
   # The list selects the split's images; without lists every image in the folder is read.
-  _image(os.path.join(out, "images", "train2014", "COCO_train2014_000000000001.jpg"), 2, 4)
-  _label(os.path.join(out, "annotations", "train2014",
-                      "COCO_train2014_000000000001_labelTrainIds.png"), np.zeros((2, 4)))
+  fabricate.image_file(
+      os.path.join(out, "images", "train2014", "COCO_train2014_000000000001.jpg"), 2, 4)
+  fabricate.label_file(os.path.join(out, "annotations", "train2014",
+                                    "COCO_train2014_000000000001_labelTrainIds.png"),
+                       np.zeros((2, 4)))
   assert len(get_source(cfg, "train")) == 3
   os.remove(os.path.join(out, "imageLists", "train.txt"))
   assert get_source(cfg, "train")[0]["name"] == "COCO_train2014_000000000001"  # sorted
@@ -277,16 +256,16 @@ def test_cocostuff_converter_errors_name_the_file(tmp_path, capsys):
 def test_coco_stuff10k_source_errors_and_mmseg_encoding(tmp_path):
   root = str(tmp_path / "coco_stuff10k")
   cfg = _cfg(name="coco_stuff10k", root=root, num_classes=171)
-  _image(f"{root}/images/test2014/x.jpg", 1, 3)
+  fabricate.image_file(f"{root}/images/test2014/x.jpg", 1, 3)
   with pytest.raises(FileNotFoundError, match=os.path.join(root, "annotations", "test2014")):
     get_source(cfg, "test")
   # mmseg's converter writes 0 = unlabelled, classes 1..171.
-  _label(f"{root}/annotations/test2014/x_labelTrainIds.png", [[0, 1, 171]])
+  fabricate.label_file(f"{root}/annotations/test2014/x_labelTrainIds.png", [[0, 1, 171]])
   with pytest.raises(ValueError, match="value\\(s\\) 171 outside .*reduce_zero_label = True"):
     get_source(cfg, "test")[0]
   cfg.reduce_zero_label = True
   np.testing.assert_array_equal(get_source(cfg, "test")[0]["label"], [[255, 0, 170]])
-  _lines(f"{root}/imageLists/test.txt", ["x", "y"])
+  fabricate.lines_file(f"{root}/imageLists/test.txt", ["x", "y"])
   with pytest.raises(FileNotFoundError, match="2 file.*test.txt do not exist: .*test2014/y.jpg, "
                      ".*y_labelTrainIds.png"):
     get_source(cfg, "test")

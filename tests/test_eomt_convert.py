@@ -40,10 +40,7 @@ from segvit_jax import bundle
 from segvit_jax.convert import __main__ as cli
 from segvit_jax.data import synthetic
 
-try:
-  from tests import checkpoint_writers as writers
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-  import checkpoint_writers as writers
+from tests import checkpoint_writers as writers
 
 TOL = 1e-4  # float32 Flax ("highest" matmul precision) vs float64 torch
 HIDDEN, DEPTH, HEADS, NUM_BLOCKS, QUERIES, LABELS, IMAGE, PATCH, REGISTERS = (

@@ -6,7 +6,7 @@ evaluation runs the plain model (no masks, no intermediate predictions)."""
 import numpy as np
 
 from segvit_jax import bundle, evaluate, optim, trainer
-from tests.test_train import read_metrics, smoke_config
+from tests.support import read_metrics, smoke_config
 
 
 def eomt_smoke(**overrides):

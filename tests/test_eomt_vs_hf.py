@@ -317,7 +317,7 @@ def test_backbone_is_the_vit_and_model_init_fills_it(tmp_path):
   """EoMT's backbone parameters are exactly `vit.ViT`'s, so `config.model_init` loads a DINOv2
   checkpoint (here timm's layout of a patch-14 model with registers) into it unchanged: patch
   kernel resampled to 16, position grid resized, merged strictly; the rest untouched."""
-  import checkpoint_writers  # pylint: disable=g-import-not-at-top
+  from tests import checkpoint_writers  # pylint: disable=g-import-not-at-top
   from segvit_jax import convert  # pylint: disable=g-import-not-at-top
 
   cfg = _model_cfg()

@@ -45,14 +45,9 @@ from segvit_jax.data import pipeline, sources
 from segvit_jax.data import transforms as T
 from segvit_jax.models import build_model
 
-try:
-  from tests.test_cli import ROOT, _fabricate_ade20k, run
-  from tests.test_datasets import _pascal_context
-  from tests.test_sharding import _env, _free_port, _results
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-  from test_cli import ROOT, _fabricate_ade20k, run
-  from test_datasets import _pascal_context
-  from test_sharding import _env, _free_port, _results
+from tests import fabricate
+from tests import support
+from tests.support import ROOT, device_env, free_port, run
 
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 SMALL = {"eval.scale": (256, 64), "eval.crop_size": (64, 64), "eval.stride": (32, 32)}
@@ -90,7 +85,7 @@ def ade_bundle(tmp_path_factory):
 def test_eval_py_ade20k_multiscale_flip_on_fabricated_copy(ade_bundle, tmp_path):
   """eval.py at the SegViT ADE20K protocol, 6 scales + flip (test size SMALL, see above)."""
   root = str(tmp_path / "ADEChallengeData2016")
-  _fabricate_ade20k(root, num_train=1, num_val=2)
+  fabricate.ade20k(root, num_train=1, num_val=2)
   out = str(tmp_path / "out")
   proc = run("eval.py", "--config", "configs/segvit_vit_b16_ade20k.py", "--checkpoint",
              ade_bundle[0], "--scales", ",".join(map(str, SCALES)), "--flip",
@@ -131,7 +126,7 @@ def test_two_process_evaluation_matches_one_process(ade_bundle, tmp_path):
   (so several classes have non-trivial IoU); both runs must equal numpy on that argmax."""
   path, model, params = ade_bundle
   root = str(tmp_path / "ADEChallengeData2016")
-  _fabricate_ade20k(root, num_train=1, num_val=3)
+  fabricate.ade20k(root, num_train=1, num_val=3)
   config = _ade_eval_config(root)
   # On one CPU device, as the eval.py processes below: the same programs, the same argmax.
   cpu = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices("cpu")[:1])
@@ -163,16 +158,16 @@ def test_two_process_evaluation_matches_one_process(ade_bundle, tmp_path):
   argv = ["eval.py", "--config", "configs/segvit_vit_b16_ade20k.py", "--checkpoint", path,
           "--scales", "0.75,1.0", "--flip", f"--config.dataset.root={root}", *SMALL_FLAGS,
           "--num_vis", "0"]
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{free_port()}"
   outs = [str(tmp_path / name) for name in ("mp0", "mp1", "one")]
   procs = [subprocess.Popen(
       [sys.executable, *argv, "--output", outs[i], f"--coordinator_address={address}",
-       "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=_env(1),
+       "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=device_env(1),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   procs.append(subprocess.Popen([sys.executable, *argv, "--output", outs[2]], cwd=ROOT,
-                                env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=device_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True))
-  _results(procs, timeout=300)
+  support.results(procs, timeout=300)
   assert not os.path.exists(os.path.join(outs[1], "eval_results.json"))  # process 0 writes
   runs = []
   for out in (outs[0], outs[2]):
@@ -376,7 +371,7 @@ def test_pascal_context_reports_miou60_and_miou59(tmp_path):
   label = np.zeros((40, 56), np.uint8)
   label[:, 20:] = 7
   label[25:, :] = 33  # background (0), two classes
-  _pascal_context(voc, label)
+  fabricate.pascal_context(voc, label)
   cfg, model, params = tiny_segvit(60)
   c = common.run_config()
   c.dataset.update(name="pascal_context", root=str(tmp_path), num_classes=60)

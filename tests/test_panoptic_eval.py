@@ -51,14 +51,8 @@ from segvit_jax.data import coco_panoptic, pipeline
 from segvit_jax.data import transforms as T
 from segvit_jax.models import build_model
 
-try:
-  from tests import fabricate
-  from tests.test_cli import ROOT
-  from tests.test_sharding import _env, _free_port
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-  import fabricate
-  from test_cli import ROOT
-  from test_sharding import _env, _free_port
+from tests import fabricate
+from tests.support import ROOT, device_env, free_port
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -699,10 +693,10 @@ def evaluated(tmp_path_factory):
 
   argv = ["eval.py", *_flags(root), "--checkpoint", bundle]
   outs = [str(tmp / name) for name in ("one", "mp0", "mp1")]
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{free_port()}"
 
   def popen(args):
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=_env(1),
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=device_env(1),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
   procs = [popen([*argv, "--output", outs[0], "--num_vis", "2"])]
@@ -790,7 +784,7 @@ def test_predict_py_panoptic_writes_coco_format(evaluated, tmp_path):
   proc = subprocess.run(
       [sys.executable, "predict.py", "--task", "panoptic", "--checkpoint", evaluated["bundle"],
        "--input", os.path.join(root, "val2017"), "--output", str(out), "--size", "64",
-       "--overlap-threshold", str(OVERLAP)], cwd=ROOT, env=_env(1), capture_output=True,
+       "--overlap-threshold", str(OVERLAP)], cwd=ROOT, env=device_env(1), capture_output=True,
       text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out / "panoptic.json") as f:

@@ -23,8 +23,7 @@ from segvit_jax.data import transforms as T
 from segvit_jax.losses import LOSSES
 from segvit_jax.losses import mask_classification as mc
 from tests import fabricate
-from tests.test_cli import run
-from tests.test_train import read_metrics
+from tests.support import read_metrics, run
 
 NUM_CLASSES = 6  # fabricate: 5 thing shapes, 1 stuff background
 _jit = jax.jit  # eager calls compile op by op: much slower than one program per call

@@ -33,10 +33,7 @@ from segvit_jax.losses import LOSSES
 from segvit_jax.losses.atm import atm_normalisers, class_targets
 from segvit_jax.models import build_model
 
-try:
-  from tests.test_train import flat_params, read_metrics
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-  from test_train import flat_params, read_metrics
+from tests.support import flat_params, read_metrics
 
 STEPS = 3
 BASE = {"batch_size": 8, "total_steps": STEPS, "log_every": 1, "ckpt_every": STEPS,

@@ -47,12 +47,8 @@ from segvit_jax.convert import segformer
 from segvit_jax.data import datasets
 from segvit_jax.models import build_model
 
-try:
-  from tests import checkpoint_writers as writers
-  from tests.test_segformer_vs_hf import _randomize_ as randomize_segformer_
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-  import checkpoint_writers as writers
-  from test_segformer_vs_hf import _randomize_ as randomize_segformer_
+from tests import checkpoint_writers as writers
+from tests.test_segformer_vs_hf import _randomize_ as randomize_segformer_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # float32 Flax vs float64 torch

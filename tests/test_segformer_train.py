@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from segvit_jax import bundle, checkpoint, trainer
-from tests.test_train import read_metrics, smoke_config
+from tests.support import read_metrics, smoke_config
 
 
 def segformer_smoke(**overrides):

@@ -40,12 +40,8 @@ from segvit_jax.convert import segvit_official
 from segvit_jax.data import synthetic
 from segvit_jax.models import build_model
 
-try:
-  from tests import checkpoint_writers as writers
-  from tests import torch_reference as ref
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-  import checkpoint_writers as writers
-  import torch_reference as ref
+from tests import checkpoint_writers as writers
+from tests import torch_reference as ref
 
 KINDS = ("atm", "shrunk")
 NUM_CLASSES = len(synthetic.CLASS_NAMES)  # the tiny config's dataset: class names in bundles

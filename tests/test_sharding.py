@@ -23,7 +23,6 @@ Restored checkpoints (another mesh, another process count) are bitwise equal to 
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -32,8 +31,8 @@ import numpy as np
 import pytest
 
 from segvit_jax import bundle, checkpoint, sharding, trainer
+from tests.support import ROOT, device_env, free_port, results
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STEPS = 4
 BASE = {"batch_size": 8, "total_steps": STEPS, "log_every": 1, "ckpt_every": 100,
@@ -208,52 +207,10 @@ print("RESULT " + json.dumps(out), flush=True)
 '''
 
 
-def _env(devices: int) -> dict:
-  # 8 training processes share the cores: the devices of one may wait for each other inside a
-  # collective longer than XLA's default 40 s before it aborts the process.
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  return {**os.environ, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}",
-                                 "--xla_cpu_collective_call_terminate_timeout_seconds=600"]),
-          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-          "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-
-
 def _start(script, devices: int, args: dict) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, str(script), json.dumps(args)], cwd=ROOT,
-                          env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=device_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
-
-
-def _results(procs: list[subprocess.Popen], timeout: float = 420) -> list[dict]:
-  """Waits for all `procs`; fails with each failed process's stderr tail."""
-  outputs, failures = [], []
-  for i, proc in enumerate(procs):
-    try:
-      stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      for p in procs:  # a stuck collective waits forever: stop the others too
-        p.kill()
-      stdout, stderr = proc.communicate()
-      failures.append(f"worker {i} timed out after {timeout} s:\n{stderr[-3000:]}")
-      continue
-    if proc.returncode:
-      failures.append(f"worker {i} exited with {proc.returncode}:\n{stderr[-3000:]}")
-      continue
-    line = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
-    outputs.append(json.loads(line[-1][len("RESULT "):]) if line else None)
-  if failures:
-    raise AssertionError("\n\n".join(failures))
-  return outputs
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _start_cli(devices: int, workdir: str, *overrides: str) -> subprocess.Popen:
@@ -261,7 +218,7 @@ def _start_cli(devices: int, workdir: str, *overrides: str) -> subprocess.Popen:
   flags = [f"--config.{k}={v}" for k, v in BASE.items()]
   return subprocess.Popen(
       [sys.executable, "train.py", "--config", "configs/demo.py:smoke", *overrides, "--workdir",
-       workdir, *flags], cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
+       workdir, *flags], cwd=ROOT, env=device_env(devices), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
 
 
@@ -298,7 +255,7 @@ def launched(tmp_path_factory):
       "cli": [_start_cli(8, workdirs["cli8"], "--config.mesh.fsdp=2"),
               _start_cli(1, workdirs["cli1"])],  # fsdp=2 needs 2 devices: the default mesh
   }
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{free_port()}"
   procs["mp"] = [_start(script, 2, {
       "distributed": {"address": address, "num_processes": 2, "process_id": i},
       "runs": [{"name": "mp", "workdir": workdirs["mp"], "overrides": BASE}]})
@@ -326,7 +283,7 @@ def runs(launched):
   """Results of the single-process worker runs: one, one_2proc_batches (1 device), dp, reshard,
   tp, fsdp, accum (8)."""
   procs, workdirs = launched
-  (r1,), (r8, r8b) = _results(procs["one"]), _results(procs["eight"])
+  (r1,), (r8, r8b) = results(procs["one"]), results(procs["eight"])
   assert r1["device_count"] == 1 and r8["device_count"] == r8b["device_count"] == 8
   return _named([r1, r8, r8b], workdirs)
 
@@ -541,7 +498,7 @@ def test_checkpoint_from_8_devices_loads_on_one(runs):
 
 def test_two_processes_match_one_device(runs, launched):
   procs, workdirs = launched
-  r0, r1 = _results(procs["mp"])
+  r0, r1 = results(procs["mp"])
   assert (r0["device_count"], r0["process_count"]) == (4, 2)
   mp = _named([r0], workdirs)["mp"]
   # Each process feeds its 4 examples into the 8-example global batch over mesh data=4.
@@ -571,7 +528,7 @@ RESUME_WARNING = (
 
 def test_one_process_resumes_two_process_checkpoint(launched):
   procs, workdirs = launched
-  (r,) = _results(procs["resume"])
+  (r,) = results(procs["resume"])
   assert (r["device_count"], r["process_count"]) == (1, 1)
   res = _named([r], workdirs)["mp_resumed"]
   # The train state is restored (from 2 processes x 2 devices onto 1 device), the per-process

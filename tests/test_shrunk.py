@@ -10,7 +10,7 @@ import pytest
 
 from segvit_jax import trainer
 from segvit_jax.models import build_model, input_divisor, layers, vit
-from tests.test_train import read_metrics, smoke_config
+from tests.support import read_metrics, smoke_config
 
 D, HEADS, MLP = 32, 4, 64
 

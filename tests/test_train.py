@@ -11,31 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
-from segvit_jax import bundle, checkpoint, trainer
-
-
-def smoke_config(**overrides):
-  c = demo.get_config("smoke")
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def flat_params(workdir, step):
-  params, got = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), step)
-  assert got == step
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(params)}
+from segvit_jax import bundle, trainer
+from tests.support import flat_params, read_metrics, smoke_config
 
 
 def test_loss_goes_down(tmp_path):

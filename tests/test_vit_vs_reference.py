@@ -20,10 +20,7 @@ import transformers
 
 from segvit_jax.models import layers, vit
 
-try:
-  from tests import torch_reference as ref
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-  import torch_reference as ref
+from tests import torch_reference as ref
 
 SIZE = dict(width=64, depth=4, mlp_dim=128, num_heads=4)
 PATCH = 8

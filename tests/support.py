@@ -1,0 +1,103 @@
+"""Helpers the test modules share (test modules never import each other): the repository
+root, running the command-line tools as subprocesses, the smoke training config, reading a
+run's metrics and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from configs import demo
+from segvit_jax import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cache_env() -> dict[str, str]:
+  """Environment entries that let a subprocess share the suite's compilation cache."""
+  return {"JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def run(*args, check=True):
+  """`python ARGS...` from the repository root on the CPU; fails with its stderr tail."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **cache_env()}
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                        env=env, timeout=600)
+  if check and proc.returncode:
+    raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def device_env(devices: int) -> dict:
+  """Environment of a subprocess with `devices` forced CPU devices."""
+  # 8 training processes share the cores: the devices of one may wait for each other inside a
+  # collective longer than XLA's default 40 s before it aborts the process.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return {**os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}",
+                                 "--xla_cpu_collective_call_terminate_timeout_seconds=600"]),
+          **cache_env(),
+          "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def results(procs: list[subprocess.Popen], timeout: float = 420) -> list[dict]:
+  """Waits for all `procs`; fails with each failed process's stderr tail. Returns the JSON of
+  each one's last `RESULT {...}` stdout line (None without one)."""
+  outputs, failures = [], []
+  for i, proc in enumerate(procs):
+    try:
+      stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for p in procs:  # a stuck collective waits forever: stop the others too
+        p.kill()
+      stdout, stderr = proc.communicate()
+      failures.append(f"worker {i} timed out after {timeout} s:\n{stderr[-3000:]}")
+      continue
+    if proc.returncode:
+      failures.append(f"worker {i} exited with {proc.returncode}:\n{stderr[-3000:]}")
+      continue
+    line = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+    outputs.append(json.loads(line[-1][len("RESULT "):]) if line else None)
+  if failures:
+    raise AssertionError("\n\n".join(failures))
+  return outputs
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def smoke_config(**overrides):
+  """`configs/demo.py:smoke` with dotted-key overrides, e.g. smoke_config(**{"optim.lr": 1})."""
+  c = demo.get_config("smoke")
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def flat_params(workdir, step):
+  """The parameters of checkpoint `step` of a run, flat {path: array}."""
+  params, got = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), step)
+  assert got == step
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(params)}
