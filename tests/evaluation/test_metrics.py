@@ -228,3 +228,52 @@ def test_format_table_shows_class_count_variants():
   r = metrics.segmentation_metrics(HAND_CONF, ["a", "b", "c"])
   r.update({"mIoU3": r["mIoU"], "mIoU2": 12.345})
   assert metrics.format_table(r).splitlines()[-1] == "mIoU2: 12.35  mIoU3: 55.56"
+
+
+def test_one_table_for_semantic_panoptic_and_instance_results():
+  """`format_table` prints every task's results from their keys alone (eval.py never asks the
+  task): a semantic result, a panoptic one (PQ and AP, a NaN and a JSON null, a stuff class
+  without AP) and an instance one (AP only), each in full."""
+  semantic = metrics.segmentation_metrics(HAND_CONF, ["road", "sky", "cat"])
+  semantic.update({"mIoU3": semantic["mIoU"], "mIoU2": 50.0})
+  assert metrics.format_table(semantic) == "\n".join([
+      "| Class |    IoU |    Acc |",
+      "|-------|--------|--------|",
+      "| road  |  60.00 |  75.00 |",
+      "| sky   |  40.00 |  50.00 |",
+      "| cat   |  66.67 | 100.00 |",
+      "aAcc: 70.00  mIoU: 55.56  mAcc: 75.00",
+      "mIoU2: 50.00  mIoU3: 55.56"])
+
+  nan = float("nan")
+  ap = {"AP": 30.0, "AP50": 55.5, "AP75": 20.0, "APs": nan, "APm": 10.0, "APl": 45.0}
+  person = {"name": "person", "isthing": True, "PQ": 40.0, "SQ": 80.0, "RQ": 50.0, "TP": 1,
+            "FP": 1, "FN": 1, "AP": 30.0}
+  sky = {"name": "sky", "isthing": False, "PQ": 60.0, "SQ": 70.0, "RQ": None, "TP": 1,
+         "FP": 0, "FN": 0}
+  panoptic = {"PQ": 50.0, "SQ": 75.0, "RQ": 200 / 3, "PQ_th": 40.0, "SQ_th": 80.0,
+              "RQ_th": 50.0, "PQ_st": 60.0, "SQ_st": 70.0, "RQ_st": nan,
+              "PQ_classes": {"all": 2, "things": 1, "stuff": 1}, **ap,
+              "per_class": [person, sky], "images": 3}
+  assert metrics.format_table(panoptic) == "\n".join([
+      "| Class  | Kind  |     PQ |     SQ |     RQ |     AP |",
+      "|--------|-------|--------|--------|--------|--------|",
+      "| person | thing |  40.00 |  80.00 |  50.00 |  30.00 |",
+      "| sky    | stuff |  60.00 |  70.00 |    nan |      - |",
+      "",
+      "|        |     PQ |     SQ |     RQ |   N |",
+      "|--------|--------|--------|--------|-----|",
+      "| All    |  50.00 |  75.00 |  66.67 |   2 |",
+      "| Things |  40.00 |  80.00 |  50.00 |   1 |",
+      "| Stuff  |  60.00 |  70.00 |    nan |   1 |",
+      "AP: 30.00  AP50: 55.50  AP75: 20.00  APs: nan  APm: 10.00  APl: 45.00",
+      "PQ: 50.00  PQ_th: 40.00  PQ_st: 60.00"])
+
+  instance = {**ap, "per_class": [{"name": "person", "isthing": True, "AP": 30.0},
+                                  {"name": "sky", "isthing": False}]}
+  assert metrics.format_table(instance) == "\n".join([
+      "| Class  | Kind  |     AP |",
+      "|--------|-------|--------|",
+      "| person | thing |  30.00 |",
+      "| sky    | stuff |      - |",
+      "AP: 30.00  AP50: 55.50  AP75: 20.00  APs: nan  APm: 10.00  APl: 45.00"])
