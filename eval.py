@@ -12,7 +12,7 @@ COCO mask AP (or AP alone) at EoMT's panoptic / instance protocol instead.
       --config.dataset.root=/data/coco                                  # PQ and AP
 
 The config supplies the dataset and the test protocol (`config.eval`: resize policy, windows,
-scales, flip; see segvit_jax/evaluate.py); the model comes from the checkpoint (its own
+scales, flip; see segvit_jax/evaluation/semantic.py); the model comes from the checkpoint (its own
 config), so a bundle evaluates under any compatible data config. Several processes (hosts)
 split the images: `--coordinator_address/--num_processes/--process_id` as for train.py.
 """
@@ -24,7 +24,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax import config_utils, evaluate, metrics, panoptic_metrics, sharding, trainer
+from segvit_jax import config_utils, sharding, trainer
+from segvit_jax.evaluation import evaluate, metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -72,14 +73,10 @@ def main(argv):
       config.eval.flip = _FLIP.value
   out_dir = _OUTPUT.value or (_WORKDIR.value or path)
   os.makedirs(out_dir, exist_ok=True)
-  results = evaluate.evaluate_params(model.model, model.variables, config,
-                                     split=_SPLIT.value, out_dir=out_dir,
-                                     num_pictures=_NUM_VIS.value, progress=True)
+  results = evaluate(model.model, model.variables, config, split=_SPLIT.value,
+                     out_dir=out_dir, num_pictures=_NUM_VIS.value, progress=True)
   if jax.process_index() == 0:
-    if config.eval.get("task", "semantic") == "semantic":
-      print(metrics.format_table(results))
-    else:
-      print(panoptic_metrics.format_table(results))
+    print(metrics.format_table(results))
     print(f"results written to {os.path.join(out_dir, 'eval_results.json')}")
 
 

@@ -14,11 +14,11 @@ that COCO's panopticapi scores the output as it is (`pq_compute(GT_JSON, "out/pa
 `panoptic/NAME.png` (segment id = R + 256 G + 256^2 B, 0 = void), `panoptic.json` ({"annotations":
 [{image_id, file_name, segments_info: [{id, category_id, isthing, iscrowd, area, bbox}]}],
 "categories": [...]}; image_id = int(NAME) for COCO's numeric file names) and
-`NAME_overlay.jpg`. The image goes through EoMT's panoptic protocol (`segvit_jax.evaluate`):
+`NAME_overlay.jpg`. The image goes through EoMT's panoptic protocol (`segvit_jax.evaluation`):
 longer side resized to --size, black padding to the square, one model call, the post-processing
-of `segvit_jax.panoptic` with --object-mask-threshold / --overlap-threshold. Category ids and
-thing flags come from the bundle's `categories` entry ([{id, name, isthing}], in class order)
-or from --categories (a COCO panoptic json, e.g. annotations/panoptic_val2017.json).
+of `segvit_jax.evaluation.panoptic` with --object-mask-threshold / --overlap-threshold. Category
+ids and thing flags come from the bundle's `categories` entry ([{id, name, isthing}], in class
+order) or from --categories (a COCO panoptic json, e.g. annotations/panoptic_val2017.json).
 """
 
 import argparse
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   from segvit_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
-  from segvit_jax import sharding, visualize  # pylint: disable=g-import-not-at-top
+  from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from segvit_jax.evaluation import pictures  # pylint: disable=g-import-not-at-top
   from segvit_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   cache = args.compilation_cache
@@ -88,8 +89,8 @@ def main(argv=None) -> int:
     pred = scores.argmax(0).astype(np.uint8 if num_classes <= 256 else np.uint16)
     name = os.path.splitext(os.path.basename(file))[0]
     Image.fromarray(pred).save(os.path.join(args.output, f"{name}.png"))
-    visualize.save(os.path.join(args.output, f"{name}_overlay.jpg"),
-                   visualize.overlay(image, pred, num_classes))
+    pictures.save(os.path.join(args.output, f"{name}_overlay.jpg"),
+                  pictures.overlay(image, pred, num_classes))
     if args.save_scores:
       np.save(os.path.join(args.output, f"{name}.npy"), scores.astype(np.float32))
     rate = (i + 1) / (time.perf_counter() - t0)
@@ -120,8 +121,8 @@ def load_categories(model, path: str | None) -> list[dict]:
 def predict_panoptic(model, files: list[str], args) -> int:
   """`--task panoptic`: COCO panoptic PNGs + json and overlays (module docstring)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from segvit_jax import inference, panoptic  # pylint: disable=g-import-not-at-top
-  from segvit_jax import visualize  # pylint: disable=g-import-not-at-top
+  from segvit_jax.evaluation import inference, panoptic  # pylint: disable=g-import-not-at-top
+  from segvit_jax.evaluation import pictures  # pylint: disable=g-import-not-at-top
   from segvit_jax.data import sources  # pylint: disable=g-import-not-at-top
   from segvit_jax.data import transforms  # pylint: disable=g-import-not-at-top
   from segvit_jax.models import patch_size  # pylint: disable=g-import-not-at-top
@@ -141,7 +142,7 @@ def predict_panoptic(model, files: list[str], args) -> int:
 
   predictor = inference.MaskPredictor(apply_fn, model.variables, (size, size),
                                       mean=model.config.mean, std=model.config.std)
-  colours = visualize.palette(len(categories))
+  colours = pictures.palette(len(categories))
   png_dir = os.path.join(args.output, "panoptic")
   os.makedirs(png_dir, exist_ok=True)
   annotations = []
@@ -163,8 +164,8 @@ def predict_panoptic(model, files: list[str], args) -> int:
                         "file_name": f"{name}.png",
                         "segments_info": panoptic.coco_segments_info(ids, segments, coco_ids)})
     classes = [s["class_id"] for s in segments]
-    visualize.save(os.path.join(args.output, f"{name}_overlay.jpg"),
-                   panoptic.overlay(image, ids, classes, is_thing, colours))
+    pictures.save(os.path.join(args.output, f"{name}_overlay.jpg"),
+                  panoptic.overlay(image, ids, classes, is_thing, colours))
     rate = (i + 1) / (time.perf_counter() - t0)
     print(f"[{i + 1}/{len(files)}] {file} -> panoptic/{name}.png, {len(segments)} segments "
           f"({rate:.2f} img/s)", flush=True)

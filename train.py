@@ -20,7 +20,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from segvit_jax import config_utils, evaluate, sharding, trainer
+from segvit_jax import config_utils, sharding, trainer
+from segvit_jax.evaluation import evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -36,7 +37,7 @@ def main(argv):
   sharding.initialize_distributed(_DISTRIBUTED, os.environ)
   sharding.enable_compilation_cache(_CACHE.value)
   trainer.quiet_library_logs()
-  trainer.train(_CONFIG.value, _WORKDIR.value, evaluate_fn=evaluate.evaluate_params)
+  trainer.train(_CONFIG.value, _WORKDIR.value, evaluate_fn=evaluate)
 
 
 if __name__ == "__main__":

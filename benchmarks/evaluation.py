@@ -9,11 +9,11 @@ images at (2048, 512), crop 512 / stride 341, and nearly their windows (per view
 scales 1 + 1 + 2 + 4 + 6 + 9 = 23 here, 1 + 1 + 2 + 4 + 6 + 12 = 26 there). `--full`: the
 paper's sizes (683 x 512 images, the config's protocol untouched), for an accelerator.
 
-The loop is `evaluate.evaluate_params`'s (read + test resize, `MultiScalePredictor`, confusion
-matrices on device), timed per image: the first image compiles every program (the model once
-per window shape and window batch, the glue once per buffer size), so it is reported apart
-from the steady state (the others; all images have one size, so nothing compiles after the
-first).
+The loop is `segvit_jax.evaluation.semantic.evaluate`'s (read + test resize,
+`MultiScalePredictor`, confusion matrices on device), timed per image: the first image compiles
+every program (the model once per window shape and window batch, the glue once per buffer
+size), so it is reported apart from the steady state (the others; all images have one size, so
+nothing compiles after the first).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.data_pipeline import fabricate  # noqa: E402
 from configs import segvit_vit_b16_ade20k  # noqa: E402
-from segvit_jax import evaluate, inference  # noqa: E402
+from segvit_jax.evaluation import inference, semantic  # noqa: E402
 from segvit_jax.data import pipeline, transforms  # noqa: E402
 from segvit_jax.models import build_model, input_divisor  # noqa: E402
 
@@ -60,7 +60,7 @@ def windows_per_image(c, height: int, width: int) -> list[int]:
   counts = []
   for r in ev.scales:
     h, w = transforms.test_size(height, width, ev.resize, ev.scale, r, ev.size_divisor,
-                                ev.get("min_size", 0))
+                                ev.min_size)
     _, starts = inference.window_layout(h, w, ev.mode, ev.crop_size, ev.stride,
                                        input_divisor(c.model))
     counts.append(len(starts) * (2 if ev.flip else 1))
@@ -68,14 +68,14 @@ def windows_per_image(c, height: int, width: int) -> list[int]:
 
 
 def measure(c, model, params) -> list[float]:
-  """Seconds per image of `evaluate_params`'s loop (`num_threads` 0: reading in this thread;
+  """Seconds per image of `semantic.evaluate`'s loop (`num_threads` 0: reading in this thread;
   it is ~1% of a step here)."""
   dataset, _ = pipeline.make_eval_dataset(c, "train")
-  predictor = evaluate.make_predictor(model, {"params": params}, c)
+  predictor = semantic.make_predictor(model, {"params": params}, c)
   times = []
   for i in range(len(dataset)):
     t0 = time.perf_counter()
-    _, mats = evaluate.score_image(predictor, dataset[i],
+    _, mats = semantic.score_image(predictor, dataset[i],
                                    ignore_index=int(c.dataset.ignore_index))
     np.asarray(mats)  # waits for the device
     times.append(time.perf_counter() - t0)

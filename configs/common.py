@@ -100,7 +100,7 @@ def run_config() -> ml_collections.ConfigDict:
   c.optim = optim_config()
 
   c.eval = ml_collections.ConfigDict()
-  # Test protocol (segvit_jax.evaluate; eval.py --scales / --flip set scales / flip).
+  # Test protocol (segvit_jax.evaluation; eval.py --scales / --flip set scales / flip).
   # Test resize: "keep_ratio" to scale (long, short) (mmseg: SegViT), "keep_ratio_aligned" (the
   # same, sides rounded up to size_divisor: SegFormer ADE20K), "short_side" (shorter side to
   # scale = the crop: EoMT), "none"; an empty scale keeps the image as it is.
@@ -127,11 +127,11 @@ def run_config() -> ml_collections.ConfigDict:
   c.eval.bucket = 64  # image buffers are padded to multiples of this (fewer compilations)
   c.eval.num_threads = 4  # reading / resizing threads ahead of the device
   c.eval.max_examples = -1  # -1: the whole split
-  # What to evaluate (segvit_jax.evaluate): "semantic" (mIoU), or for mask-classification
+  # What to evaluate (segvit_jax.evaluation): "semantic" (mIoU), or for mask-classification
   # models (EoMT) "panoptic" (PQ / SQ / RQ, plus COCO mask AP of the things with instance_ap)
   # or "instance" (mask AP). Those test with resize "long_side" (scale = the model input), one
   # image per window (window_batch images per model call), and the post-processing of
-  # segvit_jax.panoptic with EoMT's / Mask2Former's COCO thresholds: queries kept above
+  # segvit_jax.evaluation.panoptic with EoMT's / Mask2Former's COCO thresholds: queries kept above
   # object_mask_threshold, segments kept if >= overlap_threshold of their own mask survives,
   # top_k (query, class) detections per image for AP.
   c.eval.task = "semantic"

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from segvit_jax import inference
+from segvit_jax.evaluation import inference
 from segvit_jax.models import build_model, input_divisor, vit
 
 FORMAT = "segvit_jax.bundle"

@@ -5,7 +5,8 @@ evaluation runs the plain model (no masks, no intermediate predictions)."""
 
 import numpy as np
 
-from segvit_jax import bundle, evaluate, optim, trainer
+from segvit_jax import bundle, optim, trainer
+from segvit_jax.evaluation import evaluate
 from tests.support import read_metrics, smoke_config
 
 
@@ -51,5 +52,5 @@ def test_small_eomt_trains_with_annealed_masked_attention(tmp_path):
   model = bundle.load_model(str(tmp_path))
   out = model.model.apply(model.variables, np.zeros((1, 32, 32, 3), np.float32))
   assert out["aux_outputs"] == []
-  results = evaluate.evaluate_params(model.model, model.variables, c)
+  results = evaluate(model.model, model.variables, c)
   assert 0.0 <= results["mIoU"] <= 100.0

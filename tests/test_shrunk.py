@@ -170,7 +170,7 @@ def test_shrunk_model_in_the_multi_scale_predictor(tiny_shrunk):
   # An image whose sides are not multiples of 32, windows smaller than the crop: the predictor
   # pads windows to input_divisor (32) and sizes the QU queries from each window's grid. One
   # 64 x 64 window over a 64 x 64 image equals whole-image inference.
-  from segvit_jax import inference  # pylint: disable=g-import-not-at-top
+  from segvit_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   cfg = tiny_shrunk_config()
   model, params = tiny_shrunk
   apply_fn = lambda p, x: model.apply({"params": p}, x)["semantic_scores"]  # noqa: E731

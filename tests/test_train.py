@@ -67,7 +67,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
 
 
 def scripted_evaluate(values):
-  """A stand-in for `evaluate.evaluate_params` returning `values` as mIoU, one per call."""
+  """A stand-in for `segvit_jax.evaluation.evaluate` returning `values` as mIoU, one per call."""
   values = list(values)
 
   def evaluate_fn(model, variables, config):

@@ -246,7 +246,7 @@ def _eomt_geometric(config) -> list:
 
 def eval_transforms(config) -> list:
   """Test-time resize at every multi-scale ratio (`config.eval.resize`, `scale`, `scales`);
-  normalisation happens on the device (`segvit_jax.evaluate`)."""
+  normalisation happens on the device (`segvit_jax.evaluation`)."""
   ev = config.eval
   resize = ev.get("resize", "keep_ratio") if tuple(ev.scale) else "none"
   return [T.MultiScaleResize(resize=resize, scale=tuple(ev.scale),
@@ -396,7 +396,7 @@ class PanopticEvalTarget(grain.transforms.Map):
   """A panoptic record (masks (N, H, W), class_ids, is_crowd) and its index in the split ->
   dict(image, name, image_id = the index, segments (H, W) int32 = i + 1 on the pixels of
   segment i and 0 on void, segment_classes (N,) int32, segment_is_crowd (N,) bool): the ground
-  truth of `segvit_jax.panoptic_metrics` in one map instead of N masks."""
+  truth of `segvit_jax.evaluation.pq` in one map instead of N masks."""
 
   def map(self, element: tuple[int, dict]) -> dict:
     index, record = element

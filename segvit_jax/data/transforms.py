@@ -572,7 +572,7 @@ def test_size(height: int, width: int, resize: str, scale: Sequence[int], ratio:
   long_side           EoMT panoptic / instance: factor = min(size_h / h, size_w / w) for scale
                       (size_h, size_w) (the model input) times `ratio`, sides round(side *
                       factor), so the longer side becomes the input size and the image fits in
-                      it; the mask predictor (`segvit_jax.inference.MaskPredictor`) then pads it
+                      it; the mask predictor (`evaluation.inference.MaskPredictor`) then pads it
                       with black at the bottom / right to the square input.
   none                the image as it is (times `ratio`, int(side * ratio + 0.5)).
   """

@@ -23,6 +23,7 @@ AP50, AP75, APs / APm / APl (areas < 32^2, 32^2..96^2, > 96^2 by the ground-trut
 pixel count), at most 100 detections per image, crowd ground truth as COCO's `iscrowd`; per-class
 AP from COCOeval's precision table. Detections and ground truth of every process are gathered
 (`allgather_objects`) and evaluated on process 0; the numbers are broadcast to the others.
+The result keys are `metrics.PQ_KEYS` / `metrics.AP_KEYS`; `metrics.format_table` prints them.
 """
 
 from __future__ import annotations
@@ -30,18 +31,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import math
 import pickle
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-PQ_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
-AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+from segvit_jax.evaluation import metrics
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,12 +128,6 @@ def pq_stats(pred: np.ndarray, pred_classes: Sequence[int], gt: np.ndarray,
   return s
 
 
-def _nanmean(x: np.ndarray) -> float:
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)
-    return float(np.nanmean(x)) if x.size else float("nan")
-
-
 def pq_results(stats: PQStats, class_names: Sequence[str],
                is_thing_class: Sequence[bool]) -> dict[str, Any]:
   """PQ / SQ / RQ (percent) of All, Things (`_th`) and Stuff (`_st`), the number of classes
@@ -153,7 +147,7 @@ def pq_results(stats: PQStats, class_names: Sequence[str],
   counts = {}
   for suffix, group in (("", np.ones_like(thing)), ("_th", thing), ("_st", ~thing)):
     for key, values in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
-      out[key + suffix] = _nanmean(values[group])
+      out[key + suffix] = metrics.nanmean(values[group])
     counts[{"": "all", "_th": "things", "_st": "stuff"}[suffix]] = int((occurs & group).sum())
   out["PQ_classes"] = counts
   out["per_class"] = [
@@ -231,7 +225,6 @@ def allgather_objects(obj: Any) -> list[Any]:
   call this."""
   if jax.process_count() == 1:
     return [obj]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   data = np.frombuffer(pickle.dumps(obj), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size))).reshape(-1)
   buf = np.zeros(int(sizes.max()), np.uint8)
@@ -247,9 +240,9 @@ def _stat(x: float) -> float:
 
 def mask_ap(acc: InstanceAccumulator, class_names: Sequence[str],
             classes: np.ndarray | None = None) -> dict[str, Any]:
-  """COCO mask AP of the accumulated images (module docstring): AP_KEYS in percent (NaN where
-  COCOeval has nothing to evaluate) and `per_class` [{name, AP}] over `classes` (C,) bool
-  (None: all). Logs COCOeval's summary."""
+  """COCO mask AP of the accumulated images (module docstring): `metrics.AP_KEYS` in percent
+  (NaN where COCOeval has nothing to evaluate) and `per_class` [{name, AP}] over `classes` (C,)
+  bool (None: all). Logs COCOeval's summary."""
   try:
     from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
     from pycocotools.cocoeval import COCOeval  # pylint: disable=g-import-not-at-top
@@ -276,7 +269,7 @@ def mask_ap(acc: InstanceAccumulator, class_names: Sequence[str],
   with contextlib.redirect_stdout(text):
     coco_eval.summarize()
   logging.info("COCOeval segm:\n%s", text.getvalue())
-  out = {key: _stat(v) for key, v in zip(AP_KEYS, coco_eval.stats[:6])}
+  out = {key: _stat(v) for key, v in zip(metrics.AP_KEYS, coco_eval.stats[:6])}
   precision = coco_eval.eval["precision"]  # (T, R, K, A, M); K in catIds order (sorted ids)
   per_class = {}
   for j, cat in enumerate(coco_eval.params.catIds):
@@ -296,42 +289,3 @@ def ap_allprocesses(acc: InstanceAccumulator, class_names: Sequence[str],
     return mask_ap(acc, class_names, classes)
   result = mask_ap(acc, class_names, classes) if jax.process_index() == 0 else None
   return allgather_objects(result)[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Tables.
-
-
-def _fmt(x: float | None) -> str:
-  return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
-
-
-def format_table(results: dict[str, Any]) -> str:
-  """Per-class PQ / SQ / RQ (and AP) table, then PQ / SQ / RQ of All / Things / Stuff and the
-  AP line (panopticapi's and COCOeval's summaries, percent)."""
-  rows = results.get("per_class", [])
-  has_pq, has_ap = "PQ" in results, "AP" in results
-  cols = (["PQ", "SQ", "RQ"] if has_pq else []) + (["AP"] if has_ap else [])
-  width = max([len("Class")] + [len(r["name"]) for r in rows])
-  lines = [f"| {'Class':<{width}} | Kind  | " + " | ".join(f"{c:>6}" for c in cols) + " |",
-           f"|{'-' * (width + 2)}|-------|" + "|".join("-" * 8 for _ in cols) + "|"]
-  for r in rows:
-    kind = "thing" if r.get("isthing", True) else "stuff"
-    lines.append(f"| {r['name']:<{width}} | {kind} | "
-                 + " | ".join(f"{_fmt(r[c]) if c in r else '-':>6}" for c in cols) + " |")
-  if has_pq:
-    n = results.get("PQ_classes", {})
-    lines.append("")
-    lines.append("|        |     PQ |     SQ |     RQ |   N |")
-    lines.append("|--------|--------|--------|--------|-----|")
-    for label, suffix, key in (("All", "", "all"), ("Things", "_th", "things"),
-                               ("Stuff", "_st", "stuff")):
-      lines.append(f"| {label:<6} | " + " | ".join(
-          f"{_fmt(results[k + suffix]):>6}" for k in ("PQ", "SQ", "RQ"))
-          + f" | {n.get(key, 0):>3} |")
-  if has_ap:
-    lines.append("  ".join(f"{k}: {_fmt(results[k])}" for k in AP_KEYS))
-  if has_pq:
-    lines.append(f"PQ: {_fmt(results['PQ'])}  PQ_th: {_fmt(results['PQ_th'])}  "
-                 f"PQ_st: {_fmt(results['PQ_st'])}")
-  return "\n".join(lines)

@@ -1,7 +1,9 @@
-"""Panoptic and instance post-processing of mask-classification outputs (spec eomt.md,
-"Inference"), with the semantics of EoMT's `to_per_pixel_preds_panoptic` and instance
-`eval_step` (themselves Mask2Former's `panoptic_inference` / `instance_inference`), and COCO's
-panoptic file format.
+"""Panoptic and instance evaluation of mask-classification models (EoMT): the post-processing
+of their outputs and the evaluation loop (`evaluate`; both here: the file stays small).
+
+Post-processing (spec eomt.md, "Inference"), with the semantics of EoMT's
+`to_per_pixel_preds_panoptic` and instance `eval_step` (themselves Mask2Former's
+`panoptic_inference` / `instance_inference`), and COCO's panoptic file format.
 
 Inputs per image: class logits (K, C + 1) (the last class is "no object") and mask logits at the
 original image size (`inference.MaskPredictor.at_size`: (Hb, Wb, K), channels last, in a buffer
@@ -29,33 +31,44 @@ classes only (Mask2Former's `panoptic_on` rule: top-k first, then the stuff dete
 COCO's panoptic format (`id_to_rgb`, `coco_segments_info`): a PNG whose pixel RGB encodes the
 segment id as R + 256 G + 256^2 B (0 = void) and per image a `segments_info` list of {id,
 category_id (the dataset's sparse COCO id), isthing, iscrowd, area, bbox}.
+
+The loop (`evaluate`, `config.eval.task` "panoptic" or "instance"; `segvit_jax.evaluation.
+evaluate` dispatches here) runs EoMT's protocol: the longer side resized to the input (`resize`
+"long_side", `scale` the input size), padded to the square input, one model call per image
+(`inference.MaskPredictor`, `window_batch` images per call), the post-processing above
+(`object_mask_threshold`, `overlap_threshold`, `top_k`), PQ / SQ / RQ (All, Things, Stuff, per
+class; summed across processes) and, for "instance" or with `instance_ap`, COCO mask AP over
+the thing classes (gathered to process 0) (`pq`). Reading ahead, progress and the late fetch
+of device results are `loop.run`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-TASKS = ("semantic", "panoptic", "instance")
+from segvit_jax.data import datasets, pipeline
+from segvit_jax.evaluation import inference, loop, pictures, pq
 
 
 @dataclasses.dataclass(frozen=True)
 class PostProcessing:
   """The post-processing half of `config.eval` for mask classification: `task` ("panoptic":
   PQ and, with `instance_ap`, thing mask AP from the same predictions; "instance": mask AP),
-  `object_mask_threshold`, `overlap_threshold` (panoptic), `top_k` (instance). The defaults are
-  EoMT's / Mask2Former's COCO values."""
-  task: str = "panoptic"
-  object_mask_threshold: float = 0.8
-  overlap_threshold: float = 0.8
-  top_k: int = 100
-  instance_ap: bool = True
+  `object_mask_threshold`, `overlap_threshold` (panoptic), `top_k` (instance)."""
+  task: str
+  object_mask_threshold: float
+  overlap_threshold: float
+  top_k: int
+  instance_ap: bool
 
   def __post_init__(self):
     if self.task not in ("panoptic", "instance"):
@@ -65,14 +78,11 @@ class PostProcessing:
       raise ValueError(f"config.eval.top_k={self.top_k} must be positive")
 
   @classmethod
-  def from_config(cls, config) -> "PostProcessing":
-    ev, d = config.eval, cls()
-    return cls(task=ev.get("task", "semantic"),
-               object_mask_threshold=float(ev.get("object_mask_threshold",
-                                                  d.object_mask_threshold)),
-               overlap_threshold=float(ev.get("overlap_threshold", d.overlap_threshold)),
-               top_k=int(ev.get("top_k", d.top_k)),
-               instance_ap=bool(ev.get("instance_ap", d.instance_ap)))
+  def from_config(cls, config: ml_collections.ConfigDict) -> "PostProcessing":
+    ev = config.eval
+    return cls(task=ev.task, object_mask_threshold=float(ev.object_mask_threshold),
+               overlap_threshold=float(ev.overlap_threshold), top_k=int(ev.top_k),
+               instance_ap=bool(ev.instance_ap))
 
   @property
   def computes_ap(self) -> bool:
@@ -263,3 +273,133 @@ def overlay(image: np.ndarray, segments: np.ndarray, segment_classes: Sequence[i
   a = np.where(segments[..., None] > 0, alpha, 0.0)
   out = (1 - a) * image.astype(np.float32) + a * colour
   return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation loop.
+
+
+def mask_protocol_record(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
+  """What eval_results.json says about how panoptic / instance numbers were obtained."""
+  ev, post = config.eval, PostProcessing.from_config(config)
+  record = {
+      "dataset": config.dataset.name, "split": split, "task": post.task,
+      "resize": ev.resize, "scale": list(ev.scale),
+      "pad": "bottom/right to the scale, black", "scales": [1.0], "flip": False,
+      "object_mask_threshold": post.object_mask_threshold,
+      "overlap_threshold": post.overlap_threshold, "top_k": post.top_k,
+  }
+  if post.task == "panoptic":
+    record["pq"] = ("COCO panopticapi: same-class IoU > 0.5 matches, predicted pixels on void "
+                    "left out of the union, crowd never matched nor missed, unmatched "
+                    "predictions more than half on void or same-class crowd ignored")
+  if post.computes_ap:
+    record["ap"] = ("pycocotools COCOeval segm, at most top_k detections per image, thing "
+                    "classes, crowd ground truth as iscrowd")
+  return record
+
+
+def make_mask_predictor(model, variables: Any, config: ml_collections.ConfigDict
+                        ) -> inference.MaskPredictor:
+  """The model's class and mask logits under `config.eval`'s panoptic / instance protocol, on
+  this process's devices (the input is `config.eval.scale`)."""
+  ev = config.eval
+  if len(tuple(ev.scale)) != 2:
+    raise ValueError(f"config.eval.scale={tuple(ev.scale)}: the panoptic / instance protocol "
+                     "needs the (h, w) model input, e.g. (640, 640)")
+  if tuple(float(r) for r in ev.scales) != (1.0,) or ev.flip:
+    raise ValueError("the panoptic / instance protocol is single-scale without flip: set "
+                     "config.eval.scales=(1.0,) and config.eval.flip=False")
+
+  def apply_fn(v, x):
+    out = model.apply(v, x)
+    return out["class_logits"], out["mask_logits"]
+
+  return inference.MaskPredictor(apply_fn, variables, tuple(ev.scale), mean=config.mean,
+                                 std=config.std, batch=int(ev.window_batch),
+                                 bucket=int(ev.bucket))
+
+
+def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split: str,
+             out_dir: str | None = None, num_pictures: int = 0, progress: bool = False
+             ) -> dict[str, Any]:
+  """Panoptic (PQ, SQ, RQ; with `instance_ap` also mask AP) or instance (mask AP) evaluation
+  of a mask-classification model's `variables` on `split` under `config.eval` (module
+  docstring). Every process takes a shard; all must call this. Writes `eval_results.json`,
+  and with `num_pictures` the first [image | ground truth | prediction] pictures, to `out_dir`
+  if given."""
+  post = PostProcessing.from_config(config)
+  dataset, categories = pipeline.make_panoptic_eval_dataset(config, split)
+  names, k = categories.names, config.model.num_classes
+  if len(names) != k:
+    raise ValueError(f"dataset has {len(names)} classes, model.num_classes={k}")
+  is_thing = np.asarray(categories.is_thing, bool)
+  # AP counts thing classes (a panoptic model's instance AP, Mask2Former's panoptic_on rule).
+  ap_classes = is_thing if is_thing.any() else None
+  predictor = make_mask_predictor(model, variables, config)
+  pic_dir = loop.picture_dir(out_dir, num_pictures)
+  colours = datasets.palette_for(config.dataset.name, k)
+  stats = pq.PQStats.zeros(k)
+  instances = pq.InstanceAccumulator()
+
+  def step(records: list[dict]):
+    images = [ex["images"][0] for ex in records]
+    class_logits, mask_logits = predictor.logits(images)
+    for j, ex in enumerate(records):
+      size = ex["segments"].shape
+      masks = predictor.at_size(mask_logits[j], images[j].shape[:2], size)
+      with predictor.activate():
+        size = jnp.asarray(size, jnp.int32)
+        outputs = {}
+        if post.task == "panoptic":
+          outputs["panoptic"] = panoptic_maps(class_logits[j], masks, size,
+                                              post.object_mask_threshold)
+        if post.computes_ap:
+          outputs["instance"] = instance_predictions(class_logits[j], masks, size,
+                                                     top_k=post.top_k)
+      yield outputs
+
+  def consume(index: int, ex: dict, outputs: dict) -> None:
+    outputs = jax.device_get(outputs)
+    gt = ex["segments"]
+    if post.task == "panoptic":
+      maps = outputs["panoptic"]
+      lookup, segments = panoptic_segments(maps, is_thing, post.overlap_threshold)
+      pred = segment_map(maps, lookup, gt.shape)
+      pred_classes = [s["class_id"] for s in segments]
+      stats.add(pq.pq_stats(pred, pred_classes, gt, ex["segment_classes"],
+                            ex["segment_is_crowd"], k))
+      if pic_dir and index < num_pictures and jax.process_index() == 0:
+        image, gap = ex["image"], np.full((gt.shape[0], 4, 3), 255, np.uint8)
+        pictures.save(os.path.join(pic_dir, f"{ex['name']}.jpg"), np.concatenate([
+            image, gap, overlay(image, gt, ex["segment_classes"], is_thing, colours), gap,
+            overlay(image, pred, pred_classes, is_thing, colours)], axis=1))
+    if post.computes_ap:
+      inst = outputs["instance"]
+      h, w = gt.shape
+      masks = np.moveaxis(inst["masks"][:h, :w], -1, 0)
+      instances.add_image(ex["image_id"], gt, ex["segment_classes"], ex["segment_is_crowd"],
+                          masks, inst["labels"], inst["scores"], ap_classes)
+
+  speed = loop.run(dataset, step, consume, num_threads=int(config.eval.num_threads),
+                   progress=progress, batch=predictor.batch)
+
+  results: dict[str, Any] = {}
+  per_class = [{"name": n, "isthing": bool(t)} for n, t in zip(names, is_thing)]
+  if post.task == "panoptic":
+    pq_numbers = pq.pq_results(stats.allreduce(), names, is_thing)
+    for row, pq_row in zip(per_class, pq_numbers.pop("per_class")):
+      row.update(pq_row)
+    results.update(pq_numbers)
+  if post.computes_ap:
+    ap = pq.ap_allprocesses(instances, names, ap_classes)
+    by_name = {r["name"]: r["AP"] for r in ap.pop("per_class")}
+    for row in per_class:
+      if row["name"] in by_name:
+        row["AP"] = by_name[row["name"]]
+    results.update(ap)
+  results["per_class"] = per_class
+  results["protocol"] = mask_protocol_record(config, split)
+  results.update(speed)
+  loop.write_results(results, out_dir)
+  return results

@@ -12,6 +12,9 @@ predicted has IoU = Acc = NaN and is left out of mIoU / mAcc; a class absent fro
 truth but predicted somewhere has IoU 0 (it only adds false positives) and Acc NaN. The result
 dict keeps `float('nan')`; `to_json` writes those as `null` (strict JSON has no NaN) and
 `from_json` reads them back as NaN.
+
+The result dicts of every task (these, and the PQ / AP of `pq`, whose result keys `PQ_KEYS` /
+`AP_KEYS` are named here) are written by `to_json` and printed by the one `format_table`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The headline keys of panoptic / instance results (`pq.pq_results`, `pq.mask_ap`): PQ / SQ / RQ
+# of All, Things (`_th`) and Stuff (`_st`); COCOeval's first six segm statistics, in its order.
+PQ_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
@@ -55,7 +63,8 @@ def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.asarray(num, np.float64) / np.asarray(den, np.float64)
 
 
-def _nanmean(x: np.ndarray) -> float:
+def nanmean(x: np.ndarray) -> float:
+  """Mean over the non-NaN entries; NaN (without a warning) when there are none."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slice -> NaN, said once here
     return float(np.nanmean(x)) if x.size else float("nan")
@@ -86,8 +95,8 @@ def segmentation_metrics(conf: np.ndarray,
   acc = _divide(intersect, area_label) * 100.0
   a_acc = _divide(intersect.sum(), area_label.sum()) * 100.0
   return {
-      "mIoU": _nanmean(iou),
-      "mAcc": _nanmean(acc),
+      "mIoU": nanmean(iou),
+      "mAcc": nanmean(acc),
       "aAcc": float(a_acc),
       "per_class": [{"name": str(name), "IoU": float(i), "Acc": float(a)}
                     for name, i, a in zip(class_names, iou, acc)],
@@ -129,21 +138,47 @@ def from_json(text: str) -> dict[str, Any]:
   return _none_to_nan(json.loads(text))
 
 
-def _fmt(x: float) -> str:
-  return "nan" if math.isnan(x) else f"{x:.2f}"
+def _fmt(x: float | None) -> str:
+  return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
 def format_table(results: dict[str, Any]) -> str:
-  """Per-class IoU / Acc table (percent, 2 decimals, NaN as 'nan') and a summary line."""
+  """The results of any task as text (percent, 2 decimals, NaN as 'nan'): the per-class table
+  (IoU / Acc; PQ / SQ / RQ and AP, with a thing / stuff column where the classes carry
+  `isthing`; '-' where a class has no value), then the summaries of the metrics present:
+  aAcc / mIoU / mAcc (and mIoU59-style class-count variants), the PQ / SQ / RQ table of All /
+  Things / Stuff (panopticapi's summary), the AP line (COCOeval's) and the PQ line."""
   rows = results.get("per_class", [])
+  cols = ((["IoU", "Acc"] if "mIoU" in results else []) + (["PQ", "SQ", "RQ"] if "PQ" in results
+          else []) + (["AP"] if "AP" in results else []))
+  kinds = any("isthing" in r for r in rows)
   width = max([len("Class")] + [len(r["name"]) for r in rows])
-  lines = [f"| {'Class':<{width}} |    IoU |    Acc |",
-           f"|{'-' * (width + 2)}|--------|--------|"]
+  kind_head, kind_rule = ("| Kind  ", "|-------") if kinds else ("", "")
+  lines = [f"| {'Class':<{width}} {kind_head}| " + " | ".join(f"{c:>6}" for c in cols) + " |",
+           f"|{'-' * (width + 2)}{kind_rule}|" + "|".join("-" * 8 for _ in cols) + "|"]
   for r in rows:
-    lines.append(f"| {r['name']:<{width}} | {_fmt(r['IoU']):>6} | {_fmt(r['Acc']):>6} |")
-  lines.append(f"aAcc: {_fmt(results['aAcc'])}  mIoU: {_fmt(results['mIoU'])}  "
-               f"mAcc: {_fmt(results['mAcc'])}")
-  variants = sorted(k for k in results if re.fullmatch(r"mIoU\d+", k))  # e.g. mIoU59, mIoU60
-  if variants:
-    lines.append("  ".join(f"{k}: {_fmt(results[k])}" for k in variants))
+    kind = ("| thing " if r.get("isthing", True) else "| stuff ") if kinds else ""
+    lines.append(f"| {r['name']:<{width}} {kind}| "
+                 + " | ".join(f"{_fmt(r[c]) if c in r else '-':>6}" for c in cols) + " |")
+  if "mIoU" in results:
+    lines.append(f"aAcc: {_fmt(results['aAcc'])}  mIoU: {_fmt(results['mIoU'])}  "
+                 f"mAcc: {_fmt(results['mAcc'])}")
+    variants = sorted(k for k in results if re.fullmatch(r"mIoU\d+", k))  # e.g. mIoU59, mIoU60
+    if variants:
+      lines.append("  ".join(f"{k}: {_fmt(results[k])}" for k in variants))
+  if "PQ" in results:
+    n = results.get("PQ_classes", {})
+    lines.append("")
+    lines.append("|        |     PQ |     SQ |     RQ |   N |")
+    lines.append("|--------|--------|--------|--------|-----|")
+    for label, suffix, key in (("All", "", "all"), ("Things", "_th", "things"),
+                               ("Stuff", "_st", "stuff")):
+      lines.append(f"| {label:<6} | " + " | ".join(
+          f"{_fmt(results[k + suffix]):>6}" for k in ("PQ", "SQ", "RQ"))
+          + f" | {n.get(key, 0):>3} |")
+  if "AP" in results:
+    lines.append("  ".join(f"{k}: {_fmt(results[k])}" for k in AP_KEYS))
+  if "PQ" in results:
+    lines.append(f"PQ: {_fmt(results['PQ'])}  PQ_th: {_fmt(results['PQ_th'])}  "
+                 f"PQ_st: {_fmt(results['PQ_st'])}")
   return "\n".join(lines)

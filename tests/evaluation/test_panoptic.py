@@ -45,10 +45,10 @@ from PIL import Image
 
 from configs import demo
 from segvit_jax import bundle as bundle_lib
-from segvit_jax import evaluate, inference, panoptic
-from segvit_jax import panoptic_metrics as pm
 from segvit_jax.data import coco_panoptic, pipeline
 from segvit_jax.data import transforms as T
+from segvit_jax.evaluation import inference, metrics, panoptic
+from segvit_jax.evaluation import pq as pm
 from segvit_jax.models import build_model
 
 from tests import fabricate
@@ -240,7 +240,7 @@ def test_pq_by_hand():
   assert r["SQ"] == pytest.approx((6 / 7 + 0 + 1) / 3 * 100)
   assert r["RQ"] == pytest.approx((0.5 + 0 + 1) / 3 * 100)
   assert r["PQ_th"] == pytest.approx(3 / 14 * 100)
-  text = pm.format_table(r)
+  text = metrics.format_table(r)
   assert "| a     | thing |  42.86 |  85.71 |  50.00 |" in text
   assert "| Things |  21.43 |  42.86 |  25.00 |   2 |" in text
 
@@ -562,7 +562,7 @@ def _reference_predictions(config, model, variables, categories) -> dict:
   """name -> (pred ids (H, W), [class per segment], instance detections), from the predictor's
   logits (one image per call, as the CLI runs) through the torch post-processing."""
   dataset, _ = pipeline.make_panoptic_eval_dataset(config, "val", 0, 1)
-  predictor = evaluate.make_mask_predictor(model, variables, config)
+  predictor = panoptic.make_mask_predictor(model, variables, config)
   stuff = {i for i, t in enumerate(categories.is_thing) if not t}
   out = {}
   for ex in dataset:
@@ -742,7 +742,7 @@ def test_eval_py_pq_equals_references(evaluated):
     np.testing.assert_allclose([r["PQ" + suffix], r["SQ" + suffix], r["RQ" + suffix]],
                                np.asarray([pq, sq, rq]) * 100, atol=1e-9)
   assert 0 < r["PQ"] < 100
-  np.testing.assert_allclose([np.nan if r[k] is None else r[k] for k in pm.AP_KEYS],
+  np.testing.assert_allclose([np.nan if r[k] is None else r[k] for k in metrics.AP_KEYS],
                              _reference_ap(root, preds, categories), atol=1e-9)
   assert r["images"] == 3 and r["protocol"]["task"] == "panoptic"
   assert r["protocol"]["resize"] == "long_side" and r["protocol"]["scale"] == [64, 64]
@@ -768,7 +768,7 @@ def test_two_processes_equal_one(evaluated):
   assert one["protocol"] == two["protocol"]
   for a, b in zip(one["per_class"], two["per_class"]):
     assert (a["TP"], a["FP"], a["FN"]) == (b["TP"], b["FP"], b["FN"])
-  for key in (*pm.PQ_KEYS, *pm.AP_KEYS):
+  for key in (*metrics.PQ_KEYS, *metrics.AP_KEYS):
     if one[key] is None:
       assert two[key] is None, key
     else:
@@ -832,6 +832,6 @@ def test_paper_config_protocol():
   c = eomt_vit_l_coco_panoptic.get_config()
   post = panoptic.PostProcessing.from_config(c)
   assert post == panoptic.PostProcessing("panoptic", 0.8, 0.8, 100, True)
-  record = evaluate.mask_protocol_record(c, "val")
+  record = panoptic.mask_protocol_record(c, "val")
   assert (record["resize"], record["scale"]) == ("long_side", [640, 640])
   assert c.eval.best_metric == "PQ"

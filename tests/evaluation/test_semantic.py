@@ -40,9 +40,10 @@ from PIL import Image
 from configs import common
 from configs import segvit_vit_b16_ade20k
 from segvit_jax import bundle as bundle_lib
-from segvit_jax import evaluate, inference, metrics, sharding
+from segvit_jax import sharding
 from segvit_jax.data import pipeline, sources
 from segvit_jax.data import transforms as T
+from segvit_jax.evaluation import evaluate, inference, metrics, semantic
 from segvit_jax.models import build_model
 
 from tests import fabricate
@@ -325,7 +326,7 @@ def test_confusions_without_class0_against_numpy():
   total = rng.normal(size=(k, 16, 24)).astype(np.float32)
   label = rng.integers(0, k, (16, 24)).astype(np.int32)
   label[rng.random((16, 24)) < 0.2] = ignore
-  pred, mats = evaluate.confusions(jnp.asarray(np.moveaxis(total, 0, -1)), jnp.asarray(label),
+  pred, mats = semantic.confusions(jnp.asarray(np.moveaxis(total, 0, -1)), jnp.asarray(label),
                                    num_classes=k,
                                    ignore_index=ignore, without_class0=True)
   pred0 = total[1:].argmax(0) + 1
@@ -377,7 +378,7 @@ def test_pascal_context_reports_miou60_and_miou59(tmp_path):
   c.dataset.update(name="pascal_context", root=str(tmp_path), num_classes=60)
   c.update_from_flattened_dict({**SMALL, "eval.mode": "slide"})
   c.model = cfg
-  results = evaluate.evaluate_params(model, {"params": params}, c)
+  results = evaluate(model, {"params": params}, c)
   assert results["mIoU60"] == results["mIoU"]
   assert results["mIoU59"] == results["without_class0"]["mIoU"]
   assert [r["name"] for r in results["without_class0"]["per_class"]][:2] == [
@@ -385,7 +386,7 @@ def test_pascal_context_reports_miou60_and_miou59(tmp_path):
   assert len(results["without_class0"]["per_class"]) == 59
   # The same numbers from numpy on the summed scores of the one val image.
   ex = pipeline.make_eval_dataset(c)[0][0]
-  total = chw(evaluate.make_predictor(model, {"params": params}, c)(ex["images"],
+  total = chw(semantic.make_predictor(model, {"params": params}, c)(ex["images"],
                                                                      label.shape))[:, :40, :56]
   pred59 = total[1:].argmax(0) + 1
   keep = label != 0

@@ -7,8 +7,9 @@ Window layouts (`window_layout`), on an image already resized by the test policy
 (`segvit_jax.data.transforms.test_size`):
 
   slide   mmseg 0.x `slide_inference` (SegViT, SegFormer Cityscapes): windows of the crop size
-          (a side smaller than the crop is one window of that side) every `stride` pixels, the last row / column shifted back to end at the border;
-          window scores summed and divided by the per-pixel window count.
+          (a side smaller than the crop is one window of that side) every `stride` pixels,
+          the last row / column shifted back to end at the border; window scores summed and
+          divided by the per-pixel window count.
   spread  EoMT: along each side, ceil(side / crop) windows with the overlap spread evenly
           (start_j = int(j * (crop - overlap / (n - 1)))); after the short-side resize the short
           side is one window. Averaged the same way.
@@ -40,10 +41,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segvit_jax import sharding
-from segvit_jax.models import layers
+from segvit_jax.models import input_divisor, layers
 
 ScoreFn = Callable[[jax.Array], jax.Array]
 MODES = ("slide", "spread", "whole")
@@ -277,7 +279,10 @@ def _cut_windows(image, size, slot, ys, xs, mean, std, *, window, flip):
   inside = (rows[:, None] < h) & (cols[None, :] < w)
   x = jnp.where(inside[..., None], (image.astype(jnp.float32) - mean) / std, 0.0)
   views = jnp.stack([x, flip_valid(x, w, axis=1)]) if flip else x[None]
-  cut = lambda s, y, x0: jax.lax.dynamic_slice(views, (s, y, x0, 0), (1, *window, 3))[0]  # noqa: E731
+
+  def cut(s, y, x0):
+    return jax.lax.dynamic_slice(views, (s, y, x0, 0), (1, *window, 3))[0]
+
   return jax.vmap(cut)(slot, ys, xs)
 
 
@@ -364,11 +369,9 @@ class Protocol:
   @classmethod
   def from_config(cls, config) -> "Protocol":
     ev = config.eval
-    from segvit_jax.models import input_divisor  # pylint: disable=g-import-not-at-top
     return cls(mode=ev.mode, crop=tuple(ev.crop_size), stride=tuple(ev.stride),
-               flip=bool(ev.get("flip", False)), average=ev.get("average", "softmax"),
-               window_batch=int(ev.get("window_batch", None) or 8),
-               bucket=int(ev.get("bucket", 64)), size_divisor=input_divisor(config.model))
+               flip=bool(ev.flip), average=ev.average, window_batch=int(ev.window_batch),
+               bucket=int(ev.bucket), size_divisor=input_divisor(config.model))
 
 
 def local_mesh() -> jax.sharding.Mesh:
@@ -380,7 +383,6 @@ def local_replica(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """`tree` replicated on `mesh`. Arrays sharded over several processes (a training state) are
   gathered first; every process must call this together in that case."""
   if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree)):
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     tree = multihost_utils.process_allgather(tree, tiled=True)
   return jax.device_put(tree, NamedSharding(mesh, P()))
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segvit_jax import inference
+from segvit_jax.evaluation import inference
 from segvit_jax.data import transforms as T
 
 C = 4

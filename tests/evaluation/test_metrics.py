@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from segvit_jax import metrics, visualize
+from segvit_jax.evaluation import metrics, pictures
 
 # 3 classes, rows = GT, cols = prediction:
 #   [[3, 1, 0],
@@ -176,29 +176,29 @@ def _cell_colours(picture: np.ndarray, layout, n: int) -> np.ndarray:
 
 
 def test_confusion_picture_colour_ramp():
-  np.testing.assert_array_equal(visualize._ramp(np.array([0.0, 1.0, np.nan])),
-                                [[255, 255, 255], visualize._DARK, visualize._NO_PIXELS])
-  darkness = visualize._ramp(np.linspace(0, 1, 11)).astype(int).sum(-1)
+  np.testing.assert_array_equal(pictures._ramp(np.array([0.0, 1.0, np.nan])),
+                                [[255, 255, 255], pictures._DARK, pictures._NO_PIXELS])
+  darkness = pictures._ramp(np.linspace(0, 1, 11)).astype(int).sum(-1)
   assert np.all(np.diff(darkness) < 0)
 
 
 def test_confusion_picture_diagonal_is_darkest_and_empty_row_grey():
   names = ["wall", "building", "sky", "a very long class name indeed"]
   conf = np.diag([5, 100, 0, 7])  # row 2 (sky) has no ground-truth pixels
-  picture = visualize.confusion_picture(conf, names)
-  layout = visualize._layout(names)
+  picture = pictures.confusion_picture(conf, names)
+  layout = pictures._layout(names)
   assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
-  assert picture.shape[0] == layout.top + 4 * layout.cell + visualize._PAD
+  assert picture.shape[0] == layout.top + 4 * layout.cell + pictures._PAD
   cells = _cell_colours(picture, layout, 4)
   want = np.zeros((4, 4, 3), np.uint8) + 255
-  want[[0, 1, 3], [0, 1, 3]] = visualize._DARK  # every row normalised: 5/5 = 100/100 = 7/7
-  want[2] = visualize._NO_PIXELS
+  want[[0, 1, 3], [0, 1, 3]] = pictures._DARK  # every row normalised: 5/5 = 100/100 = 7/7
+  want[2] = pictures._NO_PIXELS
   np.testing.assert_array_equal(cells, want)
   # A non-diagonal row: shares 3/4 and 1/4 of the row's pixels.
   conf = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 1]])
-  cells = _cell_colours(visualize.confusion_picture(conf, names[:3]),
-                        visualize._layout(names[:3]), 3)
-  np.testing.assert_array_equal(cells[0], visualize._ramp(np.array([0.75, 0.25, 0.0])))
+  cells = _cell_colours(pictures.confusion_picture(conf, names[:3]),
+                        pictures._layout(names[:3]), 3)
+  np.testing.assert_array_equal(cells[0], pictures._ramp(np.array([0.75, 0.25, 0.0])))
   sums = cells.astype(int).sum(-1)
   assert np.all(sums.argmin(axis=1) == np.arange(3))
 
@@ -210,21 +210,70 @@ def test_confusion_picture_keeps_classes_with_most_pixels():
   conf[9] = 0  # a class with no pixels is never among the shown
   gt = conf.sum(axis=1)
   want = np.sort(np.argsort(gt)[::-1][:40])
-  shown = visualize._shown_classes(gt, 40)
+  shown = pictures._shown_classes(gt, 40)
   np.testing.assert_array_equal(shown, want)
   assert gt[shown].min() > np.delete(gt, shown).max()
-  np.testing.assert_array_equal(visualize._shown_classes(np.array([1, 5, 5, 2]), 2), [1, 2])
+  np.testing.assert_array_equal(pictures._shown_classes(np.array([1, 5, 5, 2]), 2), [1, 2])
   names = [f"class{i}" for i in range(k)]
-  picture = visualize.confusion_picture(conf, names, max_classes=40)
-  layout = visualize._layout([names[i] for i in want])
-  assert picture.shape[0] == layout.top + 40 * layout.cell + visualize._PAD
+  picture = pictures.confusion_picture(conf, names, max_classes=40)
+  layout = pictures._layout([names[i] for i in want])
+  assert picture.shape[0] == layout.top + 40 * layout.cell + pictures._PAD
   share = conf[np.ix_(want, want)] / gt[want, None]  # divided by all of the row's pixels
-  np.testing.assert_array_equal(_cell_colours(picture, layout, 40), visualize._ramp(share))
-  assert "40 of 150 classes with the most pixels" in visualize._title(150, 40, int(gt.sum()))
-  assert "4 classes;" in visualize._title(4, 4, 10)
+  np.testing.assert_array_equal(_cell_colours(picture, layout, 40), pictures._ramp(share))
+  assert "40 of 150 classes with the most pixels" in pictures._title(150, 40, int(gt.sum()))
+  assert "4 classes;" in pictures._title(4, 4, 10)
 
 
 def test_format_table_shows_class_count_variants():
   r = metrics.segmentation_metrics(HAND_CONF, ["a", "b", "c"])
   r.update({"mIoU3": r["mIoU"], "mIoU2": 12.345})
   assert metrics.format_table(r).splitlines()[-1] == "mIoU2: 12.35  mIoU3: 55.56"
+
+
+def test_one_table_for_semantic_panoptic_and_instance_results():
+  """`format_table` prints every task's results from their keys alone (eval.py never asks the
+  task): a semantic result, a panoptic one (PQ and AP, a NaN and a JSON null, a stuff class
+  without AP) and an instance one (AP only), each in full."""
+  semantic = metrics.segmentation_metrics(HAND_CONF, ["road", "sky", "cat"])
+  semantic.update({"mIoU3": semantic["mIoU"], "mIoU2": 50.0})
+  assert metrics.format_table(semantic) == "\n".join([
+      "| Class |    IoU |    Acc |",
+      "|-------|--------|--------|",
+      "| road  |  60.00 |  75.00 |",
+      "| sky   |  40.00 |  50.00 |",
+      "| cat   |  66.67 | 100.00 |",
+      "aAcc: 70.00  mIoU: 55.56  mAcc: 75.00",
+      "mIoU2: 50.00  mIoU3: 55.56"])
+
+  nan = float("nan")
+  ap = {"AP": 30.0, "AP50": 55.5, "AP75": 20.0, "APs": nan, "APm": 10.0, "APl": 45.0}
+  person = {"name": "person", "isthing": True, "PQ": 40.0, "SQ": 80.0, "RQ": 50.0, "TP": 1,
+            "FP": 1, "FN": 1, "AP": 30.0}
+  sky = {"name": "sky", "isthing": False, "PQ": 60.0, "SQ": 70.0, "RQ": None, "TP": 1,
+         "FP": 0, "FN": 0}
+  panoptic = {"PQ": 50.0, "SQ": 75.0, "RQ": 200 / 3, "PQ_th": 40.0, "SQ_th": 80.0,
+              "RQ_th": 50.0, "PQ_st": 60.0, "SQ_st": 70.0, "RQ_st": nan,
+              "PQ_classes": {"all": 2, "things": 1, "stuff": 1}, **ap,
+              "per_class": [person, sky], "images": 3}
+  assert metrics.format_table(panoptic) == "\n".join([
+      "| Class  | Kind  |     PQ |     SQ |     RQ |     AP |",
+      "|--------|-------|--------|--------|--------|--------|",
+      "| person | thing |  40.00 |  80.00 |  50.00 |  30.00 |",
+      "| sky    | stuff |  60.00 |  70.00 |    nan |      - |",
+      "",
+      "|        |     PQ |     SQ |     RQ |   N |",
+      "|--------|--------|--------|--------|-----|",
+      "| All    |  50.00 |  75.00 |  66.67 |   2 |",
+      "| Things |  40.00 |  80.00 |  50.00 |   1 |",
+      "| Stuff  |  60.00 |  70.00 |    nan |   1 |",
+      "AP: 30.00  AP50: 55.50  AP75: 20.00  APs: nan  APm: 10.00  APl: 45.00",
+      "PQ: 50.00  PQ_th: 40.00  PQ_st: 60.00"])
+
+  instance = {**ap, "per_class": [{"name": "person", "isthing": True, "AP": 30.0},
+                                  {"name": "sky", "isthing": False}]}
+  assert metrics.format_table(instance) == "\n".join([
+      "| Class  | Kind  |     AP |",
+      "|--------|-------|--------|",
+      "| person | thing |  30.00 |",
+      "| sky    | stuff |      - |",
+      "AP: 30.00  AP50: 55.50  AP75: 20.00  APs: nan  APm: 10.00  APl: 45.00"])
