@@ -48,7 +48,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from segvit_jax import inference, metrics, panoptic, panoptic_metrics, visualize
-from segvit_jax.data import datasets, pipeline
+from segvit_jax.data import palettes, pipeline
 
 
 def protocol_record(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
@@ -174,7 +174,7 @@ def evaluate_params(model, variables: Any, config: ml_collections.ConfigDict, *,
   pic_dir = os.path.join(out_dir, "pictures") if out_dir and num_pictures else None
   if pic_dir and jax.process_index() == 0:
     os.makedirs(pic_dir, exist_ok=True)
-  colours = datasets.palette_for(config.dataset.name, k)
+  colours = palettes.palette_for(config.dataset.name, k)
 
   conf = np.zeros((2 if without0 else 1, k, k), np.int64)
   pending = collections.deque()  # device matrices fetched a few images late: no stalls
@@ -293,7 +293,7 @@ def evaluate_mask_classification(model, variables: Any, config: ml_collections.C
   pic_dir = os.path.join(out_dir, "pictures") if out_dir and num_pictures else None
   if pic_dir and jax.process_index() == 0:
     os.makedirs(pic_dir, exist_ok=True)
-  colours = datasets.palette_for(config.dataset.name, k)
+  colours = palettes.palette_for(config.dataset.name, k)
 
   stats = panoptic_metrics.PQStats.zeros(k)
   instances = panoptic_metrics.InstanceAccumulator()

@@ -1,24 +1,31 @@
-"""COCO-Stuff-10K: raw release -> mmseg folder layout (spec datasets.md, "COCO-Stuff-10K").
+"""COCO-Stuff-10K (171 classes): the reader of mmseg's folder layout and the converter that
+writes that layout from the raw release.
 
-  python -m segvit_jax.data.cocostuff RAW OUT [--symlink]
+Layout read (dataset name "coco_stuff10k"):
 
-RAW is the unpacked cocostuff-10k release:
+  root/images/{train2014,test2014}/NAME.jpg
+  root/annotations/{train2014,test2014}/NAME_labelTrainIds.png  8-bit: 0..170, 255 unlabelled
+  root/imageLists/{train,test}.txt  optional: when present they select the split's images
+
+Splits "train" and "test" ("val" = "test"). Files written by mmseg's own converter
+(`tools/dataset_converters/coco_stuff10k.py`) hold 0 = unlabelled and classes 1..171: read them
+with `reduce_zero_label=True`.
+
+The converter:
+
+  python -m segvit_jax.data.coco_stuff RAW OUT [--symlink]
+
+(`python -m segvit_jax.data.cocostuff` is the same command under its old name.) RAW is the
+unpacked cocostuff-10k release:
 
   RAW/images/NAME.jpg
   RAW/annotations/NAME.mat        label map under key "S": 0 = unlabelled, 1..182 COCO-Stuff ids
   RAW/imageLists/{train,test}.txt NAME per line (9,000 / 1,000)
 
-OUT receives the layout `datasets.coco_stuff10k_source` reads:
-
-  OUT/images/{train2014,test2014}/NAME.jpg                    (copies, or links with --symlink)
-  OUT/annotations/{train2014,test2014}/NAME_labelTrainIds.png 8-bit: 0..170, 255 unlabelled
-  OUT/imageLists/{train,test}.txt                             (copies)
-
-Only 171 of the 182 ids are used: the 11 COCO thing ids dropped from the 2014 detection
-challenge never occur. `cocostuff_to_train_ids` maps the 171 used ids, in order, to 0..170 and
-0 plus the unused ids to 255. (mmseg's own `tools/dataset_converters/coco_stuff10k.py` writes
-the same layout with a different encoding - 0 unlabelled, classes 1..171 - which it reads with
-`reduce_zero_label=True`; `coco_stuff10k_source` reads those files with that option too.)
+OUT receives the layout above (images copied, or linked with --symlink; lists copied). Only 171
+of the 182 ids are used: the 11 COCO thing ids dropped from the 2014 detection challenge never
+occur. `cocostuff_to_train_ids` maps the 171 used ids, in order, to 0..170 and 0 plus the unused
+ids to 255.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+
+from segvit_jax.data import files
 
 # The COCO-Stuff label list: names of ids 1..182 (cocostuff labels.txt): 1..91 COCO things
 # (including the 11 unused ids), 92..182 stuff.
@@ -67,18 +76,13 @@ assert len(COCOSTUFF_LABELS) == 182
 UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91)
 MAX_ID = 182
 USED_IDS = tuple(i for i in range(1, MAX_ID + 1) if i not in UNUSED_IDS)
-# The 171 classes in train-id order: the 80 things, then the 91 stuff classes.
-CLASS_NAMES = tuple(COCOSTUFF_LABELS[i - 1] for i in USED_IDS)
-assert len(CLASS_NAMES) == 171
+# The 171 classes in train-id order: the 80 things, then the 91 stuff classes (= mmseg
+# COCOStuffDataset.CLASSES).
+COCO_STUFF_CLASSES = tuple(COCOSTUFF_LABELS[i - 1] for i in USED_IDS)
+assert len(COCO_STUFF_CLASSES) == 171
 
 SPLITS = {"train": "train2014", "test": "test2014"}  # list name -> mmseg folder name
 LABEL_SUFFIX = "_labelTrainIds.png"
-
-
-def _id_table(ignore_index: int) -> np.ndarray:
-  table = np.full(MAX_ID + 1, ignore_index, np.uint8)
-  table[list(USED_IDS)] = np.arange(len(USED_IDS))
-  return table
 
 
 def cocostuff_to_train_ids(ids: np.ndarray, ignore_index: int = 255) -> np.ndarray:
@@ -90,15 +94,50 @@ def cocostuff_to_train_ids(ids: np.ndarray, ignore_index: int = 255) -> np.ndarr
     values = np.unique(ids[bad])
     shown = ", ".join(str(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
     raise ValueError(f"COCO-Stuff id(s) {shown} outside 0..{MAX_ID}")
-  return _id_table(ignore_index)[ids.astype(np.int64)]
+  table = files.lookup_table(dict(zip(USED_IDS, range(len(USED_IDS)))), ignore_index)
+  return table[ids.astype(np.int64)]
 
 
-def read_list(path: str) -> list[str]:
-  """Image names from a list file, one per line (blank lines skipped, a .jpg/.mat/.png
-  extension dropped)."""
-  with open(path, encoding="utf-8") as f:
-    names = [line.strip() for line in f if line.strip()]
-  return [n[:-4] if n.lower().endswith((".jpg", ".mat", ".png")) else n for n in names]
+# ----------------------------------------------------------------------------------------------
+# Reader of the converted layout.
+
+COCO_STUFF_SPLITS = {"train": "train", "test": "test", "val": "test", "train2014": "train",
+                     "test2014": "test"}
+_MMSEG_COCO_HINT = ("Labels written by mmseg's tools/dataset_converters/coco_stuff10k.py hold "
+                    "0 = unlabelled and classes 1..171: read them with "
+                    "config.dataset.reduce_zero_label = True")
+
+
+def coco_stuff10k_source(root: str, split: str, reduce_zero: bool = False,
+                         ignore_index: int = 255) -> files.SegmentationFiles:
+  """COCO-Stuff-10K in mmseg's layout (171 classes); root holds images/, annotations/ and
+  optionally imageLists/. `reduce_zero` for label files that use 0 = unlabelled, 1..171."""
+  list_name = files.split_name("COCO-Stuff-10K", split, COCO_STUFF_SPLITS)
+  folder = SPLITS[list_name]
+  layout = (f"{{root}}/images/{folder}/NAME.jpg and {{root}}/annotations/{folder}/"
+            f"NAME{LABEL_SUFFIX}, optionally {{root}}/imageLists/{list_name}.txt "
+            "(write it from the raw release with python -m segvit_jax.data.coco_stuff RAW ROOT)")
+  files.require_dir(root, layout)
+  image_dir = os.path.join(root, "images", folder)
+  label_dir = os.path.join(root, "annotations", folder)
+  list_path = os.path.join(root, "imageLists", list_name + ".txt")
+  if os.path.isfile(list_path):
+    pairs = files.listed_pairs(list_path, image_dir, ".jpg", label_dir, LABEL_SUFFIX, layout)
+  else:
+    pairs = files.paired_files(image_dir, label_dir, layout, LABEL_SUFFIX)
+  return files.SegmentationFiles(pairs, COCO_STUFF_CLASSES, reduce_zero, ignore_index,
+                                 hint="" if reduce_zero else _MMSEG_COCO_HINT)
+
+
+def build(dataset_cfg, split: str) -> files.SegmentationFiles:
+  """The "coco_stuff10k" source of `config.dataset` (root, reduce_zero_label, ignore_index)."""
+  return coco_stuff10k_source(files.dataset_root(dataset_cfg), split,
+                              dataset_cfg.get("reduce_zero_label", False),
+                              dataset_cfg.get("ignore_index", 255))
+
+
+# ----------------------------------------------------------------------------------------------
+# Converter of the raw release.
 
 
 def load_ids(mat_path: str) -> np.ndarray:
@@ -158,7 +197,7 @@ def convert(raw: str, out: str, symlink: bool = False, progress: bool = True) ->
     list_path = os.path.join(raw, "imageLists", split + ".txt")
     if not os.path.isfile(list_path):
       raise FileNotFoundError(f"missing file {list_path}; expected layout: {layout}")
-    names = read_list(list_path)
+    names = files.read_list(list_path)
     counts[split] = len(names)
     for name in names:
       image = os.path.join(raw, "images", name + ".jpg")
@@ -204,7 +243,7 @@ def summary_text(summary: dict, out: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m segvit_jax.data.cocostuff",
+      prog="python -m segvit_jax.data.coco_stuff",
       description="Convert the raw COCO-Stuff-10K release (images/*.jpg, annotations/*.mat, "
                   "imageLists/{train,test}.txt) to the mmseg layout with *_labelTrainIds.png "
                   "labels (0..170, 255 unlabelled).")

@@ -1,56 +1,22 @@
-"""Dataset readers: grain random-access sources of segmentation records (spec datasets.md).
+"""Reading (image, label) file pairs: what every file-backed dataset module shares.
 
-Every source has `class_names` (a tuple of str) and yields records
-`dict(image=uint8 (H, W, 3) RGB, label=uint8 (H, W), name=str)` whose labels are already in the
-train-id convention: classes 0..K-1, `ignore_index` (255) ignored.
+Every source yields records `dict(image=uint8 (H, W, 3) RGB, label=uint8 (H, W), name=str)`
+whose labels are already in the train-id convention: classes 0..K-1, `ignore_index` (255)
+ignored, and has `class_names` (a tuple of str).
 
-  synthetic  the built-in procedural set (`synthetic.py`), no files.
-  ade20k     mmseg layout: root = ADEChallengeData2016 with images/{training,validation}/*.jpg
-             and annotations/{training,validation}/*.png; `reduce_zero_label` maps 0 -> 255,
-             v -> v - 1 (150 classes).
-  folder     root/images/{split}/NAME.{jpg,jpeg,png} + root/annotations/{split}/NAME.png, class
-             names in root/classes.txt, one per line.
-
-Layout problems surface in `get_source` (FileNotFoundError naming the missing path and the
-expected layout), before any training work. Files are decoded with PIL on access; an unreadable
-file or an out-of-range label raises ValueError naming the file.
+Layout problems surface when a source is built (FileNotFoundError naming the missing path and
+the expected layout), before any training work. Files are decoded with PIL on access; an
+unreadable file or an out-of-range label raises ValueError naming the file.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from segvit_jax.data import synthetic
-
-# ADE20K SceneParsing 150 classes, in train-id order (mmseg ADE20KDataset).
-ADE20K_CLASSES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
-    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
-    "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug",
-    "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub",
-    "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter",
-    "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs",
-    "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench",
-    "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar",
-    "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier", "awning",
-    "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole",
-    "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van",
-    "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool",
-    "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle",
-    "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase",
-    "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
-    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
-)
-assert len(ADE20K_CLASSES) == 150
-
-ADE20K_SPLITS = {"train": "training", "val": "validation", "training": "training",
-                 "validation": "validation"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
@@ -99,8 +65,16 @@ def check_label(label: np.ndarray, num_classes: int, ignore_index: int, path: st
   return label.astype(np.uint8)
 
 
+def lookup_table(mapping: Mapping[int, int], ignore_index: int = 255) -> np.ndarray:
+  """uint8 table of 256 entries: table[k] = mapping[k], ignore_index for every other k."""
+  table = np.full(256, ignore_index, np.uint8)
+  for k, v in mapping.items():
+    table[k] = v
+  return table
+
+
 # ----------------------------------------------------------------------------------------------
-# File-backed sources.
+# The source class.
 
 
 class SegmentationFiles:
@@ -108,19 +82,19 @@ class SegmentationFiles:
 
   Records: dict(image=uint8 (H, W, 3), label=uint8 (H, W), name=file stem). `label_map`
   (raw label, ignore_index) -> train ids runs before `reduce_zero_label` and the range check;
-  `hint` is appended to range errors; `palette` (K, 3) uint8 is the dataset's class colours.
+  `hint` is appended to range errors.
   """
 
   def __init__(self, pairs: Sequence[tuple[str, str]], class_names: Sequence[str],
                reduce_zero_label: bool = False, ignore_index: int = 255, *,
-               label_map=None, hint: str = "", palette: np.ndarray | None = None):
+               label_map: Callable[[np.ndarray, int], np.ndarray] | None = None,
+               hint: str = ""):
     self.pairs = list(pairs)
     self.class_names = tuple(class_names)
     self.reduce_zero_label = reduce_zero_label
     self.ignore_index = ignore_index
     self.label_map = label_map
     self.hint = hint
-    self.palette = palette
 
   def __len__(self) -> int:
     return len(self.pairs)
@@ -149,11 +123,23 @@ class SegmentationFiles:
     return f"SegmentationFiles({len(self)} examples, {len(self.class_names)} classes)"
 
 
-def _require_dir(path: str, layout: str) -> None:
+# ----------------------------------------------------------------------------------------------
+# Layouts.
+
+
+def require_dir(path: str, layout: str) -> None:
+  """FileNotFoundError naming `path` (and its absolute form) and the expected layout unless
+  it is a directory."""
   if not os.path.isdir(path):
     shown = path if os.path.isabs(path) else f"{path} (= {os.path.abspath(path)})"
     raise FileNotFoundError(f"missing directory {shown}; expected layout: {layout}. Point "
                             "--config.dataset.root at the dataset.")
+
+
+def require_file(path: str, layout: str) -> None:
+  """FileNotFoundError naming `path` and the expected layout unless it is a file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"missing file {path}; expected layout: {layout}")
 
 
 def paired_files(image_dir: str, label_dir: str, layout: str,
@@ -162,8 +148,8 @@ def paired_files(image_dir: str, label_dir: str, layout: str,
 
   Raises FileNotFoundError if a directory is missing, holds no images, or an image has no label.
   """
-  _require_dir(image_dir, layout)
-  _require_dir(label_dir, layout)
+  require_dir(image_dir, layout)
+  require_dir(label_dir, layout)
   stems = sorted(os.path.splitext(f) for f in os.listdir(image_dir)
                  if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
   if not stems:
@@ -182,100 +168,58 @@ def paired_files(image_dir: str, label_dir: str, layout: str,
   return pairs
 
 
-def ade20k_source(root: str, split: str, reduce_zero: bool = True,
-                  ignore_index: int = 255) -> SegmentationFiles:
-  """ADE20K in mmseg's folder layout; root is the ADEChallengeData2016 directory."""
-  if split not in ADE20K_SPLITS:
-    raise ValueError(f"unknown ADE20K split {split!r}; known: {sorted(ADE20K_SPLITS)}")
-  folder = ADE20K_SPLITS[split]
-  layout = (f"{{root}}/images/{folder}/*.jpg and {{root}}/annotations/{folder}/*.png with root "
-            "the ADEChallengeData2016 directory")
-  _require_dir(root, layout)
-  pairs = paired_files(os.path.join(root, "images", folder),
-                       os.path.join(root, "annotations", folder), layout)
-  # Without reduce_zero_label the raw ids 0..150 are the classes, 0 being "other".
-  names = ADE20K_CLASSES if reduce_zero else ("other",) + ADE20K_CLASSES
-  return SegmentationFiles(pairs, names, reduce_zero, ignore_index)
-
-
-def read_class_names(path: str) -> tuple[str, ...]:
-  """Class names from a text file, one per line (blank lines skipped)."""
+def read_list(path: str) -> list[str]:
+  """Image names from a list file, one per line (blank lines skipped, a .jpg/.mat/.png
+  extension dropped)."""
   with open(path, encoding="utf-8") as f:
-    names = tuple(line.strip() for line in f if line.strip())
+    names = [line.strip() for line in f if line.strip()]
+  return [n[:-4] if n.lower().endswith((".jpg", ".mat", ".png")) else n for n in names]
+
+
+def listed_pairs(list_path: str, image_dir: str, image_ext: str, label_dir: str,
+                 label_suffix: str, layout: str) -> list[tuple[str, str]]:
+  """(image, label) paths for the names in a split list, in list order; FileNotFoundError
+  naming the files the list names that do not exist."""
+  require_dir(image_dir, layout)
+  require_dir(label_dir, layout)
+  require_file(list_path, layout)
+  names = read_list(list_path)
   if not names:
-    raise ValueError(f"{path} lists no class names")
-  return names
-
-
-def folder_source(root: str, split: str, reduce_zero: bool = False,
-                  ignore_index: int = 255) -> SegmentationFiles:
-  """Custom folder: root/images/{split}/NAME.{jpg,png}, root/annotations/{split}/NAME.png,
-  root/classes.txt."""
-  layout = ("{root}/images/{split}/NAME.{jpg,png}, {root}/annotations/{split}/NAME.png and "
-            "{root}/classes.txt (one class name per line)")
-  _require_dir(root, layout)
-  classes_path = os.path.join(root, "classes.txt")
-  if not os.path.isfile(classes_path):
-    raise FileNotFoundError(f"missing file {classes_path}; expected layout: {layout}")
-  pairs = paired_files(os.path.join(root, "images", split),
-                       os.path.join(root, "annotations", split), layout)
-  return SegmentationFiles(pairs, read_class_names(classes_path), reduce_zero, ignore_index)
+    raise FileNotFoundError(f"{list_path} names no images; expected layout: {layout}")
+  pairs = [(os.path.join(image_dir, n + image_ext), os.path.join(label_dir, n + label_suffix))
+           for n in names]
+  missing = [p for pair in pairs for p in pair if not os.path.isfile(p)]
+  if missing:
+    shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+    raise FileNotFoundError(f"{len(missing)} file(s) named in {list_path} do not exist: "
+                            f"{shown}; expected layout: {layout}")
+  return pairs
 
 
 # ----------------------------------------------------------------------------------------------
-# Entry point.
+# Reading `config.dataset`.
 
 
-def _dataset_root(dataset_cfg) -> str:
+def dataset_root(dataset_cfg, what: str | None = None) -> str:
+  """`config.dataset.root`, user-expanded; FileNotFoundError if empty, saying it should be
+  `what` (default: the {dataset name} directory)."""
   root = os.path.expanduser(dataset_cfg.get("root", "") or "")
   if not root:
-    raise FileNotFoundError(f"config.dataset.root is empty; set it to the {dataset_cfg.name} "
-                            "directory")
+    what = what or f"the {dataset_cfg.name} directory"
+    raise FileNotFoundError(f"config.dataset.root is empty; set it to {what}")
   return root
 
 
-def _synthetic(dataset_cfg, split: str):
-  is_train = split == dataset_cfg.get("train_split", "train")
-  num = dataset_cfg.num_train if is_train else dataset_cfg.num_eval
-  return synthetic.SyntheticSegmentation(split, num, dataset_cfg.image_size,
-                                         seed=dataset_cfg.get("seed", 0))
+def split_name(dataset: str, split: str, known: Mapping[str, str]) -> str:
+  """`known[split]` (our split name -> the dataset's); ValueError listing the known names."""
+  if split not in known:
+    raise ValueError(f"unknown {dataset} split {split!r}; known: {', '.join(known)}")
+  return known[split]
 
 
-def _folder_builder(build):
-  def builder(dataset_cfg, split: str):
-    return build(_dataset_root(dataset_cfg), split, dataset_cfg.get("reduce_zero_label", False),
-                 dataset_cfg.get("ignore_index", 255))
-  return builder
-
-
-def builders() -> dict:
-  """Dataset name -> `builder(dataset_cfg, split) -> source`. Dataset modules contribute their
-  own `BUILDERS` tables."""
-  # pylint: disable=g-import-not-at-top  (those modules build on this one)
-  from segvit_jax.data import coco_panoptic, datasets, tfds_sources
-  return {
-      "synthetic": _synthetic,
-      "ade20k": _folder_builder(ade20k_source),
-      "folder": _folder_builder(folder_source),
-      **datasets.BUILDERS,
-      **tfds_sources.BUILDERS,
-      **coco_panoptic.BUILDERS,
-  }
-
-
-def get_source(dataset_cfg, split: str):
-  """The source for `config.dataset` and a split name ("train" / "val" or the folder's name).
-
-  For "synthetic", the split equal to `dataset_cfg.train_split` has `num_train` examples and any
-  other `num_eval`. Checks that `dataset_cfg.num_classes` matches the dataset's class list.
-  """
-  name = dataset_cfg.name
-  known = builders()
-  if name not in known:
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known)}")
-  source = known[name](dataset_cfg, split)
-  num_classes = dataset_cfg.get("num_classes", None)
-  if num_classes is not None and num_classes != len(source.class_names):
-    raise ValueError(f"config.dataset.num_classes is {num_classes} but dataset {name!r} has "
-                     f"{len(source.class_names)} classes")
-  return source
+def no_reduce_zero_label(dataset_cfg, hint: str) -> None:
+  """ValueError if `config.dataset.reduce_zero_label` is set for a dataset whose label 0 is a
+  class; `hint` follows the message."""
+  if dataset_cfg.get("reduce_zero_label", False):
+    raise ValueError(f"config.dataset.reduce_zero_label is True but dataset "
+                     f"{dataset_cfg.name!r} keeps label 0 as a class{hint}")

@@ -1,0 +1,9 @@
+"""`python -m segvit_jax.data.cocostuff RAW OUT`: the old name of the COCO-Stuff-10K converter,
+`python -m segvit_jax.data.coco_stuff` (kept because earlier instructions show it)."""
+
+import sys
+
+from segvit_jax.data.coco_stuff import main
+
+if __name__ == "__main__":
+  sys.exit(main())
