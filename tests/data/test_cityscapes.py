@@ -1,6 +1,5 @@
-"""Tests for segvit_jax.data.cityscapes on a miniature Cityscapes written here (spec
-datasets.md): labelTrainIds and labelIds files at the real paths, read through
-`registry.get_source`."""
+"""Tests for segvit_jax.data.cityscapes on a miniature Cityscapes written here: labelTrainIds
+and labelIds files at the real paths, read through `registry.get_source`."""
 
 import os
 

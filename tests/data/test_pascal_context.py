@@ -1,6 +1,5 @@
-"""Tests for segvit_jax.data.pascal_context on a miniature VOC2010 written here (spec
-datasets.md): the 60- and 59-class variants from the same files, read through
-`registry.get_source`."""
+"""Tests for segvit_jax.data.pascal_context on a miniature VOC2010 written here: the 60- and
+59-class variants from the same files, read through `registry.get_source`."""
 
 import os
 
