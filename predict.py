@@ -71,7 +71,7 @@ def main(argv=None) -> int:
   from segvit_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
   from segvit_jax.evaluation import pictures  # pylint: disable=g-import-not-at-top
-  from segvit_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from segvit_jax.data.files import read_image  # pylint: disable=g-import-not-at-top
 
   cache = args.compilation_cache
   sharding.enable_compilation_cache(sharding.default_compilation_cache() if cache is None
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
   os.makedirs(args.output, exist_ok=True)
   t0 = time.perf_counter()
   for i, file in enumerate(files):
-    image = sources.read_image(file)
+    image = read_image(file)
     scores = model.predict(image[None])[0]  # (C, H, W)
     pred = scores.argmax(0).astype(np.uint8 if num_classes <= 256 else np.uint16)
     name = os.path.splitext(os.path.basename(file))[0]
@@ -123,7 +123,7 @@ def predict_panoptic(model, files: list[str], args) -> int:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from segvit_jax.evaluation import inference, panoptic  # pylint: disable=g-import-not-at-top
   from segvit_jax.evaluation import pictures  # pylint: disable=g-import-not-at-top
-  from segvit_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from segvit_jax.data.files import read_image  # pylint: disable=g-import-not-at-top
   from segvit_jax.data import transforms  # pylint: disable=g-import-not-at-top
   from segvit_jax.models import patch_size  # pylint: disable=g-import-not-at-top
 
@@ -148,7 +148,7 @@ def predict_panoptic(model, files: list[str], args) -> int:
   annotations = []
   t0 = time.perf_counter()
   for i, file in enumerate(files):
-    image = sources.read_image(file)
+    image = read_image(file)
     h, w = image.shape[:2]
     resized = transforms.resize_for_test(image, "long_side", (size, size))
     class_logits, mask_logits = predictor.logits([resized])

@@ -4,7 +4,7 @@
   python train.py --config configs/segvit_vit_l16_cocostuff10k.py --workdir runs/segvit_l16_coco \
       --config.dataset.root=/data/coco_stuff10k
 
-171 classes (labels written by `python -m segvit_jax.data.cocostuff`). Starts from the AugReg
+171 classes (labels written by `python -m segvit_jax.data.coco_stuff`). Starts from the AugReg
 L_16 i21k->in1k 384-px .npz in weights/.
 
 Recipe: AdamW lr 2e-5 (decoder x10), weight decay 0.02, poly power 2 with 1500 warm-up

@@ -45,7 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segvit_jax import checkpoint as ckpt_lib
 from segvit_jax import bundle, convert, losses, optim, sharding
-from segvit_jax.data import pipeline, sources
+from segvit_jax.data import pipeline, registry
 from segvit_jax.models import build_model, vit
 
 
@@ -474,7 +474,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
 
   # Data first: a missing dataset fails here, within seconds.
-  train_source = sources.get_source(config.dataset, config.dataset.train_split)
+  train_source = registry.get_source(config.dataset, config.dataset.train_split)
   class_names = train_source.class_names
   # Panoptic data: the COCO category ids and thing flags, which panoptic output needs.
   categories = getattr(train_source, "categories", None)

@@ -44,7 +44,7 @@ from safetensors.numpy import load_file
 from segvit_jax import bundle, convert
 from segvit_jax.convert import __main__ as cli
 from segvit_jax.convert import segformer
-from segvit_jax.data import datasets
+from segvit_jax.data import cityscapes
 from segvit_jax.models import build_model
 
 from tests import checkpoint_writers as writers
@@ -365,7 +365,7 @@ def test_config_gives_names_and_statistics_and_must_agree(b0, config_file, tmp_p
   src = conv["root"] / "segformer.pth"
   assert _cli(src, tmp_path / "b", "--from", "segformer-official", "--config", config_file) == 0
   meta = bundle.read_config(str(tmp_path / "b"))
-  assert tuple(meta["class_names"]) == datasets.CITYSCAPES_CLASSES
+  assert tuple(meta["class_names"]) == cityscapes.CITYSCAPES_CLASSES
   assert meta["mean"] == [120.0, 110.0, 100.0] and meta["std"] == [50.0, 51.0, 52.0]
   assert meta["model"]["backbone"] == {"variant": "B0", "norm_eps": 1e-6,
                                        "embed_norm_eps": 1e-5}

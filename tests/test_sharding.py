@@ -62,7 +62,7 @@ import numpy as np
 from absl import logging
 from configs import demo
 from segvit_jax import checkpoint as ckpt_lib, sharding, trainer
-from segvit_jax.data import pipeline, sources
+from segvit_jax.data import pipeline, registry
 
 LOG = []  # this run's trainer warnings and memory line
 
@@ -80,7 +80,7 @@ logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARN
 trainer.quiet_library_logs()
 
 SEEN = set()  # indices of the training examples this process read (all runs)
-orig_source = sources.get_source
+orig_source = registry.get_source
 
 
 class Recording:
@@ -95,7 +95,7 @@ class Recording:
     return self.src[i]
 
 
-sources.get_source = lambda cfg, split: Recording(orig_source(cfg, split))
+registry.get_source = lambda cfg, split: Recording(orig_source(cfg, split))
 
 
 class ConcatIterator:

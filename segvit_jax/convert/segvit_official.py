@@ -56,6 +56,7 @@ from segvit_jax import config_utils
 from segvit_jax.convert import mapping
 from segvit_jax.convert.mapping import Flat, Transform, conv, identity, is_square, linear, \
     read_torch, split3, split3_linear
+from segvit_jax.data import palettes, registry
 from segvit_jax.models import build_model, input_divisor, vit
 
 FORMAT = "segvit-official"
@@ -396,31 +397,17 @@ def load(path: str, config: ml_collections.ConfigDict | str, *,
   return params, model_cfg
 
 
-# Class names per dataset name (`config.dataset.name`), for bundles and the export's meta.
-def known_class_names() -> dict[str, tuple[str, ...]]:
-  # pylint: disable=g-import-not-at-top  (the data modules are heavy; only needed here)
-  from segvit_jax.data import datasets, sources, synthetic
-  return {"ade20k": sources.ADE20K_CLASSES, "coco_stuff10k": datasets.COCO_STUFF_CLASSES,
-          "pascal_context": datasets.PASCAL_CONTEXT_CLASSES,
-          "pascal_context59": datasets.PASCAL_CONTEXT59_CLASSES,
-          "cityscapes": datasets.CITYSCAPES_CLASSES, "synthetic": synthetic.CLASS_NAMES}
-
-
 def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The class names of `config.dataset` without reading the data where the dataset is known
-  (ADE20K without reduce_zero_label has "other" first, as its source); otherwise the source's
-  (a folder's classes.txt), else class_0, class_1, ..."""
+  """The class names of `config.dataset` for bundles and the export's meta
+  (`registry.class_names`: without reading the data where the dataset is known, else the
+  source's, e.g. a folder's classes.txt), else class_0, class_1, ..."""
   ds, k = config.dataset, config.model.num_classes
-  names = known_class_names().get(ds.name)
-  if names is not None and ds.name == "ade20k" and not ds.get("reduce_zero_label", True):
-    names = ("other",) + names
-  if names is None:
-    try:
-      from segvit_jax.data import sources  # pylint: disable=g-import-not-at-top
-      names = tuple(sources.get_source(ds, ds.get("eval_split", "val")).class_names)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-      logging.warning("class names of dataset %r unavailable (%s): using class_0..class_%d",
-                      ds.name, e, k - 1)
+  names = None
+  try:
+    names = registry.class_names(ds)
+  except (FileNotFoundError, ValueError, ImportError) as e:
+    logging.warning("class names of dataset %r unavailable (%s): using class_0..class_%d",
+                    ds.name, e, k - 1)
   if names is None or len(names) != k:
     return tuple(f"class_{i}" for i in range(k))
   return tuple(names)
@@ -491,11 +478,9 @@ def _check_exportable(model_cfg: Mapping[str, Any], source: str) -> None:
 
 
 def palette(names: Sequence[str]) -> list[list[int]]:
-  """Class colours for the export's meta (mmseg's init_segmentor reads meta['PALETTE'])."""
-  from segvit_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  dataset = next((n for n, known in known_class_names().items() if tuple(known) == tuple(names)),
-                 "")
-  return datasets.palette_for(dataset, len(names)).tolist()
+  """Class colours for the export's meta (mmseg's init_segmentor reads meta['PALETTE']): those
+  of eval's pictures (`palettes.palette_for_class_names`)."""
+  return palettes.palette_for_class_names(names).tolist()
 
 
 def export(bundle_path: str, out: str) -> dict[str, np.ndarray]:

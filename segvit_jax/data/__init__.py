@@ -1,7 +1,11 @@
-"""Data: dataset sources, mmseg-style augmentations and grain pipelines."""
+"""Data: datasets, mmseg-style augmentations and grain pipelines.
 
-from segvit_jax.data.pipeline import make_eval_dataset
-from segvit_jax.data.pipeline import make_train_dataset
-from segvit_jax.data.pipeline import make_train_iterator
-from segvit_jax.data.sources import get_source
-from segvit_jax.data.synthetic import SyntheticSegmentation
+  registry.py   config.dataset.name -> the dataset module that reads it (`get_source`,
+                `class_names`)
+  files.py      reading (image, label) file pairs, shared by the file-backed datasets
+  ade20k.py coco_stuff.py pascal_context.py cityscapes.py coco_panoptic.py folder.py tfds.py
+  synthetic.py  one module per dataset
+  palettes.py   class colours for every picture
+  transforms.py pipeline.py  augmentations and the grain input pipelines
+  check.py      `python -m segvit_jax.data.check`: validate a dataset before training
+"""

@@ -3,14 +3,14 @@
   python -m segvit_jax.data.check --config configs/segvit_vit_b16_ade20k.py \
       --config.dataset.root=/data/ADEChallengeData2016 [--split train|val|both] [--workers 8]
 
-Reads each split once through `sources.get_source(config.dataset, split)` (the readers training
+Reads each split once through `registry.get_source(config.dataset, split)` (the readers training
 uses; nothing is re-implemented here), with a progress bar, and prints the counts (examples,
 pixels, ignored pixels) and a class-frequency table (class id, name, share of the labelled
 pixels, images containing the class). Exits non-zero listing EVERY bad example with its reason:
 an undecodable image or label, a label whose size differs from its image, a label value outside
 0..num_classes-1 that is not `ignore_index`. The sources raise ValueError naming the file for
 these; `check_example` repeats the shape and range checks so any source is held to the record
-contract (sources.py).
+contract (`files.py`).
 
 `check_source(source) -> Report` and `format_report(report)` need no CLI; the tests call them.
 """
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from segvit_jax.data import sources
+from segvit_jax.data import files, registry
 from segvit_jax.data.pipeline import BAD_EXAMPLE_ERRORS, example_file  # noqa: F401  (re-exported)
 
 
@@ -83,7 +83,7 @@ def check_example(record: dict, num_classes: int, ignore_index: int,
     raise ValueError(f"{name}: image has shape {image.shape}, expected (H, W, 3)")
   if label.shape != image.shape[:2]:
     raise ValueError(f"{name}: label has shape {label.shape} but the image is {image.shape[:2]}")
-  sources.check_label(label, num_classes, ignore_index, name)
+  files.check_label(label, num_classes, ignore_index, name)
   label = label.ravel()
   ignored = label == ignore_index
   counts = np.bincount(label[~ignored].astype(np.int64), minlength=num_classes)
@@ -159,10 +159,10 @@ def format_report(report: Report) -> str:
 
 def check_splits(dataset_cfg, splits: Sequence[str], workers: int = 0,
                  progress: bool = True) -> list[Report]:
-  """`check_source` of `sources.get_source(dataset_cfg, split)` for each split."""
+  """`check_source` of `registry.get_source(dataset_cfg, split)` for each split."""
   reports = []
   for split in splits:
-    source = sources.get_source(dataset_cfg, split)
+    source = registry.get_source(dataset_cfg, split)
     reports.append(check_source(source, dataset_cfg.get("ignore_index", None), workers,
                                 progress, split))
   return reports

@@ -33,7 +33,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from segvit_jax.data import sources
+from segvit_jax.data import files
 
 COCO_PANOPTIC_SPLITS = {"train": "train2017", "val": "val2017", "train2017": "train2017",
                         "val2017": "val2017"}
@@ -157,7 +157,7 @@ class CocoPanoptic:
 
   def __getitem__(self, index: int) -> dict:
     ex = self.examples[int(index)]
-    image = sources.read_image(ex.image_path)
+    image = files.read_image(ex.image_path)
     ids = read_panoptic_png(ex.png_path)
     if ids.shape != image.shape[:2]:
       raise ValueError(f"panoptic png {ex.png_path} is {ids.shape[1]}x{ids.shape[0]} (WxH) but "
@@ -238,15 +238,12 @@ def coco_panoptic_source(root: str, split: str, drop_crowd: bool = True) -> Coco
   return CocoPanoptic(examples, categories, json_path)
 
 
-def _builder(dataset_cfg, split: str) -> CocoPanoptic:
-  root = os.path.expanduser(dataset_cfg.get("root", "") or "")
-  if not root:
-    raise FileNotFoundError("config.dataset.root is empty; set it to the coco directory "
-                            f"({LAYOUT})")
+def build(dataset_cfg, split: str) -> CocoPanoptic:
+  """The "coco_panoptic" source of `config.dataset` (root, drop_crowd)."""
+  root = files.dataset_root(dataset_cfg, f"the coco directory ({LAYOUT})")
   return coco_panoptic_source(root, split, dataset_cfg.get("drop_crowd", True))
 
 
-BUILDERS = {"coco_panoptic": _builder}
 # Dataset names whose records are panoptic (masks + class_ids, no label map): training turns
 # them into segment-index maps (`segvit_jax.data.pipeline`, `transforms.segment_map`).
-PANOPTIC_DATASETS = frozenset(BUILDERS)
+PANOPTIC_DATASETS = frozenset({"coco_panoptic"})

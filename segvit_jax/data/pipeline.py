@@ -44,7 +44,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from segvit_jax.data import coco_panoptic, sources
+from segvit_jax.data import coco_panoptic, registry
 from segvit_jax.data import transforms as T
 
 AUGMENT_PIPELINES = ("segvit", "eomt")
@@ -311,7 +311,7 @@ def make_train_dataset(config, process_index: int | None = None,
   process_index, process_count = _process_layout(process_index, process_count)
   batch = per_process_batch_size(config.batch_size, process_count)
   check_loss_reads_targets(config)
-  source = sources.get_source(config.dataset, config.dataset.train_split)
+  source = registry.get_source(config.dataset, config.dataset.train_split)
   if is_panoptic(config) and hasattr(source, "check_max_segments"):
     source.check_max_segments(max_segments(config))  # from the annotations, before any image
   skip_bad = bool(config.dataset.get("skip_bad_examples", False))
@@ -363,12 +363,13 @@ def make_eval_dataset(config, split: str | None = None, process_index: int | Non
 
   The dataset is a grain MapDataset of records (`transforms.MultiScaleResize`): images, a
   tuple of uint8 (h, w, 3) test-resized images, one per ratio in config.eval.scales; image, the
-  original uint8 image; label int32 (H, W) at the original resolution; name str. `config.eval.max_examples` (>= 0) keeps the first examples of the split; the rest is
-  split across processes round-robin (shards may differ in size by one).
+  original uint8 image; label int32 (H, W) at the original resolution; name str.
+  `config.eval.max_examples` (>= 0) keeps the first examples of the split; the rest is split
+  across processes round-robin (shards may differ in size by one).
   """
   process_index, process_count = _process_layout(process_index, process_count)
   split = config.dataset.eval_split if split is None else split
-  source = sources.get_source(config.dataset, split)
+  source = registry.get_source(config.dataset, split)
   ds = grain.MapDataset.source(source)
   max_examples = int(config.eval.get("max_examples", -1))
   if max_examples >= 0:
@@ -430,7 +431,7 @@ def make_panoptic_eval_dataset(config, split: str | None = None,
   split = config.dataset.eval_split if split is None else split
   dataset_cfg = ml_collections.ConfigDict(config.dataset.to_dict())
   dataset_cfg.drop_crowd = False
-  source = sources.get_source(dataset_cfg, split)
+  source = registry.get_source(dataset_cfg, split)
   categories = getattr(source, "categories", None)
   if not isinstance(categories, coco_panoptic.Categories):
     raise ValueError(f"config.eval.task={config.eval.get('task')!r} needs a panoptic dataset "

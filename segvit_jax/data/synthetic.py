@@ -230,6 +230,14 @@ class SyntheticSegmentation:
             f"image_size={self.image_size}, seed={self.seed})")
 
 
+def build(dataset_cfg, split: str) -> SyntheticSegmentation:
+  """The "synthetic" source of `config.dataset`: the split equal to `dataset_cfg.train_split`
+  has `num_train` examples, any other `num_eval`; `image_size` and `seed` as configured."""
+  is_train = split == dataset_cfg.get("train_split", "train")
+  num = dataset_cfg.num_train if is_train else dataset_cfg.num_eval
+  return SyntheticSegmentation(split, num, dataset_cfg.image_size, seed=dataset_cfg.get("seed", 0))
+
+
 def write_folder(root: str, split: str, num_examples: int, image_size: int, seed: int = 0,
                  with_labels: bool = True) -> str:
   """Writes a split in the custom-folder layout (root/images/{split}/NAME.png, labels in

@@ -11,8 +11,9 @@ horizontal flip, scale jitter (keep-ratio resize to factor * crop / long side, t
 training (COCO panoptic) runs the same steps on a segment-index map (`segment_map`,
 `PanopticAugment`: vanished segments invalid, redrawn when none is left).
 
-Test: the image resized by the protocol's policy at every multi-scale ratio (`MultiScaleResize`); the
-label stays at full resolution and normalisation happens on the device.
+Test: the image resized by the protocol's policy at every multi-scale ratio
+(`MultiScaleResize`); the label stays at full resolution and normalisation happens on the
+device.
 
 Each step is a small pure numpy function on arrays; grain transform classes below wrap them for
 records `dict(image=(H, W, 3), label=(H, W), ...)`. The random ones are `grain.transforms.

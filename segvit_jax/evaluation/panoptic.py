@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segvit_jax.data import datasets, pipeline
+from segvit_jax.data import palettes, pipeline
 from segvit_jax.evaluation import inference, loop, pictures, pq
 
 
@@ -338,7 +338,7 @@ def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split:
   ap_classes = is_thing if is_thing.any() else None
   predictor = make_mask_predictor(model, variables, config)
   pic_dir = loop.picture_dir(out_dir, num_pictures)
-  colours = datasets.palette_for(config.dataset.name, k)
+  colours = palettes.palette_for(config.dataset.name, k)
   stats = pq.PQStats.zeros(k)
   instances = pq.InstanceAccumulator()
 

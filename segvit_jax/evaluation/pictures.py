@@ -21,7 +21,7 @@ def palette(num_classes: int, seed: int = 3) -> np.ndarray:
 def colorize(label: np.ndarray, num_classes: int, colours: np.ndarray | None = None
              ) -> np.ndarray:
   """(H, W) class ids -> (H, W, 3) uint8 colours (`colours` (K, 3), e.g. a dataset's
-  `datasets.palette_for`, default `palette`); ignore / out-of-range pixels black."""
+  `palettes.palette_for`, default `palette`); ignore / out-of-range pixels black."""
   table = palette(num_classes) if colours is None else np.concatenate(
       [np.asarray(colours, np.uint8)[:num_classes], np.zeros((1, 3), np.uint8)])
   idx = np.where((label >= 0) & (label < num_classes), label, num_classes)

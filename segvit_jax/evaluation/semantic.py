@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segvit_jax.data import datasets, pipeline
+from segvit_jax.data import palettes, pipeline
 from segvit_jax.evaluation import inference, loop, metrics, pictures
 
 
@@ -118,7 +118,7 @@ def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split:
   predictor = make_predictor(model, variables, config)
   without0 = background_free(config)
   pic_dir = loop.picture_dir(out_dir, num_pictures)
-  colours = datasets.palette_for(config.dataset.name, k)
+  colours = palettes.palette_for(config.dataset.name, k)
   conf = np.zeros((2 if without0 else 1, k, k), np.int64)
 
   def step(records: list[dict]):

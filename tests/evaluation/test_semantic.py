@@ -41,7 +41,7 @@ from configs import common
 from configs import segvit_vit_b16_ade20k
 from segvit_jax import bundle as bundle_lib
 from segvit_jax import sharding
-from segvit_jax.data import pipeline, sources
+from segvit_jax.data import ade20k, pipeline
 from segvit_jax.data import transforms as T
 from segvit_jax.evaluation import evaluate, inference, metrics, semantic
 from segvit_jax.models import build_model
@@ -79,7 +79,7 @@ def ade_bundle(tmp_path_factory):
   paper = segvit_vit_b16_ade20k.get_config()
   path = bundle_lib.save_bundle(str(tmp_path_factory.mktemp("bundle") / "tiny"), params, cfg,
                                 mean=paper.mean, std=paper.std,
-                                class_names=sources.ADE20K_CLASSES)
+                                class_names=ade20k.ADE20K_CLASSES)
   return path, model, params
 
 
@@ -152,7 +152,7 @@ def test_two_process_evaluation_matches_one_process(ade_bundle, tmp_path):
     label, pred = ex["label"], preds[ex["name"]]
     keep = label != 255
     np.add.at(conf, (label[keep], pred[keep]), 1)
-  expected = metrics.segmentation_metrics(conf, sources.ADE20K_CLASSES)
+  expected = metrics.segmentation_metrics(conf, ade20k.ADE20K_CLASSES)
   assert conf.sum() == 3 * 64 * 48 - 3 * (48 + 64 + 48)  # a 3-row band per image ignored
   assert 50 <= expected["aAcc"] < 100 and (np.diag(conf) > 0).sum() >= 3
 

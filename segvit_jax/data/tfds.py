@@ -2,8 +2,8 @@
 
 TFDS random access (`builder.as_data_source`) reads array_record files written by
 `tfds build ... --file_format=array_record` and decodes the features with PIL, so grain can use it
-like any other source. Records follow `sources.py`: dict(image=uint8 (H, W, 3),
-label=uint8 (H, W) in train ids with 255 ignored, name=str).
+like any other source. Records are those of every source (`files.py`): dict(image=uint8
+(H, W, 3), label=uint8 (H, W) in train ids with 255 ignored, name=str).
 
   tfds_ade20k      TFDS `scene_parse150` (v1.0.0). Its builder packs the 2017 challenge's
                    INSTANCE annotations (`annotations_instance.tar`), not the 150-class semantic
@@ -33,8 +33,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from segvit_jax.data import sources
-from segvit_jax.data.datasets import CITYSCAPES_CLASSES, cityscapes_to_train_ids
+from segvit_jax.data import ade20k, cityscapes, files
 
 # ADE20K instance-task category k (1..100, placeschallenge instanceInfo100) is SceneParse150
 # class ADE20K_INSTANCE_TO_SEMANTIC[k - 1] (1-based; CSAILVision's instance -> scene-parsing
@@ -67,14 +66,6 @@ _PREPARE_HINTS = {
 # Label conversions (pure functions).
 
 
-def lookup_table(mapping: Mapping[int, int], ignore_index: int = 255) -> np.ndarray:
-  """uint8 table of 256 entries: table[k] = mapping[k], ignore_index for every other k."""
-  table = np.full(256, ignore_index, np.uint8)
-  for k, v in mapping.items():
-    table[k] = v
-  return table
-
-
 def ade20k_label_from_instance_annotation(annotation: np.ndarray,
                                           ignore_index: int = 255) -> np.ndarray:
   """ADE20K instance annotation (H, W, 3) RGB -> SceneParse150 train ids (H, W) uint8.
@@ -87,7 +78,7 @@ def ade20k_label_from_instance_annotation(annotation: np.ndarray,
     bad = np.unique(category[category > len(ADE20K_INSTANCE_TO_SEMANTIC)])
     raise ValueError(f"instance category id(s) {', '.join(str(int(v)) for v in bad[:10])} "
                      f"outside 0..{len(ADE20K_INSTANCE_TO_SEMANTIC)} in the R channel")
-  return lookup_table(_ADE20K_R_TO_TRAINID, ignore_index)[category]
+  return files.lookup_table(_ADE20K_R_TO_TRAINID, ignore_index)[category]
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
@@ -115,7 +106,7 @@ def _cityscapes_record(example: dict, name: str, ignore_index: int) -> dict:
   label = example["segmentation_label"]
   label = label[..., 0] if label.ndim == 3 else label
   return dict(image=as_rgb(example["image_left"]),
-              label=cityscapes_to_train_ids(label, ignore_index), name=image_id)
+              label=cityscapes.cityscapes_to_train_ids(label, ignore_index), name=image_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +153,7 @@ class TfdsSegmentation:
     if record["label"].shape != record["image"].shape[:2]:
       raise ValueError(f"{where}: label is {record['label'].shape} but image is "
                        f"{record['image'].shape[:2]} (H, W)")
-    sources.check_label(record["label"], len(self.class_names), self.ignore_index, where)
+    files.check_label(record["label"], len(self.class_names), self.ignore_index, where)
     return record
 
   def __repr__(self) -> str:
@@ -215,27 +206,27 @@ def tfds_source(tfds_name: str, data_dir: str, split: str, split_map: Mapping[st
 def ade20k_tfds_source(data_dir: str, split: str, ignore_index: int = 255) -> TfdsSegmentation:
   """ADE20K from TFDS `scene_parse150` (thing classes only, see the module docstring)."""
   return tfds_source(ADE20K_TFDS_NAME, data_dir, split, ADE20K_TFDS_SPLITS, _ade20k_record,
-                     sources.ADE20K_CLASSES, ignore_index)
+                     ade20k.ADE20K_CLASSES, ignore_index)
 
 
 def cityscapes_tfds_source(data_dir: str, split: str,
                            ignore_index: int = 255) -> TfdsSegmentation:
   """Cityscapes (19 classes) from TFDS `cityscapes/semantic_segmentation`."""
   return tfds_source(CITYSCAPES_TFDS_NAME, data_dir, split, CITYSCAPES_TFDS_SPLITS,
-                     _cityscapes_record, CITYSCAPES_CLASSES, ignore_index)
+                     _cityscapes_record, cityscapes.CITYSCAPES_CLASSES, ignore_index)
 
 
-def _builder(build):
-  def builder(dataset_cfg, split: str):
-    root = os.path.expanduser(dataset_cfg.get("root", "") or "")
-    if not root:
-      raise FileNotFoundError(f"config.dataset.root is empty; set it to the TFDS data_dir "
-                              f"holding the prepared {dataset_cfg.name} data")
-    return build(root, split, dataset_cfg.get("ignore_index", 255))
-  return builder
+def _data_dir(dataset_cfg) -> str:
+  return files.dataset_root(
+      dataset_cfg, f"the TFDS data_dir holding the prepared {dataset_cfg.name} data")
 
 
-BUILDERS = {
-    "tfds_ade20k": _builder(ade20k_tfds_source),
-    "tfds_cityscapes": _builder(cityscapes_tfds_source),
-}
+def build_ade20k(dataset_cfg, split: str) -> TfdsSegmentation:
+  """The "tfds_ade20k" source of `config.dataset` (root = the TFDS data_dir, ignore_index)."""
+  return ade20k_tfds_source(_data_dir(dataset_cfg), split, dataset_cfg.get("ignore_index", 255))
+
+
+def build_cityscapes(dataset_cfg, split: str) -> TfdsSegmentation:
+  """The "tfds_cityscapes" source of `config.dataset` (root = the TFDS data_dir, ignore_index)."""
+  return cityscapes_tfds_source(_data_dir(dataset_cfg), split,
+                                dataset_cfg.get("ignore_index", 255))

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segvit_jax.data import files
 from segvit_jax.data import pipeline
-from segvit_jax.data import sources
+from segvit_jax.data import registry
 from segvit_jax.data import synthetic
 from segvit_jax.data import transforms as T
+from tests import support
 
-_COMMON = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "common.py")
+_COMMON = os.path.join(support.ROOT, "configs", "common.py")
 
 
 def _run_config(**dataset):
@@ -401,7 +403,7 @@ def test_ade20k_layout_with_reduce_zero_label(tmp_path):
   for split in ("training", "validation"):
     _write_pair(root, f"images/{split}", f"annotations/{split}", f"ADE_{split}_00000001", label)
   c = _run_config(name="ade20k", root=root, reduce_zero_label=True, num_classes=150)
-  source = sources.get_source(c.dataset, "val")
+  source = registry.get_source(c.dataset, "val")
   assert len(source) == 1 and len(source.class_names) == 150
   assert source.class_names[:3] == ("wall", "building", "sky")
   r = source[0]
@@ -410,7 +412,7 @@ def test_ade20k_layout_with_reduce_zero_label(tmp_path):
   np.testing.assert_array_equal(r["label"], [[255, 0, 1, 149], [4, 255, 149, 0]])
   c.dataset.reduce_zero_label = False
   with pytest.raises(ValueError, match="num_classes is 150 but dataset 'ade20k' has 151"):
-    sources.get_source(c.dataset, "train")
+    registry.get_source(c.dataset, "train")
 
 
 def test_folder_source(tmp_path):
@@ -421,7 +423,7 @@ def test_folder_source(tmp_path):
   with open(os.path.join(root, "classes.txt"), "w") as f:
     f.write("sky\nroad\n\ncar\n")
   c = _run_config(name="folder", root=root, num_classes=3)
-  source = sources.get_source(c.dataset, "train")
+  source = registry.get_source(c.dataset, "train")
   assert source.class_names == ("sky", "road", "car") and len(source) == 2
   r = source[0]
   assert r["name"] == "a"
@@ -433,20 +435,20 @@ def test_missing_root_names_the_path(tmp_path):
   missing = str(tmp_path / "nowhere" / "ADEChallengeData2016")
   c = _run_config(name="ade20k", root=missing, reduce_zero_label=True, num_classes=150)
   with pytest.raises(FileNotFoundError, match="nowhere/ADEChallengeData2016") as e:
-    sources.get_source(c.dataset, "train")
+    registry.get_source(c.dataset, "train")
   assert "images/training" in str(e.value)
   os.makedirs(missing)
   with pytest.raises(FileNotFoundError,
                      match=os.path.join(missing, "images", "training").replace(".", r"\.")):
-    sources.get_source(c.dataset, "train")
+    registry.get_source(c.dataset, "train")
   c = _run_config(name="folder", root=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="classes.txt"):
-    sources.get_source(c.dataset, "train")
+    registry.get_source(c.dataset, "train")
 
 
 def test_unknown_dataset_lists_known_names():
   with pytest.raises(ValueError, match="synthetic, ade20k, folder"):
-    sources.get_source(_run_config(name="imagenet").dataset, "train")
+    registry.get_source(_run_config(name="imagenet").dataset, "train")
 
 
 def test_corrupt_image_names_the_file(tmp_path):
@@ -458,7 +460,7 @@ def test_corrupt_image_names_the_file(tmp_path):
   Image.fromarray(np.zeros((2, 2), np.uint8)).save(os.path.join(root, "annotations/val/bad.png"))
   with open(os.path.join(root, "classes.txt"), "w") as f:
     f.write("a\nb\n")
-  source = sources.get_source(_run_config(name="folder", root=root, num_classes=2).dataset, "val")
+  source = registry.get_source(_run_config(name="folder", root=root, num_classes=2).dataset, "val")
   with pytest.raises(ValueError, match="bad.jpg"):
     source[0]  # sorted: "bad" before "good"
   assert source[1]["name"] == "good"
@@ -469,7 +471,7 @@ def test_out_of_range_label_names_file_and_value(tmp_path):
   _write_pair(root, "images/train", "annotations/train", "x", np.array([[0, 7], [1, 255]]))
   with open(os.path.join(root, "classes.txt"), "w") as f:
     f.write("a\nb\nc\n")
-  source = sources.get_source(_run_config(name="folder", root=root, num_classes=3).dataset,
+  source = registry.get_source(_run_config(name="folder", root=root, num_classes=3).dataset,
                               "train")
   with pytest.raises(ValueError, match=r"x\.png has value\(s\) 7 outside the valid range 0\.\.2"):
     source[0]
@@ -554,7 +556,7 @@ def test_skip_bad_examples_wrapper_counts_and_logs(tmp_path, caplog):
   root = str(tmp_path / "d")
   bad = _folder_with_a_corrupt_jpeg(root, n=6)  # ex05 is the 6th file
   source = pipeline.SkipBadExamples(
-      sources.get_source(_folder_config(root).dataset, "train"))
+      registry.get_source(_folder_config(root).dataset, "train"))
   assert len(source) == 6 and source.class_names == ("a", "b", "c")
   before = pipeline.skipped_examples().get(bad, 0)
   with caplog.at_level("WARNING"):
@@ -566,7 +568,7 @@ def test_skip_bad_examples_wrapper_counts_and_logs(tmp_path, caplog):
   assert len(warnings) == 1 and bad in warnings[0] and "cannot decode image" in warnings[0]
   # Nothing left to skip to: an error instead of an endless search for a good example.
   only_bad = pipeline.SkipBadExamples(
-      sources.SegmentationFiles([source.source.pairs[5]] * 2, source.class_names))
+      files.SegmentationFiles([source.source.pairs[5]] * 2, source.class_names))
   assert only_bad[0] is None
   with pytest.raises(ValueError, match=r"all 2 examples of .* failed to read"):
     only_bad[1]

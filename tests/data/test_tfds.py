@@ -1,4 +1,4 @@
-"""Tests for segvit_jax.data.tfds_sources: TFDS scene_parse150 / cityscapes read without TensorFlow.
+"""Tests for segvit_jax.data.tfds: TFDS scene_parse150 / cityscapes read without TensorFlow.
 
 The prepared data is made by TFDS itself: a subclass of the REAL registered builder class (same
 name, version, config and features) whose `_split_generators` / `_generate_examples` yield a few
@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segvit_jax.data import datasets
-from segvit_jax.data import sources
-from segvit_jax.data import tfds_sources as ts
+from segvit_jax.data import ade20k
+from segvit_jax.data import cityscapes
+from segvit_jax.data import registry
+from segvit_jax.data import tfds as ts
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -159,7 +160,7 @@ def test_ade20k_instance_categories_map_to_their_150_class_names():
   table = ts.ADE20K_INSTANCE_TO_SEMANTIC
   assert len(table) == 100 and list(table) == sorted(set(table)) and table[-1] == 150
   # instanceInfo100: 1 bed, 2 windowpane, 4 person, 9 car, 26 chest of drawers, 100 flag.
-  names = {k: sources.ADE20K_CLASSES[table[k - 1] - 1] for k in (1, 2, 4, 9, 26, 100)}
+  names = {k: ade20k.ADE20K_CLASSES[table[k - 1] - 1] for k in (1, 2, 4, 9, 26, 100)}
   assert names == {1: "bed", 2: "windowpane", 4: "person", 9: "car", 26: "chest of drawers",
                    100: "flag"}
   ann = np.zeros((2, 3, 3), np.uint8)
@@ -204,7 +205,7 @@ def test_fabricated_data_is_tfds_array_record(data_dir):
     ("train", "train", (30, 110, 190)), ("val", "test", (60, 220))])
 def test_ade20k_records(data_dir, split, tfds_split, greys):
   src = ts.ade20k_tfds_source(data_dir, split)
-  assert len(src) == len(greys) and src.class_names == sources.ADE20K_CLASSES
+  assert len(src) == len(greys) and src.class_names == ade20k.ADE20K_CLASSES
   seen = {}
   for i in range(len(src)):
     r = src[i]
@@ -223,7 +224,7 @@ def test_ade20k_records(data_dir, split, tfds_split, greys):
 def test_cityscapes_records(data_dir):
   for split in ("train", "val"):
     src = ts.cityscapes_tfds_source(data_dir, split)
-    assert src.class_names == datasets.CITYSCAPES_CLASSES and len(src) == 2
+    assert src.class_names == cityscapes.CITYSCAPES_CLASSES and len(src) == 2
     records = {r["name"]: r for r in (src[i] for i in range(len(src)))}
     assert sorted(records) == sorted(_CITY[split])
     for name, r in records.items():
@@ -235,7 +236,7 @@ def test_cityscapes_records(data_dir):
 def test_get_source_grain_and_pickle(data_dir):
   cfg = ml_collections.ConfigDict(dict(name="tfds_cityscapes", root=data_dir, num_classes=19,
                                        ignore_index=255))
-  src = sources.get_source(cfg, "val")
+  src = registry.get_source(cfg, "val")
   assert isinstance(src, ts.TfdsSegmentation)
   ds = grain.MapDataset.source(src).map(lambda r: (r["name"], r["label"].tolist()))
   assert sorted(ds[i] for i in range(len(ds))) == sorted(
@@ -243,10 +244,10 @@ def test_get_source_grain_and_pickle(data_dir):
   clone = pickle.loads(pickle.dumps(src))  # grain worker processes receive a pickled source
   np.testing.assert_array_equal(clone[1]["label"], src[1]["label"])
   cfg = ml_collections.ConfigDict(dict(name="tfds_ade20k", root=data_dir, num_classes=150))
-  assert len(sources.get_source(cfg, "val")) == 2
+  assert len(registry.get_source(cfg, "val")) == 2
   cfg.num_classes = 151
   with pytest.raises(ValueError, match="num_classes is 151 but dataset 'tfds_ade20k' has 150"):
-    sources.get_source(cfg, "val")
+    registry.get_source(cfg, "val")
 
 
 def test_tfds_split_strings_pass_through(data_dir):
@@ -267,7 +268,7 @@ def test_missing_data_dir(tmp_path):
     ts.ade20k_tfds_source(missing, "train")
   cfg = ml_collections.ConfigDict(dict(name="tfds_ade20k", root=""))
   with pytest.raises(FileNotFoundError, match="config.dataset.root is empty"):
-    sources.get_source(cfg, "train")
+    registry.get_source(cfg, "train")
 
 
 def test_not_prepared_names_the_directory_searched(tmp_path):

@@ -9,10 +9,9 @@ import pytest
 from PIL import Image
 
 from segvit_jax.data import check
-from segvit_jax.data import sources
+from segvit_jax.data import registry
 from segvit_jax.data import synthetic
-
-_REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+from tests import support
 
 
 def _write(root, split, name, label, image_shape=None, ext=".jpg"):
@@ -60,7 +59,7 @@ def _folder_cfg(root, num_classes):
 def test_check_source_counts_a_clean_dataset_exactly(tmp_path):
   root = str(tmp_path / "clean")
   _clean_dataset(root)
-  source = sources.get_source(_folder_cfg(root, 4), "train")
+  source = registry.get_source(_folder_cfg(root, 4), "train")
   report = check.check_source(source, progress=False, split="train")
   assert report.ok and report.num_examples == 2 and report.num_good == 2
   assert (report.num_pixels, report.num_ignored, report.num_labelled) == (10, 2, 8)
@@ -85,7 +84,7 @@ def test_check_source_counts_a_clean_dataset_exactly(tmp_path):
 def test_check_source_lists_every_bad_file(tmp_path):
   root = str(tmp_path / "bad")
   _bad_dataset(root)
-  source = sources.get_source(_folder_cfg(root, 3), "train")
+  source = registry.get_source(_folder_cfg(root, 3), "train")
   report = check.check_source(source, workers=2, progress=False)
   assert not report.ok and report.num_examples == 5 and report.num_good == 2
   files = [os.path.basename(name) for name, _ in report.bad]
@@ -117,7 +116,7 @@ def test_check_example_holds_any_source_to_the_record_contract():
 
 def _run_check(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "segvit_jax.data.check", *args], cwd=_REPO,
+  return subprocess.run([sys.executable, "-m", "segvit_jax.data.check", *args], cwd=support.ROOT,
                         env=env, capture_output=True, text=True, timeout=120, check=False)
 
 

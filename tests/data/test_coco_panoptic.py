@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from segvit_jax.data import coco_panoptic as cp
-from segvit_jax.data import sources
+from segvit_jax.data import registry
 
 # Sparse COCO ids (1, 3, 92, 200) -> contiguous 0..3 in list order: 2 things, then 2 stuff.
 _CATEGORIES = [
@@ -152,7 +152,7 @@ def test_records_exact_with_crowd_dropped(root):
 def test_keep_crowd_and_builder(root):
   cfg = ml_collections.ConfigDict(dict(name="coco_panoptic", root=root, num_classes=4,
                                        drop_crowd=False))
-  src = sources.get_source(cfg, "train")
+  src = registry.get_source(cfg, "train")
   assert isinstance(src, cp.CocoPanoptic)
   r = src[0]
   assert r["class_ids"].tolist() == [2, 0, 0, 1] and r["is_thing"].tolist() == [False] + [True] * 3
@@ -160,13 +160,13 @@ def test_keep_crowd_and_builder(root):
   np.testing.assert_array_equal(r["masks"][1], _mask("000000000139", _CROWD))
   assert cp.semantic_label(r)[:2, 4:].tolist() == [[255, 0], [255, 0]]
   del cfg.drop_crowd  # default: dropped
-  assert sources.get_source(cfg, "train")[0]["class_ids"].tolist() == [2, 0, 1]
-  ds = grain.MapDataset.source(sources.get_source(cfg, "val")).map(
+  assert registry.get_source(cfg, "train")[0]["class_ids"].tolist() == [2, 0, 1]
+  ds = grain.MapDataset.source(registry.get_source(cfg, "val")).map(
       lambda r: (r["name"], r["class_ids"].tolist()))
   assert ds[0] == ("000000000632", [1])
   cfg.num_classes = 133
   with pytest.raises(ValueError, match="num_classes is 133 but dataset 'coco_panoptic' has 4"):
-    sources.get_source(cfg, "train")
+    registry.get_source(cfg, "train")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_missing_root_json_and_split(tmp_path, root):
     cp.coco_panoptic_source(root, "test")
   cfg = ml_collections.ConfigDict(dict(name="coco_panoptic", root=""))
   with pytest.raises(FileNotFoundError, match="config.dataset.root is empty"):
-    sources.get_source(cfg, "train")
+    registry.get_source(cfg, "train")
 
 
 def test_missing_png_or_image(root):
