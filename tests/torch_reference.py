@@ -704,6 +704,26 @@ def load_official_state_dict(model: SegViT, state: dict) -> None:
   model.load_state_dict({ours[k]: v for k, v in state.items()}, strict=True)
 
 
+def randomize_module_(model: torch.nn.Module, seed: int) -> None:
+  """Every parameter random (fan-in-scaled weights, norm scales around 1, biases around 0) and
+  the BatchNorm running statistics away from their (0, 1) defaults."""
+  g = torch.Generator().manual_seed(seed)
+  randn = lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype)  # noqa: E731
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim > 1:
+        p.copy_(randn(p) / np.sqrt(np.prod(p.shape[1:])))
+      elif name.endswith("weight"):
+        p.copy_(1.0 + 0.2 * randn(p))
+      else:
+        p.copy_(0.2 * randn(p))
+    for name, b in model.named_buffers():
+      if name.endswith("running_mean"):
+        b.copy_(0.3 * randn(b))
+      elif name.endswith("running_var"):
+        b.copy_(torch.exp(0.5 * randn(b)))
+
+
 def randomize_torch_(model: nn.Module, seed: int = 0, gain: float = 1.0) -> nn.Module:
   """Random values of a useful scale in every parameter, in place (the counterpart of
   `randomize_params` for torch modules): Linear / Conv / packed in_proj weights
