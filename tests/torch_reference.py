@@ -14,6 +14,8 @@ parity tests. Nothing here is imported by the library.
 - `SegViTShrunk`: mmseg's ViT with query down-sampling + QU (stock torch TransformerDecoder) +
   single-stage ATM head, its `state_dict()` keys the names of the authors' release;
   `official_state_dict` / `load_official_state_dict` give `SegViT` the release's names.
+- `randomize_params` / `randomize_torch_` / `randomize_module_`: random weights of a useful
+  scale for the parity tests (the last also moves BatchNorm running statistics).
 
 Tensors are (B, C, H, W) images in, and (B, h, w, D) token grids out, like the Flax model.
 """
