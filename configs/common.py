@@ -399,6 +399,8 @@ EOMT_RECIPES = {
                           annealing={"L": ((14782, 29564, 44346, 59128),
                                            (29564, 44346, 59128, 73910))}),
 }
+# Blocks that see the queries (L2) per size (spec eomt.md, "Backbone").
+EOMT_NUM_BLOCKS = {"S": 3, "B": 3, "L": 4, "g": 5}
 # DINOv2 release files (README, "Pretrained weights"), converted and resized on load.
 DINOV2_FILES = {s: f"weights/dinov2_vit{s.lower()}14_reg4_pretrain.pth" for s in "SBLg"}
 
@@ -420,9 +422,8 @@ def eomt_config(size: str, dataset: str, num_queries: int = 100,
   colour jitter, flip, scale jitter 0.5-2.0, crop; Mask2Former loss (12544 points, weights
   2 / 5 / 5, no-object 0.1); test: shorter side to the crop, evenly spread square windows.
   `crop`: the input size, if not the recipe's."""
-  from segvit_jax.models import eomt  # pylint: disable=g-import-not-at-top
   r = EOMT_RECIPES[dataset]
-  crop, l2 = crop or r["crop"], eomt.NUM_BLOCKS[size]
+  crop, l2 = crop or r["crop"], EOMT_NUM_BLOCKS[size]
   c = run_config()
   c.total_steps = r["steps"]
   c.batch_size = 16

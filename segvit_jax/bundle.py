@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from segvit_jax.evaluation import inference
-from segvit_jax.models import build_model, input_divisor, vit
+from segvit_jax.models import build_backbone, build_model, input_divisor, vit
 
 FORMAT = "segvit_jax.bundle"
 # A training workdir's panoptic categories ([{id, name, isthing}] in class order).
@@ -72,18 +72,14 @@ class Bundle:
   @functools.cached_property
   def _features_fn(self):
     cfg = self.config.model
-    if cfg.get("name") == "vit":
-      model, params = self.model, self.variables["params"]
-    else:  # a segmentor: its backbone
-      backbone = dict(cfg.backbone.to_dict())
-      backbone.setdefault("final_norm", False)
-      model = vit.Model(**backbone, dtype=self.model.dtype)
-      params = self.variables["params"]["backbone"]
+    model, params = build_backbone(cfg), self.variables["params"]
+    if cfg.get("name") != "vit":  # a whole model: its backbone's parameters
+      params = params["backbone"]
 
     def run(p, x):
       tokens, aux = model.apply({"params": p}, x)
       out = {"blocks": aux["blocks"]}
-      if model.final_norm:
+      if getattr(model, "final_norm", False):  # (an MiT has none)
         out["normed"] = tokens
       return out
 

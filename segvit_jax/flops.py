@@ -13,7 +13,7 @@ What counts (fvcore's convention for the ops that matter in these models):
   conv_general_dilated  output elements x kernel window x input features per group; a
                         transposed convolution (input dilation): input pixels x kernel size,
                         as fvcore counts it (the inserted zeros are not multiply-adds);
-  depthwise convolutions written as shifted products (`layers.DepthwiseConv`, scope
+  depthwise convolutions written as shifted products (`cpu_ops.DepthwiseConv`, scope
                         "depthwise_conv"): those products, as a convolution's MACs;
   everything else       0 (elementwise ops, softmax, norms, reductions, gathers). fvcore adds
                         ~5 per element for a LayerNorm: ~0.1% of a ViT, left out.
@@ -62,7 +62,7 @@ from jax.extend import core as jax_core
 from ml_collections import config_flags
 
 from segvit_jax import config_utils
-from segvit_jax.models import build_model, layers
+from segvit_jax.models import build_model, cpu_ops, layers
 
 GIGA = 1e9
 
@@ -112,7 +112,7 @@ def macs_by_scope(jaxpr: jax_core.Jaxpr | jax_core.ClosedJaxpr,
     if macs := eqn_macs(eqn):
       counts[scope] += macs
     elif eqn.primitive.name == "mul" and DEPTHWISE in scope.split("/"):
-      # `layers.DepthwiseConv` computes a convolution as elementwise products: count them.
+      # `cpu_ops.DepthwiseConv` computes a convolution as elementwise products: count them.
       counts[scope] += math.prod(eqn.outvars[0].aval.shape)
     name, params = eqn.primitive.name, eqn.params
     if name == "cond":  # one branch runs: the costliest
@@ -136,7 +136,7 @@ def count_macs(jaxpr: jax_core.Jaxpr | jax_core.ClosedJaxpr) -> int:
 
 
 RESIZE = layers.RESIZE_SCOPE
-DEPTHWISE = layers.DEPTHWISE_SCOPE
+DEPTHWISE = cpu_ops.DEPTHWISE_SCOPE
 
 
 def group_by_module(counts: Mapping[str, int], children: Collection[str],

@@ -164,20 +164,3 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int, param
       optax.multi_transform(scalers, labels),
   )
   return tx, schedule
-
-
-def mask_annealing(step: jax.Array, starts: Sequence[int], ends: Sequence[int],
-                   power: float = 0.9) -> jax.Array:
-  """EoMT's masked-attention annealing (spec eomt.md, item 6): the masking probability of each
-  of the L2 query blocks at the 0-based `step`, (L2,) float32: 1 before its window's start, 0
-  from its end on, (1 - (t - start) / (end - start)) ** power in between. A function of the
-  step alone, so a resumed run (which restores the step) continues the schedule."""
-  if len(starts) != len(ends):
-    raise ValueError(f"mask annealing: {len(starts)} start steps but {len(ends)} end steps")
-  if any(e <= s for s, e in zip(starts, ends)):
-    raise ValueError(f"mask annealing windows must end after they start: starts "
-                     f"{tuple(starts)}, ends {tuple(ends)}")
-  t = jnp.asarray(step, jnp.float32)
-  s, e = jnp.asarray(starts, jnp.float32), jnp.asarray(ends, jnp.float32)
-  remaining = jnp.clip((e - t) / (e - s), 0.0, 1.0)  # 1 - progress, without cancellation
-  return jnp.where(t < s, 1.0, jnp.where(t >= e, 0.0, remaining ** power))

@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from segvit_jax import checkpoint as ckpt_lib
 from segvit_jax import bundle, convert, losses, optim, sharding
 from segvit_jax.data import pipeline, registry
-from segvit_jax.models import build_model, vit
+from segvit_jax.models import build_model, training_inputs, vit
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -91,31 +91,16 @@ EVAL_HEADLINES = ("mIoU", "mAcc", "aAcc", "PQ", "SQ", "RQ", "PQ_th", "PQ_st", "A
 LOSS_RNG_STREAM = 0x10551  # fold_in index of the loss's own random stream
 
 
-def training_inputs(config: ml_collections.ConfigDict, step: jax.Array | None) -> dict:
-  """Step-dependent inputs of the training-mode forward pass: EoMT's masked-attention
-  probabilities of its last L2 blocks from `config.model.mask_annealing` (`optim.
-  mask_annealing`; with `enabled=False`, no masking and no intermediate predictions)."""
-  if config.model.get("name") != "eomt":
-    return {}
-  ann = config.model.get("mask_annealing", None)
-  if ann is None or not ann.get("enabled", True):
-    return {}
-  if step is None:
-    raise ValueError("EoMT's mask annealing needs the training step")
-  return {"mask_probs": optim.mask_annealing(step, tuple(ann.start_steps), tuple(ann.end_steps),
-                                             ann.get("power", 0.9))}
-
-
 def loss_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
   """(params, model_state, batch, rng, step) -> (loss, (terms, new model_state)) with the loss
   `config.loss.name` names (`segvit_jax.losses.LOSSES`). `model_state` (e.g. BatchNorm's
   batch_stats) is updated by the training-mode forward pass; {} stays {}. `step` feeds
-  `training_inputs` (EoMT's mask annealing)."""
+  `models.training_inputs` (EoMT's mask annealing)."""
   loss, options = losses.get_loss(config.loss)
 
   def fn(params, model_state, batch, rng, step=None):
     variables = {"params": params, **model_state}
-    kwargs = training_inputs(config, step)
+    kwargs = training_inputs(config.model, step)
     if model_state:
       out, new_state = model.apply(variables, batch["image"], train=True,
                                    rngs={"dropout": rng}, mutable=list(model_state), **kwargs)
@@ -538,7 +523,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
-    for name, value in training_inputs(config, state.step).items():  # e.g. mask_probs_0
+    for name, value in training_inputs(config.model, state.step).items():  # mask_probs_0 ...
       metrics.update({f"{name}_{i}": v for i, v in enumerate(value)})
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       model_state=model_state), metrics

@@ -16,7 +16,7 @@ import pytest
 
 from configs import segvit_vit_b16_ade20k, segvit_vit_l16_ade20k
 from segvit_jax import flops
-from segvit_jax.models import layers, vit
+from segvit_jax.models import cpu_ops, vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = jax.ShapeDtypeStruct
@@ -318,7 +318,7 @@ def test_eomt_network_gflops_match_the_paper(size, paper):
 
 def test_depthwise_conv_counts_as_the_convolution_it_replaces():
   x = S((2, 9, 13, 6), F32)
-  for module in (layers.DepthwiseConv(3),
+  for module in (cpu_ops.DepthwiseConv(3),
                  nn.Conv(6, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=6)):
     params = jax.eval_shape(module.init, jax.random.key(0), x)
     assert flops.count_macs(jax.make_jaxpr(module.apply)(params, x)) == 2 * 9 * 13 * 6 * 9

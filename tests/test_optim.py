@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from configs import common
 from segvit_jax import optim
@@ -123,21 +122,3 @@ def test_layer_decay_and_two_stage_learning_rates_per_parameter():
     want = [f * release_two_stage(1e-4, t, 2, 4, 100, 0.9, True) for t in range(8)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12, err_msg=name)
   assert lrs[1]["backbone"]["cls"] == 0.0 and lrs[3]["backbone"]["cls"] > 0.0
-
-
-def test_mask_annealing_windows():
-  starts, ends = [10, 20, 30, 40], [20, 30, 40, 50]
-  def release(t, s, e, p=0.9):  # the release's LightningModule.mask_annealing
-    if t < s:
-      return 1.0
-    if t >= e:
-      return 0.0
-    return (1.0 - (t - s) / (e - s)) ** p
-  for t in (0, 9, 10, 11, 15, 19, 20, 25, 39, 40, 49, 50, 1000):
-    got = np.asarray(optim.mask_annealing(t, starts, ends))
-    np.testing.assert_allclose(got, [release(t, s, e) for s, e in zip(starts, ends)],
-                               rtol=1e-6, atol=1e-7, err_msg=str(t))
-  got = jax.jit(lambda t: optim.mask_annealing(t, starts, ends))(jnp.int32(15))
-  np.testing.assert_allclose(got[0], 0.5**0.9, rtol=1e-6)
-  with pytest.raises(ValueError, match="must end after they start"):
-    optim.mask_annealing(0, [10], [10])

@@ -329,7 +329,7 @@ def test_segments_are_matched_and_scored_independently_of_order_and_padding():
 
 
 def test_panoptic_normalisers_weight_micro_batches_exactly():
-  """As tests/test_mask2former_loss.py for the semantic loss: each term times its
+  """As tests/losses/test_mask2former_loss.py for the semantic loss: each term times its
   micro-batch's share of the batch normaliser (the valid segments) sums to the whole-batch
   term, at a fixed matching and fixed points."""
   rng = np.random.default_rng(7)

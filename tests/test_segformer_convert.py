@@ -9,7 +9,7 @@ independent key mapping; key / value packed in `attn.kv`) and saved as mmseg doe
 (`state_dict`, `meta`, `optimizer`).
 
 - `--from hf-segformer`: our logits equal transformers' at 128 x 128 and 96 x 160 (the
-  model's parity at 512 x 512 and 384 x 640 is tests/test_segformer_vs_hf.py's).
+  model's parity at 512 x 512 and 384 x 640 is tests/models/test_segformer_vs_hf.py's).
 - `--to hf-segformer`: `from_pretrained` loads the directory with no missing or unexpected keys,
   the saved tensors are bitwise the original's and the logits are the reference's.
 - `--from segformer-official`: the bundle records the release's LayerNorm eps 1e-6 and
@@ -48,7 +48,7 @@ from segvit_jax.data import cityscapes
 from segvit_jax.models import build_model
 
 from tests import checkpoint_writers as writers
-from tests.test_segformer_vs_hf import _randomize_ as randomize_segformer_
+from tests.torch_reference import randomize_module_ as randomize_segformer_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # float32 Flax vs float64 torch

@@ -14,6 +14,8 @@ parity tests. Nothing here is imported by the library.
 - `SegViTShrunk`: mmseg's ViT with query down-sampling + QU (stock torch TransformerDecoder) +
   single-stage ATM head, its `state_dict()` keys the names of the authors' release;
   `official_state_dict` / `load_official_state_dict` give `SegViT` the release's names.
+- `randomize_params` / `randomize_torch_` / `randomize_module_`: random weights of a useful
+  scale for the parity tests (the last also moves BatchNorm running statistics).
 
 Tensors are (B, C, H, W) images in, and (B, h, w, D) token grids out, like the Flax model.
 """
@@ -702,6 +704,26 @@ def load_official_state_dict(model: SegViT, state: dict) -> None:
   if unknown:
     raise KeyError(f"keys SegViT does not have: {unknown[:20]}")
   model.load_state_dict({ours[k]: v for k, v in state.items()}, strict=True)
+
+
+def randomize_module_(model: torch.nn.Module, seed: int) -> None:
+  """Every parameter random (fan-in-scaled weights, norm scales around 1, biases around 0) and
+  the BatchNorm running statistics away from their (0, 1) defaults."""
+  g = torch.Generator().manual_seed(seed)
+  randn = lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype)  # noqa: E731
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim > 1:
+        p.copy_(randn(p) / np.sqrt(np.prod(p.shape[1:])))
+      elif name.endswith("weight"):
+        p.copy_(1.0 + 0.2 * randn(p))
+      else:
+        p.copy_(0.2 * randn(p))
+    for name, b in model.named_buffers():
+      if name.endswith("running_mean"):
+        b.copy_(0.3 * randn(b))
+      elif name.endswith("running_var"):
+        b.copy_(torch.exp(0.5 * randn(b)))
 
 
 def randomize_torch_(model: nn.Module, seed: int = 0, gain: float = 1.0) -> nn.Module:

@@ -514,7 +514,7 @@ def _hf_mlp_ratio(bb: Mapping[str, Any]) -> int | None:
 def _check_exportable(model_cfg: Mapping[str, Any], fmt: str, source: str) -> dict[str, Any]:
   """The resolved backbone; what the layout cannot express fails, named."""
   bb = resolved_backbone(model_cfg["backbone"])
-  need = dict(cls_token=True, cls_in_blocks=True, final_norm=True, shrink_idx=None)
+  need = dict(cls_token=True, cls_in_blocks=True, final_norm=True)
   bad = [f"backbone.{k}={bb[k]!r} (the layout: {v!r})" for k, v in need.items() if bb[k] != v]
   if bb["layerscale"] is None:
     bad.append("backbone.layerscale=None (the layout's blocks have LayerScale)")

@@ -1,4 +1,4 @@
-"""Whole SegFormer models (MiT encoder + all-MLP decoder, `models.segmentor.SegFormer`) in the
+"""Whole SegFormer models (MiT encoder + all-MLP decoder, `models.segformer.SegFormer`) in the
 layouts of the authors' release and of HuggingFace transformers, both ways; and their MiT
 encoders as backbones for `config.model_init` (spec checkpoints.md, "SegFormer official
 release" and "HuggingFace transformers layouts"):

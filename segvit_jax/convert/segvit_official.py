@@ -57,7 +57,7 @@ from segvit_jax.convert import mapping
 from segvit_jax.convert.mapping import Flat, Transform, conv, identity, is_square, linear, \
     read_torch, split3, split3_linear
 from segvit_jax.data import palettes, registry
-from segvit_jax.models import build_model, input_divisor, vit
+from segvit_jax.models import build_model, input_divisor, shrunk, vit
 
 FORMAT = "segvit-official"
 HEAD_NAMES = {"atm": "ATM", "shrunk": "Shrunk"}
@@ -438,9 +438,10 @@ def convert(src: str, out: str, config: ml_collections.ConfigDict | str, *,
 # Export
 
 def _backbone_fields(bb: Mapping[str, Any]) -> dict[str, Any]:
-  """The ViT fields a backbone config means: class defaults < SegViT's (no final norm) <
-  the variant's sizes < explicit fields."""
-  fields = {f.name: f.default for f in dataclasses.fields(vit.ViT)
+  """The ViT fields a backbone config means: class defaults (of the ViT with SegViT-Shrunk's
+  query down-sampling, a superset of the plain ViT's) < SegViT's (no final norm) < the
+  variant's sizes < explicit fields."""
+  fields = {f.name: f.default for f in dataclasses.fields(shrunk.ShrunkViT)
             if f.default is not dataclasses.MISSING}
   fields["final_norm"] = False  # build_model's SegViT default
   if bb.get("variant"):

@@ -1,6 +1,80 @@
-"""Model families. `build_model(config.model)` returns the Flax module a config names."""
+"""Model families. `MODELS` maps a family to the module that implements it; a config's
+`model.name` (and, for SegViT, `model.head.type`) picks the family (`family`), and
+`build_model(config.model)` returns the Flax module it describes.
 
-from segvit_jax.models.eomt import EoMT
-from segvit_jax.models.segmentor import SegFormer, SegViT, build_model, input_divisor, patch_size
+  vit            a ViT backbone alone (converted pretrained weights)      vit.py
+  segvit         SegViT: ViT (or MiT) + ATM head                          segvit.py
+  segvit_shrunk  SegViT-Shrunk: ViT with query down-sampling + QU head    shrunk.py
+  segformer      SegFormer: MiT + all-MLP head                            segformer.py
+  eomt           EoMT: DINOv2 ViT with queries in its last blocks         eomt.py
 
-__all__ = ["EoMT", "SegFormer", "SegViT", "build_model", "input_divisor", "patch_size"]
+Every family module defines `from_config(model_cfg, dtype) -> nn.Module`,
+`backbone_from_config(model_cfg, dtype) -> nn.Module` (its backbone alone, whose parameters are
+the model's "backbone"; for "vit" the model itself), `input_divisor(model_cfg) -> int` (what
+input sides must be multiples of) and, when its training-mode forward pass takes step-dependent
+inputs, `training_inputs(model_cfg, step) -> dict`. Shared layers: layers.py, cpu_ops.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from segvit_jax.models import eomt, segformer, segvit, shrunk, vit
+
+MODELS = {"vit": vit, "segvit": segvit, "segvit_shrunk": shrunk, "segformer": segformer,
+          "eomt": eomt}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def family(model_cfg: Mapping[str, Any]) -> str:
+  """The `MODELS` key of a `config.model`: its `name` (default "segvit"), "segvit_shrunk" for
+  a SegViT with `head.type="shrunk"`."""
+  name = model_cfg.get("name", "segvit")
+  if name == "segvit" and (model_cfg.get("head") or {}).get("type") == "shrunk":
+    return "segvit_shrunk"
+  if name not in MODELS or name == "segvit_shrunk":
+    raise ValueError(f"unknown model name {name!r}; known: 'eomt', 'segformer', 'segvit', "
+                     "'vit'")
+  return name
+
+
+def _plain(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+  return dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+
+
+def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
+  """Builds the module a `config.model` describes (`family` selects the family)."""
+  cfg = _plain(model_cfg)
+  return MODELS[family(cfg)].from_config(cfg, DTYPES[cfg.get("dtype", "float32")])
+
+
+def build_backbone(model_cfg: Mapping[str, Any]) -> nn.Module:
+  """The backbone of the model a `config.model` describes, alone (for a "vit" config, the
+  model itself); it runs on the whole model's params["backbone"]."""
+  cfg = _plain(model_cfg)
+  return MODELS[family(cfg)].backbone_from_config(cfg, DTYPES[cfg.get("dtype", "float32")])
+
+
+def input_divisor(model_cfg: Mapping[str, Any]) -> int:
+  """What input sides must be multiples of: the patch size, twice that with query
+  down-sampling (the token grid is halved inside the backbone). A SegFormer takes any size;
+  its 32 (the MiT's total stride) makes every stage grid an exact fraction of the input."""
+  return MODELS[family(model_cfg)].input_divisor(model_cfg)
+
+
+def patch_size(model_cfg: Mapping[str, Any]) -> int:
+  """The backbone patch size a model config implies (its variant, or an explicit override)."""
+  return vit.patch_size(model_cfg["backbone"])
+
+
+def training_inputs(model_cfg: Mapping[str, Any], step: jax.Array | None) -> dict[str, Any]:
+  """Step-dependent keyword inputs of the model's training-mode forward pass (EoMT's
+  masked-attention probabilities); {} for the families that take none."""
+  module = MODELS[family(model_cfg)]
+  if not hasattr(module, "training_inputs"):
+    return {}
+  return module.training_inputs(model_cfg, step)

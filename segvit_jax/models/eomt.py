@@ -19,7 +19,8 @@ F.interpolate, align_corners=False, no antialias), restrict each query to the pa
 they are > 0; every other pair (query-query, query-cls/registers, anything from cls,
 registers or patches) is never masked. Each (image, query) row stays masked with probability
 P_mask(block), given by the `mask_probs` call argument (L2,), a traced array the trainer
-computes from the step (the annealing schedule, spec "Architecture" 6): a row is masked iff
+computes from the step (`mask_annealing`, the annealing schedule, spec "Architecture" 6;
+`training_inputs` reads its windows from the config): a row is masked iff
 u < P with u ~ U[0, 1) drawn per (image, query) from the "dropout" rng stream, so P = 1 masks
 every row and P = 0 none. `mask_probs=None` or `train=False` runs the plain model: no masks, no
 intermediate predictions (inference costs the plain ViT plus one head). With `mask_probs`
@@ -35,9 +36,9 @@ its cls slot, `cls`, `registers`, `encoderblock_{i}`, `encoder_norm`), so DINOv2
 `head/mask_head/{fc1,fc2,fc3}`, `head/upscale_{i}/{conv1 (ConvTranspose), conv2 (depthwise),
 norm}`. Checkpoint layouts (spec checkpoints.md): a torch ConvTranspose2d weight
 (in, out, kh, kw) is our `conv1/kernel` (kh, kw, in, out) with BOTH spatial axes flipped,
-`w.transpose(2, 3, 0, 1)[::-1, ::-1]` (`layers.PatchConvTranspose` has Flax ConvTranspose's
+`w.transpose(2, 3, 0, 1)[::-1, ::-1]` (`cpu_ops.PatchConvTranspose` has Flax ConvTranspose's
 parameters, and like it does not flip its kernel; checked against transformers in
-tests/test_eomt_vs_hf.py); a depthwise Conv2d weight (D, 1, 3, 3) is
+tests/models/test_eomt_vs_hf.py); a depthwise Conv2d weight (D, 1, 3, 3) is
 `conv2/kernel` (3, 3, 1, D); transformers' `embeddings.position_embeddings.weight` (N, D) has
 no cls slot (the cls token carries no position): slot 0 of our `pos_embedding` is zero.
 
@@ -54,16 +55,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from segvit_jax.models import atm, layers, vit
+from segvit_jax.models import cpu_ops, layers, vit
 
-# Blocks that see the queries (L2) per size (spec eomt.md, "Backbone").
-NUM_BLOCKS = {"S": 3, "B": 3, "L": 4, "g": 5}
+# The DINOv2 sizes EoMT is built on (`Model`).
+SIZES = ("S", "B", "L", "g")
 
 # torch's default Linear / Conv init (kaiming_uniform with a = sqrt(5)), as the release's heads.
 _torch_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -103,16 +104,14 @@ class ScaleBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    x = layers.PatchConvTranspose(d, 2, dtype=self.dtype, name="conv1",
-                                  kernel_init=layers.logical(_torch_init,
-                                                             (None, None, "embed", None)),
-                                  bias_init=layers.logical(nn.initializers.zeros, (None,)))(x)
-    x = layers.DepthwiseConv(3, use_bias=False, dtype=self.dtype, name="conv2",
-                             kernel_init=layers.logical(_torch_init,
-                                                        (None, None, None, "embed")))(_gelu(x))
-    x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm",
-                     scale_init=layers.logical(nn.initializers.ones, ("embed",)),
-                     bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(x)
+    x = cpu_ops.PatchConvTranspose(d, 2, dtype=self.dtype, name="conv1",
+                                   kernel_init=layers.logical(_torch_init,
+                                                              (None, None, "embed", None)),
+                                   bias_init=layers.logical(nn.initializers.zeros, (None,)))(x)
+    x = cpu_ops.DepthwiseConv(3, use_bias=False, dtype=self.dtype, name="conv2",
+                              kernel_init=layers.logical(_torch_init,
+                                                         (None, None, None, "embed")))(_gelu(x))
+    x = layers.layer_norm("norm", self.norm_eps, self.dtype)(x)
     return layers.constrain(x, ("act_batch", None, None, "act_embed"))
 
 
@@ -168,9 +167,8 @@ class EoMTEncoder(vit.ViT):
                head: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
                num_query_blocks: int, mask_probs: jax.Array | None = None, *,
                train: bool = False):
-    if self.scan_layers or self.shrink_idx is not None:
-      raise ValueError("EoMT runs its ViT blocks unrolled and without query down-sampling: "
-                       "set backbone.scan_layers=False and backbone.shrink_idx=None")
+    if self.scan_layers:
+      raise ValueError("EoMT runs its ViT blocks unrolled: set backbone.scan_layers=False")
     if not self.final_norm:
       raise ValueError("EoMT predicts after the backbone's final LayerNorm: set "
                        "backbone.final_norm=True")
@@ -245,7 +243,7 @@ class EoMT(nn.Module):
     return {
         **final,
         "aux_outputs": [f32(c, m) for c, m in aux],
-        "semantic_scores": atm.semantic_scores(final["class_logits"], masks),
+        "semantic_scores": layers.semantic_scores(final["class_logits"], masks),
     }
 
 
@@ -254,21 +252,72 @@ def backbone_fields(backbone: dict) -> dict[str, Any]:
   bb = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(backbone).items()}
   if bb.pop("type", "vit") != "vit":
     raise ValueError("EoMT needs a plain ViT backbone (backbone.type='vit')")
+  if bb.pop("shrink_idx", None) is not None:
+    raise ValueError("EoMT runs its ViT blocks without query down-sampling: set "
+                     "backbone.shrink_idx=None")
   variant = bb.pop("variant", None)
   return {**(vit.decode_variant(variant) if variant else {}), **bb}
 
 
 def Model(variant: str, *, num_classes: int, num_queries: int,  # noqa: N802 (factory name)
-          image_size: int = 640, num_blocks: int | None = None,
-          backbone: dict | None = None, dtype: Any = jnp.float32) -> EoMT:
-  """`Model("L", num_classes=133, num_queries=200)`: EoMT-S/B/L/g on DINOv2 with 4 registers
-  at patch 16, position grid image_size / 16, L2 from NUM_BLOCKS unless given; `backbone`
-  overrides ViT fields."""
-  if variant not in NUM_BLOCKS:
-    raise ValueError(f"unknown EoMT size {variant!r}; expected one of {sorted(NUM_BLOCKS)}")
+          num_blocks: int, image_size: int = 640, backbone: dict | None = None,
+          dtype: Any = jnp.float32) -> EoMT:
+  """`Model("L", num_classes=133, num_queries=200, num_blocks=4)`: EoMT-S/B/L/g on DINOv2 with
+  4 registers at patch 16, position grid image_size / 16, queries in the last `num_blocks`
+  blocks; `backbone` overrides ViT fields."""
+  if variant not in SIZES:
+    raise ValueError(f"unknown EoMT size {variant!r}; expected one of {sorted(SIZES)}")
   bb = {"variant": f"dinov2-{variant}/14-reg4", "patch_size": 16, **(backbone or {})}
   grid = image_size // bb["patch_size"]
   bb.setdefault("posemb_grid", (grid, grid))
-  return EoMT(num_classes=num_classes, num_queries=num_queries,
-              num_blocks=NUM_BLOCKS[variant] if num_blocks is None else num_blocks,
+  return EoMT(num_classes=num_classes, num_queries=num_queries, num_blocks=num_blocks,
               backbone=bb, dtype=dtype)
+
+
+def from_config(model_cfg: Mapping[str, Any], dtype: Any) -> EoMT:
+  """The EoMT a `config.model` (name "eomt") describes."""
+  return EoMT(num_classes=model_cfg["num_classes"], num_queries=model_cfg["num_queries"],
+              num_blocks=model_cfg["num_blocks"], backbone=dict(model_cfg["backbone"]),
+              dtype=dtype)
+
+
+def backbone_from_config(model_cfg: Mapping[str, Any], dtype: Any) -> vit.ViT:
+  """EoMT's ViT alone, as a plain `vit.ViT` with its final norm (its parameters: the model's
+  "backbone")."""
+  return vit.ViT(**backbone_fields(model_cfg["backbone"]), dtype=dtype)
+
+
+def input_divisor(model_cfg: Mapping[str, Any]) -> int:
+  """Input sides must be multiples of the patch size."""
+  return vit.patch_size(model_cfg["backbone"])
+
+
+def mask_annealing(step: jax.Array, starts: Sequence[int], ends: Sequence[int],
+                   power: float = 0.9) -> jax.Array:
+  """EoMT's masked-attention annealing (spec eomt.md, item 6): the masking probability of each
+  of the L2 query blocks at the 0-based `step`, (L2,) float32: 1 before its window's start, 0
+  from its end on, (1 - (t - start) / (end - start)) ** power in between. A function of the
+  step alone, so a resumed run (which restores the step) continues the schedule."""
+  if len(starts) != len(ends):
+    raise ValueError(f"mask annealing: {len(starts)} start steps but {len(ends)} end steps")
+  if any(e <= s for s, e in zip(starts, ends)):
+    raise ValueError(f"mask annealing windows must end after they start: starts "
+                     f"{tuple(starts)}, ends {tuple(ends)}")
+  t = jnp.asarray(step, jnp.float32)
+  s, e = jnp.asarray(starts, jnp.float32), jnp.asarray(ends, jnp.float32)
+  remaining = jnp.clip((e - t) / (e - s), 0.0, 1.0)  # 1 - progress, without cancellation
+  return jnp.where(t < s, 1.0, jnp.where(t >= e, 0.0, remaining ** power))
+
+
+def training_inputs(model_cfg: Mapping[str, Any], step: jax.Array | None) -> dict[str, Any]:
+  """Step-dependent inputs of the training-mode forward pass: the masked-attention
+  probabilities of the last L2 blocks, `mask_probs`, from `model.mask_annealing` (its
+  `start_steps`, `end_steps`, `power`; with `enabled=False` or none, no masking and no
+  intermediate predictions)."""
+  ann = model_cfg.get("mask_annealing", None)
+  if ann is None or not ann.get("enabled", True):
+    return {}
+  if step is None:
+    raise ValueError("EoMT's mask annealing needs the training step")
+  return {"mask_probs": mask_annealing(step, tuple(ann["start_steps"]),
+                                       tuple(ann["end_steps"]), ann.get("power", 0.9))}

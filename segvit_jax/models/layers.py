@@ -1,5 +1,7 @@
 """Building blocks shared by every model family: one attention, one MLP, drop path, one
-position-embedding resize.
+LayerNorm helper, one resize (position embeddings, patch kernels, masks: torch's
+F.interpolate as matrices) and the mask-classification `semantic_scores`. The CPU rewrites
+of convolutions live in `cpu_ops`.
 
 Logical axis names (mapped to mesh axes by `segvit_jax.sharding`):
   parameters: `embed` (model width), `mlp` (hidden width), `heads` (attention width,
@@ -30,6 +32,14 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+def layer_norm(name: str, eps: float = 1e-5, dtype: Any = jnp.float32) -> nn.LayerNorm:
+  """The LayerNorm of every model here: over the last axis, scale and bias on the logical
+  "embed" axis. `eps` defaults to torch's nn.LayerNorm's; each model passes its own."""
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
+                      scale_init=logical(nn.initializers.ones, ("embed",)),
+                      bias_init=logical(nn.initializers.zeros, ("embed",)))
+
+
 class DropPath(nn.Module):
   """Stochastic depth: drops the whole residual branch per example (scaled by 1 / keep).
 
@@ -49,135 +59,6 @@ class DropPath(nn.Module):
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng("dropout") if rng is None else rng, keep, shape)
     return jnp.where(mask, x * (1.0 / keep), 0.0).astype(x.dtype)
-
-
-class PointwiseConv(nn.Module):
-  """A 1x1 convolution on (B, H, W, C) computed as a matrix product, with the parameters of
-  `nn.Conv(features, (1, 1))` (`kernel` (1, 1, C, features), `bias`): XLA's CPU convolution
-  takes ~3.5x as long as the same product (BENCHMARKS.md)."""
-
-  features: int
-  use_bias: bool = True
-  kernel_init: Initializer = nn.initializers.lecun_normal()
-  bias_init: Initializer = nn.initializers.zeros
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
-    y = jnp.einsum("bhwc,cf->bhwf", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
-    return y
-
-
-class PatchConvTranspose(nn.Module):
-  """A transposed convolution whose kernel equals its stride, k x k (torch's
-  ConvTranspose2d(C, F, k, stride=k)), on (B, h, w, C) -> (B, k h, k w, F): every input pixel
-  becomes its own k x k output patch, a matrix product and a depth-to-space. The parameters
-  and their meaning are those of `nn.ConvTranspose(F, (k, k), strides=(k, k),
-  padding="VALID")` (`kernel` (k, k, C, F), unflipped: output offset (a, c) in a patch uses
-  `kernel[k - 1 - a, k - 1 - c]`; `bias` (F,)). XLA computes the convolution's kernel gradient
-  on the CPU as an input-dilated convolution, ~1.6 s of EoMT-S's 3.2 s training step at 320
-  (BENCHMARKS.md); the product's gradient is two more products."""
-
-  features: int
-  kernel_size: int = 2
-  use_bias: bool = True
-  kernel_init: Initializer = nn.initializers.lecun_normal()
-  bias_init: Initializer = nn.initializers.zeros
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k, f = self.kernel_size, self.features
-    b, h, w, c = x.shape
-    kernel = self.param("kernel", self.kernel_init, (k, k, c, f)).astype(self.dtype)
-    y = jnp.einsum("bhwc,xycf->bhxwyf", x.astype(self.dtype), kernel[::-1, ::-1])
-    y = y.reshape(b, h * k, w * k, f)  # depth-to-space: row h k + x, column w k + y
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (f,)).astype(self.dtype)
-    return y
-
-
-DEPTHWISE_SCOPE = "depthwise_conv"
-
-
-def _shifted_sum(x: jax.Array, kernel: jax.Array, before: int) -> jax.Array:
-  """sum_ij pad(x)[:, i:i + H, j:j + W] * kernel[i, j]: (B, H, W, C), (k, k, C), padding
-  `before` zeros above / left and k - 1 - before below / right."""
-  k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
-  xp = jnp.pad(x, ((0, 0), (before, k - 1 - before), (before, k - 1 - before), (0, 0)))
-  return sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j] for i in range(k) for j in range(k))
-
-
-@jax.custom_vjp
-def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """torch's Conv2d(C, C, k, padding=k // 2, groups=C, bias=False) of (B, H, W, C) `x` with a
-  (k, k, C) kernel, as k * k shifted, per-channel-scaled copies. The gradient is written out:
-  for x the same sum over the output gradient with the kernel flipped, for the kernel k * k
-  products summed by `sum_rows`. Differentiating the slices instead pads each tap's gradient
-  to a full-size buffer: SegFormer-B0's gradient at 256 px took 319 ms instead of 235 on the
-  CPU (BENCHMARKS.md, "Training step")."""
-  return _shifted_sum(x, kernel, kernel.shape[0] // 2)
-
-
-def _depthwise_fwd(x, kernel):
-  return depthwise_conv(x, kernel), (x, kernel)
-
-
-def sum_rows(x: jax.Array, rows: int = 64) -> jax.Array:
-  """sum(x, axis=0) of (N, C) `x` by pairwise halving: elementwise adds of the two halves down
-  to `rows` rows, then one small reduction. XLA's CPU reduction over a major axis runs as a
-  scalar loop (~10x slower for SegFormer's depthwise kernel gradients)."""
-  n = x.shape[0]
-  while n > rows:
-    if n % 2:
-      x = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
-      n += 1
-    x = x[:n // 2] + x[n // 2:]
-    n //= 2
-  return jnp.sum(x, axis=0)
-
-
-def _depthwise_bwd(res, g):
-  x, kernel = res
-  k, h, w, c = kernel.shape[0], x.shape[1], x.shape[2], x.shape[3]
-  p = k // 2
-  dx = _shifted_sum(g.astype(x.dtype), kernel[::-1, ::-1], k - 1 - p)
-  xp = jnp.pad(x, ((0, 0), (p, k - 1 - p), (p, k - 1 - p), (0, 0)))
-  g32 = g.astype(jnp.float32)
-  dk = jnp.stack([jnp.stack([sum_rows((xp[:, i:i + h, j:j + w, :] * g32).reshape(-1, c))
-                             for j in range(k)]) for i in range(k)])
-  return dx, dk.astype(kernel.dtype)
-
-
-depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-class DepthwiseConv(nn.Module):
-  """Depthwise k x k convolution, stride 1, zero padding k // 2 (torch's Conv2d(C, C, k,
-  padding=k // 2, groups=C)) on (B, H, W, C), as `depthwise_conv`'s sum of k * k shifted,
-  per-channel-scaled copies of the input. The parameters are those of `nn.Conv(C, (k, k),
-  feature_group_count=C)` (`kernel` (k, k, 1, C), `bias` (C,)), so checkpoints do not see the
-  difference; XLA's grouped convolution on the CPU is ~30x slower than this (measured in
-  BENCHMARKS.md), on accelerators the two compile to similar fused loops."""
-
-  kernel_size: int = 3
-  use_bias: bool = True
-  kernel_init: Initializer = nn.initializers.lecun_normal()
-  bias_init: Initializer = nn.initializers.zeros
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k, c = self.kernel_size, x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init, (k, k, 1, c)).astype(self.dtype)
-    with jax.named_scope(DEPTHWISE_SCOPE):  # the FLOP counter counts these products as MACs
-      out = depthwise_conv(x.astype(self.dtype), kernel[:, :, 0])
-    if self.use_bias:
-      out = out + self.param("bias", self.bias_init, (c,)).astype(self.dtype)
-    return out
 
 
 class Mlp(nn.Module):
@@ -427,3 +308,10 @@ def resample_patch_kernel(kernel, new_patch: tuple[int, int],
 def upsample_masks(masks: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Bilinear resize of (B, K, h, w) mask logits to (B, K, *size), torch-identical."""
   return resize_grid(masks, size, "bilinear", axes=(2, 3))
+
+
+def semantic_scores(class_logits: jax.Array, mask_logits: jax.Array) -> jax.Array:
+  """score[b, c, y, x] = sum_q softmax(class_logits[b, q])[c] * sigmoid(mask_logits[b, q, y, x]),
+  the no-object column dropped. (B, Q, K + 1), (B, Q, H, W) -> (B, K, H, W)."""
+  probs = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[..., :-1]
+  return jnp.einsum("bqc,bqhw->bchw", probs, jax.nn.sigmoid(mask_logits.astype(jnp.float32)))

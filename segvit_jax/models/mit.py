@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segvit_jax.models import layers
+from segvit_jax.models import cpu_ops, layers
 
 # name -> (stage widths, blocks per stage); spec segformer.md, the table under "MiT encoder".
 VARIANTS = {
@@ -46,6 +46,9 @@ VARIANTS = {
     "B4": ((64, 128, 320, 512), (3, 8, 27, 3)),
     "B5": ((64, 128, 320, 512), (3, 6, 40, 3)),
 }
+# The product of the default stage strides: input sides that are multiples of it give every
+# stage an exact fraction of the input.
+TOTAL_STRIDE = 32
 
 
 def decode_variant(variant: str) -> dict[str, Any]:
@@ -61,12 +64,6 @@ def _conv_init(kernel_size: Sequence[int], features: int, groups: int = 1) -> la
   """The release's Conv init: normal with std sqrt(2 / fan_out), fan_out = k*k*out / groups."""
   fan_out = math.prod(kernel_size) * features // groups
   return nn.initializers.normal(math.sqrt(2.0 / fan_out))
-
-
-def _layer_norm(name: str, eps: float, dtype: Any) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
-                      scale_init=layers.logical(nn.initializers.ones, ("embed",)),
-                      bias_init=layers.logical(nn.initializers.zeros, ("embed",)))
 
 
 def _dense(features: int, axes: tuple[str, str], name: str, dtype: Any) -> nn.Dense:
@@ -93,7 +90,7 @@ class OverlapPatchEmbed(nn.Module):
                 kernel_init=layers.logical(_conv_init((k, k), self.features),
                                            (None, None, None, "embed")),
                 bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(x)
-    x = _layer_norm("norm", self.norm_eps, self.dtype)(x)
+    x = layers.layer_norm("norm", self.norm_eps, self.dtype)(x)
     return layers.constrain(x, ("act_batch", None, None, "act_embed"))
 
 
@@ -107,7 +104,7 @@ class MixFFN(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     d, hid = x.shape[-1], self.hidden_dim
     y = _dense(hid, ("embed", "mlp"), "fc1", self.dtype)(x)
-    y = layers.DepthwiseConv(3, dtype=self.dtype, name="dwconv",
+    y = cpu_ops.DepthwiseConv(3, dtype=self.dtype, name="dwconv",
                              kernel_init=layers.logical(_conv_init((3, 3), hid, hid),
                                                         (None, None, None, "mlp")),
                              bias_init=layers.logical(nn.initializers.zeros, ("mlp",)))(y)
@@ -131,7 +128,7 @@ class MiTBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     b, h, w, d = x.shape
-    y = _layer_norm("norm1", self.norm_eps, self.dtype)(x)
+    y = layers.layer_norm("norm1", self.norm_eps, self.dtype)(x)
     kv = y
     if self.sr_ratio > 1:
       r = self.sr_ratio
@@ -142,12 +139,12 @@ class MiTBlock(nn.Module):
                    kernel_init=layers.logical(_conv_init((r, r), d),
                                               (None, None, None, "embed")),
                    bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(kv)
-      kv = _layer_norm("sr_norm", self.embed_norm_eps, self.dtype)(kv)
+      kv = layers.layer_norm("sr_norm", self.embed_norm_eps, self.dtype)(kv)
     tokens = lambda t: t.reshape(b, -1, d)  # noqa: E731
     y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn",
                          kernel_init=layers.trunc_normal_02)(tokens(y), tokens(kv))
     x = x + layers.DropPath(self.drop_path)(y.reshape(b, h, w, d), deterministic)
-    y = _layer_norm("norm2", self.norm_eps, self.dtype)(x)
+    y = layers.layer_norm("norm2", self.norm_eps, self.dtype)(x)
     y = MixFFN(d * self.mlp_ratio, dtype=self.dtype, name="mlp")(y)
     x = x + layers.DropPath(self.drop_path)(y, deterministic)
     return layers.constrain(x, ("act_batch", None, None, "act_embed"))
@@ -198,7 +195,7 @@ class MiT(nn.Module):
                      dtype=self.dtype, name=f"block_{s}_{j}")(x, not train)
         blocks.append(x)
         i += 1
-      x = _layer_norm(f"norm_{s}", self.norm_eps, self.dtype)(x)
+      x = layers.layer_norm(f"norm_{s}", self.norm_eps, self.dtype)(x)
       features.append(x)
     return features, {"blocks": blocks}
 

@@ -14,18 +14,18 @@ norm and `aux["blocks"]`, the patch tokens after every block (B, h, w, D), so a 
 intermediate layers without plumbing; `aux["cls"]` / `aux["registers"]` when present.
 Token order inside the blocks: [cls | registers | patches]; registers carry no position
 embedding. The pieces of the forward pass that own parameters (`embed`, `block_factory`,
-`final_layer_norm`; `block_schedule` for drop path) are methods, so that EoMT's encoder
-(`eomt.EoMTEncoder`, a subclass that inserts queries and masks attention) runs the same
-parameters, under the same names, its own way.
+`final_layer_norm`; `block_schedule` for drop path; `run_blocks` / `run_block`) are methods,
+so that EoMT's encoder (`eomt.EoMTEncoder`, a subclass that inserts queries and masks
+attention) and SegViT-Shrunk's (`shrunk.ShrunkViT`) run the same parameters, under the same
+names, their own way.
 
 Any input H x W divisible by the patch size works, non-square included: the learned position
 embedding (stored on `posemb_grid`) is resized to the input grid on the fly with
 `posemb_resize` (one of `layers.RESIZE_METHODS`; each converter records the method of the
 implementation it came from).
 
-SegViT-Shrunk's query down-sampling (`shrink_idx`, spec segvit.md "Shrunk structure"): one
-block takes the top-left token of every 2x2 window as its queries and all tokens as keys and
-values; later blocks run on the halved grid, so inputs need sides divisible by 2 x the patch.
+SegViT-Shrunk's query down-sampling is a subclass (`shrunk.ShrunkViT`): it runs one block on
+fewer queries than keys / values (`EncoderBlock`'s `kv` input) through the `run_block` hook.
 
 Memory options: `remat` recomputes each block's activations in the backward pass (what is kept
 is `remat_policy`, a name of `REMAT_POLICIES`); `scan_layers` runs the blocks as one `nn.scan`
@@ -128,9 +128,10 @@ class EncoderBlock(nn.Module):
   x + DropPath(ls2 * FFN(LN(x))); LayerScale (ls1, ls2) only when `layerscale` is set (its
   initial value).
 
-  With `queries` (SegViT-Shrunk's query down-sampling, QD), the attention takes its queries
-  from them and its keys / values from all of `x`, and the residual path starts from them:
-  q + MHA(LN(q), LN(x), LN(x)), then the FFN as usual; the output has the queries' length.
+  With `kv`, the attention takes its keys / values from `kv` (through the same first norm)
+  and its queries and the residual from `x`: x + MHA(LN1(x), LN1(kv)), then the FFN as usual;
+  the output has the length of `x` (SegViT-Shrunk's query down-sampling passes the
+  down-sampled tokens as `x` and all tokens as `kv`).
 
   The drop-path rate is a call argument, a float or a traced scalar (the ViT scans over the
   per-block rates); `rng` is this block's drop-path key (None: the "dropout" stream).
@@ -147,11 +148,7 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
                drop_path: float | jax.Array = 0.0, rng: jax.Array | None = None,
-               queries: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
-    norm = functools.partial(nn.LayerNorm, epsilon=self.norm_eps, dtype=self.dtype,
-                             scale_init=layers.logical(nn.initializers.ones, ("embed",)),
-                             bias_init=layers.logical(nn.initializers.zeros, ("embed",)))
-
+               kv: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
     def scale(y, name):
       if self.layerscale is None:
         return y
@@ -160,15 +157,11 @@ class EncoderBlock(nn.Module):
       return y * gamma.astype(y.dtype)
 
     rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
-    norm1 = norm(name="norm1")
-    if queries is None:
-      y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(norm1(x), mask=mask)
-    else:  # query down-sampling: fewer queries attend to every token, residual on the queries
-      y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(
-          norm1(queries), norm1(x), mask=mask)
-      x = queries
+    norm1 = layers.layer_norm("norm1", self.norm_eps, self.dtype)
+    y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(
+        norm1(x), None if kv is None else norm1(kv), mask=mask)
     x = x + layers.DropPath(drop_path)(scale(y, "ls1"), deterministic, rngs[0])
-    y = norm(name="norm2")(x)
+    y = layers.layer_norm("norm2", self.norm_eps, self.dtype)(x)
     if self.ffn == "swiglu":
       y = SwiGLU(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
     elif self.ffn == "mlp":
@@ -198,9 +191,6 @@ class ViT(nn.Module):
     name of REMAT_POLICIES) saves.
   scan_layers: run the blocks under `nn.scan`, parameters stacked (leading depth axis,
     logical name "layers") under `encoderblock` (see `stack_blocks`).
-  shrink_idx: SegViT-Shrunk's query down-sampling (QD): block `shrink_idx` takes as queries
-    the top-left token of every 2x2 window of the patch grid (keys / values: all tokens) and
-    every later block runs on the halved grid (`query_downsample`); None: a plain ViT.
   """
 
   width: int
@@ -221,43 +211,12 @@ class ViT(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
-  shrink_idx: int | None = None
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False):
-    x, (gh, gw), n_prefix = self.embed(images)
-    b, d, p = x.shape[0], self.width, self.patch_size
-    drop, dpr, keys = self.block_schedule(train)
-    make_block = self.block_factory()
-    if self.shrink_idx is not None:
-      if not 0 <= self.shrink_idx < self.depth:
-        raise ValueError(f"shrink_idx={self.shrink_idx} out of range for a {self.depth}-block "
-                         "ViT")
-      if self.scan_layers:
-        raise ValueError("scan_layers does not support query down-sampling (shrink_idx): the "
-                         "blocks before and after it run on different grids; use remat")
-    if self.scan_layers:
-      def body(block, x, xs):
-        rate, key = xs
-        x = block(x, not drop, rate, key)
-        return x, x[:, n_prefix:]
-
-      x, patches = nn.scan(
-          body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"},
-      )(make_block(name="encoderblock"), x, (jnp.asarray(dpr), keys))
-      blocks = [patches[i].reshape(b, gh, gw, d) for i in range(self.depth)]  # (depth, B, N, D)
-    else:
-      blocks = []
-      for i in range(self.depth):
-        queries = None
-        if i == self.shrink_idx:
-          queries, (gh, gw) = query_downsample(x, n_prefix, (gh, gw), p)
-        x = make_block(name=f"encoderblock_{i}")(
-            x, not drop, float(dpr[i]), None if keys is None else keys[i], queries)
-        blocks.append(x[:, n_prefix:].reshape(b, gh, gw, d))
-
+    x, grid, n_prefix = self.embed(images)
+    x, blocks, (gh, gw) = self.run_blocks(x, grid, n_prefix, train)
     if self.final_norm:
       x = self.final_layer_norm()(x)
     aux = {"blocks": blocks, "grid": (gh, gw)}
@@ -266,7 +225,7 @@ class ViT(nn.Module):
       aux["cls"] = x[:, 0]
     if self.num_registers:
       aux["registers"] = x[:, int(has_cls):n_prefix]
-    return x[:, n_prefix:].reshape(b, gh, gw, d), aux
+    return x[:, n_prefix:].reshape(x.shape[0], gh, gw, self.width), aux
 
   # The pieces below create this module's parameters; they are called from a compact
   # `__call__` (this one, or a subclass's that runs the blocks differently, e.g.
@@ -327,6 +286,40 @@ class ViT(nn.Module):
     keys = jax.random.split(self.make_rng("dropout"), self.depth) if drop else None
     return drop, dpr, keys
 
+  def run_blocks(self, x: jax.Array, grid: tuple[int, int], n_prefix: int, train: bool
+                 ) -> tuple[jax.Array, list[jax.Array], tuple[int, int]]:
+    """Every block on the tokens (B, n_prefix + gh * gw, D): (the last block's tokens, each
+    block's patch tokens on its grid (B, h, w, D), the last grid). Unrolled, block i is
+    `run_block(i, ...)`; with `scan_layers`, one scanned block."""
+    b, d = x.shape[0], self.width
+    drop, dpr, keys = self.block_schedule(train)
+    make_block = self.block_factory()
+    if self.scan_layers:
+      def body(block, x, xs):
+        rate, key = xs
+        x = block(x, not drop, rate, key)
+        return x, x[:, n_prefix:]
+
+      x, patches = nn.scan(
+          body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"},
+      )(make_block(name="encoderblock"), x, (jnp.asarray(dpr), keys))
+      # (depth, B, N, D) -> one (B, gh, gw, D) per block
+      return x, [patches[i].reshape(b, *grid, d) for i in range(self.depth)], grid
+    blocks = []
+    for i in range(self.depth):
+      x, grid = self.run_block(i, make_block(name=f"encoderblock_{i}"), x, grid, n_prefix,
+                               not drop, float(dpr[i]), None if keys is None else keys[i])
+      blocks.append(x[:, n_prefix:].reshape(b, *grid, d))
+    return x, blocks, grid
+
+  def run_block(self, i: int, block: nn.Module, x: jax.Array, grid: tuple[int, int],
+                n_prefix: int, deterministic: bool, drop_path: float, rng: jax.Array | None
+                ) -> tuple[jax.Array, tuple[int, int]]:
+    """Block `i` of the unrolled stack on the tokens: (its output tokens, their grid)."""
+    del i, n_prefix  # (a subclass's block may need them)
+    return block(x, deterministic, drop_path, rng), grid
+
   def block_factory(self) -> Callable[..., nn.Module]:
     """`make_block(name=...)`: an EncoderBlock of this ViT (rematerialised with `remat`)."""
     block_cls = EncoderBlock
@@ -339,29 +332,35 @@ class ViT(nn.Module):
 
   def final_layer_norm(self) -> nn.LayerNorm:
     """The LayerNorm after the last block, `encoder_norm` (create it once per call)."""
-    return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="encoder_norm",
-                        scale_init=layers.logical(nn.initializers.ones, ("embed",)),
-                        bias_init=layers.logical(nn.initializers.zeros, ("embed",)))
-
-
-def query_downsample(x: jax.Array, n_prefix: int, grid: tuple[int, int],
-                     patch_size: int) -> tuple[jax.Array, tuple[int, int]]:
-  """SegViT-Shrunk's QD queries: tokens (B, n_prefix + gh * gw, D) -> the prefix tokens (cls,
-  registers) and the top-left patch token of every 2x2 window (nearest 2x down-sampling of
-  the grid), (B, n_prefix + gh * gw / 4, D), and the halved grid."""
-  gh, gw = grid
-  if gh % 2 or gw % 2:
-    raise ValueError(f"query down-sampling needs an even token grid, got {gh}x{gw}: input "
-                     f"sides must be multiples of {2 * patch_size}")
-  b, _, d = x.shape
-  down = x[:, n_prefix:].reshape(b, gh, gw, d)[:, ::2, ::2].reshape(b, -1, d)
-  return jnp.concatenate([x[:, :n_prefix], down], axis=1), (gh // 2, gw // 2)
+    return layers.layer_norm("encoder_norm", self.norm_eps, self.dtype)
 
 
 def Model(variant: str | None = None, **kwargs) -> ViT:  # noqa: N802 (big_vision factory name)
   """`Model(variant="B/16", drop_path=0.1)`; explicit keyword sizes override the variant's."""
   sizes = decode_variant(variant) if variant else {}
   return ViT(**{**sizes, **kwargs})
+
+
+def patch_size(backbone: Mapping[str, Any]) -> int:
+  """The patch size a backbone config implies (its `patch_size`, else its variant's)."""
+  return int(backbone.get("patch_size") or decode_variant(backbone["variant"])["patch_size"])
+
+
+def from_config(model_cfg: Mapping[str, Any], dtype: Any) -> ViT:
+  """A backbone alone (`model.name="vit"`: converted pretrained weights) from its config."""
+  backbone = dict(model_cfg["backbone"])
+  backbone["posemb_grid"] = tuple(backbone["posemb_grid"])
+  return Model(**backbone, dtype=dtype)
+
+
+def backbone_from_config(model_cfg: Mapping[str, Any], dtype: Any) -> ViT:
+  """The backbone of a backbone config: the model itself."""
+  return from_config(model_cfg, dtype)
+
+
+def input_divisor(model_cfg: Mapping[str, Any]) -> int:
+  """Input sides must be multiples of the patch size."""
+  return patch_size(model_cfg["backbone"])
 
 
 def remat_policy(name: str) -> Callable[..., bool]:

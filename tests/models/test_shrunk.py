@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from segvit_jax import trainer
-from segvit_jax.models import build_model, input_divisor, layers, vit
+from segvit_jax.models import build_model, input_divisor, layers, shrunk, vit
 from tests.support import read_metrics, smoke_config
 
 D, HEADS, MLP = 32, 4, 64
@@ -52,9 +52,9 @@ def test_qd_block_with_2x2_queries_matches_a_hand_written_reference():
   # from all 24 tokens; residual from the queries.
   block, params, x = _block_and_params(seed=3)
   gh, gw = 4, 6
-  queries, grid = vit.query_downsample(x, 0, (gh, gw), 16)
+  queries, grid = shrunk.query_downsample(x, 0, (gh, gw), 16)
   assert grid == (2, 3) and queries.shape == (2, 6, D)
-  got = np.asarray(block.apply({"params": params}, x, True, 0.0, None, queries))
+  got = np.asarray(block.apply({"params": params}, queries, True, 0.0, None, x))
 
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   xs = np.asarray(x, np.float64)
@@ -79,13 +79,13 @@ def test_qd_block_with_2x2_queries_matches_a_hand_written_reference():
 def test_query_downsample_keeps_prefix_tokens_and_the_top_left_of_each_window():
   b, n_prefix, gh, gw = 1, 2, 4, 6
   tokens = jnp.arange(b * (n_prefix + gh * gw), dtype=jnp.float32).reshape(b, -1, 1)
-  out, grid = vit.query_downsample(tokens, n_prefix, (gh, gw), 16)
+  out, grid = shrunk.query_downsample(tokens, n_prefix, (gh, gw), 16)
   assert grid == (2, 3)
   # Prefix 0, 1; patch (r, c) is token 2 + r * 6 + c; windows start at rows 0, 2, cols 0, 2, 4.
   assert np.asarray(out).ravel().tolist() == [0, 1, 2, 4, 6, 14, 16, 18]
   with pytest.raises(ValueError, match="even token grid, got 3x6: input sides must be "
                                        "multiples of 32"):
-    vit.query_downsample(tokens[:, :2 + 18], n_prefix, (3, 6), 16)
+    shrunk.query_downsample(tokens[:, :2 + 18], n_prefix, (3, 6), 16)
 
 
 def tiny_shrunk_config(**head):

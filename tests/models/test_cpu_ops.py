@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segvit_jax.models import layers
+from segvit_jax.models import cpu_ops
 
 
 @pytest.mark.parametrize("k,bias", [(3, True), (3, False), (5, True)])
 def test_depthwise_conv_equals_grouped_conv(k, bias):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 13, 6)), jnp.float32)
-  ours = layers.DepthwiseConv(k, use_bias=bias,
-                              bias_init=nn.initializers.normal(1.0))
+  ours = cpu_ops.DepthwiseConv(k, use_bias=bias,
+                               bias_init=nn.initializers.normal(1.0))
   variables = ours.init(jax.random.key(1), x)
   grouped = nn.Conv(6, (k, k), padding=((k // 2, k // 2),) * 2, feature_group_count=6,
                     use_bias=bias)
@@ -37,14 +37,14 @@ def test_depthwise_conv_gradient_equals_grouped_conv_gradient(k):
       x, w[:, :, None], (1, 1), ((k // 2, k // 2),) * 2,
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4, precision="highest")
   want = jax.vjp(grouped, x, kernel)[1](g)
-  got = jax.vjp(layers.depthwise_conv, x, kernel)[1](g)
+  got = jax.vjp(cpu_ops.depthwise_conv, x, kernel)[1](g)
   for a, b in zip(got, want):  # max abs diff of the x and kernel gradients
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
 
 
 def test_pointwise_conv_equals_a_1x1_conv():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 7, 6)), jnp.float32)
-  ours = layers.PointwiseConv(4, bias_init=nn.initializers.normal(1.0))
+  ours = cpu_ops.PointwiseConv(4, bias_init=nn.initializers.normal(1.0))
   variables = ours.init(jax.random.key(1), x)
   conv = nn.Conv(4, (1, 1))
   assert jax.tree.map(np.shape, variables) == jax.tree.map(
@@ -56,7 +56,7 @@ def test_pointwise_conv_equals_a_1x1_conv():
 @pytest.mark.parametrize("k", [2, 3])
 def test_patch_conv_transpose_equals_conv_transpose(k):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5, 6)), jnp.float32)
-  ours = layers.PatchConvTranspose(4, k, bias_init=nn.initializers.normal(1.0))
+  ours = cpu_ops.PatchConvTranspose(4, k, bias_init=nn.initializers.normal(1.0))
   variables = ours.init(jax.random.key(1), x)
   conv = nn.ConvTranspose(4, (k, k), strides=(k, k), padding="VALID")
   assert jax.tree.map(np.shape, variables) == jax.tree.map(

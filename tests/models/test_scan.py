@@ -33,7 +33,9 @@ from configs import demo
 from segvit_jax import bundle, checkpoint, sharding, trainer
 from segvit_jax.models import build_model, vit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import support
+
+ROOT = support.ROOT
 
 # Class token in the blocks, registers, LayerScale and a final norm: every path of the ViT.
 TINY = dict(width=32, depth=3, mlp_dim=64, num_heads=2, patch_size=4, posemb_grid=(4, 4),

@@ -30,6 +30,8 @@ import transformers
 
 from segvit_jax.models import build_model
 
+from tests import support, torch_reference as ref
+
 TOL = 1e-4  # measured: 2.2e-6 to 2.6e-6 (float32 Flax vs float64 torch; logits up to ~3.3)
 
 # name -> (transformers config fields, our backbone / head fields)
@@ -105,26 +107,6 @@ def hf_to_variables(state: dict[str, torch.Tensor]) -> dict:
   return variables
 
 
-def _randomize_(model: torch.nn.Module, seed: int) -> None:
-  """Every parameter random (fan-in-scaled weights, norm scales around 1, biases around 0) and
-  the BatchNorm running statistics away from their (0, 1) defaults."""
-  g = torch.Generator().manual_seed(seed)
-  randn = lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype)  # noqa: E731
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim > 1:
-        p.copy_(randn(p) / np.sqrt(np.prod(p.shape[1:])))
-      elif name.endswith("weight"):
-        p.copy_(1.0 + 0.2 * randn(p))
-      else:
-        p.copy_(0.2 * randn(p))
-    for name, b in model.named_buffers():
-      if name.endswith("running_mean"):
-        b.copy_(0.3 * randn(b))
-      elif name.endswith("running_var"):
-        b.copy_(torch.exp(0.5 * randn(b)))
-
-
 def _flax_model(fields: dict, num_classes: int):
   return build_model({"name": "segformer", "num_classes": num_classes,
                       "backbone": {**fields["backbone"], "norm_eps": 1e-5},
@@ -143,7 +125,7 @@ def outputs(request, tmp_path_factory):
   torch.manual_seed(0)
   hf = transformers.SegformerForSemanticSegmentation(transformers.SegformerConfig(**hf_fields))
   hf = hf.double().eval()
-  _randomize_(hf, seed=1)
+  ref.randomize_module_(hf, seed=1)
   path = tmp_path_factory.mktemp(name)
   hf.save_pretrained(path)
   variables = hf_to_variables(safetensors.torch.load_file(str(path / "model.safetensors")))
@@ -260,7 +242,7 @@ print("RESULT " + json.dumps({"devices": jax.device_count(), "stats": diff(stats
 def test_batch_norm_statistics_are_global_under_data_parallelism():
   """With the batch sharded over 4 devices, one jitted train step gives the statistics (and
   outputs) of the whole batch: synchronised BatchNorm without an axis_name."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = support.ROOT
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   env = {**os.environ, "JAX_PLATFORMS": "cpu",

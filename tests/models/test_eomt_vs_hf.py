@@ -25,6 +25,7 @@ import safetensors.torch
 import torch
 import transformers
 
+from configs import common
 from segvit_jax.models import build_model, eomt, vit
 
 TOL = 1e-4  # measured: mask logits <= 1.3e-5 (max |logit| ~16), class logits <= 8.2e-7
@@ -422,7 +423,8 @@ _HF_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "g": (1
 
 @pytest.mark.parametrize("size", sorted(PARAM_COUNTS))
 def test_parameter_counts(size):
-  model = eomt.Model(size, num_classes=133, num_queries=200, image_size=640)
+  model = eomt.Model(size, num_classes=133, num_queries=200,
+                     num_blocks=common.EOMT_NUM_BLOCKS[size], image_size=640)
   width, depth, heads = _HF_SIZES[size]
   ffn = 4096 if size == "g" else 4 * width
   count = _count(model)
@@ -430,7 +432,7 @@ def test_parameter_counts(size):
   assert count == PARAM_COUNTS[size]
   config = transformers.EomtConfig(
       hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-      num_blocks=eomt.NUM_BLOCKS[size], num_queries=200, num_labels=133, image_size=640,
+      num_blocks=common.EOMT_NUM_BLOCKS[size], num_queries=200, num_labels=133, image_size=640,
       patch_size=16, use_swiglu_ffn=size == "g")
   with torch.device("meta"):
     hf = transformers.EomtForUniversalSegmentation(config)
