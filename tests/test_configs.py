@@ -52,6 +52,11 @@ def shrunk_head_count(in_dim, width, taps, qu_layers, atm_layers, grid, k):
   return qu + atm_layers * decoder_layer_count(width) + k * width + width * (k + 1) + k + 1
 
 
+# The SegViT ATM heads (SegViT Table 5 for ViT-B's taps; the rest the release's config):
+# variant -> (tap layers, width, heads, layers per stage).
+ATM_HEAD = {"B/16": ((5, 7, 11), 384, 12, 3), "L/16": ((7, 15, 23), 512, 16, 3)}
+
+
 # Pinned parameter counts (backbone, head) at each config's crop. The backbone differs between
 # crops only by the stored position grid; the head by the class count and (Shrunk) the QU
 # query grid. The paper reports no parameter counts for SegViT.
@@ -77,11 +82,11 @@ def test_paper_config_parameter_counts(name):
   crop = config.augment.crop_size[0]
   k = config.model.num_classes
   assert got[0] == vit_count(width, depth, mlp, 16, crop // 16)
-  head = common.ATM_HEADS[variant]
+  head_width = ATM_HEAD[variant][1]
   if "shrunk" in name:
-    assert got[1] == shrunk_head_count(width, head["width"], 2, 3, 3, crop // 16, k)
+    assert got[1] == shrunk_head_count(width, head_width, 2, 3, 3, crop // 16, k)
   else:
-    assert got[1] == atm_count(width, head["width"], 3, 3, k)
+    assert got[1] == atm_count(width, head_width, 3, 3, k)
 
 
 # name: (crop, stride, steps, weight decay, poly power, classes, dataset, train scale,
@@ -127,7 +132,10 @@ def test_paper_config_recipe_numbers(name):
     assert tuple(c.model.head.query_grid) == (crop // 16, crop // 16)
     assert input_divisor(c.model) == 32
   else:
-    assert tuple(c.model.head.tap_layers) == {"B/16": (5, 7, 11), "L/16": (7, 15, 23)}[variant]
+    taps, width, heads, layers = ATM_HEAD[variant]
+    assert tuple(c.model.head.tap_layers) == taps
+    assert (c.model.head.width, c.model.head.num_heads) == (width, heads)
+    assert c.model.head.layers_per_stage == layers
     assert input_divisor(c.model) == 16
 
 
@@ -220,7 +228,7 @@ def test_segformer_config_recipes_and_shapes(name):
   assert (c.optim.poly_power, c.optim.warmup_steps, c.optim.clip_norm) == (1.0, 1500, 0.0)
   assert (c.total_steps, c.batch_size) == (160_000, 8 if dataset == "cityscapes" else 16)
   assert c.loss.name == "pixel_ce" and c.model.backbone.drop_path == 0.1
-  assert (c.mean, c.std) == common.IMAGENET_MEAN_STD
+  assert (c.mean, c.std) == ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
   if dataset == "cityscapes":
     assert (c.eval.mode, c.eval.crop_size, c.eval.stride) == ("slide", (1024, 1024), (768, 768))
   else:

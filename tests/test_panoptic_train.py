@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from configs import eomt_vit_l_ade20k, eomt_vit_l_coco_panoptic
 from segvit_jax import bundle, trainer
 from segvit_jax.data import coco_panoptic, pipeline
 from segvit_jax.data import transforms as T
@@ -38,7 +38,7 @@ def coco(tmp_path_factory):
 
 def panoptic_config(root, **overrides):
   """The COCO panoptic recipe on the fabricated copy (6 classes, 32 px crops)."""
-  c = common.eomt_panoptic_config("L", 640)
+  c = eomt_vit_l_coco_panoptic.get_config()
   c.dataset.update(root=root, num_classes=NUM_CLASSES, num_workers=0)
   c.model.num_classes = NUM_CLASSES
   c.augment.crop_size = (32, 32)
@@ -210,7 +210,7 @@ def test_loss_and_data_must_match(coco):
   c = panoptic_config(coco, **{"dataset.max_segments": 0})
   with pytest.raises(ValueError, match="set config.dataset.max_segments"):
     pipeline.train_batch_spec(c)
-  c = common.eomt_config("L", "ade20k")
+  c = eomt_vit_l_ade20k.get_config()
   c.loss.name = "mask2former_panoptic"
   with pytest.raises(ValueError, match=r"'mask2former_panoptic' needs the batch entries "
                                        r"\['segment_classes'\], which dataset 'ade20k' does not"):
@@ -404,14 +404,16 @@ def test_coco_panoptic_config_recipes(name):
   assert m.backbone.variant == f"dinov2-{size}/14-reg4" and m.backbone.patch_size == 16
   assert m.backbone.posemb_grid == (px // 16, px // 16)
   assert (m.mask_annealing.start_steps, m.mask_annealing.end_steps) == (starts, ends)
-  assert (c.model_init, c.model_init_format) == (common.DINOV2_FILES[size], "dinov2")
+  assert (c.model_init, c.model_init_format) == (
+      f"weights/dinov2_vit{size.lower()}14_reg4_pretrain.pth", "dinov2")
   assert (c.loss.name, c.loss.num_queries) == ("mask2former_panoptic", 200)
   a = c.augment
   assert (a.pipeline, a.crop_size, a.scale_jitter, a.color_jitter, a.flip_prob) == (
       "eomt", (px, px), (0.1, 2.0), False, 0.5)
   assert (c.eval.task, c.eval.resize, c.eval.scale) == ("panoptic", "long_side", (px, px))
-  # The rest as the semantic recipe (optimisation, loss weights, pixel statistics).
-  semantic = common.eomt_config(size, "ade20k")
+  # The rest as the semantic recipe (optimisation, loss weights, pixel statistics; the same for
+  # every size).
+  semantic = eomt_vit_l_ade20k.get_config()
   assert c.optim.to_dict() == semantic.optim.to_dict()
   assert {k: v for k, v in c.loss.items() if k not in ("name", "num_queries")} == {
       k: v for k, v in semantic.loss.items() if k not in ("name", "num_queries")}

@@ -56,9 +56,11 @@ SMALL_FLAGS = [f"--config.{k}=({v[0]},{v[1]})" for k, v in SMALL.items()]
 
 
 def tiny_segvit_config(num_classes: int) -> ml_collections.ConfigDict:
-  """`common.segvit_model_config` shrunk: mu/16 backbone (1 block, width 32), head width 16."""
-  m = common.segvit_model_config("mu/16", num_classes, drop_path=0.0)
-  m.backbone.posemb_grid = (4, 4)
+  """The ViT-B ADE20K config's model shrunk: mu/16 backbone (1 block, width 32), head width
+  16."""
+  m = segvit_vit_b16_ade20k.get_config().model
+  m.num_classes = num_classes
+  m.backbone.update(variant="mu/16", drop_path=0.0, posemb_grid=(4, 4))
   m.head.update(width=16, num_heads=2, layers_per_stage=1, tap_layers=(0,), dropout=0.0)
   return m
 
