@@ -222,14 +222,15 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            eval_every=2, model_init="")
   c.dataset.num_workers = 0
   c.augment.crop_size = (s, s)
-  c.augment.scale = scaled(c.augment.scale)
+  if c.augment.pipeline == "segvit":
+    c.augment.scale = scaled(c.augment.scale)
   c.eval.update(crop_size=(s, s), stride=scaled(c.eval.stride), scale=scaled(c.eval.scale),
                 min_size=int(c.eval.min_size) * s // recipe_crop)
 
   m = c.model
   m.dtype = "float32"
   bb, head = m.backbone, m.get("head")
-  if bb.get("type", "vit") == "mit":
+  if m.name == "segformer" or bb.get("type") == "mit":
     bb.update(dims=(16, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
   else:
     depth, patch = vit.decode_variant(bb.variant)["depth"], vit.patch_size(bb)
@@ -237,7 +238,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               posemb_grid=(s // patch, s // patch))
     if bb.get("shrink_idx") is not None:
       bb.shrink_idx = smoke_block(bb.shrink_idx - 1, depth) + 1
-    if head is not None and bb.get("type", "vit") == "vit":
+    if head is not None:
       head.tap_layers = tuple(smoke_block(i, depth) for i in head.tap_layers)
   if m.name == "segformer":
     head.width = 16

@@ -20,7 +20,7 @@ def test_warmup_poly_matches_mmcv_formula():
     return regular
   for it in (0, 1, 750, 1499, 1500, 80_000, 159_999, 160_000):
     np.testing.assert_allclose(float(sched(it)), mmcv(it), rtol=1e-5, atol=1e-15)
-  sched2 = optim.warmup_poly_schedule(1.0, 100, 0, power=2.0, min_lr=0.1)
+  sched2 = optim.warmup_poly_schedule(1.0, 100, 0, 1e-6, power=2.0, min_lr=0.1)
   np.testing.assert_allclose(float(sched2(50)), 0.9 * 0.25 + 0.1, rtol=1e-6)
 
 
