@@ -3,8 +3,8 @@
 A config file (`configs/X.py`, `get_config(arg)`) states its own recipe: dataset, train
 augmentation, model, pretrained weights, loss, optimiser, iterations and batch, and the test
 protocol, each number with the paper table / section (or the release's config) it comes from.
-This file holds no recipe: `run_config` is the skeleton, every config key with its one default
-(the library reads these keys directly, no second default anywhere); `vit_memory_knobs` the
+This file holds no recipe: `run_config` is the skeleton, the one place a config key gets its
+default (library code reads the keys instead of defaulting them again); `vit_memory_knobs` the
 memory / compilation switches of a ViT backbone section; `smoke` shrinks any config to its
 `configs/X.py:smoke` variant, a few seconds on a CPU on a fabricated copy of its dataset.
 
