@@ -1,15 +1,10 @@
 """Converters between the public forms of pretrained weights and ours: ViT backbones (AugReg,
 timm, DINOv2, transformers) into backbone bundles or a segmentor's backbone
 (`config.model_init`), and whole SegViT, SegFormer and EoMT models of the authors' releases and
-of transformers into bundles and back.
+of transformers into bundles and back. The command line is `__main__.py`:
 
-  python -m segvit_jax.convert SRC OUT --from FORMAT [--image-size S] [--patch-size P] ...
-  python -m segvit_jax.convert SRC.pth OUT --from segvit-official --config configs/X.py[:ARG]
-  python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
-  python -m segvit_jax.convert SRC OUT --from segformer-official|hf-segformer [--config X.py]
-  python -m segvit_jax.convert BUNDLE OUT --to segformer-official|hf-segformer
-  python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py]
-  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt
+  python -m segvit_jax.convert SRC OUT --from FORMAT [--config X.py] [flags]
+  python -m segvit_jax.convert BUNDLE OUT --to FORMAT
 
 `FORMAT_TABLE` below lists every format once: what it holds, how it is read and written,
 whether import needs our config, and its line of help; FORMATS, MODEL_FORMATS,

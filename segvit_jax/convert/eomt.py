@@ -76,9 +76,9 @@ from segvit_jax.convert import timm
 from segvit_jax.convert.backbone import HEADS_BY_WIDTH, IMAGENET_MEAN_STD, infer_backbone, \
     is_square
 from segvit_jax.convert.rules import Flat, KeyRule, attention, conv, conv_transpose, flatten, \
-    hf_class_names, hf_mean_std, key_list, linear, mlp, natural_key, norm, read_hf_dir, \
-    read_torch_checkpoint, swiglu, to_ours, to_theirs, unflatten, write_hf_dir, \
-    write_torch_checkpoint
+    hf_class_names, hf_mean_std, hf_unsupported, key_list, linear, mlp, natural_key, norm, \
+    read_hf_model_dir, read_torch_checkpoint, swiglu, to_ours, to_theirs, unflatten, \
+    write_hf_dir, write_torch_checkpoint
 from segvit_jax.convert.whole_model import abstract_variables, class_names, labels, \
     load_config
 from segvit_jax.models import vit
@@ -221,12 +221,9 @@ def _official_tensors(tensors: dict[str, np.ndarray], source: str) -> dict[str, 
 
 
 def _read_hf(path: str, trust_pickle: bool) -> tuple[dict, dict[str, np.ndarray]]:
-  config, tensors = read_hf_dir(path, trust_pickle=trust_pickle)
-  if config.get("model_type") != "eomt":
-    raise ValueError(f"{path}/config.json has model_type={config.get('model_type')!r}; "
-                     f"--from {HF} reads EoMT directories (model_type 'eomt')")
-  bad = {k: config[k] for k, want in (("hidden_act", "gelu"), ("num_channels", 3))
-         if config.get(k, want) != want}
+  config, tensors = read_hf_model_dir(path, "eomt", fmt=HF, name="EoMT",
+                                      trust_pickle=trust_pickle)
+  bad = hf_unsupported(config)
   for k in ("image_size", "patch_size"):
     if not isinstance(config.get(k, 0), int):
       bad[k] = config[k]

@@ -492,6 +492,24 @@ def read_hf_dir(path: str, *, trust_pickle: bool = False) -> tuple[dict, Flat]:
   return config, tensors
 
 
+def read_hf_model_dir(path: str, model_type: str, *, fmt: str, name: str,
+                      trust_pickle: bool = False) -> tuple[dict, Flat]:
+  """`read_hf_dir` of a directory that must hold a `model_type` model (`name` in messages,
+  read as format `fmt`)."""
+  config, tensors = read_hf_dir(path, trust_pickle=trust_pickle)
+  if config.get("model_type") != model_type:
+    raise ValueError(f"{path}/config.json has model_type={config.get('model_type')!r}; "
+                     f"--from {fmt} reads {name} directories (model_type '{model_type}')")
+  return config, tensors
+
+
+def hf_unsupported(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The fields of a transformers config.json our models do not have: an activation other
+  than exact GELU, input other than RGB."""
+  return {k: config[k] for k, want in (("hidden_act", "gelu"), ("num_channels", 3))
+          if config.get(k, want) != want}
+
+
 def hf_mean_std(path: str, default):
   """Pixel mean / std (0-255) of a transformers directory's preprocessor_config.json, else
   `default`."""

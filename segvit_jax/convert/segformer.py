@@ -65,9 +65,9 @@ from absl import logging
 from segvit_jax import bundle as bundle_lib
 from segvit_jax.convert.backbone import IMAGENET_MEAN_STD, Converted
 from segvit_jax.convert.rules import QKV, Flat, KeyRule, attention, batch_norm, conv, flatten, \
-    hf_class_names, hf_mean_std, key_list, linear, mlp, norm, packed_linear, read_hf_dir, \
-    read_torch_checkpoint, strip_prefix, to_ours, to_theirs, unflatten, write_hf_dir, \
-    write_torch_checkpoint
+    hf_class_names, hf_mean_std, hf_unsupported, key_list, linear, mlp, norm, packed_linear, \
+    read_hf_model_dir, read_torch_checkpoint, strip_prefix, to_ours, to_theirs, unflatten, \
+    write_hf_dir, write_torch_checkpoint
 from segvit_jax.convert.whole_model import abstract_variables, class_names, labels, \
     load_config, palette
 from segvit_jax.models import mit
@@ -171,12 +171,9 @@ def _official_kind(tensors: Mapping[str, Any], source: str) -> str:
 
 
 def _read_hf(path: str, trust_pickle: bool) -> tuple[dict, dict[str, np.ndarray]]:
-  config, tensors = read_hf_dir(path, trust_pickle=trust_pickle)
-  if config.get("model_type") != "segformer":
-    raise ValueError(f"{path}/config.json has model_type={config.get('model_type')!r}; "
-                     f"--from {HF} reads SegFormer directories (model_type 'segformer')")
-  bad = {k: config[k] for k, want in (("hidden_act", "gelu"), ("num_channels", 3))
-         if config.get(k, want) != want}
+  config, tensors = read_hf_model_dir(path, "segformer", fmt=HF, name="SegFormer",
+                                      trust_pickle=trust_pickle)
+  bad = hf_unsupported(config)
   if bad:
     raise ValueError(f"{path}/config.json: {bad}; our MiT has exact GELU and RGB input")
   return config, tensors

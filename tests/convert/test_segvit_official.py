@@ -25,7 +25,6 @@ the reference resizes its QU queries as our model does).
 from __future__ import annotations
 
 import copy
-import os
 
 import flax
 import jax
