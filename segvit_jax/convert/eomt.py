@@ -392,8 +392,8 @@ def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = N
   else:
     model_cfg = _inferred_model(flat, fmt, path, num_heads=num_heads, num_blocks=num_blocks,
                                 hf_config=hf_config)
-  # Strictly against the model (shapes from an input of twice the patch size, so any patch
-  # size works); a missing, unexpected or mis-shaped tensor fails naming the keys.
+  # Strictly against the model: a missing, unexpected or mis-shaped tensor fails naming the
+  # keys.
   params = bundle_lib.merge_params(abstract_variables(model_cfg)["params"], unflatten(
       {k[len(P):]: v for k, v in flat.items()}), source=path)
   mean, std = _mean_std(path, fmt, tensors, config, meta)
