@@ -1,4 +1,4 @@
-"""AugReg / big_vision ViT checkpoints (.npz), every flavour in spec checkpoints.md:
+"""AugReg / big_vision ViT checkpoints (.npz), every flavour the public files come in:
 pre-linen numbering (`LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3`),
 per-type numbering (`..._0, ..._0, LayerNorm_1, MlpBlock_0`), `params/` or `params/img/`
 nesting, top-level `pos_embedding` without a cls slot, and blocks stacked on a leading depth

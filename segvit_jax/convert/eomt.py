@@ -1,6 +1,6 @@
 """Whole EoMT models (`models.eomt.EoMT`) in the layouts of the authors' release and of
-HuggingFace transformers, both ways (spec checkpoints.md, "EoMT official release" and
-"HuggingFace transformers layouts"; spec eomt.md):
+HuggingFace transformers, both ways (the release's `models/eomt.py`, `models/vit.py`,
+`models/scale_block.py` (tue-mps/eomt); transformers' `modeling_eomt.py`):
 
   python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py[:ARG]]
   python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt
@@ -25,7 +25,7 @@ Formats (one `KeyRule` table each, shared by import and export, as `segformer.py
       `upscale_block.block.{i}.*`, buffers `attn_mask_probs` and `criterion.empty_weight`
       (dropped). SwiGLU (giant): transformers 5 saves `mlp.gate_proj / up_proj / down_proj`;
       files of transformers 4.x have `mlp.weights_in` (packed [gate; value]) and
-      `mlp.weights_out` (the names spec checkpoints.md lists): both are read; export writes
+      `mlp.weights_out` (the names of transformers 4.x): both are read; export writes
       transformers 5's.
 
 What the files do not record. The release's files record neither the attention heads (from
@@ -92,7 +92,7 @@ POSEMB_RESIZE = {OFFICIAL: "bicubic_antialias", HF: "bicubic"}
 # The release's timm DINOv2 (LayerNorm eps, LayerScale init); transformers reads config.json.
 RELEASE_NORM_EPS, RELEASE_LAYERSCALE = 1e-6, 1e-5
 # The no-object class weight of the loss buffer written on export (the release's and
-# transformers' default; spec eomt.md, "Loss").
+# transformers' default; Mask2Former Sec. 4.1, "Loss weights.").
 NO_OBJECT_WEIGHT = 0.1
 P = "params/"  # our side of the tables: flat variable paths, collection first
 

@@ -1,7 +1,7 @@
 """Whole SegFormer models (MiT encoder + all-MLP decoder, `models.segformer.SegFormer`) in the
 layouts of the authors' release and of HuggingFace transformers, both ways; and their MiT
-encoders as backbones for `config.model_init` (spec checkpoints.md, "SegFormer official
-release" and "HuggingFace transformers layouts"):
+encoders as backbones for `config.model_init` (the release's `mix_transformer.py` and
+`segformer_head.py` (NVlabs/SegFormer); transformers' `modeling_segformer.py`):
 
   python -m segvit_jax.convert SRC OUT --from segformer-official|hf-segformer [--config X.py]
   python -m segvit_jax.convert BUNDLE OUT --to segformer-official|hf-segformer

@@ -1,5 +1,5 @@
 """Whole SegViT models in the layout of the authors' release (github zbwxp/SegVit,
-mmsegmentation 0.24; spec checkpoints.md, "SegViT official release"), both ways:
+mmsegmentation 0.24: `ATMHead`, `TPNATMHead`, `vit_shrink`), both ways:
 
   python -m segvit_jax.convert SRC.pth OUT --from segvit-official --config configs/X.py[:ARG]
   python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
