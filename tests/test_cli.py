@@ -11,7 +11,7 @@ from PIL import Image
 
 from configs import demo
 from segvit_jax import bundle as bundle_lib
-from segvit_jax import trainer
+from segvit_jax import checkpoint, trainer
 from segvit_jax.data import synthetic
 
 from tests import fabricate
@@ -70,7 +70,7 @@ def test_bundle_export_load_predict(workdir, tmp_path):
   direct = b.model.apply(b.variables, padded)["semantic_scores"]
   np.testing.assert_allclose(scores, np.asarray(direct)[:, :, :44], atol=1e-6)
   # The workdir and the bundle load the same parameters.
-  w = bundle_lib.load_model(workdir)
+  w = checkpoint.load_model(workdir)
   np.testing.assert_array_equal(w.predict(images), scores)
 
 
