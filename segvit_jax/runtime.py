@@ -165,7 +165,7 @@ def define_compilation_cache_flag() -> flags.FlagHolder:
       "compilation_cache", default_compilation_cache(),
       "Directory of jax's persistent compilation cache: a rerun with the same shapes (a resumed "
       "training run, eval of each checkpoint) loads its programs instead of compiling them. "
-      "'' turns it off. Default: $JAX_COMPILATION_CACHE_DIR, else " + DEFAULT_COMPILATION_CACHE)
+      "'' turns it off; $JAX_COMPILATION_CACHE_DIR, when set, is the default.")
   return _CACHE
 
 
