@@ -234,7 +234,6 @@ def memory_log_line(compiled: Any, abstract_state: TrainState, state_sh: TrainSt
               *(format_bytes(m[k]) for k in ("argument", "output", "temp", "total"))))
 
 
-
 def format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -265,7 +264,6 @@ class MetricsWriter:
     if self.active:
       self.tb.close()
       self.jsonl.close()
-
 
 
 def is_due(step: int, every: int, total: int) -> bool:
