@@ -285,15 +285,17 @@ def flag_line(flag: flags.Flag, aliases: Sequence[str] = ()) -> str:
   return f"  {name}: {text}{_default_text(flag)}"
 
 
-def help_text(module: str) -> str:
-  """The module docstring of the entry point and one line per flag of `own_flags(module)`."""
+def help_text(module: str, epilog: str = "") -> str:
+  """The module docstring of the entry point, `epilog` (e.g. a table the tool derives from its
+  data), and one line per flag of `own_flags(module)`."""
   doc = sys.modules["__main__" if module == sys.argv[0] else module].__doc__ or ""
   aliases: dict[str, list[str]] = {}
   for flag in FLAGS.flags_by_module_dict().get(module, []):
     if m := _ALIAS_HELP.fullmatch(flag.help or ""):
       aliases.setdefault(m.group(1), []).append(flag.name)
   lines = [flag_line(f, aliases.get(f.name, ())) for f in own_flags(module)]
-  return (doc.strip("\n") + "\n\nflags:\n" + "\n".join(lines) + "\n\n"
+  doc = doc.strip("\n") + (f"\n\n{epilog.strip()}" if epilog else "")
+  return (doc + "\n\nflags:\n" + "\n".join(lines) + "\n\n"
           "--helpfull also lists the libraries' flags; errors print one line, "
           "--verbosity=1 adds their traceback.")
 
@@ -343,7 +345,8 @@ def start() -> None:
 
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *,
-        define_flags: Callable[[], Any] | None = None) -> int:
+        define_flags: Callable[[], Any] | None = None,
+        help_epilog: Callable[[], str] | None = None) -> int:
   """Runs an entry point: `main(args)` (absl's: the program name, then the arguments that are
   not flags) with the flags parsed from `argv` (the command line after the program name;
   default sys.argv[1:]), after `start()`. Returns the exit status: main's return value (None:
@@ -351,7 +354,8 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
   stderr).
 
   `define_flags` defines the flags of a module that other modules import (a tool inside the
-  package), which must not define them at import; it runs once per process."""
+  package), which must not define them at import; it runs once per process. `help_epilog()`
+  adds text to --help after the module docstring."""
   if define_flags is not None:
     key = f"{define_flags.__module__}.{define_flags.__qualname__}"
     if key not in _DEFINED:
@@ -360,7 +364,7 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
   args = list(sys.argv[1:] if argv is None else argv)
   before = args[:args.index("--")] if "--" in args else args
   if any(a in HELP_ARGS for a in before):
-    print(help_text(module_name(main)))
+    print(help_text(module_name(main), help_epilog() if help_epilog else ""))
     return 0
   if "--helpfull" in before:
     app.usage(writeto_stdout=True)

@@ -147,17 +147,16 @@ ENTRY_POINTS = {
     "flops": (["-m", "segvit_jax.flops"], ("config", "size"), {}),
     "convert": (["-m", "segvit_jax.convert"],
                 ("from", "to", "config", "image_size", "patch_size", "posemb_resize",
-                 "patch_resize", "num_heads", "mean", "std", "trust_pickle"), {}),
+                 "patch_resize", "num_heads", "mean", "std", "trust_pickle"),
+                {"image-size": "image_size", "patch-size": "patch_size",
+                 "posemb-resize": "posemb_resize", "patch-resize": "patch_resize",
+                 "num-heads": "num_heads", "trust-pickle": "trust_pickle"}),
 }
 HELP_SECONDS = 60  # imports only (measured: 2-3 s each on an idle core)
 FLAG_LINE = re.compile(r"  --(?:\[no\])?(\w+)(?: \(alias ([^)]*)\))?: \S.*")
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(
-        strict=False, reason="the converter's command line moves to segvit_jax.runtime on "
-        "branch r-convert; passes once the lead merges it")) if n == "convert" else n
-    for n in ENTRY_POINTS])
+@pytest.mark.parametrize("name", list(ENTRY_POINTS))
 def test_help_lists_own_flags_and_exits_0(name):
   command, own, aliases = ENTRY_POINTS[name]
   for arg in ("--help", "-h"):

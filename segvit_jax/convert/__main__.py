@@ -46,9 +46,9 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping, Sequence
 
-from absl import flags
+from absl import app, flags
 
-from segvit_jax import bundle, convert
+from segvit_jax import bundle, convert, runtime
 from segvit_jax.convert import eomt, segformer
 from segvit_jax.models import layers
 
@@ -61,7 +61,6 @@ ALIASES = {"image-size": "image_size", "patch-size": "patch_size",
 # Flags of backbone conversions only (a whole model keeps its stored grids).
 BACKBONE_ONLY = ("image_size", "patch_size", "posemb_resize", "num_heads", "mean", "std",
                  "patch_resize")
-HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 
 
 class _SizeParser(flags.ArgumentParser):
@@ -98,9 +97,10 @@ class _FloatsParser(flags.ArgumentParser):
     return "floats"
 
 
-def define_flags(fv: flags.FlagValues) -> tuple[str, ...]:
-  """Defines the converter's flags (and the old dash spellings as aliases) in `fv`; returns
-  their names in the order --help lists them."""
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> tuple[str, ...]:
+  """Defines the converter's flags (and the old dash spellings as aliases) in `fv` (`cli` has
+  `runtime.run` define them once in the process's flags); returns their names in the order
+  --help lists them."""
   formats = convert.FORMAT_TABLE
   flags.DEFINE_enum("from", None, [*convert.FORMATS, *convert.MODEL_FORMATS],
                     "layout of SRC, a ViT backbone or a whole model (formats above)",
@@ -144,22 +144,14 @@ def define_flags(fv: flags.FlagValues) -> tuple[str, ...]:
           "num_heads", "mean", "std", "trust_pickle")
 
 
-def help_text(fv: flags.FlagValues, names: Sequence[str]) -> str:
-  """The usage line, the formats of `convert.FORMAT_TABLE` and one line per flag."""
-  lines = [USAGE, "", "Converts SRC (--from FORMAT) into a bundle OUT, or writes the bundle SRC "
-           "in the layout --to FORMAT at OUT.", "", "formats:"]
+def formats_help() -> str:
+  """The formats of `convert.FORMAT_TABLE`, one line each, for --help."""
+  lines = ["formats:"]
   for name, f in convert.FORMAT_TABLE.items():
     notes = [f"--config {f.config}"] if f.config != "no" else []
     notes += ["--to"] if f.export is not None else []
     notes = f" [{', '.join(notes)}]" if notes else ""
     lines.append(f"  {name:<19} {f.kind}: {f.help}{notes}")
-  lines += ["", "flags:"]
-  aliases = {name: alias for alias, name in ALIASES.items()}
-  for name in names:
-    flag = fv[name]
-    spelled = f"--{name}" + (f" (--{aliases[name]})" if name in aliases else "")
-    default = "" if flag.default is None else f" (default: {flag.default})"
-    lines.append(f"  {spelled}: {flag.help}{default}")
   return "\n".join(lines)
 
 
@@ -224,26 +216,24 @@ def run(fv: flags.FlagValues, src: str, out: str) -> str:
           f"registers {b['num_registers']} posemb_resize {b['posemb_resize']}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """The command line (`argv` without the program name; default sys.argv[1:]): 0 on success,
-  1 with one line on stderr for a user's mistake; --help / -h lists the flags and exits 0."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  fv = flags.FlagValues()  # the converter's own flags only, fresh for every call
-  names = define_flags(fv)
-  if any(a in HELP_ARGS for a in argv[:argv.index("--") if "--" in argv else len(argv)]):
-    print(help_text(fv, names))
-    return 0
+def main(argv: Sequence[str]) -> None:
+  """absl's main: `argv` is the program name, SRC and OUT (the flags are parsed)."""
+  if len(argv) != 3:
+    positional = argv[1:]
+    raise app.UsageError(f"expected SRC and OUT, got {len(positional)} argument(s)"
+                         f"{': ' + ' '.join(positional) if positional else ''}; {USAGE}")
   try:
-    positional = fv([PROG, *argv])[1:]
-    if len(positional) != 2:
-      raise ValueError(f"expected SRC and OUT, got {len(positional)} argument(s)"
-                       f"{': ' + ' '.join(positional) if positional else ''}; {USAGE}")
-    print(run(fv, *positional))
-  except (ValueError, FileNotFoundError, ImportError, flags.Error) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+    print(run(flags.FLAGS, *argv[1:]))
+  except ImportError as e:  # reading .pth files needs torch: the message says how to get it
+    raise app.UsageError(str(e)) from None
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+  """The command line (`argv` without the program name; default sys.argv[1:]): 0 on success,
+  1 with one line on stderr for a user's mistake; --help / -h lists the formats and the flags
+  and exits 0 (`runtime.run`)."""
+  return runtime.run(main, argv, define_flags=define_flags, help_epilog=formats_help)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli())

@@ -84,7 +84,7 @@ def get_config(arg="b0"):
 
 
 def _cli(*args) -> int:
-  return cli.main([str(a) for a in args])
+  return cli.cli([str(a) for a in args])
 
 
 def _randomize_(model: torch.nn.Module, seed: int) -> None:

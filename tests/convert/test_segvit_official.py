@@ -140,7 +140,7 @@ def _check_parity(out: dict, tout: dict, what: str) -> dict[str, float]:
 
 
 def _cli(*args) -> int:
-  return cli.main([str(a) for a in args])
+  return cli.cli([str(a) for a in args])
 
 
 # ----------------------------------------------------------------------------------------------
