@@ -35,7 +35,7 @@ from absl import app, flags
 from PIL import Image
 
 from segvit_jax import checkpoint, runtime
-from segvit_jax.data import transforms
+from segvit_jax.data import palettes, transforms
 from segvit_jax.data.files import read_image
 from segvit_jax.evaluation import inference, panoptic, pictures
 from segvit_jax.models import patch_size
@@ -86,6 +86,8 @@ def main(argv: list[str]) -> int:
   if _TASK.value == "panoptic":
     return predict_panoptic(model, files, output)
   num_classes = model.config.model.num_classes
+  # The classes' colours, as in training and evaluation pictures (the bundle's class names).
+  colours = palettes.palette_for_class_names(model.config.class_names)
   os.makedirs(output, exist_ok=True)
   t0 = time.perf_counter()
   for i, file in enumerate(files):
@@ -95,7 +97,7 @@ def main(argv: list[str]) -> int:
     name = os.path.splitext(os.path.basename(file))[0]
     Image.fromarray(pred).save(os.path.join(output, f"{name}.png"))
     pictures.save(os.path.join(output, f"{name}_overlay.jpg"),
-                  pictures.overlay(image, pred, num_classes))
+                  pictures.overlay(image, pred, colours))
     if _SAVE_SCORES.value:
       np.save(os.path.join(output, f"{name}.npy"), scores.astype(np.float32))
     rate = (i + 1) / (time.perf_counter() - t0)
@@ -140,7 +142,7 @@ def predict_panoptic(model, files: list[str], output: str) -> int:
 
   predictor = inference.MaskPredictor(apply_fn, model.variables, (size, size),
                                       mean=model.config.mean, std=model.config.std)
-  colours = pictures.palette(len(categories))
+  colours = palettes.palette_for_class_names([c["name"] for c in categories])
   png_dir = os.path.join(output, "panoptic")
   os.makedirs(png_dir, exist_ok=True)
   annotations = []

@@ -14,7 +14,8 @@ from PIL import Image
 from configs import demo
 from segvit_jax import bundle as bundle_lib
 from segvit_jax import checkpoint, trainer
-from segvit_jax.data import synthetic
+from segvit_jax.data import palettes, synthetic
+from segvit_jax.evaluation import pictures
 
 from tests import fabricate
 from tests.support import run
@@ -95,6 +96,41 @@ def test_predict_cli(workdir, tmp_path):
   proc = run("predict.py", "--checkpoint", workdir, "--input", str(inputs), "--output",
              str(out), check=False)
   assert proc.returncode != 0 and "broken.jpg" in proc.stderr
+
+
+def painted_colours(overlay, image, label):
+  """{class: its colour} read back from a 50% overlay (JPEG-decoded): the median over the
+  class's pixels of 2 x overlay - image."""
+  colour = 2.0 * np.asarray(overlay, np.float64) - np.asarray(image, np.float64)
+  return {int(c): np.median(colour[label == c], axis=0) for c in np.unique(label)
+          if np.sum(label == c) >= 64}
+
+
+def nearest(colour, palette):
+  return int(np.argmin(np.linalg.norm(palette.astype(np.float64) - colour, axis=-1)))
+
+
+def test_predict_and_eval_pictures_share_the_classes_palette(workdir, tmp_path):
+  """predict.py's overlays and eval.py's pictures colour a class alike: with the palette of
+  the classes' names (`palettes.palette_for_class_names`), the one the bundle's class names and
+  the dataset's give: read back from the JPEGs (lossy on small textured images), every class's
+  colour is nearest to its own palette entry."""
+  colours = palettes.palette_for_class_names(synthetic.CLASS_NAMES)
+  size = 96  # larger than the smoke run's images: regions big enough to read JPEG colours from
+  record = synthetic.SyntheticSegmentation("val", 4, size, seed=0)[0]
+  Image.fromarray(record["image"]).save(tmp_path / "photo.png")
+  run("predict.py", "--checkpoint", workdir, "--input", str(tmp_path / "photo.png"),
+      "--output", str(tmp_path / "pred"))
+  pred = np.asarray(Image.open(tmp_path / "pred" / "photo.png"))
+  got = painted_colours(Image.open(tmp_path / "pred" / "photo_overlay.jpg"), record["image"],
+                        pred)
+  assert got and all(nearest(colour, colours) == c for c, colour in got.items())
+  run("eval.py", "--config", "configs/demo.py:smoke", "--workdir", workdir, "--output",
+      str(tmp_path / "eval"), "--num_vis", "1", f"--config.dataset.image_size={size}")
+  panel = np.asarray(Image.open(tmp_path / "eval" / "pictures" / f"{record['name']}.jpg"))
+  truth = panel[:, size + 4:2 * size + 4]  # [image | ground truth | prediction], 4-pixel gaps
+  got = painted_colours(truth, record["image"], record["label"])
+  assert len(got) >= 3 and all(nearest(colour, colours) == c for c, colour in got.items())
 
 
 def test_train_ade20k_config_on_fabricated_copy(tmp_path):
