@@ -15,7 +15,6 @@ from configs import demo
 from segvit_jax import bundle as bundle_lib
 from segvit_jax import checkpoint, trainer
 from segvit_jax.data import palettes, synthetic
-from segvit_jax.evaluation import pictures
 
 from tests import fabricate
 from tests.support import run
