@@ -18,13 +18,13 @@ split the images: `--coordinator_address/--num_processes/--process_id` as for tr
 """
 
 import os
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from segvit_jax import bundle as bundle_lib
-from segvit_jax import config_utils, sharding, trainer
+from segvit_jax import checkpoint, runtime
 from segvit_jax.evaluation import evaluate, metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
@@ -43,21 +43,18 @@ _SCALES = flags.DEFINE_list("scales", None, "Multi-scale test ratios, e.g. 0.5,0
                             "1.5,1.75 (default: config.eval.scales).")
 _FLIP = flags.DEFINE_bool("flip", None, "Also predict the mirrored images (default: "
                           "config.eval.flip).")
-_DISTRIBUTED = sharding.define_distributed_flags()
-_CACHE = sharding.define_cache_flag()
+runtime.define_distributed_flags()
+runtime.define_compilation_cache_flag()
 flags.mark_flag_as_required("config")
 
 
-def main(argv):
-  del argv
-  sharding.initialize_distributed(_DISTRIBUTED, os.environ)
-  sharding.enable_compilation_cache(_CACHE.value)
-  trainer.quiet_library_logs()
+def main(argv: list[str]) -> None:
+  runtime.no_arguments(argv)
   path = _CHECKPOINT.value or _WORKDIR.value
   if not path:
     raise app.UsageError("give --workdir or --checkpoint")
   config = _CONFIG.value
-  model = bundle_lib.load_model(path, step=_STEP.value)
+  model = checkpoint.load_model(path, step=_STEP.value)
   if model.config.model.num_classes != config.model.num_classes:
     raise ValueError(f"{path} has {model.config.model.num_classes} classes but the config's "
                      f"dataset has {config.model.num_classes}")
@@ -81,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_utils.parse_flags)
+  sys.exit(runtime.run(main))

@@ -11,34 +11,30 @@ another number of processes or another mesh (the data order then restarts).
 Several hosts: run the same command on every host. On a multi-host TPU slice (GKE, multislice)
 or as `srun` tasks under SLURM the processes find each other by themselves; elsewhere (bare
 multi-host GPU) add `--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`.
-`segvit_jax.sharding.distributed_args` documents exactly what triggers which. Only process 0
+`segvit_jax.runtime.distributed_args` documents exactly what triggers which. Only process 0
 logs below WARNING and writes metrics; `config.batch_size` stays the global batch.
 """
 
-import os
+import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from segvit_jax import config_utils, sharding, trainer
+from segvit_jax import runtime, trainer
 from segvit_jax.evaluation import evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
-_DISTRIBUTED = sharding.define_distributed_flags()
-_CACHE = sharding.define_cache_flag()
+runtime.define_distributed_flags()
+runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  del argv
-  # Before anything else touches jax: initialize() must precede the first backend use.
-  sharding.initialize_distributed(_DISTRIBUTED, os.environ)
-  sharding.enable_compilation_cache(_CACHE.value)
-  trainer.quiet_library_logs()
+def main(argv: list[str]) -> None:
+  runtime.no_arguments(argv)
   trainer.train(_CONFIG.value, _WORKDIR.value, evaluate_fn=evaluate)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_utils.parse_flags)
+  sys.exit(runtime.run(main))

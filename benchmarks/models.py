@@ -23,9 +23,10 @@ under jit).
 A second table gives what an accelerator run needs: the analytic forward multiply-adds per
 image (`segvit_jax.flops`, the papers' "GFLOPs", interpolation not counted), ours' FPS at
 batch 1 and images/s at the throughput batch, the achieved TFLOP/s (2 FLOPs per multiply-add),
-the model FLOPs utilisation (MFU: achieved / the device's dense bf16 peak, from PEAK_TFLOPS by
-device kind or --peak-tflops) and the device's peak memory. `--no-torch` leaves PyTorch out
-(on a GPU or TPU machine whose torch is a CPU build; the side-by-side columns then read "-").
+the model FLOPs utilisation (MFU: achieved / the device's dense bf16 peak, from
+`segvit_jax.flops.PEAK_TFLOPS` by device kind or --peak-tflops) and the device's peak memory.
+`--no-torch` leaves PyTorch out (on a GPU or TPU machine whose torch is a CPU build; the
+side-by-side columns then read "-").
 """
 
 from __future__ import annotations
@@ -64,17 +65,12 @@ MODELS = {
 }
 
 
-# Dense bf16 peak TFLOP/s by device kind (vendor data sheets; no sparsity).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
-               "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
-
-
 def peak_tflops(override: float | None = None) -> float | None:
-  """The device's dense bf16 peak: `override`, else PEAK_TFLOPS by device kind, else None."""
+  """The device's dense bf16 peak: `override`, else `flops.PEAK_TFLOPS` by device kind, else
+  None."""
   if override:
     return override
-  kind = jax.devices()[0].device_kind
-  return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+  return flops.peak_tflops(jax.devices()[0].device_kind, "bfloat16")
 
 
 def peak_memory_mib() -> float | None:
@@ -249,7 +245,7 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--no-torch", action="store_true", help="ours alone")
   parser.add_argument("--peak-tflops", type=float, default=None,
-                      help="the device's peak TFLOP/s for MFU (default: PEAK_TFLOPS)")
+                      help="the device's peak TFLOP/s for MFU (default: flops.PEAK_TFLOPS)")
   args = parser.parse_args()
   torch.set_grad_enabled(False)
   peak = peak_tflops(args.peak_tflops)

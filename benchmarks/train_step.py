@@ -173,7 +173,7 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--no-torch", action="store_true", help="ours alone")
   parser.add_argument("--peak-tflops", type=float, default=None,
-                      help="the device's peak TFLOP/s for MFU (default: bm.PEAK_TFLOPS)")
+                      help="the device's peak TFLOP/s for MFU (default: flops.PEAK_TFLOPS)")
   parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)  # one model, no header
   args = parser.parse_args()
   names = args.models.split(",")

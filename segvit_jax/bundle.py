@@ -11,10 +11,10 @@ state, the unit that converters write and inference reads.
 resolution (the model's `semantic_scores`; inputs are zero-padded to a multiple of the patch
 size and the scores cropped back, never resized).
 
-`load_model(path)` also accepts a training workdir (its `config.json` and latest checkpoint),
-so eval.py and predict.py take either. Loading converts the ViT block layout (unstacked in
-bundles, stacked in the checkpoints of `scan_layers` runs) to the model's (`merge_params`):
-a `Bundle`'s variables are laid out as its model needs them.
+`segvit_jax.checkpoint.load_model(path)` also accepts a training workdir (its `config.json`
+and latest checkpoint), so eval.py and predict.py take either. Loading converts the ViT block
+layout (unstacked in bundles, stacked in the checkpoints of `scan_layers` runs) to the model's
+(`merge_params`): a `Bundle`'s variables are laid out as its model needs them.
 """
 
 from __future__ import annotations
@@ -175,13 +175,13 @@ def load_bundle(path: str) -> Bundle:
   meta = read_config(path)
   config = ml_collections.ConfigDict(meta)
   model = build_model(config.model)
-  abstract = _abstract_variables(model, config.model)
+  abstract = abstract_variables(model, config.model)
   params = merge_params(abstract["params"], load_params(path), source=path)
-  state = _merge_state(abstract, load_model_state(path), source=path)
+  state = merge_state(abstract, load_model_state(path), source=path)
   return Bundle(model=model, variables={"params": params, **state}, config=config)
 
 
-def _merge_state(abstract: Mapping[str, Any], state: Mapping[str, Any], *, source: str) -> dict:
+def merge_state(abstract: Mapping[str, Any], state: Mapping[str, Any], *, source: str) -> dict:
   """The loaded non-parameter collections checked strictly against the model's."""
   want = {k: v for k, v in abstract.items() if k != "params"}
   if set(want) != set(state):
@@ -190,41 +190,7 @@ def _merge_state(abstract: Mapping[str, Any], state: Mapping[str, Any], *, sourc
   return {k: merge_params(want[k], state[k], source=f"{source} ({k})") for k in want}
 
 
-def load_model(path: str, step: int | None = None) -> Bundle:
-  """A bundle directory, or a training workdir (latest checkpoint, or `step`)."""
-  path = os.path.abspath(path)
-  if is_bundle(path):
-    return load_bundle(path)
-  from segvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  meta = read_config(path)
-  if "model" not in meta or "dataset" not in meta:
-    raise ValueError(f"{path}/config.json is neither a bundle nor a training config")
-  config = ml_collections.ConfigDict(meta)
-  model = build_model(config.model)
-  params, step, state = checkpoint.restore_params(os.path.join(path, "checkpoints"), step,
-                                                  with_model_state=True)
-  abstract = _abstract_variables(model, config.model)
-  params = merge_params(abstract["params"], params, source=path)
-  state = _merge_state(abstract, state, source=path)
-  classes_file = os.path.join(path, "classes.txt")
-  if os.path.isfile(classes_file):
-    with open(classes_file) as f:
-      class_names = [line.rstrip("\n") for line in f if line.strip()]
-  else:
-    class_names = [f"class_{i}" for i in range(config.model.num_classes)]
-  extra = {}
-  categories_file = os.path.join(path, CATEGORIES_FILE)
-  if os.path.isfile(categories_file):
-    with open(categories_file) as f:
-      extra["categories"] = json.load(f)
-  bundle_cfg = ml_collections.ConfigDict({
-      "format": FORMAT, "version": VERSION, "model": meta["model"], "mean": meta["mean"],
-      "std": meta["std"], "class_names": class_names,
-      "step": step, "source": path, **extra})
-  return Bundle(model=model, variables={"params": params, **state}, config=bundle_cfg)
-
-
-def _abstract_variables(model, model_cfg) -> Any:
+def abstract_variables(model, model_cfg) -> Any:
   """The model's variables as shapes. They do not depend on the input size (stored grids are
   config fields), so any valid input does: the first multiple of what inputs must be multiples
   of (the patch, 32, ...) that is at least 64 px and 2 of them."""
@@ -235,7 +201,7 @@ def _abstract_variables(model, model_cfg) -> Any:
 
 
 def _abstract_params(model, model_cfg) -> Any:
-  return _abstract_variables(model, model_cfg)["params"]
+  return abstract_variables(model, model_cfg)["params"]
 
 
 def merge_params(init: Any, loaded: Any, *, source: str = "checkpoint") -> Any:

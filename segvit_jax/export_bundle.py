@@ -3,22 +3,27 @@
   python -m segvit_jax.export_bundle --workdir runs/demo --output runs/demo/bundle [--step N]
 """
 
-from absl import app, flags
+import sys
 
-from segvit_jax import bundle
+from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
-_OUTPUT = flags.DEFINE_string("output", None, "Bundle directory to write.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.mark_flags_as_required(["workdir", "output"])
+from segvit_jax import bundle, checkpoint, runtime
 
 
-def main(argv):
-  del argv
-  b = bundle.load_model(_WORKDIR.value, step=_STEP.value)
+def define_flags() -> None:
+  """The command line's flags (`runtime.run` defines them: importing this module defines none)."""
+  flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
+  flags.DEFINE_string("output", None, "Bundle directory to write.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.mark_flags_as_required(["workdir", "output"])
+
+
+def main(argv: list[str]) -> None:
+  runtime.no_arguments(argv)
+  b = checkpoint.load_model(flags.FLAGS.workdir, step=flags.FLAGS.step)
   cfg = b.config
   extra = {"categories": cfg.categories} if cfg.get("categories") else {}
-  path = bundle.save_bundle(_OUTPUT.value, b.variables["params"], cfg.model, mean=cfg.mean,
+  path = bundle.save_bundle(flags.FLAGS.output, b.variables["params"], cfg.model, mean=cfg.mean,
                             std=cfg.std, class_names=cfg.class_names, step=cfg.step,
                             source=cfg.source,
                             model_state={k: v for k, v in b.variables.items() if k != "params"},
@@ -27,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(runtime.run(main, define_flags=define_flags))

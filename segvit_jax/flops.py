@@ -51,6 +51,7 @@ import collections
 import functools
 import math
 import re
+import sys
 from typing import Any, Collection, Mapping
 
 import flax.linen as nn
@@ -61,7 +62,7 @@ from absl import app, flags
 from jax.extend import core as jax_core
 from ml_collections import config_flags
 
-from segvit_jax import config_utils
+from segvit_jax import runtime
 from segvit_jax.models import build_model, cpu_ops, layers
 
 GIGA = 1e9
@@ -227,9 +228,56 @@ def format_table(counts: Mapping[str, int], outside_head: int = 0) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# Training-step FLOPs and the devices' peaks: the model FLOPs utilisation (MFU) that the
+# trainer logs (MaxText's convention: analytic FLOPs over the step time, against the peak).
 
-def _parse_size(size: str) -> tuple[int, int]:
+# Dense peak TFLOP/s of one device, by device kind (vendor data sheets, no sparsity), at the
+# compute dtype: bfloat16, and float32 as jax computes float32 matrix products by default
+# (TF32 tensor cores on NVIDIA GPUs, bfloat16 passes on TPUs).
+PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.0, "float32": 494.7},
+    "H100": {"bfloat16": 989.0, "float32": 494.7},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+    "L4": {"bfloat16": 121.0, "float32": 60.0},
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "TPU v6 lite": {"bfloat16": 918.0, "float32": 918.0},
+}
+
+
+def peak_tflops(device_kind: str, dtype: str = "bfloat16") -> float | None:
+  """The dense peak TFLOP/s of one device of `device_kind` (`jax.Device.device_kind`, e.g.
+  "NVIDIA H100 80GB HBM3", "TPU v5 lite") at the compute `dtype`, from PEAK_TFLOPS (a key
+  naming the kind as a whole word); None where unknown (CPUs)."""
+  for kind, peaks in PEAK_TFLOPS.items():
+    if re.search(rf"(?<!\w){re.escape(kind)}(?!\w)", device_kind):
+      return peaks.get(str(dtype))
+  return None
+
+
+def train_step_flops(config: ml_collections.ConfigDict) -> int:
+  """FLOPs of one training step of a run config, analytically: 3 x the forward pass (the
+  backward pass costs about twice the forward) x 2 FLOPs per multiply-add of `count_model` at
+  the training crop size (interpolation not counted) x the global batch. Traced from shapes:
+  nothing compiles or runs."""
+  height, width = config.augment.crop_size
+  return 3 * 2 * count_model(config, height, width)["total"] * int(config.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def define_flags() -> None:
+  """The command line's flags (`runtime.run` defines them: importing this module defines none)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
+                                  lock_config=True)
+  flags.DEFINE_string("size", None, "Input HxW (default: config.augment.crop_size).")
+  flags.mark_flag_as_required("config")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+  """'HxW' or 'S' -> (H, W)."""
   m = re.fullmatch(r"(\d+)(?:x(\d+))?", size)
   if not m:
     raise app.UsageError(f"--size={size}: expected HxW or a side, e.g. 512x683 or 640")
@@ -237,9 +285,11 @@ def _parse_size(size: str) -> tuple[int, int]:
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  config = _CONFIG.value
-  height, width = _parse_size(_SIZE.value) if _SIZE.value else config.augment.crop_size
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = flags.FLAGS.config
+  size = flags.FLAGS.size
+  height, width = parse_size(size) if size else config.augment.crop_size
   scopes, children = model_scopes(config, height, width)
   counts = summarize(scopes, children)
   outside_head = summarize(scopes, children, None).get("other", 0) if "head" in counts else 0
@@ -250,9 +300,5 @@ def main(argv: list[str]) -> None:
   print(f"GFLOPs: {counts['total'] / GIGA:.1f}")
 
 
-if __name__ == "__main__":  # flags only for the CLI: importing this module defines none
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
-                                            lock_config=True)
-  _SIZE = flags.DEFINE_string("size", None, "Input HxW (default: config.augment.crop_size).")
-  flags.mark_flag_as_required("config")
-  app.run(main, flags_parser=config_utils.parse_flags)
+if __name__ == "__main__":
+  sys.exit(runtime.run(main, define_flags=define_flags))

@@ -3,14 +3,12 @@
 Mesh axes: `data` (batch), `fsdp` (batch and parameter shards), `tensor` (heads / MLP).
 Parameters and activations carry logical axis names (see `segvit_jax.models.layers`); the
 rules below map them to mesh axes. With `fsdp = tensor = 1` this is plain data parallelism.
-
-Several processes (hosts): `distributed_args` decides how `train.py` calls
-`jax.distributed.initialize`, before anything else touches jax.
+A batch goes onto the mesh with `global_batch`; `gather_params` brings sharded arrays back to
+process 0. (Several processes: `segvit_jax.runtime` starts them.)
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -88,104 +86,10 @@ def global_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> di
           for k, v in batch.items()}
 
 
-def distributed_args(flags: Mapping[str, Any], environ: Mapping[str, str]
-                     ) -> dict[str, Any] | None:
-  """Keyword arguments for `jax.distributed.initialize`, or None for a single process.
-
-  `flags`: `coordinator_address`, `num_processes`, `process_id` (None when not given).
-  In this order:
-    1. Explicit: any of the three flags given -> all three are required, and passed on
-       (bare multi-host GPU, or a launcher jax does not know).
-    2. Automatic, `{}` (jax's cluster detection fills in everything) when `environ` says this
-       is one process of several:
-       - a multi-host TPU slice on GKE: `TPU_WORKER_HOSTNAMES` (or `TPU_PROCESS_ADDRESSES`)
-         lists more than one host;
-       - a TPU multislice: `MEGASCALE_COORDINATOR_ADDRESS` is set;
-       - SLURM: `SLURM_NTASKS` > 1 and `SLURM_PROCID` set (an `srun` task; a bare `salloc`
-         shell has no SLURM_PROCID). jax reads the coordinator from SLURM_STEP_NODELIST.
-    3. Otherwise None: one process. A Cloud TPU VM pod slice started with
-       `gcloud ... ssh --worker=all` needs no call (the TPU runtime forms the slice from the
-       VM metadata); pass the flags there to force one.
-  """
-  explicit = {k: flags.get(k) for k in ("coordinator_address", "num_processes", "process_id")}
-  given = {k: v for k, v in explicit.items() if v is not None}
-  if given:
-    missing = sorted(set(explicit) - set(given))
-    if missing:
-      raise ValueError(f"--{', --'.join(sorted(given))} given without --{', --'.join(missing)}: "
-                       "a multi-process run needs all of --coordinator_address, "
-                       "--num_processes and --process_id")
-    if not 0 <= explicit["process_id"] < explicit["num_processes"]:
-      raise ValueError(f"--process_id={explicit['process_id']} is not in "
-                       f"[0, --num_processes={explicit['num_processes']})")
-    return explicit
-  hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
-  if len([h for h in hosts.split(",") if h.strip()]) > 1:
-    return {}
-  if environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-    return {}
-  try:
-    slurm_tasks = int(environ.get("SLURM_NTASKS", "1"))
-  except ValueError:
-    slurm_tasks = 1
-  if slurm_tasks > 1 and "SLURM_PROCID" in environ:
-    return {}
-  return None
-
-
-def define_distributed_flags() -> tuple:
-  """--coordinator_address / --num_processes / --process_id, for train.py and eval.py."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  return (
-      flags.DEFINE_string(
-          "coordinator_address", None, "host:port of process 0, for a multi-process run that "
-          "jax does not detect by itself (with --num_processes and --process_id)."),
-      flags.DEFINE_integer("num_processes", None, "Processes in the run."),
-      flags.DEFINE_integer("process_id", None, "This process's index, 0-based."),
-  )
-
-
-DEFAULT_COMPILATION_CACHE = "~/.cache/segvit_jax/xla"
-
-
-def default_compilation_cache() -> str:
-  """$JAX_COMPILATION_CACHE_DIR if set, else DEFAULT_COMPILATION_CACHE."""
-  return os.environ.get("JAX_COMPILATION_CACHE_DIR", DEFAULT_COMPILATION_CACHE)
-
-
-def define_cache_flag():
-  """--compilation_cache, for train.py and eval.py."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  return flags.DEFINE_string(
-      "compilation_cache", default_compilation_cache(),
-      "Directory of jax's persistent compilation cache: a rerun with the same shapes (a resumed "
-      "training run, eval of each checkpoint) loads its programs instead of compiling them. "
-      "'' turns it off. Default: $JAX_COMPILATION_CACHE_DIR, else " + DEFAULT_COMPILATION_CACHE)
-
-
-def enable_compilation_cache(path: str | None) -> None:
-  """Points jax's persistent compilation cache at `path` (programs that took >= 1 s to
-  compile are kept); None or '' leaves it off."""
-  if path:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-
-
-def initialize_distributed(flag_holders: tuple, environ: Mapping[str, str]) -> bool:
-  """Calls `jax.distributed.initialize` when `distributed_args` says this is one process of
-  several (before anything else touches jax); exits with the reason on inconsistent flags.
-  Then logs at INFO on process 0 and at WARNING on the others. Returns whether it initialised."""
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  names = ("coordinator_address", "num_processes", "process_id")
-  try:
-    args = distributed_args({n: h.value for n, h in zip(names, flag_holders)}, environ)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  if args is not None:
-    jax.distributed.initialize(**args)
-  logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
-  if args is None:
-    return False
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
-  return True
+def gather_params(params: Any, mesh: jax.sharding.Mesh) -> Any:
+  """`params` (any pytree sharded over `mesh`, which may span processes) as numpy arrays on
+  process 0, None on the others. A collective: every process must call it."""
+  replicated_params = jax.jit(lambda p: p, out_shardings=replicated(mesh))(params)
+  if jax.process_index() != 0:
+    return None
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), replicated_params)

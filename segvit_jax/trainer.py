@@ -1,6 +1,8 @@
-"""The training loop behind `train.py` (big_vision style, one readable function):
-mesh -> data -> model and optimizer shapes via `jax.eval_shape` -> shardings -> jitted init
-with `out_shardings` -> jitted step with donated state -> resume -> loop.
+"""The training loop behind `train.py` (big_vision style, one readable function in commented
+sections): data -> mesh -> model and optimizer shapes via `jax.eval_shape` -> shardings ->
+jitted init with `out_shardings` -> jitted step with donated state, compiled once from shapes
+-> resume -> loop. The loop's steps besides the train step itself (checking the loss, logging
+a window of steps, evaluating and keeping the best) are the methods of `Loop`.
 
 Resuming: rerunning with the same workdir restores the latest checkpoint (train state, step
 and the data iterator position) and continues bit-identically. A checkpoint written by another
@@ -15,19 +17,21 @@ step equals the whole-batch step up to float rounding (see `accumulated_value_an
 
 Best parameters (`config.eval.best_metric`): after each evaluation during training, results
 that beat the best so far are kept as a model bundle in WORKDIR/best/, with their record
-{"step", "metric", "value"} in WORKDIR/best.json (see `BestKeeper`). A resumed run reads the
-record back, so it only replaces best/ with better parameters.
+{"step", "metric", "value"} in WORKDIR/best.json (`checkpoint.BestKeeper`). A resumed run reads
+the record back, so it only replaces best/ with better parameters.
+
+Throughput: each log line and metrics.jsonl entry carries steps/s, images/s, the achieved
+TFLOP/s (`tflops`: the analytic FLOPs of one step, `flops.train_step_flops`, over the step
+time) and, on devices of known peak (`flops.PEAK_TFLOPS`), the model FLOPs utilisation (`mfu`:
+achieved / the peak of all the mesh's devices at the compute dtype).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import os
-import re
-import shutil
 import time
 from typing import Any, Callable
 
@@ -38,31 +42,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from segvit_jax import checkpoint as ckpt_lib
-from segvit_jax import bundle, convert, losses, optim, sharding
+from segvit_jax import bundle, checkpoint, convert, flops, losses, optim, runtime, sharding
 from segvit_jax.data import pipeline, registry
 from segvit_jax.models import build_model, training_inputs, vit
 
 
 class NonFiniteLossError(FloatingPointError):
   pass
-
-
-def quiet_library_logs(libraries: tuple[str, ...] = ("orbax", "grain")) -> None:
-  """Keeps warnings but drops the INFO chatter of `libraries` (orbax logs every save)."""
-  import logging as py_logging  # pylint: disable=g-import-not-at-top
-
-  class _Filter(py_logging.Filter):
-    def filter(self, record):
-      return record.levelno >= py_logging.WARNING or not any(
-          f"/{lib}/" in record.pathname for lib in libraries)
-
-  logging.get_absl_handler().addFilter(_Filter())
 
 
 @flax.struct.dataclass
@@ -245,36 +234,6 @@ def memory_log_line(compiled: Any, abstract_state: TrainState, state_sh: TrainSt
               *(format_bytes(m[k]) for k in ("argument", "output", "temp", "total"))))
 
 
-def saved_process_count(checkpoint_dir: str, step: int) -> int | None:
-  """How many processes wrote the data-iterator state of checkpoint `step` (grain writes
-  `STEP/data/process_I-of-N.json`, one per process); None when it holds no iterator state."""
-  data_dir = os.path.join(checkpoint_dir, str(step), "data")  # orbax's default step naming
-  names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
-  counts = {int(m.group(1)) for m in
-            (re.fullmatch(r"process_\d+-of-(\d+)\.json", n) for n in names) if m}
-  if len(counts) > 1:
-    raise ValueError(f"{data_dir} mixes iterator states of {sorted(counts)} processes")
-  return counts.pop() if counts else None
-
-
-_BARRIER_IDS = itertools.count()
-
-
-def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
-  """Blocks until every process gets here: a barrier of the coordination service, not a device
-  collective. CPU collectives (gloo) fail when one process reaches its first collective 30 s
-  after another, and compiling or process 0's set-up can take that much longer on one host.
-  Returns at once in a single process, or without a distributed client (a TPU slice that the
-  runtime set up without `jax.distributed.initialize`, where no such limit applies)."""
-  if jax.process_count() == 1:
-    return
-  try:
-    sync = ocp.multihost.get_barrier_sync_fn()
-  except ValueError:  # no distributed client
-    return
-  sync(key=f"segvit_{name}_{next(_BARRIER_IDS)}", timeout_ms=timeout_s * 1000)
-
-
 def format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -307,173 +266,135 @@ class MetricsWriter:
       self.jsonl.close()
 
 
-BEST_DIR = "best"
-BEST_RECORD = "best.json"
+def is_due(step: int, every: int, total: int) -> bool:
+  """Whether something done every `every` steps (and after the last) falls on `step`."""
+  return step % every == 0 or step == total
 
 
-def is_improvement(value: float, best: float | None) -> bool:
-  """Whether evaluation result `value` beats `best` (higher is better, strictly greater).
-  NaN never wins; any other value beats no best (None)."""
-  return not math.isnan(value) and (best is None or value > best)
+@dataclasses.dataclass(frozen=True)
+class Utilisation:
+  """Achieved TFLOP/s and the model FLOPs utilisation of a step rate: `step_flops` (analytic
+  FLOPs of one step, `flops.train_step_flops`) x steps/s, against `peak_tflops` (one device's,
+  None where unknown: no MFU) x `num_devices`."""
+  step_flops: int
+  peak_tflops: float | None
+  num_devices: int
+
+  def scalars(self, steps_per_s: float) -> dict[str, float]:
+    tflops = self.step_flops * steps_per_s / 1e12
+    if not self.peak_tflops:
+      return {"tflops": tflops}
+    return {"tflops": tflops, "mfu": tflops / (self.peak_tflops * self.num_devices)}
+
+  def describe(self) -> str:
+    peak = ("no known peak: TFLOP/s, no MFU" if not self.peak_tflops else
+            f"peak {self.peak_tflops:g} TFLOP/s x {self.num_devices} device(s)")
+    return f"train step: {self.step_flops / 1e9:.4g} GFLOPs (analytic); {peak}"
 
 
-def gather_params(params: Any, mesh: jax.sharding.Mesh) -> Any:
-  """`params` (any pytree sharded over `mesh`, which may span processes) as numpy arrays on
-  process 0, None on the others. A collective: every process must call it."""
-  replicated = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(params)
+class Loop:
+  """What the training loop carries from step to step, and its steps besides the train step:
+  checking losses (`queue_loss`, `check_pending_loss`), logging a window of steps (`log`),
+  evaluating and keeping the best parameters (`evaluate`)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, start: int, *, model: nn.Module,
+               mesh: jax.sharding.Mesh, ckpt: checkpoint.Checkpointer, writer: MetricsWriter,
+               utilisation: Utilisation, evaluate_fn: Callable | None = None,
+               best: checkpoint.BestKeeper | None = None):
+    self.config, self.model, self.mesh, self.ckpt = config, model, mesh, ckpt
+    self.writer, self.utilisation = writer, utilisation
+    self.evaluate_fn, self.best = evaluate_fn, best
+    self.pending = None  # (step, metrics) of the step whose loss is not checked yet
+    self.start_window(start)
+
+  def start_window(self, step: int) -> None:
+    """The steps after `step` form the next log window: their losses and time."""
+    self.window_start, self.window_losses, self.t0 = step, [], time.perf_counter()
+
+  def check_loss(self, step: int, metrics: dict) -> float:
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(
+          f"non-finite loss ({loss}) at step {step}: stopping. The last good checkpoint "
+          f"({self.ckpt.latest_step()}) in {self.ckpt.directory} is intact. Lower optim.lr, "
+          f"check the data, or set model.dtype='float32'.")
+    return loss
+
+  def queue_loss(self, step: int, metrics: dict) -> None:
+    """Checks the previous step's loss while this one runs (keeps dispatch asynchronous)."""
+    if self.pending is not None:
+      self.window_losses.append(self.check_loss(*self.pending))
+    self.pending = (step, metrics)
+
+  def check_pending_loss(self) -> None:
+    """Checks the last step's loss now: before anything is logged or saved from it."""
+    if self.pending is not None:
+      self.window_losses.append(self.check_loss(*self.pending))
+      self.pending = None
+
+  def log(self, step: int, metrics: dict) -> dict[str, float]:
+    """Writes the window's scalars (the last step's metrics, the window's mean loss and speed)
+    to metrics.jsonl and TensorBoard and a line to the console; returns the scalars."""
+    config, total = self.config, self.config.total_steps
+    dt = time.perf_counter() - self.t0
+    steps_per_s = (step - self.window_start) / dt
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    scalars = {**host, "loss_avg": float(np.mean(self.window_losses)),
+               "steps_per_s": steps_per_s, "images_per_s": steps_per_s * config.batch_size,
+               **self.utilisation.scalars(steps_per_s)}
+    self.writer.write(step, scalars)
+    if jax.process_index() == 0:
+      terms = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in host.items()
+                       if k.startswith("loss_"))
+      mfu = f" MFU {scalars['mfu']:.1%}" if "mfu" in scalars else ""
+      logging.info(
+          "step %d/%d | loss %.4f (%s) | lr %.3g | grad_norm %.3g | %.2f steps/s "
+          "%.1f img/s %.3g TFLOP/s%s | ETA %s", step, total, scalars["loss"], terms,
+          scalars["lr"], scalars["grad_norm"], steps_per_s, scalars["images_per_s"],
+          scalars["tflops"], mfu, format_eta((total - step) / max(steps_per_s, 1e-9)))
+    if config.dataset.get("skip_bad_examples", False):
+      skipped = pipeline.skipped_examples()
+      if skipped:
+        logging.info("skipped bad examples so far (this process, in-process reads): %d "
+                     "file(s), %d read(s)", len(skipped), sum(skipped.values()))
+    self.start_window(step)
+    return scalars
+
+  def evaluates(self, step: int) -> bool:
+    every = self.config.eval_every
+    return self.evaluate_fn is not None and bool(every) and is_due(
+        step, every, self.config.total_steps)
+
+  def evaluate(self, step: int, state: TrainState) -> None:
+    """Evaluates `state`'s parameters, logs the headline results and keeps the parameters in
+    WORKDIR/best/ when they are the best so far."""
+    results = self.evaluate_fn(self.model, {"params": state.params, **state.model_state},
+                               self.config)
+    shown = {k: float(results[k]) for k in EVAL_HEADLINES if k in results}
+    logging.info("step %d eval: %s", step, " ".join(f"{k} {v:.2f}" for k, v in shown.items()))
+    self.writer.write(step, {f"eval/{k}": v for k, v in shown.items()})
+    if self.best is not None:
+      self.best.update(step, results, lambda: sharding.gather_params(
+          (state.params, state.model_state), self.mesh))
+
+
+def write_run_files(workdir: str, config: ml_collections.ConfigDict, class_names: Any,
+                    categories: list | None = None) -> None:
+  """WORKDIR/config.json, classes.txt and (panoptic data) categories.json, which
+  `checkpoint.load_model` reads back (process 0)."""
   if jax.process_index() != 0:
-    return None
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), replicated)
+    return
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, "classes.txt"), "w") as f:
+    f.write("\n".join(class_names) + "\n")
+  if categories is not None:
+    checkpoint.write_json(os.path.join(workdir, bundle.CATEGORIES_FILE), categories)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
-def replace_dir(src: str, dst: str) -> None:
-  """Moves the complete directory `src` to `dst`, replacing `dst`. POSIX cannot swap two
-  directories in one rename, so the old `dst` steps aside to `dst.old` first: a crash leaves
-  `dst` whole (old or new) or, between the two renames, missing with the old one whole in
-  `dst.old`, which `recover_dir(dst)` moves back."""
-  old = dst + ".old"
-  if os.path.exists(old):
-    shutil.rmtree(old)
-  if os.path.exists(dst):
-    os.replace(dst, old)
-  try:
-    os.replace(src, dst)
-  except BaseException:
-    if os.path.exists(old) and not os.path.exists(dst):
-      os.replace(old, dst)
-    raise
-  shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(dst: str) -> None:
-  """Undoes what a crash inside `replace_dir` (or before it) left: drops the half-written
-  `dst.tmp`, and moves `dst.old` back when `dst` is missing."""
-  tmp, old = dst + ".tmp", dst + ".old"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  if os.path.exists(old):
-    if os.path.exists(dst):
-      shutil.rmtree(old)
-    else:
-      os.replace(old, dst)
-      logging.warning("restored %s from %s (a run stopped while replacing it)", dst, old)
-
-
-def read_best(workdir: str) -> dict | None:
-  """The record {"step", "metric", "value"} of the parameters kept in WORKDIR/best/, or None.
-
-  WORKDIR/best.json is written after best/ is swapped in, and the bundle in best/ carries the
-  same record (its config.json's "best"): where a crash fell between the two writes they
-  differ, and the bundle's record, which describes the parameters on disk, wins."""
-  path = os.path.join(workdir, BEST_DIR)
-  in_bundle = bundle.read_config(path).get("best") if bundle.is_bundle(path) else None
-  record_file = os.path.join(workdir, BEST_RECORD)
-  record = None
-  if os.path.isfile(record_file):
-    with open(record_file) as f:
-      record = json.load(f)
-  if record != in_bundle:
-    logging.warning("%s says %s but %s holds %s: keeping the latter", record_file, record,
-                    path, in_bundle)
-    if in_bundle is None:
-      os.remove(record_file)
-    else:
-      _write_json(record_file, in_bundle)
-  return in_bundle
-
-
-class BestKeeper:
-  """Keeps the parameters of the best evaluation so far as a model bundle in WORKDIR/best/
-  (`bundle.save_bundle`, with its record as config.json's "best") and the record
-  {"step", "metric", "value"} in WORKDIR/best.json.
-
-  Every process calls `update` after each evaluation (gathering sharded parameters is a
-  collective); process 0 decides and writes. A new best is written to WORKDIR/best.tmp/ and
-  swapped in (`replace_dir`), so a crash never leaves a half-written best/ nor loses the
-  previous one. A resumed run reads the record back (`read_best`); a record of another metric
-  is dropped (the next evaluation replaces best/).
-  """
-
-  def __init__(self, workdir: str, metric: str, **bundle_kwargs):
-    """`bundle_kwargs`: `model_cfg`, `mean`, `std`, `class_names` and extra entries of the
-    bundle's config.json (`bundle.save_bundle`)."""
-    self.workdir, self.metric, self.bundle_kwargs = workdir, metric, bundle_kwargs
-    self.path = os.path.join(workdir, BEST_DIR)
-    self.active = jax.process_index() == 0
-    self.best = None
-    if self.active:
-      recover_dir(self.path)
-      self.best = read_best(workdir)
-      if self.best is not None and self.best["metric"] != metric:
-        logging.warning("%s keeps the best %s; this run keeps the best %s: the next "
-                        "evaluation replaces it", self.path, self.best["metric"], metric)
-        self.best = None
-
-  def update(self, step: int, results: dict, get_variables: Callable[[], Any]) -> bool:
-    """Writes `get_variables()` (called on every process; (params, model_state) as host arrays
-    on process 0) as the new best if `results[metric]` beats the best so far. Returns whether
-    it did."""
-    if self.metric not in results:
-      raise KeyError(f"config.eval.best_metric={self.metric!r} is not an evaluation result; "
-                     f"expected one of {sorted(k for k in results if k != 'per_class')}")
-    value = float(results[self.metric])
-    improved = self.active and is_improvement(
-        value, None if self.best is None else self.best["value"])
-    if jax.process_count() > 1:  # process 0's decision: every process must gather, or none
-      improved = bool(multihost_utils.broadcast_one_to_all(np.int32(improved)))
-    if not improved:
-      if self.active:
-        logging.info("%s %.2f at step %d: best stays %s", self.metric, value, step,
-                     self._describe(self.best))
-      return False
-    variables = get_variables()
-    if self.active:
-      params, model_state = variables
-      record = {"step": step, "metric": self.metric, "value": value}
-      recover_dir(self.path)  # a leftover best.tmp/
-      bundle.save_bundle(self.path + ".tmp", params, step=step, best=record,
-                         model_state=model_state, **self.bundle_kwargs)
-      replace_dir(self.path + ".tmp", self.path)
-      _write_json(os.path.join(self.workdir, BEST_RECORD), record)
-      logging.info("new best %s %.2f at step %d (was %s): wrote %s", self.metric, value, step,
-                   self._describe(self.best), self.path)
-      self.best = record
-    wait_for_all_processes("best")  # the others wait here, not in a collective that times out
-    return True
-
-  @staticmethod
-  def _describe(record: dict | None) -> str:
-    return "none" if record is None else f"{record['value']:.2f} at step {record['step']}"
-
-
-def train(config: ml_collections.ConfigDict, workdir: str,
-          evaluate_fn: Callable | None = None) -> dict[str, float]:
-  """Trains until `config.total_steps`; returns the last logged scalars."""
-  os.makedirs(workdir, exist_ok=True)
-
-  # Data first: a missing dataset fails here, within seconds.
-  train_source = registry.get_source(config.dataset, config.dataset.train_split)
-  class_names = train_source.class_names
-  # Panoptic data: the COCO category ids and thing flags, which panoptic output needs.
-  categories = getattr(train_source, "categories", None)
-  bundle_extra = {"categories": categories.as_json()} if hasattr(categories, "as_json") else {}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "classes.txt"), "w") as f:
-      f.write("\n".join(class_names) + "\n")
-    if bundle_extra:
-      _write_json(os.path.join(workdir, bundle.CATEGORIES_FILE), bundle_extra["categories"])
-
-  # Mesh.
-  mesh = sharding.make_mesh(config.mesh)
+def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+  """The micro-batches per step (`config.grad_accum_steps`), once the global batch is known to
+  split into them and over the mesh's batch shards."""
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   accum = int(config.grad_accum_steps)
   if accum < 1:
@@ -483,6 +404,52 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         f"config.batch_size={config.batch_size} is not divisible by "
         + (f"config.grad_accum_steps={accum} x " if accum > 1 else "")
         + f"the {n_batch_shards} batch shards of mesh {dict(mesh.shape)}")
+  return accum
+
+
+def restore_or_init(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
+                    start: int | None, abstract_state: TrainState, state_sh: TrainState,
+                    init_fn: Callable, data_iter: Any, mesh: jax.sharding.Mesh
+                    ) -> tuple[TrainState, int]:
+  """(state, step): checkpoint `start` restored (with the data iterator's position when it was
+  saved by as many processes as this run has), or, without one (`start` None), the initial
+  state (with `config.model_init` merged in) at step 0."""
+  if start is None:
+    state = init_fn(jax.random.key(config.seed))
+    if config.model_init:
+      state = _load_init(config, state, state_sh)
+    return state, 0
+  saved = checkpoint.saved_process_count(ckpt.directory, start)
+  restore_iter = data_iter
+  if saved != jax.process_count():
+    restore_iter = None
+    logging.warning(
+        "checkpoint %d holds the data iterator state of %s process(es), this run has %d: "
+        "restoring the train state only (resharded onto mesh %s); the data order restarts "
+        "from a fresh per-process shuffle.", start, saved or "no", jax.process_count(),
+        dict(mesh.shape))
+  state = ckpt.restore(abstract_state, restore_iter, step=start)
+  logging.info("resumed from %s at step %d", ckpt.directory, start)
+  return state, start
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          evaluate_fn: Callable | None = None) -> dict[str, float]:
+  """Trains until `config.total_steps`; returns the last logged scalars. `evaluate_fn(model,
+  variables, config) -> results` runs every `config.eval_every` steps (and after the last)."""
+  os.makedirs(workdir, exist_ok=True)
+
+  # Data first: a missing dataset fails here, within seconds.
+  train_source = registry.get_source(config.dataset, config.dataset.train_split)
+  class_names = train_source.class_names
+  # Panoptic data: the COCO category ids and thing flags, which panoptic output needs.
+  categories = getattr(train_source, "categories", None)
+  bundle_extra = {"categories": categories.as_json()} if hasattr(categories, "as_json") else {}
+  write_run_files(workdir, config, class_names, bundle_extra.get("categories"))
+
+  # Mesh.
+  mesh = sharding.make_mesh(config.mesh)
+  accum = check_batch(config, mesh)
   rules = sharding.LOGICAL_RULES
 
   # Model and optimizer shapes, then shardings.
@@ -506,6 +473,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                dict(mesh.shape), jax.process_count(), config.batch_size,
                f" in {accum} micro-batches of {config.batch_size // accum}" if accum > 1 else "")
 
+  # The train step: loss and gradients (summed over micro-batches), one optimizer update.
   def init(rng):
     variables = nn.meta.unbox(model.init(rng, dummy))
     params = variables["params"]
@@ -528,6 +496,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       model_state=model_state), metrics
 
+  # Its FLOPs, counted from shapes (nothing compiles), and the devices' peak: the MFU.
+  utilisation = Utilisation(
+      flops.train_step_flops(config),
+      flops.peak_tflops(mesh.devices.flat[0].device_kind, config.model.get("dtype", "float32")),
+      mesh.size)
+  logging.info("%s", utilisation.describe())
+
   batch_sh = sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     init_jit = jax.jit(init, out_shardings=state_sh)
@@ -538,7 +513,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         jax.eval_shape(init, jax.random.key(0)), state_sh)
 
     data_iter = pipeline.make_train_iterator(config)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
     start = ckpt.latest_step()
     if start is None and config.model_init:
       convert.require_init(config.model_init)  # before compiling anything
@@ -551,90 +526,34 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     logging.info("%s", memory_log_line(step_fn, abstract_state, state_sh))
 
     # Resume, or start.
-    if start is not None:
-      saved = saved_process_count(ckpt.directory, start)
-      restore_iter = data_iter
-      if saved != jax.process_count():
-        restore_iter = None
-        logging.warning(
-            "checkpoint %d holds the data iterator state of %s process(es), this run has %d: "
-            "restoring the train state only (resharded onto mesh %s); the data order restarts "
-            "from a fresh per-process shuffle.", start, saved or "no", jax.process_count(),
-            dict(mesh.shape))
-      state = ckpt.restore(abstract_state, restore_iter, step=start)
-      logging.info("resumed from %s at step %d", ckpt.directory, start)
-    else:
-      state = init_jit(jax.random.key(config.seed))
-      start = 0
-      if config.model_init:
-        state = _load_init(config, state, state_sh)
+    state, start = restore_or_init(config, ckpt, start, abstract_state, state_sh, init_jit,
+                                   data_iter, mesh)
 
+    # The loop: a train step, then whichever of logging, saving and evaluating falls on it.
     writer = MetricsWriter(workdir)
     best = None
     if evaluate_fn is not None and config.eval_every and config.eval.get("best_metric"):
-      best = BestKeeper(workdir, config.eval.best_metric, model_cfg=config.model,
-                        mean=config.mean, std=config.std, class_names=class_names,
-                        source=os.path.abspath(workdir), **bundle_extra)
-    total = config.total_steps
-    last, window_losses, t0, pending = {}, [], time.perf_counter(), None
-    window_start = start
-    wait_for_all_processes("first_step")
-
-    def check(step: int, metrics: dict) -> float:
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss}) at step {step}: stopping. The last good checkpoint "
-            f"({ckpt.latest_step()}) in {ckpt.directory} is intact. Lower optim.lr, check "
-            f"the data, or set model.dtype='float32'.")
-      return loss
-
+      best = checkpoint.BestKeeper(workdir, config.eval.best_metric, model_cfg=config.model,
+                                   mean=config.mean, std=config.std, class_names=class_names,
+                                   source=os.path.abspath(workdir), **bundle_extra)
+    loop = Loop(config, start, model=model, mesh=mesh, ckpt=ckpt, writer=writer,
+                utilisation=utilisation, evaluate_fn=evaluate_fn, best=best)
+    total, last = config.total_steps, {}
+    runtime.wait_for_all_processes("first_step")
     try:
       for step in range(start + 1, total + 1):
         batch = sharding.global_batch(next(data_iter), mesh)
         state, metrics = step_fn(state, batch)
-        # Check the previous step's loss while this one runs (keeps dispatch asynchronous).
-        if pending is not None:
-          window_losses.append(check(*pending))
-        pending = (step, metrics)
-
-        if step % config.log_every == 0 or step == total or step % config.ckpt_every == 0:
-          window_losses.append(check(*pending))
-          pending = None
-        if step % config.log_every == 0 or step == total:
-          dt = time.perf_counter() - t0
-          steps_per_s = (step - window_start) / dt
-          host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          last = {**host, "loss_avg": float(np.mean(window_losses)),
-                  "steps_per_s": steps_per_s,
-                  "images_per_s": steps_per_s * config.batch_size}
-          writer.write(step, last)
-          if jax.process_index() == 0:
-            terms = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in host.items()
-                             if k.startswith("loss_"))
-            logging.info(
-                "step %d/%d | loss %.4f (%s) | lr %.3g | grad_norm %.3g | %.2f steps/s "
-                "%.1f img/s | ETA %s", step, total, last["loss"], terms, last["lr"],
-                last["grad_norm"], steps_per_s, last["images_per_s"],
-                format_eta((total - step) / max(steps_per_s, 1e-9)))
-          if config.dataset.get("skip_bad_examples", False):
-            skipped = pipeline.skipped_examples()
-            if skipped:
-              logging.info("skipped bad examples so far (this process, in-process reads): %d "
-                           "file(s), %d read(s)", len(skipped), sum(skipped.values()))
-          window_losses, t0, window_start = [], time.perf_counter(), step
-        if step % config.ckpt_every == 0 or step == total:
+        loop.queue_loss(step, metrics)
+        logs, saves = is_due(step, config.log_every, total), is_due(step, config.ckpt_every, total)
+        if logs or saves:
+          loop.check_pending_loss()
+        if logs:
+          last = loop.log(step, metrics)
+        if saves:
           ckpt.save(step, state, data_iter)
-        if evaluate_fn is not None and config.eval_every and (
-            step % config.eval_every == 0 or step == total):
-          results = evaluate_fn(model, {"params": state.params, **state.model_state}, config)
-          shown = {k: float(results[k]) for k in EVAL_HEADLINES if k in results}
-          logging.info("step %d eval: %s", step,
-                       " ".join(f"{k} {v:.2f}" for k, v in shown.items()))
-          writer.write(step, {f"eval/{k}": v for k, v in shown.items()})
-          if best is not None:
-            best.update(step, results,
-                        lambda: gather_params((state.params, state.model_state), mesh))
+        if loop.evaluates(step):
+          loop.evaluate(step, state)
     finally:
       ckpt.close()
       writer.close()

@@ -378,8 +378,8 @@ def _segformer_official_key(key: str) -> str | None:
 def segformer_official_state_dict(sd: dict, *, encoder_only: bool = False,
                                   seed: int = 0) -> dict[str, np.ndarray]:
   """transformers' saved SegformerForSemanticSegmentation state dict -> the release's
-  (spec checkpoints.md, "SegFormer official release"): `backbone.*` (key and value packed in
-  `attn.kv`, key rows first) + `decode_head.*` with mmseg's unused `conv_seg` (random). With
+  (NVlabs/SegFormer's `mix_transformer.py` / `segformer_head.py`): `backbone.*` (key and value
+  packed in `attn.kv`, key rows first) + `decode_head.*` with mmseg's unused `conv_seg` (random). With
   `encoder_only`: an ImageNet `mit_bX.pth`, the backbone keys without `backbone.` plus a random
   1000-class `head.*`."""
   rng = np.random.default_rng(seed)
@@ -453,7 +453,7 @@ def _eomt_official_key(key: str) -> str | None:
 def eomt_official_state_dict(sd: dict, *, pixel_mean=IMAGENET_MEAN_01,
                              pixel_std=IMAGENET_STD_01) -> dict[str, np.ndarray]:
   """transformers' saved EomtForUniversalSegmentation state dict -> the release's
-  LightningModule state dict (spec checkpoints.md, "EoMT official release"):
+  LightningModule state dict (tue-mps/eomt's `training/lightning_module.py`):
   `network.encoder.backbone.*` in timm's DINOv2 names (`attn.qkv` (3D, D) = q, k, v stacked;
   `pos_embed` (1, N, D) without a cls slot, timm's no_embed_class; `reg_token`; SwiGLU packed as
   `mlp.fc1` (2h, D) = [gate; value], `mlp.fc2` = the down projection), `network.q.weight`,

@@ -1,8 +1,10 @@
 """The command-line tools end to end on a seconds-long synthetic run: train.py errors,
-eval.py, export_bundle, load_bundle / predict, predict.py."""
+eval.py, export_bundle, load_bundle / predict, predict.py; and the one command-line style of
+every entry point: --help lists its own flags and exits 0, a user's mistake is one line."""
 
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -11,8 +13,8 @@ from PIL import Image
 
 from configs import demo
 from segvit_jax import bundle as bundle_lib
-from segvit_jax import trainer
-from segvit_jax.data import synthetic
+from segvit_jax import checkpoint, trainer
+from segvit_jax.data import palettes, synthetic
 
 from tests import fabricate
 from tests.support import run
@@ -70,7 +72,7 @@ def test_bundle_export_load_predict(workdir, tmp_path):
   direct = b.model.apply(b.variables, padded)["semantic_scores"]
   np.testing.assert_allclose(scores, np.asarray(direct)[:, :, :44], atol=1e-6)
   # The workdir and the bundle load the same parameters.
-  w = bundle_lib.load_model(workdir)
+  w = checkpoint.load_model(workdir)
   np.testing.assert_array_equal(w.predict(images), scores)
 
 
@@ -95,6 +97,41 @@ def test_predict_cli(workdir, tmp_path):
   assert proc.returncode != 0 and "broken.jpg" in proc.stderr
 
 
+def painted_colours(overlay, image, label):
+  """{class: its colour} read back from a 50% overlay (JPEG-decoded): the median over the
+  class's pixels of 2 x overlay - image."""
+  colour = 2.0 * np.asarray(overlay, np.float64) - np.asarray(image, np.float64)
+  return {int(c): np.median(colour[label == c], axis=0) for c in np.unique(label)
+          if np.sum(label == c) >= 64}
+
+
+def nearest(colour, palette):
+  return int(np.argmin(np.linalg.norm(palette.astype(np.float64) - colour, axis=-1)))
+
+
+def test_predict_and_eval_pictures_share_the_classes_palette(workdir, tmp_path):
+  """predict.py's overlays and eval.py's pictures colour a class alike: with the palette of
+  the classes' names (`palettes.palette_for_class_names`), the one the bundle's class names and
+  the dataset's give: read back from the JPEGs (lossy on small textured images), every class's
+  colour is nearest to its own palette entry."""
+  colours = palettes.palette_for_class_names(synthetic.CLASS_NAMES)
+  size = 96  # larger than the smoke run's images: regions big enough to read JPEG colours from
+  record = synthetic.SyntheticSegmentation("val", 4, size, seed=0)[0]
+  Image.fromarray(record["image"]).save(tmp_path / "photo.png")
+  run("predict.py", "--checkpoint", workdir, "--input", str(tmp_path / "photo.png"),
+      "--output", str(tmp_path / "pred"))
+  pred = np.asarray(Image.open(tmp_path / "pred" / "photo.png"))
+  got = painted_colours(Image.open(tmp_path / "pred" / "photo_overlay.jpg"), record["image"],
+                        pred)
+  assert got and all(nearest(colour, colours) == c for c, colour in got.items())
+  run("eval.py", "--config", "configs/demo.py:smoke", "--workdir", workdir, "--output",
+      str(tmp_path / "eval"), "--num_vis", "1", f"--config.dataset.image_size={size}")
+  panel = np.asarray(Image.open(tmp_path / "eval" / "pictures" / f"{record['name']}.jpg"))
+  truth = panel[:, size + 4:2 * size + 4]  # [image | ground truth | prediction], 4-pixel gaps
+  got = painted_colours(truth, record["image"], record["label"])
+  assert len(got) >= 3 and all(nearest(colour, colours) == c for c, colour in got.items())
+
+
 def test_train_ade20k_config_on_fabricated_copy(tmp_path):
   """The paper config's data path (ADE20K layout, reduce_zero_label, 150 classes, the mmseg
   augmentations, slide evaluation) end to end: its `:smoke` variant (the model shrunk, 64 px
@@ -110,3 +147,74 @@ def test_train_ade20k_config_on_fabricated_copy(tmp_path):
   with open(os.path.join(workdir, "classes.txt")) as f:
     classes = f.read().split("\n")
   assert classes[:3] == ["wall", "building", "sky"] and classes[149] == "flag"
+
+
+# ----------------------------------------------------------------------------------------------
+# One command-line style: every entry point's --help lists its own flags, one line each.
+
+DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
+# (command, its own flags, {alias: flag})
+ENTRY_POINTS = {
+    "train": (["train.py"], ("config", "workdir", *DISTRIBUTED, "compilation_cache"), {}),
+    "eval": (["eval.py"], ("config", "workdir", "checkpoint", "step", "output", "split",
+                           "num_vis", "scales", "flip", *DISTRIBUTED, "compilation_cache"),
+             {"num-vis": "num_vis"}),
+    "predict": (["predict.py"], ("checkpoint", "input", "output", "save_scores", "step", "task",
+                                 "size", "categories", "object_mask_threshold",
+                                 "overlap_threshold", "compilation_cache"),
+                {"save-scores": "save_scores", "object-mask-threshold": "object_mask_threshold",
+                 "overlap-threshold": "overlap_threshold",
+                 "compilation-cache": "compilation_cache"}),
+    "export_bundle": (["-m", "segvit_jax.export_bundle"], ("workdir", "output", "step"), {}),
+    "data.check": (["-m", "segvit_jax.data.check"], ("config", "split", "workers"), {}),
+    "data.coco_stuff": (["-m", "segvit_jax.data.coco_stuff"], ("symlink", "quiet"), {}),
+    "data.cocostuff": (["-m", "segvit_jax.data.cocostuff"], ("symlink", "quiet"), {}),
+    "data.synthetic": (["-m", "segvit_jax.data.synthetic"],
+                       ("output", "split", "num", "size", "seed"), {}),
+    "flops": (["-m", "segvit_jax.flops"], ("config", "size"), {}),
+    "convert": (["-m", "segvit_jax.convert"],
+                ("from", "to", "config", "image_size", "patch_size", "posemb_resize",
+                 "patch_resize", "num_heads", "mean", "std", "trust_pickle"),
+                {"image-size": "image_size", "patch-size": "patch_size",
+                 "posemb-resize": "posemb_resize", "patch-resize": "patch_resize",
+                 "num-heads": "num_heads", "trust-pickle": "trust_pickle"}),
+}
+HELP_SECONDS = 60  # imports only (measured: 2-3 s each on an idle core)
+FLAG_LINE = re.compile(r"  --(?:\[no\])?(\w+)(?: \(alias ([^)]*)\))?: \S.*")
+
+
+@pytest.mark.parametrize("name", list(ENTRY_POINTS))
+def test_help_lists_own_flags_and_exits_0(name):
+  command, own, aliases = ENTRY_POINTS[name]
+  for arg in ("--help", "-h"):
+    t0 = time.perf_counter()
+    proc = run(*command, arg, check=False)
+    assert time.perf_counter() - t0 < HELP_SECONDS
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("  --")]
+    matches = [FLAG_LINE.fullmatch(line) for line in lines]
+    assert all(matches), lines  # `--name: help (default: value)`, one line each
+    assert [m.group(1) for m in matches] == list(own), proc.stdout  # no library's flags
+    assert not any("grain" in line or "orbax" in line for line in lines)
+    listed = {a.removeprefix("--"): m.group(1) for m in matches if m.group(2)
+              for a in m.group(2).split(", ")}
+    assert listed == aliases
+
+
+@pytest.mark.parametrize("args, line", [
+    (["predict.py", "--checkpoint", "runs/none", "--input", "/nonexistent/photo.jpg",
+      "--output", "/tmp/out"], "error: FileNotFoundError: input /nonexistent/photo.jpg does not "
+                               "exist"),
+    (["eval.py", "--config", "configs/demo.py:smoke"], "error: give --workdir or --checkpoint"),
+    (["-m", "segvit_jax.export_bundle", "--workdir", "runs/none"],
+     "error: flag --output=None: Flag --output must have a value other than None."),
+    (["-m", "segvit_jax.flops", "--config", "configs/demo.py", "--size", "12y"],
+     "error: --size=12y: expected HxW or a side, e.g. 512x683 or 640"),
+    (["-m", "segvit_jax.data.coco_stuff", "raw"],
+     "error: expected RAW OUT: the unpacked cocostuff-10k release and the output directory"),
+])
+def test_a_users_mistake_is_one_line(args, line):
+  proc = run(*args, check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.splitlines()[-1] == line, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr

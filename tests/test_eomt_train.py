@@ -5,7 +5,7 @@ evaluation runs the plain model (no masks, no intermediate predictions)."""
 
 import numpy as np
 
-from segvit_jax import bundle, trainer
+from segvit_jax import checkpoint, trainer
 from segvit_jax.evaluation import evaluate
 from segvit_jax.models import eomt
 from tests.support import read_metrics, smoke_config
@@ -50,7 +50,7 @@ def test_small_eomt_trains_with_annealed_masked_attention(tmp_path):
     np.testing.assert_allclose((m["mask_probs_0"], m["mask_probs_1"]), want, rtol=1e-6)
   assert (metrics[0]["mask_probs_0"], metrics[-1]["mask_probs_1"]) == (1.0, 0.0)
   # Evaluation: the plain model on the held-out synthetic split.
-  model = bundle.load_model(str(tmp_path))
+  model = checkpoint.load_model(str(tmp_path))
   out = model.model.apply(model.variables, np.zeros((1, 32, 32, 3), np.float32))
   assert out["aux_outputs"] == []
   results = evaluate(model.model, model.variables, c)

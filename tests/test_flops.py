@@ -321,3 +321,19 @@ def test_depthwise_conv_counts_as_the_convolution_it_replaces():
                  nn.Conv(6, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=6)):
     params = jax.eval_shape(module.init, jax.random.key(0), x)
     assert flops.count_macs(jax.make_jaxpr(module.apply)(params, x)) == 2 * 9 * 13 * 6 * 9
+
+
+def test_peak_lookup_by_device_kind_and_dtype():
+  assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # bfloat16 by default
+  assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 494.7  # TF32 tensor cores
+  assert flops.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
+  assert flops.peak_tflops("TPU v5 lite", "float32") == 197.0  # bfloat16 passes
+  assert flops.peak_tflops("NVIDIA L4") == 121.0
+  assert flops.peak_tflops("NVIDIA L40S") is None  # not the L4: whole names only
+  assert flops.peak_tflops("cpu") is None
+
+
+def test_train_step_flops_are_three_forward_passes_of_the_batch():
+  config = segvit_vit_b16_ade20k.get_config()
+  per_image = counted(segvit_vit_b16_ade20k)["total"]  # at the crop size, 512 x 512
+  assert flops.train_step_flops(config) == 3 * 2 * per_image * config.batch_size

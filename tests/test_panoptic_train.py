@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import eomt_vit_l_ade20k, eomt_vit_l_coco_panoptic
-from segvit_jax import bundle, trainer
+from segvit_jax import checkpoint, trainer
 from segvit_jax.data import coco_panoptic, pipeline
 from segvit_jax.data import transforms as T
 from segvit_jax.losses import LOSSES
@@ -489,7 +489,7 @@ def test_small_eomt_trains_on_fabricated_coco_panoptic(trained):
   with open(os.path.join(workdir, "classes.txt")) as f:
     assert f.read().split() == [cat["name"] for cat in fabricate.coco_categories()]
   # The COCO category ids and thing flags travel with the workdir (panoptic output needs them).
-  categories = bundle.load_model(workdir).config.categories
+  categories = checkpoint.load_model(workdir).config.categories
   assert [(c["id"], c["isthing"]) for c in categories] == [
       (c["id"], c["isthing"]) for c in fabricate.coco_categories()]
 

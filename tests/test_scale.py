@@ -1,6 +1,6 @@
 """Scaling out, on one device: gradient accumulation equals the whole-batch step, bfloat16
-compute keeps float32 parameters, optimizer state and gradients, the start-up memory log, and
-the multi-process start-up decision (`sharding.distributed_args`).
+compute keeps float32 parameters, optimizer state and gradients, and the start-up memory log.
+(The multi-process start-up decision, `runtime.distributed_args`: tests/test_runtime.py.)
 
 The runs train the smoke config for 3 steps with batch 8, the full learning rate from step 1
 and dropout / drop path off (so micro-batches draw no random numbers that the whole batch
@@ -276,46 +276,3 @@ def test_bytes_per_device_follows_shardings():
           "b": jax.ShapeDtypeStruct((3,), jnp.bfloat16)}
   sh = jax.tree.map(lambda _: sharding.replicated(mesh), tree)
   assert trainer.bytes_per_device(tree, sh) == 4 * 8 * 4 + 3 * 2
-
-
-# ----------------------------------------------------------------------------------------------
-# Multi-process start-up.
-
-NO_FLAGS = {"coordinator_address": None, "num_processes": None, "process_id": None}
-
-
-@pytest.mark.parametrize("environ, expected", [
-    ({}, None),
-    ({"HOME": "/root"}, None),
-    # GKE multi-host TPU slice: jax reads the hosts and the worker id itself.
-    ({"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3", "TPU_WORKER_ID": "2"}, {}),
-    ({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8476,10.0.0.2:8476"}, {}),
-    ({"TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}, None),  # one host
-    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1:8080", "MEGASCALE_NUM_SLICES": "2"}, {}),
-    # SLURM: an srun task of several; a one-task job or a bare salloc shell is one process.
-    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "1", "SLURM_JOB_ID": "7"}, {}),
-    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_ID": "7"}, None),
-    ({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}, None),
-])
-def test_distributed_args_from_environment(environ, expected):
-  assert sharding.distributed_args(NO_FLAGS, environ) == expected
-
-
-def test_distributed_args_explicit_flags_win():
-  flags = {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 0}
-  slurm = {"SLURM_NTASKS": "4", "SLURM_PROCID": "1"}
-  assert sharding.distributed_args(flags, slurm) == flags
-  assert sharding.distributed_args(flags, {}) == flags
-
-
-@pytest.mark.parametrize("flags, message", [
-    ({"coordinator_address": "h:1"},
-     "--coordinator_address given without --num_processes, --process_id"),
-    ({"num_processes": 2, "process_id": 1},
-     "--num_processes, --process_id given without --coordinator_address"),
-    ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2},
-     "--process_id=2 is not in [0, --num_processes=2)"),
-])
-def test_distributed_args_errors(flags, message):
-  with pytest.raises(ValueError, match=re.escape(message)):
-    sharding.distributed_args({**NO_FLAGS, **flags}, {})

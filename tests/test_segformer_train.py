@@ -56,7 +56,7 @@ def test_segformer_trains_and_its_batch_norm_statistics_are_state(tmp_path):
     np.testing.assert_array_equal(again[k], at20[k], err_msg=k)
   # Evaluation reads them and leaves them alone: a workdir loads with its statistics, and the
   # scores of one image do not change from call to call.
-  model = bundle.load_model(straight)
+  model = checkpoint.load_model(straight)
   stats = model.variables["batch_stats"]
   image = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
   first, second = model.predict(image), model.predict(image)

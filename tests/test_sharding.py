@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import pytest
 
-from segvit_jax import bundle, checkpoint, sharding, trainer
+from segvit_jax import checkpoint, sharding, trainer
 from tests.support import ROOT, device_env, free_port, results
 
 
@@ -61,7 +61,7 @@ import logging as py_logging
 import numpy as np
 from absl import logging
 from configs import demo
-from segvit_jax import checkpoint as ckpt_lib, sharding, trainer
+from segvit_jax import checkpoint as ckpt_lib, runtime, sharding, trainer
 from segvit_jax.data import pipeline, registry
 
 LOG = []  # this run's trainer warnings and memory line
@@ -77,7 +77,7 @@ class Recorder(py_logging.Handler):
 
 logging.get_absl_logger().addHandler(Recorder())
 logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
-trainer.quiet_library_logs()
+runtime.quiet_library_logs()
 
 SEEN = set()  # indices of the training examples this process read (all runs)
 orig_source = registry.get_source
@@ -484,7 +484,7 @@ def test_data_parallel_checkpoint_restores_as_fsdp_and_tensor(runs):
 @pytest.mark.skipif(jax.device_count() != 1, reason="loads on this process's devices")
 def test_checkpoint_from_8_devices_loads_on_one(runs):
   # eval.py / export_bundle on a workdir trained with another device count.
-  loaded = bundle.load_model(runs["tp"]["workdir"])
+  loaded = checkpoint.load_model(runs["tp"]["workdir"])
   want = np.load(os.path.join(runs["tp"]["workdir"], "final_params.npz"))
   got = {jax.tree_util.keystr(k): np.asarray(v)
          for k, v in jax.tree_util.tree_leaves_with_path(loaded.variables["params"])}
@@ -587,18 +587,3 @@ def test_train_py_fsdp_on_8_devices_matches_one_device(launched):
         jax.tree_util.keystr(k): np.asarray(v)
         for k, v in jax.tree_util.tree_leaves_with_path(params)})
   _assert_same_training(run8, run1)
-
-
-def test_compilation_cache_setting(monkeypatch, tmp_path):
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
-  assert sharding.default_compilation_cache() == str(tmp_path / "env")
-  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
-  assert sharding.default_compilation_cache() == sharding.DEFAULT_COMPILATION_CACHE
-  before = jax.config.jax_compilation_cache_dir
-  try:
-    sharding.enable_compilation_cache("")  # off: nothing changes
-    assert jax.config.jax_compilation_cache_dir == before
-    sharding.enable_compilation_cache(str(tmp_path / "cache"))
-    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
-  finally:
-    jax.config.update("jax_compilation_cache_dir", before)

@@ -1,9 +1,8 @@
 """Training end to end on the synthetic data: the loss goes down, resuming is bit-exact,
-a non-finite loss stops the run and leaves the last good checkpoint intact, the best
-evaluation's parameters are kept in WORKDIR/best/ (across resumes and crashes)."""
+a non-finite loss stops the run and leaves the last good checkpoint intact, the logged
+throughput (TFLOP/s, MFU) is the analytic FLOP count over the step time. (The best
+evaluation's parameters, kept in WORKDIR/best/: tests/test_checkpoint.py.)"""
 
-import json
-import logging
 import os
 import shutil
 
@@ -11,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from segvit_jax import bundle, trainer
+from segvit_jax import flops, trainer
 from tests.support import flat_params, read_metrics, smoke_config
 
 
@@ -29,6 +28,7 @@ def test_loss_goes_down(tmp_path):
   for m in read_metrics(tmp_path):
     assert {"step", "loss", "lr", "grad_norm", "images_per_s", "loss_ce", "loss_mask",
             "loss_dice", "loss_ce_0"} <= set(m)
+    assert "tflops" in m and "mfu" not in m  # no known peak for a CPU
 
 
 def test_resume_is_bit_exact(tmp_path):
@@ -63,123 +63,20 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     np.testing.assert_array_equal(good[k], after[k])
 
 
-# --- The best evaluation's parameters, kept in WORKDIR/best/ ---
-
-
-def scripted_evaluate(values):
-  """A stand-in for `segvit_jax.evaluation.evaluate` returning `values` as mIoU, one per call."""
-  values = list(values)
-
-  def evaluate_fn(model, variables, config):
-    del model, variables, config
-    v = values.pop(0)
-    return {"mIoU": v, "mAcc": v + 1.0, "aAcc": v + 2.0, "per_class": {}}
-
-  return evaluate_fn
-
-
-def logged_evals(workdir):
-  return {m["step"]: m["eval/mIoU"] for m in read_metrics(workdir) if "eval/mIoU" in m}
-
-
-def read_best_json(workdir):
-  with open(os.path.join(workdir, "best.json")) as f:
-    return json.load(f)
-
-
-def assert_same_params(a, b):
-  flat = lambda p: {jax.tree_util.keystr(k): np.asarray(v)
-                    for k, v in jax.tree_util.tree_leaves_with_path(p)}
-  a, b = flat(a), flat(b)
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
-def test_is_improvement():
-  assert trainer.is_improvement(10.0, None)
-  assert trainer.is_improvement(30.0, 10.0)
-  assert not trainer.is_improvement(10.0, 10.0)  # strictly greater
-  assert not trainer.is_improvement(9.9, 10.0)
-  assert not trainer.is_improvement(float("nan"), None)  # NaN never wins
-  assert not trainer.is_improvement(float("nan"), 10.0)
-  assert trainer.is_improvement(-5.0, None)
-
-
-def test_best_kept_across_resume(tmp_path, caplog):
-  caplog.set_level(logging.INFO, logger="absl")
-  workdir = str(tmp_path)
-  c = smoke_config(total_steps=6, ckpt_every=2, eval_every=2, keep_ckpts=10)
-  trainer.train(c, workdir, evaluate_fn=scripted_evaluate([10.0, 30.0, 20.0]))
-  assert logged_evals(workdir) == {2: 10.0, 4: 30.0, 6: 20.0}
-  assert read_best_json(workdir) == {"step": 4, "metric": "mIoU", "value": 30.0}
-  best = bundle.load_model(os.path.join(workdir, "best"))
-  assert best.config.step == 4 and best.config.best.value == 30.0
-  assert list(best.config.class_names) == bundle.load_model(workdir).config.class_names
-  at_4 = bundle.load_model(workdir, step=4).variables["params"]
-  assert_same_params(best.variables["params"], at_4)
-  at_6 = bundle.load_model(workdir, step=6).variables["params"]
-  assert not all(np.array_equal(a, b)  # steps 5 and 6 moved the parameters
-                 for a, b in zip(jax.tree.leaves(at_4), jax.tree.leaves(at_6)))
-  messages = [r.getMessage() for r in caplog.records]
-  assert f"new best mIoU 10.00 at step 2 (was none): wrote {workdir}/best" in messages
-  assert f"new best mIoU 30.00 at step 4 (was 10.00 at step 2): wrote {workdir}/best" in messages
-  assert "mIoU 20.00 at step 6: best stays 30.00 at step 4" in messages
-  assert sorted(os.listdir(workdir)) == [  # no best.tmp / best.old left behind
-      "best", "best.json", "checkpoints", "classes.txt", "config.json", "metrics.jsonl", "tb"]
-
-  # Resumed with more steps: 25 at step 8 would beat a fresh run's empty record; the record read
-  # back from best.json (30 at step 4) keeps best/.
-  c = smoke_config(total_steps=8, ckpt_every=2, eval_every=2, keep_ckpts=10)
-  trainer.train(c, workdir, evaluate_fn=scripted_evaluate([25.0]))
-  assert logged_evals(workdir) == {2: 10.0, 4: 30.0, 6: 20.0, 8: 25.0}
-  assert read_best_json(workdir) == {"step": 4, "metric": "mIoU", "value": 30.0}
-  assert_same_params(bundle.load_params(os.path.join(workdir, "best")), at_4)
-
-
-def keeper_kwargs():
-  return dict(model_cfg={"name": "tiny"}, mean=(0.0,) * 3, std=(1.0,) * 3,
-              class_names=["a", "b"], source="test")
-
-
-def test_best_swap_crash_keeps_previous_best(tmp_path, monkeypatch):
-  workdir = str(tmp_path)
-  best_dir = os.path.join(workdir, "best")
-  keeper = trainer.BestKeeper(workdir, "mIoU", **keeper_kwargs())
-  assert keeper.update(1, {"mIoU": 5.0}, lambda: ({"w": np.full(3, 1.0)}, {}))
-
-  # The swap fails (os.replace raises): best/ and best.json still describe step 1.
-  real_replace = os.replace
-
-  def failing_replace(src, dst):
-    if src.endswith("best.tmp"):
-      raise OSError("simulated crash while swapping in best/")
-    real_replace(src, dst)
-
-  monkeypatch.setattr(os, "replace", failing_replace)
-  with pytest.raises(OSError, match="simulated crash"):
-    keeper.update(2, {"mIoU": 7.0}, lambda: ({"w": np.full(3, 2.0)}, {}))
-  monkeypatch.undo()
-  np.testing.assert_array_equal(bundle.load_params(best_dir)["w"], np.full(3, 1.0))
-  assert read_best_json(workdir)["step"] == 1
-
-  # A process killed between the two renames: best/ aside in best.old/, best.tmp/ half written.
-  os.replace(best_dir, best_dir + ".old")
-  shutil.rmtree(best_dir + ".tmp")  # what the failed swap above left
-  os.makedirs(best_dir + ".tmp/params")
-  keeper = trainer.BestKeeper(workdir, "mIoU", **keeper_kwargs())
-  assert keeper.best == {"step": 1, "metric": "mIoU", "value": 5.0}
-  assert sorted(os.listdir(workdir)) == ["best", "best.json"]
-  np.testing.assert_array_equal(bundle.load_params(best_dir)["w"], np.full(3, 1.0))
-  assert not keeper.update(3, {"mIoU": float("nan")}, lambda: pytest.fail("gathered params"))
-  assert keeper.update(3, {"mIoU": 6.0}, lambda: ({"w": np.full(3, 3.0)}, {}))
-  np.testing.assert_array_equal(bundle.load_params(best_dir)["w"], np.full(3, 3.0))
-  assert read_best_json(workdir) == {"step": 3, "metric": "mIoU", "value": 6.0}
-
-  # Killed after the swap, before best.json: the bundle's own record wins on restart.
-  with open(os.path.join(workdir, "best.json"), "w") as f:
-    json.dump({"step": 1, "metric": "mIoU", "value": 5.0}, f)
-  assert trainer.BestKeeper(workdir, "mIoU", **keeper_kwargs()).best["step"] == 3
-  assert read_best_json(workdir)["step"] == 3
-  # Another metric's record is not compared with.
-  assert trainer.BestKeeper(workdir, "mAcc", **keeper_kwargs()).best is None
+def test_throughput_is_the_analytic_count_over_the_step_time(tmp_path, monkeypatch):
+  # One training step of the smoke config: 3 x (forward) x 2 FLOPs per multiply-add x batch.
+  c = smoke_config(total_steps=4, log_every=2, ckpt_every=4)
+  step_flops = flops.train_step_flops(c)
+  h, w = c.augment.crop_size
+  assert step_flops == 6 * flops.count_model(c, h, w)["total"] * c.batch_size > 0
+  # A patched peak for this CPU: the MFU is achieved / (peak x devices).
+  peak = 1e-4  # TFLOP/s per device
+  monkeypatch.setitem(flops.PEAK_TFLOPS, "cpu", {"float32": peak, "bfloat16": 2 * peak})
+  assert flops.peak_tflops(jax.devices()[0].device_kind, "float32") == peak
+  trainer.train(c, str(tmp_path))
+  logged = read_metrics(tmp_path)
+  assert [m["step"] for m in logged] == [2, 4]
+  for m in logged:
+    assert m["tflops"] == pytest.approx(step_flops * m["steps_per_s"] / 1e12, rel=1e-12)
+    assert m["images_per_s"] == pytest.approx(m["steps_per_s"] * c.batch_size, rel=1e-12)
+    assert m["mfu"] == pytest.approx(m["tflops"] / (peak * jax.device_count()), rel=1e-12)

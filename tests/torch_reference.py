@@ -433,9 +433,9 @@ def randomize_params(tree, seed: int = 0, gain: float = 1.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# SegViT-Shrunk, and the state-dict names of the authors' release (mmseg 0.24, zbwxp/SegVit;
-# spec checkpoints.md, "SegViT official release"), written from the spec (segvit.md, "Shrunk
-# structure").
+# SegViT-Shrunk, and the state-dict names of the authors' release (mmseg 0.24, zbwxp/SegVit:
+# `TPNATMHead`, `vit_shrink`), written from the paper (SegViT Sec. 3.2, "The Shrunk
+# structure.") and the release's module structure.
 #
 # `SegViTShrunk`'s `state_dict()` keys ARE the release's names (backbone.* / decode_head.*): its
 # ViT is mmseg's (nn.MultiheadAttention with packed in_proj, `ffn.layers.0.0` / `ffn.layers.1`),

@@ -1,72 +1,103 @@
-"""Converters from the public forms of AugReg and DINOv2 weights into our ViT, and loading them
-into a segmentor's backbone (`config.model_init`); whole SegViT models of the authors' release,
-both ways.
+"""Converters between the public forms of pretrained weights and ours: ViT backbones (AugReg,
+timm, DINOv2, transformers) into backbone bundles or a segmentor's backbone
+(`config.model_init`), and whole SegViT, SegFormer and EoMT models of the authors' releases and
+of transformers into bundles and back. The command line is `__main__.py`:
 
-  python -m segvit_jax.convert SRC OUT --from FORMAT [--image-size S] [--patch-size P] ...
-  python -m segvit_jax.convert SRC.pth OUT --from segvit-official --config configs/X.py[:ARG]
-  python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
-  python -m segvit_jax.convert SRC OUT --from segformer-official|hf-segformer [--config X.py]
-  python -m segvit_jax.convert BUNDLE OUT --to segformer-official|hf-segformer
-  python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py]
-  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt
+  python -m segvit_jax.convert SRC OUT --from FORMAT [--config X.py] [flags]
+  python -m segvit_jax.convert BUNDLE OUT --to FORMAT
 
-Formats (one module each, a declarative key table plus small transforms):
-  augreg-npz   big_vision / vision_transformer .npz, every flavour      (`augreg.py`)
-  timm         timm .safetensors / .pth, AugReg and DINOv2 models        (`timm.py`)
-  dinov2       facebookresearch/dinov2 .pth, registers, SwiGLU, chunks  (`dinov2.py`)
-  hf-vit       transformers ViTModel `save_pretrained` directory        (`hf.py`)
-  hf-dinov2    transformers Dinov2Model / Dinov2WithRegistersModel dir  (`hf.py`)
-  bundle       (loading only) one of our bundles
-Whole models (a bundle with the decode head; segvit-official import needs our config):
-  segvit-official  SegViT (ATM head) and SegViT-Shrunk .pth of the mmseg 0.24 release
-                   (zbwxp/SegVit), import and export, one table  (`segvit_official.py`)
-  segformer-official  SegFormer .pth of the NVlabs release (mmseg 0.x)  (`segformer.py`)
-  hf-segformer        transformers SegformerForSemanticSegmentation directory
-                      (both: import and export; the model is inferred from the file,
-                      --config optional)
-  eomt-official  EoMT checkpoints of the authors' release (Lightning)        (`eomt.py`)
-  hf-eomt        transformers EomtForUniversalSegmentation directory
-                 (both: import and export; the model is inferred from the file; --config
-                 optional, needed for non-standard widths of release files)
+`FORMAT_TABLE` below lists every format once: what it holds, how it is read and written,
+whether import needs our config, and its line of help; FORMATS, MODEL_FORMATS,
+EXPORT_FORMATS, CONFIG_REQUIRED and MIT_FORMATS (and the command line's choices) derive from
+it. Each layout is one module, a `rules.KeyRule` table plus small transforms (`rules.py`):
+`augreg.py`, `timm.py`, `dinov2.py`, `hf.py` (ViT backbones, whose shared steps are in
+`backbone.py`), `segvit_official.py`, `segformer.py`, `eomt.py` (whole models, both ways; what
+they share in `whole_model.py`). "bundle" (loading only) is one of our bundles.
+
 MiT backbones (`config.model_init` of a SegFormer, or of a SegViT with backbone.type='mit'):
-  model_init_format "segformer-official" (an ImageNet mit_bX.pth or a whole release file),
-  "hf-segformer" (SegformerModel / ...ForImageClassification / ...ForSemanticSegmentation
-  directories), or "bundle"; the encoder is merged strictly into params["backbone"].
+model_init_format "segformer-official" (an ImageNet mit_bX.pth or a whole release file),
+"hf-segformer" (SegformerModel / ...ForImageClassification / ...ForSemanticSegmentation
+directories), or "bundle"; the encoder is merged strictly into params["backbone"].
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from typing import Any, Callable, Mapping
 
-import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax.convert import augreg, dinov2, eomt, hf, mapping, segformer, segvit_official, \
+from segvit_jax.convert import augreg, backbone, dinov2, eomt, hf, segformer, segvit_official, \
     timm
-from segvit_jax.convert.mapping import Converted
+from segvit_jax.convert.backbone import Converted
+from segvit_jax.convert.rules import flatten, unflatten
 from segvit_jax.models import vit
 
-LOADERS: dict[str, Callable[..., Converted]] = {
-    "augreg-npz": augreg.load,
-    "timm": timm.load,
-    "dinov2": dinov2.load,
-    "hf-vit": hf.load_vit,
-    "hf-dinov2": hf.load_dinov2,
+VIT_BACKBONE, WHOLE_MODEL = "ViT backbone", "whole model"
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  """One checkpoint layout. `kind`: VIT_BACKBONE (`read(path, *, num_heads, trust_pickle)
+  -> Converted`) or WHOLE_MODEL (`read(src, out, *, config, trust_pickle)` writes a bundle and
+  returns its path; `config` says whether that needs our config of the model: "required",
+  "optional" or "no"). `export(bundle, out)` writes a bundle in the layout; `mit(path, *,
+  trust_pickle) -> Converted` reads the MiT encoder of the layout's files (`init_params`)."""
+
+  kind: str
+  read: Callable[..., Any]
+  help: str
+  export: Callable[[str, str], Any] | None = None
+  config: str = "no"
+  mit: Callable[..., Converted] | None = None
+
+
+FORMAT_TABLE: dict[str, Format] = {
+    "augreg-npz": Format(VIT_BACKBONE, augreg.load,
+                         "big_vision / vision_transformer .npz, every flavour"),
+    "timm": Format(VIT_BACKBONE, timm.load, "timm .safetensors / .pth, AugReg and DINOv2 models"),
+    "dinov2": Format(VIT_BACKBONE, dinov2.load,
+                     "facebookresearch/dinov2 .pth, registers, SwiGLU, chunks"),
+    "hf-vit": Format(VIT_BACKBONE, hf.load_vit,
+                     "transformers ViTModel save_pretrained directory"),
+    "hf-dinov2": Format(VIT_BACKBONE, hf.load_dinov2,
+                        "transformers Dinov2Model / Dinov2WithRegistersModel directory"),
+    segvit_official.FORMAT: Format(
+        WHOLE_MODEL, segvit_official.convert,
+        "SegViT (ATM head) and SegViT-Shrunk .pth of the mmseg 0.24 release (zbwxp/SegVit)",
+        export=segvit_official.export, config="required"),
+    segformer.OFFICIAL: Format(
+        WHOLE_MODEL, functools.partial(segformer.convert, fmt=segformer.OFFICIAL),
+        "SegFormer .pth of the NVlabs release (mmseg 0.x); its MiT encoders mit_bX.pth",
+        export=segformer.export_official, config="optional",
+        mit=functools.partial(segformer.load_backbone, fmt=segformer.OFFICIAL)),
+    segformer.HF: Format(
+        WHOLE_MODEL, functools.partial(segformer.convert, fmt=segformer.HF),
+        "transformers SegformerForSemanticSegmentation directory; its encoders (nvidia/mit-bX)",
+        export=segformer.export_hf, config="optional",
+        mit=functools.partial(segformer.load_backbone, fmt=segformer.HF)),
+    eomt.OFFICIAL: Format(
+        WHOLE_MODEL, functools.partial(eomt.convert, fmt=eomt.OFFICIAL),
+        "EoMT checkpoints of the authors' release (Lightning)",
+        export=eomt.export_official, config="optional"),
+    eomt.HF: Format(
+        WHOLE_MODEL, functools.partial(eomt.convert, fmt=eomt.HF),
+        "transformers EomtForUniversalSegmentation directory",
+        export=eomt.export_hf, config="optional"),
 }
-FORMATS = tuple(LOADERS)
+# ViT backbone layouts (`load`, `convert`, `config.model_init_format`).
+FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f.kind == VIT_BACKBONE)
 # Whole-model layouts: read with `--from` (+ `--config`: required for CONFIG_REQUIRED, optional
-# for the SegFormer and EoMT layouts, which record their model), written with `--to`.
-MODEL_FORMATS = (segvit_official.FORMAT, *segformer.FORMATS, *eomt.FORMATS)
-EXPORT_FORMATS = (segvit_official.FORMAT, *segformer.FORMATS, *eomt.FORMATS)
-# Formats whose import needs our config of the model (the file does not record it all).
-CONFIG_REQUIRED = (segvit_official.FORMAT,)
+# for the others, which record their model), written with `--to`.
+MODEL_FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f.kind == WHOLE_MODEL)
+EXPORT_FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f.export is not None)
+CONFIG_REQUIRED = tuple(n for n, f in FORMAT_TABLE.items() if f.config == "required")
 # Backbone formats of MiT models (`init_params`); each also reads its whole-model files.
-MIT_FORMATS = segformer.FORMATS
+MIT_FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f.mit is not None)
 
 
 def convert_model(src: str, out: str, fmt: str, config: Any = None, *,
@@ -78,44 +109,17 @@ def convert_model(src: str, out: str, fmt: str, config: Any = None, *,
     raise ValueError(f"unknown whole-model format {fmt!r}; known: {', '.join(MODEL_FORMATS)}")
   if not os.path.exists(src):
     raise FileNotFoundError(f"{src} does not exist (format {fmt!r})")
-  if fmt in segformer.FORMATS:
-    return segformer.convert(src, out, fmt, config, trust_pickle=trust_pickle)
-  if fmt in eomt.FORMATS:
-    return eomt.convert(src, out, fmt, config, trust_pickle=trust_pickle)
-  if config is None:
+  if config is None and fmt in CONFIG_REQUIRED:
     raise ValueError(f"--from {fmt} needs our config of the model (--config configs/X.py)")
-  return segvit_official.convert(src, out, config, trust_pickle=trust_pickle)
+  return FORMAT_TABLE[fmt].read(src, out, config=config, trust_pickle=trust_pickle)
 
 
 def export(bundle_path: str, out: str, fmt: str) -> str:
   """A whole-model bundle -> a checkpoint of format `fmt` (EXPORT_FORMATS) at `out`."""
-  if fmt in segformer.FORMATS:
-    segformer.export(bundle_path, out, fmt)
-  elif fmt in eomt.FORMATS:
-    eomt.export(bundle_path, out, fmt)
-  elif fmt == segvit_official.FORMAT:
-    segvit_official.export(bundle_path, out)
-  else:
+  if fmt not in EXPORT_FORMATS:
     raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
+  FORMAT_TABLE[fmt].export(bundle_path, out)
   return os.path.abspath(out)
-
-
-def _flatten(tree) -> dict[str, Any]:
-  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
-
-
-def _unflatten(flat: Mapping[str, Any]):
-  return flax.traverse_util.unflatten_dict(dict(flat), sep="/")
-
-
-def backbone_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-  """Flat parameter shapes of our ViT for a backbone config."""
-  model = vit.Model(**cfg)
-  p, (gh, gw) = cfg["patch_size"], cfg["posemb_grid"]
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               jnp.zeros((1, gh * p, gw * p, 3))))
-  # Shapes from the boxes directly: unboxing would apply sharding constraints under a mesh.
-  return {k: getattr(v, "value", v).shape for k, v in _flatten(abstract["params"]).items()}
 
 
 def load(path: str, fmt: str, *, num_heads: int | None = None, trust_pickle: bool = False,
@@ -123,20 +127,21 @@ def load(path: str, fmt: str, *, num_heads: int | None = None, trust_pickle: boo
          posemb_resize: str | None = None, patch_resize: str = "bicubic_antialias",
          mean: tuple[float, ...] | None = None,
          std: tuple[float, ...] | None = None) -> Converted:
-  """Reads a backbone checkpoint of format `fmt`, checks it strictly against our ViT (a
-  missing or mis-shaped tensor fails naming the keys) and optionally resamples it:
-  `image_size` (H or (H, W)) sets the stored position grid (resized with `posemb_resize`,
-  which also becomes the run-time method; default: the method of the source implementation),
-  `patch_size` resamples the patch kernel (FlexiViT pseudo-inverse with `patch_resize`)."""
+  """Reads a backbone checkpoint of format `fmt` (FORMATS, or "bundle"), checks it strictly
+  against our ViT (a missing or mis-shaped tensor fails naming the keys) and optionally
+  resamples it: `image_size` (H or (H, W)) sets the stored position grid (resized with
+  `posemb_resize`, which also becomes the run-time method; default: the method of the source
+  implementation), `patch_size` resamples the patch kernel (FlexiViT pseudo-inverse with
+  `patch_resize`)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist (format {fmt!r})")
   if fmt == "bundle":
-    conv = _load_backbone_bundle(path)
-  elif fmt in LOADERS:
-    conv = LOADERS[fmt](path, num_heads=num_heads, trust_pickle=trust_pickle)
+    conv = backbone.read_bundle(path)
+  elif fmt in FORMATS:
+    conv = FORMAT_TABLE[fmt].read(path, num_heads=num_heads, trust_pickle=trust_pickle)
   else:
     raise ValueError(f"unknown checkpoint format {fmt!r}; known: {', '.join(FORMATS)}, bundle")
-  check(conv.params, conv.backbone, source=path)
+  backbone.check(conv.params, conv.backbone, source=path)
   grid = None
   if image_size is not None:
     size = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
@@ -146,7 +151,7 @@ def load(path: str, fmt: str, *, num_heads: int | None = None, trust_pickle: boo
     grid = (size[0] // patch, size[1] // patch)
   if posemb_resize:
     conv.backbone["posemb_resize"] = posemb_resize
-  conv.params, conv.backbone = mapping.resample(
+  conv.params, conv.backbone = backbone.resample(
       conv.params, conv.backbone, grid=grid, patch=patch_size, patch_resize=patch_resize)
   if mean is not None:
     conv.mean = tuple(mean)
@@ -155,30 +160,11 @@ def load(path: str, fmt: str, *, num_heads: int | None = None, trust_pickle: boo
   return conv
 
 
-def check(params: Mapping[str, np.ndarray], cfg: Mapping[str, Any], *, source: str) -> None:
-  """Strict comparison with the ViT `cfg` describes (bundle.merge_params' error format)."""
-  shapes = backbone_shapes(cfg)
-  bundle_lib.merge_params(_unflatten({k: jax.ShapeDtypeStruct(s, jnp.float32)
-                                      for k, s in shapes.items()}),
-                          _unflatten(params), source=source)
-
-
-def _load_backbone_bundle(path: str) -> Converted:
-  meta = bundle_lib.read_config(path)
-  if meta["model"].get("name") != "vit":
-    raise ValueError(f"{path} is a {meta['model'].get('name')!r} bundle, not a backbone "
-                     "('vit') bundle")
-  params = _flatten(bundle_lib.load_params(path))
-  cfg = dict(meta["model"]["backbone"])
-  cfg["posemb_grid"] = tuple(cfg["posemb_grid"])
-  return Converted(params, cfg, tuple(meta["mean"]), tuple(meta["std"]))
-
-
 def convert(src: str, out: str, fmt: str, **options) -> str:
   """Converts `src` (format `fmt`) into a backbone bundle at `out`; see `load` for options."""
   conv = load(src, fmt, **options)
   return bundle_lib.save_bundle(
-      out, _unflatten(conv.params), {"name": "vit", "backbone": conv.backbone}, mean=conv.mean,
+      out, unflatten(conv.params), {"name": "vit", "backbone": conv.backbone}, mean=conv.mean,
       std=conv.std, class_names=[], source=os.path.abspath(src), source_format=fmt,
       options={k: v for k, v in options.items() if v is not None and k != "trust_pickle"})
 
@@ -214,18 +200,15 @@ def init_params(params: Any, model_cfg: Mapping[str, Any], path: str, fmt: str =
   target = {**(vit.decode_variant(bb["variant"]) if bb.get("variant") else {}), **bb}
   # Layouts without a head count take the model's (it does not change the parameters).
   conv = load(path, fmt, num_heads=target["num_heads"])
-  conv.params, conv.backbone = mapping.resample(
+  conv.params, conv.backbone = backbone.resample(
       conv.params, conv.backbone, grid=tuple(target["posemb_grid"]),
       patch=target["patch_size"], patch_resize=patch_resize,
       posemb_resize=posemb_resize or target.get("posemb_resize", "bicubic"))
-  for name, want, got in (("mean", conv.mean, mean), ("std", conv.std, std)):
-    if got is not None and not np.allclose(want, got, atol=1e-3):
-      logging.warning("model_init %s expects pixel %s %s but the config uses %s", path, name,
-                      tuple(want), tuple(got))
-  flat_init = _flatten(params["backbone"])
+  backbone.warn_pixel_stats(conv, path, mean, std)
+  flat_init = flatten(params["backbone"])
   if "encoder_norm/scale" not in flat_init:  # SegViT's backbone has no final norm
     conv.params = {k: v for k, v in conv.params.items() if not k.startswith("encoder_norm/")}
-  merged = bundle_lib.merge_params(params["backbone"], _unflatten(conv.params),
+  merged = bundle_lib.merge_params(params["backbone"], unflatten(conv.params),
                                    source=f"{path} ({fmt})")
   return {**params, "backbone": merged}
 
@@ -246,17 +229,17 @@ def _init_mit(params: Any, model_cfg: Mapping[str, Any], path: str, fmt: str, *,
   if fmt == "bundle":
     meta = bundle_lib.read_config(path)
     loaded = bundle_lib.load_params(path)
-    shapes = lambda tree: {k: np.shape(v) for k, v in _flatten(tree).items()}  # noqa: E731
+    shapes = lambda tree: {k: np.shape(v) for k, v in flatten(tree).items()}  # noqa: E731
     if shapes(loaded) == shapes(params):
       return bundle_lib.merge_params(params, loaded, source=path)
     if not is_mit(meta["model"]):
       raise ValueError(f"model_init {path} is a {meta['model'].get('name')!r} bundle with a ViT "
                        "backbone; this model's backbone is an MiT")
-    conv = Converted(_flatten(loaded["backbone"]),
+    conv = Converted(flatten(loaded["backbone"]),
                      segformer.resolved_backbone(meta["model"]["backbone"]),
                      tuple(meta["mean"]), tuple(meta["std"]))
   elif fmt in MIT_FORMATS:
-    conv = segformer.load_backbone(path, fmt)
+    conv = FORMAT_TABLE[fmt].mit(path)
   else:
     raise ValueError(f"model_init_format {fmt!r} reads ViT weights; an MiT backbone starts from "
                      f"{', '.join(MIT_FORMATS)} or a bundle")
@@ -264,10 +247,7 @@ def _init_mit(params: Any, model_cfg: Mapping[str, Any], path: str, fmt: str, *,
   if conv.backbone["norm_eps"] != want_eps:
     logging.warning("model_init %s was trained with LayerNorm eps %s; the model uses %s", path,
                     conv.backbone["norm_eps"], want_eps)
-  for name, want, got in (("mean", conv.mean, mean), ("std", conv.std, std)):
-    if got is not None and not np.allclose(want, got, atol=1e-3):
-      logging.warning("model_init %s expects pixel %s %s but the config uses %s", path, name,
-                      tuple(want), tuple(got))
-  merged = bundle_lib.merge_params(params["backbone"], _unflatten(conv.params),
+  backbone.warn_pixel_stats(conv, path, mean, std)
+  merged = bundle_lib.merge_params(params["backbone"], unflatten(conv.params),
                                    source=f"{path} ({fmt})")
   return {**params, "backbone": merged}

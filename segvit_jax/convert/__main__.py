@@ -1,7 +1,7 @@
 r"""Converts a pretrained ViT checkpoint into a segvit_jax backbone bundle, and whole SegViT,
 SegFormer and EoMT models between the authors' releases (and transformers) and our bundles.
 
-  python -m segvit_jax.convert SRC OUT --from FORMAT [--image-size 640] [--patch-size 16]
+  python -m segvit_jax.convert SRC OUT --from FORMAT [--image_size 640] [--patch_size 16]
   python -m segvit_jax.convert SRC.pth OUT --from segvit-official --config configs/X.py[:ARG]
   python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
   python -m segvit_jax.convert SRC OUT --from segformer-official|hf-segformer [--config X.py]
@@ -9,12 +9,15 @@ SegFormer and EoMT models between the authors' releases (and transformers) and o
   python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py]
   python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt
 
+Flags take underscores; the dash spellings of earlier versions (--image-size, --patch-size,
+--posemb-resize, --patch-resize, --num-heads, --trust-pickle) are aliases.
+
 Examples (file names of the public releases; see the README, "Pretrained weights"):
   python -m segvit_jax.convert \
-      L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_384.npz \
-      weights/augreg_l16 --from augreg-npz --image-size 640
+      L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-\
+res_384.npz weights/augreg_l16 --from augreg-npz --image_size 640
   python -m segvit_jax.convert dinov2_vitl14_reg4_pretrain.pth weights/dinov2_l16_640 \
-      --from dinov2 --image-size 640 --patch-size 16
+      --from dinov2 --image_size 640 --patch_size 16
   # a SegViT-Shrunk ViT-L/16 of the authors' release (the file does not record tap layers,
   # shrink_idx or head counts: the config says them), and back to the release's layout:
   python -m segvit_jax.convert shrunk_l16_ade.pth weights/shrunk_l16_ade \
@@ -40,27 +43,129 @@ Examples (file names of the public releases; see the README, "Pretrained weights
 
 from __future__ import annotations
 
-import argparse
 import sys
+from typing import Any, Mapping, Sequence
 
-from segvit_jax import convert
+from absl import app, flags
+
+from segvit_jax import bundle, convert, runtime
+from segvit_jax.convert import eomt, segformer
 from segvit_jax.models import layers
 
+PROG = "python -m segvit_jax.convert"
+USAGE = f"usage: {PROG} SRC OUT (--from FORMAT | --to FORMAT) [flags]"
+# The dash spellings of earlier versions -> the flags they are aliases of.
+ALIASES = {"image-size": "image_size", "patch-size": "patch_size",
+           "posemb-resize": "posemb_resize", "patch-resize": "patch_resize",
+           "num-heads": "num_heads", "trust-pickle": "trust_pickle"}
+# Flags of backbone conversions only (a whole model keeps its stored grids).
+BACKBONE_ONLY = ("image_size", "patch_size", "posemb_resize", "num_heads", "mean", "std",
+                 "patch_resize")
 
-def _size(text: str) -> int | tuple[int, int]:
-  parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
-  return parts[0] if len(parts) == 1 else tuple(parts)
+
+class _SizeParser(flags.ArgumentParser):
+  """H or HxW (also H,W) -> int or (H, W)."""
+
+  syntactic_help = "H or HxW"
+
+  def parse(self, argument):
+    if not isinstance(argument, str):
+      return argument
+    try:
+      parts = [int(p) for p in argument.lower().replace("x", ",").split(",")]
+    except ValueError:
+      parts = []
+    if len(parts) not in (1, 2):
+      raise ValueError(f"{argument!r} is not H or HxW")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+  def flag_type(self):
+    return "size"
 
 
-def _floats(text: str) -> tuple[float, ...]:
-  return tuple(float(v) for v in text.split(","))
+class _FloatsParser(flags.ArgumentParser):
+  """Comma-separated floats -> a tuple."""
+
+  syntactic_help = "comma-separated floats"
+
+  def parse(self, argument):
+    if not isinstance(argument, str):
+      return argument
+    return tuple(float(v) for v in argument.split(","))
+
+  def flag_type(self):
+    return "floats"
 
 
-def _model_summary(m) -> str:
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> tuple[str, ...]:
+  """Defines the converter's flags (and the old dash spellings as aliases) in `fv` (`cli` has
+  `runtime.run` define them once in the process's flags); returns their names in the order
+  --help lists them."""
+  formats = convert.FORMAT_TABLE
+  flags.DEFINE_enum("from", None, [*convert.FORMATS, *convert.MODEL_FORMATS],
+                    "layout of SRC, a ViT backbone or a whole model (formats above)",
+                    flag_values=fv)
+  flags.DEFINE_enum("to", None, list(convert.EXPORT_FORMATS),
+                    "write the whole-model bundle SRC in this layout (instead of --from)",
+                    flag_values=fv)
+  required = list(convert.CONFIG_REQUIRED)
+  optional = [n for n, f in formats.items() if f.config == "optional"]
+  flags.DEFINE_string(
+      "config", None,
+      f"our config of the checkpoint's model, configs/X.py[:ARG]: needed by --from "
+      f"{', '.join(required)} (tap layers, shrink_idx, heads, classes, mean/std); optional "
+      f"with {', '.join(optional)} (class names, mean/std, what the file does not record; its "
+      "model must agree with the file)", flag_values=fv)
+  flags.DEFINE(_SizeParser(), "image_size", None,
+               "resample the stored position grid for this input size (H or HxW)",
+               flag_values=fv)
+  flags.DEFINE_integer("patch_size", None,
+                       "resample the patch kernel to this size (FlexiViT pseudo-inverse)",
+                       flag_values=fv)
+  flags.DEFINE_enum("posemb_resize", None, list(layers.RESIZE_METHODS),
+                    "position-embedding resize method, at conversion and at run time (default: "
+                    "the method of the implementation SRC comes from)", flag_values=fv)
+  flags.DEFINE_enum("patch_resize", None, list(layers.RESIZE_METHODS),
+                    "resize whose pseudo-inverse resamples the patch kernel (default "
+                    "bicubic_antialias, as timm / EoMT)", flag_values=fv)
+  flags.DEFINE_integer("num_heads", None,
+                       "attention heads, for non-standard widths in layouts that do not record "
+                       "them", flag_values=fv)
+  flags.DEFINE(_FloatsParser(), "mean", None,
+               "pixel mean (0-255, comma-separated) the weights expect, when the default of the "
+               "format is wrong", flag_values=fv)
+  flags.DEFINE(_FloatsParser(), "std", None, "pixel std, as --mean", flag_values=fv)
+  flags.DEFINE_bool("trust_pickle", False,
+                    "allow .pth files that pickle Python objects besides tensors (runs their "
+                    "unpickling code: only for files you trust)", flag_values=fv)
+  for alias, name in ALIASES.items():
+    flags.DEFINE_alias(alias, name, flag_values=fv)
+  return ("from", "to", "config", "image_size", "patch_size", "posemb_resize", "patch_resize",
+          "num_heads", "mean", "std", "trust_pickle")
+
+
+def formats_help() -> str:
+  """The formats of `convert.FORMAT_TABLE`, one line each, for --help."""
+  lines = ["formats:"]
+  for name, f in convert.FORMAT_TABLE.items():
+    notes = [f"--config {f.config}"] if f.config != "no" else []
+    notes += ["--to"] if f.export is not None else []
+    notes = f" [{', '.join(notes)}]" if notes else ""
+    lines.append(f"  {name:<19} {f.kind}: {f.help}{notes}")
+  return "\n".join(lines)
+
+
+def _spelled(fv: flags.FlagValues, name: str) -> str:
+  """A flag as the user wrote it (its old dash spelling, if that is what was used)."""
+  alias = next((a for a, n in ALIASES.items() if n == name), None)
+  return f"--{alias}" if alias and fv[alias].present else f"--{name}"
+
+
+def _model_summary(m: Mapping[str, Any]) -> str:
   if m.get("name") == "segformer":
-    return convert.segformer.summary(m)
+    return segformer.summary(m)
   if m.get("name") == "eomt":
-    return convert.eomt.summary(m)
+    return eomt.summary(m)
   bb, head = m["backbone"], m["head"]
   kind = head.get("type", "atm")
   text = (f"SegViT{'-Shrunk' if kind == 'shrunk' else ''} {bb.get('variant') or 'ViT'} "
@@ -70,92 +175,65 @@ def _model_summary(m) -> str:
   return text + f" head width {head['width']} classes {m['num_classes']}"
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m segvit_jax.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("src", help="checkpoint file or (hf-*) save_pretrained directory; with "
-                      "--to, a whole-model bundle")
-  parser.add_argument("out", help="bundle directory to write; with --to, the file to write")
-  parser.add_argument("--from", dest="fmt", default=None,
-                      choices=convert.FORMATS + convert.MODEL_FORMATS,
-                      help="layout of SRC (backbones, or whole models: segvit-official, "
-                           "segformer-official, hf-segformer, eomt-official, hf-eomt)")
-  parser.add_argument("--to", dest="to", default=None, choices=convert.EXPORT_FORMATS,
-                      help="write the bundle SRC in this layout (instead of --from)")
-  parser.add_argument("--config", default=None,
-                      help="with --from segvit-official: our config of the checkpoint's model, "
-                           "configs/X.py[:ARG] (tap layers, shrink_idx, heads, classes, mean/std); "
-                           "optional with segformer-official / hf-segformer / eomt-official / "
-                           "hf-eomt (class names, mean/std, what the file does not record; its "
-                           "model must agree with the file)")
-  parser.add_argument("--image-size", type=_size, default=None,
-                      help="resample the stored position grid for this input size (H or HxW)")
-  parser.add_argument("--patch-size", type=int, default=None,
-                      help="resample the patch kernel to this size (FlexiViT pseudo-inverse)")
-  parser.add_argument("--posemb-resize", choices=layers.RESIZE_METHODS, default=None,
-                      help="position-embedding resize method, at conversion and at run time "
-                           "(default: the method of the implementation SRC comes from)")
-  parser.add_argument("--patch-resize", choices=layers.RESIZE_METHODS, default=None,
-                      help="resize whose pseudo-inverse resamples the patch kernel (default "
-                           "bicubic_antialias, as timm / EoMT)")
-  parser.add_argument("--num-heads", type=int, default=None,
-                      help="attention heads, for non-standard widths in layouts that do not "
-                           "record them")
-  parser.add_argument("--mean", type=_floats, default=None,
-                      help="pixel mean (0-255, comma-separated) the weights expect, when the "
-                           "default of the format is wrong")
-  parser.add_argument("--std", type=_floats, default=None, help="pixel std, as --mean")
-  parser.add_argument("--trust-pickle", action="store_true",
-                      help="allow .pth files that pickle Python objects besides tensors "
-                           "(runs their unpickling code: only for files you trust)")
-  args = parser.parse_args(argv)
-  backbone_only = {"--image-size": args.image_size, "--patch-size": args.patch_size,
-                   "--posemb-resize": args.posemb_resize, "--num-heads": args.num_heads,
-                   "--mean": args.mean, "--std": args.std, "--patch-resize": args.patch_resize}
+def run(fv: flags.FlagValues, src: str, out: str) -> str:
+  """Does what the parsed flags `fv` say with SRC and OUT; returns the line to print."""
+  fmt, to = fv["from"].value, fv["to"].value
+  if (fmt is None) == (to is None):
+    raise ValueError("give exactly one of --from FORMAT (convert SRC into a bundle) and --to "
+                     "FORMAT (write the bundle SRC in another layout)")
+  whole = to is not None or fmt in convert.MODEL_FORMATS
+  given = [_spelled(fv, k) for k in BACKBONE_ONLY if fv[k].value is not None]
+  if whole and given:
+    raise ValueError(f"{', '.join(given)} apply to backbone formats only; a whole model keeps "
+                     "its stored grids (the model resizes them at run time)")
+  config, trust_pickle = fv["config"].value, fv["trust_pickle"].value
+  if to is not None:
+    if config or trust_pickle:
+      raise ValueError("--config and --trust-pickle apply to --from only (the bundle records "
+                       "its model)")
+    path = convert.export(src, out, to)
+    return f"wrote {path}: {_model_summary(bundle.read_config(src)['model'])} in the {to} layout"
+  if whole:
+    if not config and fmt in convert.CONFIG_REQUIRED:
+      raise ValueError(f"--from {fmt} needs --config configs/X.py[:ARG]: the checkpoint "
+                       "does not record tap layers, shrink_idx, head counts or classes")
+    path = convert.convert_model(src, out, fmt, config, trust_pickle=trust_pickle)
+    return f"wrote {path}: {_model_summary(bundle.read_config(path)['model'])}"
+  if config:
+    optional = [f for f in convert.MODEL_FORMATS if f not in convert.CONFIG_REQUIRED]
+    raise ValueError(f"--config applies to whole-model formats "
+                     f"({', '.join(convert.CONFIG_REQUIRED)}), not --from {fmt}; "
+                     f"optional with {', '.join(optional)}")
+  path = convert.convert(
+      src, out, fmt, image_size=fv["image_size"].value, patch_size=fv["patch_size"].value,
+      posemb_resize=fv["posemb_resize"].value,
+      patch_resize=fv["patch_resize"].value or "bicubic_antialias",
+      num_heads=fv["num_heads"].value, mean=fv["mean"].value, std=fv["std"].value,
+      trust_pickle=trust_pickle)
+  b = bundle.read_config(path)["model"]["backbone"]
+  return (f"wrote {path}: {b.get('variant') or 'ViT'} width {b['width']} depth {b['depth']} "
+          f"patch {b['patch_size']} grid {tuple(b['posemb_grid'])} "
+          f"registers {b['num_registers']} posemb_resize {b['posemb_resize']}")
+
+
+def main(argv: Sequence[str]) -> None:
+  """absl's main: `argv` is the program name, SRC and OUT (the flags are parsed)."""
+  if len(argv) != 3:
+    positional = argv[1:]
+    raise app.UsageError(f"expected SRC and OUT, got {len(positional)} argument(s)"
+                         f"{': ' + ' '.join(positional) if positional else ''}; {USAGE}")
   try:
-    if (args.fmt is None) == (args.to is None):
-      raise ValueError("give exactly one of --from FORMAT (convert SRC into a bundle) and --to "
-                       "FORMAT (write the bundle SRC in another layout)")
-    whole = args.to is not None or args.fmt in convert.MODEL_FORMATS
-    given = [k for k, v in backbone_only.items() if v is not None]
-    if whole and given:
-      raise ValueError(f"{', '.join(given)} apply to backbone formats only; a whole model keeps "
-                       "its stored grids (the model resizes them at run time)")
-    if args.to is not None:
-      if args.config or args.trust_pickle:
-        raise ValueError("--config and --trust-pickle apply to --from only (the bundle records "
-                         "its model)")
-      path = convert.export(args.src, args.out, args.to)
-      meta = convert.bundle_lib.read_config(args.src)["model"]
-      print(f"wrote {path}: {_model_summary(meta)} in the {args.to} layout")
-      return 0
-    if whole:
-      if not args.config and args.fmt in convert.CONFIG_REQUIRED:
-        raise ValueError(f"--from {args.fmt} needs --config configs/X.py[:ARG]: the checkpoint "
-                         "does not record tap layers, shrink_idx, head counts or classes")
-      path = convert.convert_model(args.src, args.out, args.fmt, args.config,
-                                   trust_pickle=args.trust_pickle)
-      print(f"wrote {path}: {_model_summary(convert.bundle_lib.read_config(path)['model'])}")
-      return 0
-    if args.config:
-      optional = [f for f in convert.MODEL_FORMATS if f not in convert.CONFIG_REQUIRED]
-      raise ValueError(f"--config applies to whole-model formats "
-                       f"({', '.join(convert.CONFIG_REQUIRED)}), not --from {args.fmt}; "
-                       f"optional with {', '.join(optional)}")
-    path = convert.convert(
-        args.src, args.out, args.fmt, image_size=args.image_size, patch_size=args.patch_size,
-        posemb_resize=args.posemb_resize,
-        patch_resize=args.patch_resize or "bicubic_antialias",
-        num_heads=args.num_heads, mean=args.mean, std=args.std, trust_pickle=args.trust_pickle)
-  except (ValueError, FileNotFoundError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  b = convert.bundle_lib.read_config(path)["model"]["backbone"]
-  print(f"wrote {path}: {b.get('variant') or 'ViT'} width {b['width']} depth {b['depth']} "
-        f"patch {b['patch_size']} grid {tuple(b['posemb_grid'])} "
-        f"registers {b['num_registers']} posemb_resize {b['posemb_resize']}")
-  return 0
+    print(run(flags.FLAGS, *argv[1:]))
+  except ImportError as e:  # reading .pth files needs torch: the message says how to get it
+    raise app.UsageError(str(e)) from None
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+  """The command line (`argv` without the program name; default sys.argv[1:]): 0 on success,
+  1 with one line on stderr for a user's mistake; --help / -h lists the formats and the flags
+  and exits 0 (`runtime.run`)."""
+  return runtime.run(main, argv, define_flags=define_flags, help_epilog=formats_help)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli())

@@ -1,8 +1,9 @@
-"""AugReg / big_vision ViT checkpoints (.npz), every flavour in spec checkpoints.md:
+"""AugReg / big_vision ViT checkpoints (.npz), every flavour the public files come in:
 pre-linen numbering (`LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3`),
 per-type numbering (`..._0, ..._0, LayerNorm_1, MlpBlock_0`), `params/` or `params/img/`
 nesting, top-level `pos_embedding` without a cls slot, and blocks stacked on a leading depth
-axis (`Transformer/encoderblock/...`, nn.scan). Classifier heads are dropped.
+axis (`Transformer/encoderblock/...`, nn.scan). Classifier heads are dropped. The table only
+reads: DenseGeneral kernels are merged over their heads.
 
 Run-time position-embedding resize: torch bicubic (align_corners=False, no antialias), the
 method SegViT's mmseg loader uses. (The big_vision / vision_transformer loaders zoom
@@ -16,26 +17,31 @@ import re
 
 import numpy as np
 
-from segvit_jax.convert.mapping import Converted, Rule, apply_rules, add_cls_slot, \
-    infer_backbone, merge_heads_in, merge_heads_out, read_npz, strip_prefix, AUGREG_MEAN_STD
+from segvit_jax.convert.backbone import AUGREG_MEAN_STD, Converted, add_cls_slot, \
+    infer_backbone
+from segvit_jax.convert.rules import KeyRule, merge_heads_in, merge_heads_out, read_npz, \
+    strip_prefix, to_ours
 
-_BLOCK = r"Transformer/encoderblock_(\d+)/"
+_B, _O = "Transformer/encoderblock_{i}/", "encoderblock_{i}/"
+_NORM, _DENSE = "{p:scale|bias}", "{p:kernel|bias}"  # a Flax module's parameters
+# Either numbering: pre-linen (one counter across module types) or per type.
+_ATTN = _B + "MultiHeadDotProductAttention_{n:0|1}/"
 RULES = (
-    Rule(r"embedding/(kernel|bias)", "embedding/{0}"),
-    Rule(r"cls", "cls"),
-    Rule(r"(?:Transformer/posembed_input/)?pos_embedding", "pos_embedding"),
-    Rule(_BLOCK + r"LayerNorm_0/(scale|bias)", "encoderblock_{0}/norm1/{1}"),
-    Rule(_BLOCK + r"LayerNorm_[12]/(scale|bias)", "encoderblock_{0}/norm2/{1}"),
-    Rule(_BLOCK + r"MultiHeadDotProductAttention_[01]/(query|key|value)/(kernel|bias)",
-         "encoderblock_{0}/attn/{1}/{2}", merge_heads_in),
-    Rule(_BLOCK + r"MultiHeadDotProductAttention_[01]/out/kernel",
-         "encoderblock_{0}/attn/out/kernel", merge_heads_out),
-    Rule(_BLOCK + r"MultiHeadDotProductAttention_[01]/out/bias", "encoderblock_{0}/attn/out/bias"),
-    Rule(_BLOCK + r"MlpBlock_[03]/Dense_0/(kernel|bias)", "encoderblock_{0}/mlp/fc1/{1}"),
-    Rule(_BLOCK + r"MlpBlock_[03]/Dense_1/(kernel|bias)", "encoderblock_{0}/mlp/fc2/{1}"),
-    Rule(r"Transformer/encoder_norm/(scale|bias)", "encoder_norm/{0}"),
-    Rule(r"(head|pre_logits|MAPHead_\d+|opt)/.*", None),  # classifier / optimizer state
+    KeyRule("embedding/" + _DENSE, "embedding/" + _DENSE),
+    KeyRule("cls", "cls"),
+    KeyRule("pos_embedding", "pos_embedding"),
+    KeyRule("Transformer/posembed_input/pos_embedding", "pos_embedding"),
+    KeyRule(_B + "LayerNorm_0/" + _NORM, _O + "norm1/" + _NORM),
+    KeyRule(_B + "LayerNorm_{n:1|2}/" + _NORM, _O + "norm2/" + _NORM),
+    KeyRule(_ATTN + "{x:query|key|value}/" + _DENSE, _O + "attn/{x:query|key|value}/" + _DENSE,
+            merge_heads_in, None),
+    KeyRule(_ATTN + "out/kernel", _O + "attn/out/kernel", merge_heads_out, None),
+    KeyRule(_ATTN + "out/bias", _O + "attn/out/bias"),
+    KeyRule(_B + "MlpBlock_{n:0|3}/Dense_0/" + _DENSE, _O + "mlp/fc1/" + _DENSE),
+    KeyRule(_B + "MlpBlock_{n:0|3}/Dense_1/" + _DENSE, _O + "mlp/fc2/" + _DENSE),
+    KeyRule("Transformer/encoder_norm/" + _NORM, "encoder_norm/" + _NORM),
 )
+DROPPED = (r"(head|pre_logits|MAPHead_\d+|opt)/.*",)  # classifier / optimizer state
 
 
 def unstack_blocks(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -56,7 +62,8 @@ def load(path: str, *, num_heads: int | None = None, **unused) -> Converted:
   if num_heads is None:  # DenseGeneral kernels record it: (D, heads, head_dim)
     q = [v for k, v in tensors.items() if re.search(r"Attention_\d/query/kernel$", k)]
     num_heads = q[0].shape[1] if q else None
-  params = add_cls_slot(apply_rules(tensors, RULES, source=path, layout="AugReg .npz"), path)
+  params = add_cls_slot(to_ours(tensors, RULES, source=path, layout="AugReg .npz",
+                                dropped=DROPPED, model="ViT"), path)
   cfg = infer_backbone(params, num_heads=num_heads, source=path, norm_eps=1e-6,
                        posemb_resize="bicubic")
   return Converted(params, cfg, *AUGREG_MEAN_STD)

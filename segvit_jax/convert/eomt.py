@@ -1,6 +1,6 @@
 """Whole EoMT models (`models.eomt.EoMT`) in the layouts of the authors' release and of
-HuggingFace transformers, both ways (spec checkpoints.md, "EoMT official release" and
-"HuggingFace transformers layouts"; spec eomt.md):
+HuggingFace transformers, both ways (the release's `models/eomt.py`, `models/vit.py`,
+`models/scale_block.py` (tue-mps/eomt); transformers' `modeling_eomt.py`):
 
   python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py[:ARG]]
   python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt
@@ -25,11 +25,11 @@ Formats (one `KeyRule` table each, shared by import and export, as `segformer.py
       `upscale_block.block.{i}.*`, buffers `attn_mask_probs` and `criterion.empty_weight`
       (dropped). SwiGLU (giant): transformers 5 saves `mlp.gate_proj / up_proj / down_proj`;
       files of transformers 4.x have `mlp.weights_in` (packed [gate; value]) and
-      `mlp.weights_out` (the names spec checkpoints.md lists): both are read; export writes
+      `mlp.weights_out` (the names of transformers 4.x): both are read; export writes
       transformers 5's.
 
 What the files do not record. The release's files record neither the attention heads (from
-the width, `mapping.HEADS_BY_WIDTH`) nor, except through the length of its `attn_mask_probs`
+the width, `backbone.HEADS_BY_WIDTH`) nor, except through the length of its `attn_mask_probs`
 buffer, L2 (`num_blocks`, the blocks that see the queries). `--config configs/X.py[:ARG]`
 (optional for both layouts) gives them, with class names and pixel statistics; its model must
 agree with the file (every field the file records, shapes strictly). Files this module wrote
@@ -67,21 +67,21 @@ import os
 import re
 from typing import Any, Mapping
 
-import flax
 import ml_collections
 import numpy as np
 from absl import logging
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax import config_utils
-from segvit_jax.convert import hf, mapping, segformer, segvit_official
-from segvit_jax.convert.mapping import IMAGENET_MEAN_STD, Flat, is_square, split3, \
-    split3_linear, split_swiglu
-# pylint: disable=protected-access  (the rule builders and readers of the sibling layouts)
-from segvit_jax.convert.segformer import _conv, _linear, _norm, join_kv
-from segvit_jax.convert.segvit_official import KeyRule, join3, join3_linear, to_official, \
-    to_ours
-from segvit_jax.models import build_model, vit
+from segvit_jax.convert import timm
+from segvit_jax.convert.backbone import HEADS_BY_WIDTH, IMAGENET_MEAN_STD, infer_backbone, \
+    is_square
+from segvit_jax.convert.rules import Flat, KeyRule, attention, conv, conv_transpose, flatten, \
+    hf_class_names, hf_mean_std, hf_unsupported, key_list, linear, mlp, natural_key, norm, \
+    read_hf_model_dir, read_torch_checkpoint, swiglu, to_ours, to_theirs, unflatten, \
+    write_hf_dir, write_torch_checkpoint
+from segvit_jax.convert.whole_model import abstract_variables, class_names, labels, \
+    load_config
+from segvit_jax.models import vit
 from segvit_jax.models import eomt as eomt_model
 
 OFFICIAL = "eomt-official"
@@ -92,7 +92,7 @@ POSEMB_RESIZE = {OFFICIAL: "bicubic_antialias", HF: "bicubic"}
 # The release's timm DINOv2 (LayerNorm eps, LayerScale init); transformers reads config.json.
 RELEASE_NORM_EPS, RELEASE_LAYERSCALE = 1e-6, 1e-5
 # The no-object class weight of the loss buffer written on export (the release's and
-# transformers' default; spec eomt.md, "Loss").
+# transformers' default; Mask2Former Sec. 4.1, "Loss weights.").
 NO_OBJECT_WEIGHT = 0.1
 P = "params/"  # our side of the tables: flat variable paths, collection first
 
@@ -120,74 +120,39 @@ def _hf_posemb_out(pos):
   return pos[0, 1:]
 
 
-def conv_transpose(w):
-  """torch ConvTranspose2d (in, out, kh, kw) -> Flax ConvTranspose (kh, kw, in, out), both
-  spatial axes flipped (Flax does not flip its kernel; see models/eomt.py)."""
-  return np.ascontiguousarray(w.transpose(2, 3, 0, 1)[::-1, ::-1])
-
-
-def conv_transpose_to_torch(w):
-  """Inverse of `conv_transpose`."""
-  return np.ascontiguousarray(w[::-1, ::-1].transpose(2, 3, 0, 1))
-
-
-# A SwiGLU's [gate; value] packing is two Linear layers stacked on the output axis, as
-# SegFormer's key / value packing.
-join_swiglu = join_kv
-
-
 # ----------------------------------------------------------------------------------------------
 # The tables
 
 def _ffn(key: str, ours: str, kind: str) -> tuple[KeyRule, ...]:
-  """The FFN of one block: "mlp" (fc1, fc2), "timm_swiglu" (packed fc1 = [gate; value], fc2),
-  "hf_swiglu" (gate_proj, up_proj, down_proj), "hf_swiglu_packed" (weights_in, weights_out)."""
+  """The FFN of one transformers block: "mlp" (fc1, fc2), "hf_swiglu" (gate_proj, up_proj,
+  down_proj), "hf_swiglu_packed" (weights_in = [gate; value], weights_out)."""
   if kind == "mlp":
-    return (*_linear(key + "fc1", ours + "fc1"), *_linear(key + "fc2", ours + "fc2"))
-  if kind == "hf_swiglu":
-    return (*_linear(key + "gate_proj", ours + "w1"), *_linear(key + "up_proj", ours + "w2"),
-            *_linear(key + "down_proj", ours + "w3"))
-  packed, out = {"timm_swiglu": ("fc1", "fc2"), "hf_swiglu_packed": ("weights_in",
-                                                                     "weights_out")}[kind]
-  return (*(KeyRule(f"{key}{packed}.{part}", (f"{ours}w1/{o}", f"{ours}w2/{o}"), split_swiglu,
-                    join_swiglu) for part, o in (("weight", "kernel"), ("bias", "bias"))),
-          *_linear(key + out, ours + "w3"))
+    return mlp(key, ours)
+  names = {"hf_swiglu": ("gate_proj", "up_proj", "down_proj"),
+           "hf_swiglu_packed": ("weights_in", "weights_out")}[kind]
+  return swiglu(key, ours, names)
 
 
-def _scale_block(key: str, ours: str, norm: str) -> tuple[KeyRule, ...]:
+def _scale_block(key: str, ours: str, norm_name: str) -> tuple[KeyRule, ...]:
   """ScaleBlock: ConvTranspose 2x2 stride 2, depthwise 3x3 conv without bias, LayerNorm2d."""
-  return (KeyRule(key + "conv1.weight", ours + "conv1/kernel", conv_transpose,
-                  conv_transpose_to_torch),
-          KeyRule(key + "conv1.bias", ours + "conv1/bias"),
-          *_conv(key + "conv2", ours + "conv2", bias=False),  # (D, 1, 3, 3) <-> (3, 3, 1, D)
-          *_norm(key + norm, ours + "norm"))
+  return (*conv_transpose(key + "conv1", ours + "conv1"),
+          *conv(key + "conv2", ours + "conv2", bias=False),  # (D, 1, 3, 3) <-> (3, 3, 1, D)
+          *norm(key + norm_name, ours + "norm"))
 
 
 def official_rules(ffn: str) -> tuple[KeyRule, ...]:
-  """The release's network (`ffn`: "mlp" or "swiglu") <-> our EoMT."""
+  """The release's network (`ffn`: "mlp" or "swiglu") <-> our EoMT: its encoder is timm's
+  ViT (`timm.py`), with timm's `no_embed_class` position table."""
   bb, o = "network.encoder.backbone.", P + "backbone/"
-  b, ob = bb + "blocks.{i}.", o + "encoderblock_{i}/"
-  qkv = tuple(f"{ob}attn/{n}/" for n in ("query", "key", "value"))
   return (
-      KeyRule(bb + "cls_token", o + "cls"),
+      *timm.embed_rules(bb, o, posemb_in=_posemb_in, posemb_out=_posemb_out),
       KeyRule(bb + "reg_token", o + "registers"),
-      KeyRule(bb + "pos_embed", o + "pos_embedding", _posemb_in, _posemb_out),
-      *_conv(bb + "patch_embed.proj", o + "embedding"),
-      *_norm(b + "norm1", ob + "norm1"),
-      KeyRule(b + "attn.qkv.weight", tuple(t + "kernel" for t in qkv), split3_linear,
-              join3_linear),
-      KeyRule(b + "attn.qkv.bias", tuple(t + "bias" for t in qkv), split3, join3),
-      *_linear(b + "attn.proj", ob + "attn/out"),
-      KeyRule(b + "ls1.gamma", ob + "ls1"),
-      *_norm(b + "norm2", ob + "norm2"),
-      *_ffn(b + "mlp.", ob + "mlp/", "timm_swiglu" if ffn == "swiglu" else "mlp"),
-      KeyRule(b + "ls2.gamma", ob + "ls2"),
-      *_norm(bb + "norm", o + "encoder_norm"),
+      *timm.block_rules(bb + "blocks.{i}.", o + "encoderblock_{i}/", ffn),
       KeyRule("network.q.weight", P + "queries"),
-      *_linear("network.class_head", P + "head/class_head"),
+      *linear("network.class_head", P + "head/class_head"),
       *(r for j, k in enumerate((0, 2, 4))  # Linear, GELU, Linear, GELU, Linear
-        for r in _linear(f"network.mask_head.{k}", f"{P}head/mask_head/fc{j + 1}")),
-      *_scale_block("network.upscale.{i}.", P + "head/upscale_{i}/", norm="norm"),
+        for r in linear(f"network.mask_head.{k}", f"{P}head/mask_head/fc{j + 1}")),
+      *_scale_block("network.upscale.{i}.", P + "head/upscale_{i}/", "norm"),
   )
 
 
@@ -205,19 +170,18 @@ def hf_rules(ffn: str, *, packed_swiglu: bool = False) -> tuple[KeyRule, ...]:
       KeyRule(e + "register_tokens", o + "registers"),
       KeyRule(e + "position_embeddings.weight", o + "pos_embedding", _hf_posemb_in,
               _hf_posemb_out),
-      *_conv(e + "patch_embeddings.projection", o + "embedding"),
-      *_norm(b + "norm1", ob + "norm1"),
-      *(r for x, y in (("q", "query"), ("k", "key"), ("v", "value"), ("out", "out"))
-        for r in _linear(f"{b}attention.{x}_proj", f"{ob}attn/{y}")),
+      *conv(e + "patch_embeddings.projection", o + "embedding"),
+      *norm(b + "norm1", ob + "norm1"),
+      *attention(b + "attention.", ob + "attn", ("q_proj", "k_proj", "v_proj", "out_proj")),
       KeyRule(b + "layer_scale1.lambda1", ob + "ls1"),
-      *_norm(b + "norm2", ob + "norm2"),
-      *_ffn(b + "mlp.", ob + "mlp/", kind),
+      *norm(b + "norm2", ob + "norm2"),
+      *_ffn(b + "mlp.", ob + "mlp", kind),
       KeyRule(b + "layer_scale2.lambda1", ob + "ls2"),
-      *_norm("layernorm", o + "encoder_norm"),
+      *norm("layernorm", o + "encoder_norm"),
       KeyRule("query.weight", P + "queries"),
-      *_linear("class_predictor", P + "head/class_head"),
-      *(r for j in (1, 2, 3) for r in _linear(f"mask_head.fc{j}", f"{P}head/mask_head/fc{j}")),
-      *_scale_block("upscale_block.block.{i}.", P + "head/upscale_{i}/", norm="layernorm2d"),
+      *linear("class_predictor", P + "head/class_head"),
+      *(r for j in (1, 2, 3) for r in linear(f"mask_head.fc{j}", f"{P}head/mask_head/fc{j}")),
+      *_scale_block("upscale_block.block.{i}.", P + "head/upscale_{i}/", "layernorm2d"),
   )
 
 
@@ -253,25 +217,13 @@ def _official_tensors(tensors: dict[str, np.ndarray], source: str) -> dict[str, 
                if any(k.startswith(prefix) for k in keys)), "")
   raise ValueError(f"{source} is not an EoMT checkpoint of the official release: no "
                    f"{_OFFICIAL_MARKER}{hint}. It has {len(keys)} tensor(s), e.g. "
-                   f"{segvit_official._shown(keys, 8)}")
-
-
-def _official_ffn(tensors: Mapping[str, np.ndarray]) -> str:
-  """timm packs giant's SwiGLU in fc1 (2h, D) with fc2 (D, h); an MLP has fc1 (h, D)."""
-  b = "network.encoder.backbone.blocks.0.mlp."
-  fc1, fc2 = tensors.get(b + "fc1.weight"), tensors.get(b + "fc2.weight")
-  if fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]:
-    return "swiglu"
-  return "mlp"
+                   f"{key_list(keys, 8)}")
 
 
 def _read_hf(path: str, trust_pickle: bool) -> tuple[dict, dict[str, np.ndarray]]:
-  config, tensors = hf.read_dir(path, trust_pickle=trust_pickle)
-  if config.get("model_type") != "eomt":
-    raise ValueError(f"{path}/config.json has model_type={config.get('model_type')!r}; "
-                     f"--from {HF} reads EoMT directories (model_type 'eomt')")
-  bad = {k: config[k] for k, want in (("hidden_act", "gelu"), ("num_channels", 3))
-         if config.get(k, want) != want}
+  config, tensors = read_hf_model_dir(path, "eomt", fmt=HF, name="EoMT",
+                                      trust_pickle=trust_pickle)
+  bad = hf_unsupported(config)
   for k in ("image_size", "patch_size"):
     if not isinstance(config.get(k, 0), int):
       bad[k] = config[k]
@@ -318,9 +270,9 @@ def _inferred_model(flat: Flat, fmt: str, source: str, *, num_heads: int | None,
   backbone_flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
   width = backbone_flat["embedding/kernel"].shape[-1] if "embedding/kernel" in backbone_flat \
       else None
-  if num_heads is None and width not in mapping.HEADS_BY_WIDTH:
+  if num_heads is None and width not in HEADS_BY_WIDTH:
     raise ValueError(f"{source} does not record the attention heads and its width {width} is "
-                     f"not a standard DINOv2 width ({sorted(mapping.HEADS_BY_WIDTH)}): give "
+                     f"not a standard DINOv2 width ({sorted(HEADS_BY_WIDTH)}): give "
                      "--config configs/X.py[:ARG] describing the model")
   pos = backbone_flat.get("pos_embedding")
   if pos is not None and not is_square(pos.shape[1] - 1):
@@ -337,7 +289,7 @@ def _inferred_model(flat: Flat, fmt: str, source: str, *, num_heads: int | None,
                   layerscale=float(hf_config.get("layerscale_value", 1.0)))
     if hf_config.get("drop_path_rate"):
       fields["drop_path"] = float(hf_config["drop_path_rate"])
-  backbone = mapping.infer_backbone(backbone_flat, num_heads=num_heads, source=source, **fields)
+  backbone = infer_backbone(backbone_flat, num_heads=num_heads, source=source, **fields)
   if backbone["variant"] is None:
     del backbone["variant"]
   classes, queries = flat.get(P + "head/class_head/kernel"), flat.get(P + "queries")
@@ -389,9 +341,9 @@ def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = N
   hf_config, meta = None, {}
   recorded: dict[str, str] = {}
   if fmt == OFFICIAL:
-    tensors, meta = segformer._read_official(path, trust_pickle)
+    tensors, meta = read_torch_checkpoint(path, trust_pickle=trust_pickle)
     tensors = _official_tensors(tensors, path)
-    rules = official_rules(_official_ffn(tensors))
+    rules = official_rules(timm.ffn_of(tensors, "network.encoder.backbone.blocks.0.mlp."))
     num_heads = None
   elif fmt == HF:
     hf_config, tensors = _read_hf(path, trust_pickle)
@@ -419,7 +371,7 @@ def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = N
 
   model_cfg, described_by = None, "the config"
   if config is not None:
-    config = config_utils.load_config(config) if isinstance(config, str) else config
+    config = load_config(config)
     model_cfg = config.model.to_dict()
   elif _meta_model(meta):  # a file this module wrote: our model config, checked as a config
     model_cfg, described_by = _meta_model(meta), "the model config the file records"
@@ -440,11 +392,10 @@ def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = N
   else:
     model_cfg = _inferred_model(flat, fmt, path, num_heads=num_heads, num_blocks=num_blocks,
                                 hf_config=hf_config)
-  # Strictly against the model (shapes from an input of twice the patch size, so any patch
-  # size works); a missing, unexpected or mis-shaped tensor fails naming the keys.
-  abstract = bundle_lib._abstract_params(build_model(model_cfg), model_cfg)
-  params = bundle_lib.merge_params(abstract, flax.traverse_util.unflatten_dict(
-      {k[len(P):]: v for k, v in flat.items()}, sep="/"), source=path)
+  # Strictly against the model: a missing, unexpected or mis-shaped tensor fails naming the
+  # keys.
+  params = bundle_lib.merge_params(abstract_variables(model_cfg)["params"], unflatten(
+      {k[len(P):]: v for k, v in flat.items()}), source=path)
   mean, std = _mean_std(path, fmt, tensors, config, meta)
   return EoMTCheckpoint(params, model_cfg, mean, std,
                         _class_names(config, hf_config, meta, model_cfg["num_classes"]))
@@ -459,7 +410,7 @@ def _mean_std(path: str, fmt: str, tensors: Mapping[str, np.ndarray], config,
     recorded = tuple(tuple(round(float(v) * 255, 4) for v in np.ravel(tensors[k]))
                      for k in (PIXEL_MEAN, PIXEL_STD))
   elif fmt == HF:
-    recorded = hf._mean_std(path, None)
+    recorded = hf_mean_std(path, None)
   if recorded is None:
     ours = meta.get("segvit_jax") if isinstance(meta.get("segvit_jax"), dict) else {}
     if config is not None:
@@ -479,9 +430,9 @@ def _mean_std(path: str, fmt: str, tensors: Mapping[str, np.ndarray], config,
 def _class_names(config, hf_config, meta: Mapping[str, Any], k: int) -> tuple[str, ...]:
   names = None
   if config is not None:
-    names = segvit_official.class_names(config)
+    names = class_names(config)
   elif hf_config is not None:
-    names = segformer._hf_class_names(hf_config, k)
+    names = hf_class_names(hf_config, k)
   elif meta.get("CLASSES") is not None and len(meta["CLASSES"]) == k:
     names = tuple(str(n) for n in meta["CLASSES"])
   return names or tuple(f"class_{i}" for i in range(k))
@@ -547,7 +498,7 @@ def _fold_cls_slot(flat: Flat, source: str) -> Flat:
   return flat
 
 
-def _export_state(bundle_path: str, fmt: str, out: str) -> tuple[dict, dict, dict]:
+def _export_state(bundle_path: str, fmt: str) -> tuple[dict, dict, dict]:
   """(bundle config, resolved backbone, the layout's state dict as numpy, buffers included)."""
   meta = bundle_lib.read_config(bundle_path)
   name = meta.get("model", {}).get("name", "segvit")
@@ -557,27 +508,16 @@ def _export_state(bundle_path: str, fmt: str, out: str) -> tuple[dict, dict, dic
   model_cfg = meta["model"]
   bb = _check_exportable(model_cfg, fmt, bundle_path)
   loaded = bundle_lib.load_bundle(bundle_path)  # strict check against its model
-  flat = {P + k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(loaded.variables["params"]), sep="/").items()}
+  flat = {P + k: np.asarray(v) for k, v in flatten(loaded.variables["params"]).items()}
   flat = _fold_cls_slot(flat, bundle_path)
   rules = official_rules(bb["ffn"]) if fmt == OFFICIAL else hf_rules(bb["ffn"])
-  state = to_official(flat, rules, source=bundle_path, layout=fmt)
-  # The table is one-to-one: mapping the result back must give the same keys and shapes.
-  back = to_ours(state, rules, source=out, layout=fmt, dropped=DROPPED[fmt])
-  if {k: v.shape for k, v in back.items()} != {k: v.shape for k, v in flat.items()}:
-    raise AssertionError(f"{fmt} table is not invertible for {bundle_path}")
+  state = to_theirs(flat, rules, source=bundle_path, layout=fmt)
   k = model_cfg["num_classes"]
   # Fully annealed (module docstring); the loss's class weights, no-object last.
   state[MASK_PROBS[fmt]] = np.zeros(model_cfg["num_blocks"], np.float32)
   state[EMPTY_WEIGHT] = np.concatenate([np.ones(k, np.float32),
                                         np.full(1, NO_OBJECT_WEIGHT, np.float32)])
   return meta, bb, state
-
-
-def _labels(meta: Mapping[str, Any]) -> list[str]:
-  k = meta["model"]["num_classes"]
-  names = list(meta.get("class_names") or [])
-  return names if len(names) == k else [f"class_{i}" for i in range(k)]
 
 
 def _pixel_stats(meta: Mapping[str, Any]) -> tuple[list[float], list[float]]:
@@ -590,22 +530,15 @@ def export_official(bundle_path: str, out: str) -> dict[str, np.ndarray]:
   tensors (the LightningModule's names, buffers included), "meta": {CLASSES, segvit_jax: model
   config, pixel statistics, source}}, readable with torch.load(weights_only=True). Returns the
   state dict as numpy arrays."""
-  meta, _, state = _export_state(bundle_path, OFFICIAL, out)
+  meta, _, state = _export_state(bundle_path, OFFICIAL)
   mean, std = _pixel_stats(meta)
   for key, values in ((PIXEL_MEAN, mean), (PIXEL_STD, std)):
     state[key] = (np.asarray(values, np.float64) / 255).astype(np.float32).reshape(1, -1, 1, 1)
-  state = {k: state[k] for k in sorted(state, key=segvit_official._natural)}
-  torch = mapping._torch()
+  state = {k: state[k] for k in sorted(state, key=natural_key)}
   info = {"model": meta["model"], "mean": mean, "std": std,
           "source": os.path.abspath(bundle_path)}
-  obj = {"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
-         # Plain containers only, so that weights_only loading accepts the file.
-         "meta": {"CLASSES": tuple(_labels(meta)),
-                  "segvit_jax": json.loads(json.dumps(info, default=list))}}
-  out = os.path.abspath(out)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  torch.save(obj, out + ".tmp")
-  os.replace(out + ".tmp", out)
+  write_torch_checkpoint(out, state, {"CLASSES": tuple(labels(meta)),
+                                      "segvit_jax": json.loads(json.dumps(info, default=list))})
   return state
 
 
@@ -613,7 +546,7 @@ def hf_config(meta: Mapping[str, Any], bb: Mapping[str, Any] | None = None) -> d
   """config.json of EomtForUniversalSegmentation for an EoMT bundle's config."""
   model = meta["model"]
   bb = bb or resolved_backbone(model["backbone"])
-  names = _labels(meta)
+  names = labels(meta)
   patch = int(bb["patch_size"])
   return {
       "architectures": ["EomtForUniversalSegmentation"], "model_type": "eomt",
@@ -637,34 +570,16 @@ def export_hf(bundle_path: str, out: str) -> dict[str, np.ndarray]:
   """An EoMT bundle -> a directory EomtForUniversalSegmentation.from_pretrained loads:
   config.json, model.safetensors (float32) and preprocessor_config.json (the bundle's mean /
   std; EoMT's semantic inference). Returns the state dict."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
-  meta, bb, state = _export_state(bundle_path, HF, out)
-  out = os.path.abspath(out)
-  os.makedirs(out, exist_ok=True)
+  meta, bb, state = _export_state(bundle_path, HF)
   config = hf_config(meta, bb)
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
   mean, std = _pixel_stats(meta)
-  with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-    json.dump({"image_processor_type": "EomtImageProcessor", "do_resize": True,
-               "size": {"shortest_edge": config["image_size"], "longest_edge": None},
-               "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
-               "do_normalize": True, "image_mean": [m / 255 for m in mean],
-               "image_std": [s / 255 for s in std], "do_split_image": True, "do_pad": False},
-              f, indent=2)
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
-            os.path.join(out, "model.safetensors.tmp"), metadata={"format": "pt"})
-  os.replace(os.path.join(out, "model.safetensors.tmp"), os.path.join(out, "model.safetensors"))
+  write_hf_dir(out, state, config, {
+      "image_processor_type": "EomtImageProcessor", "do_resize": True,
+      "size": {"shortest_edge": config["image_size"], "longest_edge": None}, "resample": 2,
+      "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+      "image_mean": [m / 255 for m in mean], "image_std": [s / 255 for s in std],
+      "do_split_image": True, "do_pad": False})
   return state
-
-
-def export(bundle_path: str, out: str, fmt: str) -> dict[str, np.ndarray]:
-  if fmt == OFFICIAL:
-    return export_official(bundle_path, out)
-  if fmt == HF:
-    return export_hf(bundle_path, out)
-  raise ValueError(f"unknown EoMT format {fmt!r}; known: {', '.join(FORMATS)}")
 
 
 def summary(model: Mapping[str, Any]) -> str:

@@ -11,98 +11,42 @@ ViTModel and Dinov2Model, with antialias for Dinov2WithRegistersModel.
 
 from __future__ import annotations
 
-import json
-import os
+from segvit_jax.convert.backbone import AUGREG_MEAN_STD, IMAGENET_MEAN_STD, Converted, \
+    add_cls_slot, infer_backbone
+from segvit_jax.convert.rules import KeyRule, attention, conv, hf_mean_std, mlp, norm, \
+    read_hf_dir, strip_prefix, swiglu, to_ours
 
-from segvit_jax.convert.mapping import Converted, Rule, add_cls_slot, apply_rules, conv, \
-    infer_backbone, linear, read_safetensors, read_torch, split_swiglu, strip_prefix, \
-    AUGREG_MEAN_STD, IMAGENET_MEAN_STD
-
-_LAYER = r"encoder\.layer\.(\d+)\."
-
-
-def _dense(source: str, target: str) -> tuple[Rule, Rule]:
-  return (Rule(source + r"\.weight", target + "/kernel", linear),
-          Rule(source + r"\.bias", target + "/bias"))
-
-
-def _norm(source: str, target: str) -> tuple[Rule, Rule]:
-  return (Rule(source + r"\.weight", target + "/scale"), Rule(source + r"\.bias", target + "/bias"))
-
-
-def swiglu_in(source: str) -> tuple[Rule, Rule]:
-  """Packed [gate; value] Linear -> w1 (gate) and w2 (value)."""
-  return tuple(Rule(source + rf"\.{part}", (f"encoderblock_{{0}}/mlp/w1/{ours}",
-                                              f"encoderblock_{{0}}/mlp/w2/{ours}"), split_swiglu)
-               for part, ours in (("weight", "kernel"), ("bias", "bias")))
-
+_L, _O = "encoder.layer.{i}.", "encoderblock_{i}/"
 
 COMMON_RULES = (
-    Rule(r"embeddings\.cls_token", "cls"),
-    Rule(r"embeddings\.position_embeddings", "pos_embedding"),
-    Rule(r"embeddings\.patch_embeddings\.projection\.weight", "embedding/kernel", conv),
-    Rule(r"embeddings\.patch_embeddings\.projection\.bias", "embedding/bias"),
-    Rule(r"embeddings\.mask_token", None),
-    *_dense(_LAYER + r"attention\.attention\.(query|key|value)", "encoderblock_{0}/attn/{1}"),
-    *_dense(_LAYER + r"attention\.output\.dense", "encoderblock_{0}/attn/out"),
-    *_norm(r"layernorm", "encoder_norm"),
-    Rule(r"(classifier|pooler)\..*", None),
+    KeyRule("embeddings.cls_token", "cls"),
+    KeyRule("embeddings.position_embeddings", "pos_embedding"),
+    *conv("embeddings.patch_embeddings.projection", "embedding"),
+    *attention(_L + "attention.", _O + "attn",
+               ("attention.query", "attention.key", "attention.value", "output.dense")),
+    *norm("layernorm", "encoder_norm"),
 )
 
 VIT_RULES = COMMON_RULES + (
-    *_norm(_LAYER + r"layernorm_before", "encoderblock_{0}/norm1"),
-    *_norm(_LAYER + r"layernorm_after", "encoderblock_{0}/norm2"),
-    *_dense(_LAYER + r"intermediate\.dense", "encoderblock_{0}/mlp/fc1"),
-    *_dense(_LAYER + r"output\.dense", "encoderblock_{0}/mlp/fc2"),
+    *norm(_L + "layernorm_before", _O + "norm1"),
+    *norm(_L + "layernorm_after", _O + "norm2"),
+    *mlp(_L, _O + "mlp", ("intermediate.dense", "output.dense")),
 )
 
 DINOV2_RULES = COMMON_RULES + (
-    Rule(r"embeddings\.register_tokens", "registers"),
-    *_norm(_LAYER + r"norm([12])", "encoderblock_{0}/norm{1}"),
-    Rule(_LAYER + r"layer_scale([12])\.lambda1", "encoderblock_{0}/ls{1}"),
-    *_dense(_LAYER + r"mlp\.(fc[12])", "encoderblock_{0}/mlp/{1}"),
-    *swiglu_in(_LAYER + r"mlp\.weights_in"),
-    *_dense(_LAYER + r"mlp\.weights_out", "encoderblock_{0}/mlp/w3"),
+    KeyRule("embeddings.register_tokens", "registers"),
+    *norm(_L + "norm1", _O + "norm1"),
+    *norm(_L + "norm2", _O + "norm2"),
+    KeyRule(_L + "layer_scale1.lambda1", _O + "ls1"),
+    KeyRule(_L + "layer_scale2.lambda1", _O + "ls2"),
+    *mlp(_L + "mlp.", _O + "mlp"),
+    *swiglu(_L + "mlp.", _O + "mlp", ("weights_in", "weights_out")),
 )
-
-
-def read_dir(path: str, *, trust_pickle: bool = False) -> tuple[dict, dict]:
-  """(config.json, tensors) of a `save_pretrained` directory."""
-  cfg_file = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_file):
-    raise FileNotFoundError(f"{cfg_file} not found: expected a directory written by "
-                            "transformers' save_pretrained (config.json + model.safetensors)")
-  with open(cfg_file) as f:
-    config = json.load(f)
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-    tensors = {}
-    for name in files:
-      tensors.update(read_safetensors(os.path.join(path, name)))
-  elif os.path.isfile(os.path.join(path, "model.safetensors")):
-    tensors = read_safetensors(os.path.join(path, "model.safetensors"))
-  elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-    tensors = read_torch(os.path.join(path, "pytorch_model.bin"), trust_pickle=trust_pickle)
-  else:
-    raise FileNotFoundError(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin")
-  return config, tensors
-
-
-def _mean_std(path: str, default):
-  file = os.path.join(path, "preprocessor_config.json")
-  if not os.path.isfile(file):
-    return default
-  with open(file) as f:
-    pre = json.load(f)
-  if "image_mean" not in pre or "image_std" not in pre:
-    return default
-  return (tuple(255.0 * m for m in pre["image_mean"]), tuple(255.0 * s for s in pre["image_std"]))
+DROPPED = (r"embeddings\.mask_token", r"(classifier|pooler)\..*")
 
 
 def _load(path, rules, expected, *, num_heads, trust_pickle, posemb_resize, mean_std):
-  config, tensors = read_dir(path, trust_pickle=trust_pickle)
+  config, tensors = read_hf_dir(path, trust_pickle=trust_pickle)
   model_type = config.get("model_type")
   if model_type not in expected:
     raise ValueError(f"{path}/config.json has model_type={model_type!r}; this format reads "
@@ -111,12 +55,12 @@ def _load(path, rules, expected, *, num_heads, trust_pickle, posemb_resize, mean
     raise ValueError(f"{path}: hidden_act={config['hidden_act']!r}; only exact 'gelu' is "
                      "supported")
   tensors = strip_prefix(tensors, [f"{model_type}.", "vit.", "dinov2."])
-  params = add_cls_slot(apply_rules(tensors, rules, source=path, layout=f"HF {model_type}"),
-                        path)
+  params = add_cls_slot(to_ours(tensors, rules, source=path, layout=f"HF {model_type}",
+                                dropped=DROPPED, model="ViT"), path)
   cfg = infer_backbone(params, num_heads=num_heads or config["num_attention_heads"],
                        source=path, norm_eps=config.get("layer_norm_eps", 1e-12),
                        posemb_resize=posemb_resize(model_type))
-  return Converted(params, cfg, *_mean_std(path, mean_std))
+  return Converted(params, cfg, *hf_mean_std(path, mean_std))
 
 
 def load_vit(path: str, *, num_heads: int | None = None, trust_pickle: bool = False,

@@ -1,7 +1,7 @@
 """Whole SegFormer models (MiT encoder + all-MLP decoder, `models.segformer.SegFormer`) in the
 layouts of the authors' release and of HuggingFace transformers, both ways; and their MiT
-encoders as backbones for `config.model_init` (spec checkpoints.md, "SegFormer official
-release" and "HuggingFace transformers layouts"):
+encoders as backbones for `config.model_init` (the release's `mix_transformer.py` and
+`segformer_head.py` (NVlabs/SegFormer); transformers' `modeling_segformer.py`):
 
   python -m segvit_jax.convert SRC OUT --from segformer-official|hf-segformer [--config X.py]
   python -m segvit_jax.convert BUNDLE OUT --to segformer-official|hf-segformer
@@ -40,7 +40,7 @@ cannot carry the eps: the target's runtime applies its own. A bundle imported fr
 (1e-6) and exported to HF runs in transformers at 1e-5, one from HF exported to the release runs
 in mmseg at 1e-6, and their logits differ from the bundle's by that change alone: max abs
 8.7e-6 (B0) and 9.4e-6 (B2 widths) at 512 x 512, logits up to 3.6, random weights, float64
-(tests/test_segformer_convert.py). The eps counts against each token's variance over channels,
+(tests/convert/test_segformer.py). The eps counts against each token's variance over channels,
 so trained weights with low-variance tokens can differ more. Re-importing an export restores
 the layout's eps: a round trip through the other layout changes `norm_eps` in the model config
 and nothing else (parameters and BatchNorm statistics are bitwise equal). Export warns when
@@ -55,24 +55,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import re
 from typing import Any, Mapping, Sequence
 
-import flax
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax import config_utils
-from segvit_jax.convert import hf, mapping, segvit_official
-from segvit_jax.convert.mapping import IMAGENET_MEAN_STD, Converted, Flat, conv, linear, \
-    read_torch, split_swiglu
-from segvit_jax.convert.segvit_official import KeyRule, conv_to_torch, to_official, to_ours
-from segvit_jax.models import build_model, mit
+from segvit_jax.convert.backbone import IMAGENET_MEAN_STD, Converted
+from segvit_jax.convert.rules import QKV, Flat, KeyRule, attention, batch_norm, conv, flatten, \
+    hf_class_names, hf_mean_std, hf_unsupported, key_list, linear, mlp, norm, packed_linear, \
+    read_hf_model_dir, read_torch_checkpoint, strip_prefix, to_ours, to_theirs, unflatten, \
+    write_hf_dir, write_torch_checkpoint
+from segvit_jax.convert.whole_model import abstract_variables, class_names, labels, \
+    load_config, palette
+from segvit_jax.models import mit
 
 OFFICIAL = "segformer-official"
 HF = "hf-segformer"
@@ -86,96 +84,58 @@ DEFAULT_DROPOUT, DEFAULT_DROP_PATH = 0.1, 0.1
 
 
 # ----------------------------------------------------------------------------------------------
-# Transforms and rule builders
-
-# The release packs key and value as one Linear (2C, C), key rows first: the same packing as
-# a SwiGLU's [gate; value] (two Linear layers stacked on the output axis).
-split_kv = split_swiglu
-
-
-def join_kv(k, v):
-  """Flax key / value kernels (C, C) -> packed torch (2C, C); biases (C,) -> (2C,)."""
-  return np.concatenate([k.T, v.T] if k.ndim == 2 else [k, v], axis=0)
-
-
-def _linear(key: str, ours: str) -> tuple[KeyRule, ...]:
-  return (KeyRule(f"{key}.weight", f"{ours}/kernel", linear, linear),
-          KeyRule(f"{key}.bias", f"{ours}/bias"))
-
-
-def _conv(key: str, ours: str, *, bias: bool = True) -> tuple[KeyRule, ...]:
-  rules = (KeyRule(f"{key}.weight", f"{ours}/kernel", conv, conv_to_torch),)
-  return rules + ((KeyRule(f"{key}.bias", f"{ours}/bias"),) if bias else ())
-
-
-def _norm(key: str, ours: str) -> tuple[KeyRule, ...]:
-  return (KeyRule(f"{key}.weight", f"{ours}/scale"), KeyRule(f"{key}.bias", f"{ours}/bias"))
-
-
-def _batch_norm(key: str, module: str) -> tuple[KeyRule, ...]:
-  """torch BatchNorm2d <-> flax BatchNorm: weight / bias in params, the running statistics in
-  batch_stats (`num_batches_tracked` is handled apart: it is an int64 counter)."""
-  return (*_norm(key, f"params/{module}"),
-          KeyRule(f"{key}.running_mean", f"batch_stats/{module}/mean"),
-          KeyRule(f"{key}.running_var", f"batch_stats/{module}/var"))
-
-
-# ----------------------------------------------------------------------------------------------
 # The tables. Our side: flat variable paths with the collection first ("params/backbone/...",
 # "batch_stats/head/..."); `{s}` is our stage (1-based, as the release), `{j}` the block in it.
 
 def official_encoder_rules(key: str, ours: str) -> tuple[KeyRule, ...]:
-  """The release's MixVisionTransformer under key prefix `key` <-> our MiT under `ours`."""
+  """The release's MixVisionTransformer under key prefix `key` <-> our MiT under `ours`; the
+  key and value projections packed in `attn.kv` (2C, C), key rows first."""
   b, o = key + "block{s}.{j}.", ours + "block_{s}_{j}/"
-  return (*_conv(key + "patch_embed{s}.proj", ours + "patch_embed_{s}/proj"),
-          *_norm(key + "patch_embed{s}.norm", ours + "patch_embed_{s}/norm"),
-          *_norm(b + "norm1", o + "norm1"),
-          *_linear(b + "attn.q", o + "attn/query"),
-          KeyRule(b + "attn.kv.weight", (o + "attn/key/kernel", o + "attn/value/kernel"),
-                  split_kv, join_kv),
-          KeyRule(b + "attn.kv.bias", (o + "attn/key/bias", o + "attn/value/bias"), split_kv,
-                  join_kv),
-          *_conv(b + "attn.sr", o + "sr"),
-          *_norm(b + "attn.norm", o + "sr_norm"),
-          *_linear(b + "attn.proj", o + "attn/out"),
-          *_norm(b + "norm2", o + "norm2"),
-          *_linear(b + "mlp.fc1", o + "mlp/fc1"),
-          *_conv(b + "mlp.dwconv.dwconv", o + "mlp/dwconv"),
-          *_linear(b + "mlp.fc2", o + "mlp/fc2"),
-          *_norm(key + "norm{s}", ours + "norm_{s}"))
+  return (*conv(key + "patch_embed{s}.proj", ours + "patch_embed_{s}/proj"),
+          *norm(key + "patch_embed{s}.norm", ours + "patch_embed_{s}/norm"),
+          *norm(b + "norm1", o + "norm1"),
+          *linear(b + "attn.q", o + "attn/query"),
+          *packed_linear(b + "attn.kv", [o + "attn/key", o + "attn/value"]),
+          *conv(b + "attn.sr", o + "sr"),
+          *norm(b + "attn.norm", o + "sr_norm"),
+          *linear(b + "attn.proj", o + "attn/out"),
+          *norm(b + "norm2", o + "norm2"),
+          *mlp(b + "mlp.", o + "mlp"),
+          *conv(b + "mlp.dwconv.dwconv", o + "mlp/dwconv"),
+          *norm(key + "norm{s}", ours + "norm_{s}"))
 
 
 def hf_encoder_rules(key: str, ours: str) -> tuple[KeyRule, ...]:
   """transformers' SegformerEncoder under `key` <-> our MiT under `ours` (stages 0-based
   there: `{s-1}`)."""
   b, o = key + "block.{s-1}.{j}.", ours + "block_{s}_{j}/"
-  return (*_conv(key + "patch_embeddings.{s-1}.proj", ours + "patch_embed_{s}/proj"),
-          *_norm(key + "patch_embeddings.{s-1}.layer_norm", ours + "patch_embed_{s}/norm"),
-          *_norm(b + "layer_norm_1", o + "norm1"),
-          *(r for x in ("query", "key", "value")
-            for r in _linear(b + f"attention.self.{x}", o + f"attn/{x}")),
-          *_conv(b + "attention.self.sr", o + "sr"),
-          *_norm(b + "attention.self.layer_norm", o + "sr_norm"),
-          *_linear(b + "attention.output.dense", o + "attn/out"),
-          *_norm(b + "layer_norm_2", o + "norm2"),
-          *_linear(b + "mlp.dense1", o + "mlp/fc1"),
-          *_conv(b + "mlp.dwconv.dwconv", o + "mlp/dwconv"),
-          *_linear(b + "mlp.dense2", o + "mlp/fc2"),
-          *_norm(key + "layer_norm.{s-1}", ours + "norm_{s}"))
+  return (*conv(key + "patch_embeddings.{s-1}.proj", ours + "patch_embed_{s}/proj"),
+          *norm(key + "patch_embeddings.{s-1}.layer_norm", ours + "patch_embed_{s}/norm"),
+          *norm(b + "layer_norm_1", o + "norm1"),
+          *attention(b + "attention.", o + "attn",
+                     (*(f"self.{x}" for x in QKV), "output.dense")),
+          *conv(b + "attention.self.sr", o + "sr"),
+          *norm(b + "attention.self.layer_norm", o + "sr_norm"),
+          *norm(b + "layer_norm_2", o + "norm2"),
+          *mlp(b + "mlp.", o + "mlp", ("dense1", "dense2")),
+          *conv(b + "mlp.dwconv.dwconv", o + "mlp/dwconv"),
+          *norm(key + "layer_norm.{s-1}", ours + "norm_{s}"))
 
 
 RULES = {
     OFFICIAL: official_encoder_rules("backbone.", "params/backbone/") + (
-        *_linear("decode_head.linear_c{s}.proj", "params/head/linear_c_{s}"),
-        *_conv("decode_head.linear_fuse.conv", "params/head/linear_fuse", bias=False),
-        *_batch_norm("decode_head.linear_fuse.bn", "head/batch_norm"),
-        *_conv("decode_head.linear_pred", "params/head/classifier"),
+        *linear("decode_head.linear_c{s}.proj", "params/head/linear_c_{s}"),
+        *conv("decode_head.linear_fuse.conv", "params/head/linear_fuse", bias=False),
+        *batch_norm("decode_head.linear_fuse.bn", "params/head/batch_norm",
+                    "batch_stats/head/batch_norm"),
+        *conv("decode_head.linear_pred", "params/head/classifier"),
     ),
     HF: hf_encoder_rules("segformer.encoder.", "params/backbone/") + (
-        *_linear("decode_head.linear_c.{s-1}.proj", "params/head/linear_c_{s}"),
-        *_conv("decode_head.linear_fuse", "params/head/linear_fuse", bias=False),
-        *_batch_norm("decode_head.batch_norm", "head/batch_norm"),
-        *_conv("decode_head.classifier", "params/head/classifier"),
+        *linear("decode_head.linear_c.{s-1}.proj", "params/head/linear_c_{s}"),
+        *conv("decode_head.linear_fuse", "params/head/linear_fuse", bias=False),
+        *batch_norm("decode_head.batch_norm", "params/head/batch_norm",
+                    "batch_stats/head/batch_norm"),
+        *conv("decode_head.classifier", "params/head/classifier"),
     ),
 }
 # The BatchNorm's step counter: an int64 the tables do not carry (`load`, `_export_state`).
@@ -193,25 +153,6 @@ ENCODER_RULES = {OFFICIAL: official_encoder_rules("", ""), HF: hf_encoder_rules(
 # ----------------------------------------------------------------------------------------------
 # Reading files
 
-def _read_official(path: str, trust_pickle: bool) -> tuple[dict[str, np.ndarray], dict]:
-  """(tensors, meta) of a release .pth: `read_torch` (weights_only, unwrapping `state_dict`)
-  and the wrapper's `meta` dict, if any (a second, memory-mapped load: tensors stay on disk)."""
-  tensors = read_torch(path, trust_pickle=trust_pickle)
-  if path.endswith(".safetensors"):
-    return tensors, {}
-  torch = mapping._torch()  # pylint: disable=protected-access
-  load = lambda **kw: torch.load(path, map_location="cpu", **kw)  # noqa: E731
-  try:
-    try:
-      obj = load(weights_only=True, mmap=True)
-    except pickle.UnpicklingError:  # read_torch accepted it, so the user trusts the file
-      obj = load(weights_only=False, mmap=True)
-  except RuntimeError:  # legacy (pre-zip) serialisation: no mmap
-    obj = load(weights_only=not trust_pickle)
-  meta = obj.get("meta") if isinstance(obj, dict) else None
-  return tensors, meta if isinstance(meta, dict) else {}
-
-
 def _official_kind(tensors: Mapping[str, Any], source: str) -> str:
   """"model" (backbone.* + decode_head.*) or "encoder" (a mit_bX.pth); anything else fails
   naming keys."""
@@ -226,16 +167,13 @@ def _official_kind(tensors: Mapping[str, Any], source: str) -> str:
   raise ValueError(f"{source} is not a SegFormer / MiT checkpoint of the official release: no "
                    f"backbone.patch_embed1.proj.weight (whole model) or patch_embed1.proj.weight "
                    f"(mit_bX.pth encoder){hint}. It has {len(keys)} tensor(s), e.g. "
-                   f"{segvit_official._shown(keys, 8)}")  # pylint: disable=protected-access
+                   f"{key_list(keys, 8)}")
 
 
 def _read_hf(path: str, trust_pickle: bool) -> tuple[dict, dict[str, np.ndarray]]:
-  config, tensors = hf.read_dir(path, trust_pickle=trust_pickle)
-  if config.get("model_type") != "segformer":
-    raise ValueError(f"{path}/config.json has model_type={config.get('model_type')!r}; "
-                     f"--from {HF} reads SegFormer directories (model_type 'segformer')")
-  bad = {k: config[k] for k, want in (("hidden_act", "gelu"), ("num_channels", 3))
-         if config.get(k, want) != want}
+  config, tensors = read_hf_model_dir(path, "segformer", fmt=HF, name="SegFormer",
+                                      trust_pickle=trust_pickle)
+  bad = hf_unsupported(config)
   if bad:
     raise ValueError(f"{path}/config.json: {bad}; our MiT has exact GELU and RGB input")
   return config, tensors
@@ -350,31 +288,13 @@ def _check_config(model_cfg: Mapping[str, Any], inferred: Mapping[str, Any], rec
                      + "; ".join(bad))
 
 
-def _abstract_variables(model_cfg: Mapping[str, Any]) -> dict:
-  """The model's variables as ShapeDtypeStructs (shapes do not depend on the input size)."""
-  model = build_model(model_cfg)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-  # Shapes from the boxes directly: unboxing would apply sharding constraints under a mesh.
-  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(getattr(v, "value", v).shape, jnp.float32),
-                      flax.core.unfreeze(abstract),
-                      is_leaf=lambda v: isinstance(v, flax.linen.meta.AxisMetadata))
-
-
 def check_variables(model_cfg: Mapping[str, Any], flat: Flat, *, source: str) -> dict:
   """Flat variables ("params/...", "batch_stats/...") -> {"params", "batch_stats"} trees,
   strictly checked against the model (missing / unexpected / mis-shaped keys named)."""
-  abstract = _abstract_variables(model_cfg)
-  tree = _unflatten(flat)
+  abstract = abstract_variables(model_cfg)
+  tree = unflatten(flat)
   return {c: bundle_lib.merge_params(abstract[c], tree.get(c, {}), source=f"{source} ({c})")
           for c in abstract}
-
-
-def _flatten(tree) -> Flat:
-  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
-
-
-def _unflatten(flat: Mapping[str, Any]):
-  return flax.traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 @dataclasses.dataclass
@@ -390,12 +310,6 @@ class SegFormerCheckpoint:
   num_batches_tracked: int | None = None
 
 
-def _hf_class_names(config: Mapping[str, Any], k: int) -> tuple[str, ...] | None:
-  id2label = config.get("id2label") or {}
-  names = tuple(id2label.get(str(i), id2label.get(i)) for i in range(k))
-  return names if len(id2label) == k and None not in names else None
-
-
 def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = None, *,
          trust_pickle: bool = False) -> SegFormerCheckpoint:
   """Reads a whole SegFormer of layout `fmt` (FORMATS), checked strictly against the model it
@@ -404,7 +318,7 @@ def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = N
     raise FileNotFoundError(f"{path} does not exist (format {fmt!r})")
   hf_config, meta = None, {}
   if fmt == OFFICIAL:
-    tensors, meta = _read_official(path, trust_pickle)
+    tensors, meta = read_torch_checkpoint(path, trust_pickle=trust_pickle)
     kind = _official_kind(tensors, path)
     if kind != "model":
       what = ("an ImageNet MiT encoder (mit_bX.pth: no backbone. prefix)" if kind == "encoder"
@@ -425,7 +339,7 @@ def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = N
   inferred = _inferred_model(flat, fmt, hf_config, path)
   model_cfg = inferred
   if config is not None:
-    config = config_utils.load_config(config) if isinstance(config, str) else config
+    config = load_config(config)
     model_cfg = config.model.to_dict()
     recorded = {"dims", "depths", "patch_sizes", "sr_ratios", "mlp_ratio"}
     if fmt == HF:
@@ -441,16 +355,16 @@ def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = N
   k = model_cfg["num_classes"]
   names = None
   if config is not None:
-    names = segvit_official.class_names(config)
+    names = class_names(config)
   elif hf_config is not None:
-    names = _hf_class_names(hf_config, k)
+    names = hf_class_names(hf_config, k)
   elif meta.get("CLASSES") is not None and len(meta["CLASSES"]) == k:
     names = tuple(str(n) for n in meta["CLASSES"])
   ours = meta.get("segvit_jax") if isinstance(meta.get("segvit_jax"), dict) else {}
   if config is not None:
     mean, std = tuple(config.mean), tuple(config.std)
   elif hf_config is not None:
-    mean, std = hf._mean_std(path, IMAGENET_MEAN_STD)  # pylint: disable=protected-access
+    mean, std = hf_mean_std(path, IMAGENET_MEAN_STD)
   elif ours.get("mean") and ours.get("std"):  # a file we exported
     mean, std = tuple(ours["mean"]), tuple(ours["std"])
   else:
@@ -485,10 +399,10 @@ def _encoder_tensors(tensors: Mapping[str, np.ndarray], fmt: str, source: str) -
   if fmt == OFFICIAL:
     if _official_kind(tensors, source) == "encoder":
       return dict(tensors), (r"head\..*",)  # mit_bX.pth: the ImageNet classifier
-    return mapping.strip_prefix(tensors, ["backbone."]), (r"decode_head\..*",)
+    return strip_prefix(tensors, ["backbone."]), (r"decode_head\..*",)
   # SegformerModel: encoder.*; ...ForSemanticSegmentation / ...ForImageClassification:
   # segformer.encoder.* + decode_head.* / classifier.*
-  return mapping.strip_prefix(tensors, ["segformer."]), (r"decode_head\..*", r"classifier\..*")
+  return strip_prefix(tensors, ["segformer."]), (r"decode_head\..*", r"classifier\..*")
 
 
 def load_backbone(path: str, fmt: str, *, trust_pickle: bool = False) -> Converted:
@@ -499,10 +413,10 @@ def load_backbone(path: str, fmt: str, *, trust_pickle: bool = False) -> Convert
     raise FileNotFoundError(f"{path} does not exist (format {fmt!r})")
   mean, std = IMAGENET_MEAN_STD
   if fmt == OFFICIAL:
-    tensors, _ = _read_official(path, trust_pickle)
+    tensors, _ = read_torch_checkpoint(path, trust_pickle=trust_pickle)
   elif fmt == HF:
     _, tensors = _read_hf(path, trust_pickle)
-    mean, std = hf._mean_std(path, IMAGENET_MEAN_STD)  # pylint: disable=protected-access
+    mean, std = hf_mean_std(path, IMAGENET_MEAN_STD)
   else:
     raise ValueError(f"unknown SegFormer format {fmt!r}; known: {', '.join(FORMATS)}")
   tensors, heads = _encoder_tensors(tensors, fmt, path)
@@ -523,18 +437,14 @@ def _bundle_variables(bundle_path: str, fmt: str) -> tuple[dict, Flat]:
     raise ValueError(f"{bundle_path} is a {name!r} bundle; --to {fmt} writes whole SegFormer "
                      "models (a bundle of model.name='segformer')")
   loaded = bundle_lib.load_bundle(bundle_path)  # strict check against its model
-  flat = {k: np.asarray(v) for k, v in _flatten(loaded.variables).items()}
+  flat = {k: np.asarray(v) for k, v in flatten(loaded.variables).items()}
   return meta, flat
 
 
-def _export_state(bundle_path: str, fmt: str, out: str) -> tuple[dict, dict[str, np.ndarray]]:
+def _export_state(bundle_path: str, fmt: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(bundle config, the layout's state dict as numpy, numerically sorted)."""
   meta, flat = _bundle_variables(bundle_path, fmt)
-  state = to_official(flat, RULES[fmt], source=bundle_path, layout=fmt)
-  # The table is one-to-one: mapping the result back must give the same keys and shapes.
-  back = to_ours(state, RULES[fmt], source=out, layout=fmt, dropped=DROPPED[fmt])
-  if {k: v.shape for k, v in back.items()} != {k: v.shape for k, v in flat.items()}:
-    raise AssertionError(f"{fmt} table is not invertible for {bundle_path}")
+  state = to_theirs(flat, RULES[fmt], source=bundle_path, layout=fmt)
   state[NUM_BATCHES_TRACKED[fmt]] = np.asarray(meta.get("num_batches_tracked", 0), np.int64)
   bb = resolved_backbone(meta["model"]["backbone"])
   if bb["norm_eps"] != NORM_EPS[fmt] or bb["embed_norm_eps"] != EMBED_NORM_EPS:
@@ -546,17 +456,11 @@ def _export_state(bundle_path: str, fmt: str, out: str) -> tuple[dict, dict[str,
   return meta, state
 
 
-def _labels(meta: Mapping[str, Any]) -> list[str]:
-  k = meta["model"]["num_classes"]
-  names = list(meta.get("class_names") or [])
-  return names if len(names) == k else [f"class_{i}" for i in range(k)]
-
-
 def export_official(bundle_path: str, out: str) -> dict[str, np.ndarray]:
   """A SegFormer bundle -> the release's .pth at `out`: torch.save of {"state_dict": tensors,
   "meta": {CLASSES, PALETTE, segvit_jax: model config, pixel statistics, source}}, readable
   with torch.load(weights_only=True). Returns the state dict as numpy arrays."""
-  meta, state = _export_state(bundle_path, OFFICIAL, out)
+  meta, state = _export_state(bundle_path, OFFICIAL)
   bb = resolved_backbone(meta["model"]["backbone"])
   n = len(bb["dims"])
   differ = {k: bb[k] for k, v in RELEASE_UNRECORDED.items() if tuple(bb[k]) != v[:n]}
@@ -564,18 +468,11 @@ def export_official(bundle_path: str, out: str) -> dict[str, np.ndarray]:
     logging.warning("%s: the release's files do not record %s (its mit_bX models fix them to "
                     "%s); importing the export needs a --config that says so", bundle_path,
                     differ, {k: RELEASE_UNRECORDED[k][:n] for k in differ})
-  torch = mapping._torch()  # pylint: disable=protected-access
-  names = _labels(meta)
+  names = labels(meta)
   info = {"model": meta["model"], "mean": list(meta.get("mean", [])),
           "std": list(meta.get("std", [])), "source": os.path.abspath(bundle_path)}
-  obj = {"state_dict": {k: torch.from_numpy(v) for k, v in state.items()},
-         # Plain containers only, so that weights_only loading accepts the file.
-         "meta": {"CLASSES": tuple(names), "PALETTE": segvit_official.palette(names),
-                  "segvit_jax": json.loads(json.dumps(info, default=list))}}
-  out = os.path.abspath(out)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  torch.save(obj, out + ".tmp")
-  os.replace(out + ".tmp", out)
+  write_torch_checkpoint(out, state, {"CLASSES": tuple(names), "PALETTE": palette(names),
+                                      "segvit_jax": json.loads(json.dumps(info, default=list))})
   return state
 
 
@@ -584,7 +481,7 @@ def hf_config(meta: Mapping[str, Any]) -> dict[str, Any]:
   model = meta["model"]
   bb = resolved_backbone(model["backbone"])
   n = len(bb["dims"])
-  names = _labels(meta)
+  names = labels(meta)
   return {
       "architectures": ["SegformerForSemanticSegmentation"], "model_type": "segformer",
       "num_channels": 3, "num_encoder_blocks": n, "depths": list(bb["depths"]),
@@ -607,30 +504,13 @@ def export_hf(bundle_path: str, out: str) -> dict[str, np.ndarray]:
   """A SegFormer bundle -> a directory SegformerForSemanticSegmentation.from_pretrained loads:
   config.json, model.safetensors (float32; the BatchNorm counter int64) and
   preprocessor_config.json (the bundle's mean / std, no resize). Returns the state dict."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
-  meta, state = _export_state(bundle_path, HF, out)
-  out = os.path.abspath(out)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf_config(meta), f, indent=2)
+  meta, state = _export_state(bundle_path, HF)
   mean, std = meta.get("mean") or IMAGENET_MEAN_STD[0], meta.get("std") or IMAGENET_MEAN_STD[1]
-  with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-    json.dump({"image_processor_type": "SegformerImageProcessor", "do_resize": False,
-               "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-               "image_mean": [m / 255 for m in mean], "image_std": [s / 255 for s in std],
-               "do_reduce_labels": False}, f, indent=2)
-  save_file(state, os.path.join(out, "model.safetensors.tmp"), metadata={"format": "pt"})
-  os.replace(os.path.join(out, "model.safetensors.tmp"), os.path.join(out, "model.safetensors"))
+  write_hf_dir(out, state, hf_config(meta), {
+      "image_processor_type": "SegformerImageProcessor", "do_resize": False, "do_rescale": True,
+      "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [m / 255 for m in mean],
+      "image_std": [s / 255 for s in std], "do_reduce_labels": False})
   return state
-
-
-def export(bundle_path: str, out: str, fmt: str) -> dict[str, np.ndarray]:
-  if fmt == OFFICIAL:
-    return export_official(bundle_path, out)
-  if fmt == HF:
-    return export_hf(bundle_path, out)
-  raise ValueError(f"unknown SegFormer format {fmt!r}; known: {', '.join(FORMATS)}")
 
 
 def summary(model: Mapping[str, Any]) -> str:

@@ -1,10 +1,10 @@
 """Whole SegViT models in the layout of the authors' release (github zbwxp/SegVit,
-mmsegmentation 0.24; spec checkpoints.md, "SegViT official release"), both ways:
+mmsegmentation 0.24: `ATMHead`, `TPNATMHead`, `vit_shrink`), both ways:
 
   python -m segvit_jax.convert SRC.pth OUT --from segvit-official --config configs/X.py[:ARG]
   python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
 
-One declarative table per head type serves both directions: each `KeyRule` pairs a key
+One `rules.KeyRule` table per head type serves both directions: each rule pairs a key
 template of the release with one or more of our parameter paths (a tuple for a packed tensor),
 the transform into our layout and its inverse. Templates name integer fields, `{i}` (block),
 `{s}` (decoder stage), `{j}` (layer); `{s+1}` is field s plus one: the release numbers its
@@ -37,114 +37,53 @@ Run-time position-embedding resize: bicubic, as mmseg's ViT.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-import flax
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax import config_utils
-from segvit_jax.convert import mapping
-from segvit_jax.convert.mapping import Flat, Transform, conv, identity, is_square, linear, \
-    read_torch, split3, split3_linear
-from segvit_jax.data import palettes, registry
-from segvit_jax.models import build_model, input_divisor, shrunk, vit
+from segvit_jax.convert.backbone import is_square
+from segvit_jax.convert.rules import KeyRule, attention, conv, flatten, key_list, linear, mlp, \
+    norm, packed_attention, read_torch, to_ours, to_theirs, unflatten, write_torch_checkpoint
+from segvit_jax.convert.whole_model import abstract_variables, class_names, load_config, \
+    palette
+from segvit_jax.models import shrunk, vit
 
 FORMAT = "segvit-official"
 HEAD_NAMES = {"atm": "ATM", "shrunk": "Shrunk"}
 
 
 # ----------------------------------------------------------------------------------------------
-# Inverse transforms (ours -> the release's torch layout)
-
-def conv_to_torch(w):
-  """Flax Conv (kh, kw, in, out) -> torch Conv2d (out, in, kh, kw); inverse of `conv`."""
-  return w.transpose(3, 2, 0, 1)
-
-
-def join3_linear(q, k, v):
-  """Three Flax (D, D) kernels -> torch packed in_proj (3D, D); inverse of `split3_linear`."""
-  return np.concatenate([q.T, k.T, v.T], axis=0)
-
-
-def join3(q, k, v):
-  """Three (D,) biases -> packed (3D,); inverse of `split3`."""
-  return np.concatenate([q, k, v], axis=0)
-
-
-# ----------------------------------------------------------------------------------------------
 # The table
 
-@dataclasses.dataclass(frozen=True)
-class KeyRule:
-  """`official` (a key template of the release) <-> `ours` (a parameter-path template, or a
-  tuple of them for a tensor the release packs). `to_ours` takes the release's tensor and
-  returns ours (a list for a tuple); `to_official` takes ours (one argument per path) and
-  returns the release's tensor."""
-
-  official: str
-  ours: str | tuple[str, ...]
-  to_ours: Transform = identity
-  to_official: Transform = identity
-
-  @property
-  def our_paths(self) -> tuple[str, ...]:
-    return (self.ours,) if isinstance(self.ours, str) else self.ours
-
-
-def _linear(official: str, ours: str) -> tuple[KeyRule, ...]:
-  return (KeyRule(f"{official}.weight", f"{ours}/kernel", linear, linear),
-          KeyRule(f"{official}.bias", f"{ours}/bias"))
-
-
-def _norm(official: str, ours: str) -> tuple[KeyRule, ...]:
-  return (KeyRule(f"{official}.weight", f"{ours}/scale"),
-          KeyRule(f"{official}.bias", f"{ours}/bias"))
-
-
-def _packed_attention(official: str, ours: str) -> tuple[KeyRule, ...]:
-  """torch nn.MultiheadAttention (in_proj = q, k, v stacked; out_proj) <-> our Attention."""
-  qkv = tuple(f"{ours}/{n}/" for n in ("query", "key", "value"))
-  return (KeyRule(f"{official}.in_proj_weight", tuple(t + "kernel" for t in qkv),
-                  split3_linear, join3_linear),
-          KeyRule(f"{official}.in_proj_bias", tuple(t + "bias" for t in qkv), split3, join3),
-          *_linear(f"{official}.out_proj", f"{ours}/out"))
-
-
-def _decoder_layer(official: str, ours: str, *, packed_cross: bool) -> tuple[KeyRule, ...]:
+def _decoder_layer(theirs: str, ours: str, *, packed_cross: bool) -> tuple[KeyRule, ...]:
   """A post-norm decoder layer: the ATM heads' (cross-attention as separate q, k, v, proj
   Linear layers) or stock torch TransformerDecoderLayer's (`packed_cross`, the QU decoders)."""
   if packed_cross:
-    cross = _packed_attention(f"{official}.multihead_attn", f"{ours}/cross_attn")
+    cross = packed_attention(f"{theirs}.multihead_attn", f"{ours}/cross_attn")
   else:
-    cross = sum((_linear(f"{official}.multihead_attn.{t}", f"{ours}/cross_attn/{o}")
-                 for t, o in (("q", "query"), ("k", "key"), ("v", "value"), ("proj", "out"))),
-                ())
-  return (*_packed_attention(f"{official}.self_attn", f"{ours}/self_attn"), *cross,
-          *_linear(f"{official}.linear1", f"{ours}/mlp/fc1"),
-          *_linear(f"{official}.linear2", f"{ours}/mlp/fc2"),
-          *(r for n in (1, 2, 3) for r in _norm(f"{official}.norm{n}", f"{ours}/norm{n}")))
+    cross = attention(f"{theirs}.multihead_attn.", f"{ours}/cross_attn", ("q", "k", "v", "proj"))
+  return (*packed_attention(f"{theirs}.self_attn", f"{ours}/self_attn"), *cross,
+          *mlp(f"{theirs}.", f"{ours}/mlp", ("linear1", "linear2")),
+          *(r for n in (1, 2, 3) for r in norm(f"{theirs}.norm{n}", f"{ours}/norm{n}")))
 
 
-def _atm_head(official: str, ours: str, *, input_proj: bool) -> tuple[KeyRule, ...]:
+def _atm_head(theirs: str, ours: str, *, input_proj: bool) -> tuple[KeyRule, ...]:
   """ATMHead (`input_proj`) or the Shrunk model's single-stage ATMSingleHead (Identity
   projections: no parameters)."""
   proj = ()
   if input_proj:
-    proj = (*_linear(official + "input_proj_{s+1}", ours + "input_proj_{s}"),
-            *_norm(official + "proj_norm_{s+1}", ours + "proj_norm_{s}"))
-  return (KeyRule(official + "q.weight", ours + "class_tokens"),
-          *_linear(official + "class_embed", ours + "class_embed"), *proj,
-          *_decoder_layer(official + "decoder_{s+1}.layers.{j}", ours + "decoder_{s}_layer_{j}",
+    proj = (*linear(theirs + "input_proj_{s+1}", ours + "input_proj_{s}"),
+            *norm(theirs + "proj_norm_{s+1}", ours + "proj_norm_{s}"))
+  return (KeyRule(theirs + "q.weight", ours + "class_tokens"),
+          *linear(theirs + "class_embed", ours + "class_embed"), *proj,
+          *_decoder_layer(theirs + "decoder_{s+1}.layers.{j}", ours + "decoder_{s}_layer_{j}",
                           packed_cross=False))
 
 
@@ -152,22 +91,19 @@ _BLOCK, _OUR_BLOCK = "backbone.layers.{i}", "backbone/encoderblock_{i}"
 BACKBONE_RULES = (
     KeyRule("backbone.cls_token", "backbone/cls"),
     KeyRule("backbone.pos_embed", "backbone/pos_embedding"),
-    KeyRule("backbone.patch_embed.projection.weight", "backbone/embedding/kernel", conv,
-            conv_to_torch),
-    KeyRule("backbone.patch_embed.projection.bias", "backbone/embedding/bias"),
-    *_norm(f"{_BLOCK}.ln1", f"{_OUR_BLOCK}/norm1"),
-    *_packed_attention(f"{_BLOCK}.attn.attn", f"{_OUR_BLOCK}/attn"),
-    *_norm(f"{_BLOCK}.ln2", f"{_OUR_BLOCK}/norm2"),
-    *_linear(f"{_BLOCK}.ffn.layers.0.0", f"{_OUR_BLOCK}/mlp/fc1"),
-    *_linear(f"{_BLOCK}.ffn.layers.1", f"{_OUR_BLOCK}/mlp/fc2"),
+    *conv("backbone.patch_embed.projection", "backbone/embedding"),
+    *norm(f"{_BLOCK}.ln1", f"{_OUR_BLOCK}/norm1"),
+    *packed_attention(f"{_BLOCK}.attn.attn", f"{_OUR_BLOCK}/attn"),
+    *norm(f"{_BLOCK}.ln2", f"{_OUR_BLOCK}/norm2"),
+    *mlp(f"{_BLOCK}.ffn.layers.", f"{_OUR_BLOCK}/mlp", ("0.0", "1")),
 )
 
 RULES = {
     "atm": BACKBONE_RULES + _atm_head("decode_head.", "head/", input_proj=True),
     "shrunk": BACKBONE_RULES + (
         KeyRule("decode_head.q.weight", "head/queries"),
-        *_linear("decode_head.input_proj_{s+1}", "head/input_proj_{s}"),
-        *_norm("decode_head.proj_norm_{s+1}", "head/proj_norm_{s}"),
+        *linear("decode_head.input_proj_{s+1}", "head/input_proj_{s}"),
+        *norm("decode_head.proj_norm_{s+1}", "head/proj_norm_{s}"),
         *_decoder_layer("decode_head.decoder_{s+1}.layers.{j}", "head/decoder_{s}_layer_{j}",
                         packed_cross=True),
     ) + _atm_head("decode_head.atm.", "head/atm/", input_proj=False),
@@ -178,109 +114,6 @@ DROPPED = (
     r"decode_head\.(?:atm\.)?loss_decode\..*",  # ATMLoss's no-object class weight (a buffer)
     r"decode_head\.(?:atm\.)?conv_seg\..*",  # mmseg's classifier, unused (deleted in the release)
 )
-
-
-# ----------------------------------------------------------------------------------------------
-# Applying the table, both ways
-
-_FIELD = re.compile(r"\{(\w+)([+-]\d+)?\}")
-
-
-@functools.lru_cache(maxsize=None)
-def _compile(template: str) -> tuple[re.Pattern, dict[str, int]]:
-  """A key template -> (full-match regex with a group per field, field -> offset)."""
-  parts, pos, offsets = [], 0, {}
-  for m in _FIELD.finditer(template):
-    parts += [re.escape(template[pos:m.start()]), rf"(?P<{m[1]}>\d+)"]
-    offsets[m[1]] = int(m[2] or 0)
-    pos = m.end()
-  return re.compile("".join(parts + [re.escape(template[pos:])])), offsets
-
-
-def parse_key(template: str, key: str) -> dict[str, int] | None:
-  """The field values of `key` under `template` (offsets removed), or None: no match."""
-  regex, offsets = _compile(template)
-  m = regex.fullmatch(key)
-  if m is None:
-    return None
-  return {name: int(value) - offsets[name] for name, value in m.groupdict().items()}
-
-
-def format_key(template: str, fields: Mapping[str, int]) -> str:
-  return _FIELD.sub(lambda m: str(fields[m[1]] + int(m[2] or 0)), template)
-
-
-def _natural(key: str) -> list:
-  """Sort key with numbers compared as numbers (layers.2 before layers.10)."""
-  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
-
-
-def _shown(keys: Sequence[str], limit: int = 20) -> str:
-  keys = sorted(keys, key=_natural)
-  return ", ".join(keys[:limit]) + (f" ... and {len(keys) - limit} more" if len(keys) > limit
-                                    else "")
-
-
-def to_ours(tensors: Mapping[str, np.ndarray], rules: Sequence[KeyRule], *,
-            source: str, layout: str = FORMAT, dropped: Sequence[str] = DROPPED) -> Flat:
-  """Release keys -> our flat parameter paths. Keys no rule (and no `dropped` pattern) knows
-  fail with their names. `layout` names the format in messages (the tables of other layouts,
-  e.g. `segformer.py`, use these functions too)."""
-  dropped = [re.compile(p) for p in dropped]
-  out: Flat = {}
-  unknown = []
-  for key, value in tensors.items():
-    for rule in rules:
-      fields = parse_key(rule.official, key)
-      if fields is not None:
-        break
-    else:
-      if not any(p.fullmatch(key) for p in dropped):
-        unknown.append(key)
-      continue
-    values = rule.to_ours(np.asarray(value))
-    values = [values] if isinstance(rule.ours, str) else list(values)
-    for path, v in zip(rule.our_paths, values, strict=True):
-      name = format_key(path, fields)
-      if name in out:
-        raise ValueError(f"{source}: two tensors map to {name!r} (second: {key!r})")
-      out[name] = np.asarray(v, np.float32)
-  if unknown:
-    raise ValueError(f"{source}: {len(unknown)} tensor(s) the {layout} layout of this model "
-                     f"does not have: {_shown(unknown)}")
-  return out
-
-
-def to_official(params: Mapping[str, np.ndarray], rules: Sequence[KeyRule], *,
-                source: str, layout: str = FORMAT) -> dict[str, np.ndarray]:
-  """Our flat parameters -> release keys (numerically sorted), float32 and contiguous. Every
-  parameter must be mapped: the rest fail with their names, as do packed groups with a part
-  missing."""
-  left = dict(params)
-  out: dict[str, np.ndarray] = {}
-  incomplete = []
-  for rule in rules:
-    first, *others = rule.our_paths
-    for key in params:
-      fields = parse_key(first, key)
-      if fields is None:
-        continue
-      names = [key] + [format_key(t, fields) for t in others]
-      if any(n not in left for n in names):
-        incomplete.append(f"{key} (needs {', '.join(n for n in names if n not in left)})")
-        for n in names:  # reported once, as the group
-          left.pop(n, None)
-        continue
-      value = rule.to_official(*[np.asarray(left.pop(n)) for n in names])
-      out[format_key(rule.official, fields)] = np.ascontiguousarray(value, np.float32)
-  if left or incomplete:
-    lines = [f"{source}: parameters the {layout} layout cannot hold:"]
-    if left:
-      lines.append(f"  unmapped ({len(left)}): {_shown(list(left))}")
-    if incomplete:
-      lines.append(f"  incomplete packed groups ({len(incomplete)}): {_shown(incomplete)}")
-    raise ValueError("\n".join(lines))
-  return {k: out[k] for k in sorted(out, key=_natural)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +135,7 @@ def head_type(tensors: Mapping[str, Any], source: str) -> str:
   raise ValueError(f"{source} is not a SegViT checkpoint of the official release ({hint}: "
                    f"neither decode_head.decoder_*.layers.*.multihead_attn.q.weight (ATM head) "
                    f"nor decode_head.atm.* (Shrunk head)). It has {len(keys)} tensor(s), e.g. "
-                   f"{_shown(keys, 8)}{backbone_hint}")
+                   f"{key_list(keys, 8)}{backbone_hint}")
 
 
 def describe(tensors: Mapping[str, np.ndarray]) -> str:
@@ -341,20 +174,6 @@ def _square_side(n: int, what: str, source: str) -> int:
 # ----------------------------------------------------------------------------------------------
 # Import
 
-def _load_config(config: ml_collections.ConfigDict | str) -> ml_collections.ConfigDict:
-  return config_utils.load_config(config) if isinstance(config, str) else config
-
-
-def _model_shapes(model_cfg: ml_collections.ConfigDict) -> Any:
-  """Abstract parameters of the model (shapes do not depend on the input size)."""
-  model = build_model(model_cfg)
-  side = 2 * input_divisor(model_cfg)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, side, side, 3))))
-  # Shapes from the boxes directly: unboxing would apply sharding constraints under a mesh.
-  return _unflatten({k: jax.ShapeDtypeStruct(getattr(v, "value", v).shape, jnp.float32)
-                     for k, v in _flatten(abstract["params"]).items()})
-
-
 def load(path: str, config: ml_collections.ConfigDict | str, *,
          trust_pickle: bool = False) -> tuple[Any, ml_collections.ConfigDict]:
   """Reads a release checkpoint of the model `config` (a ConfigDict or 'configs/X.py[:ARG]')
@@ -363,7 +182,7 @@ def load(path: str, config: ml_collections.ConfigDict | str, *,
   unexpected or mis-shaped tensor fails naming the keys."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist (format {FORMAT!r})")
-  config = _load_config(config)
+  config = load_config(config)
   model_cfg = ml_collections.ConfigDict(config.model.to_dict())
   if model_cfg.get("name", "segvit") != "segvit":
     raise ValueError(f"the config describes a {model_cfg.name!r} model; {FORMAT} checkpoints "
@@ -377,7 +196,7 @@ def load(path: str, config: ml_collections.ConfigDict | str, *,
     raise ValueError(f"{path} has {_a(kind)} head ({marker}) but the config describes "
                      f"{_a(want)} head (model.head.type={want!r}); use a {configs} config. "
                      f"Checkpoint: {describe(tensors)}")
-  flat = to_ours(tensors, RULES[kind], source=path)
+  flat = to_ours(tensors, RULES[kind], source=path, layout=FORMAT, dropped=DROPPED)
 
   pos = flat.get("backbone/pos_embedding")
   if pos is None:
@@ -389,7 +208,8 @@ def load(path: str, config: ml_collections.ConfigDict | str, *,
     q = _square_side(flat["head/queries"].shape[0], "decode_head.q.weight (QU queries)", path)
     model_cfg.head.query_grid = (q, q)
   try:
-    params = bundle_lib.merge_params(_model_shapes(model_cfg), _unflatten(flat), source=path)
+    params = bundle_lib.merge_params(abstract_variables(model_cfg)["params"], unflatten(flat),
+                                     source=path)
   except ValueError as e:
     raise ValueError(f"{e}\n  checkpoint: {describe(tensors)}\n  The file does not record "
                      "depth, tap layers or head counts: check that --config describes the "
@@ -397,36 +217,12 @@ def load(path: str, config: ml_collections.ConfigDict | str, *,
   return params, model_cfg
 
 
-def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The class names of `config.dataset` for bundles and the export's meta
-  (`registry.class_names`: without reading the data where the dataset is known, else the
-  source's, e.g. a folder's classes.txt), else class_0, class_1, ..."""
-  ds, k = config.dataset, config.model.num_classes
-  names = None
-  try:
-    names = registry.class_names(ds)
-  except (FileNotFoundError, ValueError, ImportError) as e:
-    logging.warning("class names of dataset %r unavailable (%s): using class_0..class_%d",
-                    ds.name, e, k - 1)
-  if names is None or len(names) != k:
-    return tuple(f"class_{i}" for i in range(k))
-  return tuple(names)
-
-
-def _flatten(tree) -> Flat:
-  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
-
-
-def _unflatten(flat: Mapping[str, Any]):
-  return flax.traverse_util.unflatten_dict(dict(flat), sep="/")
-
-
 def convert(src: str, out: str, config: ml_collections.ConfigDict | str, *,
             trust_pickle: bool = False) -> str:
   """A release checkpoint -> a whole-model bundle at `out` (model config from `config` and the
   file, pixel statistics and class names from `config`)."""
   spec = config if isinstance(config, str) else None
-  config = _load_config(config)
+  config = load_config(config)
   params, model_cfg = load(src, config, trust_pickle=trust_pickle)
   return bundle_lib.save_bundle(
       out, params, model_cfg, mean=config.mean, std=config.std, class_names=class_names(config),
@@ -478,12 +274,6 @@ def _check_exportable(model_cfg: Mapping[str, Any], source: str) -> None:
                     source, bb["posemb_resize"])
 
 
-def palette(names: Sequence[str]) -> list[list[int]]:
-  """Class colours for the export's meta (mmseg's init_segmentor reads meta['PALETTE']): those
-  of eval's pictures (`palettes.palette_for_class_names`)."""
-  return palettes.palette_for_class_names(names).tolist()
-
-
 def export(bundle_path: str, out: str) -> dict[str, np.ndarray]:
   """A whole-model bundle -> a release checkpoint at `out`: torch.save of
   {"state_dict": float32 tensors, "meta": {CLASSES, PALETTE, segvit_jax: model config, pixel
@@ -496,27 +286,14 @@ def export(bundle_path: str, out: str) -> dict[str, np.ndarray]:
                      "writes whole SegViT models (a bundle of model.name='segvit')")
   _check_exportable(model_cfg, bundle_path)
   loaded = bundle_lib.load_bundle(bundle_path)  # strict check against its model
-  flat = _flatten(vit.unstack_blocks(loaded.variables["params"]))
+  flat = flatten(vit.unstack_blocks(loaded.variables["params"]))
   flat = {k: np.asarray(v) for k, v in flat.items()}
-  kind = model_cfg["head"].get("type", "atm")
-  state = to_official(flat, RULES[kind], source=bundle_path)
-  # The table is one-to-one: mapping the result back must give the same keys and shapes.
-  back = to_ours(state, RULES[kind], source=out)
-  if {k: v.shape for k, v in back.items()} != {k: v.shape for k, v in flat.items()}:
-    raise AssertionError(f"{FORMAT} table is not invertible for {bundle_path}")
-
-  torch = mapping._torch()  # pylint: disable=protected-access
+  state = to_theirs(flat, RULES[model_cfg["head"].get("type", "atm")], source=bundle_path,
+                    layout=FORMAT)
   names = list(meta.get("class_names", []))
   info = {"model": model_cfg, "mean": list(meta.get("mean", [])),
           "std": list(meta.get("std", [])), "source": os.path.abspath(bundle_path)}
-  obj = {"state_dict": {k: torch.from_numpy(v) for k, v in state.items()},
-         # Plain containers only, so that weights_only loading accepts the file.
-         "meta": {"CLASSES": tuple(names), "PALETTE": palette(names) if names else [],
-                  "segvit_jax": json.loads(json.dumps(info, default=list))}}
-  out = os.path.abspath(out)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  tmp = out + ".tmp"
-  torch.save(obj, tmp)
-  os.replace(tmp, out)
+  write_torch_checkpoint(out, state, {
+      "CLASSES": tuple(names), "PALETTE": palette(names) if names else [],
+      "segvit_jax": json.loads(json.dumps(info, default=list))})
   return state
-

@@ -23,8 +23,11 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 from tqdm import tqdm
 
+from segvit_jax import runtime
 from segvit_jax.data import files, registry
 from segvit_jax.data.pipeline import BAD_EXAMPLE_ERRORS, example_file  # noqa: F401  (re-exported)
 
@@ -169,22 +172,29 @@ def check_splits(dataset_cfg, splits: Sequence[str], workers: int = 0,
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line. Flags are defined only when run as a program, so importing this module (tests,
-# other tools) does not clash with train.py's --config.
+# Command line. Flags are defined only when run as a program (`runtime.run` calls
+# `define_flags`), so importing this module (tests, other tools) does not clash with train.py's
+# --config.
 
 
-def _main(argv):
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def define_flags() -> None:
+  """The command line's flags."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
+                                  lock_config=True)
+  flags.DEFINE_enum("split", "both", ["train", "val", "both"],
+                    "Which split to check: config.dataset.train_split, eval_split or both.")
+  flags.DEFINE_integer("workers", 0, "Threads decoding in parallel (0: the main thread).")
+  flags.mark_flags_as_required(["config"])
+
+
+def main(argv: list[str]) -> None:
+  runtime.no_arguments(argv)
   config = flags.FLAGS.config
   split_flag = flags.FLAGS.split
   splits = {"train": [config.dataset.train_split], "val": [config.dataset.eval_split],
             "both": [config.dataset.train_split, config.dataset.eval_split]}[split_flag]
-  try:
-    reports = check_splits(config.dataset, splits, workers=flags.FLAGS.workers)
-  except (FileNotFoundError, ValueError) as e:  # layout or config problems, before any reading
-    sys.exit(f"error: {e}")
+  # Layout or config problems fail before any reading: one line (`runtime.run`).
+  reports = check_splits(config.dataset, splits, workers=flags.FLAGS.workers)
   print("\n\n".join(format_report(r) for r in reports))
   bad = [(r.split, name) for r in reports for name, _ in r.bad]
   if bad:
@@ -192,19 +202,5 @@ def _main(argv):
              f"(listed above)")
 
 
-def main() -> None:
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  from segvit_jax import config_utils  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
-                                  lock_config=True)
-  flags.DEFINE_enum("split", "both", ["train", "val", "both"],
-                    "Which split to check: config.dataset.train_split, eval_split or both.")
-  flags.DEFINE_integer("workers", 0, "Threads decoding in parallel (0: the main thread).")
-  flags.mark_flags_as_required(["config"])
-  app.run(_main, flags_parser=config_utils.parse_flags)
-
-
 if __name__ == "__main__":
-  main()
+  sys.exit(runtime.run(main, define_flags=define_flags))

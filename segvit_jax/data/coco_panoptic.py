@@ -1,4 +1,5 @@
-"""COCO panoptic segmentation (133 classes: 80 things + 53 stuff) for EoMT (spec datasets.md).
+"""COCO panoptic segmentation (133 classes: 80 things + 53 stuff; Mask2Former Sec. 4) for EoMT
+(EoMT Sec. 4.1), in the layout of COCO's panoptic release (cocodataset/panopticapi).
 
 Layout (root = the coco directory):
   root/{train2017,val2017}/NAME.jpg

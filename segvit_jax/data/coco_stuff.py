@@ -30,15 +30,15 @@ ids to 255.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
-from collections.abc import Sequence
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
+from segvit_jax import runtime
 from segvit_jax.data import files
 
 # The COCO-Stuff label list: names of ids 1..182 (cocostuff labels.txt): 1..91 COCO things
@@ -241,26 +241,24 @@ def summary_text(summary: dict, out: str) -> str:
           f"config.dataset.num_classes = {len(USED_IDS)}.")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m segvit_jax.data.coco_stuff",
-      description="Convert the raw COCO-Stuff-10K release (images/*.jpg, annotations/*.mat, "
-                  "imageLists/{train,test}.txt) to the mmseg layout with *_labelTrainIds.png "
-                  "labels (0..170, 255 unlabelled).")
-  parser.add_argument("raw", help="the unpacked cocostuff-10k release")
-  parser.add_argument("out", help="output directory (config.dataset.root); may equal RAW")
-  parser.add_argument("--symlink", action="store_true",
-                      help="link the images instead of copying them")
-  parser.add_argument("--quiet", action="store_true", help="no progress bar")
-  args = parser.parse_args(argv)
-  try:
-    summary = convert(args.raw, args.out, symlink=args.symlink, progress=not args.quiet)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(summary_text(summary, args.out))
-  return 0
+def define_flags() -> None:
+  """The converter's flags (`runtime.run` defines them: importing this module defines none)."""
+  flags.DEFINE_bool("symlink", False, "Link the images instead of copying them.")
+  flags.DEFINE_bool("quiet", False, "No progress bar.")
+
+
+def main(argv: list[str]) -> None:
+  """`python -m segvit_jax.data.coco_stuff RAW OUT`: converts the raw COCO-Stuff-10K release
+  (images/*.jpg, annotations/*.mat, imageLists/{train,test}.txt) in RAW to the mmseg layout
+  with *_labelTrainIds.png labels (0..170, 255 unlabelled) in OUT (config.dataset.root; may
+  equal RAW)."""
+  if len(argv) != 3:
+    raise app.UsageError("expected RAW OUT: the unpacked cocostuff-10k release and the output "
+                         "directory")
+  raw, out = argv[1:]
+  summary = convert(raw, out, symlink=flags.FLAGS.symlink, progress=not flags.FLAGS.quiet)
+  print(summary_text(summary, out))
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(runtime.run(main, define_flags=define_flags))

@@ -3,7 +3,8 @@
 
 import sys
 
-from segvit_jax.data.coco_stuff import main
+from segvit_jax import runtime
+from segvit_jax.data import coco_stuff
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(runtime.run(coco_stuff.main, define_flags=coco_stuff.define_flags))

@@ -21,9 +21,13 @@ the same model reaches 84 in 250 steps when each class is given its own colour i
 
 from __future__ import annotations
 
+import sys
 import zlib
 
 import numpy as np
+from absl import flags
+
+from segvit_jax import runtime
 
 CLASS_NAMES = ("background", "striped_disc", "checkered_square", "dotted_triangle",
                "noisy_ring", "grid_cross")
@@ -261,13 +265,26 @@ def write_folder(root: str, split: str, num_examples: int, image_size: int, seed
   return image_dir
 
 
+# ---------------------------------------------------------------------------------------------
+# Command line: `python -m segvit_jax.data.synthetic --output DIR [--split val] [--num 4]`
+# writes a split as image files (`write_folder`).
+
+def define_flags() -> None:
+  """The command line's flags (`runtime.run` defines them: importing this module defines none)."""
+  flags.DEFINE_string("output", None, "Root directory to write (the custom-folder layout).")
+  flags.DEFINE_string("split", "val", "Split name: the images go to OUTPUT/images/SPLIT/.")
+  flags.DEFINE_integer("num", 4, "Examples to write.")
+  flags.DEFINE_integer("size", 128, "Image side in pixels.")
+  flags.DEFINE_integer("seed", 0, "Seed of the generated examples.")
+  flags.mark_flag_as_required("output")
+
+
+def main(argv: list[str]) -> None:
+  """Writes the examples; prints the image directory."""
+  runtime.no_arguments(argv)
+  f = flags.FLAGS
+  print(write_folder(f.output, f.split, f.num, f.size, f.seed))
+
+
 if __name__ == "__main__":
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description="Write synthetic examples as image files.")
-  parser.add_argument("--output", required=True)
-  parser.add_argument("--split", default="val")
-  parser.add_argument("--num", type=int, default=4)
-  parser.add_argument("--size", type=int, default=128)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args()
-  print(write_folder(args.output, args.split, args.num, args.size, args.seed))
+  sys.exit(runtime.run(main, define_flags=define_flags))

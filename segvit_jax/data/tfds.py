@@ -1,4 +1,4 @@
-"""Sources over PREPARED TensorFlow Datasets data, read without TensorFlow (spec datasets.md).
+"""Sources over PREPARED TensorFlow Datasets data, read without TensorFlow (README, "Datasets").
 
 TFDS random access (`builder.as_data_source`) reads array_record files written by
 `tfds build ... --file_format=array_record` and decodes the features with PIL, so grain can use it

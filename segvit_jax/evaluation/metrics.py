@@ -1,6 +1,6 @@
 """Semantic-segmentation metrics from a confusion matrix (mIoU, mAcc, aAcc), as mmseg's
-`IoUMetric` and scenic's `SegmentationModel` compute them (spec segvit.md, "Results to
-reproduce": every number there is a single-scale or multi-scale mIoU in percent).
+`IoUMetric` and scenic's `SegmentationModel` compute them (the papers' single-scale and
+multi-scale mIoU in percent: SegViT Tables 1-3, SegFormer Table 2, EoMT Table 5).
 
 The per-batch confusion matrix is computed on device (`confusion_matrix`, jit-friendly); the
 caller sums the matrices over the dataset on the host in int64 (a per-batch int32 count cannot

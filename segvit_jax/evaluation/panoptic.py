@@ -338,7 +338,7 @@ def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split:
   ap_classes = is_thing if is_thing.any() else None
   predictor = make_mask_predictor(model, variables, config)
   pic_dir = loop.picture_dir(out_dir, num_pictures)
-  colours = palettes.palette_for(config.dataset.name, k)
+  colours = palettes.palette_for_class_names(names)
   stats = pq.PQStats.zeros(k)
   instances = pq.InstanceAccumulator()
 

@@ -1,5 +1,6 @@
-"""Pictures of predictions: a fixed colour palette, colour overlays and side-by-side panels,
-and a confusion-matrix heat map (`confusion_picture`)."""
+"""Pictures of predictions: colour overlays and side-by-side panels in the classes' palette
+(`segvit_jax.data.palettes`, the same in training, evaluation and prediction), and a
+confusion-matrix heat map (`confusion_picture`)."""
 
 from __future__ import annotations
 
@@ -11,38 +12,30 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
-def palette(num_classes: int, seed: int = 3) -> np.ndarray:
-  """(num_classes + 1, 3) uint8 colours; the last row (for ignore pixels) is black."""
-  rng = np.random.default_rng(seed)
-  colours = rng.integers(40, 256, size=(num_classes, 3), dtype=np.uint8)
-  return np.concatenate([colours, np.zeros((1, 3), np.uint8)])
-
-
-def colorize(label: np.ndarray, num_classes: int, colours: np.ndarray | None = None
-             ) -> np.ndarray:
-  """(H, W) class ids -> (H, W, 3) uint8 colours (`colours` (K, 3), e.g. a dataset's
-  `palettes.palette_for`, default `palette`); ignore / out-of-range pixels black."""
-  table = palette(num_classes) if colours is None else np.concatenate(
-      [np.asarray(colours, np.uint8)[:num_classes], np.zeros((1, 3), np.uint8)])
-  idx = np.where((label >= 0) & (label < num_classes), label, num_classes)
+def colorize(label: np.ndarray, colours: np.ndarray) -> np.ndarray:
+  """(H, W) class ids -> (H, W, 3) uint8 colours from `colours` (K, 3), the classes' palette
+  (`segvit_jax.data.palettes`); ignore / out-of-range pixels black."""
+  k = len(colours)
+  table = np.concatenate([np.asarray(colours, np.uint8), np.zeros((1, 3), np.uint8)])
+  idx = np.where((label >= 0) & (label < k), label, k)
   return table[idx]
 
 
-def overlay(image: np.ndarray, label: np.ndarray, num_classes: int, alpha: float = 0.5,
-            colours: np.ndarray | None = None) -> np.ndarray:
+def overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray,
+            alpha: float = 0.5) -> np.ndarray:
   """Blends the colourised label map over a uint8 image of the same size."""
-  colours = colorize(label, num_classes, colours).astype(np.float32)
-  out = (1 - alpha) * image.astype(np.float32) + alpha * colours
+  painted = colorize(label, colours).astype(np.float32)
+  out = (1 - alpha) * image.astype(np.float32) + alpha * painted
   return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
 def panel(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray,
-          num_classes: int, colours: np.ndarray | None = None) -> np.ndarray:
+          colours: np.ndarray) -> np.ndarray:
   """[image | ground-truth overlay | prediction overlay] side by side."""
   parts = [image]
   if label is not None:
-    parts.append(overlay(image, label, num_classes, colours=colours))
-  parts.append(overlay(image, pred, num_classes, colours=colours))
+    parts.append(overlay(image, label, colours))
+  parts.append(overlay(image, pred, colours))
   gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
   out = [parts[0]]
   for p in parts[1:]:

@@ -1,6 +1,6 @@
 """Panoptic quality (PQ, SQ, RQ) with COCO panopticapi's semantics, and COCO instance mask AP
-(pycocotools), accumulated over a dataset and across processes (spec eomt.md, "Results to
-reproduce": COCO panoptic PQ, COCO instance AP).
+(pycocotools), accumulated over a dataset and across processes (EoMT Sec. 4.1 "Evaluation.":
+COCO panoptic PQ, Tables 3-4; COCO instance AP, Table 6).
 
 PQ (Kirillov et al., "Panoptic Segmentation"; `panopticapi.evaluation.pq_compute_single_core`),
 per image (`pq_stats`), with segment maps whose 0 is void:

@@ -118,7 +118,7 @@ def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split:
   predictor = make_predictor(model, variables, config)
   without0 = background_free(config)
   pic_dir = loop.picture_dir(out_dir, num_pictures)
-  colours = palettes.palette_for(config.dataset.name, k)
+  colours = palettes.palette_for_class_names(class_names)
   conf = np.zeros((2 if without0 else 1, k, k), np.int64)
 
   def step(records: list[dict]):
@@ -132,7 +132,7 @@ def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split:
       label = ex["label"]
       h, w = label.shape
       pictures.save(os.path.join(pic_dir, f"{ex['name']}.jpg"),
-                    pictures.panel(ex["image"], label, np.asarray(pred)[:h, :w], k, colours))
+                    pictures.panel(ex["image"], label, np.asarray(pred)[:h, :w], colours))
 
   speed = loop.run(dataset, step, consume, num_threads=int(config.eval.num_threads),
                    progress=progress)

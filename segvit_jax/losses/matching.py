@@ -1,6 +1,6 @@
 """Exact minimum-cost bipartite matching in pure JAX: the Hungarian matching of Mask2Former's
-set loss (spec eomt.md, "Loss (Mask2Former style)") runs inside the jitted train step on TPU
-and GPU, with no host callback.
+set loss (Mask2Former Sec. 3.3; EoMT App. A.2 "Loss function.") runs inside the jitted train
+step on TPU and GPU, with no host callback.
 
 The solver is the shortest-augmenting-path Hungarian algorithm with dual potentials
 (Jonker & Volgenant 1987) in the rectangular form of Crouse 2016, "On implementing 2D

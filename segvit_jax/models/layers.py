@@ -88,11 +88,11 @@ class Attention(nn.Module):
   """Multi-head attention with separate query/key/value projections.
 
   With `return_logits`, also returns the pre-softmax logits `(q k^T) * head_dim^-0.5` averaged
-  over heads, (B, Nq, Nk): SegViT's Attention-to-Mask reads its masks from them (spec segvit.md,
-  ATM head, item 5); they are returned unmasked.
+  over heads, (B, Nq, Nk): SegViT's Attention-to-Mask reads its masks from them (SegViT Sec.
+  3.2, Eq. (2)-(3); the head average as the authors' release); they are returned unmasked.
 
   `mask`: optional boolean attention mask, True where a query may attend to a key,
-  broadcastable to (B, heads, Nq, Nk) (EoMT's masked attention, spec eomt.md "Architecture" 5).
+  broadcastable to (B, heads, Nq, Nk) (EoMT's masked attention, EoMT Sec. 3.3, Fig. 3).
   Every query must keep at least one key.
   """
 

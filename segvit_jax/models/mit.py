@@ -1,5 +1,5 @@
 """Mix Transformer (MiT) B0-B5, SegFormer's hierarchical encoder (Xie et al., NeurIPS 2021,
-Sec. 3.1; spec segformer.md, "MiT encoder").
+Sec. 3.1, Eq. (1)-(3), Fig. 2; sizes: Appendix A, Table 6).
 
 Four stages at strides 4, 8, 16, 32. Each stage: an overlapping patch embedding (a strided
 Conv with "same"-style padding, k7 s4 p3 in stage 1 and k3 s2 p1 after, then LayerNorm), blocks
@@ -37,7 +37,7 @@ import numpy as np
 
 from segvit_jax.models import cpu_ops, layers
 
-# name -> (stage widths, blocks per stage); spec segformer.md, the table under "MiT encoder".
+# name -> (stage widths, blocks per stage); SegFormer Appendix A, Table 6.
 VARIANTS = {
     "B0": ((32, 64, 160, 256), (2, 2, 2, 2)),
     "B1": ((64, 128, 320, 512), (2, 2, 2, 2)),

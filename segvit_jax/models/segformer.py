@@ -1,6 +1,6 @@
 """SegFormer (Xie et al., "SegFormer: Simple and Efficient Design for Semantic Segmentation
-with Transformers", NeurIPS 2021; spec segformer.md): the MiT encoder (`mit.MiT`, Sec. 3.1)
-and the all-MLP decoder (Sec. 3.2; spec segformer.md, "All-MLP decoder").
+with Transformers", NeurIPS 2021): the MiT encoder (`mit.MiT`, Sec. 3.1) and the all-MLP
+decoder (Sec. 3.2, Eq. (4), Fig. 2).
 
 Output dict of `SegFormer`:
   logits           (B, K, H/4, W/4)  per-pixel class logits on the stage-1 grid (train on these,

@@ -1,6 +1,6 @@
 """SegViT (Zhang et al., "SegViT: Semantic Segmentation with Plain Vision Transformers",
-NeurIPS 2022; spec segvit.md): a backbone tapped at a few blocks and the Attention-to-Mask
-(ATM) decoder (Sec. 3.1; spec segvit.md, "ATM head").
+NeurIPS 2022): a backbone tapped at a few blocks (Sec. 3.1; Table 5) and the Attention-to-Mask
+(ATM) decoder (Sec. 3.2 "Decoder", Eq. (1)-(3), Fig. 2).
 
 Backbone: the plain ViT (`vit.ViT`, AugReg weights) with the class token dropped before the
 blocks and no final norm, tapped after the blocks `head.tap_layers`; or, with

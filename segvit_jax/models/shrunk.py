@@ -1,7 +1,7 @@
-"""SegViT-Shrunk (Zhang et al., NeurIPS 2022, the "Shrunk" structure; spec segvit.md, "Shrunk
-structure"): SegViT with query down-sampling (QD) inside the ViT, which halves the token grid
-for the deeper blocks, and query up-sampling (QU) in the decoder, which then ends in a
-single-stage ATM head.
+"""SegViT-Shrunk (Zhang et al., NeurIPS 2022, Sec. 3.2 "The Shrunk structure.", Fig. 3 (c);
+ablations Tables 7 and 8): SegViT with query down-sampling (QD) inside the ViT, which halves
+the token grid for the deeper blocks, and query up-sampling (QU) in the decoder, which then
+ends in a single-stage ATM head.
 
   QD    `ShrunkViT`, a `vit.ViT` with the same parameters: block `shrink_idx` takes as queries
         the prefix tokens and the top-left token of every 2x2 window of the patch grid
@@ -82,7 +82,7 @@ def Model(variant: str | None = None, **kwargs) -> ShrunkViT:  # noqa: N802 (as 
 
 
 class ShrunkHead(nn.Module):
-  """SegViT-Shrunk's decoder (spec segvit.md, "Shrunk structure"): query up-sampling (QU)
+  """SegViT-Shrunk's decoder (SegViT Sec. 3.2, "The Shrunk structure."): query up-sampling (QU)
   followed by a single-stage ATM head.
 
   `features`: tapped backbone outputs (B, h, w, D), SHALLOW FIRST (not reversed): the first on

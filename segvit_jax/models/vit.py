@@ -1,6 +1,7 @@
-"""Plain Vision Transformer backbones: AugReg (Dosovitskiy et al. 2021; Steiner et al. 2022),
-as SegViT uses it (spec segvit.md, "Backbone"), and DINOv2 (Oquab et al. 2023; registers:
-Darcet et al. 2024), as EoMT uses it (spec eomt.md, "Backbone"). One implementation.
+"""Plain Vision Transformer backbones: AugReg (Dosovitskiy et al., ICLR 2021, Sec. 3.1, Eq.
+(1)-(3); Steiner et al., TMLR 2022), as SegViT uses it (SegViT Sec. 3.1 and 4.2, "Transformer
+backbone"), and DINOv2 (Oquab et al. 2023, Table 17; registers: Darcet et al., ICLR 2024, Sec.
+2.2), as EoMT uses it (EoMT Sec. 4.1 and App. A.1). One implementation.
 
 `Model(variant=...)` decodes big_vision-style names, with an optional family prefix:
   "B/16", "augreg-B/16"    AugReg: cls token, final norm, GELU MLP.
@@ -68,7 +69,8 @@ REMAT_POLICIES = {
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 
-# Family defaults (spec eomt.md / segvit.md); explicit fields override them.
+# Family defaults (DINOv2: LayerScale, 518 px / 37 x 37 stored grid, its release's position-
+# embedding interpolation); explicit fields override them.
 _FAMILIES = {
     "augreg": dict(),
     "dinov2": dict(layerscale=1e-5, posemb_grid=(37, 37), posemb_resize="bicubic_dinov2"),

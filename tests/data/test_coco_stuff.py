@@ -15,6 +15,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from segvit_jax import runtime
 from segvit_jax.data import coco_stuff
 from segvit_jax.data import palettes
 from segvit_jax.data.registry import get_source
@@ -129,7 +130,8 @@ def test_cocostuff_converter_errors_name_the_file(tmp_path, capsys):
   with pytest.raises(ValueError, match=r"b\.mat is 3x2 \(WxH\) but image .*b\.jpg is 4x2"):
     coco_stuff.convert(raw, str(tmp_path / "out3"), progress=False)
   os.remove(f"{raw}/images/c.jpg")
-  assert coco_stuff.main([raw, str(tmp_path / "out4"), "--quiet"]) == 1
+  assert runtime.run(coco_stuff.main, [raw, str(tmp_path / "out4"), "--quiet"],
+                     define_flags=coco_stuff.define_flags) == 1
   assert "1 file(s) named in" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "out4")  # checked before writing anything
   with pytest.raises(FileNotFoundError, match="missing directory .*nowhere/images"):

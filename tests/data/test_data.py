@@ -341,7 +341,7 @@ def test_train_iterator_is_deterministic_and_resumes_exactly():
 
 
 def test_worker_processes_give_the_same_batches_and_resume():
-  # mp_prefetch workers need absl flags parsed (spec environment.md); batches must not depend
+  # mp_prefetch workers need absl flags parsed (grain reads them); batches must not depend
   # on the number of workers, and the state must restore across them.
   c = _run_config(num_workers=2)
   it = pipeline.make_train_iterator(c, 0, 1)

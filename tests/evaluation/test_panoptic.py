@@ -1,4 +1,5 @@
-"""Panoptic and instance evaluation (spec eomt.md, "Inference"; issue 10, inference half).
+"""Panoptic and instance evaluation (EoMT App. A.3, "Image processing."; Mask2Former Sec. 4.1,
+"Post-processing.").
 
 References:
 - PQ: a hand computation on a 4 x 6 image (void, crowd, a false positive, a miss);

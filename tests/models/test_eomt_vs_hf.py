@@ -6,7 +6,7 @@ the masked-attention mask on hand-made logits, and parameter counts.
 
 The transformers model runs in float64 with eager attention (randomly initialised from a small
 config, offline) with every parameter randomised; its weights reach our model through what
-`save_pretrained` writes (the layout of spec checkpoints.md) and the small mapping below,
+`save_pretrained` writes (transformers' own layout) and the small mapping below,
 independent of `segvit_jax.convert`. transformers does not return its intermediate predictions:
 they are recorded by wrapping its `predict` method.
 """

@@ -370,7 +370,7 @@ def test_training_in_either_layout_and_handing_over(runs):
 def test_load_model_of_a_scanned_workdir(runs, tmp_path):
   workdir = str(runs["root"] / "scanned")
   saved, _ = checkpoint.restore_params(os.path.join(workdir, "checkpoints"))
-  loaded = bundle.load_model(workdir)
+  loaded = checkpoint.load_model(workdir)
   assert loaded.config.model.backbone.scan_layers
   assert max_diff(loaded.variables["params"], saved) == 0.0  # the model's (stacked) layout
   # Written out, it is a canonical bundle: unrolled blocks, equal to the checkpoint's.

@@ -4,7 +4,7 @@ and eval mode; parameter counts of B0-B5 against the paper and transformers.
 
 The transformers models run in float64 (randomly initialised from a config, offline) with every
 parameter and the BatchNorm running statistics randomised; their weights reach our model
-through what `save_pretrained` writes (the layout of spec checkpoints.md) and the small name
+through what `save_pretrained` writes (transformers' own layout) and the small name
 mapping below, independent of `segvit_jax.convert`. transformers builds every SegFormer
 LayerNorm with torch's default eps 1e-5 (its config's `layer_norm_eps` is unused), so our
 model runs with `norm_eps=1e-5` here.

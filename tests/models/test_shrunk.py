@@ -1,6 +1,6 @@
 """SegViT-Shrunk: query down-sampling (QD) inside the ViT, the query grid of the QU head sized
 from the input, and a small Shrunk model training at a non-square crop. (Parity of the QU and
-single-stage ATM heads with a PyTorch reference: tests/test_segvit_official.py.)"""
+single-stage ATM heads with a PyTorch reference: tests/convert/test_segvit_official.py.)"""
 
 import flax.linen as nn
 import jax

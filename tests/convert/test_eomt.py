@@ -72,7 +72,7 @@ def get_config(arg=""):
 
 
 def _cli(*args) -> int:
-  return cli.main([str(a) for a in args])
+  return cli.cli([str(a) for a in args])
 
 
 def _randomize_(model: torch.nn.Module, seed: int) -> None:

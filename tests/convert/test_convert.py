@@ -25,11 +25,12 @@ from segvit_jax import bundle, convert, trainer
 from segvit_jax.models import layers
 
 from tests import checkpoint_writers as writers
+from tests import support
 
 D, DEPTH, HEADS, PATCH, IMAGE = 64, 3, 4, 8, 48  # stored grid 6x6
 SIZES = {"native": (48, 48), "wide": (40, 64)}  # 6x6; 5x8: down in H, up in W
 TOL = 1e-4
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = support.ROOT
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -43,14 +43,15 @@ from safetensors.numpy import load_file
 
 from segvit_jax import bundle, convert
 from segvit_jax.convert import __main__ as cli
-from segvit_jax.convert import segformer
+from segvit_jax.convert import rules, segformer
 from segvit_jax.data import cityscapes
 from segvit_jax.models import build_model
 
 from tests import checkpoint_writers as writers
+from tests import support
 from tests.torch_reference import randomize_module_ as randomize_segformer_
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = support.ROOT
 TOL = 1e-4  # float32 Flax vs float64 torch
 # name -> transformers config fields
 CONFIGS = {
@@ -83,7 +84,7 @@ def get_config(arg="b0"):
 
 
 def _cli(*args) -> int:
-  return cli.main([str(a) for a in args])
+  return cli.cli([str(a) for a in args])
 
 
 def _randomize_(model: torch.nn.Module, seed: int) -> None:
@@ -336,22 +337,22 @@ def test_official_table_is_one_to_one():
   """Every rule maps back to itself, on shapes that tell packed parts apart."""
   rng = np.random.default_rng(0)
   tables = {**segformer.RULES, **{f"{k} encoder": v for k, v in segformer.ENCODER_RULES.items()}}
-  for fmt, rules in tables.items():
+  for fmt, table in tables.items():
     layout = fmt.split()[0]
-    for rule in rules:
+    for rule in table:
       fields = {"s": 3, "j": 2}
-      key = segformer.segvit_official.format_key(rule.official, fields)
-      assert segformer.segvit_official.parse_key(rule.official, key) == {
-          f: v for f, v in fields.items() if "{" + f in rule.official}, (fmt, key)
-      shape = (12, 4, 3, 3) if rule.to_ours is segformer.conv else (
+      key = rules.format_key(rule.theirs, fields)
+      assert rules.parse_key(rule.theirs, key) == {
+          f: v for f, v in fields.items() if "{" + f in rule.theirs}, (fmt, key)
+      shape = (12, 4, 3, 3) if rule.to_ours is rules.from_torch_conv else (
           (12, 4) if key.endswith("weight") else (12,))
       x = rng.standard_normal(shape).astype(np.float32)
-      ours = segformer.to_ours({key: x}, rules, source=fmt, layout=layout)
-      back = segformer.to_official(ours, rules, source=fmt, layout=layout)
+      ours = rules.to_ours({key: x}, table, source=fmt, layout=layout)
+      back = rules.to_theirs(ours, table, source=fmt, layout=layout)
       assert list(back) == [key] and np.array_equal(back[key], x), (fmt, key)
   # transformers' stage 0 is the release's stage 1 and ours.
-  ours = segformer.to_ours({"decode_head.linear_c.0.proj.bias": np.zeros(3)},
-                           segformer.RULES["hf-segformer"], source="t")
+  ours = rules.to_ours({"decode_head.linear_c.0.proj.bias": np.zeros(3)},
+                       segformer.RULES["hf-segformer"], source="t", layout="hf-segformer")
   assert list(ours) == ["params/head/linear_c_1/bias"]
 
 

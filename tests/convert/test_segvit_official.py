@@ -25,7 +25,6 @@ the reference resizes its QU queries as our model does).
 from __future__ import annotations
 
 import copy
-import os
 
 import flax
 import jax
@@ -36,18 +35,19 @@ import torch
 
 from segvit_jax import bundle, config_utils
 from segvit_jax.convert import __main__ as cli
-from segvit_jax.convert import segvit_official
+from segvit_jax.convert import rules, segvit_official, whole_model
 from segvit_jax.data import synthetic
 from segvit_jax.models import build_model
 
 from tests import checkpoint_writers as writers
+from tests import support
 from tests import torch_reference as ref
 
 KINDS = ("atm", "shrunk")
 NUM_CLASSES = len(synthetic.CLASS_NAMES)  # the tiny config's dataset: class names in bundles
 SIZES = {"crop": (64, 64), "wide": (48, 80)}
 TOL = 1e-5
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = support.ROOT
 
 # A tiny SegViT / SegViT-Shrunk made from the paper's recipe (the ViT-B ADE20K configs), as a
 # user would write one: `tiny.py:atm` / `tiny.py:shrunk`.
@@ -141,7 +141,7 @@ def _check_parity(out: dict, tout: dict, what: str) -> dict[str, float]:
 
 
 def _cli(*args) -> int:
-  return cli.main([str(a) for a in args])
+  return cli.cli([str(a) for a in args])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,14 +392,15 @@ def test_export_refuses_what_the_release_cannot_hold(flax_model, tmp_path, capsy
   flat["backbone/encoder_norm/scale"] = np.ones(64, np.float32)
   del flat["backbone/encoderblock_1/attn/key/kernel"]
   with pytest.raises(ValueError) as e:
-    segvit_official.to_official(flat, segvit_official.RULES[flax_model["kind"]], source="b")
+    rules.to_theirs(flat, segvit_official.RULES[flax_model["kind"]], source="b",
+                    layout="segvit-official")
   assert "unmapped (1): backbone/encoder_norm/scale" in str(e.value)
   assert ("incomplete packed groups (1): backbone/encoderblock_1/attn/query/kernel (needs "
           "backbone/encoderblock_1/attn/key/kernel)") in str(e.value)
 
 
 def test_class_names_of_the_paper_configs():
-  names = {c: segvit_official.class_names(config_utils.load_config(f"{ROOT}/configs/{c}.py"))
+  names = {c: whole_model.class_names(config_utils.load_config(f"{ROOT}/configs/{c}.py"))
            for c in ("segvit_vit_l16_ade20k", "segvit_shrunk_vit_l16_cocostuff10k",
                      "segvit_vit_l16_pascal_context")}
   assert len(names["segvit_vit_l16_ade20k"]) == 150 and names["segvit_vit_l16_ade20k"][0] == "wall"
@@ -411,15 +412,15 @@ def test_official_table_is_one_to_one():
   """Every rule maps back to itself (templates and transforms are inverses), on shapes that
   tell q, k and v apart."""
   rng = np.random.default_rng(0)
-  for kind, rules in segvit_official.RULES.items():
-    for rule in rules:
+  for kind, table in segvit_official.RULES.items():
+    for rule in table:
       fields = {"i": 3, "s": 1, "j": 2}
-      key = segvit_official.format_key(rule.official, fields)
-      assert segvit_official.parse_key(rule.official, key) == {
-          f: v for f, v in fields.items() if "{" + f in rule.official}, (kind, key)
+      key = rules.format_key(rule.theirs, fields)
+      assert rules.parse_key(rule.theirs, key) == {
+          f: v for f, v in fields.items() if "{" + f in rule.theirs}, (kind, key)
       shape = {"backbone.patch_embed.projection.weight": (12, 3, 2, 2)}.get(
           key, (12, 4) if key.endswith("weight") else (12,))
       x = rng.standard_normal(shape).astype(np.float32)
-      ours = segvit_official.to_ours({key: x}, rules, source=kind)
-      back = segvit_official.to_official(ours, rules, source=kind)
+      ours = rules.to_ours({key: x}, table, source=kind, layout="segvit-official")
+      back = rules.to_theirs(ours, table, source=kind, layout="segvit-official")
       assert list(back) == [key] and np.array_equal(back[key], x), (kind, key)

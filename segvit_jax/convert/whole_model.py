@@ -1,0 +1,66 @@
+"""What the whole-model layouts (`segvit_official.py`, `segformer.py`, `eomt.py`) share around
+their key tables: our config of the model (`--config`), the model's abstract variables for the
+strict check of every converted tensor, and the class names of bundles and exports."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from segvit_jax import config_utils
+from segvit_jax.data import palettes, registry
+from segvit_jax.models import build_model, input_divisor
+
+
+def load_config(config: ml_collections.ConfigDict | str) -> ml_collections.ConfigDict:
+  """A ConfigDict as it is, or the one 'configs/X.py[:ARG]' gives."""
+  return config_utils.load_config(config) if isinstance(config, str) else config
+
+
+def abstract_variables(model_cfg: Mapping[str, Any]) -> dict:
+  """The variables of the model `model_cfg` describes, {collection: tree of float32
+  ShapeDtypeStructs}. Shapes do not depend on the input size (stored grids are config
+  fields), so any valid input does: the first multiple of the model's input divisor that is
+  at least 64 px and 2 of them."""
+  model = build_model(model_cfg)
+  d = input_divisor(model_cfg)
+  side = d * max(2, -(-64 // d))
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, side, side, 3))))
+  # Shapes from the boxes directly: unboxing would apply sharding constraints under a mesh.
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(getattr(v, "value", v).shape, jnp.float32),
+                      flax.core.unfreeze(abstract),
+                      is_leaf=lambda v: isinstance(v, flax.linen.meta.AxisMetadata))
+
+
+def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The class names of `config.dataset` for bundles and the exports' meta
+  (`registry.class_names`: without reading the data where the dataset is known, else the
+  source's, e.g. a folder's classes.txt), else class_0, class_1, ..."""
+  ds, k = config.dataset, config.model.num_classes
+  names = None
+  try:
+    names = registry.class_names(ds)
+  except (FileNotFoundError, ValueError, ImportError) as e:
+    logging.warning("class names of dataset %r unavailable (%s): using class_0..class_%d",
+                    ds.name, e, k - 1)
+  if names is None or len(names) != k:
+    return tuple(f"class_{i}" for i in range(k))
+  return tuple(names)
+
+
+def labels(meta: Mapping[str, Any]) -> list[str]:
+  """A bundle's class names (its config.json `meta`), else class_0, class_1, ..."""
+  k = meta["model"]["num_classes"]
+  names = list(meta.get("class_names") or [])
+  return names if len(names) == k else [f"class_{i}" for i in range(k)]
+
+
+def palette(names: Sequence[str]) -> list[list[int]]:
+  """Class colours for an export's meta (mmseg's init_segmentor reads meta['PALETTE']): those
+  of eval's pictures (`palettes.palette_for_class_names`)."""
+  return palettes.palette_for_class_names(names).tolist()
