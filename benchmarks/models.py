@@ -49,7 +49,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
-from configs import common  # noqa: E402
 from segvit_jax import bundle, config_utils, convert, flops  # noqa: E402
 from segvit_jax.models import build_model  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
@@ -95,8 +94,8 @@ def model_config(name: str, size: int):
   """The model config of a benchmark entry at input `size` (stored grids resized to it)."""
   spec, _, kind = MODELS[name]
   if kind == "eomt":
-    c = common.eomt_config(spec, "ade20k", num_queries=200)
-    c.model.num_classes = 133
+    # The COCO panoptic recipe: 200 queries, 133 classes.
+    c = config_utils.load_config(f"configs/eomt_vit_{spec.lower()}_coco_panoptic.py")
   else:
     c = config_utils.load_config(spec)
   m = c.model

@@ -1,32 +1,25 @@
-"""Pieces shared by every config: the run skeleton, SegViT model blocks and the paper recipe.
+"""The skeleton every config fills in, and the two helpers the configs share.
 
-Every number the code uses comes from a config; the code holds no paper constants. Config
-names that later work relies on: `total_steps`, `batch_size` (global), `grad_accum_steps`,
-`seed`, `log_every`, `ckpt_every`, `eval_every`, `dataset.name`, `dataset.root`,
-`mesh.{data,fsdp,tensor}`, `model_init`.
+A config file (`configs/X.py`, `get_config(arg)`) states its own recipe: dataset, train
+augmentation, model, pretrained weights, loss, optimiser, iterations and batch, and the test
+protocol, each number with the paper table / section (or the release's config) it comes from.
+This file holds no recipe: `run_config` is the skeleton, the one place a config key gets its
+default (library code reads the keys instead of defaulting them again); `vit_memory_knobs` the
+memory / compilation switches of a ViT backbone section; `smoke` shrinks any config to its
+`configs/X.py:smoke` variant, a few seconds on a CPU on a fabricated copy of its dataset.
+
+Config names that later work relies on: `total_steps`, `batch_size` (global),
+`grad_accum_steps`, `seed`, `log_every`, `ckpt_every`, `eval_every`, `dataset.name`,
+`dataset.root`, `mesh.{data,fsdp,tensor}`, `model_init`.
 """
 
 import ml_collections
 
-# ViT-B / ViT-L SegViT heads (spec segvit.md, "ATM head" table).
-ATM_HEADS = {
-    "B/16": dict(tap_layers=(5, 7, 11), width=384, num_heads=12, layers_per_stage=3),
-    "L/16": dict(tap_layers=(7, 15, 23), width=512, num_heads=16, layers_per_stage=3),
-}
-DROP_PATH = {"B/16": 0.1, "L/16": 0.3}
-
-# The AugReg weights SegViT starts from (spec segvit.md: i21k -> in1k at 384 px; timm names
-# vit_{base,large}_patch16_384.augreg_in21k_ft_in1k), as published in gs://vit_models/augreg/.
-AUGREG_FILES = {
-    "B/16": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-"
-            "lr_0.01-res_384.npz",
-    "L/16": "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-"
-            "lr_0.01-res_384.npz",
-}
+from segvit_jax.models import vit
 
 
 def run_config() -> ml_collections.ConfigDict:
-  """The skeleton every training/evaluation config fills in."""
+  """The skeleton every training/evaluation config fills in: every key and its one default."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 160_000
@@ -63,13 +56,17 @@ def run_config() -> ml_collections.ConfigDict:
   # naming the file and goes on (segvit_jax.data.pipeline.SkipBadExamples). Find them all first
   # with `python -m segvit_jax.data.check --config ...`.
   c.dataset.skip_bad_examples = False
+  # Panoptic datasets only: segments per training image in the batch (thing instances and stuff
+  # regions, crowd dropped); training checks the json against it before it starts. 0: unset.
+  c.dataset.max_segments = 0
   # Only used by the synthetic set.
   c.dataset.image_size = 128
   c.dataset.num_train = 2000
   c.dataset.num_eval = 100
 
-  # Train augmentation. "segvit": mmseg's (spec segvit.md, "Train augmentation"); "eomt":
-  # EoMT's colour jitter, flip, scale jitter, pad, random crop (spec eomt.md, "Optimisation").
+  # Train augmentation. "segvit": mmseg's keep-ratio resize by a random ratio, random crop with
+  # cat_max_ratio, flip, photometric distortion, pad; "eomt": EoMT's colour jitter, flip, scale
+  # jitter, pad, random crop (segvit_jax.data.pipeline).
   c.augment = ml_collections.ConfigDict()
   c.augment.pipeline = "segvit"
   c.augment.crop_size = (512, 512)  # both pipelines
@@ -78,32 +75,72 @@ def run_config() -> ml_collections.ConfigDict:
   c.augment.scale = (2048, 512)  # keep-ratio base scale (long, short)
   c.augment.ratio_range = (0.5, 2.0)
   c.augment.cat_max_ratio = 0.75
+  # mmseg's PhotoMetricDistortion: brightness + U(-+delta) (of 255), contrast and saturation
+  # x U(range), hue + U(-+delta) (of 180), each with p 0.5.
   c.augment.photometric = True
+  c.augment.photometric_brightness = 32
+  c.augment.photometric_contrast = (0.5, 1.5)
+  c.augment.photometric_saturation = (0.5, 1.5)
+  c.augment.photometric_hue = 18
   # "eomt" only. Scale jitter: the image is resized keeping its ratio by a factor uniform in
-  # this range times crop / long side; EoMT: (0.5, 2.0) semantic, (0.1, 2.0) panoptic/instance.
+  # this range times crop / long side.
   c.augment.scale_jitter = (0.5, 2.0)
-  # Colour jitter: EoMT uses it on ADE20K and Cityscapes, not on COCO. The factors follow EoMT's
-  # `Transforms` (torchvision functional ops): brightness x U(1 -+ 32/255), contrast and
-  # saturation x U(1 -+ 0.5), hue shift U(-+18/360) turns; each with p 0.5.
+  # Colour jitter (torchvision functional ops, as EoMT's `Transforms`): brightness x U(1 -+ b),
+  # contrast and saturation x U(1 -+ c / s), hue shift U(-+h) turns; each with p 0.5.
   c.augment.color_jitter = True
   c.augment.jitter_brightness = 32 / 255
   c.augment.jitter_contrast = 0.5
   c.augment.jitter_saturation = 0.5
   c.augment.jitter_hue = 18 / 360
 
-  # Pixel normalisation: AugReg weights expect [-1, 1].
+  # Pixel normalisation (0-255 scale).
   c.mean = (127.5, 127.5, 127.5)
   c.std = (127.5, 127.5, 127.5)
 
   c.model = ml_collections.ConfigDict()
-  c.loss = atm_loss_config()
-  c.optim = optim_config()
+
+  # Loss (segvit_jax.losses.LOSSES by name); the options are the named loss's keyword
+  # arguments. "atm": SegViT's ATM loss.
+  c.loss = ml_collections.ConfigDict(dict(
+      name="atm",
+      ce_weight=1.0,
+      no_object_weight=0.1,
+      focal_weight=20.0,
+      focal_alpha=0.25,
+      focal_gamma=2.0,
+      dice_weight=1.0,
+      ignore_in_masks=False,  # True excludes ignore pixels from focal/dice (reference: False)
+  ))
+
+  # AdamW (segvit_jax.optim).
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=2e-5,
+      lr_mults={"head": 10.0},  # per top-level module: every decoder parameter x10
+      weight_decay=0.01,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      no_decay=(r"^backbone/.*norm",),  # regexes on '/'-joined parameter paths
+      clip_norm=35.0,  # 0: none
+      # "warmup_poly": linear warm-up over warmup_steps from warmup_ratio x lr, then poly;
+      # "two_stage": the new parameters warm up over warmup_steps with the backbone at 0, then
+      # the backbone over backbone_warmup_steps; then both poly.
+      schedule="warmup_poly",
+      warmup_steps=1500,
+      warmup_ratio=1e-6,
+      backbone_warmup_steps=0,
+      poly_power=1.0,
+      min_lr=0.0,
+      # Layer-wise lr decay of the ViT backbone's blocks; None: off.
+      layer_decay=ml_collections.config_dict.placeholder(float),
+  ))
 
   c.eval = ml_collections.ConfigDict()
   # Test protocol (segvit_jax.evaluation; eval.py --scales / --flip set scales / flip).
   # Test resize: "keep_ratio" to scale (long, short) (mmseg: SegViT), "keep_ratio_aligned" (the
   # same, sides rounded up to size_divisor: SegFormer ADE20K), "short_side" (shorter side to
-  # scale = the crop: EoMT), "none"; an empty scale keeps the image as it is.
+  # scale = the crop: EoMT), "long_side" (longer side to scale = the model input: EoMT panoptic
+  # / instance), "none"; an empty scale keeps the image as it is.
   c.eval.resize = "keep_ratio"
   c.eval.scale = (2048, 512)
   c.eval.size_divisor = 32
@@ -129,11 +166,11 @@ def run_config() -> ml_collections.ConfigDict:
   c.eval.max_examples = -1  # -1: the whole split
   # What to evaluate (segvit_jax.evaluation): "semantic" (mIoU), or for mask-classification
   # models (EoMT) "panoptic" (PQ / SQ / RQ, plus COCO mask AP of the things with instance_ap)
-  # or "instance" (mask AP). Those test with resize "long_side" (scale = the model input), one
-  # image per window (window_batch images per model call), and the post-processing of
-  # segvit_jax.evaluation.panoptic with EoMT's / Mask2Former's COCO thresholds: queries kept above
-  # object_mask_threshold, segments kept if >= overlap_threshold of their own mask survives,
-  # top_k (query, class) detections per image for AP.
+  # or "instance" (mask AP). Those test with resize "long_side", one image per window
+  # (window_batch images per model call), and the post-processing of
+  # segvit_jax.evaluation.panoptic: queries kept above object_mask_threshold, segments kept if
+  # >= overlap_threshold of their own mask survives, top_k (query, class) detections per image
+  # for AP.
   c.eval.task = "semantic"
   c.eval.object_mask_threshold = 0.8
   c.eval.overlap_threshold = 0.8
@@ -146,334 +183,76 @@ def run_config() -> ml_collections.ConfigDict:
   return c
 
 
-def set_dataset(c: ml_collections.ConfigDict, recipe: dict, num_classes: int | None = None,
-                name: str | None = None) -> None:
-  """Fills `c.dataset` from a recipe entry (name, root, num_classes, reduce_zero_label)."""
-  c.dataset.name = name or recipe["name"]
-  c.dataset.root = recipe["root"]
-  c.dataset.num_classes = num_classes or recipe["num_classes"]
-  c.dataset.reduce_zero_label = recipe["reduce_zero_label"]
-  c.dataset.num_workers = 8
+def vit_memory_knobs() -> dict:
+  """The memory / compilation switches of a ViT backbone section, all off (no effect on the
+  numbers): `remat` recomputes block activations in the backward pass (less memory, ~1/3 more
+  compute), keeping what `remat_policy` names (nothing_saveable, dots_saveable,
+  dots_with_no_batch_dims_saveable or everything_saveable: jax.checkpoint_policies);
+  `scan_layers` runs the blocks as one nn.scan (one compiled block: faster compiles of deep
+  models; block params stacked on a leading depth axis; checkpoints of either layout resume
+  either way, bundles always store the unstacked layout)."""
+  return dict(remat=False, remat_policy="nothing_saveable", scan_layers=False)
 
 
-def segvit_model_config(variant: str, num_classes: int, drop_path: float | None = None):
-  """SegViT = plain ViT backbone (cls token dropped before the blocks) + ATM head."""
-  m = ml_collections.ConfigDict()
-  m.name = "segvit"
-  m.num_classes = num_classes
-  m.backbone = ml_collections.ConfigDict(dict(
-      variant=variant,
-      drop_path=DROP_PATH.get(variant, 0.0) if drop_path is None else drop_path,
-      cls_in_blocks=False,
-      posemb_grid=(32, 32),  # stored grid (crop / patch); resized to other inputs on the fly
-      # Recompute block activations in the backward pass (less memory, ~1/3 more compute);
-      # remat_policy names what is kept: nothing_saveable, dots_saveable,
-      # dots_with_no_batch_dims_saveable or everything_saveable (jax.checkpoint_policies).
-      remat=False,
-      remat_policy="nothing_saveable",
-      # nn.scan over the blocks: one compiled block (faster compiles for deep models), block
-      # params stacked on a leading depth axis. Same outputs; checkpoints of either layout
-      # resume either way, bundles always store the unstacked layout.
-      scan_layers=False,
-  ))
-  m.head = ml_collections.ConfigDict(dict(ATM_HEADS.get(variant, ATM_HEADS["B/16"])))
-  m.head.dropout = 0.1
+# ------------------------------------------------------------------------------------------
+# The smoke variant.
+
+SMOKE_CROP = 64  # a multiple of 32: SegViT-Shrunk's and MiT's input divisor
+SMOKE_DEPTH = 4  # ViT blocks
+
+
+def smoke_block(index: int, depth: int) -> int:
+  """A ViT block index of a `depth`-block recipe at the same relative depth of a
+  SMOKE_DEPTH-block model (block 5 of 12 -> 1 of 4; the last block stays the last)."""
+  return max(round((index + 1) * SMOKE_DEPTH / depth) - 1, 0)
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`c` (in place) as its seconds-long CPU variant: the same model family and structure
+  (ATM taps and stages, SegViT-Shrunk's QD block and QU taps at the same relative depths,
+  EoMT's query blocks and annealing, MiT's four stages), dataset name, augmentation pipeline,
+  loss and test protocol, with the model tiny (SMOKE_DEPTH blocks of width 32 and 2 heads;
+  heads of width 16), every length of the recipe scaled by SMOKE_CROP / crop, batch 2, two
+  steps (logged, checkpointed and evaluated), float32 and no pretrained weights. Point it at a
+  fabricated copy of the dataset with --config.dataset.root."""
+  s = SMOKE_CROP
+  recipe_crop = int(c.augment.crop_size[0])
+  scaled = lambda size: tuple(int(v) * s // recipe_crop for v in size)  # noqa: E731
+  c.update(total_steps=2, batch_size=2, grad_accum_steps=1, log_every=1, ckpt_every=2,
+           eval_every=2, model_init="")
+  c.dataset.num_workers = 0
+  c.augment.crop_size = (s, s)
+  if c.augment.pipeline == "segvit":
+    c.augment.scale = scaled(c.augment.scale)
+  c.eval.update(crop_size=(s, s), stride=scaled(c.eval.stride), scale=scaled(c.eval.scale),
+                min_size=int(c.eval.min_size) * s // recipe_crop)
+
+  m = c.model
   m.dtype = "float32"
-  return m
-
-
-def atm_loss_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      ce_weight=1.0,
-      no_object_weight=0.1,
-      focal_weight=20.0,
-      focal_alpha=0.25,
-      focal_gamma=2.0,
-      dice_weight=1.0,
-      ignore_in_masks=False,  # True excludes ignore pixels from focal/dice (reference: False)
-  ))
-
-
-def optim_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      lr=2e-5,
-      lr_mults={"head": 10.0},  # per top-level module: every decoder parameter x10
-      weight_decay=0.01,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      no_decay=(r"^backbone/.*norm",),  # regexes on '/'-joined parameter paths
-      clip_norm=35.0,
-      warmup_steps=1500,
-      warmup_ratio=1e-6,
-      poly_power=1.0,
-      min_lr=0.0,
-  ))
-
-
-# The paper's per-dataset recipes (spec segvit.md, "Training recipes"; the released configs for
-# what the spec leaves open): crop and slide stride per ViT size, iterations, weight decay,
-# poly power, classes, train base scale and test resize. The ATM and Shrunk models share them.
-SEGVIT_RECIPES = {
-    "ade20k": dict(
-        name="ade20k", root="data/ADEChallengeData2016", num_classes=150,
-        reduce_zero_label=True, crop={"B/16": 512, "L/16": 640},
-        stride={"B/16": 341, "L/16": 608}, steps=160_000, weight_decay=0.01, poly_power=1.0,
-        scale=None, test_min_size=0),
-    # The release tests with mmseg's Resize(min_size=512): short side 512 (x ratio, at least
-    # 512), long side uncapped.
-    "coco_stuff10k": dict(
-        name="coco_stuff10k", root="data/coco_stuff10k", num_classes=171,
-        reduce_zero_label=False, crop={"B/16": 512, "L/16": 512},
-        stride={"B/16": 341, "L/16": 341}, steps=80_000, weight_decay=0.02, poly_power=2.0,
-        scale=None, test_min_size=512),
-    # The release trains and tests PASCAL-Context at base scale (520, 520), not (2048, crop),
-    # and tests with Resize(min_size=480): short side max(520 x ratio, 480).
-    "pascal_context": dict(
-        name="pascal_context", root="data/VOCdevkit/VOC2010", num_classes=60,
-        reduce_zero_label=False, crop={"B/16": 480, "L/16": 480},
-        stride={"B/16": 320, "L/16": 320}, steps=80_000, weight_decay=0.03, poly_power=1.0,
-        scale=(520, 520), test_min_size=480),
-}
-
-# SegViT-Shrunk (spec segvit.md, "Shrunk structure"): query down-sampling at `shrink_idx`,
-# QU reading `tap_layers` shallow first, then a single-stage ATM head; widths as the ATM heads.
-SHRUNK = {
-    "B/16": dict(shrink_idx=6, tap_layers=(5, 11)),
-    "L/16": dict(shrink_idx=8, tap_layers=(7, 23)),
-}
-
-
-def shrunk_model_config(variant: str, num_classes: int, crop: int,
-                        drop_path: float | None = None) -> ml_collections.ConfigDict:
-  """SegViT-Shrunk: the ViT with query down-sampling + QU + single-stage ATM head. The QU
-  query grid is stored at crop / patch and resized to other inputs on the fly."""
-  m = segvit_model_config(variant, num_classes, drop_path)
-  atm = ATM_HEADS[variant]
-  patch = int(variant.split("/")[1])
-  m.backbone.shrink_idx = SHRUNK[variant]["shrink_idx"]
-  m.head = ml_collections.ConfigDict(dict(
-      type="shrunk", tap_layers=SHRUNK[variant]["tap_layers"], width=atm["width"],
-      num_heads=atm["num_heads"], query_grid=(crop // patch, crop // patch), qu_layers=3,
-      atm_layers=3, dropout=0.1))
-  return m
-
-
-def segvit_config(variant: str, dataset: str, *, shrunk: bool = False,
-                  pascal_classes: int = 60) -> ml_collections.ConfigDict:
-  """The paper's recipe for SegViT (or SegViT-Shrunk) with a ViT `variant` on `dataset` (a
-  SEGVIT_RECIPES key). PASCAL-Context: 60 classes (background a class; mIoU59 reported beside
-  mIoU60) or 59 (background ignored in training)."""
-  r = SEGVIT_RECIPES[dataset]
-  crop, stride = r["crop"][variant], r["stride"][variant]
-  num_classes = r["num_classes"]
-  c = run_config()
-  c.total_steps = r["steps"]
-  c.batch_size = 16
-  name = r["name"]
-  if dataset == "pascal_context":
-    if pascal_classes not in (59, 60):
-      raise ValueError(f"PASCAL-Context has 60 or 59 classes, not {pascal_classes!r}")
-    num_classes = pascal_classes
-    name = "pascal_context" if pascal_classes == 60 else "pascal_context59"
-  set_dataset(c, r, num_classes, name)
-  scale = tuple(r["scale"] or (2048, crop))
-  c.augment.crop_size = (crop, crop)
-  c.augment.scale = scale
-  if shrunk:
-    c.model = shrunk_model_config(variant, num_classes, crop)
+  bb, head = m.backbone, m.get("head")
+  if m.name == "segformer" or bb.get("type") == "mit":
+    bb.update(dims=(16, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
   else:
-    c.model = segvit_model_config(variant, num_classes)
-  c.model_init = f"weights/{AUGREG_FILES[variant]}"
-  c.model_init_format = "augreg-npz"
-  patch = int(variant.split("/")[1])
-  c.model.backbone.posemb_grid = (crop // patch, crop // patch)
-  c.optim.weight_decay = r["weight_decay"]
-  c.optim.poly_power = r["poly_power"]
-  c.eval.mode = "slide"
-  c.eval.crop_size = (crop, crop)
-  c.eval.stride = (stride, stride)
-  c.eval.scale = scale
-  c.eval.min_size = r["test_min_size"]
+    depth, patch = vit.decode_variant(bb.variant)["depth"], vit.patch_size(bb)
+    bb.update(depth=SMOKE_DEPTH, width=32, num_heads=2, mlp_dim=64,
+              posemb_grid=(s // patch, s // patch))
+    if bb.get("shrink_idx") is not None:
+      bb.shrink_idx = smoke_block(bb.shrink_idx - 1, depth) + 1
+    if head is not None:
+      head.tap_layers = tuple(smoke_block(i, depth) for i in head.tap_layers)
+  if m.name == "segformer":
+    head.width = 16
+  elif m.name == "segvit" and head.get("type") == "shrunk":
+    head.update(width=16, num_heads=2, qu_layers=1, atm_layers=1,
+                query_grid=tuple(bb.posemb_grid))
+  elif m.name == "segvit":
+    head.update(width=16, num_heads=2, layers_per_stage=1)
+  elif m.name == "eomt":
+    l2 = min(int(m.num_blocks), SMOKE_DEPTH // 2)
+    part = max(c.total_steps // (l2 + 2), 1)  # the release's windows rule (L2 + 2 parts)
+    m.update(num_blocks=l2, num_queries=8)
+    m.mask_annealing.update(start_steps=tuple(part * (i + 1) for i in range(l2)),
+                            end_steps=tuple(part * (i + 2) for i in range(l2)))
+    c.loss.update(num_queries=8, num_points=256)
   return c
 
-
-
-# SegFormer (spec segformer.md): MiT variant -> decoder width; the paper's recipe per dataset
-# (crop, train base scale, test protocol, batch), as the NVlabs release configures it.
-SEGFORMER_HEAD_WIDTH = {"B0": 256, "B1": 256, "B2": 768, "B3": 768, "B4": 768, "B5": 768}
-IMAGENET_MEAN_STD = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
-SEGFORMER_RECIPES = {
-    # ADE20K: whole-image test at the keep-ratio (2048, crop) size rounded up to 32
-    # (AlignedResize); B5 trains and tests at 640.
-    "ade20k": dict(name="ade20k", root="data/ADEChallengeData2016", num_classes=150,
-                   reduce_zero_label=True, batch=16, eval_mode="whole",
-                   eval_resize="keep_ratio_aligned"),
-    # Cityscapes: 1024 crops of (2048, 1024) images, sliding-window test 1024 / 768.
-    "cityscapes": dict(name="cityscapes", root="data/cityscapes", num_classes=19,
-                       reduce_zero_label=False, batch=8, eval_mode="slide",
-                       eval_resize="keep_ratio"),
-}
-
-
-def segformer_crop(variant: str, dataset: str) -> int:
-  if dataset == "cityscapes":
-    return 1024
-  return 640 if variant == "B5" else 512
-
-
-def segformer_config(variant: str, dataset: str) -> ml_collections.ConfigDict:
-  """SegFormer-`variant` (B0..B5) on `dataset` (SEGFORMER_RECIPES) with the paper's recipe:
-  AdamW lr 6e-5, weight decay 0.01 (none on backbone norms), decoder lr x10, poly power 1
-  with 1500 linear warm-up iterations, no gradient clipping, 160k iterations, mmseg's
-  augmentation (scale 0.5-2.0 of (2048, crop), cat_max_ratio 0.75 crop, flip, photometric),
-  ImageNet pixel statistics, per-pixel cross-entropy. Starts from the ImageNet MiT encoder
-  `weights/mit_bX.pth` of the release (README, "Pretrained weights")."""
-  r = SEGFORMER_RECIPES[dataset]
-  crop = segformer_crop(variant, dataset)
-  c = run_config()
-  c.total_steps = 160_000
-  c.batch_size = r["batch"]
-  set_dataset(c, r)
-  c.mean, c.std = IMAGENET_MEAN_STD
-  c.augment.crop_size = (crop, crop)
-  c.augment.scale = (2048, crop)
-  c.model = ml_collections.ConfigDict(dict(
-      name="segformer", num_classes=r["num_classes"], dtype="float32",
-      backbone=dict(variant=variant, drop_path=0.1, norm_eps=1e-6),
-      head=dict(width=SEGFORMER_HEAD_WIDTH[variant], dropout=0.1)))
-  c.model_init = f"weights/mit_{variant.lower()}.pth"
-  c.model_init_format = "segformer-official"
-  c.loss = ml_collections.ConfigDict(dict(name="pixel_ce", ce_weight=1.0,
-                                          avg_non_ignore=False))
-  c.optim.lr = 6e-5
-  c.optim.weight_decay = 0.01
-  c.optim.clip_norm = 0.0  # none
-  c.optim.poly_power = 1.0
-  c.eval.mode = r["eval_mode"]
-  c.eval.resize = r["eval_resize"]
-  c.eval.scale = (2048, crop)
-  c.eval.size_divisor = 32
-  c.eval.crop_size = (crop, crop)
-  c.eval.stride = (768, 768) if dataset == "cityscapes" else (crop * 2 // 3, crop * 2 // 3)
-  return c
-
-
-def segvit_mit_config(variant: str = "B2") -> ml_collections.ConfigDict:
-  """SegViT's ATM head on a SegFormer MiT encoder (the SegViT paper's hierarchical-backbone
-  variant) on ADE20K: SegFormer's ADE20K recipe and test protocol, the ATM loss; the head
-  reads stages 4, 3, 2 (strides 32, 16, 8; masks summed on the 1/8 grid)."""
-  c = segformer_config(variant, "ade20k")
-  c.model = ml_collections.ConfigDict(dict(
-      name="segvit", num_classes=150, dtype="float32",
-      backbone=dict(type="mit", variant=variant, drop_path=0.1, norm_eps=1e-6),
-      head=dict(tap_layers=(1, 2, 3), width=256, num_heads=8, layers_per_stage=3,
-                dropout=0.1)))
-  c.loss = atm_loss_config()
-  c.eval.average = "softmax"
-  return c
-
-
-# EoMT (spec eomt.md): DINOv2 with 4 registers run at patch 16, K queries in the last L2
-# blocks, Mask2Former loss, EoMT's optimisation and semantic inference.
-EOMT_RECIPES = {
-    # images / global batch 16 x epochs.
-    "ade20k": dict(name="ade20k", root="data/ADEChallengeData2016", num_classes=150,
-                   reduce_zero_label=True, crop=512, steps=39_120, color_jitter=True,
-                   scale_jitter=(0.5, 2.0),
-                   annealing={"L": ((6520, 13040, 19560, 26080),
-                                    (13040, 19560, 26080, 32600))}),
-    "cityscapes": dict(name="cityscapes", root="data/cityscapes", num_classes=19,
-                       reduce_zero_label=False, crop=1024, steps=19_902, color_jitter=True,
-                       scale_jitter=(0.5, 2.0),
-                       annealing={"L": ((3317, 6634, 9951, 13268),
-                                        (6634, 9951, 13268, 16585))}),
-    # 118,287 train2017 images, 12 epochs at batch 16: 6 x 14,782 = 88,692 steps (12 x 7,391),
-    # the total behind the release's ViT-L windows (each 1/6 of the run, as
-    # `annealing_windows`). Large-scale jitter, no colour jitter. `max_segments`: segments per
-    # training image in the batch (thing instances and stuff regions, crowd dropped);
-    # training checks the json against it before it starts.
-    "coco_panoptic": dict(name="coco_panoptic", root="data/coco", num_classes=133,
-                          reduce_zero_label=False, crop=640, steps=88_692, color_jitter=False,
-                          scale_jitter=(0.1, 2.0), max_segments=100,
-                          annealing={"L": ((14782, 29564, 44346, 59128),
-                                           (29564, 44346, 59128, 73910))}),
-}
-# Blocks that see the queries (L2) per size (spec eomt.md, "Backbone").
-EOMT_NUM_BLOCKS = {"S": 3, "B": 3, "L": 4, "g": 5}
-# DINOv2 release files (README, "Pretrained weights"), converted and resized on load.
-DINOV2_FILES = {s: f"weights/dinov2_vit{s.lower()}14_reg4_pretrain.pth" for s in "SBLg"}
-
-
-def annealing_windows(total_steps: int, num_blocks: int) -> tuple[tuple[int, ...],
-                                                                  tuple[int, ...]]:
-  """The release's annealing windows when none are given: the run split into L2 + 2 equal
-  parts, block i annealed over part i + 1 (its published ViT-L windows follow this rule)."""
-  part = total_steps // (num_blocks + 2)
-  return (tuple(part * (i + 1) for i in range(num_blocks)),
-          tuple(part * (i + 2) for i in range(num_blocks)))
-
-
-def eomt_config(size: str, dataset: str, num_queries: int = 100,
-                crop: int | None = None) -> ml_collections.ConfigDict:
-  """EoMT-`size` (S, B, L, g) semantic segmentation on `dataset` (EOMT_RECIPES): AdamW lr 1e-4,
-  weight decay 0.05 on every parameter, clip 0.01, layer-wise lr decay 0.8, two-stage warm-up
-  (500 steps heads only, then 1000 for the ViT) and poly 0.9, batch 16, bfloat16 compute;
-  colour jitter, flip, scale jitter 0.5-2.0, crop; Mask2Former loss (12544 points, weights
-  2 / 5 / 5, no-object 0.1); test: shorter side to the crop, evenly spread square windows.
-  `crop`: the input size, if not the recipe's."""
-  r = EOMT_RECIPES[dataset]
-  crop, l2 = crop or r["crop"], EOMT_NUM_BLOCKS[size]
-  c = run_config()
-  c.total_steps = r["steps"]
-  c.batch_size = 16
-  set_dataset(c, r)
-  c.mean, c.std = IMAGENET_MEAN_STD
-  c.augment.pipeline = "eomt"
-  c.augment.crop_size = (crop, crop)
-  c.augment.scale_jitter = r["scale_jitter"]
-  c.augment.color_jitter = r["color_jitter"]
-  starts, ends = r["annealing"].get(size, annealing_windows(r["steps"], l2))
-  c.model = ml_collections.ConfigDict(dict(
-      name="eomt", num_classes=r["num_classes"], num_queries=num_queries, num_blocks=l2,
-      dtype="bfloat16",
-      backbone=dict(variant=f"dinov2-{size}/14-reg4", patch_size=16,
-                    posemb_grid=(crop // 16, crop // 16), posemb_resize="bicubic_antialias",
-                    drop_path=0.0),
-      mask_annealing=dict(enabled=True, start_steps=starts, end_steps=ends, power=0.9)))
-  c.model_init = DINOV2_FILES[size]
-  c.model_init_format = "dinov2"
-  c.loss = ml_collections.ConfigDict(dict(
-      name="mask2former", num_queries=num_queries, num_points=12544, oversample_ratio=3.0,
-      importance_ratio=0.75, no_object_weight=0.1, class_weight=2.0, mask_weight=5.0,
-      dice_weight=5.0))
-  c.optim = optim_config()
-  c.optim.update(schedule="two_stage", lr=1e-4, weight_decay=0.05, no_decay=(),
-                 clip_norm=0.01, warmup_steps=500, backbone_warmup_steps=1000,
-                 poly_power=0.9, layer_decay=0.8)
-  c.optim.lr_mults = {}
-  c.eval.resize = "short_side"
-  c.eval.scale = (crop, crop)
-  c.eval.mode = "spread"
-  c.eval.crop_size = (crop, crop)
-  c.eval.stride = (crop, crop)
-  c.eval.average = "scores"
-  return c
-
-
-def eomt_panoptic_config(size: str, image_size: int = 640) -> ml_collections.ConfigDict:
-  """EoMT-`size` (S, B, L, g) panoptic segmentation on COCO at `image_size` (640 or 1280):
-  `eomt_config`'s optimisation and model with 200 queries and 133 classes, 12 epochs with the
-  release's ViT-L annealing windows (the same rule for the other sizes, and at 1280), flip,
-  large-scale jitter 0.1-2.0, pad and crop without colour jitter, the Mask2Former loss on every
-  segment (`mask2former_panoptic`: segment-index maps, at most `dataset.max_segments` segments
-  per image); test (`config.eval.task`): longer side to the input size, zero-padded square."""
-  r = EOMT_RECIPES["coco_panoptic"]
-  c = eomt_config(size, "coco_panoptic", num_queries=200, crop=image_size)
-  c.dataset.max_segments = r["max_segments"]
-  c.loss.name = "mask2former_panoptic"
-  c.eval.task = "panoptic"
-  c.eval.resize = "long_side"
-  c.eval.scale = (image_size, image_size)
-  c.eval.best_metric = "PQ"
-  return c

@@ -1,14 +1,17 @@
-"""SegViT-Shrunk ViT-L/16 on ADE20K at 640x640 (spec segvit.md: 53.9 / 55.1 mIoU ss / ms,
-373.5 GFLOPs).
+"""SegViT-Shrunk ViT-L/16 on ADE20K at 640x640: 53.9 / 55.1 mIoU single / multi-scale,
+373.5 GFLOPs (SegViT Table 1).
 
   python train.py --config configs/segvit_shrunk_vit_l16_ade20k.py --workdir runs/shrunk_l16_ade \
       --config.dataset.root=/data/ADEChallengeData2016
+  python train.py --config configs/segvit_shrunk_vit_l16_ade20k.py:smoke \
+      --workdir /tmp/smoke --config.dataset.root=FABRICATED_COPY
 
-Query down-sampling at block 8 (blocks 9-23 on the 1/32 grid), query up-sampling from blocks 7
-and 23, single-stage ATM head. Starts from the AugReg L_16 i21k->in1k 384-px .npz in weights/.
+The argument `smoke` gives common.smoke's variant (the same recipe, a tiny model).
 
-Recipe: AdamW lr 2e-5 (decoder x10), weight decay 0.01, poly power 1 with 1500 warm-up
-iterations, clip 35, global batch 16, 160k iterations; slide test 640 / 608.
+Query down-sampling at block 8 (blocks 9-23 on the 1/32 grid), query up-sampling from
+blocks 7 and 23, a single-stage ATM head. Starts from the AugReg L/16 i21k->in1k
+384-px .npz in weights/ (README, "Pretrained weights"); the 24x24 position grid is resized
+bicubically on load.
 """
 
 import ml_collections
@@ -17,5 +20,63 @@ from configs import common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  del arg
-  return common.segvit_config("L/16", "ade20k", shrunk=True)
+  if arg not in ("", "smoke"):
+    raise ValueError(f"unknown config argument {arg!r}: expected '' or 'smoke'")
+  c = common.run_config()
+  crop, stride = 640, 608  # SegViT Sec. 4.2 (crop); the release's config (slide stride)
+
+  # ADE20K: 150 classes (SegViT Sec. 4.1), label 0 ("other") ignored (mmseg's
+  # ADE20KDataset, reduce_zero_label).
+  c.dataset.update(name="ade20k", root="data/ADEChallengeData2016", num_classes=150,
+                   reduce_zero_label=True, num_workers=8)
+
+  # Train augmentation: keep-ratio resize by a ratio in [0.5, 2.0], random crop, flip (SegViT
+  # Sec. 4.2, "Training settings."); the crop retried until no class covers > 75% of it, mmseg's
+  # photometric distortion, base scale (the release's config).
+  c.augment.update(
+      pipeline="segvit", crop_size=(crop, crop),
+      scale=(2048, crop),  # keep-ratio base scale (long, short): (2048, crop)
+      ratio_range=(0.5, 2.0), cat_max_ratio=0.75, flip_prob=0.5, photometric=True,
+      photometric_brightness=32, photometric_contrast=(0.5, 1.5),
+      photometric_saturation=(0.5, 1.5), photometric_hue=18)
+  c.mean = c.std = (127.5, 127.5, 127.5)  # AugReg weights take pixels in [-1, 1]
+
+  # Model: the AugReg ViT-L/16 (SegViT Sec. 4.2, "Transformer backbone."), the cls token
+  # dropped before the blocks, with query down-sampling (QD) at block 8: from there on the
+  # blocks run on the 1/32 grid (SegViT Sec. 3.2, "The Shrunk structure.", Fig. 3 (c)). Query
+  # up-sampling (QU) reads blocks 7 and 23 (shallow first) with a 40x40 grid of learned
+  # queries; a single-stage ATM head follows. Sizes, drop path, QD / QU layout: the release's
+  # config.
+  c.model = ml_collections.ConfigDict(dict(
+      name="segvit", num_classes=150, dtype="float32",
+      backbone=dict(variant="L/16", drop_path=0.3, cls_in_blocks=False,
+                    posemb_grid=(40, 40),  # crop / patch, resized to other inputs on the fly
+                    shrink_idx=8, **common.vit_memory_knobs()),
+      head=dict(type="shrunk", tap_layers=(7, 23), width=512, num_heads=16,
+                query_grid=(40, 40), qu_layers=3, atm_layers=3, dropout=0.1)))
+  c.model_init = ("weights/L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-"
+                  "steps_20k-lr_0.01-res_384.npz")
+  c.model_init_format = "augreg-npz"
+
+  # Loss: query c is class c, no matching; cross-entropy + focal + dice on every stage's output
+  # (SegViT Sec. 3.2, Eq. (4)); weights, focal alpha / gamma and no-object weight: the
+  # release's ATMLoss config.
+  c.loss.update(name="atm", ce_weight=1.0, no_object_weight=0.1, focal_weight=20.0,
+                focal_alpha=0.25, focal_gamma=2.0, dice_weight=1.0, ignore_in_masks=False)
+
+  # Optimiser (the release's config): AdamW, decoder lr x10, no weight decay on backbone norms,
+  # clip 35, poly with 1500 linear warm-up iterations from 1e-6 x lr.
+  c.optim.update(lr=2e-5, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
+                 no_decay=(r"^backbone/.*norm",), clip_norm=35.0, schedule="warmup_poly",
+                 warmup_steps=1500, warmup_ratio=1e-6, poly_power=1.0, min_lr=0.0)
+  c.optim.lr_mults = {"head": 10.0}
+  c.total_steps = 160_000  # SegViT Sec. 4.2
+  c.batch_size = 16  # SegViT Sec. 4.2
+
+  # Test (the release's config): keep-ratio resize to (2048, crop), sliding crop x crop
+  # windows every `stride` pixels, window softmax scores averaged. Multi-scale: eval.py
+  # --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip (SegViT Sec. 4.2, "Evaluation metric.").
+  c.eval.update(task="semantic", resize="keep_ratio", scale=(2048, crop), min_size=0,
+                mode="slide", crop_size=(crop, crop), stride=(stride, stride),
+                average="softmax")
+  return common.smoke(c) if arg == "smoke" else c

@@ -26,9 +26,9 @@ import ml_collections
 import optax
 
 
-def warmup_poly_schedule(base_lr: float, total_steps: int, warmup_steps: int = 0,
-                         warmup_ratio: float = 1e-6, power: float = 1.0,
-                         min_lr: float = 0.0) -> Callable[[jax.Array], jax.Array]:
+def warmup_poly_schedule(base_lr: float, total_steps: int, warmup_steps: int,
+                         warmup_ratio: float, power: float,
+                         min_lr: float) -> Callable[[jax.Array], jax.Array]:
   """mmcv's poly policy with linear warm-up, evaluated at the 0-based iteration `step`:
   regular = (base - min) * (1 - step / total) ** power + min;
   during warm-up lr = regular * (1 - (1 - step / warmup) * (1 - warmup_ratio))."""
@@ -47,7 +47,7 @@ def warmup_poly_schedule(base_lr: float, total_steps: int, warmup_steps: int = 0
 
 
 def two_stage_schedules(base_lr: float, total_steps: int, warmup_steps: int,
-                        backbone_warmup_steps: int, power: float = 0.9
+                        backbone_warmup_steps: int, power: float
                         ) -> tuple[Callable[[jax.Array], jax.Array],
                                    Callable[[jax.Array], jax.Array]]:
   """EoMT's two-stage warm-up + poly: (schedule of the new parameters, of the backbone), as
@@ -131,7 +131,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int, param
   structure is read); the backbone's blocks must be unstacked (`encoderblock_{i}`) when
   `layer_decay` is set."""
   c = optim_cfg
-  kind = c.get("schedule", "warmup_poly")
+  kind = c.schedule
   if kind == "warmup_poly":
     schedule = backbone_schedule = warmup_poly_schedule(
         c.lr, total_steps, c.warmup_steps, c.warmup_ratio, c.poly_power, c.min_lr)
@@ -140,7 +140,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int, param
         c.lr, total_steps, c.warmup_steps, c.backbone_warmup_steps, c.poly_power)
   else:
     raise ValueError(f"config.optim.schedule={kind!r}: expected 'warmup_poly' or 'two_stage'")
-  layer_decay = c.get("layer_decay", None)
+  layer_decay = c.layer_decay
   if layer_decay is not None and isinstance(params, Mapping) and "encoderblock" in params.get(
       "backbone", {}):
     raise ValueError("config.optim.layer_decay needs the backbone's blocks unstacked: "

@@ -134,21 +134,13 @@ def test_predict_and_eval_pictures_share_the_classes_palette(workdir, tmp_path):
 
 def test_train_ade20k_config_on_fabricated_copy(tmp_path):
   """The paper config's data path (ADE20K layout, reduce_zero_label, 150 classes, the mmseg
-  augmentations, slide evaluation) end to end, with the model shrunk and no pretrained
-  weights so it runs in seconds."""
+  augmentations, slide evaluation) end to end: its `:smoke` variant (the model shrunk, 64 px
+  crops, batch 2, two steps logged and evaluated, no pretrained weights), in seconds."""
   root = str(tmp_path / "ADEChallengeData2016")
   fabricate.ade20k(root)
   workdir = str(tmp_path / "run")
-  tiny = ["--config.model.backbone.variant=mu/16", "--config.model.backbone.posemb_grid=(4,4)",
-          "--config.model.head.width=16", "--config.model.head.num_heads=2",
-          "--config.model.head.layers_per_stage=1", "--config.model.head.tap_layers=(0,)"]
-  small = ["--config.augment.crop_size=(64,64)", "--config.augment.scale=(256,64)",
-           "--config.eval.crop_size=(64,64)", "--config.eval.stride=(32,32)",
-           "--config.eval.scale=(256,64)", "--config.batch_size=2", "--config.total_steps=2",
-           "--config.log_every=1", "--config.ckpt_every=2", "--config.eval_every=2",
-           "--config.dataset.num_workers=0"]
-  run("train.py", "--config", "configs/segvit_vit_b16_ade20k.py", "--workdir", workdir,
-      f"--config.dataset.root={root}", "--config.model_init=", *tiny, *small)
+  run("train.py", "--config", "configs/segvit_vit_b16_ade20k.py:smoke", "--workdir", workdir,
+      f"--config.dataset.root={root}")
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
   assert steps == [1, 2]

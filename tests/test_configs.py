@@ -1,15 +1,27 @@
-"""The paper configs, checked by shape (jax.eval_shape) and parameter count, never run."""
+"""The configs, checked by shape (jax.eval_shape), parameter count and the papers' recipe
+numbers, never run; every config's `:smoke` variant builds; the library takes recipe numbers
+from the config, never from a default of its own."""
 
+import dataclasses
+import glob
 import importlib
+import inspect
+import os
 
 import flax.linen as nn
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import common, demo, segvit_vit_b16_ade20k, segvit_vit_l16_ade20k
-from segvit_jax.models import build_model, input_divisor, vit
+from segvit_jax import optim
+from segvit_jax.data import pipeline, transforms
+from segvit_jax.evaluation import inference, panoptic
+from segvit_jax.losses import atm, mask_classification, pixel_ce
+from segvit_jax.models import build_model, eomt, input_divisor, vit
+from tests.support import ROOT
 
 PAPER_CONFIGS = (
     "segvit_vit_b16_ade20k", "segvit_vit_l16_ade20k", "segvit_shrunk_vit_l16_ade20k",
@@ -52,6 +64,11 @@ def shrunk_head_count(in_dim, width, taps, qu_layers, atm_layers, grid, k):
   return qu + atm_layers * decoder_layer_count(width) + k * width + width * (k + 1) + k + 1
 
 
+# The SegViT ATM heads (SegViT Table 5 for ViT-B's taps; the rest the release's config):
+# variant -> (tap layers, width, heads, layers per stage).
+ATM_HEAD = {"B/16": ((5, 7, 11), 384, 12, 3), "L/16": ((7, 15, 23), 512, 16, 3)}
+
+
 # Pinned parameter counts (backbone, head) at each config's crop. The backbone differs between
 # crops only by the stored position grid; the head by the class count and (Shrunk) the QU
 # query grid. The paper reports no parameter counts for SegViT.
@@ -77,11 +94,11 @@ def test_paper_config_parameter_counts(name):
   crop = config.augment.crop_size[0]
   k = config.model.num_classes
   assert got[0] == vit_count(width, depth, mlp, 16, crop // 16)
-  head = common.ATM_HEADS[variant]
+  head_width = ATM_HEAD[variant][1]
   if "shrunk" in name:
-    assert got[1] == shrunk_head_count(width, head["width"], 2, 3, 3, crop // 16, k)
+    assert got[1] == shrunk_head_count(width, head_width, 2, 3, 3, crop // 16, k)
   else:
-    assert got[1] == atm_count(width, head["width"], 3, 3, k)
+    assert got[1] == atm_count(width, head_width, 3, 3, k)
 
 
 # name: (crop, stride, steps, weight decay, poly power, classes, dataset, train scale,
@@ -124,10 +141,15 @@ def test_paper_config_recipe_numbers(name):
     shrink, taps = {"B/16": (6, (5, 11)), "L/16": (8, (7, 23))}[variant]
     assert c.model.backbone.shrink_idx == shrink and c.model.head.type == "shrunk"
     assert tuple(c.model.head.tap_layers) == taps
+    assert (c.model.head.width, c.model.head.num_heads) == ATM_HEAD[variant][1:3]
+    assert (c.model.head.qu_layers, c.model.head.atm_layers) == (3, 3)
     assert tuple(c.model.head.query_grid) == (crop // 16, crop // 16)
     assert input_divisor(c.model) == 32
   else:
-    assert tuple(c.model.head.tap_layers) == {"B/16": (5, 7, 11), "L/16": (7, 15, 23)}[variant]
+    taps, width, heads, layers = ATM_HEAD[variant]
+    assert tuple(c.model.head.tap_layers) == taps
+    assert (c.model.head.width, c.model.head.num_heads) == (width, heads)
+    assert c.model.head.layers_per_stage == layers
     assert input_divisor(c.model) == 16
 
 
@@ -220,7 +242,7 @@ def test_segformer_config_recipes_and_shapes(name):
   assert (c.optim.poly_power, c.optim.warmup_steps, c.optim.clip_norm) == (1.0, 1500, 0.0)
   assert (c.total_steps, c.batch_size) == (160_000, 8 if dataset == "cityscapes" else 16)
   assert c.loss.name == "pixel_ce" and c.model.backbone.drop_path == 0.1
-  assert (c.mean, c.std) == common.IMAGENET_MEAN_STD
+  assert (c.mean, c.std) == ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
   if dataset == "cityscapes":
     assert (c.eval.mode, c.eval.crop_size, c.eval.stride) == ("slide", (1024, 1024), (768, 768))
   else:
@@ -252,3 +274,217 @@ def test_segvit_atm_on_mit_b2_config():
   w, k = 256, 150  # input projections from 512-, 320- and 128-wide stages
   assert head == 9_806_231 == ((512 + 320 + 128) * w + 3 * 3 * w + 9 * decoder_layer_count(w)
                                + k * w + w * (k + 1) + k + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every config, its :smoke variant, and the papers' tables.
+
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if os.path.basename(p) not in ("__init__.py", "common.py"))
+RECIPE_CONFIGS = [n for n in CONFIGS if n != "demo"]
+
+
+def test_the_config_list_is_complete():
+  assert len(RECIPE_CONFIGS) == 30 and set(PAPER) == set(RECIPE_CONFIGS)
+
+
+def init_shapes(config, h, w):
+  """(parameter count, the outputs' shapes) of `config.model` on a (2, h, w, 3) batch."""
+  model = build_model(config.model)
+  x = jax.ShapeDtypeStruct((2, h, w, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  out = jax.eval_shape(model.apply, variables, x)
+  return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables)), out
+
+
+@pytest.mark.parametrize("name", RECIPE_CONFIGS)
+def test_smoke_variant_keeps_the_recipe_structure_and_initialises(name):
+  full, smoke = load_config(name), load_config(name, "smoke")
+  s = common.SMOKE_CROP
+  # The same families, dataset, pipelines, loss and protocol.
+  for key in ("model.name", "model.backbone.variant", "dataset.name", "dataset.num_classes",
+              "augment.pipeline", "loss.name", "eval.task", "eval.mode", "eval.resize",
+              "eval.average", "optim.schedule", "mean", "std"):
+    get = lambda c: functools.reduce(lambda node, k: node[k], key.split("."), c)  # noqa: E731
+    assert get(smoke) == get(full), key
+  assert smoke.model.get("head", {}).get("type") == full.model.get("head", {}).get("type")
+  assert smoke.model.backbone.get("type") == full.model.backbone.get("type")
+  # Small and fast: crop SMOKE_CROP, batch 2, two steps, no pretrained weights, float32.
+  assert smoke.augment.crop_size == smoke.eval.crop_size == (s, s)
+  assert (smoke.batch_size, smoke.total_steps, smoke.model_init) == (2, 2, "")
+  assert smoke.model.dtype == "float32" and smoke.dataset.num_workers == 0
+  crop = full.augment.crop_size[0]
+  assert smoke.eval.stride == tuple(v * s // crop for v in full.eval.stride)
+  # The real structure, tiny.
+  m, fm = smoke.model, full.model
+  if m.name != "segformer" and m.backbone.get("type") != "mit":
+    assert (m.backbone.depth, m.backbone.width) == (common.SMOKE_DEPTH, 32)
+    assert m.backbone.posemb_grid == (s // vit.patch_size(m.backbone),) * 2
+  if "head" in m and "tap_layers" in m.head:
+    taps = tuple(m.head.tap_layers)
+    assert len(taps) == len(fm.head.tap_layers) and taps == tuple(sorted(set(taps)))
+  if m.backbone.get("shrink_idx") is not None:  # QU reads the block before QD and the last
+    assert taps == (m.backbone.shrink_idx - 1, common.SMOKE_DEPTH - 1)
+    assert tuple(fm.head.tap_layers) == (fm.backbone.shrink_idx - 1,
+                                         vit.decode_variant(fm.backbone.variant)["depth"] - 1)
+    assert m.head.query_grid == m.backbone.posemb_grid
+  if m.name == "eomt":
+    assert 1 <= m.num_blocks < m.backbone.depth and m.mask_annealing.enabled
+    assert len(m.mask_annealing.start_steps) == len(m.mask_annealing.end_steps) == m.num_blocks
+    assert smoke.loss.num_queries == m.num_queries
+  # The smoke model initialises at the smoke crop, small.
+  count, out = init_shapes(smoke, s, s)
+  assert count < 200_000, count
+  k = smoke.model.num_classes
+  assert out["semantic_scores"].shape == (2, k, s, s)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_unknown_config_arguments_fail(name):
+  with pytest.raises(ValueError, match="unknown .*config argument 'nope'"):
+    load_config(name, "nope")
+
+
+def test_pascal_context_smoke_variants():
+  for name in ("segvit_vit_l16_pascal_context", "segvit_shrunk_vit_l16_pascal_context"):
+    assert load_config(name, "59,smoke").dataset.name == "pascal_context59"
+    assert load_config(name, "smoke").model.num_classes == 60
+
+
+# The papers' recipe tables, stated here: name -> (crop, iterations, lr, global batch, weight
+# decay, test mode, test stride, head). Head: ATM / Shrunk (width, heads); SegFormer decoder
+# width; EoMT (queries, L2). SegViT Sec. 4.2 and its release's configs; SegFormer Sec. 4.1,
+# Table 1b and its release's configs; EoMT Sec. 4.1, App. A.1 / A.2 and its release's configs.
+_SEGFORMER = {f"segformer_b{v}_{d}": (
+    (1024 if d == "cityscapes" else (640 if v == 5 else 512)), 160_000, 6e-5,
+    8 if d == "cityscapes" else 16, 0.01, "slide" if d == "cityscapes" else "whole",
+    768 if d == "cityscapes" else (426 if v == 5 else 341), 256 if v < 2 else 768)
+    for v in range(6) for d in ("ade20k", "cityscapes")}
+PAPER = {
+    "segvit_vit_b16_ade20k": (512, 160_000, 2e-5, 16, 0.01, "slide", 341, (384, 12)),
+    "segvit_vit_l16_ade20k": (640, 160_000, 2e-5, 16, 0.01, "slide", 608, (512, 16)),
+    "segvit_shrunk_vit_b16_ade20k": (512, 160_000, 2e-5, 16, 0.01, "slide", 341, (384, 12)),
+    "segvit_shrunk_vit_l16_ade20k": (640, 160_000, 2e-5, 16, 0.01, "slide", 608, (512, 16)),
+    "segvit_vit_l16_cocostuff10k": (512, 80_000, 2e-5, 16, 0.02, "slide", 341, (512, 16)),
+    "segvit_shrunk_vit_l16_cocostuff10k": (512, 80_000, 2e-5, 16, 0.02, "slide", 341,
+                                           (512, 16)),
+    "segvit_vit_l16_pascal_context": (480, 80_000, 2e-5, 16, 0.03, "slide", 320, (512, 16)),
+    "segvit_shrunk_vit_l16_pascal_context": (480, 80_000, 2e-5, 16, 0.03, "slide", 320,
+                                             (512, 16)),
+    "segvit_atm_mit_b2_ade20k": (512, 160_000, 6e-5, 16, 0.01, "whole", 341, (256, 8)),
+    **_SEGFORMER,
+    "eomt_vit_s_ade20k": (512, 39_120, 1e-4, 16, 0.05, "spread", 512, (100, 3)),
+    "eomt_vit_b_ade20k": (512, 39_120, 1e-4, 16, 0.05, "spread", 512, (100, 3)),
+    "eomt_vit_l_ade20k": (512, 39_120, 1e-4, 16, 0.05, "spread", 512, (100, 4)),
+    "eomt_vit_l_cityscapes": (1024, 19_902, 1e-4, 16, 0.05, "spread", 1024, (100, 4)),
+    "eomt_vit_s_coco_panoptic": (640, 88_692, 1e-4, 16, 0.05, "spread", 640, (200, 3)),
+    "eomt_vit_b_coco_panoptic": (640, 88_692, 1e-4, 16, 0.05, "spread", 640, (200, 3)),
+    "eomt_vit_l_coco_panoptic": (640, 88_692, 1e-4, 16, 0.05, "spread", 640, (200, 4)),
+    "eomt_vit_g_coco_panoptic": (640, 88_692, 1e-4, 16, 0.05, "spread", 640, (200, 5)),
+    "eomt_vit_l_coco_panoptic_1280": (1280, 88_692, 1e-4, 16, 0.05, "spread", 1280, (200, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_configs_state_the_papers_numbers(name):
+  crop, steps, lr, batch, wd, mode, stride, head = PAPER[name]
+  c = load_config(name)
+  assert c.augment.crop_size == c.eval.crop_size == (crop, crop)
+  assert (c.total_steps, c.optim.lr, c.batch_size, c.optim.weight_decay) == (steps, lr, batch, wd)
+  assert (c.eval.mode, c.eval.stride) == (mode, (stride, stride))
+  m = c.model
+  if m.name == "eomt":
+    assert (m.num_queries, m.num_blocks) == head and c.loss.num_queries == m.num_queries
+    # EoMT: two-stage warm-up 500 / 1000, poly 0.9, layer decay 0.8, clip 0.01, no lr
+    # multipliers, weight decay on every parameter; Mask2Former's loss numbers.
+    o = c.optim
+    assert (o.schedule, o.warmup_steps, o.backbone_warmup_steps, o.poly_power, o.layer_decay,
+            o.clip_norm, dict(o.lr_mults), tuple(o.no_decay)) == (
+                "two_stage", 500, 1000, 0.9, 0.8, 0.01, {}, ())
+    assert {k: c.loss[k] for k in ("num_points", "oversample_ratio", "importance_ratio",
+                                   "no_object_weight", "class_weight", "mask_weight",
+                                   "dice_weight")} == dict(
+        num_points=12544, oversample_ratio=3.0, importance_ratio=0.75, no_object_weight=0.1,
+        class_weight=2.0, mask_weight=5.0, dice_weight=5.0)
+    # Annealing: the run in L2 + 2 equal parts, block i over part i + 1 (the release's ViT-L
+    # windows follow this rule; the other sizes use it).
+    part = steps // (m.num_blocks + 2)
+    assert m.mask_annealing.start_steps == tuple(part * (i + 1) for i in range(m.num_blocks))
+    assert m.mask_annealing.end_steps == tuple(part * (i + 2) for i in range(m.num_blocks))
+    assert (m.mask_annealing.power, m.dtype) == (0.9, "bfloat16")
+    assert c.eval.average == "scores"
+    return
+  if m.name == "segformer":
+    assert m.head.width == head
+  else:
+    assert (m.head.width, m.head.num_heads) == head
+  # mmseg-style recipes: warm-up 1500 from 1e-6 x lr, poly, decoder lr x10, no decay on the
+  # backbone's norms; SegViT clips at 35, SegFormer not at all.
+  o = c.optim
+  assert (o.schedule, o.warmup_steps, o.warmup_ratio, dict(o.lr_mults), o.layer_decay) == (
+      "warmup_poly", 1500, 1e-6, {"head": 10.0}, None)
+  assert tuple(o.no_decay) == (r"^backbone/.*norm",)
+  assert o.clip_norm == (35.0 if c.optim.lr == 2e-5 else 0.0)
+  assert c.eval.average == "softmax"
+  if c.loss.name == "atm":
+    assert {k: c.loss[k] for k in ("ce_weight", "no_object_weight", "focal_weight",
+                                   "focal_alpha", "focal_gamma", "dice_weight")} == dict(
+        ce_weight=1.0, no_object_weight=0.1, focal_weight=20.0, focal_alpha=0.25,
+        focal_gamma=2.0, dice_weight=1.0)
+  a = c.augment
+  assert (a.pipeline, a.ratio_range, a.cat_max_ratio, a.flip_prob, a.photometric) == (
+      "segvit", (0.5, 2.0), 0.75, 0.5, True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The library holds no recipe numbers: the functions and dataclasses of these modules take the
+# numbers below (loss weights, point counts, thresholds, crops, strides, augmentation factors,
+# schedules, EoMT's block counts and input size) as arguments, without a default.
+
+RECIPE_ARGUMENTS = {
+    "ce_weight", "no_object_weight", "focal_weight", "focal_alpha", "focal_gamma", "dice_weight",
+    "class_weight", "mask_weight", "num_points", "oversample_ratio", "importance_ratio",
+    "ignore_in_masks", "avg_non_ignore", "ignore_index", "object_mask_threshold",
+    "overlap_threshold", "top_k", "crop", "crop_size", "stride", "size_divisor", "min_size",
+    "ratio", "ratios", "scale", "mode", "average", "flip", "brightness", "contrast",
+    "saturation", "hue", "brightness_delta", "contrast_range", "saturation_range", "hue_delta",
+    "cat_max_ratio", "prob", "pad_value", "label_pad_value", "scale_range", "target_size",
+    "power", "image_size", "num_blocks", "warmup_steps", "warmup_ratio", "min_lr",
+    "backbone_warmup_steps",
+}
+MODULES = (atm, pixel_ce, mask_classification, inference, panoptic, transforms, pipeline, eomt,
+           optim)
+# predict.py (an entry point) still calls it with the test-resize defaults.
+ALLOWED = {("segvit_jax.data.transforms.resize_for_test", name)
+           for name in ("ratio", "size_divisor", "min_size")}
+
+
+def _defaults(obj):
+  """{argument: default} of a function, or of a dataclass's fields (None: "not used here", no
+  number)."""
+  if dataclasses.is_dataclass(obj):
+    return {f.name: f.default for f in dataclasses.fields(obj)
+            if f.default is not dataclasses.MISSING}
+  try:
+    params = inspect.signature(obj).parameters.values()
+  except (TypeError, ValueError):
+    return {}
+  return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def test_library_functions_have_no_recipe_defaults():
+  found = []
+  for module in MODULES:
+    for name, obj in vars(module).items():
+      if name.startswith("__") or not callable(obj):
+        continue
+      wrapped = inspect.unwrap(obj)
+      if getattr(wrapped, "__module__", None) != module.__name__:
+        continue  # imported from elsewhere
+      where = f"{module.__name__}.{name}"
+      found += [f"{where}({arg}={value!r})" for arg, value in _defaults(wrapped).items()
+                if arg in RECIPE_ARGUMENTS and value is not None and (where, arg) not in ALLOWED]
+  assert not found, found
+  # The test sees the arguments it is meant to (a function and a dataclass of each kind).
+  assert "focal_weight" in inspect.signature(atm.atm_loss).parameters
+  assert "crop" in {f.name for f in dataclasses.fields(inference.Protocol)}

@@ -46,7 +46,7 @@ def test_small_eomt_trains_with_annealed_masked_attention(tmp_path):
   # Masking probabilities follow the windows (block 0 over steps 8..16, block 1 over 16..24),
   # logged with the metrics of the batch at 0-based step t = logged step - 1.
   for m in metrics:
-    want = eomt.mask_annealing(m["step"] - 1, (8, 16), (16, 24))
+    want = eomt.mask_annealing(m["step"] - 1, (8, 16), (16, 24), 0.9)
     np.testing.assert_allclose((m["mask_probs_0"], m["mask_probs_1"]), want, rtol=1e-6)
   assert (metrics[0]["mask_probs_0"], metrics[-1]["mask_probs_1"]) == (1.0, 0.0)
   # Evaluation: the plain model on the held-out synthetic split.

@@ -20,7 +20,7 @@ def test_warmup_poly_matches_mmcv_formula():
     return regular
   for it in (0, 1, 750, 1499, 1500, 80_000, 159_999, 160_000):
     np.testing.assert_allclose(float(sched(it)), mmcv(it), rtol=1e-5, atol=1e-15)
-  sched2 = optim.warmup_poly_schedule(1.0, 100, 0, power=2.0, min_lr=0.1)
+  sched2 = optim.warmup_poly_schedule(1.0, 100, 0, 1e-6, power=2.0, min_lr=0.1)
   np.testing.assert_allclose(float(sched2(50)), 0.9 * 0.25 + 0.1, rtol=1e-6)
 
 
@@ -31,7 +31,7 @@ def test_lr_multiplier_and_decay_mask():
       "head": {"proj_norm_0": {"scale": jnp.ones(4)},
                "class_embed": {"kernel": jnp.ones((4, 4))}},
   }
-  cfg = common.optim_config()
+  cfg = common.run_config().optim
   cfg.clip_norm = 0.0
   cfg.warmup_steps = 0
   cfg.lr = 1e-3
@@ -51,7 +51,7 @@ def test_lr_multiplier_and_decay_mask():
 
 def test_clip_by_global_norm():
   params = {"backbone": {"w": jnp.zeros(2)}, "head": {"w": jnp.zeros(2)}}
-  cfg = common.optim_config()
+  cfg = common.run_config().optim
   cfg.update(clip_norm=1.0, warmup_steps=0, weight_decay=0.0, lr=1.0, b1=0.0, b2=0.0,
              eps=0.0, lr_mults={})
   tx, _ = optim.make_optimizer(cfg, 10, params)
@@ -99,7 +99,7 @@ def test_layer_decay_and_two_stage_learning_rates_per_parameter():
                    "encoder_norm": {"scale": ones(2)}},
       "head": {"queries": ones(2)},
   }
-  cfg = common.optim_config()
+  cfg = common.run_config().optim
   cfg.update(schedule="two_stage", lr=1e-4, warmup_steps=2, backbone_warmup_steps=4,
              poly_power=0.9, weight_decay=1.0, no_decay=(), clip_norm=0.0, layer_decay=0.8)
   cfg.lr_mults = {}  # (update() would merge into the decoder's x10)

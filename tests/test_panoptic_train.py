@@ -5,6 +5,7 @@ padding of the segments, the accumulation normalisers, the paper configs, and a 
 trained through `trainer.train` and through `train.py` with the ViT-L COCO config shrunk."""
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from configs import eomt_vit_l_ade20k, eomt_vit_l_coco_panoptic
 from segvit_jax import checkpoint, trainer
 from segvit_jax.data import coco_panoptic, pipeline
 from segvit_jax.data import transforms as T
@@ -27,6 +28,9 @@ from tests.support import read_metrics, run
 
 NUM_CLASSES = 6  # fabricate: 5 thing shapes, 1 stuff background
 _jit = jax.jit  # eager calls compile op by op: much slower than one program per call
+# The Mask2Former loss options of the EoMT configs (config.loss) besides the point count.
+M2F = dict(oversample_ratio=3.0, importance_ratio=0.75, no_object_weight=0.1, class_weight=2.0,
+           mask_weight=5.0, dice_weight=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def coco(tmp_path_factory):
 
 def panoptic_config(root, **overrides):
   """The COCO panoptic recipe on the fabricated copy (6 classes, 32 px crops)."""
-  c = common.eomt_panoptic_config("L", 640)
+  c = eomt_vit_l_coco_panoptic.get_config()
   c.dataset.update(root=root, num_classes=NUM_CLASSES, num_workers=0)
   c.model.num_classes = NUM_CLASSES
   c.augment.crop_size = (32, 32)
@@ -64,7 +68,7 @@ def test_segment_map_from_hand_made_masks():
   masks[0, 2:] = True  # stuff: the bottom half
   masks[1, :2, :2] = True
   masks[2, :2, 2:4] = True  # the top-right 2x2 block is void
-  label, classes = T.segment_map(masks, np.array([7, 0, 3]), max_segments=5)
+  label, classes = T.segment_map(masks, np.array([7, 0, 3]), max_segments=5, ignore_index=255)
   assert label.dtype == classes.dtype == np.int32
   np.testing.assert_array_equal(label, [[1, 1, 2, 2, 255, 255],
                                         [1, 1, 2, 2, 255, 255],
@@ -73,10 +77,10 @@ def test_segment_map_from_hand_made_masks():
   np.testing.assert_array_equal(classes, [7, 0, 3, -1, -1])
   with pytest.raises(ValueError, match=r"000000000139 has 3 segments \(crowd dropped\), more "
                                        r"than config.dataset.max_segments=2; raise it"):
-    T.segment_map(masks, np.array([7, 0, 3]), 2, name="000000000139")
+    T.segment_map(masks, np.array([7, 0, 3]), 2, 255, name="000000000139")
   with pytest.raises(ValueError, match="ignore_index 255 is a valid segment index with "
                                        "max_segments=300"):
-    T.segment_map(masks, np.array([7, 0, 3]), 300)
+    T.segment_map(masks, np.array([7, 0, 3]), 300, 255)
   # A crop that keeps only the left two columns leaves segments 0 and 1: 2 vanishes.
   np.testing.assert_array_equal(T.drop_vanished_segments(label[:, :2], classes),
                                 [7, 0, -1, -1, -1])
@@ -97,7 +101,7 @@ class _WipeHalfTheTime(grain.transforms.RandomMap):
 
 
 def test_augment_redraws_until_a_segment_is_left():
-  label, classes = T.segment_map(np.ones((1, 4, 4), bool), np.array([3]), 4)
+  label, classes = T.segment_map(np.ones((1, 4, 4), bool), np.array([3]), 4, 255)
   record = {"image": np.zeros((4, 4, 3), np.uint8), "label": label, "segment_classes": classes}
   augment = T.PanopticAugment(ops=(_WipeHalfTheTime(),))
   tries = []
@@ -210,7 +214,7 @@ def test_loss_and_data_must_match(coco):
   c = panoptic_config(coco, **{"dataset.max_segments": 0})
   with pytest.raises(ValueError, match="set config.dataset.max_segments"):
     pipeline.train_batch_spec(c)
-  c = common.eomt_config("L", "ade20k")
+  c = eomt_vit_l_ade20k.get_config()
   c.loss.name = "mask2former_panoptic"
   with pytest.raises(ValueError, match=r"'mask2former_panoptic' needs the batch entries "
                                        r"\['segment_classes'\], which dataset 'ade20k' does not"):
@@ -245,7 +249,7 @@ def test_panoptic_loss_equals_semantic_loss_with_one_segment_per_class():
   absent classes (class 3 in image 1) are no targets."""
   outputs, labels, k = _semantic_case()
   segment_classes = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (2, k))
-  options = dict(num_queries=8, num_points=300)
+  options = dict(num_queries=8, num_points=300, **M2F)
   panoptic, semantic = LOSSES["mask2former_panoptic"], LOSSES["mask2former"]
   assert panoptic.batch_keys == ("segment_classes",) and panoptic.needs_rng
 
@@ -264,7 +268,7 @@ def test_panoptic_loss_equals_semantic_loss_with_one_segment_per_class():
   for name in s_terms:
     np.testing.assert_allclose(float(p_terms[name]), float(s_terms[name]), rtol=1e-6,
                                err_msg=name)
-  _, _, valid = _jit(mc.panoptic_targets)(jnp.asarray(labels), segment_classes)
+  _, _, valid = _jit(mc.panoptic_targets)(jnp.asarray(labels), segment_classes, 255)
   np.testing.assert_array_equal(valid, [[1, 1, 1, 1, 1], [1, 1, 1, 0, 1]])
   counts = _jit(lambda x, c: panoptic.normalisers(x, k, 255, options, segment_classes=c))(
       jnp.asarray(labels), segment_classes)
@@ -273,7 +277,8 @@ def test_panoptic_loss_equals_semantic_loss_with_one_segment_per_class():
   assert float(counts["masks"]) == 9.0  # 5 + 4 segments
   with pytest.raises(ValueError, match="num_queries=9, the model gives 8 queries"):
     mc.mask2former_panoptic_loss(outputs, labels, segment_classes=segment_classes,
-                                 num_classes=k, rng=jax.random.key(0), num_queries=9)
+                                 num_classes=k, ignore_index=255, rng=jax.random.key(0),
+                                 num_queries=9, num_points=300, **M2F)
 
 
 def _permuted(labels, k, m, seed=1):
@@ -298,8 +303,8 @@ def test_segments_are_matched_and_scored_independently_of_order_and_padding():
   sem_targets = mc.LabelMasks(jnp.where(labels < k, labels, -1),
                               jnp.broadcast_to(jnp.arange(k), (2, k)))
   sem_classes = sem_targets.classes
-  _, _, sem_valid = mc.semantic_targets(jnp.asarray(labels), k)
-  targets, classes, valid = _jit(mc.panoptic_targets)(segments, segment_classes)
+  _, _, sem_valid = mc.semantic_targets(jnp.asarray(labels), k, 255)
+  targets, classes, valid = _jit(mc.panoptic_targets)(segments, segment_classes, 255)
   others = np.setdiff1d(np.arange(m), segment_of)
   np.testing.assert_array_equal(np.asarray(valid)[:, segment_of], sem_valid)
   assert not np.asarray(valid)[:, others].any()  # padding and the vanished segment
@@ -318,7 +323,7 @@ def test_segments_are_matched_and_scored_independently_of_order_and_padding():
   # The losses for that matching at the same points per target.
   rng = np.random.default_rng(5)
   coords = rng.random((2, m, 50, 2)).astype(np.float32)
-  losses = _jit(mc.losses_for_assignment)
+  losses = _jit(functools.partial(mc.losses_for_assignment, num_points=50, **M2F))
   sem_terms = losses(outputs, sem_targets, sem_classes, sem_match, jnp.sum(sem_valid),
                      point_coords=jnp.asarray(coords[:, segment_of]))
   terms = losses(outputs, targets, classes, match, jnp.sum(valid),
@@ -342,7 +347,7 @@ def test_panoptic_normalisers_weight_micro_batches_exactly():
   normalisers = _jit(lambda seg, cls: LOSSES["mask2former_panoptic"].normalisers(
       seg, k, 255, options, segment_classes=cls))
   counts = normalisers(segments, segment_classes)
-  targets, classes, valid = _jit(mc.panoptic_targets)(segments, segment_classes)
+  targets, classes, valid = _jit(mc.panoptic_targets)(segments, segment_classes, 255)
   n = int(np.sum(valid))
   assert float(counts["masks"]) == n == 0 + 2 + 5 + 5
   matched = np.minimum(np.sum(valid, 1), q)
@@ -357,7 +362,7 @@ def test_panoptic_normalisers_weight_micro_batches_exactly():
 
   def terms(rows):
     sel = lambda x: x[rows]  # noqa: E731
-    return _jit(mc.losses_for_assignment)(
+    return _jit(functools.partial(mc.losses_for_assignment, num_points=20, **M2F))(
         jax.tree.map(sel, outputs), mc.LabelMasks(targets.labels[rows], targets.classes[rows]),
         classes[rows], match[rows], jnp.maximum(jnp.sum(valid[rows]), 1.0),
         point_coords=coords[rows])
@@ -404,14 +409,16 @@ def test_coco_panoptic_config_recipes(name):
   assert m.backbone.variant == f"dinov2-{size}/14-reg4" and m.backbone.patch_size == 16
   assert m.backbone.posemb_grid == (px // 16, px // 16)
   assert (m.mask_annealing.start_steps, m.mask_annealing.end_steps) == (starts, ends)
-  assert (c.model_init, c.model_init_format) == (common.DINOV2_FILES[size], "dinov2")
+  assert (c.model_init, c.model_init_format) == (
+      f"weights/dinov2_vit{size.lower()}14_reg4_pretrain.pth", "dinov2")
   assert (c.loss.name, c.loss.num_queries) == ("mask2former_panoptic", 200)
   a = c.augment
   assert (a.pipeline, a.crop_size, a.scale_jitter, a.color_jitter, a.flip_prob) == (
       "eomt", (px, px), (0.1, 2.0), False, 0.5)
   assert (c.eval.task, c.eval.resize, c.eval.scale) == ("panoptic", "long_side", (px, px))
-  # The rest as the semantic recipe (optimisation, loss weights, pixel statistics).
-  semantic = common.eomt_config(size, "ade20k")
+  # The rest as the semantic recipe (optimisation, loss weights, pixel statistics; the same for
+  # every size).
+  semantic = eomt_vit_l_ade20k.get_config()
   assert c.optim.to_dict() == semantic.optim.to_dict()
   assert {k: v for k, v in c.loss.items() if k not in ("name", "num_queries")} == {
       k: v for k, v in semantic.loss.items() if k not in ("name", "num_queries")}

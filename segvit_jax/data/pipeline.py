@@ -153,7 +153,7 @@ def is_panoptic(config) -> bool:
 
 def max_segments(config) -> int:
   """`config.dataset.max_segments` of a panoptic config: segments per training image."""
-  n = config.dataset.get("max_segments")
+  n = config.dataset.max_segments
   if not n or int(n) < 1:
     raise ValueError(f"dataset {config.dataset.name!r} is panoptic: set config.dataset."
                      f"max_segments (segments per training image, e.g. 100 for COCO)")
@@ -162,7 +162,7 @@ def max_segments(config) -> int:
 
 def train_transforms(config) -> list:
   """The train augmentation `config.augment.pipeline` ("segvit" or "eomt") as grain transforms."""
-  name = config.augment.get("pipeline", "segvit")
+  name = config.augment.pipeline
   if is_panoptic(config):
     if name != "eomt":
       raise ValueError(f"dataset {config.dataset.name!r} is panoptic: it trains with "
@@ -187,7 +187,10 @@ def segvit_train_transforms(config) -> list:
       T.RandomFlip(prob=aug.flip_prob),
   ]
   if aug.photometric:
-    ops.append(T.PhotoMetricDistortion())
+    ops.append(T.PhotoMetricDistortion(
+        brightness_delta=aug.photometric_brightness,
+        contrast_range=tuple(aug.photometric_contrast),
+        saturation_range=tuple(aug.photometric_saturation), hue_delta=aug.photometric_hue))
   ops += [
       T.Normalize(mean=tuple(config.mean), std=tuple(config.std)),
       T.Pad(size=crop, pad_value=0.0, label_pad_value=config.dataset.ignore_index),
@@ -248,11 +251,10 @@ def eval_transforms(config) -> list:
   """Test-time resize at every multi-scale ratio (`config.eval.resize`, `scale`, `scales`);
   normalisation happens on the device (`segvit_jax.evaluation`)."""
   ev = config.eval
-  resize = ev.get("resize", "keep_ratio") if tuple(ev.scale) else "none"
+  resize = ev.resize if tuple(ev.scale) else "none"
   return [T.MultiScaleResize(resize=resize, scale=tuple(ev.scale),
-                             ratios=tuple(float(r) for r in ev.get("scales", (1.0,))),
-                             size_divisor=int(ev.get("size_divisor", 32)),
-                             min_size=int(ev.get("min_size", 0)))]
+                             ratios=tuple(float(r) for r in ev.scales),
+                             size_divisor=int(ev.size_divisor), min_size=int(ev.min_size))]
 
 
 def apply_transforms(ds: grain.MapDataset, ops) -> grain.MapDataset:
@@ -287,7 +289,7 @@ def check_loss_reads_targets(config) -> None:
     return
   from segvit_jax import losses  # pylint: disable=g-import-not-at-top  (jax; not in workers)
   loss, _ = losses.get_loss(config.loss)
-  name = config.loss.get("name", "atm")
+  name = losses.loss_name(config.loss)
   keys = {"image", "label"} | ({"segment_classes"} if is_panoptic(config) else set())
   missing = [k for k in loss.batch_keys if k not in keys]
   if missing:
@@ -314,7 +316,7 @@ def make_train_dataset(config, process_index: int | None = None,
   source = registry.get_source(config.dataset, config.dataset.train_split)
   if is_panoptic(config) and hasattr(source, "check_max_segments"):
     source.check_max_segments(max_segments(config))  # from the annotations, before any image
-  skip_bad = bool(config.dataset.get("skip_bad_examples", False))
+  skip_bad = bool(config.dataset.skip_bad_examples)
   if skip_bad:
     source = SkipBadExamples(source)
   ds = grain.MapDataset.source(source)[process_index::process_count]
@@ -323,7 +325,7 @@ def make_train_dataset(config, process_index: int | None = None,
                      f"the per-process batch {batch}")
   ds = ds.seed(_process_seed(config.seed, process_index)).shuffle().repeat()
   ds = apply_transforms(ds, train_transforms(config))
-  prefetch = max(int(config.dataset.get("prefetch", 2)), 1)
+  prefetch = max(int(config.dataset.prefetch), 1)
   if not skip_bad:
     ds = ds.batch(batch, drop_remainder=True)
     # Elements here are whole batches: a few threads/buffer slots, not grain's 16/500 defaults.
@@ -340,7 +342,7 @@ def make_train_dataset(config, process_index: int | None = None,
     # `MAX_BAD_RATIO` of a window of 1000 reads were skipped (it warns from 0.9 by default).
     it_ds = grain.experimental.WithOptionsIterDataset(it_ds, grain.experimental.DatasetOptions(
         filter_raise_threshold_ratio=MAX_BAD_RATIO))
-  num_workers = int(config.dataset.get("num_workers", 0))
+  num_workers = int(config.dataset.num_workers)
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
@@ -371,7 +373,7 @@ def make_eval_dataset(config, split: str | None = None, process_index: int | Non
   split = config.dataset.eval_split if split is None else split
   source = registry.get_source(config.dataset, split)
   ds = grain.MapDataset.source(source)
-  max_examples = int(config.eval.get("max_examples", -1))
+  max_examples = int(config.eval.max_examples)
   if max_examples >= 0:
     ds = ds[:max_examples]
   ds = ds[process_index::process_count]
@@ -385,7 +387,7 @@ def make_eval_dataset(config, split: str | None = None, process_index: int | Non
 class SemanticFromPanoptic(grain.transforms.Map):
   """A panoptic record -> dict(image, label = the class id per pixel, ignore_index on void
   (`coco_panoptic.semantic_label`), name), for semantic evaluation of a panoptic dataset."""
-  ignore_index: int = 255
+  ignore_index: int
 
   def map(self, record: dict) -> dict:
     return {"image": record["image"], "name": record["name"],
@@ -434,12 +436,12 @@ def make_panoptic_eval_dataset(config, split: str | None = None,
   source = registry.get_source(dataset_cfg, split)
   categories = getattr(source, "categories", None)
   if not isinstance(categories, coco_panoptic.Categories):
-    raise ValueError(f"config.eval.task={config.eval.get('task')!r} needs a panoptic dataset "
+    raise ValueError(f"config.eval.task={config.eval.task!r} needs a panoptic dataset "
                      f"(records with masks, class ids and thing / stuff categories, e.g. "
                      f"{', '.join(sorted(coco_panoptic.PANOPTIC_DATASETS))}); "
                      f"config.dataset.name={config.dataset.name!r} is not one")
   ds = grain.MapDataset.source(source)
-  max_examples = int(config.eval.get("max_examples", -1))
+  max_examples = int(config.eval.max_examples)
   if max_examples >= 0:
     ds = ds[:max_examples]
   ds = ds.map_with_index(lambda i, r: (i, r))[process_index::process_count]

@@ -102,11 +102,12 @@ def crop_is_diverse(label: np.ndarray, cat_max_ratio: float, ignore_index: int) 
 
 
 def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                crop_size: Sequence[int], cat_max_ratio: float = 1.0,
-                ignore_index: int = 255, max_tries: int = 10):
-  """mmseg `RandomCrop(crop_size, cat_max_ratio)`.
+                crop_size: Sequence[int], cat_max_ratio: float, ignore_index: int,
+                max_tries: int = 10):
+  """mmseg `RandomCrop(crop_size, cat_max_ratio)` (1.0: any window).
 
-  A window is drawn up to `max_tries` times until `crop_is_diverse`; if none passes, the window
+  A window is drawn up to `max_tries` times (mmseg's fixed 10) until `crop_is_diverse`; if none
+  passes, the window
   drawn after the last try is used as is. An image smaller than the crop gives a smaller crop
   (`pad` fills it up later).
   """
@@ -131,9 +132,9 @@ def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, 
   return image, label
 
 
-def pad(image: np.ndarray, label: np.ndarray, size: Sequence[int], pad_value: float = 0,
-        label_pad_value: int = 255):
-  """mmseg `Pad(size, pad_val=0, seg_pad_val=255)`: pad bottom/right up to size (h, w)."""
+def pad(image: np.ndarray, label: np.ndarray, size: Sequence[int], pad_value: float,
+        label_pad_value: int):
+  """mmseg `Pad(size, pad_val, seg_pad_val)`: pad bottom/right up to size (h, w)."""
   h, w = label.shape
   ph, pw = max(size[0] - h, 0), max(size[1] - w, 0)
   if ph == 0 and pw == 0:
@@ -220,16 +221,16 @@ def shift_hue_hsv(image: np.ndarray, delta: float) -> np.ndarray:
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator,
-                           brightness_delta: float = 32.0,
-                           contrast_range: Sequence[float] = (0.5, 1.5),
-                           saturation_range: Sequence[float] = (0.5, 1.5),
-                           hue_delta: int = 18) -> np.ndarray:
+                           brightness_delta: float, contrast_range: Sequence[float],
+                           saturation_range: Sequence[float], hue_delta: int) -> np.ndarray:
   """mmseg `PhotoMetricDistortion` on a uint8 RGB image; returns uint8.
 
   In order: brightness (+-delta, p 0.5); contrast (factor in range, p 0.5) either here or last
   (mode chosen with p 0.5); saturation (factor in range on S, p 0.5); hue (integer delta in
   [-hue_delta, hue_delta) on H in [0, 180), p 0.5); contrast if not done before. Each step clips
-  to [0, 255] and goes back to uint8 like mmseg. The defaults are mmseg's.
+  to [0, 255] and goes back to uint8 like mmseg. The factors are the config's
+  (`config.augment.photometric_*`: mmseg's defaults 32, (0.5, 1.5), (0.5, 1.5), 18 in the
+  configs).
   """
   image = np.asarray(image, np.uint8)
   if rng.integers(2):
@@ -313,17 +314,16 @@ def adjust_hue(image: np.ndarray, hue: float) -> np.ndarray:
   return shift_hue_hsv(image, hue * 180.0)
 
 
-def color_jitter(image: np.ndarray, rng: np.random.Generator, brightness: float = 32 / 255,
-                 contrast: float = 0.5, saturation: float = 0.5,
-                 hue: float = 18 / 360) -> np.ndarray:
+def color_jitter(image: np.ndarray, rng: np.random.Generator, brightness: float,
+                 contrast: float, saturation: float, hue: float) -> np.ndarray:
   """EoMT `Transforms.color_jitter` on a uint8 RGB image; returns uint8.
 
   Brightness factor uniform in [1 - brightness, 1 + brightness] (p 0.5); then, in an order
   chosen with p 0.5, contrast (factor in [1 - contrast, 1 + contrast], p 0.5) before or after
   saturation (factor in [1 - saturation, 1 + saturation], p 0.5) and hue (shift uniform in
-  [-hue, hue] turns, p 0.5). The defaults are EoMT's: its `max_brightness_delta` 32 and
-  `max_hue_delta` 18 (mmseg's numbers) taken as 32 / 255 and 18 / 360 of torchvision factors,
-  contrast and saturation 0.5.
+  [-hue, hue] turns, p 0.5). The factors are the config's (`config.augment.jitter_*`); the
+  EoMT configs take EoMT's: its `max_brightness_delta` 32 and `max_hue_delta` 18 (mmseg's
+  numbers) as 32 / 255 and 18 / 360 of torchvision factors, contrast and saturation 0.5.
   """
   image = np.asarray(image, np.uint8)
   if rng.random() < 0.5:
@@ -384,8 +384,8 @@ class RandomResize(grain.transforms.RandomMap):
 class RandomCrop(grain.transforms.RandomMap):
   """`random_crop` on a record."""
   crop_size: tuple[int, int]
-  cat_max_ratio: float = 1.0
-  ignore_index: int = 255
+  cat_max_ratio: float
+  ignore_index: int
 
   def random_map(self, record: dict, rng: np.random.Generator) -> dict:
     image, label = random_crop(record["image"], record["label"], rng, self.crop_size,
@@ -396,7 +396,7 @@ class RandomCrop(grain.transforms.RandomMap):
 @dataclasses.dataclass(frozen=True)
 class RandomFlip(grain.transforms.RandomMap):
   """`random_flip` on a record."""
-  prob: float = 0.5
+  prob: float
 
   def random_map(self, record: dict, rng: np.random.Generator) -> dict:
     image, label = random_flip(record["image"], record["label"], rng, self.prob)
@@ -406,10 +406,10 @@ class RandomFlip(grain.transforms.RandomMap):
 @dataclasses.dataclass(frozen=True)
 class PhotoMetricDistortion(grain.transforms.RandomMap):
   """`photometric_distortion` on a record's image."""
-  brightness_delta: float = 32.0
-  contrast_range: tuple[float, float] = (0.5, 1.5)
-  saturation_range: tuple[float, float] = (0.5, 1.5)
-  hue_delta: int = 18
+  brightness_delta: float
+  contrast_range: tuple[float, float]
+  saturation_range: tuple[float, float]
+  hue_delta: int
 
   def random_map(self, record: dict, rng: np.random.Generator) -> dict:
     image = photometric_distortion(record["image"], rng, self.brightness_delta,
@@ -432,10 +432,10 @@ class ScaleJitter(grain.transforms.RandomMap):
 @dataclasses.dataclass(frozen=True)
 class ColorJitter(grain.transforms.RandomMap):
   """`color_jitter` on a record's image (EoMT's torchvision-style colour jitter)."""
-  brightness: float = 32 / 255
-  contrast: float = 0.5
-  saturation: float = 0.5
-  hue: float = 18 / 360
+  brightness: float
+  contrast: float
+  saturation: float
+  hue: float
 
   def random_map(self, record: dict, rng: np.random.Generator) -> dict:
     image = color_jitter(record["image"], rng, self.brightness, self.contrast, self.saturation,
@@ -457,8 +457,8 @@ class Normalize(grain.transforms.Map):
 class Pad(grain.transforms.Map):
   """`pad` on a record: image with `pad_value`, label with `label_pad_value`, to size (h, w)."""
   size: tuple[int, int]
-  pad_value: float = 0.0
-  label_pad_value: int = 255
+  pad_value: float
+  label_pad_value: int
 
   def map(self, record: dict) -> dict:
     image, label = pad(record["image"], record["label"], self.size, self.pad_value,
@@ -476,7 +476,7 @@ class Pad(grain.transforms.Map):
 
 
 def segment_map(masks: np.ndarray, class_ids: np.ndarray, max_segments: int,
-                ignore_index: int = 255, name: str = "") -> tuple[np.ndarray, np.ndarray]:
+                ignore_index: int, name: str = "") -> tuple[np.ndarray, np.ndarray]:
   """Disjoint segment masks (N, H, W) bool and their classes (N,) -> (label (H, W) int32,
   segment_classes (max_segments,) int32) as described above, segment k = masks[k].
   ValueError naming the example `name` if N > max_segments, or if `ignore_index` could be a
@@ -516,7 +516,7 @@ class PanopticTargets(grain.transforms.Map):
   Segments flagged `is_crowd` (a source read with drop_crowd=False) are no segments: their
   pixels are ignored, as EoMT's training transforms drop crowd targets."""
   max_segments: int
-  ignore_index: int = 255
+  ignore_index: int
 
   def map(self, record: dict) -> dict:
     name = record.get("name", "")
@@ -558,15 +558,15 @@ class PanopticAugment(grain.transforms.RandomMap):
 TEST_RESIZES = ("keep_ratio", "keep_ratio_aligned", "short_side", "long_side", "none")
 
 
-def test_size(height: int, width: int, resize: str, scale: Sequence[int], ratio: float = 1.0,
-              size_divisor: int = 32, min_size: int = 0) -> tuple[int, int]:
+def test_size(height: int, width: int, resize: str, scale: Sequence[int], ratio: float,
+              size_divisor: int, min_size: int) -> tuple[int, int]:
   """The (h, w) an (height, width) image is resized to at test time, at one multi-scale `ratio`.
 
   keep_ratio          mmseg `Resize(keep_ratio=True)` in `MultiScaleFlipAug`: the scale
                       (long, short) becomes (int(long * ratio), int(short * ratio)), then the
                       mmcv keep-ratio rule (`rescale_size`). SegViT: scale (2048, crop).
   keep_ratio_aligned  SegFormer's `AlignedResize`: keep_ratio, then both sides rounded UP to a
-                      multiple of `size_divisor` (32).
+                      multiple of `size_divisor` (32 in the SegFormer configs).
   short_side          EoMT semantic: factor = max(crop_h / h, crop_w / w) for scale (crop_h,
                       crop_w) times `ratio`, sides round(side * factor) (Python rounding), so the
                       shorter side becomes the crop.
@@ -621,10 +621,10 @@ def resize_for_test(image: np.ndarray, resize: str, scale: Sequence[int], ratio:
   resamples twice, as `AlignedResize` does), PIL bilinear (antialiased) for EoMT."""
   h, w = image.shape[:2]
   if resize in ("short_side", "long_side"):
-    return resize_image(image, test_size(h, w, resize, scale, ratio))
+    return resize_image(image, test_size(h, w, resize, scale, ratio, size_divisor, min_size))
   if resize == "keep_ratio_aligned":
-    image = resize_image_cv2(image, test_size(h, w, "keep_ratio", scale, ratio,
-                                              min_size=min_size))
+    image = resize_image_cv2(image, test_size(h, w, "keep_ratio", scale, ratio, size_divisor,
+                                              min_size))
   return resize_image_cv2(image, test_size(h, w, resize, scale, ratio, size_divisor, min_size))
 
 
@@ -634,11 +634,11 @@ class MultiScaleResize(grain.transforms.Map):
   ratio (uint8); `image` (the original, uint8), `label` (int32, full resolution; records
   without one, e.g. panoptic ones, pass without) and `name`; any other entry of the record
   (panoptic ground truth, `segvit_jax.data.pipeline.PanopticTarget`) passes unchanged."""
-  resize: str = "keep_ratio"
-  scale: tuple[int, ...] = (2048, 512)
-  ratios: tuple[float, ...] = (1.0,)
-  size_divisor: int = 32
-  min_size: int = 0
+  resize: str
+  scale: tuple[int, ...]
+  ratios: tuple[float, ...]
+  size_divisor: int
+  min_size: int
 
   def map(self, record: dict) -> dict:
     images = tuple(resize_for_test(record["image"], self.resize, self.scale, r,

@@ -94,16 +94,21 @@ def spread_starts(length: int, crop: int) -> list[int]:
   return [int(j * (crop - per_window)) for j in range(n)]
 
 
-def window_layout(height: int, width: int, mode: str, crop: Sequence[int] = (512, 512),
-                  stride: Sequence[int] = (341, 341), size_divisor: int = 16) -> Layout:
+def window_layout(height: int, width: int, mode: str, crop: Sequence[int] | None,
+                  stride: Sequence[int] | None, size_divisor: int) -> Layout:
   """((window_h, window_w), [(y, x) window origins]) for an (height, width) image.
 
   Where the image is smaller than the crop, the window is the image side rounded up to a
   multiple of `size_divisor` (the model needs whole patches): the window then reaches into
   the zero padding below / right of the image and its scores there are cropped away. (mmseg's
   ViT pads the same way but stretches the padded scores over the unpadded window; the two
-  differ only for sides that are not a multiple of the patch size.)
+  differ only for sides that are not a multiple of the patch size.) "slide" needs `crop` and
+  `stride`, "spread" `crop` (None where unused).
   """
+  if mode == "slide" and (crop is None or stride is None):
+    raise ValueError("mode='slide' needs crop and stride")
+  if mode == "spread" and crop is None:
+    raise ValueError("mode='spread' needs crop")
   d = max(int(size_divisor), 1)
   fit = lambda side, c: min(int(c), -(-side // d) * d)  # noqa: E731
   if mode == "slide":
@@ -187,39 +192,37 @@ def window_inference(score_fn: ScoreFn, image: jax.Array, layout: Layout,
   return (acc / jnp.asarray(np.maximum(count, 1.0)))[:, :, :h, :w]
 
 
-def whole_inference(score_fn: ScoreFn, image: jax.Array, size_divisor: int = 16) -> jax.Array:
+def whole_inference(score_fn: ScoreFn, image: jax.Array, size_divisor: int) -> jax.Array:
   """(B, C, H, W) float32 scores of a (B, H, W, 3) batch in one call, H and W zero-padded
   (bottom / right) to the next multiple of `size_divisor` (a ViT needs whole patches), the
   scores resized to the padded size and cropped back."""
   _, h, w, _ = image.shape
-  return window_inference(score_fn, image, window_layout(h, w, "whole", size_divisor=size_divisor))
+  return window_inference(score_fn, image,
+                          window_layout(h, w, "whole", None, None, size_divisor))
 
 
 def slide_inference(score_fn: ScoreFn, image: jax.Array, crop: Sequence[int],
-                    stride: Sequence[int], num_classes: int | None = None,
+                    stride: Sequence[int], size_divisor: int, num_classes: int | None = None,
                     batch_size: int | None = None) -> jax.Array:
   """(B, C, H, W) float32 sliding-window scores of a (B, H, W, 3) batch, mmseg 0.x semantics
   (`slide_windows`; see `window_inference` for `num_classes` / `batch_size`)."""
   _, h, w, _ = image.shape
-  return window_inference(score_fn, image, window_layout(h, w, "slide", crop, stride),
+  return window_inference(score_fn, image, window_layout(h, w, "slide", crop, stride,
+                                                         size_divisor),
                           num_classes=num_classes, batch_size=batch_size)
 
 
-def predict_scores(score_fn: ScoreFn, image: jax.Array, *, mode: str = "whole",
+def predict_scores(score_fn: ScoreFn, image: jax.Array, *, mode: str,
                    crop: Sequence[int] | None = None, stride: Sequence[int] | None = None,
                    num_classes: int | None = None, out_size: Sequence[int] | None = None,
-                   size_divisor: int = 16, batch_size: int | None = None) -> jax.Array:
+                   size_divisor: int, batch_size: int | None = None) -> jax.Array:
   """(B, C, H, W) scores of a (B, H, W, 3) batch by `mode` (MODES), resized to `out_size` (the
   original label size, before the test resize) when given. "slide" needs `crop` and `stride`,
   "spread" needs `crop`."""
   if mode not in MODES:
     raise ValueError(f"unknown inference mode {mode!r}; expected one of {MODES}")
-  if mode == "slide" and (crop is None or stride is None):
-    raise ValueError("mode='slide' needs crop and stride")
-  if mode == "spread" and crop is None:
-    raise ValueError("mode='spread' needs crop")
   _, h, w, _ = image.shape
-  layout = window_layout(h, w, mode, crop or (0, 0), stride or (0, 0), size_divisor)
+  layout = window_layout(h, w, mode, crop, stride, size_divisor)
   scores = window_inference(score_fn, image, layout, num_classes=num_classes,
                             batch_size=batch_size)
   if out_size is not None:
@@ -346,16 +349,17 @@ class Protocol:
   per-pixel softmax probabilities averaged) or "scores" (semantic scores averaged, as
   mask-classification models do); window_batch: windows per model call; bucket: buffer sides
   are multiples of this; size_divisor: what model inputs must be multiples of (the patch
-  size; twice that for SegViT-Shrunk): whole mode pads to it.
+  size; twice that for SegViT-Shrunk): whole mode pads to it. All from the config
+  (`from_config`).
   """
-  mode: str = "slide"
-  crop: tuple[int, int] = (512, 512)
-  stride: tuple[int, int] = (341, 341)
-  flip: bool = False
-  average: str = "softmax"
-  window_batch: int = 8
-  bucket: int = 64
-  size_divisor: int = 16
+  mode: str
+  crop: tuple[int, int]
+  stride: tuple[int, int]
+  flip: bool
+  average: str
+  window_batch: int
+  bucket: int
+  size_divisor: int
 
   def __post_init__(self):
     if self.mode not in MODES:

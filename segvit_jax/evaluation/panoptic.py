@@ -12,7 +12,7 @@ whose [:H, :W] is the image). Thresholds come from `config.eval` (`PostProcessin
 Panoptic (`panoptic_maps` on the device, `panoptic_segments` on the host):
   1. per query: score, class = max, argmax of softmax(class logits) over the C classes AND
      no-object; the query is kept if its class is not no-object and score >
-     `object_mask_threshold` (0.8).
+     `object_mask_threshold` (0.8 in the EoMT configs).
   2. every pixel goes to the kept query with the largest score x sigmoid(mask logit) (the first
      one on ties, as torch's argmax).
   3. query q's segment is the pixels it won where its own sigmoid >= 0.5. It survives if the
@@ -173,8 +173,8 @@ def segment_map(maps: dict[str, Any], lookup: np.ndarray, size: Sequence[int]) -
 
 
 def panoptic_inference(class_logits: np.ndarray, mask_logits: np.ndarray,
-                       is_thing_class: Sequence[bool], object_mask_threshold: float = 0.8,
-                       overlap_threshold: float = 0.8) -> tuple[np.ndarray, list[dict]]:
+                       is_thing_class: Sequence[bool], object_mask_threshold: float,
+                       overlap_threshold: float) -> tuple[np.ndarray, list[dict]]:
   """The whole panoptic post-processing of one image: class_logits (K, C + 1), mask_logits
   (K, H, W) at the image size -> (segment ids (H, W) int32, 0 = void; segments as
   `panoptic_segments`)."""
@@ -211,7 +211,7 @@ def instance_predictions(class_logits: jax.Array, mask_logits: jax.Array, size: 
 
 
 def instance_inference(class_logits: np.ndarray, mask_logits: np.ndarray,
-                       top_k: int = 100) -> dict[str, np.ndarray]:
+                       top_k: int) -> dict[str, np.ndarray]:
   """`instance_predictions` of one image at its own size: class_logits (K, C + 1), mask_logits
   (K, H, W) -> numpy masks (T, H, W) bool, labels (T,), scores (T,), queries (T,)."""
   mask_logits = np.asarray(mask_logits, np.float32)

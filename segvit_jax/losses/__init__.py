@@ -51,12 +51,12 @@ LOSSES = {
         fn=lambda out, labels, *, num_classes, ignore_index, **o: atm_loss(
             out, labels, num_classes=num_classes, ignore_index=ignore_index, **o),
         normalisers=lambda labels, k, ignore_index, o: atm.atm_normalisers(
-            labels, k, o.get("no_object_weight", 0.1)),
+            labels, k, o["no_object_weight"]),
         terms=atm.TERM_NORMALISERS),
     "pixel_ce": Loss(
         fn=pixel_ce_loss,
         normalisers=lambda labels, k, ignore_index, o: pixel_ce.pixel_ce_normalisers(
-            labels, k, ignore_index, o.get("avg_non_ignore", False)),
+            labels, k, ignore_index, o["avg_non_ignore"]),
         terms=pixel_ce.TERM_NORMALISERS),
     "mask2former": Loss(
         fn=mask2former_semantic_loss,
@@ -70,14 +70,21 @@ LOSSES = {
 }
 
 
+def loss_name(loss_cfg: Mapping[str, Any]) -> str:
+  """`loss_cfg["name"]`. The skeleton (configs/common.py) names the loss; a loss section
+  without a name (configs written before the key joined the skeleton) is SegViT's ATM loss."""
+  return loss_cfg.get("name", "atm")
+
+
 def get_loss(loss_cfg: Mapping[str, Any]) -> tuple[Loss, dict[str, Any]]:
-  """(the Loss `loss_cfg["name"]` names (default "atm"), the rest of `loss_cfg`: its options)."""
+  """(the Loss `loss_name(loss_cfg)` names, the rest of `loss_cfg`: its options)."""
   options = dict(loss_cfg)
-  name = options.pop("name", "atm")
+  name = loss_name(options)
+  options.pop("name", None)
   if name not in LOSSES:
     raise ValueError(f"config.loss.name={name!r}: expected one of {', '.join(LOSSES)}")
   return LOSSES[name], options
 
 
-__all__ = ["LOSSES", "Loss", "atm_loss", "get_loss", "mask2former_panoptic_loss",
+__all__ = ["LOSSES", "Loss", "atm_loss", "get_loss", "loss_name", "mask2former_panoptic_loss",
            "mask2former_semantic_loss", "pixel_ce_loss"]

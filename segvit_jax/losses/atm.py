@@ -2,7 +2,7 @@
 
 No Hungarian matching: query c is tied to class c. Per output (final and each auxiliary):
   - cross-entropy over K + 1 logits for all queries, target c if class c is present else
-    no-object, weighted mean with no-object weight 0.1;
+    no-object, weighted mean with the no-object weight;
   - for present classes only: sigmoid focal loss (mean over pixels) and dice loss, both summed
     over masks and divided by the number of present masks in the global batch (at least 1).
 Pixels labelled `ignore_index` are negatives for every mask (the reference behaviour) unless
@@ -60,12 +60,13 @@ def dice(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def atm_loss(outputs: Mapping[str, Any], labels: jax.Array, *, num_classes: int,
-             ce_weight: float = 1.0, no_object_weight: float = 0.1, focal_weight: float = 20.0,
-             focal_alpha: float = 0.25, focal_gamma: float = 2.0, dice_weight: float = 1.0,
-             ignore_in_masks: bool = False, ignore_index: int = 255
+             ce_weight: float, no_object_weight: float, focal_weight: float,
+             focal_alpha: float, focal_gamma: float, dice_weight: float,
+             ignore_in_masks: bool, ignore_index: int
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and its weighted terms: `loss_ce`, `loss_mask` (focal), `loss_dice` for the
-  final output and `loss_ce_{i}` etc. for auxiliary output i.
+  final output and `loss_ce_{i}` etc. for auxiliary output i. The weights, focal alpha / gamma
+  and the no-object weight are the config's (`config.loss`; SegViT's in its configs).
 
   `outputs`: the segmentor's dict (`class_logits`, `mask_logits`, `aux_outputs`).
   `labels`: (B, H, W) int, `ignore_index` for unlabelled pixels.

@@ -8,7 +8,7 @@ Per output (the final prediction and each auxiliary one, each matched on its own
     mask costs on `num_points` points drawn uniformly (the same for predictions and targets),
     without gradients (Mask2Former's `HungarianMatcher`);
   - `loss_ce`: cross-entropy over K + 1 logits for every query, unmatched ones -> no-object
-    class K, weighted mean with no-object weight 0.1;
+    class K, weighted mean with the no-object weight (0.1 in the EoMT configs);
   - `loss_mask`, `loss_dice`: sigmoid BCE (mean over points) and dice of each matched mask at
     `num_points` points chosen by uncertainty (PointRend's importance sampling, Kirillov et al.
     2020, section 3.1: oversample, keep the most uncertain, add uniform ones), summed over
@@ -131,8 +131,8 @@ def uncertain_point_coords(rng: jax.Array, point_logits: Callable[[jax.Array], j
 
 
 def matching_cost(class_logits: jax.Array, point_logits: jax.Array, target_classes: jax.Array,
-                  target_points: jax.Array, *, class_weight: float = 2.0,
-                  mask_weight: float = 5.0, dice_weight: float = 5.0) -> jax.Array:
+                  target_points: jax.Array, *, class_weight: float,
+                  mask_weight: float, dice_weight: float) -> jax.Array:
   """Mask2Former's `HungarianMatcher` cost (B, Q, M) of query q for target m from the class
   logits (B, Q, K + 1), the mask logits at P points (B, Q, P) and the targets' values at the
   same points (B, M, P): -softmax probability of the target class, the mean sigmoid BCE
@@ -191,11 +191,10 @@ def sigmoid_bce(point_logits: jax.Array, point_targets: jax.Array) -> jax.Array:
 def losses_for_assignment(output: Mapping[str, Any], targets: Targets,
                           target_classes: jax.Array, query_for_target: jax.Array,
                           num_masks: jax.Array, *, point_coords: jax.Array | None = None,
-                          rng: jax.Array | None = None, num_points: int = 12544,
-                          oversample_ratio: float = 3.0, importance_ratio: float = 0.75,
-                          no_object_weight: float = 0.1, class_weight: float = 2.0,
-                          mask_weight: float = 5.0, dice_weight: float = 5.0
-                          ) -> dict[str, jax.Array]:
+                          rng: jax.Array | None = None, num_points: int,
+                          oversample_ratio: float, importance_ratio: float,
+                          no_object_weight: float, class_weight: float,
+                          mask_weight: float, dice_weight: float) -> dict[str, jax.Array]:
   """`loss_ce`, `loss_mask`, `loss_dice` of one output for a given matching.
 
   `output`: `class_logits` (B, Q, K + 1), `mask_logits` (B, Q, h, w). `query_for_target`
@@ -246,12 +245,13 @@ def losses_for_assignment(output: Mapping[str, Any], targets: Targets,
 
 def mask2former_loss(outputs: Mapping[str, Any], target_masks: Targets,
                      target_classes: jax.Array, target_valid: jax.Array, *, rng: jax.Array,
-                     num_points: int = 12544, oversample_ratio: float = 3.0,
-                     importance_ratio: float = 0.75, no_object_weight: float = 0.1,
-                     class_weight: float = 2.0, mask_weight: float = 5.0,
-                     dice_weight: float = 5.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     num_points: int, oversample_ratio: float, importance_ratio: float,
+                     no_object_weight: float, class_weight: float, mask_weight: float,
+                     dice_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and its weighted terms: `loss_ce`, `loss_mask` (BCE), `loss_dice` for the
-  final output and `loss_ce_{i}` etc. for auxiliary output i, each matched on its own.
+  final output and `loss_ce_{i}` etc. for auxiliary output i, each matched on its own. The
+  point counts and ratios, the weights and the no-object weight are the config's
+  (`config.loss`; Mask2Former's / EoMT's in the EoMT configs).
 
   `outputs`: `class_logits` (B, Q, K + 1), `mask_logits` (B, Q, h, w), `aux_outputs` (a list
   of dicts with the same keys). `target_masks`: (B, M, H, W) float / bool, or `LabelMasks`;
@@ -303,7 +303,7 @@ def _present(labels: jax.Array, num_classes: int) -> jax.Array:
   return counts[:, :num_classes] > 0
 
 
-def semantic_targets(labels: jax.Array, num_classes: int, ignore_index: int = 255
+def semantic_targets(labels: jax.Array, num_classes: int, ignore_index: int
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Semantic segmentation as a set of segments: one mask per class. (B, H, W) labels ->
   masks (B, K, H, W) float32 (`labels == k`; ignore pixels are in no mask), classes (B, K)
@@ -327,7 +327,7 @@ def _check_outputs(outputs: Mapping[str, Any], num_classes: int,
 
 
 def mask2former_semantic_loss(outputs: Mapping[str, Any], labels: jax.Array, *,
-                              num_classes: int, ignore_index: int = 255, rng: jax.Array,
+                              num_classes: int, ignore_index: int, rng: jax.Array,
                               num_queries: int | None = None, **options
                               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`mask2former_loss` with one target per class present in (B, H, W) `labels`
@@ -344,7 +344,7 @@ def mask2former_semantic_loss(outputs: Mapping[str, Any], labels: jax.Array, *,
 # --------------------------------------------------------------------------- panoptic targets
 
 
-def panoptic_targets(labels: jax.Array, segment_classes: jax.Array, ignore_index: int = 255
+def panoptic_targets(labels: jax.Array, segment_classes: jax.Array, ignore_index: int
                      ) -> tuple[LabelMasks, jax.Array, jax.Array]:
   """Panoptic segments from a segment-index map (`segvit_jax.data.transforms.segment_map`):
   `labels` (B, H, W) int with segment m's pixels = m and `ignore_index` (or any id outside
@@ -362,7 +362,7 @@ def panoptic_targets(labels: jax.Array, segment_classes: jax.Array, ignore_index
 
 def mask2former_panoptic_loss(outputs: Mapping[str, Any], labels: jax.Array, *,
                               segment_classes: jax.Array, num_classes: int,
-                              ignore_index: int = 255, rng: jax.Array,
+                              ignore_index: int, rng: jax.Array,
                               num_queries: int | None = None, **options
                               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`mask2former_loss` on panoptic segments (`panoptic_targets`: thing instances and stuff
@@ -411,7 +411,7 @@ def _normalisers(masks: jax.Array, options: Mapping[str, Any]) -> dict[str, jax.
     raise ValueError("the mask2former loss needs config.loss.num_queries (the model's query "
                      "count) to weight micro-batches for gradient accumulation")
   q = int(options["num_queries"])
-  no_object_weight = options.get("no_object_weight", 0.1)
+  no_object_weight = options["no_object_weight"]
   matched = jnp.minimum(masks, q).astype(jnp.float32)
   queries = jnp.sum(matched + (q - matched) * no_object_weight)
   return {"queries": queries, "masks": jnp.sum(masks).astype(jnp.float32)}

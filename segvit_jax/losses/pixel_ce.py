@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from segvit_jax.models.layers import resize_grid
 
 
-def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = 255,
-                        avg_non_ignore: bool = False) -> jax.Array:
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int,
+                        avg_non_ignore: bool) -> jax.Array:
   """Mean cross-entropy of (B, K, h, w) logits against (B, H, W) int labels.
 
   Computed channels last, (B, H, W, K), as logsumexp - the label's logit: XLA's CPU reductions
@@ -37,8 +37,8 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int 
 
 
 def pixel_ce_loss(outputs: Mapping[str, Any], labels: jax.Array, *, num_classes: int,
-                  ignore_index: int = 255, ce_weight: float = 1.0,
-                  avg_non_ignore: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  ignore_index: int, ce_weight: float,
+                  avg_non_ignore: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and its terms ({"loss_ce"}) of a segmentor's `logits` (B, K, h, w)."""
   if outputs["logits"].shape[1] != num_classes:
     raise ValueError(f"the model gives {outputs['logits'].shape[1]} classes, "
@@ -48,8 +48,8 @@ def pixel_ce_loss(outputs: Mapping[str, Any], labels: jax.Array, *, num_classes:
   return loss, {"loss_ce": loss}
 
 
-def pixel_ce_normalisers(labels: jax.Array, num_classes: int, ignore_index: int = 255,
-                         avg_non_ignore: bool = False) -> dict[str, jax.Array]:
+def pixel_ce_normalisers(labels: jax.Array, num_classes: int, ignore_index: int,
+                         avg_non_ignore: bool) -> dict[str, jax.Array]:
   """The un-floored denominator of `pixel_ce_loss` for `labels` (B, H, W): all pixels, or the
   labelled ones with `avg_non_ignore`; it adds up over micro-batches."""
   if not avg_non_ignore:

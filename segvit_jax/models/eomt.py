@@ -260,11 +260,11 @@ def backbone_fields(backbone: dict) -> dict[str, Any]:
 
 
 def Model(variant: str, *, num_classes: int, num_queries: int,  # noqa: N802 (factory name)
-          num_blocks: int, image_size: int = 640, backbone: dict | None = None,
+          num_blocks: int, image_size: int, backbone: dict | None = None,
           dtype: Any = jnp.float32) -> EoMT:
-  """`Model("L", num_classes=133, num_queries=200, num_blocks=4)`: EoMT-S/B/L/g on DINOv2 with
-  4 registers at patch 16, position grid image_size / 16, queries in the last `num_blocks`
-  blocks; `backbone` overrides ViT fields."""
+  """`Model("L", num_classes=133, num_queries=200, num_blocks=4, image_size=640)`: EoMT-S/B/L/g
+  on DINOv2 with 4 registers at patch 16, position grid image_size / 16, queries in the last
+  `num_blocks` blocks; `backbone` overrides ViT fields."""
   if variant not in SIZES:
     raise ValueError(f"unknown EoMT size {variant!r}; expected one of {sorted(SIZES)}")
   bb = {"variant": f"dinov2-{variant}/14-reg4", "patch_size": 16, **(backbone or {})}
@@ -293,7 +293,7 @@ def input_divisor(model_cfg: Mapping[str, Any]) -> int:
 
 
 def mask_annealing(step: jax.Array, starts: Sequence[int], ends: Sequence[int],
-                   power: float = 0.9) -> jax.Array:
+                   power: float) -> jax.Array:
   """EoMT's masked-attention annealing (spec eomt.md, item 6): the masking probability of each
   of the L2 query blocks at the 0-based `step`, (L2,) float32: 1 before its window's start, 0
   from its end on, (1 - (t - start) / (end - start)) ** power in between. A function of the
@@ -315,9 +315,9 @@ def training_inputs(model_cfg: Mapping[str, Any], step: jax.Array | None) -> dic
   `start_steps`, `end_steps`, `power`; with `enabled=False` or none, no masking and no
   intermediate predictions)."""
   ann = model_cfg.get("mask_annealing", None)
-  if ann is None or not ann.get("enabled", True):
+  if ann is None or not ann["enabled"]:
     return {}
   if step is None:
     raise ValueError("EoMT's mask annealing needs the training step")
   return {"mask_probs": mask_annealing(step, tuple(ann["start_steps"]),
-                                       tuple(ann["end_steps"]), ann.get("power", 0.9))}
+                                       tuple(ann["end_steps"]), ann["power"])}

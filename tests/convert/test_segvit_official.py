@@ -49,14 +49,15 @@ SIZES = {"crop": (64, 64), "wide": (48, 80)}
 TOL = 1e-5
 ROOT = support.ROOT
 
-# A tiny SegViT / SegViT-Shrunk made from the paper's recipe (configs/common.py), as a user
-# would write one: `tiny.py:atm` / `tiny.py:shrunk`.
+# A tiny SegViT / SegViT-Shrunk made from the paper's recipe (the ViT-B ADE20K configs), as a
+# user would write one: `tiny.py:atm` / `tiny.py:shrunk`.
 CONFIG_FILE = '''
-from configs import common
+from configs import segvit_shrunk_vit_b16_ade20k, segvit_vit_b16_ade20k
 
 
 def get_config(arg="atm"):
-  c = common.segvit_config("B/16", "ade20k", shrunk=arg == "shrunk")
+  recipe = segvit_shrunk_vit_b16_ade20k if arg == "shrunk" else segvit_vit_b16_ade20k
+  c = recipe.get_config()
   c.dataset.name = "synthetic"
   c.dataset.num_classes = c.model.num_classes = 6
   c.model.backbone.update(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=8,

@@ -33,6 +33,13 @@ def _run_config(**dataset):
   return c
 
 
+# The augmentation factors of the configs (config.augment): mmseg's photometric distortion,
+# EoMT's colour jitter.
+PHOTOMETRIC = dict(brightness_delta=32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5),
+                   hue_delta=18)
+JITTER = dict(brightness=32 / 255, contrast=0.5, saturation=0.5, hue=18 / 360)
+
+
 # ----------------------------------------------------------------------------------------------
 # Synthetic dataset.
 
@@ -150,10 +157,10 @@ def test_random_crop_retries_until_cat_max_ratio_holds():
 def test_random_crop_of_small_image_and_content():
   image = np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)
   label = np.arange(30, dtype=np.uint8).reshape(5, 6)
-  out_image, out_label = T.random_crop(image, label, np.random.default_rng(0), (8, 8))
+  out_image, out_label = T.random_crop(image, label, np.random.default_rng(0), (8, 8), 1.0, 255)
   np.testing.assert_array_equal(out_image, image)
   np.testing.assert_array_equal(out_label, label)
-  out_image, out_label = T.random_crop(image, label, np.random.default_rng(0), (2, 3))
+  out_image, out_label = T.random_crop(image, label, np.random.default_rng(0), (2, 3), 1.0, 255)
   y0, x0 = divmod(int(out_label[0, 0]), 6)
   np.testing.assert_array_equal(out_label, label[y0:y0 + 2, x0:x0 + 3])
   np.testing.assert_array_equal(out_image, image[y0:y0 + 2, x0:x0 + 3])
@@ -175,7 +182,7 @@ def test_flip():
 def test_pad_values():
   image = np.full((2, 3, 3), 7.0, np.float32)
   label = np.ones((2, 3), np.uint8)
-  p_image, p_label = T.pad(image, label, (4, 5))
+  p_image, p_label = T.pad(image, label, (4, 5), 0, 255)
   assert p_image.shape == (4, 5, 3) and p_label.shape == (4, 5)
   np.testing.assert_array_equal(p_image[:2, :3], image)
   assert (p_image[2:] == 0).all() and (p_image[:, 3:] == 0).all()
@@ -207,14 +214,15 @@ def test_photometric_distortion_range_and_determinism():
   image = synthetic.SyntheticSegmentation("train", 1, 64)[0]["image"]
   outs = []
   for seed in range(8):
-    a = T.photometric_distortion(image, np.random.default_rng(seed))
-    b = T.photometric_distortion(image, np.random.default_rng(seed))
+    a = T.photometric_distortion(image, np.random.default_rng(seed), **PHOTOMETRIC)
+    b = T.photometric_distortion(image, np.random.default_rng(seed), **PHOTOMETRIC)
     np.testing.assert_array_equal(a, b)
     assert a.dtype == np.uint8 and a.shape == image.shape
     outs.append(a)
   assert sum(not np.array_equal(o, image) for o in outs) >= 6
   # Brightness +200 saturates: values stay clipped to [0, 255].
-  bright = T.photometric_distortion(image, np.random.default_rng(0), brightness_delta=1000)
+  bright = T.photometric_distortion(image, np.random.default_rng(0),
+                                    **{**PHOTOMETRIC, "brightness_delta": 1000})
   assert bright.min() >= 0 and bright.max() <= 255
 
 
@@ -231,22 +239,22 @@ def test_photometric_distortion_range_and_determinism():
 ])
 def test_test_size_policies(resize, ratio, expected):
   assert T.test_size(480, 640, resize, (2048, 512) if "keep" in resize else (512, 512),
-                     ratio) == expected
+                     ratio, 32, 0) == expected
 
 
 def test_test_size_long_side_bound_and_errors():
   # 100 x 1000 at (2048, 512): the long side hits 2048 first (factor 2.048).
-  assert T.test_size(100, 1000, "keep_ratio", (2048, 512)) == (205, 2048)
-  assert T.test_size(1000, 100, "short_side", (512, 512)) == (5120, 512)
+  assert T.test_size(100, 1000, "keep_ratio", (2048, 512), 1.0, 32, 0) == (205, 2048)
+  assert T.test_size(1000, 100, "short_side", (512, 512), 1.0, 32, 0) == (5120, 512)
   with pytest.raises(ValueError, match="unknown test resize 'bicubic'"):
-    T.test_size(10, 10, "bicubic", (2048, 512))
+    T.test_size(10, 10, "bicubic", (2048, 512), 1.0, 32, 0)
   with pytest.raises(ValueError, match=r"must be \(long, short\)"):
-    T.test_size(10, 10, "keep_ratio", (512,))
+    T.test_size(10, 10, "keep_ratio", (512,), 1.0, 32, 0)
   with pytest.raises(ValueError, match=r"\(h, w\) crop for 'short_side'"):
-    T.test_size(10, 10, "short_side", (512,))
+    T.test_size(10, 10, "short_side", (512,), 1.0, 32, 0)
   with pytest.raises(ValueError, match=r"\(h, w\) model input for 'long_side'"):
-    T.test_size(10, 10, "long_side", (512,))
-  assert T.test_size(1000, 100, "long_side", (640, 640)) == (640, 64)
+    T.test_size(10, 10, "long_side", (512,), 1.0, 32, 0)
+  assert T.test_size(1000, 100, "long_side", (640, 640), 1.0, 32, 0) == (640, 64)
 
 
 @pytest.mark.parametrize("size,scale,min_size,ratio,expected", [
@@ -265,11 +273,11 @@ def test_test_size_long_side_bound_and_errors():
 ])
 def test_keep_ratio_with_min_size_is_mmseg_resize_min_size(size, scale, min_size, ratio,
                                                            expected):
-  assert T.test_size(*size, "keep_ratio", scale, ratio, min_size=min_size) == expected
+  assert T.test_size(*size, "keep_ratio", scale, ratio, 32, min_size) == expected
 
 
 def test_keep_ratio_without_min_size_fits_the_scale():
-  assert T.test_size(375, 500, "keep_ratio", (520, 520)) == (390, 520)
+  assert T.test_size(375, 500, "keep_ratio", (520, 520), 1.0, 32, 0) == (390, 520)
 
 
 def test_test_resize_resamplers():
@@ -294,7 +302,8 @@ def test_test_resize_resamplers():
 def test_multi_scale_resize_record():
   record = dict(image=np.zeros((30, 40, 3), np.uint8), label=np.zeros((30, 40), np.uint8),
                 name="x")
-  out = T.MultiScaleResize(resize="keep_ratio", scale=(80, 60), ratios=(0.5, 1.0)).map(record)
+  out = T.MultiScaleResize(resize="keep_ratio", scale=(80, 60), ratios=(0.5, 1.0),
+                           size_divisor=32, min_size=0).map(record)
   assert [im.shape for im in out["images"]] == [(30, 40, 3), (60, 80, 3)]
   assert out["image"].shape == (30, 40, 3) and out["label"].shape == (30, 40)
   assert out["label"].dtype == np.int32 and out["name"] == "x"
@@ -634,8 +643,8 @@ def test_color_jitter_ops_numbers_and_determinism():
                                 image)
   outs = []
   for seed in range(8):
-    a = T.color_jitter(image, np.random.default_rng(seed))
-    np.testing.assert_array_equal(a, T.color_jitter(image, np.random.default_rng(seed)))
+    a = T.color_jitter(image, np.random.default_rng(seed), **JITTER)
+    np.testing.assert_array_equal(a, T.color_jitter(image, np.random.default_rng(seed), **JITTER))
     assert a.dtype == np.uint8 and a.shape == image.shape
     outs.append(a)
   assert sum(not np.array_equal(o, image) for o in outs) >= 6
@@ -669,7 +678,8 @@ def test_eomt_pipeline_pads_image_black_and_label_ignore():
   assert (b["label"][:, :12, :12] != 255).all()
   # Padded with 0 before normalising: (0 - 127.5) / 127.5.
   assert (b["image"][:, 12:] == -1.0).all() and (b["image"][:, :, 12:] == -1.0).all()
-  p_image, p_label = T.pad(np.full((2, 3, 3), 9, np.uint8), np.ones((2, 3), np.uint8), (4, 4))
+  p_image, p_label = T.pad(np.full((2, 3, 3), 9, np.uint8), np.ones((2, 3), np.uint8), (4, 4), 0,
+                           255)
   assert p_image.dtype == np.uint8 and (p_image[2:] == 0).all() and (p_image[:, 3:] == 0).all()
   assert (p_label[2:] == 255).all() and (p_label[:, 3:] == 255).all()
 

@@ -37,7 +37,7 @@ def test_slide_equals_whole_for_pointwise_scores(h, w, crop, stride):
   image = _image(2, h, w)
   whole = inference.whole_inference(pointwise_scores, image, size_divisor=16)
   slide = jax.jit(functools.partial(inference.slide_inference, pointwise_scores, crop=crop,
-                                    stride=stride, num_classes=C))(image)
+                                    stride=stride, size_divisor=16, num_classes=C))(image)
   assert whole.shape == slide.shape == (2, C, h, w)
   np.testing.assert_allclose(np.asarray(slide), np.asarray(whole), atol=1e-6, rtol=0)
   np.testing.assert_allclose(np.asarray(whole), np.asarray(pointwise_scores(image)), atol=1e-6)
@@ -54,7 +54,7 @@ def test_overlap_averaging_hand_computed():
   # (0 + 10) / 2 = 5; column 15 under all three: (0 + 10 + 14) / 3 = 8; column 5 only under
   # x = 0; column 28 only under x = 14.
   cols = jnp.broadcast_to(jnp.arange(30, dtype=jnp.float32)[None, None, :, None], (1, 16, 30, 3))
-  out = inference.slide_inference(top_left_constant, cols, (16, 16), (10, 10))
+  out = inference.slide_inference(top_left_constant, cols, (16, 16), (10, 10), 16)
   assert out.shape == (1, 1, 16, 30)
   row = np.asarray(out[0, 0, 7])
   assert row[12] == pytest.approx(5.0, abs=1e-6)
@@ -91,11 +91,11 @@ def test_slide_calls_model_with_one_fixed_shape_and_batches():
     return pointwise_scores(x)
 
   image = _image(2, 20, 30, seed=1)  # per image 2 x 3 windows of 16 x 16 at stride 10
-  full = inference.slide_inference(recording, image, (16, 16), (10, 10))
+  full = inference.slide_inference(recording, image, (16, 16), (10, 10), 16)
   assert shapes == [(12, 16, 16, 3)]
   shapes.clear()
   chunked = jax.jit(functools.partial(inference.slide_inference, recording, crop=(16, 16),
-                                      stride=(10, 10), batch_size=5))(image)
+                                      stride=(10, 10), size_divisor=16, batch_size=5))(image)
   assert shapes == [(5, 16, 16, 3)]  # 12 windows -> 3 chunks of 5 (last zero-padded), one trace
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), atol=1e-6, rtol=0)
 
@@ -129,8 +129,10 @@ def test_resize_scores_matches_torch_bilinear():
 def test_predict_scores_modes_and_out_size():
   image = _image(1, 24, 40, seed=4)
   slide = inference.predict_scores(pointwise_scores, image, mode="slide", crop=(16, 16),
-                                   stride=(8, 8), num_classes=C, out_size=(30, 50))
-  whole = inference.predict_scores(pointwise_scores, image, mode="whole", out_size=(30, 50))
+                                   stride=(8, 8), num_classes=C, out_size=(30, 50),
+                                   size_divisor=16)
+  whole = inference.predict_scores(pointwise_scores, image, mode="whole", out_size=(30, 50),
+                                   size_divisor=16)
   expected = inference.resize_scores(pointwise_scores(image), (30, 50))
   assert slide.shape == whole.shape == (1, C, 30, 50)
   np.testing.assert_allclose(np.asarray(slide), np.asarray(expected), atol=1e-5)
@@ -140,11 +142,11 @@ def test_predict_scores_modes_and_out_size():
 def test_predict_scores_errors():
   image = _image(1, 16, 16)
   with pytest.raises(ValueError, match="unknown inference mode 'multi'"):
-    inference.predict_scores(pointwise_scores, image, mode="multi")
+    inference.predict_scores(pointwise_scores, image, mode="multi", size_divisor=16)
   with pytest.raises(ValueError, match="mode='slide' needs crop and stride"):
-    inference.predict_scores(pointwise_scores, image, mode="slide")
+    inference.predict_scores(pointwise_scores, image, mode="slide", size_divisor=16)
   with pytest.raises(ValueError, match="returned 4 score channels, expected num_classes=150"):
-    inference.slide_inference(pointwise_scores, image, (16, 16), (8, 8), num_classes=150)
+    inference.slide_inference(pointwise_scores, image, (16, 16), (8, 8), 16, num_classes=150)
 
 
 @pytest.mark.parametrize("h,w,scale,expected", [
@@ -174,16 +176,16 @@ def test_spread_starts_hand_computed(length, crop, expected):
 
 def test_window_layouts():
   # mmseg slide on 512 x 683 at 512 / 341: one row, windows at x = 0 and 683 - 512 = 171.
-  assert inference.window_layout(512, 683, "slide", (512, 512), (341, 341)) == (
+  assert inference.window_layout(512, 683, "slide", (512, 512), (341, 341), 16) == (
       (512, 512), [(0, 0), (0, 171)])
   # A side smaller than the crop is one window, rounded up to whole patches (384 already is;
   # 360 becomes 368 = 23 x 16 and reaches 8 px into the padding).
-  assert inference.window_layout(384, 683, "slide", (512, 512), (341, 341))[0] == (384, 512)
-  assert inference.window_layout(360, 480, "slide", (480, 480), (320, 320)) == (
+  assert inference.window_layout(384, 683, "slide", (512, 512), (341, 341), 16)[0] == (384, 512)
+  assert inference.window_layout(360, 480, "slide", (480, 480), (320, 320), 16) == (
       (368, 480), [(0, 0)])
   # EoMT: short side = crop, evenly spread windows along the long side.
-  assert inference.window_layout(1100, 512, "spread", (512, 512)) == (
+  assert inference.window_layout(1100, 512, "spread", (512, 512), None, 16) == (
       (512, 512), [(0, 0), (294, 0), (588, 0)])
-  assert inference.window_layout(500, 700, "whole", size_divisor=32) == ((512, 704), [(0, 0)])
+  assert inference.window_layout(500, 700, "whole", None, None, 32) == ((512, 704), [(0, 0)])
   with pytest.raises(ValueError, match="unknown inference mode 'tiles'"):
-    inference.window_layout(10, 10, "tiles")
+    inference.window_layout(10, 10, "tiles", (512, 512), (341, 341), 16)

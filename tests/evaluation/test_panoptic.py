@@ -339,7 +339,7 @@ def test_panoptic_thresholds_stuff_merged_things_apart():
                           [0.02, 0.03, 0.05, 0.90]])  # no object: dropped
   mask_logits = np.stack([_box(0, 4, 0, 4), _box(0, 4, 4, 8), _box(4, 8, 0, 4),
                           _box(4, 8, 4, 8), _box(0, 8, 8, 10), _box(0, 8, 0, 10)])
-  ids, segments = panoptic.panoptic_inference(class_logits, mask_logits, IS_THING)
+  ids, segments = panoptic.panoptic_inference(class_logits, mask_logits, IS_THING, 0.8, 0.8)
   expected = np.zeros((8, 10), np.int32)
   expected[:4, :4], expected[:4, 4:8], expected[4:, :8] = 1, 2, 3
   np.testing.assert_array_equal(ids, expected)  # columns 8, 9: void
@@ -347,12 +347,12 @@ def test_panoptic_thresholds_stuff_merged_things_apart():
       (1, 0, True, 0), (2, 0, True, 1), (3, 2, False, 2)]
   assert segments[0]["score"] == pytest.approx(0.9, abs=1e-6)
   class_logits[4] = _logits([0.05, 0.81, 0.04, 0.10])  # now above the threshold
-  ids, segments = panoptic.panoptic_inference(class_logits, mask_logits, IS_THING)
+  ids, segments = panoptic.panoptic_inference(class_logits, mask_logits, IS_THING, 0.8, 0.8)
   expected[:, 8:] = 4
   np.testing.assert_array_equal(ids, expected)
   assert [(s["id"], s["class_id"]) for s in segments] == [(1, 0), (2, 0), (3, 2), (4, 1)]
   ids, segments = panoptic.panoptic_inference(class_logits, mask_logits, IS_THING,
-                                              object_mask_threshold=0.86)
+                                              object_mask_threshold=0.86, overlap_threshold=0.8)
   assert [(s["id"], s["class_id"]) for s in segments] == [(1, 0), (2, 2)]  # 0.85 query gone
 
 
@@ -367,13 +367,13 @@ def test_panoptic_overlap_filter():
   q1 = np.maximum(_box(0, 8, 8, 10), _box(0, 4, 0, 4))
   q2 = _box(4, 8, 0, 5)
   mask_logits = np.stack([_box(0, 4, 0, 4), q1, q2, _box(4, 8, 4, 5)])
-  ids, segments = panoptic.panoptic_inference(class_logits, mask_logits, IS_THING)
+  ids, segments = panoptic.panoptic_inference(class_logits, mask_logits, IS_THING, 0.8, 0.8)
   expected = np.zeros((8, 10), np.int32)
   expected[:4, :4], expected[4:, :4], expected[4:, 4] = 1, 2, 3
   np.testing.assert_array_equal(ids, expected)
   assert [(s["class_id"], s["query"]) for s in segments] == [(0, 0), (1, 2), (0, 3)]
   ids, segments = panoptic.panoptic_inference(class_logits, mask_logits, IS_THING,
-                                              overlap_threshold=0.81)
+                                              object_mask_threshold=0.8, overlap_threshold=0.81)
   assert [s["query"] for s in segments] == [0, 3]
   assert (ids[4:, :4] == 0).all()
 
@@ -469,15 +469,17 @@ def test_mask_ap_hand_cases():
 
 
 def test_long_side_resize_pad_and_logits_geometry():
-  assert T.test_size(480, 640, "long_side", (640, 640)) == (480, 640)
-  assert T.test_size(500, 375, "long_side", (640, 640)) == (640, 480)
-  assert T.test_size(427, 640, "long_side", (640, 640)) == (427, 640)
-  assert T.test_size(100, 300, "long_side", (64, 64)) == (21, 64)  # round(21.33)
-  assert T.test_size(1000, 1500, "long_side", (1280, 1280)) == (853, 1280)  # round(853.33)
+  assert T.test_size(480, 640, "long_side", (640, 640), 1.0, 32, 0) == (480, 640)
+  assert T.test_size(500, 375, "long_side", (640, 640), 1.0, 32, 0) == (640, 480)
+  assert T.test_size(427, 640, "long_side", (640, 640), 1.0, 32, 0) == (427, 640)
+  assert T.test_size(100, 300, "long_side", (64, 64), 1.0, 32, 0) == (21, 64)  # round(21.33)
+  assert T.test_size(1000, 1500, "long_side", (1280, 1280), 1.0, 32, 0) == (
+      853, 1280)  # round(853.33)
   rng = np.random.default_rng(4)
   image = rng.integers(0, 256, (100, 300, 3), dtype=np.uint8)
   segments = np.zeros((100, 300), np.int32)
-  record = T.MultiScaleResize(resize="long_side", scale=(64, 64)).map(
+  record = T.MultiScaleResize(resize="long_side", scale=(64, 64), ratios=(1.0,), size_divisor=32,
+                              min_size=0).map(
       {"image": image, "name": "x", "segments": segments, "image_id": 7})
   resized = record["images"][0]
   assert record["image_id"] == 7 and record["segments"] is segments and "label" not in record

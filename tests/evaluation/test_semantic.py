@@ -56,9 +56,11 @@ SMALL_FLAGS = [f"--config.{k}=({v[0]},{v[1]})" for k, v in SMALL.items()]
 
 
 def tiny_segvit_config(num_classes: int) -> ml_collections.ConfigDict:
-  """`common.segvit_model_config` shrunk: mu/16 backbone (1 block, width 32), head width 16."""
-  m = common.segvit_model_config("mu/16", num_classes, drop_path=0.0)
-  m.backbone.posemb_grid = (4, 4)
+  """The ViT-B ADE20K config's model shrunk: mu/16 backbone (1 block, width 32), head width
+  16."""
+  m = segvit_vit_b16_ade20k.get_config().model
+  m.num_classes = num_classes
+  m.backbone.update(variant="mu/16", drop_path=0.0, posemb_grid=(4, 4))
   m.head.update(width=16, num_heads=2, layers_per_stage=1, tap_layers=(0,), dropout=0.0)
   return m
 
@@ -216,6 +218,16 @@ def _predictor(score_fn, protocol: inference.Protocol, params=None, apply_fn=Non
                                        C, mean=MEAN, std=STD)
 
 
+def protocol(**kw) -> inference.Protocol:
+  """An inference.Protocol: the skeleton's evaluation knobs (configs/common.py, a ViT-16's
+  size divisor) with `kw` overriding them."""
+  ev = common.run_config().eval
+  return inference.Protocol(**{
+      "mode": ev.mode, "crop": tuple(ev.crop_size), "stride": tuple(ev.stride), "flip": ev.flip,
+      "average": ev.average, "window_batch": ev.window_batch, "bucket": ev.bucket,
+      "size_divisor": 16, **kw})
+
+
 def reference_total(score_fn, images, out_size, p: inference.Protocol) -> np.ndarray:
   """Sum over images and flips of softmax(predict_scores(view, out_size)) (raw scores for
   average="scores" or a single view), the mirror's scores mirrored back, all with numpy flips."""
@@ -254,8 +266,8 @@ OUT = (40, 70)
 @pytest.mark.parametrize("mode,average", [("slide", "softmax"), ("spread", "softmax"),
                                           ("whole", "softmax"), ("slide", "scores")])
 def test_predictor_equals_sum_of_predict_scores_views(mode, average):
-  p = inference.Protocol(mode=mode, crop=(32, 32), stride=(20, 20), flip=True, average=average,
-                         window_batch=4, bucket=64, size_divisor=16)
+  p = protocol(mode=mode, crop=(32, 32), stride=(20, 20), flip=True, average=average,
+               window_batch=4, bucket=64, size_divisor=16)
   images = _images(SIZES)
   total = _predictor(window_mixing_scores, p)(images, OUT)
   assert total.shape == (64, 128, C)  # channels last
@@ -268,8 +280,8 @@ def test_predictor_equals_sum_of_predict_scores_views(mode, average):
 def test_predictor_equals_sum_of_predict_scores_views_tiny_segvit():
   _, model, params = tiny_segvit(C, seed=1)
   apply_fn = lambda prm, x: model.apply({"params": prm}, x)["semantic_scores"]  # noqa: E731
-  p = inference.Protocol(mode="slide", crop=(32, 32), stride=(20, 20), flip=True,
-                         window_batch=4, bucket=64, size_divisor=16)
+  p = protocol(mode="slide", crop=(32, 32), stride=(20, 20), flip=True, window_batch=4,
+               bucket=64, size_divisor=16)
   images = _images(SIZES[:2], seed=1)
   total = _predictor(None, p, params, apply_fn)(images, OUT)
   expected = reference_total(functools.partial(apply_fn, params), images, OUT, p)
@@ -280,10 +292,8 @@ def test_predictor_equals_sum_of_predict_scores_views_tiny_segvit():
 def test_slide_on_one_window_image_equals_whole():
   images = _images([(32, 32)], seed=2)
   kw = dict(crop=(32, 32), stride=(20, 20), flip=True, size_divisor=16)
-  slide = _predictor(window_mixing_scores, inference.Protocol(mode="slide", **kw))(images,
-                                                                                  (45, 50))
-  whole = _predictor(window_mixing_scores, inference.Protocol(mode="whole", **kw))(images,
-                                                                                  (45, 50))
+  slide = _predictor(window_mixing_scores, protocol(mode="slide", **kw))(images, (45, 50))
+  whole = _predictor(window_mixing_scores, protocol(mode="whole", **kw))(images, (45, 50))
   np.testing.assert_array_equal(np.asarray(slide), np.asarray(whole))
 
 
@@ -293,8 +303,8 @@ def test_flip_of_flip_equivariant_scores_doubles_the_total():
   # differs between a pixel and its mirror: up to 2.6e-5 on these random images.)
   images = _images([(40, 70), (20, 35)], seed=3)
   kw = dict(mode="slide", crop=(32, 32), stride=(20, 20), average="scores", window_batch=4)
-  plain = chw(_predictor(pointwise_scores, inference.Protocol(**kw))(images, OUT))
-  both = chw(_predictor(pointwise_scores, inference.Protocol(flip=True, **kw))(images, OUT))
+  plain = chw(_predictor(pointwise_scores, protocol(**kw))(images, OUT))
+  both = chw(_predictor(pointwise_scores, protocol(flip=True, **kw))(images, OUT))
   np.testing.assert_allclose(both[:, :40, :70] / 2, plain[:, :40, :70], atol=1e-5, rtol=0)
   np.testing.assert_array_equal(both[:, :40, :70].argmax(0), plain[:, :40, :70].argmax(0))
 
@@ -303,15 +313,17 @@ def test_scales_one_equals_single_scale():
   """ratios (1.0,) give the single-scale image, and one view is raw scores (no softmax)."""
   image = _images([(48, 64)], seed=4)[0]
   record = {"image": image, "label": np.zeros((48, 64), np.uint8), "name": "x"}
-  out = T.MultiScaleResize(scale=(256, 64), ratios=(1.0,)).map(record)
+  out = T.MultiScaleResize(resize="keep_ratio", scale=(256, 64), ratios=(1.0,), size_divisor=32,
+                           min_size=0).map(record)
   single = T.resize_for_test(image, "keep_ratio", (256, 64))
   assert len(out["images"]) == 1 and single.shape == (64, 85, 3)
   np.testing.assert_array_equal(out["images"][0], single)
-  p = inference.Protocol(mode="slide", crop=(64, 64), stride=(32, 32))
+  p = protocol(mode="slide", crop=(64, 64), stride=(32, 32))
   total = _predictor(window_mixing_scores, p)(out["images"], (48, 64))
   x = (single.astype(np.float32) - np.float32(MEAN)) / np.float32(STD)
   expected = inference.predict_scores(window_mixing_scores, jnp.asarray(x[None]), mode="slide",
-                                      crop=(64, 64), stride=(32, 32), out_size=(48, 64))
+                                      crop=(64, 64), stride=(32, 32), out_size=(48, 64),
+                                      size_divisor=16)
   np.testing.assert_allclose(chw(total)[:, :48, :64], np.asarray(expected)[0], atol=1e-5,
                              rtol=0)
 

@@ -15,6 +15,10 @@ import torch.nn.functional as F
 
 from segvit_jax.losses import mask_classification as mc
 
+# The Mask2Former loss options of the EoMT configs (config.loss) besides the point count.
+M2F = dict(oversample_ratio=3.0, importance_ratio=0.75, no_object_weight=0.1, class_weight=2.0,
+           mask_weight=5.0, dice_weight=5.0)
+
 
 def _torch_point_sample(x, coords):
   """detectron2's point_sample: (N, C, H, W), (N, P, 2) in [0, 1] -> (N, C, P)."""
@@ -74,7 +78,8 @@ def test_matching_cost_equals_the_reference():
   target_points[:, :, :10] = rng.random((b, m, 10)) < 0.5
   target_classes = rng.integers(0, k, (b, m))
   got = np.asarray(mc.matching_cost(jnp.asarray(class_logits), jnp.asarray(point_logits),
-                                    jnp.asarray(target_classes), jnp.asarray(target_points)))
+                                    jnp.asarray(target_classes), jnp.asarray(target_points),
+                                    class_weight=2.0, mask_weight=5.0, dice_weight=5.0))
   for i in range(b):  # HungarianMatcher.memory_efficient_forward, one image
     prob = torch.from_numpy(class_logits[i]).double().softmax(-1)
     cost_class = -prob[:, torch.from_numpy(target_classes[i])]
@@ -138,7 +143,7 @@ def test_losses_for_a_fixed_matching_and_points_equal_the_reference():
     terms = mc.losses_for_assignment(
         {"class_logits": cl, "mask_logits": ml}, jnp.asarray(target_masks),
         jnp.asarray(target_classes), jnp.asarray(query_for_target), num_masks,
-        point_coords=jnp.asarray(coords))
+        point_coords=jnp.asarray(coords), num_points=coords.shape[2], **M2F)
     return sum(terms.values()), terms
 
   (loss, terms), grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))(
@@ -208,7 +213,7 @@ def test_matching_recovers_a_planted_assignment():
   np.testing.assert_array_equal(query_for_target, np.where(valid, perm, -1))
   _, terms = jax.jit(lambda o: mc.mask2former_loss(
       o, jnp.asarray(target_masks), jnp.asarray(target_classes), jnp.asarray(valid),
-      rng=jax.random.key(2), num_points=500))(outputs)
+      rng=jax.random.key(2), num_points=500, **M2F))(outputs)
   assert float(terms["loss_ce"]) < 1e-3
 
 
@@ -233,7 +238,8 @@ def test_semantic_loss_is_finite_and_differentiable_under_jit():
 
   def loss_fn(o):
     return mc.mask2former_semantic_loss(o, labels, num_classes=k, ignore_index=255,
-                                        rng=jax.random.key(0), num_points=300, num_queries=8)
+                                        rng=jax.random.key(0), num_points=300, num_queries=8,
+                                        **M2F)
 
   (loss, terms), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(outputs)
   assert set(terms) == {f"{n}{s}" for n in ("loss_ce", "loss_mask", "loss_dice")
@@ -244,13 +250,14 @@ def test_semantic_loss_is_finite_and_differentiable_under_jit():
   # The label map's masks sampled from the labels == the dense one-hot masks.
   masks, classes, valid = mc.semantic_targets(labels, k, 255)
   dense, dense_terms = mc.mask2former_loss(outputs, masks, classes, valid,
-                                           rng=jax.random.key(0), num_points=300)
+                                           rng=jax.random.key(0), num_points=300, **M2F)
   assert abs(float(dense) - float(loss)) < 1e-5
   with pytest.raises(ValueError, match="num_queries=9, the model gives 8 queries"):
-    mc.mask2former_semantic_loss(outputs, labels, num_classes=k, rng=jax.random.key(0),
-                                 num_queries=9)
+    mc.mask2former_semantic_loss(outputs, labels, num_classes=k, ignore_index=255,
+                                 rng=jax.random.key(0), num_queries=9, num_points=300, **M2F)
   with pytest.raises(ValueError, match="expected num_classes \\+ 1 = 7"):
-    mc.mask2former_semantic_loss(outputs, labels, num_classes=6, rng=jax.random.key(0))
+    mc.mask2former_semantic_loss(outputs, labels, num_classes=6, ignore_index=255,
+                                 rng=jax.random.key(0), num_points=300, **M2F)
 
 
 def test_normalisers_weight_micro_batches_exactly():
@@ -281,7 +288,8 @@ def test_normalisers_weight_micro_batches_exactly():
     sel = lambda x: x[rows]  # noqa: E731
     n = jnp.maximum(jnp.sum(valid[rows]), 1.0)
     return mc.losses_for_assignment(jax.tree.map(sel, outputs), masks[rows], classes[rows],
-                                    query_for_target[rows], n, point_coords=coords[rows])
+                                    query_for_target[rows], n, point_coords=coords[rows],
+                                    num_points=p, **M2F)
 
   whole = terms(np.arange(b))
   accumulated = {name: 0.0 for name in whole}

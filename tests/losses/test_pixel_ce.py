@@ -25,7 +25,8 @@ def _case(seed=0):
 def test_pixel_cross_entropy_equals_torch(avg_non_ignore):
   logits, labels = _case()
   loss, terms = pixel_ce_loss({"logits": jnp.asarray(logits)}, jnp.asarray(labels),
-                              num_classes=5, ignore_index=255, avg_non_ignore=avg_non_ignore)
+                              num_classes=5, ignore_index=255, ce_weight=1.0,
+                              avg_non_ignore=avg_non_ignore)
   up = F.interpolate(torch.from_numpy(logits).double(), size=(32, 48), mode="bilinear",
                      align_corners=False)
   nll = F.cross_entropy(up, torch.from_numpy(labels).long(), ignore_index=255, reduction="none")
@@ -36,8 +37,9 @@ def test_pixel_cross_entropy_equals_torch(avg_non_ignore):
 
 def test_pixel_cross_entropy_gradient_equals_torch():
   logits, labels = _case(1)
-  grad = jax.grad(lambda x: pixel_ce_loss({"logits": x}, jnp.asarray(labels), num_classes=5)[0])(
-      jnp.asarray(logits))
+  grad = jax.grad(lambda x: pixel_ce_loss({"logits": x}, jnp.asarray(labels), num_classes=5,
+                                          ignore_index=255, ce_weight=1.0,
+                                          avg_non_ignore=False)[0])(jnp.asarray(logits))
   x = torch.from_numpy(logits).double().requires_grad_()
   up = F.interpolate(x, size=(32, 48), mode="bilinear", align_corners=False)
   (F.cross_entropy(up, torch.from_numpy(labels).long(), ignore_index=255, reduction="sum")
@@ -47,7 +49,7 @@ def test_pixel_cross_entropy_gradient_equals_torch():
 
 def test_normalisers_and_registry():
   _, labels = _case(1)
-  assert float(pixel_ce_normalisers(jnp.asarray(labels), 5)["pixels"]) == labels.size
+  assert float(pixel_ce_normalisers(jnp.asarray(labels), 5, 255, False)["pixels"]) == labels.size
   got = pixel_ce_normalisers(jnp.asarray(labels), 5, 255, avg_non_ignore=True)["pixels"]
   assert float(got) == float(np.sum(labels != 255))
   loss, options = get_loss({"name": "pixel_ce", "avg_non_ignore": True})

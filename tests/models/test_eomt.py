@@ -19,13 +19,13 @@ def test_mask_annealing_windows():
       return 0.0
     return (1.0 - (t - s) / (e - s)) ** p
   for t in (0, 9, 10, 11, 15, 19, 20, 25, 39, 40, 49, 50, 1000):
-    got = np.asarray(eomt.mask_annealing(t, starts, ends))
+    got = np.asarray(eomt.mask_annealing(t, starts, ends, 0.9))
     np.testing.assert_allclose(got, [release(t, s, e) for s, e in zip(starts, ends)],
                                rtol=1e-6, atol=1e-7, err_msg=str(t))
-  got = jax.jit(lambda t: eomt.mask_annealing(t, starts, ends))(jnp.int32(15))
+  got = jax.jit(lambda t: eomt.mask_annealing(t, starts, ends, 0.9))(jnp.int32(15))
   np.testing.assert_allclose(got[0], 0.5**0.9, rtol=1e-6)
   with pytest.raises(ValueError, match="must end after they start"):
-    eomt.mask_annealing(0, [10], [10])
+    eomt.mask_annealing(0, [10], [10], 0.9)
 
 
 def test_training_inputs_are_eomt_mask_probs():

@@ -25,7 +25,6 @@ import safetensors.torch
 import torch
 import transformers
 
-from configs import common
 from segvit_jax.models import build_model, eomt, vit
 
 TOL = 1e-4  # measured: mask logits <= 1.3e-5 (max |logit| ~16), class logits <= 8.2e-7
@@ -416,6 +415,8 @@ def _count(model: nn.Module, size: int = 64) -> int:
   return sum(x.size for x in jax.tree.leaves(nn.meta.unbox(abstract)["params"]))
 
 
+# L2, the blocks that see the queries, per size (EoMT App. A.1, "Queries.", Table D).
+NUM_QUERY_BLOCKS = {"S": 3, "B": 3, "L": 4, "g": 5}
 # size: exact count at 640 px, 200 queries, 133 classes (COCO panoptic)
 PARAM_COUNTS = {"S": 23_976_326, "B": 93_663_878, "L": 316_696_710, "g": 1_163_623_558}
 _HF_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "g": (1536, 40, 24)}
@@ -424,7 +425,7 @@ _HF_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "g": (1
 @pytest.mark.parametrize("size", sorted(PARAM_COUNTS))
 def test_parameter_counts(size):
   model = eomt.Model(size, num_classes=133, num_queries=200,
-                     num_blocks=common.EOMT_NUM_BLOCKS[size], image_size=640)
+                     num_blocks=NUM_QUERY_BLOCKS[size], image_size=640)
   width, depth, heads = _HF_SIZES[size]
   ffn = 4096 if size == "g" else 4 * width
   count = _count(model)
@@ -432,7 +433,7 @@ def test_parameter_counts(size):
   assert count == PARAM_COUNTS[size]
   config = transformers.EomtConfig(
       hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-      num_blocks=common.EOMT_NUM_BLOCKS[size], num_queries=200, num_labels=133, image_size=640,
+      num_blocks=NUM_QUERY_BLOCKS[size], num_queries=200, num_labels=133, image_size=640,
       patch_size=16, use_swiglu_ffn=size == "g")
   with torch.device("meta"):
     hf = transformers.EomtForUniversalSegmentation(config)

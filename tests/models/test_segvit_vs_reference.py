@@ -32,6 +32,9 @@ CFG = {
 # Non-square, and not the stored 6x6 position-embedding grid: the grid is 6 x 8.
 IMAGE_SHAPE = (2, 48, 64, 3)
 TOL = 1e-5
+# The ATM loss options of the SegViT configs (config.loss; the reference's defaults).
+ATM_LOSS = dict(ce_weight=1.0, no_object_weight=0.1, focal_weight=20.0, focal_alpha=0.25,
+                focal_gamma=2.0, dice_weight=1.0, ignore_index=255)
 
 
 def _maxdiff(a, b) -> float:
@@ -88,18 +91,20 @@ def setup():
   def total_from_params(p):
     out, state = model.apply({"params": p}, images, train=False,
                              capture_intermediates=_captured)
-    total, terms = atm_loss(out, labels, num_classes=NUM_CLASSES)
+    total, terms = atm_loss(out, labels, num_classes=NUM_CLASSES, ignore_in_masks=False,
+                            **ATM_LOSS)
     return total, (out, state["intermediates"], terms)
 
   def losses_from_outputs(out):
     res = {}
     for ignore in (False, True):
       fn = lambda o: atm_loss(o, labels, num_classes=NUM_CLASSES,  # noqa: B023, E731
-                              ignore_in_masks=ignore)
+                              ignore_in_masks=ignore, **ATM_LOSS)
       (_, terms), grads = jax.value_and_grad(fn, has_aux=True)(out)
       res[_key(ignore)] = (terms, grads)
     all_ignore = jnp.full(IMAGE_SHAPE[:3], 255, jnp.int32)
-    res["all_ignore"] = atm_loss(out, all_ignore, num_classes=NUM_CLASSES)[1]
+    res["all_ignore"] = atm_loss(out, all_ignore, num_classes=NUM_CLASSES,
+                                 ignore_in_masks=False, **ATM_LOSS)[1]
     return res
 
   with jax.default_matmul_precision("highest"):

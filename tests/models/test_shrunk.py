@@ -175,7 +175,8 @@ def test_shrunk_model_in_the_multi_scale_predictor(tiny_shrunk):
   model, params = tiny_shrunk
   apply_fn = lambda p, x: model.apply({"params": p}, x)["semantic_scores"]  # noqa: E731
   rng = np.random.default_rng(4)
-  kw = dict(crop=(64, 64), stride=(32, 32), size_divisor=input_divisor(cfg), window_batch=2)
+  kw = dict(crop=(64, 64), stride=(32, 32), size_divisor=input_divisor(cfg), window_batch=2,
+            flip=False, average="softmax", bucket=64)
   for mode in ("slide", "whole"):
     predictor = inference.MultiScalePredictor(apply_fn, params, inference.Protocol(
         mode=mode, **kw), 5, mean=(127.5,) * 3, std=(127.5,) * 3)
