@@ -1,5 +1,5 @@
 """Multiply-add counts of a model's forward pass, the "GFLOPs" of the SegViT and SegFormer
-papers (spec segvit.md, "Results to reproduce": GFLOPs count multiply-adds, as fvcore does).
+papers (SegViT Tables 1-3 and Sec. 4.2, counted with fvcore: GFLOPs are multiply-adds).
 
   python -m segvit_jax.flops --config configs/segvit_vit_l16_ade20k.py
   python -m segvit_jax.flops --config configs/segvit_vit_b16_ade20k.py --size 512x683 \

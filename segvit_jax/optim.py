@@ -2,7 +2,7 @@
 
   schedule "warmup_poly" (SegViT, SegFormer; mmcv semantics): linear warm-up over
            `warmup_steps` from `warmup_ratio` x lr, then poly decay with `poly_power`;
-           "two_stage" (EoMT, spec eomt.md "Optimisation"): the new parameters warm up
+           "two_stage" (EoMT App. A.2, "Learning rate warm-up."): the new parameters warm up
            linearly over `warmup_steps` while the backbone stays at lr 0, then the backbone
            warms up linearly over `backbone_warmup_steps`; each then decays as
            (1 - t' / T') ** poly_power over its own remaining steps (the release's

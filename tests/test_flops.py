@@ -1,6 +1,6 @@
 """The multiply-add counter (segvit_jax/flops.py): exact counts of hand-made programs, the
 per-module split by name stack, the paper configs against analytic formulas and the papers'
-GFLOPs (spec segvit.md, "Results to reproduce"), and the CLI. Abstract shapes only."""
+GFLOPs (SegViT Tables 1-3, SegFormer Table 1a, EoMT Table 3), and the CLI. Abstract shapes only."""
 
 import functools
 import importlib
@@ -208,7 +208,7 @@ def shrunk_head_macs(n, in_dim, width, k, qu_layers=3, atm_layers=3):
   return qu + atm_layers * (decoder_layer_macs(k, n, width) + k * width * (k + 1))
 
 
-# Paper GFLOPs (spec segvit.md; Shrunk ViT-B: the ablation's QD + QU at 512).
+# Paper GFLOPs (SegViT Tables 1-3; Shrunk ViT-B: the QD + QU ablation at 512, Table 8).
 PAPER_GFLOPS = {
     "segvit_vit_b16_ade20k": 120.9, "segvit_vit_l16_ade20k": 637.9,
     "segvit_shrunk_vit_l16_ade20k": 373.5, "segvit_vit_l16_cocostuff10k": 383.9,
@@ -275,7 +275,7 @@ def test_cli_prints_the_table_and_the_total_last():
   assert f"  of which outside the head module: {outside / 1e9:.1f}" in lines, proc.stdout
 
 
-# SegFormer ADE20K GFLOPs (spec segformer.md, "Results to reproduce"): the paper's come from
+# SegFormer ADE20K GFLOPs (SegFormer Table 1a): the paper's come from
 # NVlabs' tools/get_flops.py (mmcv's get_model_complexity_info: Conv2d / Linear modules, not
 # F.interpolate, plus the two attention products), so the interpolation we report apart is
 # not in theirs either. Measured: within 0.14% for every variant.
@@ -301,7 +301,7 @@ def test_segformer_gflops_match_the_paper(variant):
   assert abs(diff) < 0.002, f"SegFormer-{variant}: {counts['total'] / 1e9:.2f} vs {paper}"
 
 
-# EoMT on COCO panoptic at 640 (spec eomt.md, "Results to reproduce": S 68, B 216, L 669,
+# EoMT on COCO panoptic at 640 (EoMT Table 3: S 68, B 216, L 669,
 # g 2261 GFLOPs): the network, 200 queries, 133 classes. The semantic-score einsum of our
 # segmentor's output (200 x 133 x 640 x 640 = 10.9 G, outside every submodule) is inference
 # post-processing the paper does not count. Measured: -0.27% (S) to -0.04% (g).

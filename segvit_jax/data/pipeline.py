@@ -1,12 +1,12 @@
-"""grain input pipelines for training and evaluation (spec segvit.md, "Train augmentation").
+"""grain input pipelines for training and evaluation.
 
 Train: `MapDataset.source -> shard by JAX process -> seed -> shuffle -> repeat -> augment ->
 batch -> to_iter_dataset [-> mp_prefetch]`. Every random number comes from grain's per-element
 generators, so a (config, process) pair always yields the same batches, and the iterator's
 `get_state()` / `set_state()` resume at the exact batch.
 
-The augmentation is `config.augment.pipeline`: "segvit" (mmseg's, spec segvit.md) or "eomt"
-(colour jitter, flip, scale jitter, pad, random crop; spec eomt.md, "Optimisation").
+The augmentation is `config.augment.pipeline`: "segvit" (mmseg's, SegViT Sec. 4.2) or "eomt"
+(colour jitter, flip, scale jitter, pad, random crop; EoMT App. A.2, "Augmentation.").
 
 Panoptic datasets (`coco_panoptic.PANOPTIC_DATASETS`) train with the "eomt" pipeline on a
 segment-index map (`transforms.segment_map`): batches carry `label` (B, H, W) int32 = the index
@@ -75,7 +75,7 @@ def _process_seed(seed: int, process_index: int) -> int:
 
 def _ensure_absl_flags_parsed() -> None:
   # grain worker processes read absl flags and fail with UnparsedFlagAccessError otherwise
-  # (spec environment.md, grain).
+  # (grain's multiprocessing reads them).
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
@@ -200,7 +200,7 @@ def segvit_train_transforms(config) -> list:
 
 
 def eomt_train_transforms(config) -> list:
-  """EoMT's train augmentation (spec eomt.md, "Optimisation"), in EoMT's order: colour jitter
+  """EoMT's train augmentation (EoMT App. A.2, "Augmentation."), in EoMT's order: colour jitter
   (if `augment.color_jitter`) on the full image, horizontal flip, scale jitter of the crop size
   by a factor in `augment.scale_jitter`, pad to the crop (image 0 before normalising, i.e. black;
   label ignore_index), random crop to `augment.crop_size`, normalise."""

@@ -1,4 +1,4 @@
-"""The built-in synthetic segmentation dataset (spec datasets.md, "Built-in synthetic dataset").
+"""The built-in synthetic segmentation dataset (README, "Datasets"; what `make demo` trains on).
 
 Textured shapes on a textured background, generated procedurally and deterministically from
 (seed, split, index); no files needed. Each object takes one colour from a palette shared by

@@ -1,10 +1,10 @@
 """SegViT / mmseg and EoMT train augmentations, and the test transforms.
 
-SegViT (spec segvit.md, "Train augmentation") uses mmseg's train pipeline: keep-ratio resize to a
-base scale times a random ratio, random crop with `cat_max_ratio`, horizontal flip, photometric
-distortion, normalise, pad (image 0, label 255).
+SegViT (SegViT Sec. 4.2, "Training settings."; the release's mmseg configs) uses mmseg's train
+pipeline: keep-ratio resize to a base scale times a random ratio, random crop with
+`cat_max_ratio`, horizontal flip, photometric distortion, normalise, pad (image 0, label 255).
 
-EoMT (spec eomt.md, "Optimisation", augmentation) uses the Mask2Former/EoMT large-scale jitter:
+EoMT (EoMT App. A.2, "Augmentation.") uses the Mask2Former/EoMT large-scale jitter:
 colour jitter (torchvision ColorJitter-style factors, as EoMT's `Transforms.color_jitter`),
 horizontal flip, scale jitter (keep-ratio resize to factor * crop / long side, torchvision
 `ScaleJitter`), pad to the crop (image 0, label ignore), random crop to the crop. Panoptic
@@ -254,7 +254,7 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator,
 
 
 # ----------------------------------------------------------------------------------------------
-# EoMT: scale jitter and colour jitter (spec eomt.md, "Optimisation", augmentation).
+# EoMT: scale jitter and colour jitter (EoMT App. A.2, "Augmentation.").
 
 
 def scale_jitter_size(height: int, width: int, target_size: Sequence[int],
@@ -467,7 +467,7 @@ class Pad(grain.transforms.Map):
 
 
 # ----------------------------------------------------------------------------------------------
-# Panoptic training targets (spec eomt.md, "Loss"; datasets.md, COCO panoptic). A training
+# Panoptic training targets (EoMT App. A.2, "Loss function."; COCO panoptic). A training
 # example carries its segments as a segment-index map, never as a (N, H, W) mask stack: `label`
 # (H, W) int32 holds k on the pixels of segment k and `ignore_index` on void / crowd / padding
 # pixels; `segment_classes` (max_segments,) int32 holds segment k's contiguous class id, -1 for
@@ -553,7 +553,7 @@ class PanopticAugment(grain.transforms.RandomMap):
 
 
 # ----------------------------------------------------------------------------------------------
-# Test-time resize policies (spec segvit.md / segformer.md / eomt.md, "Test" / "Inference").
+# Test-time resize policies (SegViT Sec. 4.2, SegFormer Sec. 4.1, EoMT App. A.3).
 
 TEST_RESIZES = ("keep_ratio", "keep_ratio_aligned", "short_side", "long_side", "none")
 

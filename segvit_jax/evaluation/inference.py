@@ -1,7 +1,8 @@
 """Test-time inference: window layouts, whole / sliding-window / spread-window per-class scores,
-the multi-scale + flip predictor that semantic evaluation runs (spec segvit.md "Training
-recipes", Test; segformer.md "Recipe", Test; eomt.md "Inference"), and the whole-image mask
-predictor of panoptic / instance evaluation (`MaskPredictor`, spec eomt.md "Inference").
+the multi-scale + flip predictor that semantic evaluation runs (SegViT Sec. 4.2 "Evaluation
+metric."; SegFormer Sec. 4.1 "Implementation details"; EoMT App. A.3 "Image processing."), and
+the whole-image mask predictor of panoptic / instance evaluation (`MaskPredictor`, EoMT App.
+A.3).
 
 Window layouts (`window_layout`), on an image already resized by the test policy
 (`segvit_jax.data.transforms.test_size`):

@@ -1,8 +1,8 @@
 """Panoptic and instance evaluation of mask-classification models (EoMT): the post-processing
 of their outputs and the evaluation loop (`evaluate`; both here: the file stays small).
 
-Post-processing (spec eomt.md, "Inference"), with the semantics of EoMT's
-`to_per_pixel_preds_panoptic` and instance `eval_step` (themselves Mask2Former's
+Post-processing (EoMT App. A.3; Mask2Former Sec. 4.1 "Post-processing."), with the semantics
+of EoMT's `to_per_pixel_preds_panoptic` and instance `eval_step` (themselves Mask2Former's
 `panoptic_inference` / `instance_inference`), and COCO's panoptic file format.
 
 Inputs per image: class logits (K, C + 1) (the last class is "no object") and mask logits at the

@@ -1,4 +1,4 @@
-"""The ATM loss of SegViT (spec segvit.md, "ATM loss").
+"""The ATM loss of SegViT (SegViT Sec. 3.2, Eq. (4); weights as the release's `ATMLoss`).
 
 No Hungarian matching: query c is tied to class c. Per output (final and each auxiliary):
   - cross-entropy over K + 1 logits for all queries, target c if class c is present else

@@ -1,6 +1,6 @@
 """Mask2Former's set loss for mask classification (Cheng et al. 2022, "Masked-attention Mask
 Transformer for Universal Image Segmentation": section 3.3, the point-sampled mask loss, and
-4.1, the loss weights; spec eomt.md, "Loss (Mask2Former style)"), as EoMT trains with it.
+4.1, the loss weights), as EoMT trains with it (EoMT App. A.2, "Loss function.", Eq. (2)).
 
 Per output (the final prediction and each auxiliary one, each matched on its own):
   - Hungarian matching per image of the Q queries to the ground-truth segments, cost

@@ -1,5 +1,5 @@
 """Per-pixel cross-entropy of per-pixel classifiers (SegFormer's all-MLP head; mmseg's
-`CrossEntropyLoss` as the SegFormer release trains with, spec segformer.md).
+`CrossEntropyLoss` as the SegFormer release trains with; SegFormer Sec. 4.1).
 
 The logits (B, K, h, w) are bilinearly resized (align_corners=False) to the label size first,
 as mmseg's decode head does. Pixels labelled `ignore_index` contribute nothing; mmseg 0.x then

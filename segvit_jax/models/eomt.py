@@ -1,5 +1,5 @@
 """EoMT, the Encoder-only Mask Transformer (Kerssies et al., "Your ViT is Secretly an Image
-Segmentation Model", CVPR 2025; spec eomt.md, "Architecture", "Inference").
+Segmentation Model", CVPR 2025; Sec. 3.3, Fig. 2 and 3; inference: App. A.3).
 
 A plain DINOv2 ViT with registers (`vit.ViT`, run at patch 16) does the whole job: the first
 L - L2 blocks see [cls | registers | patches]; then K learnable queries (no position
@@ -34,7 +34,7 @@ Parameters: `backbone/...` exactly the layout of `vit.ViT` (`embedding`, `pos_em
 its cls slot, `cls`, `registers`, `encoderblock_{i}`, `encoder_norm`), so DINOv2 converters and
 `model_init` fill it unchanged; `queries` (K, D); `head/class_head`,
 `head/mask_head/{fc1,fc2,fc3}`, `head/upscale_{i}/{conv1 (ConvTranspose), conv2 (depthwise),
-norm}`. Checkpoint layouts (spec checkpoints.md): a torch ConvTranspose2d weight
+norm}`. Checkpoint layouts (the release's, transformers'): a torch ConvTranspose2d weight
 (in, out, kh, kw) is our `conv1/kernel` (kh, kw, in, out) with BOTH spatial axes flipped,
 `w.transpose(2, 3, 0, 1)[::-1, ::-1]` (`cpu_ops.PatchConvTranspose` has Flax ConvTranspose's
 parameters, and like it does not flip its kernel; checked against transformers in
@@ -294,10 +294,11 @@ def input_divisor(model_cfg: Mapping[str, Any]) -> int:
 
 def mask_annealing(step: jax.Array, starts: Sequence[int], ends: Sequence[int],
                    power: float) -> jax.Array:
-  """EoMT's masked-attention annealing (spec eomt.md, item 6): the masking probability of each
-  of the L2 query blocks at the 0-based `step`, (L2,) float32: 1 before its window's start, 0
-  from its end on, (1 - (t - start) / (end - start)) ** power in between. A function of the
-  step alone, so a resumed run (which restores the step) continues the schedule."""
+  """EoMT's masked-attention annealing (EoMT Sec. 3.3 "Mask annealing.", Fig. 4): the masking
+  probability of each of the L2 query blocks at the 0-based `step`, (L2,) float32: 1 before
+  its window's start, 0 from its end on, (1 - (t - start) / (end - start)) ** power in
+  between. A function of the step alone, so a resumed run (which restores the step) continues
+  the schedule."""
   if len(starts) != len(ends):
     raise ValueError(f"mask annealing: {len(starts)} start steps but {len(ends)} end steps")
   if any(e <= s for s, e in zip(starts, ends)):
