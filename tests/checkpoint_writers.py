@@ -379,9 +379,9 @@ def segformer_official_state_dict(sd: dict, *, encoder_only: bool = False,
                                   seed: int = 0) -> dict[str, np.ndarray]:
   """transformers' saved SegformerForSemanticSegmentation state dict -> the release's
   (NVlabs/SegFormer's `mix_transformer.py` / `segformer_head.py`): `backbone.*` (key and value
-  packed in `attn.kv`, key rows first) + `decode_head.*` with mmseg's unused `conv_seg` (random). With
-  `encoder_only`: an ImageNet `mit_bX.pth`, the backbone keys without `backbone.` plus a random
-  1000-class `head.*`."""
+  packed in `attn.kv`, key rows first) + `decode_head.*` with mmseg's unused `conv_seg`
+  (random). With `encoder_only`: an ImageNet `mit_bX.pth`, the backbone keys without
+  `backbone.` plus a random 1000-class `head.*`."""
   rng = np.random.default_rng(seed)
   out = {}
   for key, value in sd.items():

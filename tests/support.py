@@ -46,7 +46,8 @@ def device_env(devices: int) -> dict:
           "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}",
                                  "--xla_cpu_collective_call_terminate_timeout_seconds=600"]),
           **cache_env(),
-          "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+          "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(
+              os.pathsep)}
 
 
 def results(procs: list[subprocess.Popen], timeout: float = 420) -> list[dict]:
