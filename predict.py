@@ -150,7 +150,10 @@ def predict_panoptic(model, files: list[str], output: str) -> int:
   for i, file in enumerate(files):
     image = read_image(file)
     h, w = image.shape[:2]
-    resized = transforms.resize_for_test(image, "long_side", (size, size))
+    # EoMT's panoptic protocol: the longer side to the input, one scale (the divisor and the
+    # minimum size do not apply to this policy).
+    resized = transforms.resize_for_test(image, "long_side", (size, size), ratio=1.0,
+                                         size_divisor=1, min_size=0)
     class_logits, mask_logits = predictor.logits([resized])
     masks = predictor.at_size(mask_logits[0], resized.shape[:2], (h, w))
     maps = panoptic.panoptic_maps(class_logits[0], masks, jnp.asarray((h, w), jnp.int32),

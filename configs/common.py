@@ -59,10 +59,14 @@ def run_config() -> ml_collections.ConfigDict:
   # Panoptic datasets only: segments per training image in the batch (thing instances and stuff
   # regions, crowd dropped); training checks the json against it before it starts. 0: unset.
   c.dataset.max_segments = 0
+  # Panoptic datasets only: crowd segments (`iscrowd` 1) are left out of the training targets,
+  # as Mask2Former / EoMT train (evaluation always keeps them, to ignore predictions on them).
+  c.dataset.drop_crowd = True
   # Only used by the synthetic set.
   c.dataset.image_size = 128
   c.dataset.num_train = 2000
   c.dataset.num_eval = 100
+  c.dataset.seed = 0  # which scenes it draws
 
   # Train augmentation. "segvit": mmseg's keep-ratio resize by a random ratio, random crop with
   # cat_max_ratio, flip, photometric distortion, pad; "eomt": EoMT's colour jitter, flip, scale

@@ -352,7 +352,7 @@ class Loop:
           "%.1f img/s %.3g TFLOP/s%s | ETA %s", step, total, scalars["loss"], terms,
           scalars["lr"], scalars["grad_norm"], steps_per_s, scalars["images_per_s"],
           scalars["tflops"], mfu, format_eta((total - step) / max(steps_per_s, 1e-9)))
-    if config.dataset.get("skip_bad_examples", False):
+    if config.dataset.skip_bad_examples:
       skipped = pipeline.skipped_examples()
       if skipped:
         logging.info("skipped bad examples so far (this process, in-process reads): %d "
@@ -499,7 +499,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   # Its FLOPs, counted from shapes (nothing compiles), and the devices' peak: the MFU.
   utilisation = Utilisation(
       flops.train_step_flops(config),
-      flops.peak_tflops(mesh.devices.flat[0].device_kind, config.model.get("dtype", "float32")),
+      flops.peak_tflops(mesh.devices.flat[0].device_kind, jnp.dtype(model.dtype).name),
       mesh.size)
   logging.info("%s", utilisation.describe())
 
@@ -532,7 +532,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     # The loop: a train step, then whichever of logging, saving and evaluating falls on it.
     writer = MetricsWriter(workdir)
     best = None
-    if evaluate_fn is not None and config.eval_every and config.eval.get("best_metric"):
+    if evaluate_fn is not None and config.eval_every and config.eval.best_metric:
       best = checkpoint.BestKeeper(workdir, config.eval.best_metric, model_cfg=config.model,
                                    mean=config.mean, std=config.std, class_names=class_names,
                                    source=os.path.abspath(workdir), **bundle_extra)

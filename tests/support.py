@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 
-from configs import demo
+from configs import common, demo
 from segvit_jax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +77,14 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def dataset_config(**fields):
+  """A `config.dataset` section: the skeleton's (configs/common.py, every key with its default)
+  with `fields` set, as a config file would give it."""
+  c = common.run_config().dataset
+  c.update(fields)
+  return c
 
 
 def smoke_config(**overrides):

@@ -454,9 +454,6 @@ RECIPE_ARGUMENTS = {
 }
 MODULES = (atm, pixel_ce, mask_classification, inference, panoptic, transforms, pipeline, eomt,
            optim)
-# predict.py (an entry point) still calls it with the test-resize defaults.
-ALLOWED = {("segvit_jax.data.transforms.resize_for_test", name)
-           for name in ("ratio", "size_divisor", "min_size")}
 
 
 def _defaults(obj):
@@ -483,7 +480,7 @@ def test_library_functions_have_no_recipe_defaults():
         continue  # imported from elsewhere
       where = f"{module.__name__}.{name}"
       found += [f"{where}({arg}={value!r})" for arg, value in _defaults(wrapped).items()
-                if arg in RECIPE_ARGUMENTS and value is not None and (where, arg) not in ALLOWED]
+                if arg in RECIPE_ARGUMENTS and value is not None]
   assert not found, found
   # The test sees the arguments it is meant to (a function and a dataclass of each kind).
   assert "focal_weight" in inspect.signature(atm.atm_loss).parameters

@@ -61,13 +61,13 @@ def ade20k_source(root: str, split: str, reduce_zero: bool = True,
 
 
 def _reduce_zero(dataset_cfg) -> bool:
-  return bool(dataset_cfg.get("reduce_zero_label", False))
+  return bool(dataset_cfg.reduce_zero_label)
 
 
 def build(dataset_cfg, split: str) -> files.SegmentationFiles:
   """The "ade20k" source of `config.dataset` (root, reduce_zero_label, ignore_index)."""
   return ade20k_source(files.dataset_root(dataset_cfg), split, _reduce_zero(dataset_cfg),
-                       dataset_cfg.get("ignore_index", 255))
+                       dataset_cfg.ignore_index)
 
 
 def config_class_names(dataset_cfg) -> tuple[str, ...]:

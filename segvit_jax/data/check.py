@@ -166,7 +166,7 @@ def check_splits(dataset_cfg, splits: Sequence[str], workers: int = 0,
   reports = []
   for split in splits:
     source = registry.get_source(dataset_cfg, split)
-    reports.append(check_source(source, dataset_cfg.get("ignore_index", None), workers,
+    reports.append(check_source(source, dataset_cfg.ignore_index, workers,
                                 progress, split))
   return reports
 

@@ -86,4 +86,4 @@ def build(dataset_cfg, split: str) -> files.SegmentationFiles:
   """The "cityscapes" source of `config.dataset` (root, ignore_index; no reduce_zero_label)."""
   files.no_reduce_zero_label(dataset_cfg, " (road)")
   return cityscapes_source(files.dataset_root(dataset_cfg), split,
-                           dataset_cfg.get("ignore_index", 255))
+                           dataset_cfg.ignore_index)

@@ -242,7 +242,7 @@ def coco_panoptic_source(root: str, split: str, drop_crowd: bool = True) -> Coco
 def build(dataset_cfg, split: str) -> CocoPanoptic:
   """The "coco_panoptic" source of `config.dataset` (root, drop_crowd)."""
   root = files.dataset_root(dataset_cfg, f"the coco directory ({LAYOUT})")
-  return coco_panoptic_source(root, split, dataset_cfg.get("drop_crowd", True))
+  return coco_panoptic_source(root, split, dataset_cfg.drop_crowd)
 
 
 # Dataset names whose records are panoptic (masks + class_ids, no label map): training turns

@@ -132,8 +132,8 @@ def coco_stuff10k_source(root: str, split: str, reduce_zero: bool = False,
 def build(dataset_cfg, split: str) -> files.SegmentationFiles:
   """The "coco_stuff10k" source of `config.dataset` (root, reduce_zero_label, ignore_index)."""
   return coco_stuff10k_source(files.dataset_root(dataset_cfg), split,
-                              dataset_cfg.get("reduce_zero_label", False),
-                              dataset_cfg.get("ignore_index", 255))
+                              dataset_cfg.reduce_zero_label,
+                              dataset_cfg.ignore_index)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def listed_pairs(list_path: str, image_dir: str, image_ext: str, label_dir: str,
 def dataset_root(dataset_cfg, what: str | None = None) -> str:
   """`config.dataset.root`, user-expanded; FileNotFoundError if empty, saying it should be
   `what` (default: the {dataset name} directory)."""
-  root = os.path.expanduser(dataset_cfg.get("root", "") or "")
+  root = os.path.expanduser(dataset_cfg.root or "")
   if not root:
     what = what or f"the {dataset_cfg.name} directory"
     raise FileNotFoundError(f"config.dataset.root is empty; set it to {what}")
@@ -220,6 +220,6 @@ def split_name(dataset: str, split: str, known: Mapping[str, str]) -> str:
 def no_reduce_zero_label(dataset_cfg, hint: str) -> None:
   """ValueError if `config.dataset.reduce_zero_label` is set for a dataset whose label 0 is a
   class; `hint` follows the message."""
-  if dataset_cfg.get("reduce_zero_label", False):
+  if dataset_cfg.reduce_zero_label:
     raise ValueError(f"config.dataset.reduce_zero_label is True but dataset "
                      f"{dataset_cfg.name!r} keeps label 0 as a class{hint}")

@@ -41,5 +41,5 @@ def folder_source(root: str, split: str, reduce_zero: bool = False,
 def build(dataset_cfg, split: str) -> files.SegmentationFiles:
   """The "folder" source of `config.dataset` (root, reduce_zero_label, ignore_index)."""
   return folder_source(files.dataset_root(dataset_cfg), split,
-                       dataset_cfg.get("reduce_zero_label", False),
-                       dataset_cfg.get("ignore_index", 255))
+                       dataset_cfg.reduce_zero_label,
+                       dataset_cfg.ignore_index)

@@ -71,11 +71,11 @@ def build(dataset_cfg, split: str) -> files.SegmentationFiles:
   files.no_reduce_zero_label(dataset_cfg,
                              " (background); 'pascal_context59' ignores background")
   return pascal_context_source(files.dataset_root(dataset_cfg), split, 60,
-                               dataset_cfg.get("ignore_index", 255))
+                               dataset_cfg.ignore_index)
 
 
 def build59(dataset_cfg, split: str) -> files.SegmentationFiles:
   """The "pascal_context59" source: always reduce_zero_label (the flag may be set or left at
   its default False)."""
   return pascal_context_source(files.dataset_root(dataset_cfg), split, 59,
-                               dataset_cfg.get("ignore_index", 255))
+                               dataset_cfg.ignore_index)

@@ -67,7 +67,7 @@ def get_source(dataset_cfg, split: str):
   name = dataset_cfg.name
   _check_name(name)
   source = DATASETS[name](dataset_cfg, split)
-  num_classes = dataset_cfg.get("num_classes", None)
+  num_classes = dataset_cfg.num_classes
   if num_classes is not None and num_classes != len(source.class_names):
     raise ValueError(f"config.dataset.num_classes is {num_classes} but dataset {name!r} has "
                      f"{len(source.class_names)} classes")
@@ -75,12 +75,13 @@ def get_source(dataset_cfg, split: str):
 
 
 def class_names(dataset_cfg) -> tuple[str, ...]:
-  """The class names `get_source(dataset_cfg, ...)` has, without reading data where the dataset
+  """The class names the dataset of `dataset_cfg` has, without reading data where the dataset
   fixes them (`KNOWN_CLASS_NAMES`; ADE20K without reduce_zero_label has "other" first), else
-  from the source of `dataset_cfg.eval_split` (default "val"): a folder's classes.txt, COCO
-  panoptic's json. Raises what `get_source` raises (FileNotFoundError, ValueError)."""
+  from the source of `dataset_cfg.eval_split`: a folder's classes.txt, COCO panoptic's json.
+  Unlike `get_source`, whatever `dataset_cfg.num_classes` says (the caller compares). Raises
+  what building the source raises (FileNotFoundError, ValueError)."""
   name = dataset_cfg.name
   _check_name(name)
   if name in KNOWN_CLASS_NAMES:
     return tuple(KNOWN_CLASS_NAMES[name](dataset_cfg))
-  return tuple(get_source(dataset_cfg, dataset_cfg.get("eval_split", "val")).class_names)
+  return tuple(DATASETS[name](dataset_cfg, dataset_cfg.eval_split).class_names)

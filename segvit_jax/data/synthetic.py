@@ -237,9 +237,9 @@ class SyntheticSegmentation:
 def build(dataset_cfg, split: str) -> SyntheticSegmentation:
   """The "synthetic" source of `config.dataset`: the split equal to `dataset_cfg.train_split`
   has `num_train` examples, any other `num_eval`; `image_size` and `seed` as configured."""
-  is_train = split == dataset_cfg.get("train_split", "train")
+  is_train = split == dataset_cfg.train_split
   num = dataset_cfg.num_train if is_train else dataset_cfg.num_eval
-  return SyntheticSegmentation(split, num, dataset_cfg.image_size, seed=dataset_cfg.get("seed", 0))
+  return SyntheticSegmentation(split, num, dataset_cfg.image_size, seed=dataset_cfg.seed)
 
 
 def write_folder(root: str, split: str, num_examples: int, image_size: int, seed: int = 0,

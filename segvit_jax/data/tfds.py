@@ -223,10 +223,10 @@ def _data_dir(dataset_cfg) -> str:
 
 def build_ade20k(dataset_cfg, split: str) -> TfdsSegmentation:
   """The "tfds_ade20k" source of `config.dataset` (root = the TFDS data_dir, ignore_index)."""
-  return ade20k_tfds_source(_data_dir(dataset_cfg), split, dataset_cfg.get("ignore_index", 255))
+  return ade20k_tfds_source(_data_dir(dataset_cfg), split, dataset_cfg.ignore_index)
 
 
 def build_cityscapes(dataset_cfg, split: str) -> TfdsSegmentation:
   """The "tfds_cityscapes" source of `config.dataset` (root = the TFDS data_dir, ignore_index)."""
   return cityscapes_tfds_source(_data_dir(dataset_cfg), split,
-                                dataset_cfg.get("ignore_index", 255))
+                                dataset_cfg.ignore_index)

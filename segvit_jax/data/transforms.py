@@ -614,8 +614,8 @@ def resize_image_cv2(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def resize_for_test(image: np.ndarray, resize: str, scale: Sequence[int], ratio: float = 1.0,
-                    size_divisor: int = 32, min_size: int = 0) -> np.ndarray:
+def resize_for_test(image: np.ndarray, resize: str, scale: Sequence[int], ratio: float,
+                    size_divisor: int, min_size: int) -> np.ndarray:
   """A uint8 image resized by the test policy `resize` (see `test_size`) with the resampler of
   the implementation it comes from: OpenCV bilinear for mmseg / SegFormer (the aligned resize
   resamples twice, as `AlignedResize` does), PIL bilinear (antialiased) for EoMT."""

@@ -56,10 +56,12 @@ IMAGENET = [[123.675, 116.28, 103.53], [58.395, 57.12, 57.375]]
 CONFIG_FILE = '''
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=""):
-  c = ml_collections.ConfigDict()
-  c.dataset = ml_collections.ConfigDict(dict(name="synthetic", num_classes=6))
+  c = common.run_config()
+  c.dataset.update(name="synthetic", num_classes=6)
   swiglu = arg == "swiglu"
   c.model = ml_collections.ConfigDict(dict(
       name="eomt", num_classes=6, num_queries=10, num_blocks=3 if arg == "l2_3" else 2,

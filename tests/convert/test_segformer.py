@@ -69,10 +69,12 @@ NUM_BATCHES_TRACKED = 1234
 CONFIG_FILE = '''
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg="b0"):
-  c = ml_collections.ConfigDict()
-  c.dataset = ml_collections.ConfigDict(dict(name="cityscapes", num_classes=19))
+  c = common.run_config()
+  c.dataset.update(name="cityscapes", num_classes=19)
   c.model = ml_collections.ConfigDict(dict(
       name="segformer", num_classes=19, backbone=dict(variant="B0"),
       head=dict(width=256, dropout=0.1)))

@@ -51,9 +51,8 @@ def _bad_dataset(root):
 
 
 def _folder_cfg(root, num_classes):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(name="folder", root=root, num_classes=num_classes,
-                                        ignore_index=255, reduce_zero_label=False))
+  return support.dataset_config(name="folder", root=root, num_classes=num_classes,
+                                ignore_index=255, reduce_zero_label=False)
 
 
 def test_check_source_counts_a_clean_dataset_exactly(tmp_path):

@@ -3,18 +3,17 @@ and labelIds files at the real paths, read through `registry.get_source`."""
 
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
 from segvit_jax.data import cityscapes
 from segvit_jax.data import palettes
 from segvit_jax.data.registry import get_source
-from tests import fabricate
+from tests import fabricate, support
 
 
 def _cfg(**kw):
-  return ml_collections.ConfigDict(kw)
+  return support.dataset_config(**kw)
 
 
 def _cityscapes(root, label, kinds=("labelTrainIds",)):

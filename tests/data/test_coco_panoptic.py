@@ -5,13 +5,13 @@ import os
 import re
 
 import grain
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from segvit_jax.data import coco_panoptic as cp
 from segvit_jax.data import registry
+from tests import support
 
 # Sparse COCO ids (1, 3, 92, 200) -> contiguous 0..3 in list order: 2 things, then 2 stuff.
 _CATEGORIES = [
@@ -150,8 +150,8 @@ def test_records_exact_with_crowd_dropped(root):
 
 
 def test_keep_crowd_and_builder(root):
-  cfg = ml_collections.ConfigDict(dict(name="coco_panoptic", root=root, num_classes=4,
-                                       drop_crowd=False))
+  cfg = support.dataset_config(name="coco_panoptic", root=root, num_classes=4,
+                               drop_crowd=False)
   src = registry.get_source(cfg, "train")
   assert isinstance(src, cp.CocoPanoptic)
   r = src[0]
@@ -159,7 +159,7 @@ def test_keep_crowd_and_builder(root):
   assert r["is_crowd"].tolist() == [False, True, False, False]
   np.testing.assert_array_equal(r["masks"][1], _mask("000000000139", _CROWD))
   assert cp.semantic_label(r)[:2, 4:].tolist() == [[255, 0], [255, 0]]
-  del cfg.drop_crowd  # default: dropped
+  cfg.drop_crowd = support.dataset_config().drop_crowd  # the skeleton's default: dropped
   assert registry.get_source(cfg, "train")[0]["class_ids"].tolist() == [2, 0, 1]
   ds = grain.MapDataset.source(registry.get_source(cfg, "val")).map(
       lambda r: (r["name"], r["class_ids"].tolist()))
@@ -183,7 +183,7 @@ def test_missing_root_json_and_split(tmp_path, root):
     cp.coco_panoptic_source(root, "val")
   with pytest.raises(ValueError, match="unknown COCO panoptic split 'test'"):
     cp.coco_panoptic_source(root, "test")
-  cfg = ml_collections.ConfigDict(dict(name="coco_panoptic", root=""))
+  cfg = support.dataset_config(name="coco_panoptic", root="")
   with pytest.raises(FileNotFoundError, match="config.dataset.root is empty"):
     registry.get_source(cfg, "train")
 

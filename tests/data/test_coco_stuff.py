@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 import scipy.io
@@ -24,7 +23,7 @@ from tests import support
 
 
 def _cfg(**kw):
-  return ml_collections.ConfigDict(kw)
+  return support.dataset_config(**kw)
 
 
 def test_cocostuff_to_train_ids_all_183_ids():

@@ -285,16 +285,16 @@ def test_test_resize_resamplers():
   the mean of each 2x2 block), EoMT's with PIL's antialiased bilinear (wider support)."""
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (64, 96, 3)).astype(np.uint8)
-  cv = T.resize_for_test(image, "none", (), 0.5)
+  cv = T.resize_for_test(image, "none", (), 0.5, 32, 0)
   block_mean = image.reshape(32, 2, 48, 2, 3).astype(np.float64).mean(axis=(1, 3))
   assert cv.shape == (32, 48, 3) and cv.dtype == np.uint8
   assert np.abs(cv - block_mean).max() <= 0.5 + 1e-9  # fixed-point rounding only
-  pil = T.resize_for_test(image, "short_side", (32, 32))
+  pil = T.resize_for_test(image, "short_side", (32, 32), 1.0, 32, 0)
   assert pil.shape == (32, 48, 3)
   np.testing.assert_array_equal(pil, T.resize_image(image, (32, 48)))
   assert np.abs(pil.astype(float) - block_mean).max() > 5  # antialiased: not the block mean
   # The aligned resize resamples twice (keep-ratio, then to the multiple of 32), as SegFormer.
-  aligned = T.resize_for_test(image, "keep_ratio_aligned", (2048, 40))
+  aligned = T.resize_for_test(image, "keep_ratio_aligned", (2048, 40), 1.0, 32, 0)
   once = T.resize_image_cv2(image, (40, 60))
   np.testing.assert_array_equal(aligned, T.resize_image_cv2(once, (64, 64)))
 

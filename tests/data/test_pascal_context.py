@@ -3,17 +3,16 @@
 
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
 from segvit_jax.data import palettes
 from segvit_jax.data.registry import get_source
-from tests import fabricate
+from tests import fabricate, support
 
 
 def _cfg(**kw):
-  return ml_collections.ConfigDict(kw)
+  return support.dataset_config(**kw)
 
 
 @pytest.mark.parametrize("nested", [True, False])
@@ -27,7 +26,7 @@ def test_pascal_context_60_and_59_from_the_same_files(tmp_path, nested):
   # The split list decides membership and order (2008_000099 is in no list).
   assert [pc60[i]["name"] for i in range(len(pc60))] == ["2008_000003", "2008_000002"]
   assert len(pc59) == 2
-  assert len(get_source(_cfg(name="pascal_context", root=root), "val")) == 1
+  assert len(get_source(_cfg(name="pascal_context", root=root, num_classes=60), "val")) == 1
   r60, r59 = pc60[1], pc59[1]
   np.testing.assert_array_equal(r60["label"], label)
   np.testing.assert_array_equal(r59["label"], [[255, 4, 58], [255, 0, 255]])
@@ -62,4 +61,5 @@ def test_pascal_context_layout_errors(tmp_path):
   with pytest.raises(ValueError, match="num_classes is 59 but dataset 'pascal_context' has 60"):
     get_source(_cfg(name="pascal_context", root=root, num_classes=59), "val")
   with pytest.raises(ValueError, match="'pascal_context59' ignores background"):
-    get_source(_cfg(name="pascal_context", root=root, reduce_zero_label=True), "val")
+    get_source(_cfg(name="pascal_context", root=root, reduce_zero_label=True, num_classes=60),
+               "val")

@@ -1,15 +1,14 @@
 """Tests for segvit_jax.data.registry: the table of datasets and `class_names`, which gives a
 dataset's class names without reading data where the dataset fixes them."""
 
-import ml_collections
 import pytest
 
 from segvit_jax.data import ade20k, cityscapes, coco_stuff, pascal_context, registry, synthetic
-from tests import fabricate
+from tests import fabricate, support
 
 
 def _cfg(**kw):
-  return ml_collections.ConfigDict(kw)
+  return support.dataset_config(**kw)
 
 
 # A root that does not exist: reading any file there would raise FileNotFoundError.
@@ -40,9 +39,10 @@ def test_known_class_names_match_the_sources(tmp_path):
   root = str(tmp_path / "ADEChallengeData2016")
   fabricate.ade20k(root, num_train=1, num_val=1)
   for reduce_zero in (True, False):
-    cfg = _cfg(name="ade20k", root=root, reduce_zero_label=reduce_zero)
+    cfg = _cfg(name="ade20k", root=root, reduce_zero_label=reduce_zero,
+               num_classes=150 if reduce_zero else 151)
     assert registry.class_names(cfg) == registry.get_source(cfg, "val").class_names
-  # Without the key, as the source's default: label 0 is "other".
+  # With the skeleton's default (reduce_zero_label False): label 0 is "other".
   assert registry.class_names(_cfg(name="ade20k", root=root))[:2] == ("other", "wall")
   cfg = _cfg(name="synthetic", num_train=2, num_eval=2, image_size=32, train_split="train")
   assert registry.class_names(cfg) == registry.get_source(cfg, "val").class_names

@@ -17,7 +17,6 @@ import re
 import shutil
 
 import grain
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,6 +25,7 @@ from segvit_jax.data import ade20k
 from segvit_jax.data import cityscapes
 from segvit_jax.data import registry
 from segvit_jax.data import tfds as ts
+from tests import support
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -234,8 +234,8 @@ def test_cityscapes_records(data_dir):
 
 
 def test_get_source_grain_and_pickle(data_dir):
-  cfg = ml_collections.ConfigDict(dict(name="tfds_cityscapes", root=data_dir, num_classes=19,
-                                       ignore_index=255))
+  cfg = support.dataset_config(name="tfds_cityscapes", root=data_dir, num_classes=19,
+                               ignore_index=255)
   src = registry.get_source(cfg, "val")
   assert isinstance(src, ts.TfdsSegmentation)
   ds = grain.MapDataset.source(src).map(lambda r: (r["name"], r["label"].tolist()))
@@ -243,7 +243,7 @@ def test_get_source_grain_and_pickle(data_dir):
       (n, _CITY_EXPECTED[n]) for n in _CITY["val"])
   clone = pickle.loads(pickle.dumps(src))  # grain worker processes receive a pickled source
   np.testing.assert_array_equal(clone[1]["label"], src[1]["label"])
-  cfg = ml_collections.ConfigDict(dict(name="tfds_ade20k", root=data_dir, num_classes=150))
+  cfg = support.dataset_config(name="tfds_ade20k", root=data_dir, num_classes=150)
   assert len(registry.get_source(cfg, "val")) == 2
   cfg.num_classes = 151
   with pytest.raises(ValueError, match="num_classes is 151 but dataset 'tfds_ade20k' has 150"):
@@ -266,7 +266,7 @@ def test_missing_data_dir(tmp_path):
   with pytest.raises(FileNotFoundError,
                      match=f"missing TFDS data_dir {re.escape(missing)}.*internet"):
     ts.ade20k_tfds_source(missing, "train")
-  cfg = ml_collections.ConfigDict(dict(name="tfds_ade20k", root=""))
+  cfg = support.dataset_config(name="tfds_ade20k", root="")
   with pytest.raises(FileNotFoundError, match="config.dataset.root is empty"):
     registry.get_source(cfg, "train")
 

@@ -315,7 +315,7 @@ def test_scales_one_equals_single_scale():
   record = {"image": image, "label": np.zeros((48, 64), np.uint8), "name": "x"}
   out = T.MultiScaleResize(resize="keep_ratio", scale=(256, 64), ratios=(1.0,), size_divisor=32,
                            min_size=0).map(record)
-  single = T.resize_for_test(image, "keep_ratio", (256, 64))
+  single = T.resize_for_test(image, "keep_ratio", (256, 64), 1.0, 32, 0)
   assert len(out["images"]) == 1 and single.shape == (64, 85, 3)
   np.testing.assert_array_equal(out["images"][0], single)
   p = protocol(mode="slide", crop=(64, 64), stride=(32, 32))
