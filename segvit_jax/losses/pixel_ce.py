@@ -22,7 +22,7 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int,
   """Mean cross-entropy of (B, K, h, w) logits against (B, H, W) int labels.
 
   Computed channels last, (B, H, W, K), as logsumexp - the label's logit: XLA's CPU reductions
-  over the major class axis of (B, K, H, W) took about 3x as long for the loss and its gradient
+  over the major class axis of (B, K, H, W) are slower for the loss and its gradient
   (BENCHMARKS.md, "Training step")."""
   labels = labels.astype(jnp.int32)
   k = logits.shape[1]
