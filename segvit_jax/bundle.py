@@ -190,18 +190,20 @@ def merge_state(abstract: Mapping[str, Any], state: Mapping[str, Any], *, source
   return {k: merge_params(want[k], state[k], source=f"{source} ({k})") for k in want}
 
 
-def abstract_variables(model, model_cfg) -> Any:
-  """The model's variables as shapes. They do not depend on the input size (stored grids are
-  config fields), so any valid input does: the first multiple of what inputs must be multiples
-  of (the patch, 32, ...) that is at least 64 px and 2 of them."""
+def probe_input(model_cfg: Mapping[str, Any]) -> jax.Array:
+  """An input every model of `model_cfg` takes, to build its variables' shapes. They do not
+  depend on the input size (stored grids are config fields), so any valid input does: the
+  first multiple of what inputs must be multiples of (the patch, 32, ...) that is at least
+  64 px and 2 of them."""
   d = input_divisor(model_cfg)
   side = d * max(2, -(-64 // d))
-  x = jnp.zeros((1, side, side, 3))
+  return jnp.zeros((1, side, side, 3))
+
+
+def abstract_variables(model, model_cfg) -> Any:
+  """The model's variables as shapes (unboxed; from `probe_input`)."""
+  x = probe_input(model_cfg)
   return flax.linen.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
-
-
-def _abstract_params(model, model_cfg) -> Any:
-  return abstract_variables(model, model_cfg)["params"]
 
 
 def merge_params(init: Any, loaded: Any, *, source: str = "checkpoint") -> Any:

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from segvit_jax import config_utils
+from segvit_jax import bundle, config_utils
 from segvit_jax.data import palettes, registry
-from segvit_jax.models import build_model, input_divisor
+from segvit_jax.models import build_model
 
 
 def load_config(config: ml_collections.ConfigDict | str) -> ml_collections.ConfigDict:
@@ -24,13 +24,9 @@ def load_config(config: ml_collections.ConfigDict | str) -> ml_collections.Confi
 
 def abstract_variables(model_cfg: Mapping[str, Any]) -> dict:
   """The variables of the model `model_cfg` describes, {collection: tree of float32
-  ShapeDtypeStructs}. Shapes do not depend on the input size (stored grids are config
-  fields), so any valid input does: the first multiple of the model's input divisor that is
-  at least 64 px and 2 of them."""
-  model = build_model(model_cfg)
-  d = input_divisor(model_cfg)
-  side = d * max(2, -(-64 // d))
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, side, side, 3))))
+  ShapeDtypeStructs} (`bundle.probe_input`)."""
+  model, x = build_model(model_cfg), bundle.probe_input(model_cfg)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
   # Shapes from the boxes directly: unboxing would apply sharding constraints under a mesh.
   return jax.tree.map(lambda v: jax.ShapeDtypeStruct(getattr(v, "value", v).shape, jnp.float32),
                       flax.core.unfreeze(abstract),

@@ -293,7 +293,7 @@ def test_model_init_mismatch_lists_keys(refs, tmp_path):
   src = _write(tmp_path, ("dinov2_reg", sd), "timm", "safetensors")
   c = _smoke_config()
   model = trainer.build_model(c.model)
-  params = bundle._abstract_params(model, c.model)  # pylint: disable=protected-access
+  params = bundle.abstract_variables(model, c.model)["params"]
   with pytest.raises(ValueError) as e:
     convert.init_params(params, c.model, src, "timm")
   msg = str(e.value)
@@ -341,7 +341,7 @@ def test_backbone_bundle_as_model_init_and_features_of_a_segmentor(refs, tmp_pat
   bundle_path = convert.convert(src, str(tmp_path / "bb"), "timm", num_heads=HEADS)
   c = _smoke_config()
   model = trainer.build_model(c.model)
-  init = bundle._abstract_params(model, c.model)  # pylint: disable=protected-access
+  init = bundle.abstract_variables(model, c.model)["params"]
   from_file = convert.init_params(init, c.model, src, "timm")
   with caplog.at_level("WARNING"):
     from_bundle = convert.init_params(init, c.model, bundle_path, "bundle", mean=(0.0,) * 3,

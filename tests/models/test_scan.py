@@ -199,8 +199,8 @@ def test_stacked_params_shard_like_their_blocks():
 
 def test_merge_params_across_layouts():
   unrolled, scanned, params, images = tiny_pair()
-  init_u = bundle._abstract_params(unrolled, {"backbone": TINY})
-  init_s = bundle._abstract_params(scanned, {"backbone": TINY})
+  init_u = bundle.abstract_variables(unrolled, {"backbone": TINY})["params"]
+  init_s = bundle.abstract_variables(scanned, {"backbone": TINY})["params"]
   stacked = jax.device_get(vit.stack_blocks(params))
   for init, loaded, want in ((init_s, params, stacked), (init_u, stacked, params),
                              (init_s, stacked, stacked), (init_u, params, params)):
