@@ -8,8 +8,11 @@ state, the unit that converters write and inference reads.
 
 `load_bundle(path)` returns a `Bundle` with `model`, `variables`, `config` and
 `predict(images)`: uint8 (B, H, W, 3) -> per-class scores (B, C, H, W) float32 at the input
-resolution (the model's `semantic_scores`; inputs are zero-padded to a multiple of the patch
-size and the scores cropped back, never resized).
+resolution, through the one inference path of eval.py and predict.py
+(`segvit_jax.evaluation.inference.MultiScalePredictor`) under the bundle's test protocol: the
+`eval` entry of its config.json (a training run's `config.eval`, or the `--config` a converter
+was given), or the whole image where it records none (padded by the model family's rule,
+`segvit_jax.models.PADDING_RULES`).
 
 `segvit_jax.checkpoint.load_model(path)` also accepts a training workdir (its `config.json`
 and latest checkpoint), so eval.py and predict.py take either. Loading converts the ViT block
@@ -41,33 +44,63 @@ CATEGORIES_FILE = "categories.json"
 VERSION = 1
 
 
+PROTOCOLS = ("model", "whole")
+
+
+def check_images(images: Any) -> np.ndarray:
+  """`images` as a uint8 (B, H, W, 3) array; ValueError saying what is expected otherwise."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    raise ValueError(f"predict expects uint8 RGB images (B, H, W, 3) with values 0..255, got "
+                     f"dtype {images.dtype}: pass the decoded image as it is (the bundle "
+                     "normalises with its own mean / std)")
+  if images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape:
+    raise ValueError(f"predict expects uint8 images (B, H, W, 3), got shape {images.shape}")
+  return images
+
+
 @dataclasses.dataclass
 class Bundle:
   model: Any
   variables: dict
   config: ml_collections.ConfigDict
+  _predictors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
-  @functools.cached_property
-  def _score_fn(self):
-    return jax.jit(lambda v, x: self.model.apply(v, x)["semantic_scores"])
+  def protocol(self, protocol: str = "model") -> inference.Protocol:
+    """The test protocol `predict` runs: "model" (the recorded one, else "whole") or "whole"
+    (the raw whole-image output)."""
+    if protocol not in PROTOCOLS:
+      raise ValueError(f"protocol={protocol!r}: expected one of {PROTOCOLS}")
+    if protocol == "model" and self.config.get("eval") is not None:
+      return inference.Protocol.from_config(self.config)
+    return inference.Protocol.whole(self.config.model)
 
-  def normalize(self, images: np.ndarray) -> jax.Array:
-    mean = jnp.asarray(self.config.mean, jnp.float32)
-    std = jnp.asarray(self.config.std, jnp.float32)
-    return (jnp.asarray(images, jnp.float32) - mean) / std
-
-  def predict(self, images: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W, 3) -> scores (B, C, H, W) float32, whole image at its own resolution."""
+  def predictor(self, protocol: str = "model") -> inference.MultiScalePredictor:
+    """The semantic predictor of `protocol` (`protocol()`), built once per protocol."""
     if self.config.model.get("name") == "vit":
       raise ValueError("this is a backbone bundle (no decode head): use "
                        "segvit_jax.backbone_features(bundle, images) instead of predict")
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"predict expects uint8 images (B, H, W, 3), got {images.shape}")
-    fn = functools.partial(self._score_fn, self.variables)
-    scores = inference.whole_inference(fn, self.normalize(images),
-                                       size_divisor=input_divisor(self.config.model))
-    return np.asarray(scores, np.float32)
+    p = self.protocol(protocol)
+    if p not in self._predictors:
+      apply_fn = lambda v, x: self.model.apply(v, x)["semantic_scores"]  # noqa: E731
+      self._predictors[p] = inference.MultiScalePredictor(
+          apply_fn, self.variables, p, self.config.model.num_classes, mean=self.config.mean,
+          std=self.config.std)
+    return self._predictors[p]
+
+  def predict(self, images: np.ndarray, protocol: str = "model") -> np.ndarray:
+    """uint8 (B, H, W, 3) -> scores (B, C, H, W) float32 at the input resolution under the
+    test `protocol` ("model": the bundle's recorded protocol, or the whole image where it
+    records none; "whole": the raw whole-image output). One view: the model's semantic
+    scores; several (scales x flips): the mean of their softmax probabilities (average
+    "softmax") or scores."""
+    images = check_images(images)
+    predictor = self.predictor(protocol)
+    out = []
+    for image in images:
+      h, w = image.shape[:2]
+      out.append(np.moveaxis(np.asarray(predictor.predict(image))[:h, :w], -1, 0))
+    return np.stack(out)
 
   @functools.cached_property
   def _features_fn(self):

@@ -250,11 +250,7 @@ def _eomt_geometric(config) -> list:
 def eval_transforms(config) -> list:
   """Test-time resize at every multi-scale ratio (`config.eval.resize`, `scale`, `scales`);
   normalisation happens on the device (`segvit_jax.evaluation`)."""
-  ev = config.eval
-  resize = ev.resize if tuple(ev.scale) else "none"
-  return [T.MultiScaleResize(resize=resize, scale=tuple(ev.scale),
-                             ratios=tuple(float(r) for r in ev.scales),
-                             size_divisor=int(ev.size_divisor), min_size=int(ev.min_size))]
+  return [T.MultiScaleResize.from_config(config.eval)]
 
 
 def apply_transforms(ds: grain.MapDataset, ops) -> grain.MapDataset:

@@ -641,6 +641,13 @@ class MultiScaleResize(grain.transforms.Map):
   size_divisor: int
   min_size: int
 
+  @classmethod
+  def from_config(cls, ev) -> "MultiScaleResize":
+    """The test resize of a `config.eval` section (an empty `scale`: no resize)."""
+    return cls(resize=ev.resize if tuple(ev.scale) else "none", scale=tuple(ev.scale),
+               ratios=tuple(float(r) for r in ev.scales), size_divisor=int(ev.size_divisor),
+               min_size=int(ev.min_size))
+
   def map(self, record: dict) -> dict:
     images = tuple(resize_for_test(record["image"], self.resize, self.scale, r,
                                    self.size_divisor, self.min_size) for r in self.ratios)

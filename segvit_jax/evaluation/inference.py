@@ -14,15 +14,20 @@ Window layouts (`window_layout`), on an image already resized by the test policy
   spread  EoMT: along each side, ceil(side / crop) windows with the overlap spread evenly
           (start_j = int(j * (crop - overlap / (n - 1)))); after the short-side resize the short
           side is one window. Averaged the same way.
-  whole   one window: the image zero-padded (in normalised space: the mean) bottom / right to a
-          multiple of the patch size; scores cropped back.
+  whole   one window: the image itself, padded bottom / right to what the model needs.
+
+Padding follows the model family's reference (`segvit_jax.models.PADDING_RULES`): a window
+whose side is not a multiple of the rule's multiple (only the whole image, or a window where the
+image side is smaller than the crop) is padded with zeros in normalised space (mmseg) or black
+pixels (EoMT), and its scores come back to the unpadded window by a bilinear resize (mmseg's
+`encode_decode`) or a crop (EoMT). A SegFormer takes every window as it is.
 
 A `score_fn(images (B, H, W, 3) float) -> scores (B, C, H', W')` gives each window's scores,
 bilinearly resized to the window (mmseg's `encode_decode`) in float32.
 
-`whole_inference` / `slide_inference` / `predict_scores` are pure functions of static shapes for
-callers that jit one image shape (`Bundle.predict`, tests). `MultiScalePredictor` is what
-evaluation runs on every image: the model is compiled once per window shape and window batch,
+`whole_inference` / `slide_inference` / `predict_scores` are pure functions of static shapes: the
+plain statement of the protocol the tests hold the fast path to. `MultiScalePredictor` is the one
+path eval.py, predict.py and `Bundle.predict` run on every image: the model is compiled once per window shape and window batch,
 and the cheap glue (cutting windows, adding them up, resizing to the original size, softmax,
 flipping back) once per image-size bucket: images are zero-padded into buffers whose sides are
 multiples of `bucket` and the true sizes travel as traced integers, so a dataset of many image
@@ -46,7 +51,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segvit_jax import sharding
-from segvit_jax.models import input_divisor, layers
+from segvit_jax.data import transforms
+from segvit_jax.models import Padding, input_padding, layers
 
 ScoreFn = Callable[[jax.Array], jax.Array]
 MODES = ("slide", "spread", "whole")
@@ -100,11 +106,9 @@ def window_layout(height: int, width: int, mode: str, crop: Sequence[int] | None
   """((window_h, window_w), [(y, x) window origins]) for an (height, width) image.
 
   Where the image is smaller than the crop, the window is the image side rounded up to a
-  multiple of `size_divisor` (the model needs whole patches): the window then reaches into
-  the zero padding below / right of the image and its scores there are cropped away. (mmseg's
-  ViT pads the same way but stretches the padded scores over the unpadded window; the two
-  differ only for sides that are not a multiple of the patch size.) "slide" needs `crop` and
-  `stride`, "spread" `crop` (None where unused).
+  multiple of `size_divisor` (the padding rule's multiple): the window then reaches into the
+  padding below / right of the image (`valid_size` is the part inside it). "slide" needs `crop`
+  and `stride`, "spread" `crop` (None where unused).
   """
   if mode == "slide" and (crop is None or stride is None):
     raise ValueError("mode='slide' needs crop and stride")
@@ -124,6 +128,13 @@ def window_layout(height: int, width: int, mode: str, crop: Sequence[int] | None
   raise ValueError(f"unknown inference mode {mode!r}; expected one of {MODES}")
 
 
+def valid_size(height: int, width: int, window: Window) -> Window:
+  """The part of every window of an (height, width) image's layout that lies inside it: the
+  window, or the image side where the image is smaller (its one window then reaches into the
+  padding)."""
+  return min(window[0], height), min(window[1], width)
+
+
 # ----------------------------------------------------------------------------------------------
 # Static-shape inference of a batch (pure functions).
 
@@ -136,48 +147,76 @@ def resize_scores(scores: jax.Array, size: Sequence[int]) -> jax.Array:
 
 def _scores_at(score_fn: ScoreFn, images: jax.Array) -> jax.Array:
   """score_fn(images) checked and resized to the input's spatial size: (B, C, H, W)."""
+  return resize_scores(_checked_scores(score_fn, images), images.shape[1:3])
+
+
+def _checked_scores(score_fn: ScoreFn, images: jax.Array) -> jax.Array:
+  """score_fn(images), checked to be (B, C, h, w), as float32 (bf16 model scores would lose the
+  small differences when resized and averaged)."""
   scores = score_fn(images)
   if scores.ndim != 4 or scores.shape[0] != images.shape[0]:
     raise ValueError(f"score_fn must return (B, C, H, W) scores for {images.shape[0]} images, "
                      f"got shape {scores.shape}")
-  # float32 before resizing / averaging: bf16 model scores would lose the small differences.
-  return resize_scores(scores.astype(jnp.float32), images.shape[1:3])
+  return scores.astype(jnp.float32)
 
 
-def _pad_bottom_right(image: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Zero-pads a (B, H, W, 3) batch at the bottom / right to `size` (no-op if it fits)."""
-  _, h, w, _ = image.shape
+def window_scores(score_fn: ScoreFn, crops: jax.Array, valid: Window, back: str) -> jax.Array:
+  """(B, C, wh, ww) scores of (B, wh, ww, 3) windows whose top-left `valid` part is inside the
+  image: resized to the window ("crop": the part outside is cropped away later), or to the
+  valid part ("resize", bilinear, once; the rest zeros)."""
+  window = crops.shape[1:3]
+  if back == "crop" or tuple(valid) == tuple(window):
+    return _scores_at(score_fn, crops)
+  scores = resize_scores(_checked_scores(score_fn, crops), valid)
+  return jnp.pad(scores, ((0, 0), (0, 0), (0, window[0] - valid[0]), (0, window[1] - valid[1])))
+
+
+def _pad_bottom_right(image: jax.Array, size: tuple[int, int], fill=0.0) -> jax.Array:
+  """Pads a (B, H, W, 3) batch at the bottom / right to `size` with `fill` (a value or one per
+  channel; no-op if it fits)."""
+  b, h, w, c = image.shape
   if (h, w) == tuple(size):
     return image
-  return jnp.pad(image, ((0, 0), (0, size[0] - h), (0, size[1] - w), (0, 0)))
+  out = jnp.broadcast_to(jnp.asarray(fill, image.dtype), (b, *size, c))
+  return jax.lax.dynamic_update_slice(out, image, (0, 0, 0, 0))
+
+
+def pad_value(padding: Padding, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """The normalised value padding pixels take: 0 ("zero") or a black pixel's ("black")."""
+  if padding.fill == "black":
+    return (0.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  return np.zeros(3, np.float32)
 
 
 def window_inference(score_fn: ScoreFn, image: jax.Array, layout: Layout,
-                     num_classes: int | None = None,
-                     batch_size: int | None = None) -> jax.Array:
+                     num_classes: int | None = None, batch_size: int | None = None, *,
+                     back: str = "crop", fill=0.0) -> jax.Array:
   """(B, C, H, W) float32 scores of a (B, H, W, 3) batch from the windows of `layout`.
 
   All B x N windows go through `score_fn` as (batch_size, *window, 3) chunks (default: one call
   with all of them; the last chunk is zero-padded to the full chunk so the model sees one shape,
-  looped with `lax.map`). Window scores are summed and divided by the per-pixel window count.
-  A window larger than the image (whole mode) sees the image zero-padded bottom / right.
+  looped with `lax.map`). A window reaching beyond the image sees it padded bottom / right with
+  `fill` (normalised values); its scores come back to the part inside the image by `back`
+  ("crop", or "resize": bilinear). Window scores are summed and divided by the per-pixel window
+  count.
   """
   b, h, w, _ = image.shape
   (wh, ww), starts = layout
   ph, pw = max(h, wh), max(w, ww)
-  image = _pad_bottom_right(image, (ph, pw))
+  image = _pad_bottom_right(image, (ph, pw), fill)
   n = len(starts)
+  vh, vw = valid_size(h, w, (wh, ww))
   crops = jnp.stack([image[:, y:y + wh, x:x + ww] for y, x in starts], axis=1)
   crops = crops.reshape(b * n, wh, ww, image.shape[-1])
   total = b * n
   chunk = total if batch_size is None else max(1, min(int(batch_size), total))
   num_chunks = -(-total // chunk)
   if num_chunks == 1:
-    scores = _scores_at(score_fn, crops)
+    scores = window_scores(score_fn, crops, (vh, vw), back)
   else:
     crops = jnp.pad(crops, ((0, num_chunks * chunk - total), (0, 0), (0, 0), (0, 0)))
     crops = crops.reshape(num_chunks, chunk, wh, ww, crops.shape[-1])
-    scores = jax.lax.map(lambda x: _scores_at(score_fn, x), crops)
+    scores = jax.lax.map(lambda x: window_scores(score_fn, x, (vh, vw), back), crops)
     scores = scores.reshape(num_chunks * chunk, *scores.shape[2:])[:total]
   c = scores.shape[1]
   if num_classes is not None and c != num_classes:
@@ -187,45 +226,49 @@ def window_inference(score_fn: ScoreFn, image: jax.Array, layout: Layout,
   count = np.zeros((ph, pw), np.float32)
   acc = jnp.zeros((b, c, ph, pw), jnp.float32)
   for k, (y, x) in enumerate(starts):
-    count[y:y + wh, x:x + ww] += 1.0
-    acc = acc.at[:, :, y:y + wh, x:x + ww].add(scores[:, k])
+    count[y:y + vh, x:x + vw] += 1.0
+    acc = acc.at[:, :, y:y + vh, x:x + vw].add(scores[:, k, :, :vh, :vw])
   assert count[:h, :w].min() >= 1, "windows leave pixels uncovered"
   return (acc / jnp.asarray(np.maximum(count, 1.0)))[:, :, :h, :w]
 
 
-def whole_inference(score_fn: ScoreFn, image: jax.Array, size_divisor: int) -> jax.Array:
-  """(B, C, H, W) float32 scores of a (B, H, W, 3) batch in one call, H and W zero-padded
-  (bottom / right) to the next multiple of `size_divisor` (a ViT needs whole patches), the
-  scores resized to the padded size and cropped back."""
+def whole_inference(score_fn: ScoreFn, image: jax.Array, size_divisor: int, *,
+                    back: str = "crop", fill=0.0) -> jax.Array:
+  """(B, C, H, W) float32 scores of a (B, H, W, 3) batch in one call, H and W padded (bottom /
+  right, with `fill`) to the next multiple of `size_divisor`, the scores brought back by `back`
+  (`window_inference`)."""
   _, h, w, _ = image.shape
   return window_inference(score_fn, image,
-                          window_layout(h, w, "whole", None, None, size_divisor))
+                          window_layout(h, w, "whole", None, None, size_divisor),
+                          back=back, fill=fill)
 
 
 def slide_inference(score_fn: ScoreFn, image: jax.Array, crop: Sequence[int],
                     stride: Sequence[int], size_divisor: int, num_classes: int | None = None,
-                    batch_size: int | None = None) -> jax.Array:
+                    batch_size: int | None = None, *, back: str = "crop",
+                    fill=0.0) -> jax.Array:
   """(B, C, H, W) float32 sliding-window scores of a (B, H, W, 3) batch, mmseg 0.x semantics
-  (`slide_windows`; see `window_inference` for `num_classes` / `batch_size`)."""
+  (`slide_windows`; see `window_inference` for the other arguments)."""
   _, h, w, _ = image.shape
   return window_inference(score_fn, image, window_layout(h, w, "slide", crop, stride,
                                                          size_divisor),
-                          num_classes=num_classes, batch_size=batch_size)
+                          num_classes=num_classes, batch_size=batch_size, back=back, fill=fill)
 
 
 def predict_scores(score_fn: ScoreFn, image: jax.Array, *, mode: str,
                    crop: Sequence[int] | None = None, stride: Sequence[int] | None = None,
                    num_classes: int | None = None, out_size: Sequence[int] | None = None,
-                   size_divisor: int, batch_size: int | None = None) -> jax.Array:
+                   size_divisor: int, batch_size: int | None = None, back: str = "crop",
+                   fill=0.0) -> jax.Array:
   """(B, C, H, W) scores of a (B, H, W, 3) batch by `mode` (MODES), resized to `out_size` (the
   original label size, before the test resize) when given. "slide" needs `crop` and `stride`,
-  "spread" needs `crop`."""
+  "spread" needs `crop`; `back` and `fill` as in `window_inference`."""
   if mode not in MODES:
     raise ValueError(f"unknown inference mode {mode!r}; expected one of {MODES}")
   _, h, w, _ = image.shape
   layout = window_layout(h, w, mode, crop, stride, size_divisor)
   scores = window_inference(score_fn, image, layout, num_classes=num_classes,
-                            batch_size=batch_size)
+                            batch_size=batch_size, back=back, fill=fill)
   if out_size is not None:
     scores = resize_scores(scores, out_size)
   return scores
@@ -273,15 +316,18 @@ def flip_valid(x: jax.Array, width: jax.Array, axis: int = -1) -> jax.Array:
   return jnp.take(x, jnp.where(cols < width, width - 1 - cols, cols), axis=axis)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "flip"))
-def _cut_windows(image, size, slot, ys, xs, mean, std, *, window, flip):
+@functools.partial(jax.jit, static_argnames=("window", "flip", "fill"))
+def _cut_windows(image, size, slot, ys, xs, mean, std, *, window, flip, fill):
   """(N, *window, 3) normalised float32 windows of a bucket-padded uint8 (hb, wb, 3) image of
   true `size` (h, w); window k is cut from view slot[k] (0: the image, 1: its mirror) at
-  (ys[k], xs[k]). Pixels outside the image are 0 after normalising (the mean)."""
+  (ys[k], xs[k]). Pixels outside the image are 0 after normalising (`fill` "zero") or black
+  ("black": the buffer's zeros, normalised)."""
   h, w = size[0], size[1]
-  rows, cols = jnp.arange(image.shape[0]), jnp.arange(image.shape[1])
-  inside = (rows[:, None] < h) & (cols[None, :] < w)
-  x = jnp.where(inside[..., None], (image.astype(jnp.float32) - mean) / std, 0.0)
+  x = (image.astype(jnp.float32) - mean) / std
+  if fill == "zero":
+    rows, cols = jnp.arange(image.shape[0]), jnp.arange(image.shape[1])
+    inside = (rows[:, None] < h) & (cols[None, :] < w)
+    x = jnp.where(inside[..., None], x, 0.0)
   views = jnp.stack([x, flip_valid(x, w, axis=1)]) if flip else x[None]
 
   def cut(s, y, x0):
@@ -340,18 +386,79 @@ def chunk_sizes(n: int, batch: int, num_devices: int) -> list[int]:
   return sizes
 
 
+def check_ratios(ratios: Sequence[Any], name: str) -> tuple[float, ...]:
+  """Multi-scale test ratios as floats, each finite and > 0; ValueError naming `name` (the
+  config key or flag) otherwise."""
+  try:
+    values = tuple(float(r) for r in ratios)
+  except (TypeError, ValueError):
+    values = ()
+  if not values or not all(math.isfinite(r) and r > 0 for r in values):
+    shown = ",".join(str(r) for r in ratios) if isinstance(ratios, (list, tuple)) else ratios
+    raise ValueError(f"{name}={shown}: expected one or more finite ratios > 0, e.g. "
+                     "0.5,0.75,1.0,1.25,1.5,1.75")
+  return values
+
+
+def _positive_pair(value: Any, name: str) -> tuple[int, int]:
+  try:
+    pair = tuple(int(v) for v in value)
+  except (TypeError, ValueError):
+    pair = ()
+  if len(pair) != 2 or min(pair) < 1 or pair != tuple(value):
+    raise ValueError(f"{name}={value}: expected two positive integers (h, w)")
+  return pair
+
+
+def check_protocol(ev) -> None:
+  """Checks every test-protocol value of a `config.eval` section, naming the key and what is
+  allowed (before anything is read or compiled)."""
+  if ev.resize not in transforms.TEST_RESIZES:
+    raise ValueError(f"config.eval.resize={ev.resize!r}: expected one of "
+                     f"{transforms.TEST_RESIZES}")
+  scale = tuple(ev.scale)
+  if scale and (len(scale) != 2 or not all(isinstance(v, int) and v > 0 for v in scale)):
+    raise ValueError(f"config.eval.scale={scale}: expected () or two positive integers "
+                     f"(with resize {TEST_RESIZE_SCALES})")
+  check_ratios(ev.scales, "config.eval.scales")
+  if ev.mode not in MODES:
+    raise ValueError(f"config.eval.mode={ev.mode!r}: expected one of {MODES}")
+  crop = _positive_pair(ev.crop_size, "config.eval.crop_size")
+  stride = _positive_pair(ev.stride, "config.eval.stride")
+  if ev.mode == "slide" and (stride[0] > crop[0] or stride[1] > crop[1]):
+    raise ValueError(f"config.eval.stride={stride} is larger than config.eval.crop_size="
+                     f"{crop}: the windows would leave pixels uncovered")
+  if ev.average not in AVERAGES:
+    raise ValueError(f"config.eval.average={ev.average!r}: expected one of {AVERAGES}")
+  for key in ("window_batch", "bucket", "size_divisor"):
+    if not isinstance(ev[key], int) or ev[key] < 1:
+      raise ValueError(f"config.eval.{key}={ev[key]!r}: expected a positive integer")
+  if not isinstance(ev.min_size, int) or ev.min_size < 0:
+    raise ValueError(f"config.eval.min_size={ev.min_size!r}: expected an integer >= 0")
+
+
+TEST_RESIZE_SCALES = "keep_ratio: (long, short); short_side / long_side: (h, w)"
+# The most pixels one model call may take (a 2048 x 2048 window): an image beyond it is for a
+# windowed protocol, not one forward pass (a 4000 x 3000 photo through a ViT would ask for
+# hundreds of GB of attention).
+MAX_WINDOW_PIXELS = 2048 * 2048
+NO_RESIZE = transforms.MultiScaleResize(resize="none", scale=(), ratios=(1.0,), size_divisor=1,
+                                        min_size=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-  """How an image becomes scores at test time (the inference half of `config.eval`; the test
-  resize is the data pipeline's, `segvit_jax.data.transforms.MultiScaleResize`).
+  """How an image becomes scores at test time: the test resize (`test_resize`, one image per
+  multi-scale ratio; `transforms.MultiScaleResize`, which evaluation's data pipeline applies
+  in its reader threads) and the windows.
 
   mode / crop / stride: the window layout (MODES); flip: also predict the mirrored image;
   average: how views (scales x flips) combine at the original size: "softmax" (mmseg:
   per-pixel softmax probabilities averaged) or "scores" (semantic scores averaged, as
   mask-classification models do); window_batch: windows per model call; bucket: buffer sides
-  are multiples of this; size_divisor: what model inputs must be multiples of (the patch
-  size; twice that for SegViT-Shrunk): whole mode pads to it. All from the config
-  (`from_config`).
+  are multiples of this; padding: the model family's padding rule
+  (`segvit_jax.models.input_padding`). From a config (`from_config`, checked by
+  `check_protocol`), or the raw whole image (`whole`).
   """
   mode: str
   crop: tuple[int, int]
@@ -360,7 +467,8 @@ class Protocol:
   average: str
   window_batch: int
   bucket: int
-  size_divisor: int
+  padding: Padding
+  test_resize: transforms.MultiScaleResize = NO_RESIZE
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -371,12 +479,27 @@ class Protocol:
       raise ValueError(f"config.eval.window_batch={self.window_batch} and config.eval.bucket="
                        f"{self.bucket} must be positive")
 
+  @property
+  def views(self) -> int:
+    """Views per image: scales x flips."""
+    return len(self.test_resize.ratios) * (2 if self.flip else 1)
+
   @classmethod
   def from_config(cls, config) -> "Protocol":
+    """The protocol of `config.eval` for the model of `config.model`."""
     ev = config.eval
+    check_protocol(ev)
     return cls(mode=ev.mode, crop=tuple(ev.crop_size), stride=tuple(ev.stride),
                flip=bool(ev.flip), average=ev.average, window_batch=int(ev.window_batch),
-               bucket=int(ev.bucket), size_divisor=input_divisor(config.model))
+               bucket=int(ev.bucket), padding=input_padding(config.model),
+               test_resize=transforms.MultiScaleResize.from_config(ev))
+
+  @classmethod
+  def whole(cls, model_cfg) -> "Protocol":
+    """The raw whole-image output: no resize, one view, one window (padded by the family's
+    rule)."""
+    return cls(mode="whole", crop=(1, 1), stride=(1, 1), flip=False, average="scores",
+               window_batch=1, bucket=32, padding=input_padding(model_cfg))
 
 
 def local_mesh() -> jax.sharding.Mesh:
@@ -416,16 +539,19 @@ class LocalPredictor:
 
 
 class MultiScalePredictor(LocalPredictor):
-  """Multi-scale (+ flip) scores of one image at a time on this process's devices.
+  """Multi-scale (+ flip) scores of one image at a time on this process's devices: the one
+  semantic inference path of eval.py, predict.py and `Bundle.predict`.
 
-    predictor = MultiScalePredictor(apply_fn, params, protocol, num_classes)
+    predictor = MultiScalePredictor(apply_fn, params, protocol, num_classes, mean=, std=)
     total = predictor(images, out_size)  # (Hb, Wb, C) on device; [:H, :W] is the image
+    scores = predictor.predict(image)    # the same from one uint8 image, mean over views
 
   `apply_fn(params, images (B, h, w, 3)) -> (B, C, h', w')` semantic scores; `images` are the
-  uint8 test-resized images, one per scale (`MultiScaleResize`); `out_size` is the original
-  (H, W). The result is the sum over views (scales x flips) of softmax probabilities or scores
-  at the original size (dividing by the view count would not change the argmax); its buffer is
-  (H, W) rounded up to `protocol.bucket`, channels last (the layout the glue is fast in).
+  uint8 test-resized images, one per scale (`protocol.test_resize`; evaluation's pipeline
+  resizes in its reader threads, `predict` here); `out_size` is the original (H, W). The
+  result is the sum over views (scales x flips) of softmax probabilities or scores at the
+  original size (dividing by the view count would not change the argmax); its buffer is (H, W)
+  rounded up to `protocol.bucket`, channels last (the layout the glue is fast in).
   """
 
   def __init__(self, apply_fn: Callable, params: Any, protocol: Protocol, num_classes: int, *,
@@ -436,19 +562,29 @@ class MultiScalePredictor(LocalPredictor):
     self.num_classes = int(num_classes)
     self._mean = self.put(np.asarray(mean, np.float32))
     self._std = self.put(np.asarray(std, np.float32))
+    back = protocol.padding.back
 
-    def model(params, crops):
+    def model(params, crops, valid):
       crops = jax.lax.with_sharding_constraint(crops, self._batch)
-      return jnp.moveaxis(_scores_at(lambda x: apply_fn(params, x), crops), 1, -1)
+      scores = window_scores(lambda x: apply_fn(params, x), crops, valid, back)
+      return jnp.moveaxis(scores, 1, -1)
 
-    self._model = jax.jit(model, out_shardings=self._repl)
+    self._model = jax.jit(model, static_argnums=2, out_shardings=self._repl)
     # Accumulators start on the devices (no host allocation and transfer of C x H x W zeros).
     self._zeros = jax.jit(lambda shape: jnp.zeros(shape, jnp.float32), static_argnums=0,
                           out_shardings=self._repl)
+    self._mean_of_views = jax.jit(lambda total: total / protocol.views)
 
   def chunk_sizes(self, n: int) -> list[int]:
     """`chunk_sizes` of n windows for this predictor's window batch and devices."""
     return chunk_sizes(n, self.protocol.window_batch, self.num_devices)
+
+  def predict(self, image: np.ndarray) -> jax.Array:
+    """(Hb, Wb, C) on the devices, [:H, :W] the uint8 (H, W, 3) `image`'s scores under the
+    protocol: the model's scores for one view, else the mean over views of the softmax
+    probabilities (average "softmax") or of the scores."""
+    images = self.protocol.test_resize.map({"image": image})["images"]
+    return self._mean_of_views(self(images, image.shape[:2]))
 
   def __call__(self, images: Sequence[np.ndarray], out_size: tuple[int, int]) -> jax.Array:
     p = self.protocol
@@ -461,7 +597,14 @@ class MultiScalePredictor(LocalPredictor):
       out_hw = self.put(np.asarray(out_size, np.int32))
       for image in images:
         h, w = image.shape[:2]
-        window, starts = window_layout(h, w, p.mode, p.crop, p.stride, p.size_divisor)
+        window, starts = window_layout(h, w, p.mode, p.crop, p.stride, p.padding.multiple)
+        if window[0] * window[1] > MAX_WINDOW_PIXELS:
+          raise ValueError(
+              f"a {h}x{w} (HxW) test image in {p.mode} mode is one {window[0]}x{window[1]} "
+              f"model input, more than one forward pass should take ({MAX_WINDOW_PIXELS} "
+              "pixels): use a windowed test protocol (config.eval.mode 'slide' or 'spread'; "
+              "predict.py: a bundle that records one, or --config) or a test resize")
+        valid = valid_size(h, w, window)
         hb = _round_up(max(h, window[0]), p.bucket)
         wb = _round_up(max(w, window[1]), p.bucket)
         buf = np.zeros((hb, wb, 3), np.uint8)
@@ -470,22 +613,22 @@ class MultiScalePredictor(LocalPredictor):
         sizes = self.chunk_sizes(len(entries))
         pad = sum(sizes) - len(entries)
         table = np.asarray(entries + [(0, 0, 0)] * pad, np.int32)
-        valid = np.asarray([1] * len(entries) + [0] * pad, np.int32)
+        is_real = np.asarray([1] * len(entries) + [0] * pad, np.int32)
         size = self.put(np.asarray((h, w), np.int32))
         crops = _cut_windows(self.put(buf), size, table[:, 0], table[:, 1],
                              table[:, 2], self._mean, self._std, window=window,
-                             flip=p.flip)
+                             flip=p.flip, fill=p.padding.fill)
         acc = self._zeros((views, hb, wb, c))
         count = self._zeros((hb, wb))
         start = 0
         for n in sizes:
-          scores = self._model(self.params, crops[start:start + n])
+          scores = self._model(self.params, crops[start:start + n], valid)
           if scores.shape[-1] != c:
             raise ValueError(f"the model returned {scores.shape[-1]} score channels, expected "
                              f"num_classes={c}")
           sl = slice(start, start + n)
           acc, count = _add_windows(acc, count, scores, table[sl, 0], table[sl, 1],
-                                    table[sl, 2], valid[sl])
+                                    table[sl, 2], is_real[sl])
           start += n
         total = _add_view_scores(total, acc, count, size, out_hw, softmax=softmax)
     return total

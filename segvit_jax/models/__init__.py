@@ -17,6 +17,7 @@ inputs, `training_inputs(model_cfg, step) -> dict`. Shared layers: layers.py, cp
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -64,6 +65,46 @@ def input_divisor(model_cfg: Mapping[str, Any]) -> int:
   down-sampling (the token grid is halved inside the backbone). A SegFormer takes any size;
   its 32 (the MiT's total stride) makes every stage grid an exact fraction of the input."""
   return MODELS[family(model_cfg)].input_divisor(model_cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Padding:
+  """How a family's reference takes an input whose sides are not multiples of what the model
+  needs (`input_padding`): sides padded bottom / right to a `multiple`, with `fill` "zero" (0
+  in normalised space) or "black" (uint8 0, before normalising); the padded input's scores
+  `back` to the input by "resize" (bilinear, to the unpadded size) or "crop"."""
+  multiple: int
+  fill: str
+  back: str
+
+
+# family: (multiple of, fill, back). Whole-image inference, and every window of the test
+# protocols, follow the reference's rule (README, "Evaluation and prediction"):
+#   segvit         patch (32 on an MiT)  zero   resize  mmseg's ViT PatchEmbed(padding="corner")
+#                                                       on the normalised image; encode_decode
+#                                                       resizes the scores to the image
+#   segvit_shrunk  2 x patch             zero   resize  the same; query down-sampling halves
+#                                                       the token grid
+#   segformer      1 (none)              -      -       the MiT's convolutions take any size
+#                                                       (mmseg, transformers)
+#   eomt           patch                 black  crop    EoMT pads the uint8 image and crops the
+#                                                       upsampled logits back
+PADDING_RULES = {"segvit": ("divisor", "zero", "resize"),
+                 "segvit_shrunk": ("divisor", "zero", "resize"),
+                 "segformer": (1, "zero", "resize"),
+                 "eomt": ("divisor", "black", "crop")}
+
+
+def input_padding(model_cfg: Mapping[str, Any]) -> Padding:
+  """The `PADDING_RULES` entry of a model config, its multiple resolved ("divisor":
+  `input_divisor`)."""
+  name = family(model_cfg)
+  if name not in PADDING_RULES:
+    raise ValueError(f"a {name!r} model (a backbone alone) has no test-time padding rule")
+  multiple, fill, back = PADDING_RULES[name]
+  if multiple == "divisor":
+    multiple = input_divisor(model_cfg)
+  return Padding(int(multiple), fill, back)
 
 
 def patch_size(model_cfg: Mapping[str, Any]) -> int:
