@@ -119,8 +119,8 @@ def pil_to_rgb8(img: Image.Image) -> np.ndarray:
 
 
 def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
-  """The upright (H', W', C) image for an EXIF orientation 1..8 (others: as stored), as
-  `PIL.ImageOps.exif_transpose` turns it; (row, column) order of EXIF 2.3 section 4.6.4."""
+  """The upright (H', W', C) image for an EXIF / TIFF Orientation tag (274) value 1..8 (others:
+  as stored), turned as `PIL.ImageOps.exif_transpose` turns it."""
   turned = {
       2: lambda a: a[:, ::-1],  # mirrored left-right
       3: lambda a: a[::-1, ::-1],  # rotated 180

@@ -259,14 +259,17 @@ def exif_with_orientation(orientation: int) -> Image.Exif:
   return exif
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])  # an eXIf chunk; TIFF tag 274
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_exif_orientation_gives_upright_image(tmp_path, orientation):
+def test_exif_orientation_gives_upright_image(tmp_path, orientation, suffix):
   upright = rgb_array(11)
   stored = Image.fromarray(upright)
   if STORE[orientation] is not None:
     stored = stored.transpose(STORE[orientation])
-  path = str(tmp_path / f"o{orientation}.png")
+  path = str(tmp_path / f"o{orientation}{suffix}")
   stored.save(path, exif=exif_with_orientation(orientation))
+  with Image.open(path) as img:
+    assert img.getexif().get(0x0112) == orientation
   check_rgb(files.read_image(path), upright)
   with Image.open(path) as img:  # the same as PIL's own turn
     check_rgb(files.read_image(path), np.asarray(ImageOps.exif_transpose(img)))
