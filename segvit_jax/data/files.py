@@ -5,8 +5,9 @@ whose labels are already in the train-id convention: classes 0..K-1, `ignore_ind
 ignored, and has `class_names` (a tuple of str).
 
 Layout problems surface when a source is built (FileNotFoundError naming the missing path and
-the expected layout), before any training work. Files are decoded with PIL on access; an
-unreadable file or an out-of-range label raises ValueError naming the file.
+the expected layout), before any training work. Files are decoded with PIL on access (16-bit
+colour with cv2), EXIF orientation applied; an unreadable file or an out-of-range label raises
+ValueError naming the file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -25,12 +26,111 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 def read_image(path: str) -> np.ndarray:
-  """Decode an image file to uint8 RGB (H, W, 3); ValueError naming the file if it fails."""
+  """Decode an image file to uint8 RGB (H, W, 3), upright; ValueError naming the file if it fails.
+
+  Every PIL mode maps to 8-bit RGB by one stated rule:
+  - 8-bit modes (RGB, L, LA, P, PA, RGBA, CMYK, YCbCr, 1, ...): PIL's `convert("RGB")`. Grey is
+    replicated, a palette is looked up, and alpha (RGBA, LA, PA, a palette's transparency) is
+    dropped, not composited: the colour channels as stored are what PIL's `convert("RGB")`,
+    torchvision's `read_image(mode=RGB)` and mmcv's `imread` (which mmseg trains on) give, so a
+    model sees the pixels it was trained on.
+  - 16-bit grey (I;16, I;16B, I;16L, and I holding 0..65535) and 16-bit-per-channel RGB, RGBA
+    and LA: round(x / 257), so 65535 -> 255 and an 8-bit value stored as v * 257 comes back as
+    v. PIL clips 16-bit grey to 255 in `convert` and keeps only the high byte (x >> 8, up to
+    one level below the rounded value) of 16-bit colour, so 16-bit colour is decoded by cv2.
+  - F (32-bit float): taken as intensities in [0, 1], round(x * 255); other values (or NaN)
+    raise, since no scale would be right for all of them.
+  The EXIF orientation (all 8 values, as `PIL.ImageOps.exif_transpose`) is applied, so phone
+  photos come out upright. The whole file is decoded here, so a truncated or corrupt file fails
+  in this call (unless something set PIL's process-wide `ImageFile.LOAD_TRUNCATED_IMAGES`, which
+  makes PIL fill the missing rows instead).
+  """
   try:
     with Image.open(path) as img:
-      return np.asarray(img.convert("RGB"), dtype=np.uint8)
-  except (OSError, ValueError, SyntaxError) as e:  # PIL raises all of these on bad files
+      deep_colour = is_16bit_colour(img)  # before load(), which clears img.tile
+      img.load()
+      orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+      rgb = decode_16bit_colour(path) if deep_colour else pil_to_rgb8(img)
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise ValueError(f"cannot decode image {path}: {e}") from e
+  return apply_orientation(rgb, orientation)
+
+
+def scale_16bit(x: np.ndarray) -> np.ndarray:
+  """uint8 round(x / 257) of integers in [0, 65535] (no ties: 257 is odd)."""
+  return ((x.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def is_16bit_colour(img: Image.Image) -> bool:
+  """Whether PIL opened a 16-bit-per-channel RGB / RGBA / LA file, which it keeps at 8 bits.
+
+  PIL shows the depth only in the raw mode of the not yet decoded tiles ("RGB;16B" in a PNG,
+  "RGB;16N" in a TIFF; a 16-bit grey + alpha PNG opens as RGBA from "LA;16B"); 5-6-5 packed
+  modes ("BGR;16") have no byte-order suffix.
+  """
+  if img.mode not in ("RGB", "RGBA", "LA"):
+    return False
+  for tile in img.tile:
+    raw = tile.args[0] if isinstance(tile.args, tuple) else tile.args
+    if isinstance(raw, str) and raw.rpartition(";")[2] in ("16B", "16L", "16N"):
+      return True
+  return False
+
+
+def decode_16bit_colour(path: str) -> np.ndarray:
+  """uint8 RGB (H, W, 3) of a 16-bit RGB / RGBA / LA file, read at full depth by cv2."""
+  import cv2  # pylint: disable=g-import-not-at-top  (only needed for these rare files)
+  try:
+    data = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+  except cv2.error as e:
+    raise ValueError(str(e)) from e
+  if data is None or data.dtype != np.uint16:
+    raise ValueError("OpenCV could not decode it as a 16-bit image")
+  if data.ndim == 2:
+    data = data[..., None]
+  if data.shape[-1] <= 2:  # grey (+ alpha)
+    rgb = np.repeat(data[..., :1], 3, axis=-1)
+  else:  # BGR (+ alpha)
+    rgb = data[..., 2::-1]
+  return scale_16bit(rgb)
+
+
+def pil_to_rgb8(img: Image.Image) -> np.ndarray:
+  """uint8 RGB (H, W, 3) of a decoded PIL image by the rules in `read_image`."""
+  if img.mode == "F":
+    x = np.asarray(img, dtype=np.float32)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if not 0.0 <= lo <= hi <= 1.0:  # also False for NaN
+      raise ValueError(f"float (mode F) image has values in [{lo}, {hi}]; expected intensities "
+                       "in [0, 1]")
+    grey = np.rint(x * 255).astype(np.uint8)
+  elif img.mode.startswith("I"):
+    x = np.asarray(img)
+    lo, hi = (int(x.min()), int(x.max())) if x.size else (0, 0)
+    if lo < 0 or hi > 65535:
+      raise ValueError(f"integer (mode {img.mode}) image has values in [{lo}, {hi}]; expected "
+                       "16-bit intensities in [0, 65535]")
+    grey = scale_16bit(x)
+  elif img.mode in ("P", "PA"):  # via RGBA: PIL warns on P + transparency -> RGB
+    return np.asarray(img.convert("RGBA"), dtype=np.uint8)[..., :3]
+  else:
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+  return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+  """The upright (H', W', C) image for an EXIF / TIFF Orientation tag (274) value 1..8 (others:
+  as stored), turned as `PIL.ImageOps.exif_transpose` turns it."""
+  turned = {
+      2: lambda a: a[:, ::-1],  # mirrored left-right
+      3: lambda a: a[::-1, ::-1],  # rotated 180
+      4: lambda a: a[::-1],  # mirrored top-bottom
+      5: lambda a: a.transpose(1, 0, 2),  # transposed
+      6: lambda a: np.rot90(a, -1),  # rotated 90 clockwise to be upright
+      7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # transversed
+      8: lambda a: np.rot90(a, 1),  # rotated 90 counter-clockwise to be upright
+  }.get(orientation if isinstance(orientation, int) else 1)
+  return image if turned is None else np.ascontiguousarray(turned(image))
 
 
 def read_label(path: str) -> np.ndarray:
