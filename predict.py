@@ -6,8 +6,15 @@
 
 Semantic (default), per image NAME: `NAME.png` (class ids, uint8 or uint16), `NAME_overlay.jpg`
 (colour overlay) and, with --save_scores, `NAME.npy`: per-class scores (C, H, W) float32 at the
-input resolution. The whole image is processed at its own resolution with the model's own
-normalisation.
+input resolution, the array `Bundle.predict` gives. Every image goes through the one inference
+path of eval.py (`segvit_jax.evaluation.inference.MultiScalePredictor`) under the model's test
+protocol (--protocol model, the default): --config's `eval` section if given, else the one the
+bundle records (a training run's, or a converter's --config), else the whole image; --scales /
+--flip override its multi-scale ratios and flip. `--protocol whole` gives the raw whole-image
+output, padded only where the model family's reference pads (README, "Evaluation and
+prediction"). Images are read as 8-bit RGB whatever their mode (16-bit scaled, palette, CMYK,
+EXIF orientation applied); a file that cannot be read or predicted is named and skipped, the
+others are written, and the exit status is 1.
 
 Panoptic (`--task panoptic`, mask-classification models: EoMT), in COCO's panoptic format so
 that COCO's panopticapi scores the output as it is (`pq_compute(GT_JSON, "out/panoptic.json")`):
@@ -20,6 +27,7 @@ of `segvit_jax.evaluation.panoptic` with --object_mask_threshold / --overlap_thr
 ids and thing flags come from the bundle's `categories` entry ([{id, name, isthing}], in class
 order) or from --categories (a COCO panoptic json, e.g. annotations/panoptic_val2017.json).
 
+Panoptic defaults (--size, the thresholds) come from the recorded protocol where there is one.
 The dash spellings --save-scores, --object-mask-threshold, --overlap-threshold and
 --compilation-cache still work.
 """
@@ -29,9 +37,12 @@ import os
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 from PIL import Image
 
 from segvit_jax import checkpoint, runtime
@@ -50,16 +61,28 @@ flags.DEFINE_alias("save-scores", "save_scores")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: latest).")
 _TASK = flags.DEFINE_enum("task", "semantic", ["semantic", "panoptic"],
                           "Semantic class maps, or COCO-format panoptic segments.")
+_PROTOCOL = flags.DEFINE_enum("protocol", "model", ["model", "whole"],
+                              "Semantic: the model's test protocol (--config's, else the "
+                              "bundle's, else the whole image) or the raw whole image.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A config (configs/NAME.py[:ARG]) "
+                                          "whose test protocol (config.eval) to run.")
+_SCALES = flags.DEFINE_list("scales", None, "Multi-scale test ratios, e.g. 0.5,0.75,1.0,1.25,"
+                            "1.5,1.75 (default: the protocol's).")
+_FLIP = flags.DEFINE_bool("flip", None, "Also predict the mirrored images (default: the "
+                          "protocol's).")
 _SIZE = flags.DEFINE_integer("size", None, "Panoptic: the square model input (default: the "
-                             "model's position grid x its patch size).")
+                             "recorded protocol's, else the model's position grid x its "
+                             "patch size).")
 _CATEGORIES = flags.DEFINE_string("categories", None, "Panoptic: a COCO panoptic json whose "
                                   "categories (in class order) give category ids and thing "
                                   "flags (default: the bundle's).")
 _OBJECT_MASK_THRESHOLD = flags.DEFINE_float(
-    "object_mask_threshold", 0.8, "Panoptic: queries kept above this class probability.")
+    "object_mask_threshold", None, "Panoptic: queries kept above this class probability "
+    "(default: the recorded protocol's, else EoMT's 0.8).")
 flags.DEFINE_alias("object-mask-threshold", "object_mask_threshold")
 _OVERLAP_THRESHOLD = flags.DEFINE_float(
-    "overlap_threshold", 0.8, "Panoptic: segments kept if this share of their mask survives.")
+    "overlap_threshold", None, "Panoptic: segments kept if this share of their mask survives "
+    "(default: the recorded protocol's, else EoMT's 0.8).")
 flags.DEFINE_alias("overlap-threshold", "overlap_threshold")
 runtime.define_compilation_cache_flag()
 flags.DEFINE_alias("compilation-cache", "compilation_cache")
@@ -78,6 +101,35 @@ def list_images(path: str) -> list[str]:
   return [path]
 
 
+def test_protocol(model) -> ml_collections.ConfigDict:
+  """The `eval` section predict.py runs: --protocol whole's, --config's, the bundle's or the
+  whole image's, with --scales / --flip applied (checked before anything compiles)."""
+  if _PROTOCOL.value == "whole":
+    ev = ml_collections.ConfigDict(inference.WHOLE_EVAL)
+  elif _CONFIG.value is not None:
+    ev = ml_collections.ConfigDict(_CONFIG.value.eval.to_dict())
+  else:
+    ev = ml_collections.ConfigDict(model.config.get("eval") or inference.WHOLE_EVAL)
+  if _SCALES.value:
+    ev.scales = inference.check_ratios(_SCALES.value, "--scales")
+  if _FLIP.value is not None:
+    ev.flip = _FLIP.value
+  inference.check_protocol(ev)
+  return ev
+
+
+def progress(i: int, total: int, t0: float) -> str:
+  """'3.2 img/s, ETA 0:41' after i of total images."""
+  rate = i / max(time.perf_counter() - t0, 1e-9)
+  eta = int((total - i) / rate)
+  return f"{rate:.2f} img/s, ETA {eta // 60}:{eta % 60:02d}"
+
+
+@jax.jit
+def _labels(total: jax.Array) -> jax.Array:
+  return jnp.argmax(total, axis=-1).astype(jnp.int32)
+
+
 def main(argv: list[str]) -> int:
   runtime.no_arguments(argv)
   files = list_images(_INPUT.value)
@@ -85,25 +137,47 @@ def main(argv: list[str]) -> int:
   output = _OUTPUT.value
   if _TASK.value == "panoptic":
     return predict_panoptic(model, files, output)
+  with model.config.unlocked():
+    model.config.eval = test_protocol(model)
+  predictor = model.predictor("model")
   num_classes = model.config.model.num_classes
   # The classes' colours, as in training and evaluation pictures (the bundle's class names).
   colours = palettes.palette_for_class_names(model.config.class_names)
   os.makedirs(output, exist_ok=True)
+  skipped = []
   t0 = time.perf_counter()
   for i, file in enumerate(files):
-    image = read_image(file)
-    scores = model.predict(image[None])[0]  # (C, H, W)
-    pred = scores.argmax(0).astype(np.uint8 if num_classes <= 256 else np.uint16)
+    try:
+      image = read_image(file)
+      h, w = image.shape[:2]
+      scores = predictor.predict(image)  # (Hb, Wb, C) on the device
+      pred = np.asarray(_labels(scores))[:h, :w].astype(
+          np.uint8 if num_classes <= 256 else np.uint16)
+    except ValueError as e:
+      skipped.append((file, str(e)))
+      print(f"[{i + 1}/{len(files)}] skipped {file}: {e}", file=sys.stderr, flush=True)
+      continue
     name = os.path.splitext(os.path.basename(file))[0]
     Image.fromarray(pred).save(os.path.join(output, f"{name}.png"))
     pictures.save(os.path.join(output, f"{name}_overlay.jpg"),
                   pictures.overlay(image, pred, colours))
     if _SAVE_SCORES.value:
-      np.save(os.path.join(output, f"{name}.npy"), scores.astype(np.float32))
-    rate = (i + 1) / (time.perf_counter() - t0)
-    print(f"[{i + 1}/{len(files)}] {file} -> {name}.png ({rate:.2f} img/s)", flush=True)
-  print(f"wrote {len(files)} predictions to {output}")
-  return 0
+      np.save(os.path.join(output, f"{name}.npy"),
+              np.moveaxis(np.asarray(scores, np.float32)[:h, :w], -1, 0))
+    print(f"[{i + 1}/{len(files)}] {file} -> {name}.png ({progress(i + 1, len(files), t0)})",
+          flush=True)
+  print(f"wrote {len(files) - len(skipped)} predictions to {output}")
+  return report_skipped(skipped, len(files))
+
+
+def report_skipped(skipped: list[tuple[str, str]], total: int) -> int:
+  """Names every skipped file on stderr; exit status 1 if there is one."""
+  if not skipped:
+    return 0
+  print(f"error: {len(skipped)} of {total} images skipped:", file=sys.stderr)
+  for file, why in skipped:
+    print(f"  {file}: {why}", file=sys.stderr)
+  return 1
 
 
 def load_categories(model, path: str | None) -> list[dict]:
@@ -134,7 +208,15 @@ def predict_panoptic(model, files: list[str], output: str) -> int:
   categories = load_categories(model, _CATEGORIES.value)
   is_thing = [bool(c["isthing"]) for c in categories]
   coco_ids = [c["id"] for c in categories]
-  size = _SIZE.value or int(cfg.backbone.posemb_grid[0]) * patch_size(cfg)
+  ev = model.config.get("eval") or {}
+  recorded = ev.get("task") == "panoptic"  # the recorded protocol is a panoptic one
+  size = _SIZE.value or (int(ev["scale"][0]) if recorded and ev.get("scale") else
+                         int(cfg.backbone.posemb_grid[0]) * patch_size(cfg))
+  object_mask_threshold, overlap_threshold = (
+      flag.value if flag.value is not None else
+      float(ev[key]) if recorded else 0.8  # EoMT App. A.3
+      for flag, key in ((_OBJECT_MASK_THRESHOLD, "object_mask_threshold"),
+                        (_OVERLAP_THRESHOLD, "overlap_threshold")))
 
   def apply_fn(v, x):
     out = model.model.apply(v, x)
@@ -145,10 +227,15 @@ def predict_panoptic(model, files: list[str], output: str) -> int:
   colours = palettes.palette_for_class_names([c["name"] for c in categories])
   png_dir = os.path.join(output, "panoptic")
   os.makedirs(png_dir, exist_ok=True)
-  annotations = []
+  annotations, skipped = [], []
   t0 = time.perf_counter()
   for i, file in enumerate(files):
-    image = read_image(file)
+    try:
+      image = read_image(file)
+    except ValueError as e:
+      skipped.append((file, str(e)))
+      print(f"[{i + 1}/{len(files)}] skipped {file}: {e}", file=sys.stderr, flush=True)
+      continue
     h, w = image.shape[:2]
     # EoMT's panoptic protocol: the longer side to the input, one scale (the divisor and the
     # minimum size do not apply to this policy).
@@ -157,9 +244,9 @@ def predict_panoptic(model, files: list[str], output: str) -> int:
     class_logits, mask_logits = predictor.logits([resized])
     masks = predictor.at_size(mask_logits[0], resized.shape[:2], (h, w))
     maps = panoptic.panoptic_maps(class_logits[0], masks, jnp.asarray((h, w), jnp.int32),
-                                  _OBJECT_MASK_THRESHOLD.value)
+                                  object_mask_threshold)
     maps = {k: np.asarray(v) for k, v in maps.items()}
-    lookup, segments = panoptic.panoptic_segments(maps, is_thing, _OVERLAP_THRESHOLD.value)
+    lookup, segments = panoptic.panoptic_segments(maps, is_thing, overlap_threshold)
     ids = panoptic.segment_map(maps, lookup, (h, w))
     name = os.path.splitext(os.path.basename(file))[0]
     Image.fromarray(panoptic.id_to_rgb(ids)).save(os.path.join(png_dir, f"{name}.png"))
@@ -169,13 +256,12 @@ def predict_panoptic(model, files: list[str], output: str) -> int:
     classes = [s["class_id"] for s in segments]
     pictures.save(os.path.join(output, f"{name}_overlay.jpg"),
                   panoptic.overlay(image, ids, classes, is_thing, colours))
-    rate = (i + 1) / (time.perf_counter() - t0)
     print(f"[{i + 1}/{len(files)}] {file} -> panoptic/{name}.png, {len(segments)} segments "
-          f"({rate:.2f} img/s)", flush=True)
+          f"({progress(i + 1, len(files), t0)})", flush=True)
   with open(os.path.join(output, "panoptic.json"), "w", encoding="utf-8") as f:
     json.dump({"annotations": annotations, "categories": categories}, f)
-  print(f"wrote {len(files)} panoptic predictions to {output}")
-  return 0
+  print(f"wrote {len(annotations)} panoptic predictions to {output}")
+  return report_skipped(skipped, len(files))
 
 
 if __name__ == "__main__":

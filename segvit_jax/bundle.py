@@ -160,9 +160,17 @@ def save_bundle(path: str, params: Any, model_cfg: Mapping[str, Any], *, mean, s
       ckptr.save(os.path.join(path, "state"), jax.device_get(dict(model_state)), force=True)
   tmp = os.path.join(path, "config.json.tmp")
   with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
+    json.dump(meta, f, indent=2, default=_json_value)
   os.replace(tmp, os.path.join(path, "config.json"))
   return path
+
+
+def _json_value(o: Any) -> Any:
+  """config.json's spelling of what json does not write itself: ConfigDicts as dicts, tuples
+  as lists, anything else as its str."""
+  if hasattr(o, "to_dict"):
+    return o.to_dict()
+  return list(o) if isinstance(o, tuple) else str(o)
 
 
 def read_config(path: str) -> dict:

@@ -185,7 +185,7 @@ def load_model(path: str, step: int | None = None) -> bundle.Bundle:
       class_names = [line.rstrip("\n") for line in f if line.strip()]
   else:
     class_names = [f"class_{i}" for i in range(config.model.num_classes)]
-  extra = {}
+  extra = {"eval": meta["eval"]} if meta.get("eval") else {}  # the test protocol
   categories_file = os.path.join(path, bundle.CATEGORIES_FILE)
   if os.path.isfile(categories_file):
     with open(categories_file) as f:

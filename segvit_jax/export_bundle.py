@@ -22,7 +22,7 @@ def main(argv: list[str]) -> None:
   runtime.no_arguments(argv)
   b = checkpoint.load_model(flags.FLAGS.workdir, step=flags.FLAGS.step)
   cfg = b.config
-  extra = {"categories": cfg.categories} if cfg.get("categories") else {}
+  extra = {key: cfg[key] for key in ("categories", "eval") if cfg.get(key)}
   path = bundle.save_bundle(flags.FLAGS.output, b.variables["params"], cfg.model, mean=cfg.mean,
                             std=cfg.std, class_names=cfg.class_names, step=cfg.step,
                             source=cfg.source,

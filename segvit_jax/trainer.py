@@ -535,7 +535,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if evaluate_fn is not None and config.eval_every and config.eval.best_metric:
       best = checkpoint.BestKeeper(workdir, config.eval.best_metric, model_cfg=config.model,
                                    mean=config.mean, std=config.std, class_names=class_names,
-                                   source=os.path.abspath(workdir), **bundle_extra)
+                                   source=os.path.abspath(workdir),
+                                   eval=config.eval.to_dict(), **bundle_extra)
     loop = Loop(config, start, model=model, mesh=mesh, ckpt=ckpt, writer=writer,
                 utilisation=utilisation, evaluate_fn=evaluate_fn, best=best)
     total, last = config.total_steps, {}

@@ -7,6 +7,7 @@ import os
 import re
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,6 +16,7 @@ from configs import demo
 from segvit_jax import bundle as bundle_lib
 from segvit_jax import checkpoint, trainer
 from segvit_jax.data import palettes, synthetic
+from segvit_jax.evaluation import inference
 
 from tests import fabricate
 from tests.support import run
@@ -63,17 +65,29 @@ def test_bundle_export_load_predict(workdir, tmp_path):
   b = bundle_lib.load_bundle(out)
   assert b.config.model.num_classes == 6 and b.config.step == 6
   assert list(b.config.class_names) == list(synthetic.CLASS_NAMES)
-  # A 40 x 56 image (not a multiple of the patch 8 in height): scores at the input size.
+  # The training run's test protocol travels with the bundle (and with the workdir).
+  config = ml_collections.ConfigDict(bundle_lib.read_config(workdir))
+  assert b.config.eval.to_dict() == config.eval.to_dict()
+  # A 44 x 56 image (not a multiple of the patch 8 in height): scores at the input size.
   images = np.random.default_rng(0).integers(0, 256, (2, 44, 56, 3), dtype=np.uint8)
-  scores = b.predict(images)
+  scores = b.predict(images, protocol="whole")
   assert scores.shape == (2, 6, 44, 56) and scores.dtype == np.float32
-  # Same result as the model applied directly on the normalised input zero-padded, cropped.
-  padded = np.pad(np.asarray(b.normalize(images)), ((0, 0), (0, 4), (0, 0), (0, 0)))
-  direct = b.model.apply(b.variables, padded)["semantic_scores"]
-  np.testing.assert_allclose(scores, np.asarray(direct)[:, :, :44], atol=1e-6)
-  # The workdir and the bundle load the same parameters.
+  # mmseg's rule for a ViT: the normalised input zero-padded to 48 x 56, the model's scores
+  # there resized (bilinear) to 44 x 56.
+  x = (images.astype(np.float32) - np.float32(b.config.mean)) / np.float32(b.config.std)
+  direct = b.model.apply(b.variables, np.pad(x, ((0, 0), (0, 4), (0, 0), (0, 0))))
+  direct = inference.resize_scores(direct["semantic_scores"], (44, 56))
+  np.testing.assert_allclose(scores, np.asarray(direct), atol=1e-5)
+  # The recorded protocol is what predict runs by default (the workdir's the same).
+  p = b.protocol()
+  assert (p.mode, p.crop, p.test_resize.ratios) == (
+      config.eval.mode, tuple(config.eval.crop_size), tuple(config.eval.scales))
+  recorded = b.predict(images)
+  assert recorded.shape == (2, 6, 44, 56)
   w = checkpoint.load_model(workdir)
-  np.testing.assert_array_equal(w.predict(images), scores)
+  np.testing.assert_array_equal(w.predict(images), recorded)
+  with pytest.raises(ValueError, match="uint8"):
+    b.predict(images.astype(np.float32))
 
 
 def test_predict_cli(workdir, tmp_path):
@@ -160,7 +174,7 @@ ENTRY_POINTS = {
                            "num_vis", "scales", "flip", *DISTRIBUTED, "compilation_cache"),
              {"num-vis": "num_vis"}),
     "predict": (["predict.py"], ("checkpoint", "input", "output", "save_scores", "step", "task",
-                                 "size", "categories", "object_mask_threshold",
+                                 "protocol", "config", "scales", "flip", "size", "categories", "object_mask_threshold",
                                  "overlap_threshold", "compilation_cache"),
                 {"save-scores": "save_scores", "object-mask-threshold": "object_mask_threshold",
                  "overlap-threshold": "overlap_threshold",

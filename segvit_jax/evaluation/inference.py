@@ -46,6 +46,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -442,6 +443,11 @@ TEST_RESIZE_SCALES = "keep_ratio: (long, short); short_side / long_side: (h, w)"
 # windowed protocol, not one forward pass (a 4000 x 3000 photo through a ViT would ask for
 # hundreds of GB of attention).
 MAX_WINDOW_PIXELS = 2048 * 2048
+# The `config.eval` of the raw whole-image output (`Protocol.whole`; predict.py --protocol
+# whole): no resize, one view unless scales / flip say more, one window.
+WHOLE_EVAL = dict(resize="none", scale=(), size_divisor=1, min_size=0, scales=(1.0,),
+                  flip=False, mode="whole", crop_size=(1, 1), stride=(1, 1), average="softmax",
+                  window_batch=1, bucket=32)
 NO_RESIZE = transforms.MultiScaleResize(resize="none", scale=(), ratios=(1.0,), size_divisor=1,
                                         min_size=0)
 
@@ -498,8 +504,8 @@ class Protocol:
   def whole(cls, model_cfg) -> "Protocol":
     """The raw whole-image output: no resize, one view, one window (padded by the family's
     rule)."""
-    return cls(mode="whole", crop=(1, 1), stride=(1, 1), flip=False, average="scores",
-               window_batch=1, bucket=32, padding=input_padding(model_cfg))
+    return cls.from_config(ml_collections.ConfigDict({"eval": WHOLE_EVAL,
+                                                       "model": model_cfg}))
 
 
 def local_mesh() -> jax.sharding.Mesh:
