@@ -13,7 +13,9 @@ COCO mask AP (or AP alone) at EoMT's panoptic / instance protocol instead.
 
 The config supplies the dataset and the test protocol (`config.eval`: resize policy, windows,
 scales, flip; see segvit_jax/evaluation/semantic.py); the model comes from the checkpoint (its own
-config), so a bundle evaluates under any compatible data config. Several processes (hosts)
+config) with its own input statistics (mean / std: a config's differing ones are a warning
+that names both), so a bundle evaluates under any compatible data config. eval_results.json
+records what was evaluated: the checkpoint, its step, the config file and the whole config. Several processes (hosts)
 split the images: `--coordinator_address/--num_processes/--process_id` as for train.py.
 """
 
@@ -21,11 +23,12 @@ import os
 import sys
 
 import jax
-from absl import app, flags
+import numpy as np
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from segvit_jax import checkpoint, runtime
-from segvit_jax.evaluation import evaluate, metrics
+from segvit_jax import bundle, checkpoint, runtime
+from segvit_jax.evaluation import evaluate, inference, metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -54,24 +57,34 @@ def main(argv: list[str]) -> None:
   if not path:
     raise app.UsageError("give --workdir or --checkpoint")
   config = _CONFIG.value
+  scales = inference.check_ratios(_SCALES.value, "--scales") if _SCALES.value else None
   model = checkpoint.load_model(path, step=_STEP.value)
   if model.config.model.num_classes != config.model.num_classes:
     raise ValueError(f"{path} has {model.config.model.num_classes} classes but the config's "
                      f"dataset has {config.model.num_classes}")
   with config.unlocked():
     config.model = model.config.model
-    if _SCALES.value:
-      try:
-        config.eval.scales = tuple(float(r) for r in _SCALES.value)
-      except ValueError:
-        raise app.UsageError(f"--scales={','.join(_SCALES.value)}: expected numbers like "
-                             "0.5,0.75,1.0") from None
+    # The model's own input statistics win: a config's differing ones would be wrong numbers.
+    for key in ("mean", "std"):
+      theirs, ours = tuple(model.config[key]), tuple(config[key])
+      if not np.allclose(theirs, ours):
+        logging.warning("config.%s=%s differs from %s's %s=%s: using the model's", key, ours,
+                        path, key, theirs)
+      config[key] = theirs
+    if scales:
+      config.eval.scales = scales
     if _FLIP.value is not None:
       config.eval.flip = _FLIP.value
   out_dir = _OUTPUT.value or (_WORKDIR.value or path)
   os.makedirs(out_dir, exist_ok=True)
+  evaluated = {"checkpoint": os.path.abspath(path),
+               "kind": "bundle" if bundle.is_bundle(path) else "workdir",
+               "step": model.config.get("step"),
+               "config_file": config_flags.get_config_filename(flags.FLAGS["config"]),
+               "config": config.to_dict()}
   results = evaluate(model.model, model.variables, config, split=_SPLIT.value,
-                     out_dir=out_dir, num_pictures=_NUM_VIS.value, progress=True)
+                     out_dir=out_dir, num_pictures=_NUM_VIS.value, progress=True,
+                     evaluated=evaluated)
   if jax.process_index() == 0:
     print(metrics.format_table(results))
     print(f"results written to {os.path.join(out_dir, 'eval_results.json')}")

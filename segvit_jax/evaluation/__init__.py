@@ -35,16 +35,19 @@ TASKS = {"semantic": semantic.evaluate, "panoptic": panoptic.evaluate,
 
 def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *,
              split: str | None = None, out_dir: str | None = None, num_pictures: int = 0,
-             progress: bool = False) -> dict[str, Any]:
+             progress: bool = False, evaluated: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
   """Evaluates the model's `variables` ({"params": ..., other collections}) on `split`
   (default config.dataset.eval_split) with the protocol of `config.eval`, for the task
   `config.eval.task`. Every process takes a shard and the numbers are combined across
   processes (all processes must call this). Writes `eval_results.json` to `out_dir` if given,
   with `num_pictures` the first side-by-side pictures (and, semantic, `confusion.png`);
-  `progress` shows a bar on process 0."""
+  `progress` shows a bar on process 0; `evaluated` (what was evaluated: checkpoint, step,
+  config) is recorded in the results. The protocol is checked before anything is read."""
   task = config.eval.task
   if task not in TASKS:
     raise ValueError(f"config.eval.task={task!r}: expected one of {tuple(TASKS)}")
+  inference.check_protocol(config.eval)
   split = config.dataset.eval_split if split is None else split
   return TASKS[task](model, variables, config, split=split, out_dir=out_dir,
-                     num_pictures=num_pictures, progress=progress)
+                     num_pictures=num_pictures, progress=progress, evaluated=evaluated)

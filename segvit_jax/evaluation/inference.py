@@ -387,16 +387,22 @@ def chunk_sizes(n: int, batch: int, num_devices: int) -> list[int]:
   return sizes
 
 
+# Multi-scale test ratios allowed (the papers use 0.5 to 1.75): beyond, an image shrinks to a
+# few pixels or grows past any window.
+RATIO_RANGE = (0.1, 10.0)
+
+
 def check_ratios(ratios: Sequence[Any], name: str) -> tuple[float, ...]:
-  """Multi-scale test ratios as floats, each finite and > 0; ValueError naming `name` (the
-  config key or flag) otherwise."""
+  """Multi-scale test ratios as floats, each in `RATIO_RANGE`; ValueError naming `name` (the
+  config key or flag) and what is allowed otherwise."""
   try:
     values = tuple(float(r) for r in ratios)
   except (TypeError, ValueError):
     values = ()
-  if not values or not all(math.isfinite(r) and r > 0 for r in values):
+  lo, hi = RATIO_RANGE
+  if not values or not all(lo <= r <= hi for r in values):  # (NaN compares False)
     shown = ",".join(str(r) for r in ratios) if isinstance(ratios, (list, tuple)) else ratios
-    raise ValueError(f"{name}={shown}: expected one or more finite ratios > 0, e.g. "
+    raise ValueError(f"{name}={shown}: expected one or more ratios from {lo} to {hi}, e.g. "
                      "0.5,0.75,1.0,1.25,1.5,1.75")
   return values
 

@@ -321,8 +321,8 @@ def make_mask_predictor(model, variables: Any, config: ml_collections.ConfigDict
 
 
 def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split: str,
-             out_dir: str | None = None, num_pictures: int = 0, progress: bool = False
-             ) -> dict[str, Any]:
+             out_dir: str | None = None, num_pictures: int = 0, progress: bool = False,
+             evaluated: dict[str, Any] | None = None) -> dict[str, Any]:
   """Panoptic (PQ, SQ, RQ; with `instance_ap` also mask AP) or instance (mask AP) evaluation
   of a mask-classification model's `variables` on `split` under `config.eval` (module
   docstring). Every process takes a shard; all must call this. Writes `eval_results.json`,
@@ -401,5 +401,7 @@ def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split:
   results["per_class"] = per_class
   results["protocol"] = mask_protocol_record(config, split)
   results.update(speed)
+  if evaluated:
+    results["evaluated"] = evaluated
   loop.write_results(results, out_dir)
   return results

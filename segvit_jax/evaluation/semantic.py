@@ -104,8 +104,8 @@ def score_image(predictor: inference.MultiScalePredictor, record: dict[str, Any]
 
 
 def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split: str,
-             out_dir: str | None = None, num_pictures: int = 0, progress: bool = False
-             ) -> dict[str, Any]:
+             out_dir: str | None = None, num_pictures: int = 0, progress: bool = False,
+             evaluated: dict[str, Any] | None = None) -> dict[str, Any]:
   """Evaluates the model's `variables` ({"params": ..., other collections}) on `split` with
   the protocol of `config.eval`; every process takes a shard, the confusion matrices are
   summed across processes (all processes must call this). Writes `eval_results.json`, and
@@ -145,6 +145,8 @@ def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split:
     results[f"mIoU{k - 1}"] = results["without_class0"]["mIoU"]
   results["protocol"] = protocol_record(config, split)
   results.update(speed)
+  if evaluated:
+    results["evaluated"] = evaluated
   loop.write_results(results, out_dir)
   if out_dir and num_pictures and jax.process_index() == 0:
     pictures.save(os.path.join(out_dir, "confusion.png"),

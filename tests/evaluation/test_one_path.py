@@ -1,0 +1,185 @@
+"""One inference path for eval.py, predict.py and `Bundle.predict`, and what a user's inputs do
+to it:
+
+- eval.py and predict.py give the same per-pixel labels for one bundle and protocol (6 views:
+  two scales x flip): eval.py scores predict.py's own label maps as ground truth at aAcc 100;
+  eval.py normalises with the bundle's statistics, not a config's differing ones (a warning
+  names both; with the config's statistics the labels differ), and eval_results.json records
+  what was evaluated.
+- Every protocol value is checked before anything compiles: --scales 0,-1 / nan / 1e-9 and bad
+  config.eval values are one error line naming the flag or key.
+- A folder of 20 images of 8 sizes under a recorded sliding-window protocol compiles a bounded
+  number of programs (counted: at most 24, independent of the number of sizes beyond the first
+  few; the raw whole-image protocol compiles per size).
+- A 4000 x 3000 photo runs through the protocol's windows within this machine's memory; as one
+  whole-image forward pass it is refused with a message before anything compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import segvit_vit_b16_ade20k
+from segvit_jax import bundle as bundle_lib
+from segvit_jax.data import ade20k
+from segvit_jax.evaluation import inference
+
+from tests import fabricate
+from tests.evaluation.test_semantic import SMALL, SMALL_FLAGS, tiny_segvit
+from tests.support import run
+
+SCALES = (0.75, 1.0)
+IMAGENET = dict(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+
+
+def ade_protocol(**overrides) -> dict:
+  """The SegViT ADE20K test protocol at SMALL sizes (64 px windows), as a bundle records it."""
+  c = segvit_vit_b16_ade20k.get_config()
+  c.update_from_flattened_dict({**SMALL, "eval.scales": SCALES, "eval.flip": True,
+                                **overrides})
+  return c.eval.to_dict()
+
+
+def tiny_bundle(path: str, num_classes: int = 150, class_names=ade20k.ADE20K_CLASSES,
+                **protocol) -> str:
+  cfg, _, params = tiny_segvit(num_classes)
+  return bundle_lib.save_bundle(path, params, cfg, **IMAGENET, class_names=class_names,
+                                eval=ade_protocol(**protocol))
+
+
+def test_eval_and_predict_agree_with_the_bundles_statistics(tmp_path):
+  path = tiny_bundle(str(tmp_path / "bundle"))
+  root = str(tmp_path / "ADEChallengeData2016")
+  fabricate.ade20k(root, num_train=1, num_val=2)
+  val = os.path.join(root, "images", "validation")
+  views = ["--scales", ",".join(map(str, SCALES)), "--flip"]
+  run("predict.py", "--checkpoint", path, "--input", val, "--output", str(tmp_path / "pred"),
+      *views)
+  # predict.py's labels become the ground truth (ADE20K stores class + 1; 0 is "other").
+  names = sorted(os.listdir(val))
+  for name in names:
+    stem = os.path.splitext(name)[0]
+    pred = np.asarray(Image.open(tmp_path / "pred" / f"{stem}.png"))
+    assert len(np.unique(pred)) > 1  # a random model whose labels vary over the image
+    Image.fromarray((pred + 1).astype(np.uint8)).save(
+        os.path.join(root, "annotations", "validation", f"{stem}.png"))
+  out = str(tmp_path / "eval")
+  proc = run("eval.py", "--config", "configs/segvit_vit_b16_ade20k.py", "--checkpoint", path,
+             f"--config.dataset.root={root}", *SMALL_FLAGS, *views, "--output", out,
+             "--num_vis", "0", "--config.mean=(127.5,127.5,127.5)",
+             "--config.std=(127.5,127.5,127.5)")
+  assert "config.mean=(127.5, 127.5, 127.5) differs from" in proc.stderr
+  assert "mean=(123.675, 116.28, 103.53): using the model's" in proc.stderr
+  with open(os.path.join(out, "eval_results.json")) as f:
+    results = json.load(f)
+  assert results["aAcc"] == 100.0 and results["images"] == 2
+  evaluated = results["evaluated"]
+  assert evaluated["checkpoint"] == path and evaluated["kind"] == "bundle"
+  assert evaluated["config_file"] == "configs/segvit_vit_b16_ade20k.py"
+  assert evaluated["config"]["mean"] == list(IMAGENET["mean"])
+  assert evaluated["config"]["eval"]["scales"] == list(SCALES)
+  # The config's statistics would have given other labels: the warning is not cosmetic.
+  b = bundle_lib.load_bundle(path)
+  image = np.asarray(Image.open(os.path.join(val, names[0])))
+  ours = b.predict(image[None])[0].argmax(0)
+  with b.config.unlocked():
+    b.config.mean = b.config.std = (127.5,) * 3
+  b._predictors.clear()  # pylint: disable=protected-access
+  assert (b.predict(image[None])[0].argmax(0) != ours).mean() > 0.05
+
+
+@pytest.mark.parametrize("value", ["0,-1", "nan", "1e-9", "1,x"])
+def test_bad_scales_are_one_error_line(value, tmp_path):
+  path = tiny_bundle(str(tmp_path / "bundle"), num_classes=4, class_names=list("abcd"))
+  proc = run("eval.py", "--config", "configs/segvit_vit_b16_ade20k.py", "--checkpoint", path,
+             "--scales", value, check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: ValueError: --scales={value}: expected one or more ratios from 0.1 to 10.0, "
+      "e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
+  assert "Traceback" not in proc.stderr
+  images = tmp_path / "images"
+  images.mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "a.png")
+  proc = run("predict.py", "--checkpoint", path, "--input", str(images), "--output",
+             str(tmp_path / "out"), "--scales", value, check=False)
+  assert proc.returncode == 1 and f"--scales={value}: expected" in proc.stderr
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("mode", "sliding", "config.eval.mode='sliding': expected one of ('slide', 'spread', "
+     "'whole')"),
+    ("crop_size", (0, 64), "config.eval.crop_size=(0, 64): expected two positive integers"),
+    ("stride", (96, 96), "config.eval.stride=(96, 96) is larger than config.eval.crop_size="
+     "(64, 64)"),
+    ("scales", (1.0, float("nan")), "config.eval.scales=1.0,nan: expected one or more ratios"),
+    ("average", "mean", "config.eval.average='mean': expected one of ('softmax', 'scores')"),
+    ("window_batch", 0, "config.eval.window_batch=0: expected a positive integer"),
+])
+def test_every_protocol_value_is_checked(key, value, message):
+  ev = ml_collections.ConfigDict(ade_protocol(**{f"eval.{key}": value}))
+  with pytest.raises(ValueError) as e:
+    inference.check_protocol(ev)
+  assert message in str(e.value)
+
+
+def _count_compilations():
+  """A list that grows by one per XLA compilation from now on."""
+  events = []
+
+  def listener(name, *_, **__):
+    if name == "/jax/core/compile/backend_compile_duration":
+      events.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  return events
+
+
+SIZES = [(64, 48), (48, 64), (70, 90), (90, 70), (120, 160), (100, 100), (75, 130), (160, 120)]
+
+
+def test_mixed_sizes_compile_a_bounded_number_of_programs(tmp_path):
+  """20 images of 8 sizes, the recorded protocol (keep-ratio resize to short side 64, 64 px
+  windows every 32, two scales, flip): the model compiles once per window-batch shape and the
+  glue once per bucket, whatever the number of sizes."""
+  b = bundle_lib.load_bundle(tiny_bundle(str(tmp_path / "bundle"), num_classes=8,
+                                         class_names=list("abcdefgh")))
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (*SIZES[i % 8], 3), np.uint8) for i in range(20)]
+  compiled = _count_compilations()
+  for image in images[:8]:
+    b.predict(image[None])
+  first = len(compiled)
+  for image in images[8:]:  # the same 8 sizes again: nothing new
+    out = b.predict(image[None])
+    assert out.shape == (1, 8, *image.shape[:2])
+  assert len(compiled) == first <= 24, compiled
+  whole = _count_compilations()
+  for image in images[:8]:
+    b.predict(image[None], protocol="whole")
+  assert len(whole) >= 8  # the raw whole image: one model program per size at least
+
+
+def test_4000x3000_photo_runs_through_the_windows(tmp_path):
+  """The SegViT ADE20K protocol at its real sizes (short side 512, 512 px windows): a 12 MP
+  photo is resized and windowed, the scores come back at 3000 x 4000; as one forward pass it
+  is refused, naming the size and what to do, before anything compiles."""
+  path = tiny_bundle(str(tmp_path / "bundle"), num_classes=4, class_names=list("abcd"),
+                     **{"eval.scale": (2048, 512), "eval.crop_size": (512, 512),
+                        "eval.stride": (341, 341), "eval.scales": (1.0,), "eval.flip": False})
+  b = bundle_lib.load_bundle(path)
+  photo = np.random.default_rng(0).integers(0, 256, (1, 3000, 4000, 3), np.uint8)
+  scores = b.predict(photo)
+  assert scores.shape == (1, 4, 3000, 4000) and np.isfinite(scores).all()
+  compiled = _count_compilations()
+  with pytest.raises(ValueError, match=r"a 3000x4000 \(HxW\) test image in whole mode is one "
+                     r"3008x4000 model input"):
+    b.predict(photo, protocol="whole")
+  assert not compiled
