@@ -187,8 +187,9 @@ def hungarian_match(cost: jax.Array, target_valid: jax.Array) -> jax.Array:
 # What `loss_mask` and `loss_dice` are divided by (`config.loss.mask_normalizer`), floored at 1
 # either way. Mask2Former's criterion counts every ground-truth mask of the batch; the EoMT
 # release's (its `MaskClassificationLoss.loss_masks`) counts the matched pairs, at most Q per
-# image. Both average the count over the data-parallel processes, which over the global batch
-# here is the global count (the floor aside: theirs is 1 per process).
+# image. Both sum the count over the data-parallel processes and divide by their number, then
+# floor it at 1; the loss here spans the global batch, so it takes the global count (the same
+# but for the floor: 1 here, against one pair per process there).
 MASK_NORMALIZERS = {
     "valid_targets": "every ground-truth mask: Mask2Former, transformers' Mask2FormerLoss",
     "matched_targets": "the matched masks, min(masks, queries) per image: the EoMT release",
@@ -215,7 +216,6 @@ def mask_count(query_for_target: jax.Array, target_valid: jax.Array,
   else:
     counted = query_for_target >= 0
   return jnp.maximum(jnp.sum(counted.astype(jnp.float32)), 1.0)
-
 
 
 def sigmoid_bce(point_logits: jax.Array, point_targets: jax.Array) -> jax.Array:
