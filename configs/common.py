@@ -114,6 +114,10 @@ def run_config() -> ml_collections.ConfigDict:
       focal_gamma=2.0,
       dice_weight=1.0,
       ignore_in_masks=False,  # True excludes ignore pixels from focal/dice (reference: False)
+      # The mask classification losses ("mask2former*") only: BCE and dice divided by every
+      # ground-truth mask of the batch, "valid_targets" (transformers' Mask2FormerLoss), or by
+      # the matched ones, "matched_targets" (the EoMT release); the other losses drop it.
+      mask_normalizer="valid_targets",
   ))
 
   # AdamW (segvit_jax.optim).

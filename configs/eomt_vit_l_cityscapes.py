@@ -58,7 +58,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       name="mask2former", num_queries=100, num_points=12544, oversample_ratio=3.0,
       importance_ratio=0.75, no_object_weight=0.1, class_weight=2.0, mask_weight=5.0,
-      dice_weight=5.0))
+      dice_weight=5.0,
+      # BCE and dice divided by the number of matched targets (at most num_queries per
+      # image), not of all targets: the release's MaskClassificationLoss.loss_masks.
+      mask_normalizer="matched_targets"))
 
   # Optimiser: AdamW lr 1e-4, layer-wise lr decay 0.8, poly power 0.9 (EoMT Sec. 4.1); the new
   # parameters warm up over 500 steps with the ViT at 0, then the ViT over 1000 (App. A.2

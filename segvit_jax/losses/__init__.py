@@ -8,6 +8,9 @@ to weight micro-batches exactly (see `trainer.accumulated_value_and_grad`).
   mask2former_panoptic
               the same on panoptic segments: the label map is a segment-index map and the
               batch's `segment_classes` (B, M) give each segment's class (-1: none)
+
+The mask classification losses divide their mask terms by all the batch's ground-truth masks
+or by the matched ones (`config.loss.mask_normalizer`: Mask2Former's or the EoMT release's).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class Loss:
   terms: Mapping[str, tuple[str, float]]
   needs_rng: bool = False
   batch_keys: tuple[str, ...] = ()  # batch entries besides "label" passed to fn by name
+  # The `SHARED_OPTIONS` this loss takes (required: a config that replaces the skeleton's loss
+  # section states them); `get_loss` drops the others.
+  shared_options: tuple[str, ...] = ()
 
   def term_normaliser(self, name: str) -> tuple[str, float]:
     base = re.sub(r"_\d+$", "", name)
@@ -45,6 +51,11 @@ class Loss:
                      f"needs one (known: {', '.join(self.terms)})")
     return self.terms[base]
 
+
+# Keys of the skeleton's loss section (configs/common.py) besides the ATM loss's, each read by
+# some losses only: "mask_normalizer", what the mask classification losses divide their mask
+# terms by (`mask_classification.MASK_NORMALIZERS`).
+SHARED_OPTIONS = ("mask_normalizer",)
 
 LOSSES = {
     "atm": Loss(
@@ -61,12 +72,13 @@ LOSSES = {
     "mask2former": Loss(
         fn=mask2former_semantic_loss,
         normalisers=mask_classification.mask2former_normalisers,
-        terms=mask_classification.TERM_NORMALISERS, needs_rng=True),
+        terms=mask_classification.TERM_NORMALISERS, needs_rng=True,
+        shared_options=("mask_normalizer",)),
     "mask2former_panoptic": Loss(
         fn=mask2former_panoptic_loss,
         normalisers=mask_classification.mask2former_panoptic_normalisers,
         terms=mask_classification.TERM_NORMALISERS, needs_rng=True,
-        batch_keys=("segment_classes",)),
+        batch_keys=("segment_classes",), shared_options=("mask_normalizer",)),
 }
 
 
@@ -77,14 +89,23 @@ def loss_name(loss_cfg: Mapping[str, Any]) -> str:
 
 
 def get_loss(loss_cfg: Mapping[str, Any]) -> tuple[Loss, dict[str, Any]]:
-  """(the Loss `loss_name(loss_cfg)` names, the rest of `loss_cfg`: its options)."""
+  """(the Loss `loss_name(loss_cfg)` names, the rest of `loss_cfg`: its options, without the
+  `SHARED_OPTIONS` it does not take). A shared option it takes must be there."""
   options = dict(loss_cfg)
   name = loss_name(options)
   options.pop("name", None)
   if name not in LOSSES:
     raise ValueError(f"config.loss.name={name!r}: expected one of {', '.join(LOSSES)}")
-  return LOSSES[name], options
+  loss = LOSSES[name]
+  for key in SHARED_OPTIONS:
+    if key not in loss.shared_options:
+      options.pop(key, None)
+    elif key not in options:
+      raise ValueError(f"config.loss has no {key!r}, which loss {name!r} needs (the skeleton, "
+                       f"configs/common.py, documents it; a config that replaces the loss "
+                       f"section must state it)")
+  return loss, options
 
 
-__all__ = ["LOSSES", "Loss", "atm_loss", "get_loss", "loss_name", "mask2former_panoptic_loss",
-           "mask2former_semantic_loss", "pixel_ce_loss"]
+__all__ = ["LOSSES", "Loss", "SHARED_OPTIONS", "atm_loss", "get_loss", "loss_name",
+           "mask2former_panoptic_loss", "mask2former_semantic_loss", "pixel_ce_loss"]

@@ -12,8 +12,11 @@ Per output (the final prediction and each auxiliary one, each matched on its own
   - `loss_mask`, `loss_dice`: sigmoid BCE (mean over points) and dice of each matched mask at
     `num_points` points chosen by uncertainty (PointRend's importance sampling, Kirillov et al.
     2020, section 3.1: oversample, keep the most uncertain, add uniform ones), summed over
-    masks and divided by the number of ground-truth masks of the (global) batch, at least 1
-    (Mask2Former's `SetCriterion`).
+    masks and divided by a count of the (global) batch, at least 1: `mask_normalizer`
+    (`config.loss.mask_normalizer`) "valid_targets", every ground-truth mask (Mask2Former's
+    `SetCriterion`, transformers' `Mask2FormerLoss`), or "matched_targets", the matched ones
+    only (the EoMT release's `MaskClassificationLoss.loss_masks`, which counts the matcher's
+    pairs). They differ when an image has more targets than queries.
 
 Points are in [0, 1]^2 image coordinates, so predictions (B, Q, h, w) and targets at the label
 resolution are sampled at the same places without resizing either. Targets are a dense
@@ -181,6 +184,39 @@ def hungarian_match(cost: jax.Array, target_valid: jax.Array) -> jax.Array:
 
 # --------------------------------------------------------------------------- losses
 
+# What `loss_mask` and `loss_dice` are divided by (`config.loss.mask_normalizer`), floored at 1
+# either way. Mask2Former's criterion counts every ground-truth mask of the batch; the EoMT
+# release's (its `MaskClassificationLoss.loss_masks`) counts the matched pairs, at most Q per
+# image. Both sum the count over the data-parallel processes and divide by their number, then
+# floor it at 1; the loss here spans the global batch, so it takes the global count (the same
+# but for the floor: 1 here, against one pair per process there).
+MASK_NORMALIZERS = {
+    "valid_targets": "every ground-truth mask: Mask2Former, transformers' Mask2FormerLoss",
+    "matched_targets": "the matched masks, min(masks, queries) per image: the EoMT release",
+}
+
+
+def check_mask_normalizer(mask_normalizer: str) -> str:
+  """`mask_normalizer` if it is a key of `MASK_NORMALIZERS`, else one message naming the
+  config key, the value and the choices."""
+  if mask_normalizer not in MASK_NORMALIZERS:
+    choices = "; ".join(f"{k!r} ({v})" for k, v in MASK_NORMALIZERS.items())
+    raise ValueError(f"config.loss.mask_normalizer={mask_normalizer!r}: expected one of "
+                     f"{choices}")
+  return mask_normalizer
+
+
+def mask_count(query_for_target: jax.Array, target_valid: jax.Array,
+               mask_normalizer: str) -> jax.Array:
+  """The denominator of `loss_mask` and `loss_dice` for one output's matching
+  `query_for_target` (B, M) (-1: unmatched) of the targets `target_valid` (B, M): the number
+  of valid targets ("valid_targets") or of matched ones ("matched_targets"), at least 1."""
+  if check_mask_normalizer(mask_normalizer) == "valid_targets":
+    counted = target_valid.astype(bool)
+  else:
+    counted = query_for_target >= 0
+  return jnp.maximum(jnp.sum(counted.astype(jnp.float32)), 1.0)
+
 
 def sigmoid_bce(point_logits: jax.Array, point_targets: jax.Array) -> jax.Array:
   """Per-mask sigmoid BCE, mean over points: (..., P) -> (...)."""
@@ -247,11 +283,13 @@ def mask2former_loss(outputs: Mapping[str, Any], target_masks: Targets,
                      target_classes: jax.Array, target_valid: jax.Array, *, rng: jax.Array,
                      num_points: int, oversample_ratio: float, importance_ratio: float,
                      no_object_weight: float, class_weight: float, mask_weight: float,
-                     dice_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     dice_weight: float, mask_normalizer: str
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and its weighted terms: `loss_ce`, `loss_mask` (BCE), `loss_dice` for the
   final output and `loss_ce_{i}` etc. for auxiliary output i, each matched on its own. The
-  point counts and ratios, the weights and the no-object weight are the config's
-  (`config.loss`; Mask2Former's / EoMT's in the EoMT configs).
+  point counts and ratios, the weights, the no-object weight and what the mask terms are
+  divided by (`mask_normalizer`, `MASK_NORMALIZERS`; counted on each output's own matching)
+  are the config's (`config.loss`; Mask2Former's / EoMT's in the EoMT configs).
 
   `outputs`: `class_logits` (B, Q, K + 1), `mask_logits` (B, Q, h, w), `aux_outputs` (a list
   of dicts with the same keys). `target_masks`: (B, M, H, W) float / bool, or `LabelMasks`;
@@ -260,8 +298,8 @@ def mask2former_loss(outputs: Mapping[str, Any], target_masks: Targets,
   """
   if rng is None:
     raise ValueError("the Mask2Former loss samples points at random: pass rng=")
+  check_mask_normalizer(mask_normalizer)
   target_valid = target_valid.astype(bool)
-  num_masks = jnp.maximum(jnp.sum(target_valid.astype(jnp.float32)), 1.0)
   each = [outputs, *outputs.get("aux_outputs", ())]
   keys = [jax.random.split(jax.random.fold_in(rng, i)) for i in range(len(each))]
   targets = target_masks
@@ -276,6 +314,7 @@ def mask2former_loss(outputs: Mapping[str, Any], target_masks: Targets,
 
   losses = {}
   for i, (out, key, query_for_target) in enumerate(zip(each, keys, matches)):
+    num_masks = mask_count(query_for_target, target_valid, mask_normalizer)
     terms = losses_for_assignment(
         out, targets, target_classes, query_for_target, num_masks, rng=key[1],
         num_points=num_points, oversample_ratio=oversample_ratio,
@@ -378,8 +417,9 @@ def mask2former_panoptic_loss(outputs: Mapping[str, Any], labels: jax.Array, *,
 
 # Gradient accumulation needs the loss's normalisation: the cross-entropy is a mean weighted
 # by 1 (matched query) or `no_object_weight` over all queries of the batch; BCE and dice are
-# divided by the number of ground-truth masks of the batch (at least 1). Each term -> (its
-# normaliser in `mask2former_normalisers`, the floor the loss applies to it).
+# divided by the batch's count of masks `mask_normalizer` names (at least 1): all of them or the
+# matched ones. Each term -> (its normaliser in `mask2former_normalisers`, the floor the loss
+# applies to it).
 TERM_NORMALISERS = {"loss_ce": ("queries", 0.0), "loss_mask": ("masks", 1.0),
                     "loss_dice": ("masks", 1.0)}
 
@@ -387,9 +427,10 @@ TERM_NORMALISERS = {"loss_ce": ("queries", 0.0), "loss_mask": ("masks", 1.0),
 def mask2former_normalisers(labels: jax.Array, num_classes: int, ignore_index: int,
                             options: Mapping[str, Any]) -> dict[str, jax.Array]:
   """The un-floored denominators of the `mask2former_semantic_loss` terms for `labels`
-  (B, H, W) and the loss `options` (`num_queries` required, `no_object_weight`): the
-  no-object-weighted query count (min(masks, Q) queries of an image are matched) and the
-  number of masks. Both add up over micro-batches, unlike the loss terms they divide."""
+  (B, H, W) and the loss `options` (`num_queries` required, `no_object_weight`,
+  `mask_normalizer`): the no-object-weighted query count (min(masks, Q) queries of an image
+  are matched) and the number of masks, all or the matched ones (`MASK_NORMALIZERS`). Both add
+  up over micro-batches, unlike the loss terms they divide."""
   masks = jnp.sum(_present(_labelled(labels, num_classes, ignore_index), num_classes), axis=1)
   return _normalisers(masks, options)
 
@@ -406,7 +447,9 @@ def mask2former_panoptic_normalisers(labels: jax.Array, num_classes: int, ignore
 
 
 def _normalisers(masks: jax.Array, options: Mapping[str, Any]) -> dict[str, jax.Array]:
-  """From the (B,) target counts: the no-object-weighted query count and the mask count."""
+  """From the (B,) target counts: the no-object-weighted query count and the mask count
+  (`mask_count`'s, summed over images: an image with more targets than queries has Q
+  matched)."""
   if options.get("num_queries") is None:
     raise ValueError("the mask2former loss needs config.loss.num_queries (the model's query "
                      "count) to weight micro-batches for gradient accumulation")
@@ -414,4 +457,6 @@ def _normalisers(masks: jax.Array, options: Mapping[str, Any]) -> dict[str, jax.
   no_object_weight = options["no_object_weight"]
   matched = jnp.minimum(masks, q).astype(jnp.float32)
   queries = jnp.sum(matched + (q - matched) * no_object_weight)
-  return {"queries": queries, "masks": jnp.sum(masks).astype(jnp.float32)}
+  counted = {"valid_targets": masks, "matched_targets": matched}[
+      check_mask_normalizer(options["mask_normalizer"])]
+  return {"queries": queries, "masks": jnp.sum(counted).astype(jnp.float32)}

@@ -213,7 +213,7 @@ def test_matching_recovers_a_planted_assignment():
   np.testing.assert_array_equal(query_for_target, np.where(valid, perm, -1))
   _, terms = jax.jit(lambda o: mc.mask2former_loss(
       o, jnp.asarray(target_masks), jnp.asarray(target_classes), jnp.asarray(valid),
-      rng=jax.random.key(2), num_points=500, **M2F))(outputs)
+      rng=jax.random.key(2), num_points=500, mask_normalizer="valid_targets", **M2F))(outputs)
   assert float(terms["loss_ce"]) < 1e-3
 
 
@@ -239,7 +239,7 @@ def test_semantic_loss_is_finite_and_differentiable_under_jit():
   def loss_fn(o):
     return mc.mask2former_semantic_loss(o, labels, num_classes=k, ignore_index=255,
                                         rng=jax.random.key(0), num_points=300, num_queries=8,
-                                        **M2F)
+                                        mask_normalizer="valid_targets", **M2F)
 
   (loss, terms), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(outputs)
   assert set(terms) == {f"{n}{s}" for n in ("loss_ce", "loss_mask", "loss_dice")
@@ -250,7 +250,8 @@ def test_semantic_loss_is_finite_and_differentiable_under_jit():
   # The label map's masks sampled from the labels == the dense one-hot masks.
   masks, classes, valid = mc.semantic_targets(labels, k, 255)
   dense, dense_terms = mc.mask2former_loss(outputs, masks, classes, valid,
-                                           rng=jax.random.key(0), num_points=300, **M2F)
+                                           rng=jax.random.key(0), num_points=300,
+                                           mask_normalizer="valid_targets", **M2F)
   assert abs(float(dense) - float(loss)) < 1e-5
   with pytest.raises(ValueError, match="num_queries=9, the model gives 8 queries"):
     mc.mask2former_semantic_loss(outputs, labels, num_classes=k, ignore_index=255,
@@ -269,7 +270,7 @@ def test_normalisers_weight_micro_batches_exactly():
   labels[0] = 255  # an image with no masks
   labels[1][labels[1] >= 2] = 0
   labels = jnp.asarray(labels)
-  options = {"num_queries": q, "no_object_weight": 0.1}
+  options = {"num_queries": q, "no_object_weight": 0.1, "mask_normalizer": "valid_targets"}
   counts = mc.mask2former_normalisers(labels, k, 255, options)
   present = np.array([[(np.asarray(labels[i]) == c).any() for c in range(k)] for i in range(b)])
   assert float(counts["masks"]) == present.sum()
