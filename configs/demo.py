@@ -71,7 +71,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(
         name="mask2former", num_queries=16, num_points=2304, oversample_ratio=3.0,
         importance_ratio=0.75, no_object_weight=0.1, class_weight=2.0, mask_weight=5.0,
-        dice_weight=5.0))
+        dice_weight=5.0, mask_normalizer="matched_targets"))  # the EoMT release's
     c.total_steps = 2000
     c.optim.update(schedule="two_stage", lr=1e-3, weight_decay=0.05, no_decay=(),
                    clip_norm=1.0, warmup_steps=100, backbone_warmup_steps=100,

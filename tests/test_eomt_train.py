@@ -22,7 +22,7 @@ def eomt_smoke(**overrides):
       mask_annealing=dict(enabled=True, start_steps=(8, 16), end_steps=(16, 24), power=0.9))
   c.loss = dict(name="mask2former", num_queries=8, num_points=256, oversample_ratio=3.0,
                 importance_ratio=0.75, no_object_weight=0.1, class_weight=2.0,
-                mask_weight=5.0, dice_weight=5.0)
+                mask_weight=5.0, dice_weight=5.0, mask_normalizer="matched_targets")
   c.optim.update(schedule="two_stage", weight_decay=0.05, no_decay=(), clip_norm=1.0,
                  warmup_steps=2, backbone_warmup_steps=2, poly_power=0.9, layer_decay=0.8)
   c.optim.lr_mults = {}

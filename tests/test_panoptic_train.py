@@ -249,7 +249,7 @@ def test_panoptic_loss_equals_semantic_loss_with_one_segment_per_class():
   absent classes (class 3 in image 1) are no targets."""
   outputs, labels, k = _semantic_case()
   segment_classes = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (2, k))
-  options = dict(num_queries=8, num_points=300, **M2F)
+  options = dict(num_queries=8, num_points=300, mask_normalizer="valid_targets", **M2F)
   panoptic, semantic = LOSSES["mask2former_panoptic"], LOSSES["mask2former"]
   assert panoptic.batch_keys == ("segment_classes",) and panoptic.needs_rng
 
@@ -343,7 +343,7 @@ def test_panoptic_normalisers_weight_micro_batches_exactly():
   labels[0] = 255  # an image without segments
   labels[1][labels[1] >= 2] = 0
   segments, segment_classes, _ = _permuted(labels, k, k + 3)
-  options = {"num_queries": q, "no_object_weight": 0.1}
+  options = {"num_queries": q, "no_object_weight": 0.1, "mask_normalizer": "valid_targets"}
   normalisers = _jit(lambda seg, cls: LOSSES["mask2former_panoptic"].normalisers(
       seg, k, 255, options, segment_classes=cls))
   counts = normalisers(segments, segment_classes)
