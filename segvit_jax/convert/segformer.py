@@ -25,8 +25,9 @@ Import infers the model from the file: stage widths, depths, patch sizes, key / 
 ratios, Mix-FFN ratio, decoder width and classes from the tensor shapes; HF's config.json adds
 heads, strides, drop path and dropout; the official file does not record heads or strides
 (the release's (1, 2, 5, 8) and (4, 2, 2, 2) are assumed; a `--config` says otherwise).
-`--config configs/X.py[:ARG]` (optional) gives class names, mean and std and our model config,
-which must agree with the file (fields it records; shapes strictly). Class names otherwise come
+`--config configs/X.py[:ARG]` (optional) gives class names, mean and std, the test protocol
+the bundle records (its `eval` section; without --config none) and our model config, which
+must agree with the file (fields it records; shapes strictly). Class names otherwise come
 from HF's id2label or the release's meta CLASSES; pixel statistics from HF's
 preprocessor_config.json, else ImageNet's.
 
@@ -69,7 +70,7 @@ from segvit_jax.convert.rules import QKV, Flat, KeyRule, attention, batch_norm, 
     read_hf_model_dir, read_torch_checkpoint, strip_prefix, to_ours, to_theirs, unflatten, \
     write_hf_dir, write_torch_checkpoint
 from segvit_jax.convert.whole_model import abstract_variables, class_names, labels, \
-    load_config, palette
+    load_config, palette, with_recorded
 from segvit_jax.models import mit
 
 OFFICIAL = "segformer-official"
@@ -379,8 +380,8 @@ def convert(src: str, out: str, fmt: str, config: ml_collections.ConfigDict | st
             *, trust_pickle: bool = False) -> str:
   """A whole SegFormer file of layout `fmt` -> a bundle at `out` (BatchNorm statistics in its
   `state/`)."""
+  config, extra = with_recorded(config)  # --config: the bundle records its spec and `eval`
   ckpt = load(src, fmt, config, trust_pickle=trust_pickle)
-  extra = {"options": {"config": config}} if isinstance(config, str) else {}
   if ckpt.num_batches_tracked is not None:
     extra["num_batches_tracked"] = ckpt.num_batches_tracked
   return bundle_lib.save_bundle(

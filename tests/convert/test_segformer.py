@@ -41,7 +41,7 @@ import transformers
 from PIL import Image
 from safetensors.numpy import load_file
 
-from segvit_jax import bundle, convert
+from segvit_jax import bundle, config_utils, convert
 from segvit_jax.convert import __main__ as cli
 from segvit_jax.convert import rules, segformer
 from segvit_jax.data import cityscapes
@@ -372,6 +372,12 @@ def test_config_gives_names_and_statistics_and_must_agree(b0, config_file, tmp_p
   assert meta["mean"] == [120.0, 110.0, 100.0] and meta["std"] == [50.0, 51.0, 52.0]
   assert meta["model"]["backbone"] == {"variant": "B0", "norm_eps": 1e-6,
                                        "embed_norm_eps": 1e-5}
+  # The config's test protocol, whole (the skeleton's: slide 512 / 341); none without --config.
+  config = config_utils.load_config(config_file)
+  assert meta["eval"] == json.loads(json.dumps(config.eval.to_dict()))
+  assert (meta["eval"]["mode"], meta["eval"]["crop_size"], meta["eval"]["stride"]) == (
+      "slide", [512, 512], [341, 341])
+  assert "eval" not in bundle.read_config(conv["bundle_official"])
   _assert_bitwise(_variables(str(tmp_path / "b")), _variables(conv["bundle_official"]), "cfg")
 
   capsys.readouterr()
