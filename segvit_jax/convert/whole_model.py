@@ -59,12 +59,12 @@ def no_object_weight(meta: Mapping[str, Any], default: float) -> float:
   return default
 
 
-def class_weights(num_classes: int, no_object_weight: float) -> np.ndarray:
+def class_weights(num_classes: int, no_object: float) -> np.ndarray:
   """(num_classes + 1,) float32: a set criterion's `empty_weight` buffer, ones with the
-  no-object weight last (DETR's SetCriterion, inherited by SegViT's ATM loss and
+  no-object weight `no_object` last (DETR's SetCriterion, inherited by SegViT's ATM loss and
   Mask2Former's)."""
   weights = np.ones(num_classes + 1, np.float32)
-  weights[-1] = no_object_weight
+  weights[-1] = no_object
   return weights
 
 
