@@ -13,7 +13,8 @@ parity tests. Nothing here is imported by the library.
   and into transformers' ViTModel.
 - `SegViTShrunk`: mmseg's ViT with query down-sampling + QU (stock torch TransformerDecoder) +
   single-stage ATM head, its `state_dict()` keys the names of the authors' release;
-  `official_state_dict` / `load_official_state_dict` give `SegViT` the release's names.
+  `official_state_dict` / `load_official_state_dict` give `SegViT` the release's names;
+  `add_atm_loss_` gives either the release's loss buffers (`empty_weight`).
 - `randomize_params` / `randomize_torch_` / `randomize_module_`: random weights of a useful
   scale for the parity tests (the last also moves BatchNorm running statistics).
 
@@ -680,6 +681,7 @@ _OFFICIAL_NAMES = (
      lambda m: f"decode_head.decoder_{int(m[1]) + 1}.layers.{m[2]}.{m[3]}"),
     (r"head\.class_tokens\.weight", lambda m: "decode_head.q.weight"),
     (r"head\.class_embed\.(weight|bias)", lambda m: f"decode_head.class_embed.{m[1]}"),
+    (r"head\.loss_decode\.(.*)", lambda m: f"decode_head.loss_decode.{m[1]}"),  # add_atm_loss_
 )
 
 
@@ -704,6 +706,30 @@ def load_official_state_dict(model: SegViT, state: dict) -> None:
   if unknown:
     raise KeyError(f"keys SegViT does not have: {unknown[:20]}")
   model.load_state_dict({ours[k]: v for k, v in state.items()}, strict=True)
+
+
+class ATMLossBuffers(nn.Module):
+  """What the release's ATM loss holds in a state dict: `criterion.empty_weight` (its
+  SetCriterion's cross-entropy class weights, ones with the no-object weight last; a buffer)."""
+
+  def __init__(self, num_classes: int, no_object_weight: float = 0.1):
+    super().__init__()
+    self.criterion = nn.Module()
+    weights = torch.ones(num_classes + 1)
+    weights[-1] = no_object_weight
+    self.criterion.register_buffer("empty_weight", weights)
+
+
+def add_atm_loss_(model: nn.Module, no_object_weight: float = 0.1) -> nn.Module:
+  """Gives `SegViT` / `SegViTShrunk` the loss modules the release's heads own, in place, so
+  their state dicts hold the release's buffers: `decode_head.loss_decode` (SegViT's
+  `head.loss_decode`, renamed by `official_name`), and for Shrunk also
+  `decode_head.atm.loss_decode` (TPNATMHead and its ATMSingleHead each build the loss)."""
+  heads = ((model.decode_head, model.decode_head.atm) if isinstance(model, SegViTShrunk)
+           else (model.head,))
+  for head in heads:  # the ATM head (the last) knows the classes
+    head.loss_decode = ATMLossBuffers(heads[-1].num_classes, no_object_weight)
+  return model
 
 
 def randomize_module_(model: torch.nn.Module, seed: int) -> None:

@@ -31,7 +31,8 @@ Formats (one `KeyRule` table each, shared by import and export, as `segformer.py
 What the files do not record. The release's files record neither the attention heads (from
 the width, `backbone.HEADS_BY_WIDTH`) nor, except through the length of its `attn_mask_probs`
 buffer, L2 (`num_blocks`, the blocks that see the queries). `--config configs/X.py[:ARG]`
-(optional for both layouts) gives them, with class names and pixel statistics; its model must
+(optional for both layouts) gives them, with class names, pixel statistics and the test
+protocol the bundle records (its `eval` section; without --config none); its model must
 agree with the file (every field the file records, shapes strictly). Files this module wrote
 carry our model config in `meta.segvit_jax`, read (and checked) as a `--config` would be, so
 their re-import needs none. Classes: `--config`'s, HF's id2label, the export's meta, else
@@ -52,7 +53,8 @@ Export. Both layouts give the cls token no position: a non-zero cls slot of our 
 trained here) is folded into the cls token (the same function; zero slots stay bitwise). The
 buffers are written so the files load as they are: `attn_mask_probs` as zeros, the value of a
 fully annealed model (transformers masks attention in eval whenever a probability is > 0),
-`criterion.empty_weight` as ones with the no-object weight last, and
+`criterion.empty_weight` as ones with the no-object weight last (the bundle's
+`loss.no_object_weight` where its config.json records one, else 0.1), and
 (release) the pixel buffers from the bundle's mean / std. The release's timm blocks use
 LayerNorm eps 1e-6 (warned about when the bundle's differs); transformers reads the eps from
 config.json. hf-eomt also writes preprocessor_config.json (the bundle's mean / std, EoMT's
@@ -79,8 +81,8 @@ from segvit_jax.convert.rules import Flat, KeyRule, attention, conv, conv_transp
     hf_class_names, hf_mean_std, hf_unsupported, key_list, linear, mlp, natural_key, norm, \
     read_hf_model_dir, read_torch_checkpoint, swiglu, to_ours, to_theirs, unflatten, \
     write_hf_dir, write_torch_checkpoint
-from segvit_jax.convert.whole_model import abstract_variables, class_names, labels, \
-    load_config
+from segvit_jax.convert.whole_model import abstract_variables, class_names, class_weights, \
+    labels, load_config, no_object_weight, with_recorded
 from segvit_jax.models import vit
 from segvit_jax.models import eomt as eomt_model
 
@@ -91,8 +93,8 @@ FORMATS = (OFFICIAL, HF)
 POSEMB_RESIZE = {OFFICIAL: "bicubic_antialias", HF: "bicubic"}
 # The release's timm DINOv2 (LayerNorm eps, LayerScale init); transformers reads config.json.
 RELEASE_NORM_EPS, RELEASE_LAYERSCALE = 1e-6, 1e-5
-# The no-object class weight of the loss buffer written on export (the release's and
-# transformers' default; Mask2Former Sec. 4.1, "Loss weights.").
+# The no-object class weight of the loss buffer written on export when the bundle records none
+# (the release's and transformers' default; Mask2Former Sec. 4.1, "Loss weights.").
 NO_OBJECT_WEIGHT = 0.1
 P = "params/"  # our side of the tables: flat variable paths, collection first
 
@@ -441,8 +443,8 @@ def _class_names(config, hf_config, meta: Mapping[str, Any], k: int) -> tuple[st
 def convert(src: str, out: str, fmt: str, config: ml_collections.ConfigDict | str | None = None,
             *, trust_pickle: bool = False) -> str:
   """A whole EoMT file of layout `fmt` -> a bundle at `out`."""
+  config, extra = with_recorded(config)  # --config: the bundle records its spec and `eval`
   ckpt = load(src, fmt, config, trust_pickle=trust_pickle)
-  extra = {"options": {"config": config}} if isinstance(config, str) else {}
   return bundle_lib.save_bundle(
       out, ckpt.params, ckpt.model, mean=ckpt.mean, std=ckpt.std, class_names=ckpt.class_names,
       source=os.path.abspath(src), source_format=fmt, **extra)
@@ -515,8 +517,7 @@ def _export_state(bundle_path: str, fmt: str) -> tuple[dict, dict, dict]:
   k = model_cfg["num_classes"]
   # Fully annealed (module docstring); the loss's class weights, no-object last.
   state[MASK_PROBS[fmt]] = np.zeros(model_cfg["num_blocks"], np.float32)
-  state[EMPTY_WEIGHT] = np.concatenate([np.ones(k, np.float32),
-                                        np.full(1, NO_OBJECT_WEIGHT, np.float32)])
+  state[EMPTY_WEIGHT] = class_weights(k, no_object_weight(meta, NO_OBJECT_WEIGHT))
   return meta, bb, state
 
 
@@ -560,7 +561,7 @@ def hf_config(meta: Mapping[str, Any], bb: Mapping[str, Any] | None = None) -> d
       "num_register_tokens": int(bb["num_registers"]),
       "num_upscale_blocks": eomt_model.num_upscale_blocks(patch),
       "num_blocks": int(model["num_blocks"]), "num_queries": int(model["num_queries"]),
-      "no_object_weight": NO_OBJECT_WEIGHT,
+      "no_object_weight": no_object_weight(meta, NO_OBJECT_WEIGHT),
       "id2label": {str(i): n for i, n in enumerate(names)},
       "label2id": {n: i for i, n in enumerate(names)},
   }

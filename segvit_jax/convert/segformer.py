@@ -10,8 +10,10 @@ Formats (one `KeyRule` table each, shared by import and export, as `segvit_offic
   segformer-official  the NVlabs release (mmseg 0.x) `.pth`: whole models `backbone.*` +
       `decode_head.*`, usually wrapped in `state_dict` beside `meta` (CLASSES, PALETTE) and
       `optimizer` (skipped); the key and value projections packed in `attn.kv` (2C, C: key rows
-      first). Dropped on import: mmseg's unused `decode_head.conv_seg` and the BatchNorm's
-      `num_batches_tracked` (kept in the bundle's config.json, written back on export).
+      first). Dropped on import: mmseg's unused `decode_head.conv_seg` (written back on export
+      as zeros of the release's shape, so that load_state_dict(strict=True) accepts the file)
+      and the BatchNorm's `num_batches_tracked` (kept in the bundle's config.json, written
+      back on export).
       Also the ImageNet encoders `mit_bX.pth` (the backbone keys without `backbone.`, plus the
       1000-class `head.*`, dropped): backbones only, for `config.model_init` with
       `model_init_format="segformer-official"`; the file's kind is told by its keys.
@@ -25,8 +27,9 @@ Import infers the model from the file: stage widths, depths, patch sizes, key / 
 ratios, Mix-FFN ratio, decoder width and classes from the tensor shapes; HF's config.json adds
 heads, strides, drop path and dropout; the official file does not record heads or strides
 (the release's (1, 2, 5, 8) and (4, 2, 2, 2) are assumed; a `--config` says otherwise).
-`--config configs/X.py[:ARG]` (optional) gives class names, mean and std and our model config,
-which must agree with the file (fields it records; shapes strictly). Class names otherwise come
+`--config configs/X.py[:ARG]` (optional) gives class names, mean and std, the test protocol
+the bundle records (its `eval` section; without --config none) and our model config, which
+must agree with the file (fields it records; shapes strictly). Class names otherwise come
 from HF's id2label or the release's meta CLASSES; pixel statistics from HF's
 preprocessor_config.json, else ImageNet's.
 
@@ -69,7 +72,7 @@ from segvit_jax.convert.rules import QKV, Flat, KeyRule, attention, batch_norm, 
     read_hf_model_dir, read_torch_checkpoint, strip_prefix, to_ours, to_theirs, unflatten, \
     write_hf_dir, write_torch_checkpoint
 from segvit_jax.convert.whole_model import abstract_variables, class_names, labels, \
-    load_config, palette
+    load_config, palette, with_recorded
 from segvit_jax.models import mit
 
 OFFICIAL = "segformer-official"
@@ -81,6 +84,10 @@ EMBED_NORM_EPS = 1e-5
 # What the release's MixVisionTransformer fixes and its files do not record (mit_b0..b5).
 RELEASE_UNRECORDED = dict(num_heads=(1, 2, 5, 8), strides=(4, 2, 2, 2))
 DEFAULT_DROPOUT, DEFAULT_DROP_PATH = 0.1, 0.1
+# mmseg's BaseDecodeHead classifier, Conv2d(channels, num_classes, 1): SegFormerHead keeps it
+# but predicts with `linear_pred`, so the release's models (and files) hold it unused; channels
+# is 128 in every release config (local_configs/segformer/B0-B5).
+CONV_SEG, RELEASE_HEAD_CHANNELS = "decode_head.conv_seg", 128
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +149,7 @@ RULES = {
 NUM_BATCHES_TRACKED = {OFFICIAL: "decode_head.linear_fuse.bn.num_batches_tracked",
                        HF: "decode_head.batch_norm.num_batches_tracked"}
 DROPPED = {  # file tensors that are not model weights (regexes, full match)
-    OFFICIAL: (r"decode_head\.conv_seg\..*",  # mmseg's classifier, unused by SegFormerHead
+    OFFICIAL: (re.escape(CONV_SEG) + r"\..*",  # mmseg's classifier, unused by SegFormerHead
                r".*\.num_batches_tracked"),
     HF: (r".*\.num_batches_tracked",),
 }
@@ -379,8 +386,8 @@ def convert(src: str, out: str, fmt: str, config: ml_collections.ConfigDict | st
             *, trust_pickle: bool = False) -> str:
   """A whole SegFormer file of layout `fmt` -> a bundle at `out` (BatchNorm statistics in its
   `state/`)."""
+  config, extra = with_recorded(config)  # --config: the bundle records its spec and `eval`
   ckpt = load(src, fmt, config, trust_pickle=trust_pickle)
-  extra = {"options": {"config": config}} if isinstance(config, str) else {}
   if ckpt.num_batches_tracked is not None:
     extra["num_batches_tracked"] = ckpt.num_batches_tracked
   return bundle_lib.save_bundle(
@@ -457,10 +464,14 @@ def _export_state(bundle_path: str, fmt: str) -> tuple[dict, dict[str, np.ndarra
 
 
 def export_official(bundle_path: str, out: str) -> dict[str, np.ndarray]:
-  """A SegFormer bundle -> the release's .pth at `out`: torch.save of {"state_dict": tensors,
-  "meta": {CLASSES, PALETTE, segvit_jax: model config, pixel statistics, source}}, readable
-  with torch.load(weights_only=True). Returns the state dict as numpy arrays."""
+  """A SegFormer bundle -> the release's .pth at `out`: torch.save of {"state_dict": tensors
+  (every tensor of the release's model: the unused `conv_seg` as zeros), "meta": {CLASSES,
+  PALETTE, segvit_jax: model config, pixel statistics, source}}, readable with
+  torch.load(weights_only=True). Returns the state dict as numpy arrays."""
   meta, state = _export_state(bundle_path, OFFICIAL)
+  k = meta["model"]["num_classes"]
+  state[f"{CONV_SEG}.weight"] = np.zeros((k, RELEASE_HEAD_CHANNELS, 1, 1), np.float32)
+  state[f"{CONV_SEG}.bias"] = np.zeros(k, np.float32)
   bb = resolved_backbone(meta["model"]["backbone"])
   n = len(bb["dims"])
   differ = {k: bb[k] for k, v in RELEASE_UNRECORDED.items() if tuple(bb[k]) != v[:n]}

@@ -22,15 +22,21 @@ s + 1 is our stage s for both heads.
     input_proj_{s+1}, proj_norm_{s+1}, decoder_{s+1}.layers.{j} (stock torch
     TransformerDecoderLayer: cross-attention packed in multihead_attn.in_proj), and the
     single-stage ATM head under `atm.` without input projection
-  dropped on import, not written on export: the loss's no-object class weight
-    (`loss_decode.criterion.empty_weight`, a buffer mmseg rebuilds from its config) and
-    `conv_seg` (mmseg's unused classifier, deleted in the release); optimizer state and meta
+  buffers: the ATM loss's class weights, `decode_head.loss_decode.criterion.empty_weight`
+    (Shrunk: also `decode_head.atm.loss_decode.criterion.empty_weight`: TPNATMHead and its
+    ATMSingleHead each build the loss). Written on export as the release's model holds them
+    (ones, the no-object weight last: the bundle's `loss.no_object_weight` if its config.json
+    records one, else the release's 0.1), so the file loads with load_state_dict(strict=True);
+    on import they are optional and dropped (not parameters: mmseg rebuilds them from its config)
+  dropped on import, not written on export: `conv_seg` (mmseg's unused classifier, deleted in
+    the release); optimizer state and meta
 
 The file does not record tap layers, `shrink_idx`, head counts or the dataset: import takes our
 config (`--config`), whose `model` (and `dataset`, `mean`, `std`) describe the model, and checks
-every converted tensor strictly against the model it builds. The file sets the stored position
-grid (`posemb_grid`, from pos_embed's 1 + g*g rows) and the Shrunk QU query grid (`query_grid`,
-from q's g*g rows); nothing is resampled, so bundle -> export -> import is bitwise exact.
+every converted tensor strictly against the model it builds; the bundle records the config's
+test protocol (its `eval` section). The file sets the stored position grid (`posemb_grid`,
+from pos_embed's 1 + g*g rows) and the Shrunk QU query grid (`query_grid`, from q's g*g rows);
+nothing is resampled, so bundle -> export -> import is bitwise exact.
 Run-time position-embedding resize: bicubic, as mmseg's ViT.
 """
 
@@ -51,8 +57,8 @@ from segvit_jax import bundle as bundle_lib
 from segvit_jax.convert.backbone import is_square
 from segvit_jax.convert.rules import KeyRule, attention, conv, flatten, key_list, linear, mlp, \
     norm, packed_attention, read_torch, to_ours, to_theirs, unflatten, write_torch_checkpoint
-from segvit_jax.convert.whole_model import abstract_variables, class_names, load_config, \
-    palette
+from segvit_jax.convert.whole_model import abstract_variables, class_names, class_weights, \
+    load_config, no_object_weight, palette, with_recorded
 from segvit_jax.models import shrunk, vit
 
 FORMAT = "segvit-official"
@@ -109,9 +115,21 @@ RULES = {
     ) + _atm_head("decode_head.atm.", "head/atm/", input_proj=False),
 }
 
+# The ATM loss's class-weight buffers of each head type: mmseg's BaseDecodeHead builds
+# `loss_decode` (ATMLoss), whose `criterion` (SetCriterion) registers `empty_weight`; Shrunk's
+# TPNATMHead and the ATMSingleHead under `atm.` each build one.
+LOSS_BUFFERS = {
+    "atm": ("decode_head.loss_decode.criterion.empty_weight",),
+    "shrunk": ("decode_head.loss_decode.criterion.empty_weight",
+               "decode_head.atm.loss_decode.criterion.empty_weight"),
+}
+# SetCriterion's default no-object weight (`eos_coef`; the release's configs keep it), the
+# paper's 0.1 (SegViT Sec. 3.2, the ATM loss).
+RELEASE_NO_OBJECT_WEIGHT = 0.1
+
 # Release tensors that are not model weights (regexes, full match).
 DROPPED = (
-    r"decode_head\.(?:atm\.)?loss_decode\..*",  # ATMLoss's no-object class weight (a buffer)
+    r"decode_head\.(?:atm\.)?loss_decode\..*",  # ATMLoss's class weights (LOSS_BUFFERS)
     r"decode_head\.(?:atm\.)?conv_seg\..*",  # mmseg's classifier, unused (deleted in the release)
 )
 
@@ -220,14 +238,13 @@ def load(path: str, config: ml_collections.ConfigDict | str, *,
 def convert(src: str, out: str, config: ml_collections.ConfigDict | str, *,
             trust_pickle: bool = False) -> str:
   """A release checkpoint -> a whole-model bundle at `out` (model config from `config` and the
-  file, pixel statistics and class names from `config`)."""
-  spec = config if isinstance(config, str) else None
-  config = load_config(config)
+  file; pixel statistics, class names and the test protocol, `eval`, from `config`)."""
+  config, extra = with_recorded(config)  # the spec (options.config) and `eval`
+  extra.setdefault("options", {})
   params, model_cfg = load(src, config, trust_pickle=trust_pickle)
   return bundle_lib.save_bundle(
       out, params, model_cfg, mean=config.mean, std=config.std, class_names=class_names(config),
-      source=os.path.abspath(src), source_format=FORMAT,
-      options={"config": spec} if spec else {})
+      source=os.path.abspath(src), source_format=FORMAT, **extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,9 +293,9 @@ def _check_exportable(model_cfg: Mapping[str, Any], source: str) -> None:
 
 def export(bundle_path: str, out: str) -> dict[str, np.ndarray]:
   """A whole-model bundle -> a release checkpoint at `out`: torch.save of
-  {"state_dict": float32 tensors, "meta": {CLASSES, PALETTE, segvit_jax: model config, pixel
-  statistics, source}}, readable with torch.load(weights_only=True). Returns the state dict as
-  numpy arrays."""
+  {"state_dict": float32 tensors (the loss's class-weight buffers included, `LOSS_BUFFERS`),
+  "meta": {CLASSES, PALETTE, segvit_jax: model config, pixel statistics, source}}, readable
+  with torch.load(weights_only=True). Returns the state dict as numpy arrays."""
   meta = bundle_lib.read_config(bundle_path)
   model_cfg = meta.get("model", {})
   if model_cfg.get("name", "segvit") != "segvit":
@@ -288,8 +305,11 @@ def export(bundle_path: str, out: str) -> dict[str, np.ndarray]:
   loaded = bundle_lib.load_bundle(bundle_path)  # strict check against its model
   flat = flatten(vit.unstack_blocks(loaded.variables["params"]))
   flat = {k: np.asarray(v) for k, v in flat.items()}
-  state = to_theirs(flat, RULES[model_cfg["head"].get("type", "atm")], source=bundle_path,
-                    layout=FORMAT)
+  kind = model_cfg["head"].get("type", "atm")
+  state = to_theirs(flat, RULES[kind], source=bundle_path, layout=FORMAT)
+  weights = class_weights(model_cfg["num_classes"],
+                          no_object_weight(meta, RELEASE_NO_OBJECT_WEIGHT))
+  state.update({key: weights.copy() for key in LOSS_BUFFERS[kind]})
   names = list(meta.get("class_names", []))
   info = {"model": model_cfg, "mean": list(meta.get("mean", [])),
           "std": list(meta.get("std", [])), "source": os.path.abspath(bundle_path)}

@@ -1,15 +1,19 @@
 """What the whole-model layouts (`segvit_official.py`, `segformer.py`, `eomt.py`) share around
 their key tables: our config of the model (`--config`), the model's abstract variables for the
-strict check of every converted tensor, and the class names of bundles and exports."""
+strict check of every converted tensor, the class names of bundles and exports, the test
+protocol a converted bundle records, and the loss's class-weight buffer the mask-classification
+releases hold (DETR-style set criteria: `empty_weight`)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from segvit_jax import bundle, config_utils
@@ -20,6 +24,48 @@ from segvit_jax.models import build_model
 def load_config(config: ml_collections.ConfigDict | str) -> ml_collections.ConfigDict:
   """A ConfigDict as it is, or the one 'configs/X.py[:ARG]' gives."""
   return config_utils.load_config(config) if isinstance(config, str) else config
+
+
+def eval_protocol(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """The config's test protocol, its whole `eval` section, as plain JSON data (tuples become
+  lists), for a converted bundle's config.json: evaluation then runs the bundle as the config
+  says (resize, windows, scales). None when the config has no `eval` section."""
+  section = config.get("eval")
+  return None if section is None else json.loads(json.dumps(section.to_dict()))
+
+
+def with_recorded(config: ml_collections.ConfigDict | str | None) -> tuple[
+    ml_collections.ConfigDict | None, dict[str, Any]]:
+  """`config` (None, a ConfigDict or 'configs/X.py[:ARG]') loaded, and the entries of
+  config.json a bundle converted with it records: `options.config` (the spec, when given as
+  one) and `eval` (`eval_protocol`). Without a config: (None, {}), nothing recorded (evaluation
+  then falls back to whole-image inference)."""
+  if config is None:
+    return None, {}
+  extra: dict[str, Any] = {"options": {"config": config}} if isinstance(config, str) else {}
+  config = load_config(config)
+  protocol = eval_protocol(config)
+  if protocol is not None:
+    extra["eval"] = protocol
+  return config, extra
+
+
+def no_object_weight(meta: Mapping[str, Any], default: float) -> float:
+  """The loss's no-object class weight of a bundle (its config.json `meta`): the one its
+  `loss` section records, else `default` (the release's)."""
+  loss = meta.get("loss")
+  if isinstance(loss, Mapping) and loss.get("no_object_weight") is not None:
+    return float(loss["no_object_weight"])
+  return default
+
+
+def class_weights(num_classes: int, no_object: float) -> np.ndarray:
+  """(num_classes + 1,) float32: a set criterion's `empty_weight` buffer, ones with the
+  no-object weight `no_object` last (DETR's SetCriterion, inherited by SegViT's ATM loss and
+  Mask2Former's)."""
+  weights = np.ones(num_classes + 1, np.float32)
+  weights[-1] = no_object
+  return weights
 
 
 def abstract_variables(model_cfg: Mapping[str, Any]) -> dict:

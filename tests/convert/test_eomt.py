@@ -36,7 +36,7 @@ import transformers
 from safetensors.numpy import load_file
 from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil
 
-from segvit_jax import bundle
+from segvit_jax import bundle, config_utils
 from segvit_jax.convert import __main__ as cli
 from segvit_jax.data import synthetic
 
@@ -286,6 +286,12 @@ def test_official_import(conv):
   assert meta["model"]["backbone"]["posemb_resize"] == "bicubic_antialias"
   assert meta["model"]["backbone"]["posemb_grid"] == [GRID, GRID]
   assert meta["model"]["num_blocks"] == NUM_BLOCKS
+  # The config's test protocol, whole (the skeleton's); none without --config (the HF import).
+  config = config_utils.load_config(conv["config"])
+  assert meta["eval"] == json.loads(json.dumps(config.eval.to_dict()))
+  assert (meta["eval"]["mode"], meta["eval"]["crop_size"], meta["eval"]["scales"]) == (
+      "slide", [512, 512], [1.0])
+  assert "eval" not in bundle.read_config(conv["bundle_hf"])
   _assert_bitwise(bundle.load_params(conv["bundle_official"]),
                   bundle.load_params(conv["bundle_hf"]), "official vs hf import")
   b = bundle.load_bundle(conv["bundle_official"])

@@ -41,7 +41,7 @@ import transformers
 from PIL import Image
 from safetensors.numpy import load_file
 
-from segvit_jax import bundle, convert
+from segvit_jax import bundle, config_utils, convert
 from segvit_jax.convert import __main__ as cli
 from segvit_jax.convert import rules, segformer
 from segvit_jax.data import cityscapes
@@ -299,8 +299,9 @@ def test_official_import_and_layer_norm_eps(conv):
 
 def test_round_trips_are_exact(conv, tmp_path):
   """bundle -> official -> bundle, bundle -> HF -> bundle, and across (HF bundle -> official
-  -> bundle): parameters and BatchNorm statistics bitwise; the re-exported release file equals
-  the original (less mmseg's unused conv_seg), the step counter included."""
+  -> bundle): parameters and BatchNorm statistics bitwise; the re-exported release file has
+  every key of the original (what load_state_dict(strict=True) asks) and equals it, the step
+  counter included, but for mmseg's unused conv_seg: zeros of the release's shape."""
   official, hf_bundle = conv["bundle_official"], conv["bundle_hf"]
   pth = tmp_path / "again.pth"
   assert _cli(official, pth, "--to", "segformer-official") == 0
@@ -312,9 +313,15 @@ def test_round_trips_are_exact(conv, tmp_path):
   assert sorted(obj) == ["meta", "state_dict"]
   assert obj["meta"]["CLASSES"] == conv["classes"]
   assert len(obj["meta"]["PALETTE"]) == len(conv["classes"])
-  written = {k: v for k, v in conv["official"].items() if not k.startswith("decode_head.conv_")}
   exported = {k: v.numpy() for k, v in obj["state_dict"].items()}
-  assert sorted(exported) == sorted(written)
+  assert sorted(exported) == sorted(conv["official"])
+  # BaseDecodeHead's Conv2d(channels, num_classes, 1), channels 128 in every release config
+  # (the test's release file gives it linear_pred's shape instead).
+  k = len(conv["classes"])
+  conv_seg = [exported.pop(f"decode_head.conv_seg.{n}") for n in ("weight", "bias")]
+  assert [c.shape for c in conv_seg] == [(k, 128, 1, 1), (k,)]
+  assert all(c.dtype == np.float32 and not c.any() for c in conv_seg)
+  written = {k: v for k, v in conv["official"].items() if not k.startswith("decode_head.conv_seg.")}
   unequal = [k for k, v in written.items()
              if not np.array_equal(exported[k], v) or exported[k].dtype != v.dtype]
   assert not unequal, unequal
@@ -372,6 +379,12 @@ def test_config_gives_names_and_statistics_and_must_agree(b0, config_file, tmp_p
   assert meta["mean"] == [120.0, 110.0, 100.0] and meta["std"] == [50.0, 51.0, 52.0]
   assert meta["model"]["backbone"] == {"variant": "B0", "norm_eps": 1e-6,
                                        "embed_norm_eps": 1e-5}
+  # The config's test protocol, whole (the skeleton's: slide 512 / 341); none without --config.
+  config = config_utils.load_config(config_file)
+  assert meta["eval"] == json.loads(json.dumps(config.eval.to_dict()))
+  assert (meta["eval"]["mode"], meta["eval"]["crop_size"], meta["eval"]["stride"]) == (
+      "slide", [512, 512], [341, 341])
+  assert "eval" not in bundle.read_config(conv["bundle_official"])
   _assert_bitwise(_variables(str(tmp_path / "b")), _variables(conv["bundle_official"]), "cfg")
 
   capsys.readouterr()

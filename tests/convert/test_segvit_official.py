@@ -7,10 +7,12 @@ down-sampling ViT, QU with STOCK torch TransformerDecoder layers, single-stage A
 - Our Shrunk (and ATM) model against the reference with identical weights copied from Flax
   (`load_*_from_flax`, independent of the converter), eval mode.
 - Release-layout files written by torch.save from randomly initialised references (with meta,
-  optimizer state and the loss buffer, as released files have) converted by the CLI: the
-  bundles reproduce the references.
+  optimizer state and the loss buffers, as released files have) converted by the CLI: the
+  bundles reproduce the references and record the config's test protocol (`eval`); files
+  without the loss buffers convert to the same parameters.
 - bundle -> --to segvit-official -> --from segvit-official -> bundle is bitwise exact; the
-  exported .pth loads strictly into the references and reproduces our outputs.
+  exported .pth (the loss buffers `empty_weight` included) loads strictly into the references,
+  which own the release's loss modules (`add_atm_loss_`), and reproduces our outputs.
 - Errors name keys and causes.
 
 References run in float64 on float32 weights, so the differences are our float32 rounding.
@@ -48,6 +50,13 @@ NUM_CLASSES = len(synthetic.CLASS_NAMES)  # the tiny config's dataset: class nam
 SIZES = {"crop": (64, 64), "wide": (48, 80)}
 TOL = 1e-5
 ROOT = support.ROOT
+# The ATM loss's class-weight buffers of the release's models (mmseg BaseDecodeHead.loss_decode,
+# its SetCriterion's `empty_weight`; Shrunk's TPNATMHead and its ATMSingleHead each have one).
+LOSS_BUFFERS = {
+    "atm": ("decode_head.loss_decode.criterion.empty_weight",),
+    "shrunk": ("decode_head.loss_decode.criterion.empty_weight",
+               "decode_head.atm.loss_decode.criterion.empty_weight"),
+}
 
 # A tiny SegViT / SegViT-Shrunk made from the paper's recipe (the ViT-B ADE20K configs), as a
 # user would write one: `tiny.py:atm` / `tiny.py:shrunk`.
@@ -144,6 +153,17 @@ def _cli(*args) -> int:
   return cli.cli([str(a) for a in args])
 
 
+def _plain(x):
+  """A config section's values as JSON gives them back: tuples as lists."""
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  return [_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _class_weights(no_object_weight: float) -> torch.Tensor:
+  return torch.tensor([1.0] * NUM_CLASSES + [no_object_weight], dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Our model, weights copied from Flax into the reference
 
@@ -181,7 +201,8 @@ def test_model_matches_reference(flax_model, size):
 
 
 def test_export_loads_into_reference(flax_model, tmp_path):
-  """Our bundle -> .pth: the reference loads it strictly and reproduces our outputs."""
+  """Our bundle -> .pth: the reference, with the release's loss modules, loads it strictly
+  (the loss buffers too: ones, the no-object weight 0.1 last) and reproduces our outputs."""
   out = tmp_path / "exported.pth"
   assert _cli(flax_model["bundle"], out, "--to", "segvit-official") == 0
   obj = torch.load(out, map_location="cpu", weights_only=True)
@@ -191,11 +212,18 @@ def test_export_loads_into_reference(flax_model, tmp_path):
   assert obj["meta"]["segvit_jax"]["model"]["head"]["tap_layers"] == list(
       flax_model["config"].model.head.tap_layers)
   assert all(v.dtype == torch.float32 for v in obj["state_dict"].values())
-  tmodel = _torch_model(flax_model["config"].model)
+  buffers = LOSS_BUFFERS[flax_model["kind"]]
+  for key in buffers:  # exactly (max abs difference 0)
+    assert torch.equal(obj["state_dict"][key], _class_weights(0.1)), key
+  tmodel = ref.add_atm_loss_(_torch_model(flax_model["config"].model), no_object_weight=0.5)
   if flax_model["kind"] == "shrunk":
     tmodel.load_state_dict(obj["state_dict"], strict=True)
   else:
     ref.load_official_state_dict(tmodel, obj["state_dict"])
+  loaded = {ref.official_name(k) if flax_model["kind"] == "atm" else k: v
+            for k, v in tmodel.state_dict().items()}
+  for key in buffers:  # the file's values replaced the module's 0.5
+    assert torch.equal(loaded[key], _class_weights(0.1)), key
   for name, size in SIZES.items():
     _check_parity(flax_model["outputs"][name], _reference(tmodel, _images(size)),
                   f"exported {flax_model['kind']} {name}")
@@ -211,15 +239,9 @@ def _release_state_dict(tmodel) -> dict[str, torch.Tensor]:
   return ref.official_state_dict(tmodel)
 
 
-def _write_release_file(path, state: dict[str, torch.Tensor], kind: str) -> None:
-  """As mmseg saves it: state_dict (+ the loss's no-object weight buffer, which the release
-  also has), meta, and optimizer state."""
-  state = dict(state)
-  empty_weight = torch.ones(NUM_CLASSES + 1)
-  empty_weight[-1] = 0.1
-  state["decode_head.loss_decode.criterion.empty_weight"] = empty_weight
-  if kind == "shrunk":
-    state["decode_head.atm.loss_decode.criterion.empty_weight"] = empty_weight.clone()
+def _write_release_file(path, state: dict[str, torch.Tensor]) -> None:
+  """As mmseg saves it: state_dict (the reference's, the loss buffers included), meta, and
+  optimizer state."""
   optimizer = {"state": {0: {"step": torch.tensor(10.0), "exp_avg": torch.randn(7)}},
                "param_groups": [{"lr": 2e-5, "weight_decay": 0.01, "params": [0]}]}
   meta = {"mmseg_version": "0.24.0", "CLASSES": synthetic.CLASS_NAMES, "iter": 160000}
@@ -228,15 +250,17 @@ def _write_release_file(path, state: dict[str, torch.Tensor], kind: str) -> None
 
 @pytest.fixture(scope="module", params=KINDS)
 def release(request, config_file, tmp_path_factory):
-  """kind -> a release-layout .pth of a random reference, converted by the CLI (which skips
-  the file's optimizer state and meta, and drops the loss buffer)."""
+  """kind -> a release-layout .pth of a random reference with the release's loss modules,
+  converted by the CLI (which skips the file's optimizer state and meta, and drops the loss
+  buffers)."""
   kind = request.param
   config = _config(config_file, kind)
-  tmodel = ref.randomize_torch_(_torch_model(config.model), seed=5, gain=1.5)
+  tmodel = ref.add_atm_loss_(ref.randomize_torch_(_torch_model(config.model), seed=5, gain=1.5))
   state = {k: v.detach().clone() for k, v in _release_state_dict(tmodel).items()}
+  assert set(LOSS_BUFFERS[kind]) <= set(state)
   root = tmp_path_factory.mktemp(f"release_{kind}")
   src, out = root / f"segvit_{kind}.pth", root / "bundle"
-  _write_release_file(src, state, kind)
+  _write_release_file(src, state)
   spec = f"{config_file}:{kind}"
   assert _cli(src, out, "--from", "segvit-official", "--config", spec) == 0
   return dict(kind=kind, config=config, spec=spec, tmodel=tmodel, state=state, src=src,
@@ -250,6 +274,10 @@ def test_release_file_converts_to_matching_bundle(release):
   assert tuple(meta["class_names"]) == synthetic.CLASS_NAMES
   assert meta["mean"] == [127.5] * 3
   assert tuple(b.config.model.backbone.posemb_grid) == (8, 8)
+  # The config's test protocol, whole (the ViT-B ADE20K recipe's: slide 512 / 341).
+  assert meta["eval"] == _plain(release["config"].eval.to_dict())
+  assert (meta["eval"]["mode"], meta["eval"]["crop_size"], meta["eval"]["stride"],
+          meta["eval"]["scale"]) == ("slide", [512, 512], [341, 341], [2048, 512])
   for name, size in SIZES.items():
     images = _images(size, seed=2)
     out = _ours(b.model, b.variables["params"], images)
@@ -261,7 +289,8 @@ def test_release_file_converts_to_matching_bundle(release):
 
 
 def test_round_trip_is_exact(release):
-  """bundle -> .pth -> bundle: bitwise-equal parameters; the .pth equals the release file."""
+  """bundle -> .pth -> bundle: bitwise-equal parameters; the .pth equals the release file,
+  the loss buffers included."""
   pth, again = release["root"] / "again.pth", release["root"] / "again"
   assert _cli(release["bundle"], pth, "--to", "segvit-official") == 0
   assert _cli(pth, again, "--from", "segvit-official", "--config", release["spec"]) == 0
@@ -275,9 +304,36 @@ def test_round_trip_is_exact(release):
   assert not unequal, unequal
   assert bundle.read_config(str(again))["model"] == bundle.read_config(release["bundle"])["model"]
   exported = torch.load(pth, map_location="cpu", weights_only=True)["state_dict"]
-  assert sorted(exported) == sorted(release["state"])  # the loss buffer is not written back
+  assert sorted(exported) == sorted(release["state"])  # the loss buffers written back too
   unequal = [k for k, v in release["state"].items() if not torch.equal(exported[k], v)]
   assert not unequal, unequal
+
+
+def test_release_file_without_loss_buffers_converts(release, tmp_path):
+  """The loss buffers are not parameters: a file without them gives the same bundle."""
+  state = {k: v for k, v in release["state"].items() if k not in LOSS_BUFFERS[release["kind"]]}
+  assert len(state) == len(release["state"]) - len(LOSS_BUFFERS[release["kind"]])
+  _write_release_file(tmp_path / "bare.pth", state)
+  assert _cli(tmp_path / "bare.pth", tmp_path / "b", "--from", "segvit-official", "--config",
+              release["spec"]) == 0
+  flat1 = flax.traverse_util.flatten_dict(bundle.load_params(release["bundle"]), sep="/")
+  flat2 = flax.traverse_util.flatten_dict(bundle.load_params(str(tmp_path / "b")), sep="/")
+  assert sorted(flat1) == sorted(flat2)
+  assert all(np.array_equal(flat1[k], flat2[k]) for k in flat1)
+
+
+def test_export_writes_the_recorded_no_object_weight(flax_model, tmp_path):
+  """A bundle whose config.json records the loss (`loss.no_object_weight`, 0.25 here) exports
+  that weight in the buffers; without one, the release's 0.1 (test_export_loads_into_reference)."""
+  config = flax_model["config"]
+  path = bundle.save_bundle(str(tmp_path / "b"), flax_model["params"], config.model,
+                            mean=config.mean, std=config.std, class_names=synthetic.CLASS_NAMES,
+                            loss=dict(config.loss.to_dict(), no_object_weight=0.25))
+  out = tmp_path / "x.pth"
+  assert _cli(path, out, "--to", "segvit-official") == 0
+  state = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
+  for key in LOSS_BUFFERS[flax_model["kind"]]:
+    assert torch.equal(state[key], _class_weights(0.25)), (key, state[key])
 
 
 # ----------------------------------------------------------------------------------------------
