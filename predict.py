@@ -150,8 +150,8 @@ def main(argv: list[str]) -> int:
     try:
       image = read_image(file)
       h, w = image.shape[:2]
-      scores = predictor.predict(image)  # (Hb, Wb, C) on the device
-      pred = np.asarray(_labels(scores))[:h, :w].astype(
+      total = predictor.predict(image)  # (Hb, Wb, C) on the device
+      pred = np.asarray(_labels(total))[:h, :w].astype(
           np.uint8 if num_classes <= 256 else np.uint16)
     except ValueError as e:
       skipped.append((file, str(e)))
@@ -162,8 +162,7 @@ def main(argv: list[str]) -> int:
     pictures.save(os.path.join(output, f"{name}_overlay.jpg"),
                   pictures.overlay(image, pred, colours))
     if _SAVE_SCORES.value:
-      np.save(os.path.join(output, f"{name}.npy"),
-              np.moveaxis(np.asarray(scores, np.float32)[:h, :w], -1, 0))
+      np.save(os.path.join(output, f"{name}.npy"), predictor.mean_scores(total, (h, w)))
     print(f"[{i + 1}/{len(files)}] {file} -> {name}.png ({progress(i + 1, len(files), t0)})",
           flush=True)
   print(f"wrote {len(files) - len(skipped)} predictions to {output}")

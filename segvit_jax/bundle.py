@@ -98,8 +98,7 @@ class Bundle:
     predictor = self.predictor(protocol)
     out = []
     for image in images:
-      h, w = image.shape[:2]
-      out.append(np.moveaxis(np.asarray(predictor.predict(image))[:h, :w], -1, 0))
+      out.append(predictor.mean_scores(predictor.predict(image), image.shape[:2]))
     return np.stack(out)
 
   @functools.cached_property

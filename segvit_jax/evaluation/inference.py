@@ -585,18 +585,23 @@ class MultiScalePredictor(LocalPredictor):
     # Accumulators start on the devices (no host allocation and transfer of C x H x W zeros).
     self._zeros = jax.jit(lambda shape: jnp.zeros(shape, jnp.float32), static_argnums=0,
                           out_shardings=self._repl)
-    self._mean_of_views = jax.jit(lambda total: total / protocol.views)
 
   def chunk_sizes(self, n: int) -> list[int]:
     """`chunk_sizes` of n windows for this predictor's window batch and devices."""
     return chunk_sizes(n, self.protocol.window_batch, self.num_devices)
 
   def predict(self, image: np.ndarray) -> jax.Array:
-    """(Hb, Wb, C) on the devices, [:H, :W] the uint8 (H, W, 3) `image`'s scores under the
-    protocol: the model's scores for one view, else the mean over views of the softmax
-    probabilities (average "softmax") or of the scores."""
+    """The summed view scores of one uint8 (H, W, 3) `image` under the protocol (its test
+    resize, then `__call__`): (Hb, Wb, C) on the devices, [:H, :W] the image."""
     images = self.protocol.test_resize.map({"image": image})["images"]
-    return self._mean_of_views(self(images, image.shape[:2]))
+    return self(images, image.shape[:2])
+
+  def mean_scores(self, total: jax.Array, size: Sequence[int]) -> np.ndarray:
+    """(C, H, W) float32 on the host from `predict`'s total for an image of `size`: the model's
+    scores for one view, else the mean over views of the softmax probabilities (average
+    "softmax") or of the scores."""
+    scores = np.asarray(total, np.float32)[:size[0], :size[1]]
+    return np.moveaxis(scores / np.float32(self.protocol.views), -1, 0)
 
   def __call__(self, images: Sequence[np.ndarray], out_size: tuple[int, int]) -> jax.Array:
     p = self.protocol
