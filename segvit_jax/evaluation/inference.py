@@ -574,14 +574,20 @@ class MultiScalePredictor(LocalPredictor):
     self.num_classes = int(num_classes)
     self._mean = self.put(np.asarray(mean, np.float32))
     self._std = self.put(np.asarray(std, np.float32))
-    back = protocol.padding.back
 
-    def model(params, crops, valid):
+    def model(params, crops, valid, stretch):
+      """(B, wh, ww, C) window scores; with `stretch` (rule "resize", a window reaching beyond
+      the image) resized to the traced `valid` part instead of the window (`window_scores`;
+      one program for every image size that shares the window)."""
       crops = jax.lax.with_sharding_constraint(crops, self._batch)
-      scores = window_scores(lambda x: apply_fn(params, x), crops, valid, back)
-      return jnp.moveaxis(scores, 1, -1)
+      fn = lambda x: apply_fn(params, x)  # noqa: E731
+      if not stretch:
+        return jnp.moveaxis(_scores_at(fn, crops), 1, -1)
+      raw = jnp.moveaxis(_checked_scores(fn, crops), 1, -1)
+      return resize_valid(raw, raw.shape[1:3], (valid[0], valid[1]), crops.shape[1:3],
+                          axes=(1, 2))
 
-    self._model = jax.jit(model, static_argnums=2, out_shardings=self._repl)
+    self._model = jax.jit(model, static_argnums=3, out_shardings=self._repl)
     # Accumulators start on the devices (no host allocation and transfer of C x H x W zeros).
     self._zeros = jax.jit(lambda shape: jnp.zeros(shape, jnp.float32), static_argnums=0,
                           out_shardings=self._repl)
@@ -603,9 +609,25 @@ class MultiScalePredictor(LocalPredictor):
     scores = np.asarray(total, np.float32)[:size[0], :size[1]]
     return np.moveaxis(scores / np.float32(self.protocol.views), -1, 0)
 
-  def __call__(self, images: Sequence[np.ndarray], out_size: tuple[int, int]) -> jax.Array:
+  def layout(self, height: int, width: int) -> Layout:
+    """`window_layout` of a test image under the protocol; ValueError for a window beyond
+    `MAX_WINDOW_PIXELS`."""
     p = self.protocol
-    c = self.num_classes
+    window, starts = window_layout(height, width, p.mode, p.crop, p.stride, p.padding.multiple)
+    if window[0] * window[1] > MAX_WINDOW_PIXELS:
+      raise ValueError(
+          f"a {height}x{width} (HxW) test image in {p.mode} mode is one {window[0]}x"
+          f"{window[1]} model input, more than one forward pass should take "
+          f"({MAX_WINDOW_PIXELS} pixels): use a windowed test protocol (config.eval.mode "
+          "'slide' or 'spread'; predict.py: a bundle that records one, or --config) or a test "
+          "resize")
+    return window, starts
+
+  def __call__(self, images: Sequence[np.ndarray], out_size: tuple[int, int]) -> jax.Array:
+    for image in images:  # every check before anything runs
+      self.layout(*image.shape[:2])
+    p = self.protocol
+    c, back = self.num_classes, p.padding.back
     out_shape = (_round_up(out_size[0], p.bucket), _round_up(out_size[1], p.bucket))
     views = 2 if p.flip else 1
     softmax = p.average == "softmax" and len(images) * views > 1
@@ -614,14 +636,10 @@ class MultiScalePredictor(LocalPredictor):
       out_hw = self.put(np.asarray(out_size, np.int32))
       for image in images:
         h, w = image.shape[:2]
-        window, starts = window_layout(h, w, p.mode, p.crop, p.stride, p.padding.multiple)
-        if window[0] * window[1] > MAX_WINDOW_PIXELS:
-          raise ValueError(
-              f"a {h}x{w} (HxW) test image in {p.mode} mode is one {window[0]}x{window[1]} "
-              f"model input, more than one forward pass should take ({MAX_WINDOW_PIXELS} "
-              "pixels): use a windowed test protocol (config.eval.mode 'slide' or 'spread'; "
-              "predict.py: a bundle that records one, or --config) or a test resize")
+        window, starts = self.layout(h, w)
         valid = valid_size(h, w, window)
+        stretch = back == "resize" and valid != window
+        valid_hw = self.put(np.asarray(valid, np.int32))
         hb = _round_up(max(h, window[0]), p.bucket)
         wb = _round_up(max(w, window[1]), p.bucket)
         buf = np.zeros((hb, wb, 3), np.uint8)
@@ -639,7 +657,7 @@ class MultiScalePredictor(LocalPredictor):
         count = self._zeros((hb, wb))
         start = 0
         for n in sizes:
-          scores = self._model(self.params, crops[start:start + n], valid)
+          scores = self._model(self.params, crops[start:start + n], valid_hw, stretch)
           if scores.shape[-1] != c:
             raise ValueError(f"the model returned {scores.shape[-1]} score channels, expected "
                              f"num_classes={c}")
