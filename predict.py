@@ -144,27 +144,37 @@ def main(argv: list[str]) -> int:
   # The classes' colours, as in training and evaluation pictures (the bundle's class names).
   colours = palettes.palette_for_class_names(model.config.class_names)
   os.makedirs(output, exist_ok=True)
-  skipped = []
+  skipped, done = [], 0
   t0 = time.perf_counter()
-  for i, file in enumerate(files):
-    try:
-      image = read_image(file)
+  # Images go through the engine a group at a time: windows of the same shape from several
+  # images share model calls.
+  for first in range(0, len(files), predictor.protocol.window_batch):
+    group = []
+    for i, file in enumerate(files[first:first + predictor.protocol.window_batch], first):
+      try:
+        image = read_image(file)
+        views = predictor.protocol.test_resize.map({"image": image})["images"]
+        for view in views:  # a view too large for one forward pass is this file's problem
+          predictor.layout(*view.shape[:2])
+      except ValueError as e:
+        skipped.append((file, str(e)))
+        print(f"[{i + 1}/{len(files)}] skipped {file}: {e}", file=sys.stderr, flush=True)
+        continue
+      group.append((i, file, image, views))
+    totals = predictor.run([(views, image.shape[:2]) for _, _, image, views in group])
+    for (i, file, image, _), total in zip(group, totals):
       h, w = image.shape[:2]
-      total = predictor.predict(image)  # (Hb, Wb, C) on the device
       pred = np.asarray(_labels(total))[:h, :w].astype(
           np.uint8 if num_classes <= 256 else np.uint16)
-    except ValueError as e:
-      skipped.append((file, str(e)))
-      print(f"[{i + 1}/{len(files)}] skipped {file}: {e}", file=sys.stderr, flush=True)
-      continue
-    name = os.path.splitext(os.path.basename(file))[0]
-    Image.fromarray(pred).save(os.path.join(output, f"{name}.png"))
-    pictures.save(os.path.join(output, f"{name}_overlay.jpg"),
-                  pictures.overlay(image, pred, colours))
-    if _SAVE_SCORES.value:
-      np.save(os.path.join(output, f"{name}.npy"), predictor.mean_scores(total, (h, w)))
-    print(f"[{i + 1}/{len(files)}] {file} -> {name}.png ({progress(i + 1, len(files), t0)})",
-          flush=True)
+      name = os.path.splitext(os.path.basename(file))[0]
+      Image.fromarray(pred).save(os.path.join(output, f"{name}.png"))
+      pictures.save(os.path.join(output, f"{name}_overlay.jpg"),
+                    pictures.overlay(image, pred, colours))
+      if _SAVE_SCORES.value:
+        np.save(os.path.join(output, f"{name}.npy"), predictor.mean_scores(total, (h, w)))
+      done += 1
+      print(f"[{i + 1}/{len(files)}] {file} -> {name}.png "
+            f"({progress(done + len(skipped), len(files), t0)})", flush=True)
   print(f"wrote {len(files) - len(skipped)} predictions to {output}")
   return report_skipped(skipped, len(files))
 

@@ -96,10 +96,8 @@ class Bundle:
     "softmax") or scores."""
     images = check_images(images)
     predictor = self.predictor(protocol)
-    out = []
-    for image in images:
-      out.append(predictor.mean_scores(predictor.predict(image), image.shape[:2]))
-    return np.stack(out)
+    totals = predictor.predict_many(list(images))
+    return np.stack([predictor.mean_scores(t, images.shape[1:3]) for t in totals])
 
   @functools.cached_property
   def _features_fn(self):

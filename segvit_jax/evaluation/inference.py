@@ -317,26 +317,6 @@ def flip_valid(x: jax.Array, width: jax.Array, axis: int = -1) -> jax.Array:
   return jnp.take(x, jnp.where(cols < width, width - 1 - cols, cols), axis=axis)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "flip", "fill"))
-def _cut_windows(image, size, slot, ys, xs, mean, std, *, window, flip, fill):
-  """(N, *window, 3) normalised float32 windows of a bucket-padded uint8 (hb, wb, 3) image of
-  true `size` (h, w); window k is cut from view slot[k] (0: the image, 1: its mirror) at
-  (ys[k], xs[k]). Pixels outside the image are 0 after normalising (`fill` "zero") or black
-  ("black": the buffer's zeros, normalised)."""
-  h, w = size[0], size[1]
-  x = (image.astype(jnp.float32) - mean) / std
-  if fill == "zero":
-    rows, cols = jnp.arange(image.shape[0]), jnp.arange(image.shape[1])
-    inside = (rows[:, None] < h) & (cols[None, :] < w)
-    x = jnp.where(inside[..., None], x, 0.0)
-  views = jnp.stack([x, flip_valid(x, w, axis=1)]) if flip else x[None]
-
-  def cut(s, y, x0):
-    return jax.lax.dynamic_slice(views, (s, y, x0, 0), (1, *window, 3))[0]
-
-  return jax.vmap(cut)(slot, ys, xs)
-
-
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _add_windows(acc, count, scores, slot, ys, xs, valid):
   """Adds window scores (B, wh, ww, C) into acc (F, hb, wb, C) at their origins and counts the
@@ -453,7 +433,7 @@ MAX_WINDOW_PIXELS = 2048 * 2048
 # whole): no resize, one view unless scales / flip say more, one window.
 WHOLE_EVAL = dict(resize="none", scale=(), size_divisor=1, min_size=0, scales=(1.0,),
                   flip=False, mode="whole", crop_size=(1, 1), stride=(1, 1), average="softmax",
-                  window_batch=1, bucket=32)
+                  window_batch=8, bucket=32)
 NO_RESIZE = transforms.MultiScaleResize(resize="none", scale=(), ratios=(1.0,), size_divisor=1,
                                         min_size=0)
 
@@ -550,20 +530,44 @@ class LocalPredictor:
       yield
 
 
+@dataclasses.dataclass
+class _View:
+  """One test-resized image of a job (one scale; with flip, its mirror too) while its windows
+  are scored: its layout, uint8 buffers (the image, its mirror) and accumulators."""
+  job: int
+  size: tuple[int, int]
+  window: Window
+  valid: Window
+  starts: list[tuple[int, int]]
+  buffers: list[np.ndarray]
+  pending: int
+  acc: Any = None
+  count: Any = None
+
+
+def _views_of(chunk) -> list[_View]:
+  """The distinct views a chunk's windows come from, in order."""
+  return list({id(e[0]): e[0] for e in chunk}.values())
+
+
 class MultiScalePredictor(LocalPredictor):
-  """Multi-scale (+ flip) scores of one image at a time on this process's devices: the one
-  semantic inference path of eval.py, predict.py and `Bundle.predict`.
+  """Multi-scale (+ flip) scores of images on this process's devices: the one semantic
+  inference path of eval.py, predict.py and `Bundle.predict`.
 
     predictor = MultiScalePredictor(apply_fn, params, protocol, num_classes, mean=, std=)
-    total = predictor(images, out_size)  # (Hb, Wb, C) on device; [:H, :W] is the image
-    scores = predictor.predict(image)    # the same from one uint8 image, mean over views
+    total = predictor(images, out_size)   # (Hb, Wb, C) on device; [:H, :W] is the image
+    totals = predictor.predict_many([image, ...])  # from uint8 images, their windows batched
 
   `apply_fn(params, images (B, h, w, 3)) -> (B, C, h', w')` semantic scores; `images` are the
   uint8 test-resized images, one per scale (`protocol.test_resize`; evaluation's pipeline
-  resizes in its reader threads, `predict` here); `out_size` is the original (H, W). The
+  resizes in its reader threads, `predict_many` here); `out_size` is the original (H, W). The
   result is the sum over views (scales x flips) of softmax probabilities or scores at the
   original size (dividing by the view count would not change the argmax); its buffer is (H, W)
   rounded up to `protocol.bucket`, channels last (the layout the glue is fast in).
+
+  Windows of the same shape, from every view of every image of a call, share model calls of
+  `window_batch` windows (the last call of a shape is padded to a power of two): the model
+  compiles once per window shape and batch size, the glue once per buffer bucket.
   """
 
   def __init__(self, apply_fn: Callable, params: Any, protocol: Protocol, num_classes: int, *,
@@ -572,20 +576,28 @@ class MultiScalePredictor(LocalPredictor):
     super().__init__(params, mesh)
     self.protocol = protocol
     self.num_classes = int(num_classes)
-    self._mean = self.put(np.asarray(mean, np.float32))
-    self._std = self.put(np.asarray(std, np.float32))
+    mean = jnp.asarray(np.asarray(mean, np.float32))
+    std = jnp.asarray(np.asarray(std, np.float32))
+    fill = protocol.padding.fill
 
     def model(params, crops, valid, stretch):
-      """(B, wh, ww, C) window scores; with `stretch` (rule "resize", a window reaching beyond
-      the image) resized to the traced `valid` part instead of the window (`window_scores`;
-      one program for every image size that shares the window)."""
+      """(B, wh, ww, C) scores of uint8 windows (B, wh, ww, 3) whose top-left valid[k] part is
+      inside the image: normalised, the rest 0 (fill "zero") or black; the scores resized to
+      the window, or with `stretch` (rule "resize", windows reaching beyond the image) to their
+      valid part (`window_scores`; one program for every image size sharing the window)."""
       crops = jax.lax.with_sharding_constraint(crops, self._batch)
+      x = (crops.astype(jnp.float32) - mean) / std
+      if fill == "zero":
+        rows, cols = jnp.arange(x.shape[1]), jnp.arange(x.shape[2])
+        inside = ((rows[None, :, None] < valid[:, 0, None, None]) &
+                  (cols[None, None, :] < valid[:, 1, None, None]))
+        x = jnp.where(inside[..., None], x, 0.0)
       fn = lambda x: apply_fn(params, x)  # noqa: E731
       if not stretch:
-        return jnp.moveaxis(_scores_at(fn, crops), 1, -1)
-      raw = jnp.moveaxis(_checked_scores(fn, crops), 1, -1)
-      return resize_valid(raw, raw.shape[1:3], (valid[0], valid[1]), crops.shape[1:3],
-                          axes=(1, 2))
+        return jnp.moveaxis(_scores_at(fn, x), 1, -1)
+      raw = jnp.moveaxis(_checked_scores(fn, x), 1, -1)
+      return jax.vmap(lambda r, v: resize_valid(r, r.shape[:2], (v[0], v[1]), x.shape[1:3],
+                                                axes=(0, 1)))(raw, valid)
 
     self._model = jax.jit(model, static_argnums=3, out_shardings=self._repl)
     # Accumulators start on the devices (no host allocation and transfer of C x H x W zeros).
@@ -596,11 +608,15 @@ class MultiScalePredictor(LocalPredictor):
     """`chunk_sizes` of n windows for this predictor's window batch and devices."""
     return chunk_sizes(n, self.protocol.window_batch, self.num_devices)
 
+  def predict_many(self, images: Sequence[np.ndarray]) -> list[jax.Array]:
+    """The summed view scores of uint8 (H, W, 3) `images` under the protocol (its test resize,
+    then `run`): one (Hb, Wb, C) array on the devices each, [:H, :W] the image."""
+    resize = self.protocol.test_resize
+    return self.run([(resize.map({"image": im})["images"], im.shape[:2]) for im in images])
+
   def predict(self, image: np.ndarray) -> jax.Array:
-    """The summed view scores of one uint8 (H, W, 3) `image` under the protocol (its test
-    resize, then `__call__`): (Hb, Wb, C) on the devices, [:H, :W] the image."""
-    images = self.protocol.test_resize.map({"image": image})["images"]
-    return self(images, image.shape[:2])
+    """`predict_many` of one image."""
+    return self.predict_many([image])[0]
 
   def mean_scores(self, total: jax.Array, size: Sequence[int]) -> np.ndarray:
     """(C, H, W) float32 on the host from `predict`'s total for an image of `size`: the model's
@@ -624,48 +640,85 @@ class MultiScalePredictor(LocalPredictor):
     return window, starts
 
   def __call__(self, images: Sequence[np.ndarray], out_size: tuple[int, int]) -> jax.Array:
-    for image in images:  # every check before anything runs
-      self.layout(*image.shape[:2])
+    return self.run([(images, out_size)])[0]
+
+  def _view(self, job: int, image: np.ndarray) -> _View:
     p = self.protocol
-    c, back = self.num_classes, p.padding.back
-    out_shape = (_round_up(out_size[0], p.bucket), _round_up(out_size[1], p.bucket))
-    views = 2 if p.flip else 1
-    softmax = p.average == "softmax" and len(images) * views > 1
+    h, w = image.shape[:2]
+    window, starts = self.layout(h, w)
+    hb = _round_up(max(h, window[0]), p.bucket)
+    wb = _round_up(max(w, window[1]), p.bucket)
+    buffers = []
+    for mirrored in range(2 if p.flip else 1):
+      buf = np.zeros((hb, wb, 3), np.uint8)
+      buf[:h, :w] = image[:, ::-1] if mirrored else image
+      buffers.append(buf)
+    return _View(job, (h, w), window, valid_size(h, w, window), starts, buffers,
+                 pending=len(buffers) * len(starts))
+
+  def run(self, jobs: Sequence[tuple[Sequence[np.ndarray], tuple[int, int]]]
+          ) -> list[jax.Array]:
+    """The summed view scores of each job (its test-resized images, its original size): one
+    (Hb, Wb, C) array on the devices each. Every window of every view, grouped by window shape,
+    goes through the model `window_batch` at a time."""
+    p = self.protocol
+    views = [self._view(j, image) for j, (images, _) in enumerate(jobs) for image in images]
+    groups: dict[tuple[Window, bool], list[tuple[_View, int, int, int]]] = {}
+    for v in views:
+      stretch = p.padding.back == "resize" and v.valid != v.window
+      groups.setdefault((v.window, stretch), []).extend(
+          (v, slot, y, x) for slot in range(len(v.buffers)) for y, x in v.starts)
+    totals: list[Any] = [None] * len(jobs)
     with self.activate():
-      total = self._zeros((*out_shape, c))
-      out_hw = self.put(np.asarray(out_size, np.int32))
-      for image in images:
-        h, w = image.shape[:2]
-        window, starts = self.layout(h, w)
-        valid = valid_size(h, w, window)
-        stretch = back == "resize" and valid != window
-        valid_hw = self.put(np.asarray(valid, np.int32))
-        hb = _round_up(max(h, window[0]), p.bucket)
-        wb = _round_up(max(w, window[1]), p.bucket)
-        buf = np.zeros((hb, wb, 3), np.uint8)
-        buf[:h, :w] = image
-        entries = [(s, y, x) for s in range(views) for y, x in starts]
-        sizes = self.chunk_sizes(len(entries))
-        pad = sum(sizes) - len(entries)
-        table = np.asarray(entries + [(0, 0, 0)] * pad, np.int32)
-        is_real = np.asarray([1] * len(entries) + [0] * pad, np.int32)
-        size = self.put(np.asarray((h, w), np.int32))
-        crops = _cut_windows(self.put(buf), size, table[:, 0], table[:, 1],
-                             table[:, 2], self._mean, self._std, window=window,
-                             flip=p.flip, fill=p.padding.fill)
-        acc = self._zeros((views, hb, wb, c))
-        count = self._zeros((hb, wb))
+      for (window, stretch), entries in groups.items():
         start = 0
-        for n in sizes:
-          scores = self._model(self.params, crops[start:start + n], valid_hw, stretch)
-          if scores.shape[-1] != c:
-            raise ValueError(f"the model returned {scores.shape[-1]} score channels, expected "
-                             f"num_classes={c}")
-          sl = slice(start, start + n)
-          acc, count = _add_windows(acc, count, scores, table[sl, 0], table[sl, 1],
-                                    table[sl, 2], is_real[sl])
+        for n in self.chunk_sizes(len(entries)):
+          chunk = entries[start:start + n]
           start += n
-        total = _add_view_scores(total, acc, count, size, out_hw, softmax=softmax)
+          self._score_chunk(chunk, n, window, stretch)
+          for v in _views_of(chunk):
+            v.pending -= sum(e[0] is v for e in chunk)
+            if not v.pending:  # all its windows are in: add the view to its job's total
+              totals[v.job] = self._finish(v, totals[v.job], jobs[v.job])
+    return totals
+
+  def _score_chunk(self, chunk, n: int, window: Window, stretch: bool) -> None:
+    """Scores one model call's windows (padded to n) into their views' accumulators."""
+    wh, ww = window
+    crops = np.zeros((n, wh, ww, 3), np.uint8)
+    valid = np.zeros((n, 2), np.int32)
+    for k, (v, slot, y, x) in enumerate(chunk):
+      crops[k] = v.buffers[slot][y:y + wh, x:x + ww]
+      valid[k] = v.valid
+    scores = self._model(self.params, jax.device_put(crops, self._batch),
+                         jax.device_put(valid, self._batch), stretch)
+    if scores.shape[-1] != self.num_classes:
+      raise ValueError(f"the model returned {scores.shape[-1]} score channels, expected "
+                       f"num_classes={self.num_classes}")
+    table = np.zeros((n, 3), np.int32)
+    table[:len(chunk)] = [(slot, y, x) for _, slot, y, x in chunk]
+    for v in _views_of(chunk):
+      if v.acc is None:
+        hb, wb = v.buffers[0].shape[:2]
+        v.acc = self._zeros((len(v.buffers), hb, wb, self.num_classes))
+        v.count = self._zeros((hb, wb))
+      mine = np.asarray([k < len(chunk) and chunk[k][0] is v for k in range(n)], np.int32)
+      v.acc, v.count = _add_windows(v.acc, v.count, scores, table[:, 0], table[:, 1],
+                                    table[:, 2], mine)
+
+  def _finish(self, v: _View, total: Any, job) -> jax.Array:
+    """`total` (created on first use) plus view `v`'s window-averaged scores at the original
+    size (softmax probabilities where several views combine with average "softmax")."""
+    images, out_size = job
+    p = self.protocol
+    views = len(images) * (2 if p.flip else 1)
+    if total is None:
+      total = self._zeros((_round_up(out_size[0], p.bucket), _round_up(out_size[1], p.bucket),
+                           self.num_classes))
+    total = _add_view_scores(total, v.acc, v.count, self.put(np.asarray(v.size, np.int32)),
+                             self.put(np.asarray(out_size, np.int32)),
+                             softmax=p.average == "softmax" and views > 1)
+    v.acc = v.count = v.buffers = None  # free the view's buffers
     return total
 
 

@@ -211,3 +211,27 @@ def test_4000x3000_photo_runs_through_the_windows(tmp_path):
       r"model input"):
     b.predict(photo, protocol="whole")
   assert compiled.total == 0
+
+
+def test_windows_of_several_images_share_model_calls(tmp_path):
+  """predict_many: windows of the same shape from several images (and both flips) go through
+  the model together, `window_batch` at a time; each image's scores are what it gets alone."""
+  b = bundle_lib.load_bundle(tiny_bundle(str(tmp_path / "bundle"), num_classes=8,
+                                         class_names=list("abcdefgh"),
+                                         **{"eval.scales": (1.0,), "eval.window_batch": 8}))
+  predictor = b.predictor()
+  calls = []
+  model = predictor._model  # pylint: disable=protected-access
+  predictor._model = lambda *a: calls.append(a[1].shape[0]) or model(*a)  # noqa: E731
+  rng = np.random.default_rng(1)
+  images = [rng.integers(0, 256, size + (3,), np.uint8) for size in [(64, 80), (70, 64),
+                                                                     (64, 64), (90, 64)]]
+  together = predictor.predict_many(images)
+  # 14 windows of 64 x 64 ((2 + 2 + 1 + 2) x 2 flips): 8, then 6 padded to 8 (a power of two);
+  # alone, each image is one call of 4, 4, 2 and 4 windows.
+  assert calls == [8, 8]
+  calls.clear()
+  for image, total in zip(images, together):
+    alone = predictor.predict(image)
+    np.testing.assert_allclose(np.asarray(total), np.asarray(alone), atol=1e-6, rtol=0)
+  assert calls == [4, 4, 2, 4]
