@@ -233,5 +233,8 @@ def test_windows_of_several_images_share_model_calls(tmp_path):
   calls.clear()
   for image, total in zip(images, together):
     alone = predictor.predict(image)
-    np.testing.assert_allclose(np.asarray(total), np.asarray(alone), atol=1e-6, rtol=0)
+    h, w = image.shape[:2]  # (beyond, the buffer's padding holds no scores)
+    # Other batch sizes, other float32 rounding in the model's matmuls: 2e-6 measured.
+    np.testing.assert_allclose(np.asarray(total)[:h, :w], np.asarray(alone)[:h, :w],
+                               atol=1e-5, rtol=0)
   assert calls == [4, 4, 2, 4]
