@@ -26,12 +26,14 @@ A `score_fn(images (B, H, W, 3) float) -> scores (B, C, H', W')` gives each wind
 bilinearly resized to the window (mmseg's `encode_decode`) in float32.
 
 `whole_inference` / `slide_inference` / `predict_scores` are pure functions of static shapes: the
-plain statement of the protocol the tests hold the fast path to. `MultiScalePredictor` is the one
-path eval.py, predict.py and `Bundle.predict` run on every image: the model is compiled once per window shape and window batch,
-and the cheap glue (cutting windows, adding them up, resizing to the original size, softmax,
-flipping back) once per image-size bucket: images are zero-padded into buffers whose sides are
-multiples of `bucket` and the true sizes travel as traced integers, so a dataset of many image
-sizes compiles a handful of programs, and the numbers are those of the unpadded image.
+plain statement of the protocol the tests hold the fast path to. `MultiScalePredictor` is the
+one path eval.py, predict.py and `Bundle.predict` run: windows of the same shape, from every
+view of every image it is given, share model calls of `window_batch` windows, so the model
+compiles once per window shape and batch size; the cheap glue (adding windows up, resizing to
+the original size, softmax, flipping back) compiles once per image-size bucket: images sit in
+buffers whose sides are multiples of `bucket` and the true sizes travel as traced integers, so
+a dataset of many image sizes compiles a bounded number of programs, and the numbers are those
+of the unpadded image.
 """
 
 from __future__ import annotations
