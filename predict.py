@@ -226,6 +226,14 @@ def predict_panoptic(model, files: list[str], output: str) -> int:
       float(ev[key]) if recorded else 0.8  # EoMT App. A.3
       for flag, key in ((_OBJECT_MASK_THRESHOLD, "object_mask_threshold"),
                         (_OVERLAP_THRESHOLD, "overlap_threshold")))
+  patch = patch_size(cfg)
+  if size < patch or size % patch:
+    raise app.UsageError(f"--size={size}: expected a positive multiple of the patch size "
+                         f"{patch}")
+  for name, value in (("object_mask_threshold", object_mask_threshold),
+                      ("overlap_threshold", overlap_threshold)):
+    if not 0.0 <= value <= 1.0:
+      raise app.UsageError(f"--{name}={value}: expected a value from 0 to 1")
 
   def apply_fn(v, x):
     out = model.model.apply(v, x)

@@ -36,7 +36,7 @@ from benchmarks.data_pipeline import fabricate  # noqa: E402
 from configs import segvit_vit_b16_ade20k  # noqa: E402
 from segvit_jax.evaluation import inference, semantic  # noqa: E402
 from segvit_jax.data import pipeline, transforms  # noqa: E402
-from segvit_jax.models import build_model, input_divisor  # noqa: E402
+from segvit_jax.models import build_model, input_padding  # noqa: E402
 
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -62,7 +62,7 @@ def windows_per_image(c, height: int, width: int) -> list[int]:
     h, w = transforms.test_size(height, width, ev.resize, ev.scale, r, ev.size_divisor,
                                 ev.min_size)
     _, starts = inference.window_layout(h, w, ev.mode, ev.crop_size, ev.stride,
-                                       input_divisor(c.model))
+                                       input_padding(c.model).multiple)
     counts.append(len(starts) * (2 if ev.flip else 1))
   return counts
 
