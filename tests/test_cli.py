@@ -97,6 +97,8 @@ def test_predict_cli(workdir, tmp_path):
   for i in range(2):
     Image.fromarray(src[i]["image"]).save(inputs / f"img{i}.png")
   (inputs / "broken.jpg").write_bytes(b"not a jpeg")
+  Image.fromarray(src[0]["image"]).save(inputs / "cut.jpg")
+  (inputs / "cut.jpg").write_bytes((inputs / "cut.jpg").read_bytes()[:300])  # truncated
   out = tmp_path / "out"
   proc = run("predict.py", "--checkpoint", workdir, "--input", str(inputs / "img0.png"),
              "--output", str(out), "--save-scores")
@@ -106,9 +108,16 @@ def test_predict_cli(workdir, tmp_path):
   np.testing.assert_array_equal(pred, scores.argmax(0))
   assert (out / "img0_overlay.jpg").exists()
   assert "wrote 1 predictions" in proc.stdout
+  out = tmp_path / "folder"
   proc = run("predict.py", "--checkpoint", workdir, "--input", str(inputs), "--output",
              str(out), check=False)
-  assert proc.returncode != 0 and "broken.jpg" in proc.stderr
+  # The bad files are named and skipped, the good ones written; exit status 1.
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert "error: 2 of 4 images skipped:" in proc.stderr
+  assert f"{inputs / 'broken.jpg'}: cannot decode image" in proc.stderr
+  assert f"{inputs / 'cut.jpg'}: cannot decode image" in proc.stderr
+  assert sorted(os.listdir(out)) == ["img0.png", "img0_overlay.jpg", "img1.png",
+                                     "img1_overlay.jpg"]
 
 
 def painted_colours(overlay, image, label):
