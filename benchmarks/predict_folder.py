@@ -39,6 +39,9 @@ SIZES = ((683, 512), (512, 683), (640, 480), (700, 525), (600, 450), (512, 512),
          (720, 540))
 IMAGE_LINE = re.compile(r"^\[(\d+)/(\d+)\] ")
 COMPILE_LINE = re.compile(r"Finished XLA compilation of (.+?) in ([0-9.]+) sec")
+# Building a program: tracing, lowering to MLIR, XLA compilation (each logged with its seconds).
+BUILD_LINE = re.compile(r"Finished (?:tracing|jaxpr to MLIR module conversion|XLA compilation)"
+                        r" .*? in ([0-9.]+) sec")
 PROTOCOL_HELP = re.compile(r"--protocol: <([a-z|]+)>")
 
 
@@ -138,8 +141,9 @@ def protocols_of(python: str, script: str) -> list[str | None]:
 
 def run_predict(python: str, script: str, protocol: str | None, bundle: str, folder: str,
                 output: str, log: str) -> dict:
-  """Runs one predict.py to its exit; wall seconds, the arrival time of each image line,
-  compilations (count, seconds) and the exit status."""
+  """Runs one predict.py to its exit: wall seconds, the arrival time of each image line, the
+  programs XLA compiled (name, seconds), the seconds spent building programs (tracing +
+  lowering + compiling) and the exit status."""
   cmd = [python, script, f"--checkpoint={bundle}", f"--input={folder}", f"--output={output}",
          "--compilation_cache="]
   if protocol is not None:
@@ -155,8 +159,23 @@ def run_predict(python: str, script: str, protocol: str | None, bundle: str, fol
     rc = proc.wait()
     wall = time.perf_counter() - t0
   with open(log, encoding="utf-8") as f:
-    compiles = [float(m.group(2)) for m in COMPILE_LINE.finditer(f.read())]
-  return {"cmd": cmd, "rc": rc, "wall": wall, "stamps": stamps, "compiles": compiles}
+    text = f.read()
+  compiles = [(m.group(1), float(m.group(2))) for m in COMPILE_LINE.finditer(text)]
+  build = sum(float(m.group(1)) for m in BUILD_LINE.finditer(text))
+  return {"cmd": cmd, "rc": rc, "wall": wall, "stamps": stamps, "compiles": compiles,
+          "build": build}
+
+
+def costliest_program(compiles: list[tuple[str, float]]) -> tuple[str, int]:
+  """(name, times compiled) of the program whose XLA compilations took longest in total: the
+  model's (the old Bundle.predict's `jit(<lambda>)`, the engine's `jit(model)`)."""
+  total: dict[str, float] = {}
+  for name, seconds in compiles:
+    total[name] = total.get(name, 0.0) + seconds
+  if not total:
+    return "-", 0
+  name = max(total, key=total.get)
+  return name, sum(n == name for n, _ in compiles)
 
 
 def main() -> None:
@@ -203,7 +222,8 @@ def main() -> None:
       first = r["stamps"][0] if r["stamps"] else float("nan")
       print(f"{name} {label}: exit {r['rc']}, {r['wall']:.1f} s, {len(r['stamps'])} images, "
             f"first image at {first:.1f} s, {len(r['compiles'])} compilations "
-            f"({sum(r['compiles']):.1f} s); image lines at "
+            f"({r['build']:.1f} s tracing + lowering + compiling), the costliest "
+            f"{'%s x %d' % costliest_program(r['compiles'])}; image lines at "
             f"{[round(t, 1) for t in r['stamps']]}", flush=True)
       if r["rc"] != 0:
         print(f"  stderr: {os.path.join(args.workdir, f'stderr_{len(rows) - 1}.log')}")
@@ -211,7 +231,7 @@ def main() -> None:
   ref = len(rows[0][2]["stamps"]) / rows[0][2]["wall"]
   print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
   print("| checkout | protocol | images | wall s | images/s | ratio | to first image s | "
-        "rest s / image | compilations (s) |")
+        "rest s / image | compilations (build s) |")
   print("|---|---|---|---|---|---|---|---|---|")
   for name, label, r in rows:
     n, st = len(r["stamps"]), r["stamps"]
@@ -220,7 +240,7 @@ def main() -> None:
     first = st[0] if st else float("nan")
     print(f"| {name.split(' ')[0]} | {label} | {n} | {r['wall']:.1f} | {rate:.3f} | "
           f"{rate / ref:.2f}x | {first:.1f} | {rest:.2f} | {len(r['compiles'])} "
-          f"({sum(r['compiles']):.0f}) |")
+          f"({r['build']:.0f}) |")
   if tmp is not None:
     tmp.cleanup()
 
