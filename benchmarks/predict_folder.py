@@ -228,7 +228,7 @@ def main() -> None:
       if r["rc"] != 0:
         print(f"  stderr: {os.path.join(args.workdir, f'stderr_{len(rows) - 1}.log')}")
 
-  ref = len(rows[0][2]["stamps"]) / rows[0][2]["wall"]
+  ref = len(rows[0][2]["stamps"]) / rows[0][2]["wall"] or float("nan")  # (none predicted)
   print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
   print("| checkout | protocol | images | wall s | images/s | ratio | to first image s | "
         "rest s / image | compilations (build s) |")
