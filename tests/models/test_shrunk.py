@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from segvit_jax import trainer
-from segvit_jax.models import build_model, input_divisor, layers, shrunk, vit
+from segvit_jax.models import (Padding, build_model, input_divisor, input_padding, layers,
+                               shrunk, vit)
 from tests.support import read_metrics, smoke_config
 
 D, HEADS, MLP = 32, 4, 64
@@ -168,14 +169,16 @@ def test_small_shrunk_model_trains_at_a_non_square_crop(tmp_path):
 
 def test_shrunk_model_in_the_multi_scale_predictor(tiny_shrunk):
   # An image whose sides are not multiples of 32, windows smaller than the crop: the predictor
-  # pads windows to input_divisor (32) and sizes the QU queries from each window's grid. One
+  # pads windows by the family's rule (to 32) and sizes the QU queries from each window's grid.
+  # One
   # 64 x 64 window over a 64 x 64 image equals whole-image inference.
   from segvit_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   cfg = tiny_shrunk_config()
   model, params = tiny_shrunk
   apply_fn = lambda p, x: model.apply({"params": p}, x)["semantic_scores"]  # noqa: E731
   rng = np.random.default_rng(4)
-  kw = dict(crop=(64, 64), stride=(32, 32), size_divisor=input_divisor(cfg), window_batch=2,
+  assert input_padding(cfg) == Padding(32, "zero", "resize")
+  kw = dict(crop=(64, 64), stride=(32, 32), padding=input_padding(cfg), window_batch=2,
             flip=False, average="softmax", bucket=64)
   for mode in ("slide", "whole"):
     predictor = inference.MultiScalePredictor(apply_fn, params, inference.Protocol(
