@@ -170,8 +170,7 @@ def test_small_shrunk_model_trains_at_a_non_square_crop(tmp_path):
 def test_shrunk_model_in_the_multi_scale_predictor(tiny_shrunk):
   # An image whose sides are not multiples of 32, windows smaller than the crop: the predictor
   # pads windows by the family's rule (to 32) and sizes the QU queries from each window's grid.
-  # One
-  # 64 x 64 window over a 64 x 64 image equals whole-image inference.
+  # One 64 x 64 window over a 64 x 64 image equals whole-image inference.
   from segvit_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   cfg = tiny_shrunk_config()
   model, params = tiny_shrunk
