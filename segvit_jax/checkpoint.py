@@ -235,10 +235,17 @@ class Checkpointer:
     self.manager.close()
 
 
-def _one_line(error: BaseException, limit: int = 300) -> str:
-  """`TypeName: the first line of the message`, cut to `limit` characters."""
-  lines = str(error).strip().splitlines()
-  text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+def _one_line(error: BaseException, limit: int = 600) -> str:
+  """`TypeName: the first line of the message` of `error` and of its innermost cause (orbax
+  wraps tensorstore's error, which names the array and the file), cut to `limit` characters."""
+  def first_line(e):
+    lines = str(e).strip().splitlines()
+    line = lines[0].split(" See full TensorStore details")[0] if lines else ""
+    return f"{type(e).__name__}: {line}"
+  cause = error
+  while (cause.__cause__ or cause.__context__) is not None:
+    cause = cause.__cause__ or cause.__context__
+  text = first_line(error) + (f" ({first_line(cause)})" if cause is not error else "")
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -452,6 +452,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   """Trains until `config.total_steps`; returns the last logged scalars. `evaluate_fn(model,
   variables, config) -> results` runs every `config.eval_every` steps (and after the last)."""
   os.makedirs(workdir, exist_ok=True)
+  # A resumed run's config against its checkpoints' (WORKDIR/config.json), before anything is
+  # read, compiled or written: config.json is rewritten only once the state is restored.
+  checkpoint.check_resume_config(workdir, config)
 
   # Data first: a missing dataset fails here, within seconds.
   train_source = registry.get_source(config.dataset, config.dataset.train_split)
@@ -459,9 +462,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   # Panoptic data: the COCO category ids and thing flags, which panoptic output needs.
   categories = getattr(train_source, "categories", None)
   bundle_extra = {"categories": categories.as_json()} if hasattr(categories, "as_json") else {}
-  # A resumed run's config against its checkpoints' (WORKDIR/config.json), before anything is
-  # compiled or written: config.json is rewritten only once the state is restored.
-  checkpoint.check_resume_config(workdir, config)
 
   # Mesh.
   mesh = sharding.make_mesh(config.mesh)
