@@ -5,6 +5,23 @@ Training checkpoints: orbax `CheckpointManager` holding the train state and the 
 iterator together (MaxText style). Writes are atomic (orbax finalises a temporary directory),
 so an interrupted save never replaces the last good checkpoint; the last `keep` are kept.
 
+Resuming (`Checkpointer.restore_newest`) takes the newest intact checkpoint. Intact means: the
+step folder holds the train state item `state/` with a readable `state/_METADATA` (the tree
+orbax restores by), the data-iterator state of this process (`data/process_I-of-N.json`) is
+valid JSON where it is restored, the saved tree has this run's paths and shapes, and orbax then
+reads every array. The first checks read only small files; the last reads the arrays. A damaged
+step is skipped with a one-line warning (step, path, reason) and the next older one is tried;
+once one restores, the damaged newer ones are moved aside to `STEP.damaged` in the same folder,
+never deleted (left in place, orbax would refuse to save that step again and its `max_to_keep`
+would delete them). With none intact the run stops with one error listing each step's reason.
+A leftover `STEP.orbax-checkpoint-tmp-*` folder (a save that never finished) is not a
+checkpoint: it is named in a warning and left alone.
+
+A resumed run's config must describe the same state as the saved WORKDIR/config.json
+(`check_resume_config`, before anything is written to the workdir): a change under
+`RESUME_FIXED` (the model, the dataset's classes, the optimizer's learning-rate groups) is an
+error listing each key (old -> new); any other change is legal and logged, one line per key.
+
 The ViT's block layout (unrolled `encoderblock_{i}` or scanned `encoderblock` with a leading
 depth axis, `vit.stack_blocks`) may differ between the saved state and the model restoring it:
 `Checkpointer.restore` reads the saved layout from the checkpoint's metadata and converts
@@ -41,8 +58,34 @@ from segvit_jax import bundle, runtime
 from segvit_jax.models import build_model, vit
 
 
+class DamagedCheckpointError(RuntimeError):
+  """Checkpoint `step` (folder `path`) cannot be restored, for `reason` (one line)."""
+
+  def __init__(self, step: int, path: str, reason: str):
+    super().__init__(f"checkpoint {step} at {path} is damaged: {reason}")
+    self.step, self.path, self.reason = step, path, reason
+
+
+class NoIntactCheckpointError(RuntimeError):
+  """A checkpoint directory holds steps, but none of them restores."""
+
+
+class CheckpointMismatchError(ValueError):
+  """An intact checkpoint whose saved tree differs from the state this run restores into (a
+  changed model or optimizer): not damage, so no older step is tried."""
+
+
+class ResumeConfigError(ValueError):
+  """The config of a resumed run changes keys its checkpoints depend on."""
+
+
+DAMAGED_SUFFIX = ".damaged"
+_UNFINISHED = re.compile(r"\d+\.orbax-checkpoint-tmp.*")
+
+
 class Checkpointer:
-  """`save(step, state, data_iter)` / `restore(abstract_state, data_iter)`."""
+  """`save(step, state, data_iter)` / `restore(abstract_state, data_iter)`, and
+  `restore_newest(restore)`: the newest intact checkpoint (see the module docstring)."""
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
@@ -57,11 +100,35 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))  # orbax's default step naming
+
   def save(self, step: int, state: Any, data_iter: Any | None = None) -> None:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def damage(self, step: int, with_data: bool = False) -> str | None:
+    """Why checkpoint `step` is not intact, found from its small files alone (no array is
+    read), or None. `with_data`: this process's data-iterator state must be readable too."""
+    path = self.step_dir(step)
+    if not os.path.isdir(path):
+      return "the step folder is missing"
+    if not os.listdir(path):
+      return "the step folder is empty"
+    if not os.path.isdir(os.path.join(path, "state")):
+      return "it has no state/ item (the train state)"
+    reason = _json_damage(os.path.join(path, "state", "_METADATA"), "state/_METADATA")
+    if reason:
+      return reason
+    if with_data:
+      name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's naming
+      return _json_damage(os.path.join(path, "data", name), f"data/{name}")
+    return None
 
   def restore(self, abstract_state: Any, data_iter: Any | None = None,
               step: int | None = None) -> Any:
@@ -70,26 +137,245 @@ class Checkpointer:
 
     A state saved with the other ViT block layout is read in its own layout (shardings
     derived from the target's: the per-block sharding with the depth axis unsharded), then
-    converted and placed with `abstract_state`'s shardings."""
+    converted and placed with `abstract_state`'s shardings.
+
+    Raises DamagedCheckpointError (step, path, one-line reason) when the checkpoint's files
+    are damaged or orbax fails to read them, CheckpointMismatchError when the saved tree's
+    paths or shapes differ from the target's."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    saved = vit.blocks_layout(self.manager.item_metadata(step)["state"])
+    path = self.step_dir(step)
+    reason = self.damage(step, with_data=data_iter is not None)
+    if reason:
+      raise DamagedCheckpointError(step, path, reason)
+    try:
+      metadata = self.manager.item_metadata(step)["state"]
+      saved = vit.blocks_layout(metadata)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(step, path, f"its metadata is unreadable: {_one_line(e)}")
     wanted = vit.blocks_layout(abstract_state)
     convert = None not in (saved, wanted) and saved != wanted
     target = to_layout(abstract_state, saved, abstract=True) if convert else abstract_state
+    differences = tree_differences(metadata, target)
+    if differences:
+      raise CheckpointMismatchError(
+          f"checkpoint {step} at {path} does not fit this run's train state (saved -> this "
+          f"run): {'; '.join(differences)}. It was written with another model or optimizer "
+          f"config: resume with that config, or train this one in a new workdir.")
     items = {"state": ocp.args.StandardRestore(target)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    try:
+      state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(step, path, _one_line(e)) from e
     if convert:
       shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
       state = jax.jit(lambda s: to_layout(s, wanted), out_shardings=shardings)(state)
     return state
 
+  def restore_newest(self, restore: Callable[[int], Any]) -> tuple[Any, int]:
+    """(restore(step), step) of the newest step whose `restore` succeeds (on every process).
+    `restore(step)` raises DamagedCheckpointError for a damaged step (as `restore` does): a
+    warning names it and the next older step is tried. Once one restores, the damaged newer
+    steps are moved aside (`set_aside`). Raises NoIntactCheckpointError when none restores,
+    FileNotFoundError when there is no step at all."""
+    self.warn_unfinished()
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    damaged = []
+    for step in reversed(steps):
+      try:
+        result = _restore_everywhere(restore, step, self.step_dir(step))
+      except DamagedCheckpointError as e:
+        logging.warning("checkpoint %d at %s is damaged (%s): trying the one before it",
+                        e.step, e.path, e.reason)
+        damaged.append(e)
+        continue
+      self.set_aside([e.step for e in damaged])
+      return result, step
+    raise NoIntactCheckpointError(
+        f"no intact checkpoint in {self.directory}: "
+        + "; ".join(f"step {e.step}: {e.reason}" for e in damaged)
+        + ". Nothing was deleted. Move the damaged step folders away to start this workdir "
+        "from scratch, or train in a new workdir.")
+
+  def set_aside(self, steps: list[int]) -> None:
+    """Renames the folders of checkpoint `steps` to `STEP.damaged` (`.damaged-2`, ... when
+    taken), which orbax neither lists nor deletes (process 0; the others wait)."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        src = self.step_dir(step)
+        dst, n = src + DAMAGED_SUFFIX, 1
+        while os.path.exists(dst):
+          n += 1
+          dst = f"{src}{DAMAGED_SUFFIX}-{n}"
+        os.replace(src, dst)
+        logging.warning("moved damaged checkpoint %d aside to %s (kept, not deleted)", step, dst)
+    runtime.wait_for_all_processes("set_aside_damaged")
+    self.manager.reload()
+
+  def warn_unfinished(self) -> None:
+    """Names the folders of saves that never finished (orbax's temporary step folders, left by
+    a run killed while saving): they are not checkpoints and stay where they are."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in sorted(os.listdir(self.directory)):
+      if _UNFINISHED.fullmatch(name):
+        logging.warning("%s is a save that never finished (the run stopped while writing it): "
+                        "not a checkpoint, ignored and left in place",
+                        os.path.join(self.directory, name))
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _one_line(error: BaseException, limit: int = 600) -> str:
+  """`TypeName: the first line of the message` of `error` and of its innermost cause (orbax
+  wraps tensorstore's error, which names the array and the file), cut to `limit` characters."""
+  def first_line(e):
+    lines = str(e).strip().splitlines()
+    line = lines[0].split(" See full TensorStore details")[0] if lines else ""
+    return f"{type(e).__name__}: {line}"
+  cause = error
+  while (cause.__cause__ or cause.__context__) is not None:
+    cause = cause.__cause__ or cause.__context__
+  text = first_line(error) + (f" ({first_line(cause)})" if cause is not error else "")
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _json_damage(path: str, name: str) -> str | None:
+  """Why the JSON file `path` (called `name` in messages) is damaged, or None."""
+  if not os.path.isfile(path):
+    return f"{name} is missing"
+  try:
+    with open(path) as f:
+      json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    return f"{name} is not valid JSON ({e})"
+  return None
+
+
+def _restore_everywhere(restore: Callable[[int], Any], step: int, path: str) -> Any:
+  """`restore(step)`, a failure anywhere a failure everywhere: with several processes each
+  says whether its part restored (one all-gather), so all of them fall back together."""
+  error, result = None, None
+  try:
+    result = restore(step)
+  except DamagedCheckpointError as e:
+    error = e
+  if jax.process_count() > 1:
+    ok = multihost_utils.process_allgather(np.int32(error is None))
+    if error is None and not np.all(ok):
+      bad = [int(i) for i in np.flatnonzero(np.asarray(ok) == 0)]
+      error = DamagedCheckpointError(step, path, f"damaged on process(es) {bad}")
+  if error is not None:
+    raise error
+  return result
+
+
+def _path_names(path: tuple) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'a/b/c': shape} of a pytree's leaves: arrays, ShapeDtypeStructs or orbax metadata
+  (whose dict keys name sequence positions as strings, hence the common spelling)."""
+  return {"/".join(_path_names(p)): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_differences(saved: Any, wanted: Any, limit: int = 12) -> list[str]:
+  """The leaves whose path or shape differ between `saved` and `wanted`, one entry each
+  (`path: saved shape -> wanted shape`, `(absent)` for a missing one), the first `limit`."""
+  a, b = tree_shapes(saved), tree_shapes(wanted)
+  out = [f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}"
+         for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return out if len(out) <= limit else out[:limit] + [f"... {len(out) - limit} more"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The config of a resumed run against the one its checkpoints were written with.
+
+# The keys (dotted prefixes) a training checkpoint depends on: the model (its parameters'
+# shapes), the dataset's classes, and the optimizer's learning-rate groups (each group has its
+# own state, named after its factor: `optim.lr_mults`, `optim.layer_decay`).
+RESUME_FIXED = ("model", "dataset.num_classes", "optim.lr_mults", "optim.layer_decay")
+# Model keys that change how the model computes, not its parameters: free on resume
+# (`scan_layers`: the block layout is converted on restore).
+RESUME_FREE_MODEL_KEYS = frozenset(
+    {"dtype", "remat", "remat_policy", "scan_layers", "drop_path", "dropout"})
+RUN_CONFIG = "config.json"
+
+
+def flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{'a.b.c': value} of a nested dict (a config as JSON); an empty dict is a value."""
+  if not isinstance(tree, dict) or not tree:
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(flatten_config(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def is_fixed_on_resume(key: str) -> bool:
+  """Whether a change of config `key` (dotted) makes a run's checkpoints unloadable."""
+  if key.startswith("model.") and key.rsplit(".", 1)[-1] in RESUME_FREE_MODEL_KEYS:
+    return False
+  return any(key == p or key.startswith(p + ".") for p in RESUME_FIXED)
+
+
+def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
+  """(fixed, free): the changed keys of two configs (as JSON), `key: old -> new` each,
+  split by `is_fixed_on_resume`."""
+  a, b = flatten_config(saved), flatten_config(new)
+  show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"  # noqa: E731
+  fixed, free = [], []
+  for key in sorted(set(a) | set(b)):
+    if a.get(key, KeyError) != b.get(key, KeyError):
+      (fixed if is_fixed_on_resume(key) else free).append(
+          f"{key}: {show(a, key)} -> {show(b, key)}")
+  return fixed, free
+
+
+def has_checkpoints(directory: str) -> bool:
+  """Whether `directory` holds any step folder (intact or not)."""
+  return os.path.isdir(directory) and any(
+      n.isdigit() and os.path.isdir(os.path.join(directory, n)) for n in os.listdir(directory))
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
+                        checkpoint_dir: str | None = None) -> None:
+  """Compares `config` with WORKDIR/config.json when the workdir holds checkpoints (reads
+  only): a change of a key its checkpoints depend on (`is_fixed_on_resume`) raises
+  ResumeConfigError listing each (old -> new); other changes are logged, one line per key.
+  Nothing is checked for a fresh workdir, or where config.json is missing."""
+  checkpoint_dir = checkpoint_dir or os.path.join(workdir, "checkpoints")
+  path = os.path.join(workdir, RUN_CONFIG)
+  if not (os.path.isfile(path) and has_checkpoints(checkpoint_dir)):
+    return
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ResumeConfigError(
+        f"{path} is corrupt ({e}); it records the config of the checkpoints in "
+        f"{checkpoint_dir}, which this run would resume. Restore it, or move it away to "
+        f"resume without the comparison.") from None
+  fixed, free = config_changes(saved, json.loads(config.to_json_best_effort()))
+  if fixed:
+    raise ResumeConfigError(
+        f"this config cannot resume the checkpoints in {checkpoint_dir}: it changes keys they "
+        f"depend on (saved in {path} -> this run): {'; '.join(fixed)}. Resume with the saved "
+        f"values, or train this config in a new workdir (config.model_init can start it from "
+        f"this run's weights).")
+  for change in free:
+    logging.warning("config changed since %s was written (allowed on resume): %s", path, change)
 
 
 def to_layout(tree: Any, layout: str, abstract: bool = False) -> Any:

@@ -381,13 +381,18 @@ class Loop:
 def write_run_files(workdir: str, config: ml_collections.ConfigDict, class_names: Any,
                     categories: list | None = None) -> None:
   """WORKDIR/config.json, classes.txt and (panoptic data) categories.json, which
-  `checkpoint.load_model` reads back (process 0)."""
+  `checkpoint.load_model` reads back (process 0). Written once the state is restored or
+  initialised: config.json describes the workdir's checkpoints, so a resume that fails leaves
+  it as it was. Each file is replaced whole (a temporary file, then a rename)."""
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(workdir, "classes.txt"), "w") as f:
-    f.write("\n".join(class_names) + "\n")
+  files = {checkpoint.RUN_CONFIG: config.to_json_best_effort(indent=2),
+           "classes.txt": "\n".join(class_names) + "\n"}
+  for name, text in files.items():
+    path = os.path.join(workdir, name)
+    with open(path + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(path + ".tmp", path)
   if categories is not None:
     checkpoint.write_json(os.path.join(workdir, bundle.CATEGORIES_FILE), categories)
 
@@ -411,26 +416,35 @@ def restore_or_init(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpoi
                     start: int | None, abstract_state: TrainState, state_sh: TrainState,
                     init_fn: Callable, data_iter: Any, mesh: jax.sharding.Mesh
                     ) -> tuple[TrainState, int]:
-  """(state, step): checkpoint `start` restored (with the data iterator's position when it was
-  saved by as many processes as this run has), or, without one (`start` None), the initial
-  state (with `config.model_init` merged in) at step 0."""
+  """(state, step): the newest intact checkpoint restored (`Checkpointer.restore_newest`: a
+  damaged one is skipped with a warning naming it and why; none intact is an error), with the
+  data iterator's position when it was saved by as many processes as this run has; or, without
+  any checkpoint (`start` None), the initial state (with `config.model_init` merged in) at
+  step 0."""
   if start is None:
     state = init_fn(jax.random.key(config.seed))
     if config.model_init:
       state = _load_init(config, state, state_sh)
     return state, 0
-  saved = checkpoint.saved_process_count(ckpt.directory, start)
-  restore_iter = data_iter
-  if saved != jax.process_count():
-    restore_iter = None
-    logging.warning(
-        "checkpoint %d holds the data iterator state of %s process(es), this run has %d: "
-        "restoring the train state only (resharded onto mesh %s); the data order restarts "
-        "from a fresh per-process shuffle.", start, saved or "no", jax.process_count(),
-        dict(mesh.shape))
-  state = ckpt.restore(abstract_state, restore_iter, step=start)
-  logging.info("resumed from %s at step %d", ckpt.directory, start)
-  return state, start
+
+  def restore(step: int) -> TrainState:
+    try:
+      saved = checkpoint.saved_process_count(ckpt.directory, step)
+    except ValueError as e:  # iterator states of several process counts
+      raise checkpoint.DamagedCheckpointError(step, ckpt.step_dir(step), str(e)) from None
+    restore_iter = data_iter
+    if saved != jax.process_count():
+      restore_iter = None
+      logging.warning(
+          "checkpoint %d holds the data iterator state of %s process(es), this run has %d: "
+          "restoring the train state only (resharded onto mesh %s); the data order restarts "
+          "from a fresh per-process shuffle.", step, saved or "no", jax.process_count(),
+          dict(mesh.shape))
+    return ckpt.restore(abstract_state, restore_iter, step=step)
+
+  state, step = ckpt.restore_newest(restore)
+  logging.info("resumed from %s at step %d", ckpt.directory, step)
+  return state, step
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -438,6 +452,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   """Trains until `config.total_steps`; returns the last logged scalars. `evaluate_fn(model,
   variables, config) -> results` runs every `config.eval_every` steps (and after the last)."""
   os.makedirs(workdir, exist_ok=True)
+  # A resumed run's config against its checkpoints' (WORKDIR/config.json), before anything is
+  # read, compiled or written: config.json is rewritten only once the state is restored.
+  checkpoint.check_resume_config(workdir, config)
 
   # Data first: a missing dataset fails here, within seconds.
   train_source = registry.get_source(config.dataset, config.dataset.train_split)
@@ -445,7 +462,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   # Panoptic data: the COCO category ids and thing flags, which panoptic output needs.
   categories = getattr(train_source, "categories", None)
   bundle_extra = {"categories": categories.as_json()} if hasattr(categories, "as_json") else {}
-  write_run_files(workdir, config, class_names, bundle_extra.get("categories"))
 
   # Mesh.
   mesh = sharding.make_mesh(config.mesh)
@@ -528,6 +544,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     # Resume, or start.
     state, start = restore_or_init(config, ckpt, start, abstract_state, state_sh, init_jit,
                                    data_iter, mesh)
+    write_run_files(workdir, config, class_names, bundle_extra.get("categories"))
 
     # The loop: a train step, then whichever of logging, saving and evaluating falls on it.
     writer = MetricsWriter(workdir)
