@@ -333,6 +333,21 @@ def no_arguments(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
 
+def refuse_overwrite(path: str, overwrite: bool, flag: str = "--overwrite") -> None:
+  """For a tool that writes `path` (a bundle, a checkpoint file or directory): a usage error
+  naming it when something is there already (a file, or a directory that is not empty) and
+  `overwrite` is off, so that a trained result is never replaced by a slip of the command
+  line."""
+  if overwrite or not os.path.lexists(path):
+    return
+  if os.path.isdir(path) and not os.listdir(path):
+    return
+  what = "a directory" if os.path.isdir(path) else "a file"
+  if os.path.isfile(os.path.join(path, "config.json")):
+    what = "a directory with a config.json (a bundle or a training workdir)"
+  raise app.UsageError(f"{os.path.abspath(path)} exists ({what}): pass {flag} to replace it")
+
+
 def start() -> None:
   """What every process does before its work: jax.distributed (when the entry point defined
   the distributed flags), the compilation cache (when it defined --compilation_cache), the

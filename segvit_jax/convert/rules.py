@@ -29,6 +29,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax
@@ -555,15 +556,23 @@ def write_torch_checkpoint(out: str, state: Mapping[str, np.ndarray],
 def write_hf_dir(out: str, state: Mapping[str, np.ndarray], config: Mapping[str, Any],
                  preprocessor: Mapping[str, Any]) -> str:
   """A directory `from_pretrained` loads: config.json, preprocessor_config.json and
-  model.safetensors (written last, atomically)."""
+  model.safetensors, written whole to `out.tmp/` and then moved in place, replacing `out`
+  (`checkpoint.replace_dir`): a failed write leaves what was at `out` intact."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from segvit_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax, grain)
 
   out = os.path.abspath(out)
-  os.makedirs(out, exist_ok=True)
-  for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor)):
-    with open(os.path.join(out, name), "w") as f:
-      json.dump(content, f, indent=2)
-  tmp = os.path.join(out, "model.safetensors.tmp")
-  save_file({k: _contiguous(v) for k, v in state.items()}, tmp, metadata={"format": "pt"})
-  os.replace(tmp, os.path.join(out, "model.safetensors"))
+  checkpoint.recover_dir(out)  # what a killed write left
+  tmp = out + ".tmp"
+  try:
+    os.makedirs(tmp)
+    for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor)):
+      with open(os.path.join(tmp, name), "w") as f:
+        json.dump(content, f, indent=2)
+    save_file({k: _contiguous(v) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt"})
+    checkpoint.replace_dir(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   return out

@@ -9,10 +9,16 @@ import importlib
 import os
 import re
 
+import flax
+import jax
+import numpy as np
 import pytest
 
+from segvit_jax import bundle as bundle_lib
 from segvit_jax import config_check, trainer
+from segvit_jax.convert import __main__ as convert_cli
 from segvit_jax.data import registry, synthetic
+from segvit_jax.models import build_model
 from tests.support import run, smoke_config
 
 # ---------------------------------------------------------------------------------------------
@@ -144,3 +150,100 @@ def test_cli_invalid_setting_one_line_exit_1(tmp_path):
       "learning rate; a negative one makes the loss grow)")
   assert "Traceback" not in proc.stderr
   assert not workdir.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Results are not written over by mistake, and a bundle is replaced atomically.
+
+
+@pytest.fixture(scope="module")
+def smoke_params():
+  """The smoke model's freshly initialised parameters (the SegViT of configs/demo.py:smoke)."""
+  c = smoke_config()
+  model = build_model(c.model)
+  variables = model.init(jax.random.key(0), bundle_lib.probe_input(c.model))
+  return c, flax.linen.meta.unbox(variables)["params"]
+
+
+def _save(path, params, config, **extra):
+  return bundle_lib.save_bundle(str(path), params, config.model, mean=config.mean,
+                                std=config.std, class_names=synthetic.CLASS_NAMES, **extra)
+
+
+def _tree_equal(a, b) -> bool:
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                   strict=True))
+
+
+def _convert(*args) -> int:
+  return convert_cli.cli([str(a) for a in args])
+
+
+def test_convert_refuses_an_existing_output(smoke_params, tmp_path, capsys):
+  c, params = smoke_params
+  trained = _save(tmp_path / "trained", params, c, step=1234)
+  before = open(os.path.join(trained, "config.json")).read()
+  pth = tmp_path / "model.pth"
+  assert _convert(trained, pth, "--to", "segvit-official") == 0
+  # A .pth and a bundle that exist: refused, one line naming the path, nothing touched.
+  pth_bytes = pth.read_bytes()
+  capsys.readouterr()
+  assert _convert(trained, pth, "--to", "segvit-official") == 1
+  assert capsys.readouterr().err == (f"error: {pth} exists (a file): pass --overwrite to "
+                                     "replace it\n")
+  assert _convert(pth, trained, "--from", "segvit-official", "--config",
+                  "configs/demo.py:smoke") == 1
+  assert capsys.readouterr().err == (
+      f"error: {trained} exists (a directory with a config.json (a bundle or a training "
+      "workdir)): pass --overwrite to replace it\n")
+  assert open(os.path.join(trained, "config.json")).read() == before
+  assert pth.read_bytes() == pth_bytes
+  # --overwrite replaces: the converted bundle holds the same parameters, no step any more.
+  assert _convert(pth, trained, "--from", "segvit-official", "--config",
+                  "configs/demo.py:smoke", "--overwrite") == 0
+  assert "step" not in bundle_lib.read_config(trained)
+  assert _tree_equal(bundle_lib.load_params(trained), params)
+  assert sorted(os.listdir(tmp_path)) == ["model.pth", "trained"]  # no .tmp / .old left
+  # An empty directory is no result: written without --overwrite.
+  os.makedirs(tmp_path / "empty")
+  assert _convert(pth, tmp_path / "empty", "--from", "segvit-official", "--config",
+                  "configs/demo.py:smoke") == 0
+
+
+def test_export_bundle_refuses_an_existing_output(smoke_params, tmp_path):
+  c, params = smoke_params
+  trained = _save(tmp_path / "bundle", params, c, step=99)
+  before = open(os.path.join(trained, "config.json")).read()
+  proc = run("-m", "segvit_jax.export_bundle", "--workdir", str(tmp_path / "no_run"),
+             "--output", trained, check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      f"error: {trained} exists (a directory with a config.json (a bundle or a training "
+      "workdir)): pass --overwrite to replace it"]
+  assert open(os.path.join(trained, "config.json")).read() == before
+
+
+def test_save_bundle_is_atomic(smoke_params, tmp_path, monkeypatch):
+  c, params = smoke_params
+  path = _save(tmp_path / "b", params, c, step=1)
+  before = open(os.path.join(path, "config.json")).read()
+  # A write that fails half-way (after the parameters, at config.json: a full disk) leaves
+  # the old bundle whole and no temporary directory.
+  other = jax.tree.map(lambda x: x + 1.0, params)
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(bundle_lib.json, "dump", full_disk)
+  with pytest.raises(OSError, match="No space left on device"):
+    _save(path, other, c, step=2)
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == ["b"]
+  assert open(os.path.join(path, "config.json")).read() == before
+  assert _tree_equal(bundle_lib.load_params(path), params)
+  # What a killed write leaves (b.tmp/, half written) goes with the next write.
+  os.makedirs(tmp_path / "b.tmp" / "params")
+  _save(path, other, c, step=2)
+  assert sorted(os.listdir(tmp_path)) == ["b"]
+  assert bundle_lib.read_config(path)["step"] == 2
+  assert _tree_equal(bundle_lib.load_params(path), other)
