@@ -191,13 +191,16 @@ def read_config(path: str) -> dict:
         f"{file} not found: expected a model bundle (config.json + params/) or a training "
         "workdir (config.json + checkpoints/)")
   with open(file) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{file} is not valid JSON, the file is corrupt or truncated: {e}") from None
 
 
 def is_bundle(path: str) -> bool:
   try:
     return read_config(path).get("format") == FORMAT
-  except (FileNotFoundError, json.JSONDecodeError):
+  except (FileNotFoundError, ValueError):  # no config.json, or not JSON
     return False
 
 
