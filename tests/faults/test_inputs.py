@@ -4,6 +4,7 @@ messages of a bad training example."""
 
 from __future__ import annotations
 
+import argparse
 import glob
 import importlib
 import os
@@ -13,11 +14,13 @@ import flax
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from segvit_jax import bundle as bundle_lib
 from segvit_jax import config_check, trainer
 from segvit_jax.convert import __main__ as convert_cli
-from segvit_jax.data import registry, synthetic
+from segvit_jax.convert import rules
+from segvit_jax.data import folder, registry, synthetic
 from segvit_jax.models import build_model
 from tests.support import run, smoke_config
 
@@ -247,3 +250,127 @@ def test_save_bundle_is_atomic(smoke_params, tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ["b"]
   assert bundle_lib.read_config(path)["step"] == 2
   assert _tree_equal(bundle_lib.load_params(path), other)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. A user's error is one line naming the file; corrupt files are called corrupt.
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+  """Files as users meet them: a genuine .pth, one pickling an object, truncated and random
+  ones, a truncated .safetensors, a corrupt config.json, a config file with a syntax error."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp("bad")
+  torch.save({"w": torch.ones(64, 64)}, d / "good.pth")
+  data = (d / "good.pth").read_bytes()
+  (d / "truncated.pth").write_bytes(data[:len(data) // 2])
+  (d / "random.pth").write_bytes(np.random.RandomState(0).bytes(5000))
+  torch.save({"w": torch.ones(2), "args": argparse.Namespace(lr=1)}, d / "object.pth")
+  save_file({"w": np.ones((64, 64), np.float32)}, str(d / "good.safetensors"))
+  data = (d / "good.safetensors").read_bytes()
+  (d / "truncated.safetensors").write_bytes(data[:len(data) // 2])
+  os.makedirs(d / "bundle")
+  (d / "bundle" / "config.json").write_text('{"format": "segvit_jax.bundle", "model": ')
+  (d / "bad_config.py").write_text("def get_config(:\n")
+  return d
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("truncated.pth", None),  # torch's reason depends on where the cut falls
+    ("random.pth", "UnpicklingError: Unsupported operand 172"),
+    ("truncated.safetensors", "SafetensorError: Error while deserializing header: incomplete "
+                              "metadata, file not fully covered"),
+])
+def test_corrupt_weights_are_called_corrupt(bad_files, name, reason):
+  path = str(bad_files / name)
+  with pytest.raises(ValueError) as e:
+    rules.read_torch_checkpoint(path)
+  kind = ".safetensors file" if name.endswith(".safetensors") else "PyTorch checkpoint"
+  start = f"{path} is not a readable {kind}: the file is corrupt or truncated ("
+  if reason is None:
+    assert str(e.value).startswith(start), str(e.value)
+  else:
+    assert str(e.value) == f"{start}{reason}); download or write it again"
+  assert "trust-pickle" not in str(e.value)
+
+
+def test_a_pickled_object_still_asks_for_trust_pickle(bad_files):
+  path = str(bad_files / "object.pth")
+  with pytest.raises(ValueError, match=re.escape(
+      f"{path} holds pickled Python objects besides tensors (argparse.Namespace)")):
+    rules.read_torch_checkpoint(path)
+  tensors, _ = rules.read_torch_checkpoint(path, trust_pickle=True)
+  assert list(tensors) == ["w"]
+
+
+def _one_error_line(proc) -> str:
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  return lines[0]
+
+
+def test_cli_user_errors_are_one_line_naming_the_file(bad_files, tmp_path):
+  d = bad_files
+  # A config file that does not parse, one that does not exist.
+  assert _one_error_line(run("train.py", "--config", str(d / "bad_config.py"), "--workdir",
+                             str(tmp_path / "w"), check=False)) == (
+      f"error: cannot load config file {d}/bad_config.py: SyntaxError: invalid syntax "
+      "(bad_config.py, line 1)")
+  assert _one_error_line(run("train.py", "--config", str(d / "none.py"), "--workdir",
+                             str(tmp_path / "w"), check=False)) == (
+      f"error: cannot load config file --config={d}/none.py: [Errno 2] No such file or "
+      f"directory: '{d}/none.py'")
+  # A corrupt config.json; truncated weights given to the converter.
+  assert _one_error_line(run("-m", "segvit_jax.convert", str(d / "bundle"), str(tmp_path / "o"),
+                             "--to", "segvit-official", check=False)) == (
+      f"error: ValueError: {d}/bundle/config.json is not valid JSON, the file is corrupt or "
+      "truncated: Expecting value: line 1 column 42 (char 41)")
+  line = _one_error_line(run("-m", "segvit_jax.convert", str(d / "truncated.pth"),
+                             str(tmp_path / "o"), "--from", "dinov2", check=False))
+  assert line.startswith(f"error: ValueError: {d}/truncated.pth is not a readable PyTorch "
+                         "checkpoint: the file is corrupt or truncated")
+  assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
+def test_traceback_on_request(bad_files, tmp_path, monkeypatch):
+  monkeypatch.setenv("SEGVIT_JAX_TRACEBACK", "1")
+  proc = run("train.py", "--config", str(bad_files / "bad_config.py"), "--workdir",
+             str(tmp_path / "w"), check=False)
+  assert proc.returncode == 1
+  assert "Traceback (most recent call last)" in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot load config file")
+  monkeypatch.delenv("SEGVIT_JAX_TRACEBACK")
+  # --verbosity=1 for an error after the flags are parsed.
+  proc = run("-m", "segvit_jax.convert", str(bad_files / "random.pth"), str(tmp_path / "o"),
+             "--from", "dinov2", "--verbosity=1", check=False)
+  assert proc.returncode == 1
+  assert "Traceback (most recent call last)" in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f"error: ValueError: {bad_files}/random.pth is not a readable PyTorch checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. A bad label's message shows the file's value.
+
+
+def test_out_of_range_label_shows_the_files_value(tmp_path):
+  root = tmp_path / "data"
+  synthetic.write_folder(str(root), "train", 2, 32)
+  label = root / "annotations" / "train" / "synthetic_train_000000.png"
+  a = np.array(Image.open(label))
+  a[0, 0] = 200
+  Image.fromarray(a).save(label)
+  # reduce_zero_label: the file's 1..6 are the 6 classes (its 0 -> ignored); 200 -> 199.
+  a[a < 6] += 1
+  Image.fromarray(a).save(label)
+  source = folder.folder_source(str(root), "train", reduce_zero=True)
+  with pytest.raises(ValueError) as e:
+    source[0]
+  assert str(e.value) == (f"label {label} has value(s) 200 (199 after reduce_zero_label) "
+                          "outside the valid range 0..5 (ignore_index 255)")
+  # Without a conversion the message is as before: the file's value.
+  with pytest.raises(ValueError, match=re.escape(f"label {label} has value(s) 6, 200 outside")):
+    folder.folder_source(str(root), "train")[0]
