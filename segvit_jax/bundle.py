@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 from typing import Any, Mapping
 
 import flax
@@ -137,28 +138,40 @@ def backbone_features(bundle: "Bundle | str", images) -> dict[str, Any]:
 
 def save_bundle(path: str, params: Any, model_cfg: Mapping[str, Any], *, mean, std,
                 class_names, model_state: Mapping[str, Any] | None = None, **extra) -> str:
-  """Writes a bundle directory (params through orbax, atomically; ViT blocks unstacked), and
-  the model's other variable collections (`model_state`, e.g. BatchNorm's batch_stats) in
-  `state/` when there are any.
+  """Writes a bundle directory (params through orbax; ViT blocks unstacked), and the model's
+  other variable collections (`model_state`, e.g. BatchNorm's batch_stats) in `state/` when
+  there are any, replacing a bundle at `path`.
+
+  Atomically: the bundle is written whole to `path.tmp/` next to it and then moved in place
+  (`checkpoint.replace_dir`), so a write that fails (a full disk, an error, a kill) leaves the
+  bundle that was at `path` intact; the half-written `path.tmp/` of a failed write is removed,
+  that of a killed one by the next write (`checkpoint.recover_dir`).
 
   The calling process writes alone, from host copies of `params`: in a multi-process run the
   others need not call it (the trainer writes its best bundle from process 0 only)."""
+  from segvit_jax import checkpoint  # pylint: disable=g-import-not-at-top  (imports bundle)
+
   path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
   model_cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
   meta = {"format": FORMAT, "version": VERSION, "model": model_cfg, "mean": list(mean),
           "std": list(std), "class_names": list(class_names), **extra}
+  checkpoint.recover_dir(path)  # what a killed write left: path.tmp/, path.old/
+  tmp = path + ".tmp"
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   me = jax.process_index()
   alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-  with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
-    ckptr.save(os.path.join(path, "params"), vit.unstack_blocks(jax.device_get(params)),
-               force=True)
-    if model_state:
-      ckptr.save(os.path.join(path, "state"), jax.device_get(dict(model_state)), force=True)
-  tmp = os.path.join(path, "config.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2, default=_json_value)
-  os.replace(tmp, os.path.join(path, "config.json"))
+  try:
+    os.makedirs(tmp)
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
+      ckptr.save(os.path.join(tmp, "params"), vit.unstack_blocks(jax.device_get(params)))
+      if model_state:
+        ckptr.save(os.path.join(tmp, "state"), jax.device_get(dict(model_state)))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(meta, f, indent=2, default=_json_value)
+    checkpoint.replace_dir(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   return path
 
 
@@ -178,13 +191,16 @@ def read_config(path: str) -> dict:
         f"{file} not found: expected a model bundle (config.json + params/) or a training "
         "workdir (config.json + checkpoints/)")
   with open(file) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{file} is not valid JSON, the file is corrupt or truncated: {e}") from None
 
 
 def is_bundle(path: str) -> bool:
   try:
     return read_config(path).get("format") == FORMAT
-  except (FileNotFoundError, json.JSONDecodeError):
+  except (FileNotFoundError, ValueError):  # no config.json, or not JSON
     return False
 
 

@@ -8,8 +8,10 @@ One command-line style (absl flags):
   - `--help` / `-h` prints the tool's docstring and its own flags (those of its module and the
     shared ones below that it defines), one line each, and exits 0; `--helpfull` lists every
     library's flags too (absl, jax, grain, orbax);
-  - a user's mistake (a missing file, a bad value, an unknown `--config.key`) prints one line,
-    `error: ...`, on stderr and exits 1; `--verbosity=1` also logs its traceback.
+  - a user's mistake (a missing file, a bad value, an unknown `--config.key`, a config file
+    that does not load) prints one line, `error: ...`, on stderr and exits 1; `--verbosity=1`
+    also logs its traceback, and so does the environment variable SEGVIT_JAX_TRACEBACK=1
+    (also for a mistake found while the flags are parsed, before --verbosity is known).
 
 `run(main)` does all of that, then starts the process: `jax.distributed.initialize` when the
 tool defined the distributed flags and this is one process of several (before anything else
@@ -24,6 +26,7 @@ import logging as py_logging
 import os
 import re
 import sys
+import traceback
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -219,22 +222,77 @@ def unknown_override(config: ml_collections.ConfigDict, argv: Sequence[str],
   return None
 
 
+# How ml_collections' config flag wraps a TypeError / ValueError of a config file: the
+# message holds the whole traceback, whose last line is the error.
+_CONFIG_FILE_ERROR = "Error whilst parsing config file"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parser with one-line errors: an unknown `--config.key=value` override names
   the key and the keys there; any other flag error is absl's message."""
   try:
-    return FLAGS(argv)
+    remaining = FLAGS(argv)
+    missing_config_file(argv)
+    return remaining
   except (AttributeError, KeyError, flags.Error) as e:
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is None and "--config" in argv[:-1]:
-      spec = argv[argv.index("--config") + 1]
+    spec = config_spec(argv)
     message = None
     if spec:
       try:
         message = unknown_override(config_utils.load_config(spec), argv)
       except Exception:  # pylint: disable=broad-except  (absl's message says what is wrong)
         message = None
-    sys.exit(f"error: {message or str(e).strip()}")
+    text = str(e).strip()
+    if _CONFIG_FILE_ERROR in text:  # ml_collections' wrapper of get_config's own error
+      if traceback_wanted():
+        print(text, file=sys.stderr)  # the traceback is in the message
+      sys.exit(f"error: cannot load config file {spec}: {text.splitlines()[-1].strip()}")
+    show_traceback()
+    sys.exit(f"error: {message or text}")
+  except Exception as e:  # pylint: disable=broad-except  (a config file's own error)
+    # Flag parsing runs no code but the --config file's: its SyntaxError, NameError or the
+    # ValueError of its get_config(arg).
+    show_traceback()
+    spec = config_spec(argv)
+    where = f"config file {spec}" if spec else "the command line"
+    sys.exit(f"error: cannot load {where}: {type(e).__name__}: {e}")
+
+
+def missing_config_file(argv: Sequence[str]) -> None:
+  """Exits with one line when a config flag's file could not be read: ml_collections keeps
+  that error (an OSError listing the paths it tried) until the config is first used, where it
+  would come out as a traceback."""
+  for name in FLAGS:
+    value = FLAGS[name].value
+    if type(value).__name__ == "_ErrorConfig":  # ml_collections' stand-in for such a config
+      error = object.__getattribute__(value, "_error")
+      lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+      sys.exit(f"error: cannot load config file {FLAGS[name].serialize()}: "
+               f"{lines[-1] if lines else error}")
+
+
+def config_spec(argv: Sequence[str]) -> str | None:
+  """The value of --config in argv (configs/X.py[:ARG]), or None."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv[:-1]:
+    spec = argv[argv.index("--config") + 1]
+  return spec
+
+
+# Set to 1 to see the traceback of a user's error (also of one while the flags are parsed,
+# before --verbosity=1 is known).
+TRACEBACK_ENV = "SEGVIT_JAX_TRACEBACK"
+
+
+def traceback_wanted() -> bool:
+  return os.environ.get(TRACEBACK_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+def show_traceback() -> None:
+  """Prints the traceback of the exception being handled to stderr when $SEGVIT_JAX_TRACEBACK
+  asks for it."""
+  if traceback_wanted():
+    traceback.print_exc()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +355,7 @@ def help_text(module: str, epilog: str = "") -> str:
   doc = doc.strip("\n") + (f"\n\n{epilog.strip()}" if epilog else "")
   return (doc + "\n\nflags:\n" + "\n".join(lines) + "\n\n"
           "--helpfull also lists the libraries' flags; errors print one line, "
-          "--verbosity=1 adds their traceback.")
+          f"--verbosity=1 (or {TRACEBACK_ENV}=1) adds their traceback.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +389,21 @@ def no_arguments(argv: Sequence[str]) -> None:
   """For a `main` that takes flags only: a usage error naming any other argument."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+def refuse_overwrite(path: str, overwrite: bool, flag: str = "--overwrite") -> None:
+  """For a tool that writes `path` (a bundle, a checkpoint file or directory): a usage error
+  naming it when something is there already (a file, or a directory that is not empty) and
+  `overwrite` is off, so that a trained result is never replaced by a slip of the command
+  line."""
+  if overwrite or not os.path.lexists(path):
+    return
+  if os.path.isdir(path) and not os.listdir(path):
+    return
+  what = "a directory" if os.path.isdir(path) else "a file"
+  if os.path.isfile(os.path.join(path, "config.json")):
+    what = "a directory with a config.json (a bundle or a training workdir)"
+  raise app.UsageError(f"{os.path.abspath(path)} exists ({what}): pass {flag} to replace it")
 
 
 def start() -> None:
@@ -377,7 +450,10 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     try:
       return main(remaining)
     except USER_ERRORS as e:
-      logging.debug("traceback of the error below", exc_info=True)
+      if traceback_wanted():
+        traceback.print_exc()
+      else:
+        logging.debug("traceback of the error below", exc_info=True)
       sys.exit(error_line(e))
 
   try:

@@ -46,6 +46,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segvit_jax import bundle, checkpoint, convert, flops, losses, optim, runtime, sharding
+from segvit_jax import config_check
 from segvit_jax.data import pipeline, registry
 from segvit_jax.models import build_model, training_inputs, vit
 
@@ -451,6 +452,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           evaluate_fn: Callable | None = None) -> dict[str, float]:
   """Trains until `config.total_steps`; returns the last logged scalars. `evaluate_fn(model,
   variables, config) -> results` runs every `config.eval_every` steps (and after the last)."""
+  config_check.check(config, evaluates=evaluate_fn is not None)  # before anything is written
   os.makedirs(workdir, exist_ok=True)
   # A resumed run's config against its checkpoints' (WORKDIR/config.json), before anything is
   # read, compiled or written: config.json is rewritten only once the state is restored.

@@ -9,6 +9,10 @@ SegFormer and EoMT models between the authors' releases (and transformers) and o
   python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py]
   python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt
 
+OUT is written atomically (bundles and transformers directories through a temporary directory
+beside it, .pth files through a temporary file); an existing OUT is an error unless
+--overwrite.
+
 Flags take underscores; the dash spellings of earlier versions (--image-size, --patch-size,
 --posemb-resize, --patch-resize, --num-heads, --trust-pickle) are aliases.
 
@@ -138,10 +142,13 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> tuple[str, ...]:
   flags.DEFINE_bool("trust_pickle", False,
                     "allow .pth files that pickle Python objects besides tensors (runs their "
                     "unpickling code: only for files you trust)", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "replace OUT if it exists (a bundle, a file or a "
+                    "non-empty directory); without it an existing OUT is an error",
+                    flag_values=fv)
   for alias, name in ALIASES.items():
     flags.DEFINE_alias(alias, name, flag_values=fv)
   return ("from", "to", "config", "image_size", "patch_size", "posemb_resize", "patch_resize",
-          "num_heads", "mean", "std", "trust_pickle")
+          "num_heads", "mean", "std", "trust_pickle", "overwrite")
 
 
 def formats_help() -> str:
@@ -187,6 +194,7 @@ def run(fv: flags.FlagValues, src: str, out: str) -> str:
     raise ValueError(f"{', '.join(given)} apply to backbone formats only; a whole model keeps "
                      "its stored grids (the model resizes them at run time)")
   config, trust_pickle = fv["config"].value, fv["trust_pickle"].value
+  runtime.refuse_overwrite(out, fv["overwrite"].value)  # before the conversion's work
   if to is not None:
     if config or trust_pickle:
       raise ValueError("--config and --trust-pickle apply to --from only (the bundle records "

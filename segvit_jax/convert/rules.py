@@ -29,6 +29,9 @@ import json
 import os
 import pickle
 import re
+import shutil
+import sys
+import zipfile
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax
@@ -417,6 +420,62 @@ def _to_numpy(value) -> np.ndarray:
   return value.detach().cpu().numpy()
 
 
+# torch.load(weights_only=True)'s text for a file that pickles a Python object it does not
+# allow ("Unsupported global: GLOBAL module.name was not an allowed global ..."): the one
+# refusal --trust-pickle can help with. Other failures (unknown opcodes, EOF, a zip without its
+# central directory) are a corrupt or truncated file.
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def pickled_global(error: BaseException) -> str | None:
+  """The `module.name` a weights-only torch.load refused, if that is why it failed and the
+  name is a plausible one: a name inside an imported module that does not have it (a
+  truncated `torch._utils._rebuild_tens`) is the debris of a cut file, not an object."""
+  m = _UNSUPPORTED_GLOBAL.search(str(error))
+  if m is None:
+    return None
+  module, _, name = m.group(1).rpartition(".")
+  loaded = sys.modules.get(module)
+  if module != "__main__" and loaded is not None and not hasattr(loaded, name):
+    return None
+  return m.group(1)
+
+
+def corrupt(path: str, kind: str, error: BaseException) -> ValueError:
+  """The error for a file that is not a readable `kind`: corrupt or truncated, with the
+  reader's reason (its first line)."""
+  text = str(error).strip()
+  m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)  # past torch's long preamble
+  reason = (m.group(1) if m else text.splitlines()[0] if text else "").split(". ")[0]
+  reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+  return ValueError(f"{path} is not a readable {kind}: the file is corrupt or truncated "
+                    f"({reason}); download or write it again")
+
+
+def torch_load(path: str, *, trust_pickle: bool = False) -> Any:
+  """`torch.load(path)` on the CPU, weights only unless `trust_pickle`. ValueError naming the
+  file when it holds other pickled Python objects (the --trust-pickle message, only for a
+  genuine object), or when it is corrupt or truncated."""
+  torch = import_torch()
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  (torch raises many types on bad bytes)
+    name = pickled_global(e) if isinstance(e, pickle.UnpicklingError) else None
+    if name is None:
+      raise corrupt(path, "PyTorch checkpoint", e) from None
+    if not trust_pickle:
+      raise ValueError(
+          f"{path} holds pickled Python objects besides tensors ({name}), so "
+          "torch.load(weights_only=True) refuses it. Unpickling it can run arbitrary code. If "
+          "you trust where the file comes from, pass --trust-pickle (Python: "
+          "trust_pickle=True); or re-save its state dict as .safetensors.") from None
+  try:
+    return torch.load(path, map_location="cpu", weights_only=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path} cannot be unpickled even with --trust-pickle ({type(e).__name__}: "
+                     f"{e}): it is corrupt, or needs the code that wrote it") from None
+
+
 def read_torch_checkpoint(path: str, *, trust_pickle: bool = False) -> tuple[Flat, dict]:
   """(tensors, meta) of a PyTorch checkpoint: tensors as `read_torch` gives them, and the
   `meta` dict beside the state dict (mmseg's CLASSES / PALETTE, our exports' model config),
@@ -424,17 +483,7 @@ def read_torch_checkpoint(path: str, *, trust_pickle: bool = False) -> tuple[Fla
   if path.endswith(".safetensors"):
     return read_safetensors(path), {}
   torch = import_torch()
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    if not trust_pickle:
-      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise ValueError(
-          f"{path} holds pickled Python objects besides tensors, so "
-          f"torch.load(weights_only=True) refuses it ({reason}). Unpickling it can run "
-          "arbitrary code. If you trust where the file comes from, pass --trust-pickle "
-          "(Python: trust_pickle=True); or re-save its state dict as .safetensors.") from None
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+  obj = torch_load(path, trust_pickle=trust_pickle)
   meta = obj.get("meta") if isinstance(obj, dict) else None
   for wrapper in ("state_dict", "model"):
     if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
@@ -453,18 +502,35 @@ def read_torch(path: str, *, trust_pickle: bool = False) -> Flat:
 
 
 def read_safetensors(path: str) -> Flat:
+  """A .safetensors file as {key: array} (floats as float32); ValueError naming the file when
+  it is corrupt or truncated (safetensors' own error is no ValueError and names no file)."""
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
   from safetensors.flax import load_file  # pylint: disable=g-import-not-at-top  (bf16-safe)
+  try:
+    loaded = load_file(path)
+  except SafetensorError as e:
+    raise corrupt(path, ".safetensors file", e) from None
   return {k: np.asarray(v, np.float32 if np.issubdtype(v.dtype, np.floating)
                         or v.dtype.name == "bfloat16" else v.dtype)
-          for k, v in load_file(path).items()}
+          for k, v in loaded.items()}
 
 
 def read_npz(path: str) -> Flat:
   try:
     with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
-  except (ValueError, OSError, AttributeError) as e:  # not a zip, pickled, or a lone .npy
+  except (ValueError, OSError, AttributeError, EOFError, zipfile.BadZipFile) as e:
+    # not a zip (or a truncated one), pickled, or a lone .npy
     raise ValueError(f"{path} is not a readable .npz archive of arrays ({e})") from None
+
+
+def read_json(path: str) -> Any:
+  """A JSON file's content; ValueError naming the file when it is not valid JSON."""
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON, the file is corrupt or truncated: {e}") from None
 
 
 def read_hf_dir(path: str, *, trust_pickle: bool = False) -> tuple[dict, Flat]:
@@ -474,12 +540,10 @@ def read_hf_dir(path: str, *, trust_pickle: bool = False) -> tuple[dict, Flat]:
   if not os.path.isfile(cfg_file):
     raise FileNotFoundError(f"{cfg_file} not found: expected a directory written by "
                             "transformers' save_pretrained (config.json + model.safetensors)")
-  with open(cfg_file) as f:
-    config = json.load(f)
+  config = read_json(cfg_file)
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+    files = sorted(set(read_json(index)["weight_map"].values()))
     tensors = {}
     for name in files:
       tensors.update(read_safetensors(os.path.join(path, name)))
@@ -516,8 +580,7 @@ def hf_mean_std(path: str, default):
   file = os.path.join(path, "preprocessor_config.json")
   if not os.path.isfile(file):
     return default
-  with open(file) as f:
-    pre = json.load(f)
+  pre = read_json(file)
   if "image_mean" not in pre or "image_std" not in pre:
     return default
   return (tuple(255.0 * m for m in pre["image_mean"]), tuple(255.0 * s for s in pre["image_std"]))
@@ -555,15 +618,23 @@ def write_torch_checkpoint(out: str, state: Mapping[str, np.ndarray],
 def write_hf_dir(out: str, state: Mapping[str, np.ndarray], config: Mapping[str, Any],
                  preprocessor: Mapping[str, Any]) -> str:
   """A directory `from_pretrained` loads: config.json, preprocessor_config.json and
-  model.safetensors (written last, atomically)."""
+  model.safetensors, written whole to `out.tmp/` and then moved in place, replacing `out`
+  (`checkpoint.replace_dir`): a failed write leaves what was at `out` intact."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from segvit_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax, grain)
 
   out = os.path.abspath(out)
-  os.makedirs(out, exist_ok=True)
-  for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor)):
-    with open(os.path.join(out, name), "w") as f:
-      json.dump(content, f, indent=2)
-  tmp = os.path.join(out, "model.safetensors.tmp")
-  save_file({k: _contiguous(v) for k, v in state.items()}, tmp, metadata={"format": "pt"})
-  os.replace(tmp, os.path.join(out, "model.safetensors"))
+  checkpoint.recover_dir(out)  # what a killed write left
+  tmp = out + ".tmp"
+  try:
+    os.makedirs(tmp)
+    for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor)):
+      with open(os.path.join(tmp, name), "w") as f:
+        json.dump(content, f, indent=2)
+    save_file({k: _contiguous(v) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt"})
+    checkpoint.replace_dir(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   return out

@@ -153,12 +153,24 @@ def reduce_zero_label(label: np.ndarray, ignore_index: int = 255) -> np.ndarray:
   return out
 
 
-def check_label(label: np.ndarray, num_classes: int, ignore_index: int, path: str) -> np.ndarray:
-  """Return the label as uint8 after checking every value is in [0, num_classes) or ignore."""
+def _values(values: np.ndarray) -> str:
+  values = np.unique(values)
+  return ", ".join(str(int(v)) for v in values[:10]) + (" ..." if len(values) > 10 else "")
+
+
+def check_label(label: np.ndarray, num_classes: int, ignore_index: int, path: str,
+                raw: np.ndarray | None = None, conversion: str = "") -> np.ndarray:
+  """Return the label as uint8 after checking every value is in [0, num_classes) or ignore.
+
+  `raw`: the label as the file stores it, when `label` was converted from it (`conversion`
+  says how, e.g. "reduce_zero_label"): the message then shows the file's values, which the
+  user can find in the file, and the converted ones beside them."""
   bad = (label < 0) | ((label >= num_classes) & (label != ignore_index))
   if bad.any():
-    values = np.unique(label[bad])
-    shown = ", ".join(str(int(v)) for v in values[:10]) + (" ..." if len(values) > 10 else "")
+    if raw is None:
+      shown = _values(label[bad])
+    else:
+      shown = f"{_values(raw[bad])} ({_values(label[bad])} after {conversion})"
     raise ValueError(
         f"label {path} has value(s) {shown} outside the valid range 0..{num_classes - 1} "
         f"(ignore_index {ignore_index})")
@@ -206,12 +218,14 @@ class SegmentationFiles:
     if label.shape != image.shape[:2]:
       raise ValueError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} (WxH) but image "
                        f"{image_path} is {image.shape[1]}x{image.shape[0]}")
+    raw, steps = label, []
     if self.label_map is not None:
-      label = self.label_map(label, self.ignore_index)
+      label, steps = self.label_map(label, self.ignore_index), ["the dataset's label map"]
     if self.reduce_zero_label:
-      label = reduce_zero_label(label, self.ignore_index)
+      label, steps = reduce_zero_label(label, self.ignore_index), steps + ["reduce_zero_label"]
     try:
-      label = check_label(label, len(self.class_names), self.ignore_index, label_path)
+      label = check_label(label, len(self.class_names), self.ignore_index, label_path,
+                          raw=raw if steps else None, conversion=" and ".join(steps))
     except ValueError as e:
       if not self.hint:
         raise
