@@ -26,7 +26,7 @@ $(VENV)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/python train.py --config configs/demo.py --workdir $(DEMO_DIR)
 	$(BIN)/python eval.py --config configs/demo.py --workdir $(DEMO_DIR)
-	$(BIN)/python -m segvit_jax.export_bundle --workdir $(DEMO_DIR) --output $(DEMO_DIR)/bundle
+	$(BIN)/python -m segvit_jax.export_bundle --workdir $(DEMO_DIR) --output $(DEMO_DIR)/bundle --overwrite
 	$(BIN)/python -m segvit_jax.data.synthetic --output $(DEMO_DIR)/samples --split val --num 4
 	$(BIN)/python predict.py --checkpoint $(DEMO_DIR)/bundle --input $(DEMO_DIR)/samples/images/val \
 	  --output $(DEMO_DIR)/predictions

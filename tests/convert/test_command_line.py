@@ -69,7 +69,8 @@ def test_dash_spellings_are_aliases():
   assert values["-"] == values["_"] == {
       "from": "timm", "to": None, "config": None, "image_size": (64, 32), "patch_size": 16,
       "posemb_resize": "bilinear", "patch_resize": "bicubic", "num_heads": 3,
-      "mean": (1.0, 2.0, 3.0), "std": (4.0, 5.0, 6.0), "trust_pickle": True}
+      "mean": (1.0, 2.0, 3.0), "std": (4.0, 5.0, 6.0), "trust_pickle": True,
+      "overwrite": False}
 
 
 @pytest.mark.parametrize("arg", ["--help", "-h"])
