@@ -23,6 +23,10 @@ from segvit_jax import sharding, trainer
 from tests.support import ROOT, cache_env, read_metrics, smoke_config
 
 TIMING = ("steps_per_s", "images_per_s", "tflops", "mfu")
+# A one-step warm-up from 0 (the smoke config's is 100 steps from 1e-6 x lr): step 1 leaves
+# the parameters as they are whatever the lr. Every run here uses it, so that most share one
+# compiled step.
+KNOBS = {"optim.warmup_steps": 1, "optim.warmup_ratio": 0.0}
 
 
 def saved_state(workdir, step):
@@ -79,13 +83,14 @@ def test_keep_finite_keeps_the_whole_previous_state():
       np.testing.assert_array_equal(a, b)  # max abs difference 0
 
 
-def test_huge_lr_saves_no_non_finite_checkpoint_and_resumes_from_the_named_step(tmp_path):
-  # A one-step warm-up from 0: step 1 leaves the parameters as they are (lr 0), step 2 scales
-  # the head's update by 2 x 2.5e38 = inf while its loss, of the initial parameters, is finite.
-  # Before the guard checked the update, checkpoint 2 held inf / nan parameters and every
-  # rerun from it met a NaN loss at step 3, whatever the lr.
-  knobs = {"optim.warmup_steps": 1, "optim.warmup_ratio": 0.0}
-  huge = smoke_config(total_steps=3, ckpt_every=1, log_every=1, **knobs, **{"optim.lr": 3e38})
+def test_huge_lr_saves_no_non_finite_checkpoint_and_resumes_from_the_named_step(
+    straight_run, tmp_path):
+  # Step 1 leaves the parameters as they are (lr 0); step 2 scales the head's update by
+  # 2 x 2.5e38 = inf while its loss, of the initial parameters, is finite. Before the guard
+  # checked the update, checkpoint 2 held inf / nan values and every rerun from it met a NaN
+  # loss at step 3, whatever the lr.
+  c, straight = straight_run
+  huge = smoke_config(total_steps=6, ckpt_every=1, log_every=1, **KNOBS, **{"optim.lr": 3e38})
   with pytest.raises(trainer.NonFiniteLossError) as e:
     trainer.train(huge, str(tmp_path))
   message = str(e.value)
@@ -99,15 +104,16 @@ def test_huge_lr_saves_no_non_finite_checkpoint_and_resumes_from_the_named_step(
   assert non_finite_values(tmp_path, 1) == {}
   assert [m["step"] for m in read_metrics(tmp_path)] == [1]
 
-  # The suggested change: a sane lr. The rerun resumes from step 1 and trains past step 2.
-  sane = smoke_config(total_steps=3, ckpt_every=1, log_every=1, **knobs, **{"optim.lr": 6e-4})
-  trainer.train(sane, str(tmp_path))
-  assert saved_steps(tmp_path) == [2, 3]  # keep_ckpts 2
-  for step in (2, 3):
+  # The suggested change: the smoke config's lr (6e-4). The rerun resumes from step 1 and
+  # trains past step 2 exactly as a run that never had the huge lr (step 1 had lr 0 in both).
+  assert c.optim.lr == 6e-4
+  trainer.train(c, str(tmp_path))
+  assert saved_steps(tmp_path) == [3, 6]  # keep_ckpts 2
+  for step in (3, 6):
     assert non_finite_values(tmp_path, step) == {}
   records = read_metrics(tmp_path)
-  assert [m["step"] for m in records] == [1, 2, 3]
-  assert all(np.isfinite(m["loss"]) for m in records)
+  assert [m["step"] for m in records] == [1, 2, 3, 4, 5, 6]
+  same_records(records, read_metrics(straight))  # step 1 (lr 0 in both) was the huge run's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +121,9 @@ def test_huge_lr_saves_no_non_finite_checkpoint_and_resumes_from_the_named_step(
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-  """An uninterrupted smoke run of 6 steps, every step logged: (config, workdir)."""
-  c = smoke_config(total_steps=6, log_every=1)
+  """An uninterrupted smoke run of 6 steps, every step logged, checkpoints 3 and 6:
+  (config, workdir)."""
+  c = smoke_config(total_steps=6, log_every=1, **KNOBS)
   workdir = str(tmp_path_factory.mktemp("straight"))
   trainer.train(c, workdir)
   return c, workdir
@@ -156,12 +163,13 @@ def test_sigint_saves_the_current_step_and_resumes_with_the_same_losses(
 
 
 def test_sigterm_to_train_py_saves_the_step_exits_143_and_resumes_the_same(tmp_path):
-  # train.py as a user runs it, 40 steps so that the signal lands mid-run; the reference is
-  # the same 40 steps uninterrupted.
-  total = 40
+  # train.py as a user runs it, 12 steps so that the signal (after step 2's log line) lands
+  # mid-run; the reference is the same 12 steps uninterrupted.
+  total = 12
   args = [sys.executable, "train.py", "--config=configs/demo.py:smoke",
           f"--workdir={tmp_path / 'run'}", f"--config.total_steps={total}",
-          "--config.log_every=1", "--config.ckpt_every=1000"]
+          "--config.log_every=1", "--config.ckpt_every=1000",
+          *(f"--config.{k}={v}" for k, v in KNOBS.items())]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **cache_env()}
   proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
   lines = []
@@ -185,7 +193,8 @@ def test_sigterm_to_train_py_saves_the_step_exits_143_and_resumes_the_same(tmp_p
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"at step {step}" in resumed.stderr  # "resumed from ... at step N"
   reference = str(tmp_path / "reference")
-  trainer.train(smoke_config(total_steps=total, log_every=1, ckpt_every=1000), reference)
+  trainer.train(smoke_config(total_steps=total, log_every=1, ckpt_every=1000, **KNOBS),
+                reference)
   same_records(read_metrics(tmp_path / "run"), read_metrics(reference))
 
 
@@ -214,8 +223,8 @@ def tb_events(workdir):
 
 def test_resume_keeps_each_step_once_in_metrics_and_tensorboard(straight_run, tmp_path):
   c, straight = straight_run
-  workdir = str(tmp_path)
-  trainer.train(smoke_config(total_steps=6, log_every=1, ckpt_every=3), workdir)
+  workdir = str(tmp_path / "run")
+  shutil.copytree(straight, workdir)
   # A kill after steps 4..6 were logged, before step 6's checkpoint; a half-written last line.
   shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
   path = os.path.join(workdir, "metrics.jsonl")
@@ -224,7 +233,7 @@ def test_resume_keeps_each_step_once_in_metrics_and_tensorboard(straight_run, tm
     for r in records:
       f.write(json.dumps({**r, "loss": -1.0} if r["step"] > 3 else r) + "\n")
     f.write('{"step": 6, "lo')
-  trainer.train(smoke_config(total_steps=6, log_every=1, ckpt_every=3), workdir)
+  trainer.train(c, workdir)
   resumed = read_metrics(workdir)
   assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
   assert all(m["loss"] > 0 for m in resumed)  # the resumed run's values, not the marked ones
