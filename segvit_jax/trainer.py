@@ -14,6 +14,12 @@ Non-finite values: the jitted step checks its loss, gradient norm and updated st
 the state it was given when any is not finite (`keep_finite`), so no checkpoint ever holds a
 non-finite value; the run then stops naming the step and the checkpoint a rerun resumes from.
 
+Stopping: SIGTERM (a preemption notice) or SIGINT (Ctrl-C) ends the current step, saves a
+checkpoint of it, closes the writers and exits with 128 + the signal number (143, 130;
+`TrainingStopped`); several processes agree on the step through jax's preemption service
+(`StopRequest`). A resumed run drops the metrics.jsonl records of steps after its checkpoint
+and hides them in TensorBoard (`MetricsWriter`).
+
 Gradient accumulation (`config.grad_accum_steps`): the global batch is split into micro-batches
 inside the jitted step and their gradients are summed before the one optimizer update, so the
 step equals the whole-batch step up to float rounding (see `accumulated_value_and_grad`).
@@ -394,9 +400,8 @@ class StopRequest:
       raise KeyboardInterrupt  # a second Ctrl-C: now
     if self.signum is None:
       self.signum = signum
-      if jax.process_index() == 0 or not self.synced:
-        print(f"{signal.Signals(signum).name}: stopping after the current step (a second "
-              "Ctrl-C stops at once, without a checkpoint)", file=sys.stderr, flush=True)
+      print(f"{signal.Signals(signum).name}: stopping after the current step (a second "
+            "Ctrl-C stops at once, without a checkpoint)", file=sys.stderr, flush=True)
     if self.synced:
       os.kill(os.getpid(), signal.SIGTERM)  # to jax's preemption notifier
 
