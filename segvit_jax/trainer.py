@@ -8,8 +8,17 @@ Resuming: rerunning with the same workdir restores the latest checkpoint (train 
 and the data iterator position) and continues bit-identically. A checkpoint written by another
 number of processes restores too: orbax reshards the train state onto this run's mesh, but the
 data iterator state is per process and cannot be carried over, so the data order restarts from
-a fresh per-process shuffle (with a warning). A non-finite loss stops the run before anything is
-saved from it, so the last good checkpoint stays intact.
+a fresh per-process shuffle (with a warning).
+
+Non-finite values: the jitted step checks its loss, gradient norm and updated state, and keeps
+the state it was given when any is not finite (`keep_finite`), so no checkpoint ever holds a
+non-finite value; the run then stops naming the step and the checkpoint a rerun resumes from.
+
+Stopping: SIGTERM (a preemption notice) or SIGINT (Ctrl-C) ends the current step, saves a
+checkpoint of it, closes the writers and exits with 128 + the signal number (143, 130;
+`TrainingStopped`); several processes agree on the step through jax's preemption service
+(`StopRequest`). A resumed run drops the metrics.jsonl records of steps after its checkpoint
+and hides them in TensorBoard (`MetricsWriter`).
 
 Gradient accumulation (`config.grad_accum_steps`): the global batch is split into micro-batches
 inside the jitted step and their gradients are summed before the one optimizer update, so the
@@ -30,8 +39,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -43,6 +54,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segvit_jax import bundle, checkpoint, convert, flops, losses, optim, runtime, sharding
@@ -52,7 +64,8 @@ from segvit_jax.models import build_model, training_inputs, vit
 
 
 class NonFiniteLossError(FloatingPointError):
-  pass
+  """A train step met a non-finite loss, gradient norm or updated state (`NONFINITE`); the
+  step's update was not applied and the run stopped."""
 
 
 @flax.struct.dataclass
@@ -69,6 +82,35 @@ class TrainState:
 def model_state_of(variables: Any) -> dict:
   """The variable collections of a model other than "params" (e.g. batch_stats)."""
   return {k: v for k, v in variables.items() if k != "params"}
+
+
+# `metrics["nonfinite"]` of a train step: 0 when its update was applied, else the first check
+# that failed (`keep_finite`), and the state is the one before the step.
+NONFINITE = {1: "loss", 2: "gradient norm", 3: "parameters / optimizer state after the update"}
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point value of `tree` is finite (integer leaves always are)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
+def keep_finite(old: TrainState, new: TrainState, loss: jax.Array, grad_norm: jax.Array
+                ) -> tuple[TrainState, jax.Array]:
+  """(`new`, 0) when the loss, the gradient norm and every parameter, optimizer and model-state
+  value of `new` are finite; otherwise (`old`, the code of the first failed check, `NONFINITE`).
+
+  The updated state is checked, not only the loss: the loss is that of the parameters before
+  the update, so a huge learning rate can turn a finite loss into non-finite parameters, which
+  a checkpoint of that step would then hold. Keeping the whole old state (its step included)
+  means no saved state is ever non-finite. Inside the jitted step: one select per value."""
+  checks = (jnp.isfinite(loss), jnp.isfinite(grad_norm),
+            all_finite((new.params, new.opt_state, new.model_state)))
+  ok = checks[0] & checks[1] & checks[2]
+  code = jnp.where(checks[0], jnp.where(checks[1], jnp.where(checks[2], 0, 3), 2), 1)
+  state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return state, code.astype(jnp.int32)
 
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
@@ -242,16 +284,54 @@ def format_eta(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-class MetricsWriter:
-  """Console + TensorBoard + `metrics.jsonl` (one JSON object per logged step), process 0."""
+def drop_records_after(path: str, step: int) -> int:
+  """Rewrites the JSON-lines file `path` keeping only its records of steps <= `step`, and
+  returns how many it dropped (a line that does not parse, e.g. half-written by a killed run,
+  counts as dropped). Atomic: a temporary file beside it, then a rename. No file: 0."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), int) and (
+        record["step"] <= step):
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) < len(lines):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  return len(lines) - len(kept)
 
-  def __init__(self, workdir: str):
+
+class MetricsWriter:
+  """Console + TensorBoard + `metrics.jsonl` (one JSON object per logged step), process 0.
+
+  A run that starts at step `start` (resumed from its checkpoint) continues the records of
+  steps <= `start`: those of later steps, logged by a run killed after its last checkpoint,
+  are dropped from metrics.jsonl (`drop_records_after`) and hidden in TensorBoard, whose
+  loader discards the events of steps >= `purge_step` written before a restart marker
+  (tensorboardX's `purge_step`: the event files keep them, TensorBoard does not show them)."""
+
+  def __init__(self, workdir: str, start: int = 0):
     self.active = jax.process_index() == 0
     self.tb = None
     if self.active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      dropped = drop_records_after(path, start)
+      if dropped:
+        logging.info("%s: dropped %d record(s) of steps after %d, written by an earlier run "
+                     "after its last checkpoint", path, dropped, start)
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start + 1)
+      self.jsonl = open(path, "a")
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.active:
@@ -265,6 +345,82 @@ class MetricsWriter:
     if self.active:
       self.tb.close()
       self.jsonl.close()
+
+
+class TrainingStopped(SystemExit):
+  """`train` stopped on SIGTERM / SIGINT after saving a checkpoint of `step`. A SystemExit whose
+  code is the shell's convention for a death by signal `signum`, 128 + signum (SIGTERM 143,
+  SIGINT 130), so that `train.py` exits with it and a scheduler can tell a preempted run."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(128 + signum)
+    self.signum, self.step = signum, step
+
+
+class StopRequest:
+  """SIGTERM (a preemption notice) or SIGINT (Ctrl-C) asks the run to stop after its current
+  step: the loop asks `due(step)` after each step, then saves that step and stops.
+
+  One process: while installed (`with StopRequest():`), handlers of both signals record it; a
+  second SIGINT raises KeyboardInterrupt at once. Several processes must stop at the same step,
+  or a checkpoint misses some processes' part: with `jax.distributed` initialised, jax's
+  preemption service agrees on it (`multihost_utils.reached_preemption_sync_point`: every
+  process reaches the same step). Its notifier catches SIGTERM itself, so only SIGINT gets a
+  handler here, which passes the request on to it as a SIGTERM to this process. Several
+  processes without a distributed client (a TPU slice formed by its runtime) have no way to
+  agree without a collective per step: the signals keep their defaults there (a warning says
+  so)."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self.multi = jax.process_count() > 1
+    self.synced = (self.multi and jax.distributed.is_initialized()
+                   and jax.config.jax_enable_preemption_service)
+    self.previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "StopRequest":
+    if threading.current_thread() is not threading.main_thread():
+      return self  # signal handlers can only be set from the main thread
+    if self.multi and not self.synced:
+      logging.warning("%d processes without jax's preemption service (jax.distributed is not "
+                      "initialised): SIGTERM / SIGINT stop the run without a checkpoint",
+                      jax.process_count())
+      return self
+    for signum in (signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT):
+      self.previous[signum] = signal.signal(signum, self.handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self.previous.items():
+      signal.signal(signum, handler)
+    self.previous = {}
+
+  def handle(self, signum: int, frame: Any) -> None:
+    del frame
+    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: now
+    if self.signum is None:
+      self.signum = signum
+      print(f"{signal.Signals(signum).name}: stopping after the current step (a second "
+            "Ctrl-C stops at once, without a checkpoint)", file=sys.stderr, flush=True)
+    if self.synced:
+      os.kill(os.getpid(), signal.SIGTERM)  # to jax's preemption notifier
+
+  def due(self, step: int) -> bool:
+    """Whether to stop after `step`: the same answer on every process. Call it once per step
+    on every process (the preemption service counts steps)."""
+    if self.synced:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signum is not None
+
+  def stopped(self, step: int, ckpt_dir: str) -> TrainingStopped:
+    """The exit of a run stopped after `step` (saved in `ckpt_dir`); one line on stderr."""
+    signum = self.signum or signal.SIGTERM  # on another process: jax's preemption notice
+    if jax.process_index() == 0:
+      print(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint {step} "
+            f"saved in {ckpt_dir}, metrics written; rerun the same command to resume from step "
+            f"{step} (exit status {128 + signum})", file=sys.stderr, flush=True)
+    return TrainingStopped(signum, step)
 
 
 def is_due(step: int, every: int, total: int) -> bool:
@@ -293,6 +449,29 @@ class Utilisation:
     return f"train step: {self.step_flops / 1e9:.4g} GFLOPs (analytic); {peak}"
 
 
+def nonfinite_message(config: ml_collections.ConfigDict, step: int, code: int, loss: float,
+                      grad_norm: float, resumable: int | None, ckpt_dir: str) -> str:
+  """What a non-finite step (`NONFINITE` `code`) means: the step, the checkpoint a rerun
+  resumes from (`resumable`: the latest saved, None without one) and what to change."""
+  lr = config.optim.lr
+  what = {1: f"loss ({loss})",
+          2: f"gradient norm ({grad_norm}) with a finite loss ({loss})",
+          3: f"{NONFINITE[3]} (loss {loss:.4g} and gradient norm {grad_norm:.4g} finite)"}[code]
+  if resumable is None:
+    where = "No checkpoint was saved before it: rerunning starts from step 0."
+  else:
+    where = (f"The last good checkpoint ({resumable}) in {ckpt_dir} holds only finite values: "
+             f"rerunning the same command resumes from step {resumable}.")
+  if code == 3:  # the update itself overflowed
+    change = (f"Before rerunning, lower optim.lr (now {lr:g}) with --config.optim.lr=VALUE.")
+  else:
+    change = (f"Before rerunning, check the data of step {step}, lower optim.lr (now {lr:g}) "
+              f"with --config.optim.lr=VALUE, or set --config.model.dtype=float32 (now "
+              f"{config.model.get('dtype', 'float32')}).")
+  return (f"non-finite {what} at step {step}: stopping; the update of step {step} was not "
+          f"applied. {where} {change}")
+
+
 class Loop:
   """What the training loop carries from step to step, and its steps besides the train step:
   checking losses (`queue_loss`, `check_pending_loss`), logging a window of steps (`log`),
@@ -313,13 +492,13 @@ class Loop:
     self.window_start, self.window_losses, self.t0 = step, [], time.perf_counter()
 
   def check_loss(self, step: int, metrics: dict) -> float:
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-      raise NonFiniteLossError(
-          f"non-finite loss ({loss}) at step {step}: stopping. The last good checkpoint "
-          f"({self.ckpt.latest_step()}) in {self.ckpt.directory} is intact. Lower optim.lr, "
-          f"check the data, or set model.dtype='float32'.")
-    return loss
+    """The step's loss; `NonFiniteLossError` when the step kept the previous state."""
+    code = int(metrics["nonfinite"])
+    if code:
+      raise NonFiniteLossError(nonfinite_message(
+          self.config, step, code, float(metrics["loss"]), float(metrics["grad_norm"]),
+          self.ckpt.latest_step(), self.ckpt.directory))
+    return float(metrics["loss"])
 
   def queue_loss(self, step: int, metrics: dict) -> None:
     """Checks the previous step's loss while this one runs (keeps dispatch asynchronous)."""
@@ -339,7 +518,7 @@ class Loop:
     config, total = self.config, self.config.total_steps
     dt = time.perf_counter() - self.t0
     steps_per_s = (step - self.window_start) / dt
-    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite"}
     scalars = {**host, "loss_avg": float(np.mean(self.window_losses)),
                "steps_per_s": steps_per_s, "images_per_s": steps_per_s * config.batch_size,
                **self.utilisation.scalars(steps_per_s)}
@@ -507,12 +686,15 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                                          batch, rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state.step)}
+    grad_norm = optax.tree.norm(grads)
+    metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": schedule(state.step)}
     for name, value in training_inputs(config.model, state.step).items():  # mask_probs_0 ...
       metrics.update({f"{name}_{i}": v for i, v in enumerate(value)})
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                      model_state=model_state), metrics
+    # A non-finite loss, gradient or updated state keeps the state before the step.
+    new_state, metrics["nonfinite"] = keep_finite(
+        state, TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                          model_state=model_state), loss, grad_norm)
+    return new_state, metrics
 
   # Its FLOPs, counted from shapes (nothing compiles), and the devices' peak: the MFU.
   utilisation = Utilisation(
@@ -549,7 +731,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     write_run_files(workdir, config, class_names, bundle_extra.get("categories"))
 
     # The loop: a train step, then whichever of logging, saving and evaluating falls on it.
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start)
     best = None
     if evaluate_fn is not None and config.eval_every and config.eval.best_metric:
       best = checkpoint.BestKeeper(workdir, config.eval.best_metric, model_cfg=config.model,
@@ -558,25 +740,33 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                    eval=config.eval.to_dict(), **bundle_extra)
     loop = Loop(config, start, model=model, mesh=mesh, ckpt=ckpt, writer=writer,
                 utilisation=utilisation, evaluate_fn=evaluate_fn, best=best)
-    total, last = config.total_steps, {}
+    total, last, stopped = config.total_steps, {}, None
     runtime.wait_for_all_processes("first_step")
     try:
-      for step in range(start + 1, total + 1):
-        batch = sharding.global_batch(next(data_iter), mesh)
-        state, metrics = step_fn(state, batch)
-        loop.queue_loss(step, metrics)
-        logs, saves = is_due(step, config.log_every, total), is_due(step, config.ckpt_every, total)
-        if logs or saves:
-          loop.check_pending_loss()
-        if logs:
-          last = loop.log(step, metrics)
-        if saves:
-          ckpt.save(step, state, data_iter)
-        if loop.evaluates(step):
-          loop.evaluate(step, state)
+      with StopRequest() as stop:
+        for step in range(start + 1, total + 1):
+          batch = sharding.global_batch(next(data_iter), mesh)
+          state, metrics = step_fn(state, batch)
+          loop.queue_loss(step, metrics)
+          logs, saves = (is_due(step, config.log_every, total),
+                         is_due(step, config.ckpt_every, total))
+          stops = stop.due(step)  # SIGTERM / SIGINT: save this step and stop
+          if logs or saves or stops:
+            loop.check_pending_loss()
+          if logs:
+            last = loop.log(step, metrics)
+          if saves or stops:
+            ckpt.save(step, state, data_iter)
+          if stops:  # before any evaluation: a preemption leaves little time
+            stopped = step
+            break
+          if loop.evaluates(step):
+            loop.evaluate(step, state)
     finally:
       ckpt.close()
       writer.close()
+    if stopped is not None:
+      raise stop.stopped(stopped, ckpt.directory)
   return last
 
 
