@@ -194,6 +194,31 @@ def test_sigterm_to_train_py_saves_the_step_exits_143_and_resumes_the_same(
   same_records(read_metrics(tmp_path), read_metrics(straight))
 
 
+def test_kill_9_during_a_save_resumes_with_the_same_losses(straight_run, tmp_path):
+  # train.py saving every step, SIGKILLed the moment a save after the first is in progress
+  # (orbax's temporary step folder exists), or after 3 checkpoints; the rerun resumes from
+  # the newest complete checkpoint and its losses are the uninterrupted run's.
+  c, straight = straight_run
+  args = [sys.executable, "train.py", "--config=configs/demo.py:smoke",
+          f"--workdir={tmp_path}", f"--config.total_steps={TOTAL}", "--config.log_every=1",
+          "--config.ckpt_every=1", *(f"--config.{k}={v}" for k, v in KNOBS.items())]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **cache_env()}
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpts, during_save = os.path.join(tmp_path, "checkpoints"), False
+  while proc.poll() is None:
+    names = os.listdir(ckpts) if os.path.isdir(ckpts) else []
+    done = sum(n.isdigit() for n in names)
+    during_save = done >= 1 and any("tmp" in n for n in names)  # a save after the first
+    if during_save or done >= 3:
+      proc.kill()
+      break
+  assert proc.wait(timeout=300) == -signal.SIGKILL
+  assert saved_steps(tmp_path), "killed before any checkpoint"
+  trainer.train(c, str(tmp_path))  # resumes from the newest complete checkpoint
+  same_records(read_metrics(tmp_path), read_metrics(straight))
+
+
 # ---------------------------------------------------------------------------------------------
 # Defect 8 (first part): records of a killed run's steps after its last checkpoint.
 
