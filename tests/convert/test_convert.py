@@ -251,7 +251,8 @@ def test_cli_converts_and_reports(refs, tmp_path):
   meta = bundle.read_config(out)
   assert meta["model"]["name"] == "vit" and meta["source_format"] == "dinov2"
   proc = subprocess.run(
-      [sys.executable, "-m", "segvit_jax.convert", src + ".missing", out, "--from", "dinov2"],
+      [sys.executable, "-m", "segvit_jax.convert", src + ".missing", out + "_2", "--from",
+       "dinov2"],
       cwd=ROOT, capture_output=True, text=True, check=False)
   assert proc.returncode == 1 and "with_meta" not in proc.stderr
   assert f"{src}.missing does not exist" in proc.stderr
