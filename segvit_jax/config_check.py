@@ -11,7 +11,8 @@ What each key allows follows from how the trainer, the optimizer and the pipelin
                                 the end; 0 has no meaning there (it divided by zero)
   eval_every                    >= 0: 0 never evaluates during training
   keep_ckpts                    >= 1 checkpoints kept
-  optim.lr                      > 0 (finite): the peak learning rate; a negative one ascends
+  optim.lr                      >= 0 (finite): the peak learning rate (0: the parameters stay,
+                                for checks); a negative one ascends
   optim.min_lr                  0 <= min_lr <= lr (poly decays from lr to it)
   optim.weight_decay, optim.poly_power, optim.clip_norm (0: no clipping)   >= 0 (finite)
   optim.b1, optim.b2            in [0, 1) (Adam's moment decays); optim.eps > 0
@@ -78,8 +79,9 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
      "saves only at the end)"),
     ("eval_every", int_at_least(0), "0 (no evaluation during training) or an integer >= 1"),
     ("keep_ckpts", int_at_least(1), "an integer >= 1 (checkpoints kept)"),
-    ("optim.lr", number_in(0, low_open=True),
-     "a finite number > 0 (the peak learning rate; a negative one makes the loss grow)"),
+    ("optim.lr", number_in(0),
+     "a finite number >= 0 (the peak learning rate; 0 leaves the parameters as they are, a "
+     "negative one makes the loss grow)"),
     ("optim.weight_decay", number_in(0), "a finite number >= 0"),
     ("optim.b1", number_in(0, 1, high_open=True), "in [0, 1) (Adam's first-moment decay)"),
     ("optim.b2", number_in(0, 1, high_open=True), "in [0, 1) (Adam's second-moment decay)"),

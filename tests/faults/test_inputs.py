@@ -28,9 +28,8 @@ from tests.support import run, smoke_config
 # 5. Settings are checked before anything is written or compiled.
 
 INVALID = [  # (key, value, what the message says is allowed)
-    ("optim.lr", -1e-3, "a finite number > 0"),
-    ("optim.lr", 0.0, "a finite number > 0"),
-    ("optim.lr", float("nan"), "a finite number > 0"),
+    ("optim.lr", -1e-3, "a finite number >= 0"),
+    ("optim.lr", float("nan"), "a finite number >= 0"),
     ("ckpt_every", 0, "an integer >= 1 (a checkpoint is always written after the last step"),
     ("log_every", 0, "an integer >= 1 (the last step is always logged"),
     ("total_steps", 0, "an integer >= 1"),
@@ -149,8 +148,9 @@ def test_cli_invalid_setting_one_line_exit_1(tmp_path):
              "--config.optim.lr=-0.001", check=False)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
-      "error: ConfigError: config.optim.lr=-0.001 must be a finite number > 0 (the peak "
-      "learning rate; a negative one makes the loss grow)")
+      "error: ConfigError: config.optim.lr=-0.001 must be a finite number >= 0 (the peak "
+      "learning rate; 0 leaves the parameters as they are, a negative one makes the loss "
+      "grow)")
   assert "Traceback" not in proc.stderr
   assert not workdir.exists()
 
