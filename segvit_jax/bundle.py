@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from segvit_jax.evaluation import inference
 from segvit_jax.models import build_backbone, build_model, input_divisor, vit
@@ -149,13 +150,12 @@ def save_bundle(path: str, params: Any, model_cfg: Mapping[str, Any], *, mean, s
 
   The calling process writes alone, from host copies of `params`: in a multi-process run the
   others need not call it (the trainer writes its best bundle from process 0 only)."""
-  from segvit_jax import checkpoint  # pylint: disable=g-import-not-at-top  (imports bundle)
 
   path = os.path.abspath(path)
   model_cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
   meta = {"format": FORMAT, "version": VERSION, "model": model_cfg, "mean": list(mean),
           "std": list(std), "class_names": list(class_names), **extra}
-  checkpoint.recover_dir(path)  # what a killed write left: path.tmp/, path.old/
+  recover_dir(path)  # what a killed write left: path.tmp/, path.old/
   tmp = path + ".tmp"
   os.makedirs(os.path.dirname(path), exist_ok=True)
   me = jax.process_index()
@@ -168,7 +168,7 @@ def save_bundle(path: str, params: Any, model_cfg: Mapping[str, Any], *, mean, s
         ckptr.save(os.path.join(tmp, "state"), jax.device_get(dict(model_state)))
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(meta, f, indent=2, default=_json_value)
-    checkpoint.replace_dir(tmp, path)
+    replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -291,3 +291,36 @@ def merge_params(init: Any, loaded: Any, *, source: str = "checkpoint") -> Any:
   merged = {k: np.asarray(flat_loaded[k]).astype(flat_init[k].dtype) for k in flat_init}
   merged = flax.traverse_util.unflatten_dict(merged, sep="/")
   return vit.stack_blocks(merged) if stacked else merged
+
+
+def replace_dir(src: str, dst: str) -> None:
+  """Moves the complete directory `src` to `dst`, replacing `dst`. POSIX cannot swap two
+  directories in one rename, so the old `dst` steps aside to `dst.old` first: a crash leaves
+  `dst` whole (old or new) or, between the two renames, missing with the old one whole in
+  `dst.old`, which `recover_dir(dst)` moves back."""
+  old = dst + ".old"
+  if os.path.exists(old):
+    shutil.rmtree(old)
+  if os.path.exists(dst):
+    os.replace(dst, old)
+  try:
+    os.replace(src, dst)
+  except BaseException:
+    if os.path.exists(old) and not os.path.exists(dst):
+      os.replace(old, dst)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dst: str) -> None:
+  """Undoes what a crash inside `replace_dir` (or before it) left: drops the half-written
+  `dst.tmp`, and moves `dst.old` back when `dst` is missing."""
+  tmp, old = dst + ".tmp", dst + ".old"
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  if os.path.exists(old):
+    if os.path.exists(dst):
+      shutil.rmtree(old)
+    else:
+      os.replace(old, dst)
+      logging.warning("restored %s from %s (a run stopped while replacing it)", dst, old)

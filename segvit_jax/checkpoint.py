@@ -42,7 +42,6 @@ import json
 import math
 import os
 import re
-import shutil
 from typing import Any, Callable
 
 import grain
@@ -55,6 +54,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segvit_jax import bundle, runtime
+from segvit_jax.bundle import recover_dir, replace_dir  # noqa: F401  (atomic swaps)
 from segvit_jax.models import build_model, vit
 
 
@@ -492,39 +492,6 @@ def write_json(path: str, obj: Any) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
-
-
-def replace_dir(src: str, dst: str) -> None:
-  """Moves the complete directory `src` to `dst`, replacing `dst`. POSIX cannot swap two
-  directories in one rename, so the old `dst` steps aside to `dst.old` first: a crash leaves
-  `dst` whole (old or new) or, between the two renames, missing with the old one whole in
-  `dst.old`, which `recover_dir(dst)` moves back."""
-  old = dst + ".old"
-  if os.path.exists(old):
-    shutil.rmtree(old)
-  if os.path.exists(dst):
-    os.replace(dst, old)
-  try:
-    os.replace(src, dst)
-  except BaseException:
-    if os.path.exists(old) and not os.path.exists(dst):
-      os.replace(old, dst)
-    raise
-  shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(dst: str) -> None:
-  """Undoes what a crash inside `replace_dir` (or before it) left: drops the half-written
-  `dst.tmp`, and moves `dst.old` back when `dst` is missing."""
-  tmp, old = dst + ".tmp", dst + ".old"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  if os.path.exists(old):
-    if os.path.exists(dst):
-      shutil.rmtree(old)
-    else:
-      os.replace(old, dst)
-      logging.warning("restored %s from %s (a run stopped while replacing it)", dst, old)
 
 
 # ---------------------------------------------------------------------------------------------
