@@ -104,12 +104,16 @@ def keep_finite(old: TrainState, new: TrainState, loss: jax.Array, grad_norm: ja
   The updated state is checked, not only the loss: the loss is that of the parameters before
   the update, so a huge learning rate can turn a finite loss into non-finite parameters, which
   a checkpoint of that step would then hold. Keeping the whole old state (its step included)
-  means no saved state is ever non-finite. Inside the jitted step: one select per value."""
+  means no saved state is ever non-finite.
+
+  Inside the jitted step, one `lax.cond` picks the state: a select per value instead made XLA
+  fuse the finiteness reductions with every select, and the smoke SegViT's train step took
+  100 s to compile on the CPU instead of 15 s."""
   checks = (jnp.isfinite(loss), jnp.isfinite(grad_norm),
             all_finite((new.params, new.opt_state, new.model_state)))
   ok = checks[0] & checks[1] & checks[2]
   code = jnp.where(checks[0], jnp.where(checks[1], jnp.where(checks[2], 0, 3), 2), 1)
-  state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  state = jax.lax.cond(ok, lambda: new, lambda: old)
   return state, code.astype(jnp.int32)
 
 

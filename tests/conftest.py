@@ -17,3 +17,19 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Frees each module's compiled programs and traced functions when the module ends: the
+  in-process caches otherwise grow through the whole session (over 10 GB by its end, which the
+  24 GiB CI machine could not hold). Later modules read what they share from the persistent
+  cache above."""
+  yield
+  jax.clear_caches()
+  gc.collect()
