@@ -33,7 +33,7 @@ that beat the best so far are kept as a model bundle in WORKDIR/best/, with thei
 and swapped in (`replace_dir` / `recover_dir`), so a crash never leaves a half-written best/.
 
 `load_model(path)` takes a bundle (`segvit_jax.bundle`) or a training workdir (its config.json
-and latest checkpoint), so eval.py, predict.py and export_bundle take either.
+and newest intact checkpoint), so eval.py, predict.py and export_bundle take either.
 """
 
 from __future__ import annotations
@@ -58,15 +58,16 @@ from segvit_jax.bundle import recover_dir, replace_dir  # noqa: F401  (atomic sw
 from segvit_jax.models import build_model, vit
 
 
-class DamagedCheckpointError(RuntimeError):
-  """Checkpoint `step` (folder `path`) cannot be restored, for `reason` (one line)."""
+class DamagedCheckpointError(ValueError):
+  """Checkpoint `step` (folder `path`) cannot be restored, for `reason` (one line). A
+  ValueError, so the command-line tools report it in one line (`runtime.USER_ERRORS`)."""
 
   def __init__(self, step: int, path: str, reason: str):
     super().__init__(f"checkpoint {step} at {path} is damaged: {reason}")
     self.step, self.path, self.reason = step, path, reason
 
 
-class NoIntactCheckpointError(RuntimeError):
+class NoIntactCheckpointError(ValueError):
   """A checkpoint directory holds steps, but none of them restores."""
 
 
@@ -113,22 +114,7 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def damage(self, step: int, with_data: bool = False) -> str | None:
-    """Why checkpoint `step` is not intact, found from its small files alone (no array is
-    read), or None. `with_data`: this process's data-iterator state must be readable too."""
-    path = self.step_dir(step)
-    if not os.path.isdir(path):
-      return "the step folder is missing"
-    if not os.listdir(path):
-      return "the step folder is empty"
-    if not os.path.isdir(os.path.join(path, "state")):
-      return "it has no state/ item (the train state)"
-    reason = _json_damage(os.path.join(path, "state", "_METADATA"), "state/_METADATA")
-    if reason:
-      return reason
-    if with_data:
-      name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's naming
-      return _json_damage(os.path.join(path, "data", name), f"data/{name}")
-    return None
+    return step_damage(self.step_dir(step), with_data)
 
   def restore(self, abstract_state: Any, data_iter: Any | None = None,
               step: int | None = None) -> Any:
@@ -247,6 +233,25 @@ def _one_line(error: BaseException, limit: int = 600) -> str:
     cause = cause.__cause__ or cause.__context__
   text = first_line(error) + (f" ({first_line(cause)})" if cause is not error else "")
   return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def step_damage(path: str, with_data: bool = False) -> str | None:
+  """Why the checkpoint in step folder `path` is not intact, found from its small files alone
+  (no array is read), or None. `with_data`: this process's data-iterator state must be
+  readable too."""
+  if not os.path.isdir(path):
+    return "the step folder is missing"
+  if not os.listdir(path):
+    return "the step folder is empty"
+  if not os.path.isdir(os.path.join(path, "state")):
+    return "it has no state/ item (the train state)"
+  reason = _json_damage(os.path.join(path, "state", "_METADATA"), "state/_METADATA")
+  if reason:
+    return reason
+  if with_data:
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's naming
+    return _json_damage(os.path.join(path, "data", name), f"data/{name}")
+  return None
 
 
 def _json_damage(path: str, name: str) -> str | None:
@@ -415,21 +420,53 @@ def restore_params(directory: str, step: int | None = None, *,
   host/default device, in the block layout they were saved in (`bundle.merge_params` converts):
   (params, step), or (params, step, model_state) with `with_model_state` (the other variable
   collections, e.g. batch_stats; {} for models without any or checkpoints from before them).
-  `directory` is a checkpoint root (with step subdirectories)."""
-  mngr = ocp.CheckpointManager(os.path.abspath(directory),
+  `directory` is a checkpoint root (with step subdirectories).
+
+  Without `step`, the newest intact checkpoint: a damaged newer one is skipped with a warning
+  naming it and why (read-only: nothing is moved; a training resume sets it aside). A given
+  `step` that is damaged is a DamagedCheckpointError."""
+  directory = os.path.abspath(directory)
+  mngr = ocp.CheckpointManager(directory,
                                options=ocp.CheckpointManagerOptions(read_only=True),
                                item_handlers={"state": ocp.StandardCheckpointHandler()})
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+  steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+  if not steps:
     raise FileNotFoundError(f"no checkpoint found in {directory}")
   # An explicit single-device target: without one, orbax rebuilds the shardings the checkpoint
   # was saved with and fails on any other device count ("Topology mismatch detected").
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        mngr.item_metadata(step)["state"])
-  state = mngr.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-  mngr.close()
+
+  def read(step):
+    path = os.path.join(directory, str(step))  # orbax's default step naming
+    reason = step_damage(path)
+    if reason:
+      raise DamagedCheckpointError(step, path, reason)
+    try:
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            mngr.item_metadata(step)["state"])
+      return mngr.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(step, path, _one_line(e)) from e
+
+  damaged = []
+  try:
+    for step in steps:
+      try:
+        state = read(step)
+        break
+      except DamagedCheckpointError as e:
+        if len(steps) == 1:
+          raise
+        logging.warning("checkpoint %d at %s is damaged (%s): reading the one before it",
+                        e.step, e.path, e.reason)
+        damaged.append(e)
+    else:
+      raise NoIntactCheckpointError(
+          f"no intact checkpoint in {directory}: "
+          + "; ".join(f"step {e.step}: {e.reason}" for e in damaged))
+  finally:
+    mngr.close()
   if with_model_state:
     return state["params"], step, dict(state.get("model_state") or {})
   return state["params"], step
@@ -449,7 +486,7 @@ def saved_process_count(checkpoint_dir: str, step: int) -> int | None:
 
 def load_model(path: str, step: int | None = None) -> bundle.Bundle:
   """A model bundle directory (`bundle.load_bundle`), or a training workdir: its config.json
-  and checkpoint `step` (default: the latest), with the workdir's class names (classes.txt)
+  and checkpoint `step` (default: the newest intact one), with the workdir's class names (classes.txt)
   and panoptic categories. Either way a `Bundle` whose variables are laid out as its model
   needs them (`bundle.merge_params`)."""
   path = os.path.abspath(path)

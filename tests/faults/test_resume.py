@@ -184,6 +184,37 @@ def test_no_intact_checkpoint_is_one_error_naming_each(run_dir, workdir):
   assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]  # nothing moved, nothing deleted
 
 
+@pytest.mark.parametrize("case", ["missing_metadata", "missing_state", "truncated_arrays"])
+def test_loading_a_workdir_reads_the_newest_intact_checkpoint(workdir, absl_log, case):
+  """eval.py / predict.py / export_bundle on a workdir (`load_model`): a damaged newest step
+  is skipped with the same warning and the one before it is read; nothing is moved (they only
+  read). A damaged step asked for by number is one error naming it."""
+  damage, reason = DAMAGES[case]
+  ckpts = os.path.join(workdir, "checkpoints")
+  damage(os.path.join(ckpts, "3"))
+  model = checkpoint.load_model(workdir)
+  assert model.config.step == 2
+  saved = flat_params(workdir, 2)
+  got = jax.tree_util.tree_leaves_with_path(model.variables["params"])
+  assert len(got) == len(saved)
+  for path, value in got:
+    np.testing.assert_array_equal(np.asarray(value), saved[jax.tree_util.keystr(path)])
+  damaged = [r.getMessage() for r in absl_log.records if "is damaged" in r.getMessage()]
+  assert len(damaged) == 1 and re.fullmatch(
+      f"checkpoint 3 at {re.escape(ckpts)}/3 is damaged \\({reason}\\): reading the one "
+      "before it", damaged[0]), damaged
+  assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=f"checkpoint 3 at {re.escape(ckpts)}/3 is damaged: "):
+    checkpoint.load_model(workdir, step=3)
+  for step in ("1", "2"):
+    empty_folder(os.path.join(ckpts, step))
+  with pytest.raises(checkpoint.NoIntactCheckpointError,
+                     match=f"no intact checkpoint in {re.escape(ckpts)}: step 3: .*; step 2: "
+                     "the step folder is empty; step 1: the step folder is empty"):
+    checkpoint.load_model(workdir)
+
+
 def test_a_saved_tree_of_other_shapes_is_a_mismatch_not_damage(workdir):
   """The check behind the config comparison (a workdir without config.json): names the
   parameter and both shapes, and tries no older step."""
