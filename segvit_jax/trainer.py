@@ -722,32 +722,34 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if start is None and config.model_init:
       convert.require_init(config.model_init)  # before compiling anything
 
-    # Compile the step once, from shapes: its memory needs are known before the first batch,
-    # and the loop runs this compiled object.
-    t_compile = time.perf_counter()
-    step_fn = step_jit.lower(abstract_state, abstract_batch(config, mesh)).compile()
-    logging.info("train step compiled in %.1f s", time.perf_counter() - t_compile)
-    logging.info("%s", memory_log_line(step_fn, abstract_state, state_sh))
+    # SIGTERM / SIGINT from here on (compiling and restoring included) stop the run after its
+    # first step, saved; the handlers are the defaults again once the loop is left.
+    with StopRequest() as stop:
+      # Compile the step once, from shapes: its memory needs are known before the first batch,
+      # and the loop runs this compiled object.
+      t_compile = time.perf_counter()
+      step_fn = step_jit.lower(abstract_state, abstract_batch(config, mesh)).compile()
+      logging.info("train step compiled in %.1f s", time.perf_counter() - t_compile)
+      logging.info("%s", memory_log_line(step_fn, abstract_state, state_sh))
 
-    # Resume, or start.
-    state, start = restore_or_init(config, ckpt, start, abstract_state, state_sh, init_jit,
-                                   data_iter, mesh)
-    write_run_files(workdir, config, class_names, bundle_extra.get("categories"))
+      # Resume, or start.
+      state, start = restore_or_init(config, ckpt, start, abstract_state, state_sh, init_jit,
+                                     data_iter, mesh)
+      write_run_files(workdir, config, class_names, bundle_extra.get("categories"))
 
-    # The loop: a train step, then whichever of logging, saving and evaluating falls on it.
-    writer = MetricsWriter(workdir, start)
-    best = None
-    if evaluate_fn is not None and config.eval_every and config.eval.best_metric:
-      best = checkpoint.BestKeeper(workdir, config.eval.best_metric, model_cfg=config.model,
-                                   mean=config.mean, std=config.std, class_names=class_names,
-                                   source=os.path.abspath(workdir),
-                                   eval=config.eval.to_dict(), **bundle_extra)
-    loop = Loop(config, start, model=model, mesh=mesh, ckpt=ckpt, writer=writer,
-                utilisation=utilisation, evaluate_fn=evaluate_fn, best=best)
-    total, last, stopped = config.total_steps, {}, None
-    runtime.wait_for_all_processes("first_step")
-    try:
-      with StopRequest() as stop:
+      # The loop: a train step, then whichever of logging, saving and evaluating falls on it.
+      writer = MetricsWriter(workdir, start)
+      best = None
+      if evaluate_fn is not None and config.eval_every and config.eval.best_metric:
+        best = checkpoint.BestKeeper(workdir, config.eval.best_metric, model_cfg=config.model,
+                                     mean=config.mean, std=config.std, class_names=class_names,
+                                     source=os.path.abspath(workdir),
+                                     eval=config.eval.to_dict(), **bundle_extra)
+      loop = Loop(config, start, model=model, mesh=mesh, ckpt=ckpt, writer=writer,
+                  utilisation=utilisation, evaluate_fn=evaluate_fn, best=best)
+      total, last, stopped = config.total_steps, {}, None
+      runtime.wait_for_all_processes("first_step")
+      try:
         for step in range(start + 1, total + 1):
           batch = sharding.global_batch(next(data_iter), mesh)
           state, metrics = step_fn(state, batch)
@@ -766,9 +768,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             break
           if loop.evaluates(step):
             loop.evaluate(step, state)
-    finally:
-      ckpt.close()
-      writer.close()
+      finally:
+        ckpt.close()
+        writer.close()
     if stopped is not None:
       raise stop.stopped(stopped, ckpt.directory)
   return last

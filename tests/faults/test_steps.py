@@ -164,6 +164,29 @@ def test_sigint_saves_the_current_step_and_resumes_with_the_same_losses(
   same_records(read_metrics(tmp_path), read_metrics(straight))
 
 
+def test_sigterm_while_compiling_saves_the_first_step(straight_run, tmp_path, monkeypatch,
+                                                     capfd):
+  """A preemption notice before the loop (compiling, restoring) is not lost: the run takes
+  its first step, saves it and stops; the rerun resumes with the same losses."""
+  c, straight = straight_run
+  real = trainer.memory_log_line
+
+  def memory_log_line(*args):  # called right after the train step compiled
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args)
+
+  monkeypatch.setattr(trainer, "memory_log_line", memory_log_line)
+  with pytest.raises(trainer.TrainingStopped) as e:
+    trainer.train(c, str(tmp_path))
+  assert (e.value.code, e.value.step) == (143, 1)
+  assert "stopped by SIGTERM after step 1: checkpoint 1 saved" in capfd.readouterr().err
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+  assert saved_steps(tmp_path) == [1]
+  monkeypatch.undo()
+  trainer.train(c, str(tmp_path))
+  same_records(read_metrics(tmp_path), read_metrics(straight))
+
+
 def test_sigterm_to_train_py_saves_the_step_exits_143_and_resumes_the_same(
     straight_run, tmp_path):
   # train.py as a user runs it; the signal follows step 2's log line, TOTAL - 2 steps early.
