@@ -5,6 +5,7 @@ of the first examples and a confusion-matrix picture. With `config.eval.task` "p
 COCO mask AP (or AP alone) at EoMT's panoptic / instance protocol instead.
 
   python eval.py --config configs/demo.py --workdir runs/demo        # latest checkpoint there
+  python eval.py --workdir runs/demo          # the same, with the config the run saved there
   python eval.py --config configs/demo.py --checkpoint runs/demo/bundle   # a bundle or workdir
   python eval.py --config configs/segvit_vit_b16_ade20k.py --checkpoint BUNDLE \
       --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip --config.dataset.root=/data/ADEChallengeData2016
@@ -23,6 +24,7 @@ import os
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -30,8 +32,9 @@ from ml_collections import config_flags
 from segvit_jax import bundle, checkpoint, runtime
 from segvit_jax.evaluation import evaluate, inference, metrics
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/NAME.py[:ARG]); default: the config.json a training "
+    "run saved in --workdir (or in --checkpoint, when that is a workdir).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: evaluates its latest "
                                "checkpoint and writes results there.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A model bundle or a training workdir.")
@@ -48,7 +51,23 @@ _FLIP = flags.DEFINE_bool("flip", None, "Also predict the mirrored images (defau
                           "config.eval.flip).")
 runtime.define_distributed_flags()
 runtime.define_compilation_cache_flag()
-flags.mark_flag_as_required("config")
+
+
+def workdir_config(workdir: str | None, checkpoint_path: str | None
+                   ) -> tuple[ml_collections.ConfigDict, str]:
+  """(config, its file) without --config: the config.json of the training workdir given
+  (--workdir, else --checkpoint when it is a workdir rather than a bundle), which train.py
+  wrote with every key the run used. A usage error naming what to pass otherwise."""
+  for path in (workdir, checkpoint_path):
+    if path and not bundle.is_bundle(path) and os.path.isfile(
+        os.path.join(path, checkpoint.RUN_CONFIG)):
+      saved = bundle.read_config(path)
+      if "model" in saved and "dataset" in saved:
+        return ml_collections.ConfigDict(saved), os.path.join(path, checkpoint.RUN_CONFIG)
+  given = workdir or checkpoint_path
+  raise app.UsageError(
+      f"give --config: {given} holds no training config.json (a workdir of train.py has one; "
+      "a bundle's config describes the model only, not the dataset to evaluate on)")
 
 
 def main(argv: list[str]) -> None:
@@ -56,7 +75,11 @@ def main(argv: list[str]) -> None:
   path = _CHECKPOINT.value or _WORKDIR.value
   if not path:
     raise app.UsageError("give --workdir or --checkpoint")
-  config = _CONFIG.value
+  if _CONFIG.value is None:
+    config, config_file = workdir_config(_WORKDIR.value, _CHECKPOINT.value)
+  else:
+    config = _CONFIG.value
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
   scales = inference.check_ratios(_SCALES.value, "--scales") if _SCALES.value else None
   model = checkpoint.load_model(path, step=_STEP.value)
   if model.config.model.num_classes != config.model.num_classes:
@@ -80,7 +103,7 @@ def main(argv: list[str]) -> None:
   evaluated = {"checkpoint": os.path.abspath(path),
                "kind": "bundle" if bundle.is_bundle(path) else "workdir",
                "step": model.config.get("step"),
-               "config_file": config_flags.get_config_filename(flags.FLAGS["config"]),
+               "config_file": config_file,
                "config": config.to_dict()}
   results = evaluate(model.model, model.variables, config, split=_SPLIT.value,
                      out_dir=out_dir, num_pictures=_NUM_VIS.value, progress=True,

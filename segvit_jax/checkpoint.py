@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath  # orbax's own path type (orbax depends on etils)
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -426,10 +427,7 @@ def restore_params(directory: str, step: int | None = None, *,
   naming it and why (read-only: nothing is moved; a training resume sets it aside). A given
   `step` that is damaged is a DamagedCheckpointError."""
   directory = os.path.abspath(directory)
-  mngr = ocp.CheckpointManager(directory,
-                               options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={"state": ocp.StandardCheckpointHandler()})
-  steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+  steps = saved_steps(directory)[::-1] if step is None else [step]
   if not steps:
     raise FileNotFoundError(f"no checkpoint found in {directory}")
   # An explicit single-device target: without one, orbax rebuilds the shardings the checkpoint
@@ -442,34 +440,57 @@ def restore_params(directory: str, step: int | None = None, *,
     if reason:
       raise DamagedCheckpointError(step, path, reason)
     try:
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            mngr.item_metadata(step)["state"])
-      return mngr.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+      return read_state_item(os.path.join(path, "state"), device)
     except Exception as e:  # pylint: disable=broad-except
       raise DamagedCheckpointError(step, path, _one_line(e)) from e
 
   damaged = []
-  try:
-    for step in steps:
-      try:
-        state = read(step)
-        break
-      except DamagedCheckpointError as e:
-        if len(steps) == 1:
-          raise
-        logging.warning("checkpoint %d at %s is damaged (%s): reading the one before it",
-                        e.step, e.path, e.reason)
-        damaged.append(e)
-    else:
-      raise NoIntactCheckpointError(
-          f"no intact checkpoint in {directory}: "
-          + "; ".join(f"step {e.step}: {e.reason}" for e in damaged))
-  finally:
-    mngr.close()
+  for step in steps:
+    try:
+      state = read(step)
+      break
+    except DamagedCheckpointError as e:
+      if len(steps) == 1:
+        raise
+      logging.warning("checkpoint %d at %s is damaged (%s): reading the one before it",
+                      e.step, e.path, e.reason)
+      damaged.append(e)
+  else:
+    raise NoIntactCheckpointError(
+        f"no intact checkpoint in {directory}: "
+        + "; ".join(f"step {e.step}: {e.reason}" for e in damaged))
   if with_model_state:
     return state["params"], step, dict(state.get("model_state") or {})
   return state["params"], step
+
+
+def saved_steps(directory: str) -> list[int]:
+  """The steps of the checkpoint folders in `directory`, ascending: orbax's default step naming
+  (a folder named by the step number). A save that never finished (`STEP.orbax-checkpoint-tmp-*`)
+  and a step set aside (`STEP.damaged`) are not steps; a step folder may still be damaged
+  (`step_damage`)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def read_state_item(path: str, sharding: jax.sharding.Sharding) -> Any:
+  """The train state saved in the item folder `path` (STEP/state), every array placed with
+  `sharding`. Read with the item's own handler, not a CheckpointManager: a manager opened to
+  read one item warns about every other item of the step (the data iterator's "Item 'data' was
+  found in the checkpoint, but could not be restored") and, read-only, about each option it
+  resets, none of which is a problem."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    item = epath.Path(path)
+    metadata = handler.metadata(item)
+    tree = getattr(metadata, "tree", metadata)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          tree)
+    return handler.restore(item, args=ocp.args.StandardRestore(target))
+  finally:
+    handler.close()
 
 
 def saved_process_count(checkpoint_dir: str, step: int) -> int | None:

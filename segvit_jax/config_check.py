@@ -26,6 +26,8 @@ What each key allows follows from how the trainer, the optimizer and the pipelin
   dataset.num_workers, dataset.prefetch   >= 0
   dataset.num_train, dataset.num_eval     >= 1 (the synthetic dataset's split sizes)
   eval.max_examples             -1 (the whole split) or >= 1
+  model_init                    '' / None, or an existing file or folder (a fresh run starts
+                                from it; a resumed run does not read it)
   the evaluation split          not empty, when training evaluates (eval_every > 0): found at
                                 the start rather than at the first evaluation
 """
@@ -37,6 +39,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from segvit_jax import convert
 from segvit_jax.data import registry
 
 _MISSING = object()
@@ -178,12 +181,29 @@ class ConfigError(ValueError):
   """A training config with settings the trainer cannot run; the message lists them."""
 
 
-def check(config: ml_collections.ConfigDict, evaluates: bool = True) -> None:
+def init_problems(config: ml_collections.ConfigDict, resumes: bool) -> list[str]:
+  """`config.model_init` (the weights a fresh run starts from) must exist: checked before the
+  dataset is read or the workdir written, so that a wrong path fails in a second. A resumed run
+  (`resumes`) starts from its checkpoint and does not read it."""
+  path = get(config, "model_init")
+  if resumes or path is _MISSING or not path:
+    return []
+  try:
+    convert.require_init(path)
+  except FileNotFoundError as e:
+    return [f"config.model_init={path!r}: {e}"]
+  return []
+
+
+def check(config: ml_collections.ConfigDict, evaluates: bool = True,
+          resumes: bool = False) -> None:
   """Raises ConfigError listing every setting of `config` the module docstring does not allow
   (one line each); `evaluates`: whether the run evaluates during training (the trainer has an
-  evaluation function), so that an empty evaluation split is an error. The settings are
-  checked first: the data checks run only on a config that passes them."""
-  problems = settings_problems(config)
+  evaluation function), so that an empty evaluation split is an error; `resumes`: whether the
+  run resumes a checkpoint (else `config.model_init`, when set, must exist). The settings and
+  the model_init file are checked first: the data checks run only on a config that passes
+  them."""
+  problems = settings_problems(config) + init_problems(config, resumes)
   if not problems:
     problems = data_problems(config, evaluates)
   if problems:

@@ -21,6 +21,7 @@ library log filter (`quiet_library_logs`). Config files load through `config_uti
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import logging as py_logging
 import os
@@ -182,22 +183,48 @@ def enable_compilation_cache(path: str | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # Logs.
 
+# jax tries every backend it knows when it starts; without libtpu (any CPU or GPU machine) the
+# TPU attempt fails and jax logs it at INFO: "Unable to initialize backend 'tpu': ... Failed to
+# open libtpu.so ...". Not a problem, so not shown. A TPU machine (libtpu installed) keeps the
+# line: there it is the reason the TPU is not used. A backend asked for (JAX_PLATFORMS) that
+# fails raises instead, and other backends' lines (a CUDA that does not start) are kept.
+_JAX_BACKENDS_LOGGER = "jax._src.xla_bridge"
+_NO_TPU_LINE = "Unable to initialize backend 'tpu'"
+
+
+def libtpu_installed() -> bool:
+  """Whether the TPU runtime (the `libtpu` package, what `jax[tpu]` installs) is present."""
+  return importlib.util.find_spec("libtpu") is not None
+
+
 class LibraryFilter(py_logging.Filter):
-  def __init__(self, libraries: tuple[str, ...]):
+  """Drops the INFO (and DEBUG) records of `libraries` (files under a `/{library}/` folder:
+  orbax logs through absl, whose records carry the caller's file), and jax's "Unable to
+  initialize backend 'tpu'" line where no libtpu is installed. Warnings and errors pass."""
+
+  def __init__(self, libraries: tuple[str, ...], hide_tpu_line: bool = True):
     super().__init__()
     self.libraries = libraries
+    self.hide_tpu_line = hide_tpu_line
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or not any(
-        f"/{lib}/" in record.pathname for lib in self.libraries)
+    if record.levelno >= py_logging.WARNING:
+      return True
+    if (self.hide_tpu_line and record.name == _JAX_BACKENDS_LOGGER
+        and str(record.msg).startswith(_NO_TPU_LINE)):
+      return False
+    path = (record.pathname or "").replace("\\", "/")
+    return not any(f"/{lib}/" in path for lib in self.libraries)
 
 
 def quiet_library_logs(libraries: tuple[str, ...] = ("orbax", "grain")) -> None:
   """Keeps warnings but drops the INFO chatter of `libraries` (orbax logs every save and
-  restore). Once per process: a second call adds nothing."""
+  restore) and, without libtpu, jax's failed TPU attempt (`LibraryFilter`). Once per process:
+  a second call adds nothing. `start` calls it first, before anything initialises jax's
+  backends."""
   handler = logging.get_absl_handler()
   if not any(isinstance(f, LibraryFilter) for f in handler.filters):
-    handler.addFilter(LibraryFilter(libraries))
+    handler.addFilter(LibraryFilter(libraries, hide_tpu_line=not libtpu_installed()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,12 +436,13 @@ def refuse_overwrite(path: str, overwrite: bool, flag: str = "--overwrite") -> N
 def start() -> None:
   """What every process does before its work: jax.distributed (when the entry point defined
   the distributed flags), the compilation cache (when it defined --compilation_cache), the
-  library log filter."""
+  library log filter. The filter comes first: `initialize_distributed` starts jax's backends,
+  which logs the failed TPU attempt of a CPU / GPU machine."""
+  quiet_library_logs()
   if _DISTRIBUTED is not None:
     initialize_distributed(_DISTRIBUTED, os.environ)
   if _CACHE is not None:
     enable_compilation_cache(_CACHE.value)
-  quiet_library_logs()
 
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *,

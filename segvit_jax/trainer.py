@@ -631,15 +631,33 @@ def restore_or_init(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpoi
   return state, step
 
 
+def trained_to(ckpt_dir: str) -> int | None:
+  """The newest step in `ckpt_dir` whose checkpoint looks intact from its small files
+  (`checkpoint.step_damage`; no array is read), or None: how far a rerun would resume. A
+  damaged newer step is passed over, as the resume would (which then trains it again)."""
+  for step in reversed(checkpoint.saved_steps(ckpt_dir)):
+    if checkpoint.step_damage(os.path.join(ckpt_dir, str(step))) is None:
+      return step
+  return None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           evaluate_fn: Callable | None = None) -> dict[str, float]:
   """Trains until `config.total_steps`; returns the last logged scalars. `evaluate_fn(model,
   variables, config) -> results` runs every `config.eval_every` steps (and after the last)."""
-  config_check.check(config, evaluates=evaluate_fn is not None)  # before anything is written
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  # Before anything is read or written: the settings, and (a fresh run) the model_init file.
+  config_check.check(config, evaluates=evaluate_fn is not None,
+                     resumes=checkpoint.has_checkpoints(ckpt_dir))
   # A resumed run's config against its checkpoints' (WORKDIR/config.json), before anything is
   # read, compiled or written: config.json is rewritten only once the state is restored.
   checkpoint.check_resume_config(workdir, config)
+  done = trained_to(ckpt_dir)
+  if done is not None and done >= config.total_steps:  # a finished run, rerun
+    logging.info("already trained to step %d (total_steps %d): nothing to do", done,
+                 config.total_steps)
+    return {}
+  os.makedirs(workdir, exist_ok=True)
 
   # Data first: a missing dataset fails here, within seconds.
   train_source = registry.get_source(config.dataset, config.dataset.train_split)
@@ -717,10 +735,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         jax.eval_shape(init, jax.random.key(0)), state_sh)
 
     data_iter = pipeline.make_train_iterator(config)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+    ckpt = checkpoint.Checkpointer(ckpt_dir, keep=config.keep_ckpts)
     start = ckpt.latest_step()
-    if start is None and config.model_init:
-      convert.require_init(config.model_init)  # before compiling anything
 
     # SIGTERM / SIGINT from here on (compiling and restoring included) stop the run after its
     # first step, saved; the handlers are the defaults again once the loop is left.
