@@ -15,8 +15,10 @@ COCO mask AP (or AP alone) at EoMT's panoptic / instance protocol instead.
 The config supplies the dataset and the test protocol (`config.eval`: resize policy, windows,
 scales, flip; see segvit_jax/evaluation/semantic.py); the model comes from the checkpoint (its own
 config) with its own input statistics (mean / std: a config's differing ones are a warning
-that names both), so a bundle evaluates under any compatible data config. eval_results.json
-records what was evaluated: the checkpoint, its step, the config file and the whole config. Several processes (hosts)
+that names both), so a bundle evaluates under any compatible data config. Without --config,
+the config.json that train.py saved in the workdir (--workdir, or a workdir as --checkpoint) is
+the config: the run's own dataset and protocol. eval_results.json records what was evaluated:
+the checkpoint, its step, the config file and the whole config. Several processes (hosts)
 split the images: `--coordinator_address/--num_processes/--process_id` as for train.py.
 """
 
