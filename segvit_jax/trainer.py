@@ -644,7 +644,9 @@ def trained_to(ckpt_dir: str) -> int | None:
 def train(config: ml_collections.ConfigDict, workdir: str,
           evaluate_fn: Callable | None = None) -> dict[str, float]:
   """Trains until `config.total_steps`; returns the last logged scalars. `evaluate_fn(model,
-  variables, config) -> results` runs every `config.eval_every` steps (and after the last)."""
+  variables, config) -> results` runs every `config.eval_every` steps (and after the last).
+  A finished run, rerun (its newest checkpoint at total_steps or beyond, `trained_to`), logs
+  "already trained to step N" and returns {} before the dataset is read or anything compiles."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   # Before anything is read or written: the settings, and (a fresh run) the model_init file.
   config_check.check(config, evaluates=evaluate_fn is not None,
