@@ -132,6 +132,12 @@ def benchmark(b: bundle_lib.Bundle, size: Sequence[int] | None = None, batch: in
   return summary(times, model=model_name(b.config), protocol=protocol, size=size, batch=batch)
 
 
+def write_json(row: dict[str, Any], path: str) -> None:
+  """The result row as a JSON object (the table's column names as keys)."""
+  with open(path, "w") as out:
+    json.dump(row, out, indent=1)
+
+
 def main(argv: list[str]) -> None:
   runtime.no_arguments(argv)
   f = flags.FLAGS
@@ -140,8 +146,7 @@ def main(argv: list[str]) -> None:
   row = benchmark(b, size, f.batch, f.iters, f.warmup, f.protocol)
   print(format_table(row))
   if f.json:
-    with open(f.json, "w") as out:
-      json.dump(row, out, indent=1)
+    write_json(row, f.json)
     print(f"wrote {f.json}")
 
 
