@@ -10,6 +10,7 @@ matplotlib: `pip install -e '.[tools]'`.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -86,11 +87,20 @@ def check_keys(path: str, records: Sequence[Mapping[str, Any]], keys: Sequence[s
 
 
 def run_names(workdirs: Sequence[str]) -> list[str]:
-  """Legend names: each run's directory name (the file's for a metrics file given itself);
-  the whole path where two names would be alike."""
+  """Legend names: each run's directory name (the directory's for a metrics file given
+  itself); the path as given where two names would be alike, and " (2)", " (3)", ... after a
+  run given more than once."""
   paths = [os.path.normpath(os.path.abspath(w)) for w in workdirs]
   names = [os.path.basename(os.path.dirname(p) if os.path.isfile(p) else p) for p in paths]
-  return [n if names.count(n) == 1 else w for n, w in zip(names, workdirs)]
+  runs_named = collections.defaultdict(set)  # name -> the runs (paths) of that name
+  for name, path in zip(names, paths):
+    runs_named[name].add(path)
+  names = [n if len(runs_named[n]) == 1 else w for n, w in zip(names, workdirs)]
+  out = []
+  for name in names:
+    repeat = sum(o == name or o.startswith(f"{name} (") for o in out)
+    out.append(f"{name} ({repeat + 1})" if repeat else name)
+  return out
 
 
 def split_workdirs(values: Sequence[str]) -> list[str]:
@@ -108,6 +118,7 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[
     raise app.UsageError(INSTALL_HINT) from None
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
 
   cols = min(len(keys), 2)
   rows = math.ceil(len(keys) / cols)
@@ -118,6 +129,7 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[
       ax.plot(steps, values, label=name, marker="o" if len(steps) < 20 else None)
     ax.set_title(key)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(key)
     ax.grid(True, alpha=0.3)
     ax.legend()

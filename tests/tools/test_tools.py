@@ -82,6 +82,19 @@ def test_plot_main_takes_a_comma_list(trained, tmp_path, capsys):
   assert f"wrote {out} (loss of 2 runs)" in capsys.readouterr().out
 
 
+def test_plot_run_names_are_distinct(tmp_path):
+  (tmp_path / "a" / "run").mkdir(parents=True)
+  (tmp_path / "b" / "run").mkdir(parents=True)
+  (tmp_path / "b" / "run" / "metrics.jsonl").write_text("")
+  a, b = str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")
+  assert plot.run_names([a, str(tmp_path / "b")]) == ["run", "b"]
+  assert plot.run_names([a, b]) == [a, b]  # alike names: the paths
+  assert plot.run_names([a, a]) == ["run", "run (2)"]  # one run twice: two lines
+  assert plot.run_names([a, a, os.path.join(b, "metrics.jsonl")]) == [
+      a, f"{a} (2)", os.path.join(b, "metrics.jsonl")]
+  assert plot.split_workdirs(["x,y", "z", "w,"]) == ["x", "y", "z", "w"]
+
+
 def test_plot_missing_key_and_empty_file_name_the_file(trained, tmp_path):
   workdir, _ = trained
   path = os.path.join(workdir, "metrics.jsonl")
