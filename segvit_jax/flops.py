@@ -314,15 +314,22 @@ def main(argv: list[str]) -> None:
   config = flags.FLAGS.config
   size = flags.FLAGS.size
   height, width = parse_size(size) if size else config.augment.crop_size
+  print(report(config, height, width))
+
+
+def report(config: ml_collections.ConfigDict, height: int, width: int) -> str:
+  """What the command prints: a title line, `format_table`, the parameter count
+  (`format_params`) and, last, `GFLOPs: N`."""
   scopes, children = model_scopes(config, height, width)
   counts = summarize(scopes, children)
   outside_head = summarize(scopes, children, None).get("other", 0) if "head" in counts else 0
   model = config.model
-  print(f"{model.get('name', 'segvit')} {model.get('backbone', {}).get('variant', '')} at "
-        f"{height}x{width}: multiply-adds, giga = 1e9")
-  print(format_table(counts, outside_head))
-  print(format_params(param_counts(config)))
-  print(f"GFLOPs: {counts['total'] / GIGA:.1f}")
+  return "\n".join([
+      f"{model.get('name', 'segvit')} {model.get('backbone', {}).get('variant', '')} at "
+      f"{height}x{width}: multiply-adds, giga = 1e9",
+      format_table(counts, outside_head),
+      format_params(param_counts(config)),
+      f"GFLOPs: {counts['total'] / GIGA:.1f}"])
 
 
 if __name__ == "__main__":

@@ -73,13 +73,15 @@ def test_plot_overlays_runs_one_panel_per_key(trained, tmp_path):
   np.testing.assert_allclose(loss_b, np.asarray(losses) / 2, rtol=1e-12)
 
 
-def test_plot_main_takes_a_comma_list(trained, tmp_path, capsys):
+def test_plot_command_takes_a_comma_list(trained, tmp_path):
+  """The command line (a subprocess: in-process, its required --workdir would stay required
+  for every later absl tool of the session)."""
   workdir, _ = trained
   out = str(tmp_path / "c.png")
-  assert runtime.run(plot.main, [f"--workdir={workdir},{workdir}", "--keys=loss",
-                                 f"--output={out}"], define_flags=plot.define_flags) == 0
+  proc = run("-m", "segvit_jax.tools.plot", f"--workdir={workdir},{workdir}", "--keys=loss",
+             f"--output={out}")
   assert Image.open(out).size == (640, 400)
-  assert f"wrote {out} (loss of 2 runs)" in capsys.readouterr().out
+  assert f"wrote {out} (loss of 2 runs)" in proc.stdout
 
 
 def test_plot_run_names_are_distinct(tmp_path):
@@ -210,3 +212,10 @@ def test_flops_segformer_b0_parameters_match_transformers():
   from segvit_jax import config_utils  # pylint: disable=import-outside-toplevel
   config = config_utils.load_config("configs/segformer_b0_ade20k.py")
   assert flops.param_counts(config)["total"] == 3_752_694
+
+
+def test_flops_command_prints_the_parameter_count():
+  lines = flops.report(smoke_config(), 32, 32).splitlines()
+  counts = flops.param_counts(smoke_config())
+  assert lines[-2] == flops.format_params(counts)
+  assert lines[-1].startswith("GFLOPs: ")  # still the last line (tests/test_flops.py)
