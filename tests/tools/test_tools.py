@@ -145,6 +145,15 @@ def test_browse_shows_the_pipelines_samples_in_the_palette(tmp_path):
   assert image.std() > 10  # a picture, not a constant
 
 
+def test_class_map_of_a_panoptic_batch():
+  """Segment-index maps show each segment's class; void (ignore_index) and segments of class
+  -1 (padding) stay unknown (-1: black)."""
+  label = np.array([[[0, 1], [2, 255]]], np.int32)
+  batch = {"label": label, "segment_classes": np.array([[4, 1, -1, -1]], np.int32)}
+  np.testing.assert_array_equal(browse.class_map(batch, 0), [[4, 1], [-1, -1]])
+  np.testing.assert_array_equal(browse.class_map({"label": label}, 0), label[0])
+
+
 def test_denormalize_inverts_the_pipelines_normalisation():
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (4, 5, 3)).astype(np.uint8)
