@@ -6,7 +6,8 @@ augmentation), each image beside its label map in the dataset's palette, to a PN
   python -m segvit_jax.tools.browse --config configs/demo.py --num 8 --output browse.png
 
 Images are de-normalised with config.mean / config.std; ignored pixels (padding, void) are
-black in the label map. Small crops are enlarged (nearest) to at least --min_side pixels.
+black in the label map; a legend below names the classes shown with their colours. Small
+crops are enlarged (nearest) to at least --min_side pixels.
 Panoptic datasets show each segment in its class's colour.
 """
 
@@ -19,14 +20,16 @@ from typing import Any, Mapping
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from segvit_jax import runtime
-from segvit_jax.data import palettes, pipeline
+from segvit_jax.data import palettes, pipeline, registry
 from segvit_jax.evaluation import pictures
 
 GAP = 4  # white pixels between and around tiles
 TITLE = 14  # pixels above each sample for its title
+SWATCH = 12  # side of a legend entry's colour square
+LEGEND_ROW = SWATCH + GAP
 
 
 def define_flags() -> None:
@@ -107,11 +110,42 @@ def grid(samples, colours: np.ndarray, cols: int = 2, min_side: int = 256) -> np
   return np.asarray(picture)
 
 
+def present_classes(samples, num_classes: int) -> list[int]:
+  """The class ids in [0, num_classes) shown in the samples' label maps, ascending (ignore
+  pixels, e.g. 255, and unknown -1 left out)."""
+  return sorted({int(c) for _, label in samples for c in np.unique(label)
+                 if 0 <= c < num_classes})
+
+
+def legend(ids, names, colours: np.ndarray, width: int) -> np.ndarray:
+  """(h, width, 3) uint8 strip: per class id a SWATCH-pixel square in its colour and its
+  name, left to right, wrapped to `width`; ids without a name or colour are left out."""
+  font = ImageFont.load_default()
+  entries = [(i, names[i]) for i in ids if i < min(len(names), len(colours))]
+  places, x, y = [], GAP, GAP
+  for i, name in entries:
+    w = SWATCH + GAP + int(np.ceil(font.getlength(name))) + 3 * GAP
+    if x > GAP and x + w > width:
+      x, y = GAP, y + LEGEND_ROW
+    places.append((i, name, x, y))
+    x += w
+  strip = Image.new("RGB", (width, y + LEGEND_ROW + GAP if entries else 0), (255, 255, 255))
+  draw = ImageDraw.Draw(strip)
+  for i, name, x, y in places:
+    draw.rectangle((x, y, x + SWATCH - 1, y + SWATCH - 1), fill=tuple(int(v) for v in colours[i]))
+    draw.text((x + SWATCH + GAP, y), name, fill=(0, 0, 0), font=font)
+  return np.asarray(strip).reshape(-1, width, 3)
+
+
 def browse(config, num: int, output: str, cols: int = 2, min_side: int = 256) -> np.ndarray:
-  """Writes the grid of `num` training samples of `config` to `output`; returns it."""
+  """Writes the grid of `num` training samples of `config` to `output`, over a legend of the
+  classes shown (names and colours); returns the picture."""
   samples = take_samples(config, num)
   colours = palettes.palette_for(config.dataset.name, int(config.dataset.num_classes))
   picture = grid(samples, colours, cols, min_side)
+  names = registry.class_names(config.dataset)
+  strip = legend(present_classes(samples, len(colours)), names, colours, picture.shape[1])
+  picture = np.concatenate([picture, strip])
   Image.fromarray(picture).save(output)
   return picture
 

@@ -132,7 +132,8 @@ def test_browse_shows_the_pipelines_samples_in_the_palette(tmp_path):
   width, height = gap + 2 * (2 * side + 2 * gap), gap + 3 * (side + title + gap)
   assert (width, height) == (1044, 826)
   picture = np.asarray(Image.open(out))
-  assert picture.shape == (height, width, 3)
+  # Below the grid, one legend row (the 6 synthetic classes fit in 1044 px).
+  assert picture.shape == (height + gap + browse.LEGEND_ROW + gap, width, 3)
   # The first sample is the training iterator's first: de-normalised image and its labels in
   # the dataset's palette, exactly (max abs difference 0).
   batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
@@ -143,6 +144,23 @@ def test_browse_shows_the_pipelines_samples_in_the_palette(tmp_path):
   np.testing.assert_array_equal(picture[y:y + side:8, x + side + gap:x + 2 * side + gap:8],
                                 pictures.colorize(batch["label"][0], colours))
   assert image.std() > 10  # a picture, not a constant
+  # The legend's first swatch: the colour of the smallest class id shown (background here).
+  shown = browse.present_classes(browse.take_samples(config, 5), 6)
+  assert shown[0] == 0 and set(shown) <= set(range(6))
+  swatch = picture[height + gap:height + gap + browse.SWATCH, gap:gap + browse.SWATCH]
+  assert (swatch == colours[shown[0]]).all()
+
+
+def test_legend_wraps_and_names_the_classes_shown():
+  names = [f"class_{i}" for i in range(40)]
+  colours = palettes.generated_palette(40)
+  strip = browse.legend(list(range(40)), names, colours, 300)
+  rows = (strip.shape[0] - 2 * browse.GAP) // browse.LEGEND_ROW
+  assert strip.shape[1] == 300 and rows >= 5  # 40 entries of ~80 px in 300 px: wrapped
+  assert (strip[browse.GAP, browse.GAP] == colours[0]).all()
+  assert browse.legend([], names, colours, 300).shape == (0, 300, 3)
+  # Ids past the names (or the palette) are left out, not an IndexError.
+  assert browse.legend([50], names, colours, 300).shape == (0, 300, 3)
 
 
 def test_class_map_of_a_panoptic_batch():
