@@ -63,7 +63,7 @@ from jax.extend import core as jax_core
 from ml_collections import config_flags
 
 from segvit_jax import runtime
-from segvit_jax.models import build_model, cpu_ops, layers
+from segvit_jax.models import build_model, cpu_ops, input_divisor, layers
 
 GIGA = 1e9
 
@@ -210,6 +210,30 @@ def summarize(scopes: Mapping[str, int], children: Collection[str],
   return {"total": sum(v for _, v in groups), **dict(groups), RESIZE: resize}
 
 
+def param_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Parameters of `build_model(config.model)` (a run config or its `model` part), from
+  `jax.eval_shape` of its init (nothing runs): {"total": ..., then one entry per top-level
+  module of the "params" collection (a SegViT: "backbone", "head"), largest first}. Other
+  collections (BatchNorm statistics) are state, not parameters, and are not counted."""
+  model_cfg = config.model if "model" in config else config
+  model = build_model(model_cfg)
+  # Parameter shapes do not depend on the input size: any valid input (as `bundle.probe_input`).
+  divisor = input_divisor(model_cfg)
+  side = divisor * max(2, -(-64 // divisor))
+  images = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                             images)
+  size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+  parts = sorted(((k, size(v)) for k, v in variables["params"].items()), key=lambda kv: -kv[1])
+  return {"total": sum(n for _, n in parts), **dict(parts)}
+
+
+def format_params(counts: Mapping[str, int]) -> str:
+  """One line: `parameters: 108,660,742 (backbone 86,389,248, head 22,271,494)`."""
+  parts = ", ".join(f"{k} {n:,}" for k, n in counts.items() if k != "total")
+  return f"parameters: {counts['total']:,}" + (f" ({parts})" if parts else "")
+
+
 def format_table(counts: Mapping[str, int], outside_head: int = 0) -> str:
   """The module / GFLOPs / share table of `count_model` counts; `outside_head`: the part of
   "head" done by the root module's own code, shown on a line of its own."""
@@ -290,14 +314,22 @@ def main(argv: list[str]) -> None:
   config = flags.FLAGS.config
   size = flags.FLAGS.size
   height, width = parse_size(size) if size else config.augment.crop_size
+  print(report(config, height, width))
+
+
+def report(config: ml_collections.ConfigDict, height: int, width: int) -> str:
+  """What the command prints: a title line, `format_table`, the parameter count
+  (`format_params`) and, last, `GFLOPs: N`."""
   scopes, children = model_scopes(config, height, width)
   counts = summarize(scopes, children)
   outside_head = summarize(scopes, children, None).get("other", 0) if "head" in counts else 0
   model = config.model
-  print(f"{model.get('name', 'segvit')} {model.get('backbone', {}).get('variant', '')} at "
-        f"{height}x{width}: multiply-adds, giga = 1e9")
-  print(format_table(counts, outside_head))
-  print(f"GFLOPs: {counts['total'] / GIGA:.1f}")
+  return "\n".join([
+      f"{model.get('name', 'segvit')} {model.get('backbone', {}).get('variant', '')} at "
+      f"{height}x{width}: multiply-adds, giga = 1e9",
+      format_table(counts, outside_head),
+      format_params(param_counts(config)),
+      f"GFLOPs: {counts['total'] / GIGA:.1f}"])
 
 
 if __name__ == "__main__":
