@@ -6,6 +6,12 @@ import tempfile
 # Tests never reach the network: transformers models are built from local configs only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Tests compile many small programs and run each a few times: XLA's CPU backend without its
+# LLVM optimisation passes compiles them in about half the time (the numbers are the same
+# IEEE arithmetic: no fast-math either way). Subprocesses (train.py, eval.py, ...) inherit it.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
 import jax  # noqa: E402  (after the environment is set)
 
 # Many tests build the same small train step; a persistent compilation cache shared by the

@@ -33,6 +33,7 @@ def test_missing_dataset_fails_fast_naming_the_path(tmp_path):
   t0 = time.perf_counter()
   proc = run("train.py", "--config", "configs/segvit_vit_l16_ade20k.py", "--workdir",
              str(tmp_path), "--config.dataset.root=/nonexistent/ADEChallengeData2016",
+             "--config.model_init=",  # (a missing model_init file is reported first)
              check=False)
   assert proc.returncode != 0
   assert "/nonexistent/ADEChallengeData2016" in proc.stderr

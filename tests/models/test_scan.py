@@ -285,12 +285,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_checkpoint_restores_across_layouts_with_shardings(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
-         # The session's persistent compilation cache (conftest.py).
-         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  env = support.device_env(8)  # the session's XLA flags and compilation cache (conftest.py)
   proc = subprocess.run([sys.executable, "-c", _RESTORE_WORKER, str(tmp_path)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
