@@ -169,7 +169,7 @@ def main(argv: list[str]) -> int:
       name = os.path.splitext(os.path.basename(file))[0]
       Image.fromarray(pred).save(os.path.join(output, f"{name}.png"))
       pictures.save(os.path.join(output, f"{name}_overlay.jpg"),
-                    pictures.overlay(image, pred, colours))
+                    pictures.overlay_picture(image, pred, colours, model.config.class_names))
       if _SAVE_SCORES.value:
         np.save(os.path.join(output, f"{name}.npy"), predictor.mean_scores(total, (h, w)))
       done += 1
@@ -272,7 +272,9 @@ def predict_panoptic(model, files: list[str], output: str) -> int:
                         "segments_info": panoptic.coco_segments_info(ids, segments, coco_ids)})
     classes = [s["class_id"] for s in segments]
     pictures.save(os.path.join(output, f"{name}_overlay.jpg"),
-                  panoptic.overlay(image, ids, classes, is_thing, colours))
+                  pictures.with_legend(panoptic.overlay(image, ids, classes, is_thing, colours),
+                                       sorted(set(classes)), [c["name"] for c in categories],
+                                       colours))
     print(f"[{i + 1}/{len(files)}] {file} -> panoptic/{name}.png, {len(segments)} segments "
           f"({progress(i + 1, len(files), t0)})", flush=True)
   with open(os.path.join(output, "panoptic.json"), "w", encoding="utf-8") as f:

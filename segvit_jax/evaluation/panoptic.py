@@ -370,10 +370,12 @@ def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split:
       stats.add(pq.pq_stats(pred, pred_classes, gt, ex["segment_classes"],
                             ex["segment_is_crowd"], k))
       if pic_dir and index < num_pictures and jax.process_index() == 0:
-        image, gap = ex["image"], np.full((gt.shape[0], 4, 3), 255, np.uint8)
-        pictures.save(os.path.join(pic_dir, f"{ex['name']}.jpg"), np.concatenate([
-            image, gap, overlay(image, gt, ex["segment_classes"], is_thing, colours), gap,
-            overlay(image, pred, pred_classes, is_thing, colours)], axis=1))
+        image, gt_classes = ex["image"], ex["segment_classes"]
+        pictures.save(os.path.join(pic_dir, f"{ex['name']}.jpg"), pictures.titled_panels(
+            [image, colorize(gt, gt_classes, is_thing, colours),
+             colorize(pred, pred_classes, is_thing, colours),
+             overlay(image, pred, pred_classes, is_thing, colours)], pictures.PANEL_TITLES,
+            sorted({int(c) for c in [*gt_classes, *pred_classes]}), names, colours))
     if post.computes_ap:
       inst = outputs["instance"]
       h, w = gt.shape

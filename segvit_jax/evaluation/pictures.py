@@ -5,6 +5,7 @@ matplotlib: eval.py and predict.py run without it).
   panel(image, label, pred, colours, class_names)   eval's [image | ground truth | prediction |
                                                     overlay] picture, titled, with a legend
   overlay_picture(image, pred, colours, class_names) predict.py's overlay with the same legend
+  titled_panels / with_legend                       the same for any parts (panoptic pictures)
   confusion_picture(conf, class_names)              the most confused classes' row-normalised
                                                     confusion matrix, values in the cells, a
                                                     colour bar
@@ -208,25 +209,25 @@ def panel(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, colours
   return titled_panels(parts, panel_titles(label is not None), classes, class_names, colours)
 
 
-def overlay_layout(h: int, w: int, classes: Sequence[int], class_names: Sequence[str]
-                   ) -> tuple[list[LegendEntry], int]:
-  """predict.py's overlay: the (h, w) overlay at the image's size at the top, the legend below
-  from y = h; returns the entries and the picture's height."""
-  return legend_layout(classes, class_names, w, h)
+def with_legend(picture: np.ndarray, classes: Sequence[int], class_names: Sequence[str],
+                colours: np.ndarray) -> np.ndarray:
+  """`picture` (h, w, 3) uint8 unchanged at the top, the legend of `classes` (names and palette
+  colours, laid out by `legend_layout(..., w, h)`) below it."""
+  h, w = picture.shape[:2]
+  legend, height = legend_layout(classes, class_names, w, h)
+  canvas = np.full((height, w, 3), 255, np.uint8)
+  canvas[:h] = picture
+  img = Image.fromarray(canvas)
+  _draw_legend(ImageDraw.Draw(img), legend, colours)
+  return np.array(img)
 
 
 def overlay_picture(image: np.ndarray, pred: np.ndarray, colours: np.ndarray,
                     class_names: Sequence[str]) -> np.ndarray:
-  """The prediction blended over the image (at its own size), a legend of the predicted classes
-  (names and palette colours, as eval's panels) below."""
-  h, w = pred.shape[:2]
-  legend, height = overlay_layout(h, w, present_classes(pred, num_classes=len(colours)),
-                                  class_names)
-  canvas = np.full((height, w, 3), 255, np.uint8)
-  canvas[:h] = overlay(image, pred, colours)
-  img = Image.fromarray(canvas)
-  _draw_legend(ImageDraw.Draw(img), legend, colours)
-  return np.array(img)
+  """predict.py's overlay: the prediction blended over the image at its own size, a legend of
+  the predicted classes (names and palette colours, as eval's panels) below."""
+  return with_legend(overlay(image, pred, colours),
+                     present_classes(pred, num_classes=len(colours)), class_names, colours)
 
 
 # Confusion-matrix picture: rows = ground truth, columns = prediction, each row divided by its

@@ -132,7 +132,8 @@ def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split:
       label = ex["label"]
       h, w = label.shape
       pictures.save(os.path.join(pic_dir, f"{ex['name']}.jpg"),
-                    pictures.panel(ex["image"], label, np.asarray(pred)[:h, :w], colours))
+                    pictures.panel(ex["image"], label, np.asarray(pred)[:h, :w], colours,
+                                   class_names))
 
   speed = loop.run(dataset, step, consume, num_threads=int(config.eval.num_threads),
                    progress=progress)
