@@ -170,8 +170,8 @@ def test_metric_path_matches_per_class_masks_in_numpy():
 
 
 def _cell_colours(picture: np.ndarray, layout, n: int) -> np.ndarray:
-  """(n, n, 3) colours sampled at the cell centres of a confusion picture."""
-  ys, xs = zip(*[layout.centre(i, j) for i in range(n) for j in range(n)])
+  """(n, n, 3) colours sampled in the cells of a confusion picture, beside their numbers."""
+  ys, xs = zip(*[layout.corner(i, j) for i in range(n) for j in range(n)])
   return picture[np.array(ys), np.array(xs)].reshape(n, n, 3)
 
 
@@ -186,9 +186,11 @@ def test_confusion_picture_diagonal_is_darkest_and_empty_row_grey():
   names = ["wall", "building", "sky", "a very long class name indeed"]
   conf = np.diag([5, 100, 0, 7])  # row 2 (sky) has no ground-truth pixels
   picture = pictures.confusion_picture(conf, names)
-  layout = pictures._layout(names)
+  layout = pictures.confusion_layout(conf, names)
+  assert layout.names == tuple(names)  # not cut
   assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
-  assert picture.shape[0] == layout.top + 4 * layout.cell + pictures._PAD
+  assert picture.shape[:2] == (layout.height, layout.width)
+  assert layout.height == layout.top + max(4 * layout.cell, 5 * pictures._line_height()) + 4
   cells = _cell_colours(picture, layout, 4)
   want = np.zeros((4, 4, 3), np.uint8) + 255
   want[[0, 1, 3], [0, 1, 3]] = pictures._DARK  # every row normalised: 5/5 = 100/100 = 7/7
@@ -197,31 +199,34 @@ def test_confusion_picture_diagonal_is_darkest_and_empty_row_grey():
   # A non-diagonal row: shares 3/4 and 1/4 of the row's pixels.
   conf = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 1]])
   cells = _cell_colours(pictures.confusion_picture(conf, names[:3]),
-                        pictures._layout(names[:3]), 3)
+                        pictures.confusion_layout(conf, names[:3]), 3)
   np.testing.assert_array_equal(cells[0], pictures._ramp(np.array([0.75, 0.25, 0.0])))
   sums = cells.astype(int).sum(-1)
   assert np.all(sums.argmin(axis=1) == np.arange(3))
 
 
-def test_confusion_picture_keeps_classes_with_most_pixels():
+def test_confusion_picture_keeps_most_confused_classes():
   k, rng = 150, np.random.default_rng(0)
   conf = rng.integers(0, 50, (k, k)) * (rng.random((k, k)) < 0.1)
-  conf[np.arange(k), np.arange(k)] += rng.permutation(k) * 100  # distinct row totals
-  conf[9] = 0  # a class with no pixels is never among the shown
-  gt = conf.sum(axis=1)
-  want = np.sort(np.argsort(gt)[::-1][:40])
-  shown = pictures._shown_classes(gt, 40)
+  conf[np.arange(k), np.arange(k)] += rng.permutation(k) * 100  # diagonal: no confusion
+  off = conf.sum(axis=0) + conf.sum(axis=1) - 2 * np.diagonal(conf)
+  assert np.sort(off)[-20] > np.sort(off)[-21]  # no tie at the cut
+  want = np.sort(np.argsort(-off, kind="stable")[:20])
+  shown = pictures.most_confused(conf, 20)
   np.testing.assert_array_equal(shown, want)
-  assert gt[shown].min() > np.delete(gt, shown).max()
-  np.testing.assert_array_equal(pictures._shown_classes(np.array([1, 5, 5, 2]), 2), [1, 2])
+  assert off[shown].min() > np.delete(off, shown).max()
+  # Ties go to the lower id; no more classes than top_k: all of them.
+  np.testing.assert_array_equal(pictures.most_confused(np.array(
+      [[1, 0, 0, 0], [2, 0, 0, 0], [0, 0, 0, 2], [0, 0, 0, 0]]), 2), [0, 1])
+  np.testing.assert_array_equal(pictures.most_confused(np.eye(3), 20), [0, 1, 2])
   names = [f"class{i}" for i in range(k)]
-  picture = pictures.confusion_picture(conf, names, max_classes=40)
-  layout = pictures._layout([names[i] for i in want])
-  assert picture.shape[0] == layout.top + 40 * layout.cell + pictures._PAD
-  share = conf[np.ix_(want, want)] / gt[want, None]  # divided by all of the row's pixels
-  np.testing.assert_array_equal(_cell_colours(picture, layout, 40), pictures._ramp(share))
-  assert "40 of 150 classes with the most pixels" in pictures._title(150, 40, int(gt.sum()))
-  assert "4 classes;" in pictures._title(4, 4, 10)
+  picture = pictures.confusion_picture(conf, names)
+  layout = pictures.confusion_layout(conf, names)
+  assert layout.shown == tuple(want) and layout.names == tuple(names[i] for i in want)
+  share = conf[np.ix_(want, want)] / conf.sum(axis=1)[want, None]  # over all of the row
+  np.testing.assert_array_equal(_cell_colours(picture, layout, 20), pictures._ramp(share))
+  assert "20 most confused of 150 classes" in pictures.confusion_title(150, 20, 10)[0]
+  assert pictures.confusion_title(4, 4, 10)[0] == "Confusion matrix, 4 classes (10 px)"
 
 
 def test_format_table_shows_class_count_variants():
