@@ -16,7 +16,7 @@ from configs import demo
 from segvit_jax import bundle as bundle_lib
 from segvit_jax import checkpoint, trainer
 from segvit_jax.data import palettes, synthetic
-from segvit_jax.evaluation import inference
+from segvit_jax.evaluation import inference, pictures
 
 from tests import fabricate
 from tests.support import run
@@ -145,14 +145,19 @@ def test_predict_and_eval_pictures_share_the_classes_palette(workdir, tmp_path):
   run("predict.py", "--checkpoint", workdir, "--input", str(tmp_path / "photo.png"),
       "--output", str(tmp_path / "pred"))
   pred = np.asarray(Image.open(tmp_path / "pred" / "photo.png"))
-  got = painted_colours(Image.open(tmp_path / "pred" / "photo_overlay.jpg"), record["image"],
-                        pred)
+  overlay = np.asarray(Image.open(tmp_path / "pred" / "photo_overlay.jpg"))[:size]  # legend below
+  got = painted_colours(overlay, record["image"], pred)
   assert got and all(nearest(colour, colours) == c for c, colour in got.items())
   run("eval.py", "--config", "configs/demo.py:smoke", "--workdir", workdir, "--output",
       str(tmp_path / "eval"), "--num_vis", "1", f"--config.dataset.image_size={size}")
   panel = np.asarray(Image.open(tmp_path / "eval" / "pictures" / f"{record['name']}.jpg"))
-  truth = panel[:, size + 4:2 * size + 4]  # [image | ground truth | prediction], 4-pixel gaps
-  got = painted_colours(truth, record["image"], record["label"])
+  # [image | ground truth | prediction | overlay] enlarged x 3; the ground truth solid.
+  lay = pictures.panel_layout(size, size, pictures.PANEL_TITLES, [0], synthetic.CLASS_NAMES)
+  assert lay.factor == 3 and panel.shape[1] == lay.width
+  x, y = lay.panel_x[1], lay.panels_top
+  truth = panel[y:y + lay.panel_h:3, x:x + lay.panel_w:3].astype(np.float64)
+  got = {int(c): np.median(truth[record["label"] == c], axis=0)
+         for c in np.unique(record["label"]) if np.sum(record["label"] == c) >= 64}
   assert len(got) >= 3 and all(nearest(colour, colours) == c for c, colour in got.items())
 
 

@@ -43,7 +43,7 @@ from segvit_jax import bundle as bundle_lib
 from segvit_jax import sharding
 from segvit_jax.data import ade20k, pipeline
 from segvit_jax.data import transforms as T
-from segvit_jax.evaluation import evaluate, inference, metrics, semantic
+from segvit_jax.evaluation import evaluate, inference, metrics, pictures, semantic
 from segvit_jax.models import Padding, build_model
 
 from tests import fabricate
@@ -107,10 +107,14 @@ def test_eval_py_ade20k_multiscale_flip_on_fabricated_copy(ade_bundle, tmp_path)
       "dataset": "ade20k", "split": "val", "resize": "keep_ratio", "scale": [256, 64],
       "min_size": 0, "scales": list(SCALES), "flip": True, "mode": "slide", "crop_size": [64, 64],
       "stride": [32, 32], "average": "softmax", "reduce_zero_label": True}
-  pictures = sorted(os.listdir(os.path.join(out, "pictures")))
-  assert pictures == ["ADE_val_00000001.jpg"]  # --num-vis 1
-  with Image.open(os.path.join(out, "pictures", pictures[0])) as im:
-    assert im.size == (3 * 48 + 2 * 4, 64)  # the 64 x 48 image at its own size, 3 panels
+  written = sorted(os.listdir(os.path.join(out, "pictures")))
+  assert written == ["ADE_val_00000001.jpg"]  # --num-vis 1
+  with Image.open(os.path.join(out, "pictures", written[0])) as im:
+    # The 64 x 48 image enlarged x 6 (short side 288 >= 256), 4 titled panels 4 px apart, a
+    # legend of at least one class below.
+    assert im.size[0] == 4 * 6 * 48 + 3 * 4
+    assert im.size[1] >= pictures.panel_layout(64, 48, pictures.PANEL_TITLES, [0],
+                                               ade20k.ADE20K_CLASSES).height == 6 * 64 + 42
   assert os.path.getsize(os.path.join(out, "confusion.png")) > 0
 
 
