@@ -274,7 +274,7 @@ def predict_panoptic(model, files: list[str], output: str) -> int:
     pictures.save(os.path.join(output, f"{name}_overlay.jpg"),
                   pictures.with_legend(panoptic.overlay(image, ids, classes, is_thing, colours),
                                        sorted(set(classes)), [c["name"] for c in categories],
-                                       colours))
+                                       colours)[0])
     print(f"[{i + 1}/{len(files)}] {file} -> panoptic/{name}.png, {len(segments)} segments "
           f"({progress(i + 1, len(files), t0)})", flush=True)
   with open(os.path.join(output, "panoptic.json"), "w", encoding="utf-8") as f:

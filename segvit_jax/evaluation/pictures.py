@@ -209,17 +209,25 @@ def panel(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, colours
   return titled_panels(parts, panel_titles(label is not None), classes, class_names, colours)
 
 
+def legend_width(classes: Sequence[int], class_names: Sequence[str]) -> int:
+  """The narrowest width that holds the widest legend entry of `classes` (0 for none)."""
+  return max((3 * _PAD + _SWATCH + _text_width(str(class_names[c])) for c in classes),
+             default=0)
+
+
 def with_legend(picture: np.ndarray, classes: Sequence[int], class_names: Sequence[str],
-                colours: np.ndarray) -> np.ndarray:
-  """`picture` (h, w, 3) uint8 unchanged at the top, the legend of `classes` (names and palette
-  colours, laid out by `legend_layout(..., w, h)`) below it."""
+                colours: np.ndarray) -> tuple[np.ndarray, list[LegendEntry]]:
+  """`picture` (h, w, 3) uint8 unchanged at the top left, the legend of `classes` (names and
+  palette colours, laid out by `legend_layout`) below it, widened with white to the right where
+  a name is wider than the picture; returns the picture and the legend's entries."""
   h, w = picture.shape[:2]
-  legend, height = legend_layout(classes, class_names, w, h)
-  canvas = np.full((height, w, 3), 255, np.uint8)
-  canvas[:h] = picture
+  width = max(w, legend_width(classes, class_names))
+  legend, height = legend_layout(classes, class_names, width, h)
+  canvas = np.full((height, width, 3), 255, np.uint8)
+  canvas[:h, :w] = picture
   img = Image.fromarray(canvas)
   _draw_legend(ImageDraw.Draw(img), legend, colours)
-  return np.array(img)
+  return np.array(img), legend
 
 
 def overlay_picture(image: np.ndarray, pred: np.ndarray, colours: np.ndarray,
@@ -227,7 +235,7 @@ def overlay_picture(image: np.ndarray, pred: np.ndarray, colours: np.ndarray,
   """predict.py's overlay: the prediction blended over the image at its own size, a legend of
   the predicted classes (names and palette colours, as eval's panels) below."""
   return with_legend(overlay(image, pred, colours),
-                     present_classes(pred, num_classes=len(colours)), class_names, colours)
+                     present_classes(pred, num_classes=len(colours)), class_names, colours)[0]
 
 
 # Confusion-matrix picture: rows = ground truth, columns = prediction, each row divided by its

@@ -102,13 +102,22 @@ def test_legend_wraps_inside_the_width():
 def test_predict_overlay_carries_the_legend(sample, tmp_path):
   image, _, pred = sample
   picture = pictures.overlay_picture(image, pred, COLOURS, NAMES)
-  legend, height = pictures.legend_layout([0, 3, 20], NAMES, 40, 32)
+  _, legend = pictures.with_legend(image, [0, 3, 20], NAMES, COLOURS)
   assert [e.name for e in legend] == ["wall", "floor", "car"]
+  # "floor" is wider than the 40-px image: the picture widens to hold the full name.
+  width = pictures.legend_width([0, 3, 20], NAMES)
+  assert width == 3 * 4 + 12 + pictures._text_width("floor") > 40
   pictures.save(str(tmp_path / "o.png"), picture)
   png = _read(tmp_path / "o.png")
-  assert png.shape == (height, 40, 3)
-  np.testing.assert_array_equal(png[:32], pictures.overlay(image, pred, COLOURS))
+  line = max(12, pictures._line_height()) + 4  # a legend line: swatch or text, a 4-px gap
+  assert png.shape == (32 + 4 + 3 * line, width, 3)  # 4-px margin, 3 lines
+  assert len({e.swatch[1] for e in legend}) == 3  # one entry a line
+  np.testing.assert_array_equal(png[:32, :40], pictures.overlay(image, pred, COLOURS))
+  assert (png[:32, 40:] == 255).all()
   np.testing.assert_array_equal(_swatch_colours(png, legend), COLOURS[[0, 3, 20]])
+  wide = pictures.overlay_picture(np.zeros((300, 500, 3), np.uint8), np.full((300, 500), 7),
+                                  COLOURS, NAMES)
+  assert wide.shape == (300 + 4 + line, 500, 3)  # wide enough: one line, not widened
 
 
 @pytest.fixture(scope="module")
