@@ -145,7 +145,8 @@ def test_predict_and_eval_pictures_share_the_classes_palette(workdir, tmp_path):
   run("predict.py", "--checkpoint", workdir, "--input", str(tmp_path / "photo.png"),
       "--output", str(tmp_path / "pred"))
   pred = np.asarray(Image.open(tmp_path / "pred" / "photo.png"))
-  overlay = np.asarray(Image.open(tmp_path / "pred" / "photo_overlay.jpg"))[:size, :size]  # legend below
+  # The overlay at the photo's size at the top left, its legend below.
+  overlay = np.asarray(Image.open(tmp_path / "pred" / "photo_overlay.jpg"))[:size, :size]
   got = painted_colours(overlay, record["image"], pred)
   assert got and all(nearest(colour, colours) == c for c, colour in got.items())
   run("eval.py", "--config", "configs/demo.py:smoke", "--workdir", workdir, "--output",
