@@ -498,8 +498,9 @@ def short_number(v: float) -> str:
 def progress_line(step: int, total: int, scalars: dict[str, float], steps_per_s: float) -> str:
   """The console's progress line: step / total, loss with its headline terms, lr, speed and
   ETA, e.g. "step 100/3000 | loss 3.456 (ce 0.12 mask 1.23 dice 0.46) | lr 0.0006 | 5.23
-  steps/s ETA 9m14s": under 96 characters, 150 with absl's 54-character prefix. Every scalar
-  (auxiliary terms, grad_norm, img/s, TFLOP/s, MFU) is in metrics.jsonl and TensorBoard."""
+  steps/s ETA 9m14s": at most ~96 characters at the demo's and the papers' schedules, 150
+  with absl's 54-character prefix. Every scalar (auxiliary terms, grad_norm, img/s, TFLOP/s,
+  MFU) is in metrics.jsonl and TensorBoard."""
   terms = " ".join(f"{k} {short_number(v)}" for k, v in headline_terms(scalars).items())
   eta = format_eta((total - step) / max(steps_per_s, 1e-9))
   return (f"step {step}/{total} | loss {scalars['loss']:.4g}{f' ({terms})' if terms else ''} | "
