@@ -479,15 +479,19 @@ def nonfinite_message(config: ml_collections.ConfigDict, step: int, code: int, l
 
 # A loss term of an auxiliary (intermediate) prediction: `loss_ce_0`, `loss_dice_2` ...
 _AUX_TERM = re.compile(r"_\d+$")
+# The order the mask losses state their terms in (a step's metrics arrive sorted by name).
+_TERM_ORDER = ("ce", "mask", "dice")
 
 
 def headline_terms(scalars: dict[str, float]) -> dict[str, float]:
-  """The loss terms of the final prediction, named without their `loss_` prefix: {"ce",
-  "mask", "dice"} of the ATM and Mask2Former losses, {"ce"} of the per-pixel one. The terms of
-  auxiliary predictions (`loss_ce_0` ...) stay out: with them a line is ~300 characters;
+  """The loss terms of the final prediction, named without their `loss_` prefix: ce, mask,
+  dice (in that order) of the ATM and Mask2Former losses, ce of the per-pixel one. The terms
+  of auxiliary predictions (`loss_ce_0` ...) stay out: with them a line is ~300 characters;
   so does the window's mean loss `loss_avg`, a scalar of `Loop.log`, not a term."""
-  return {k.removeprefix("loss_"): v for k, v in scalars.items()
-          if k.startswith("loss_") and k != "loss_avg" and not _AUX_TERM.search(k)}
+  terms = {k.removeprefix("loss_"): v for k, v in scalars.items()
+           if k.startswith("loss_") and k != "loss_avg" and not _AUX_TERM.search(k)}
+  known = {name: i for i, name in enumerate(_TERM_ORDER)}
+  return {k: terms[k] for k in sorted(terms, key=lambda k: (known.get(k, len(known)), k))}
 
 
 def short_number(v: float) -> str:
