@@ -196,8 +196,10 @@ def test_train_shows_step_1_and_a_slow_evaluation_keeps_the_speed(tmp_path, monk
   records = read_metrics(tmp_path)
   assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
   speeds = [r["steps_per_s"] for r in records if "loss" in r]
-  print("steps/s", speeds)
-  assert min(speeds[1:]) > 1.0, speeds  # a smoke step takes ~0.05 s on 2 busy cores
+  # The records still hold every scalar the line leaves out.
+  assert {"loss_ce_0", "loss_mask_0", "loss_dice_0", "loss_avg", "grad_norm", "images_per_s",
+          "tflops"} <= set(records[-1])
+  assert min(speeds[1:]) > 1.0, speeds  # measured 22-30 (0.72 with them counted in)
   steps = [m.split()[1] for m in (r.getMessage() for r in caplog.records)
            if m.startswith("step ") and "steps/s" in m]
   assert steps == ["1/6", "2/6", "4/6", "6/6"]
