@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -476,10 +477,48 @@ def nonfinite_message(config: ml_collections.ConfigDict, step: int, code: int, l
           f"applied. {where} {change}")
 
 
+# A loss term of an auxiliary (intermediate) prediction: `loss_ce_0`, `loss_dice_2` ...
+_AUX_TERM = re.compile(r"_\d+$")
+# The order the mask losses state their terms in (a step's metrics arrive sorted by name).
+_TERM_ORDER = ("ce", "mask", "dice")
+
+
+def headline_terms(scalars: dict[str, float]) -> dict[str, float]:
+  """The loss terms of the final prediction, named without their `loss_` prefix: ce, mask,
+  dice (in that order) of the ATM and Mask2Former losses, ce of the per-pixel one. The terms
+  of auxiliary predictions (`loss_ce_0` ...) stay out: with them a line is ~300 characters;
+  so does the window's mean loss `loss_avg`, a scalar of `Loop.log`, not a term."""
+  terms = {k.removeprefix("loss_"): v for k, v in scalars.items()
+           if k.startswith("loss_") and k != "loss_avg" and not _AUX_TERM.search(k)}
+  known = {name: i for i, name in enumerate(_TERM_ORDER)}
+  return {k: terms[k] for k in sorted(terms, key=lambda k: (known.get(k, len(known)), k))}
+
+
+def short_number(v: float) -> str:
+  """`v` in 4 characters below 100 ("0.12", "1.23", "12.3"), 3 significant digits above."""
+  return f"{v:.2f}" if abs(v) < 10 else f"{v:.3g}"
+
+
+def progress_line(step: int, total: int, scalars: dict[str, float], steps_per_s: float) -> str:
+  """The console's progress line: step / total, loss with its headline terms, lr, speed and
+  ETA, e.g. "step 100/3000 | loss 3.456 (ce 0.12 mask 1.23 dice 0.46) | lr 0.0006 | 5.23
+  steps/s ETA 9m14s": at most ~96 characters at the demo's and the papers' schedules, 150
+  with absl's 54-character prefix. Every scalar (auxiliary terms, grad_norm, img/s, TFLOP/s,
+  MFU) is in metrics.jsonl and TensorBoard."""
+  terms = " ".join(f"{k} {short_number(v)}" for k, v in headline_terms(scalars).items())
+  eta = format_eta((total - step) / max(steps_per_s, 1e-9))
+  return (f"step {step}/{total} | loss {scalars['loss']:.4g}{f' ({terms})' if terms else ''} | "
+          f"lr {scalars['lr']:.2g} | {steps_per_s:.3g} steps/s ETA {eta}")
+
+
 class Loop:
   """What the training loop carries from step to step, and its steps besides the train step:
-  checking losses (`queue_loss`, `check_pending_loss`), logging a window of steps (`log`),
-  evaluating and keeping the best parameters (`evaluate`)."""
+  checking losses (`queue_loss`, `check_pending_loss`), logging a window of steps (`logs`,
+  `log`), saving (`save`), evaluating and keeping the best parameters (`evaluate`).
+
+  The speed (steps/s, ETA, TFLOP/s) is that of the train steps alone: the time of saves and
+  evaluations (`paused`) is left out of the clock, so the window after an evaluation reads
+  the same speed as the one before it."""
 
   def __init__(self, config: ml_collections.ConfigDict, start: int, *, model: nn.Module,
                mesh: jax.sharding.Mesh, ckpt: checkpoint.Checkpointer, writer: MetricsWriter,
@@ -489,11 +528,32 @@ class Loop:
     self.writer, self.utilisation = writer, utilisation
     self.evaluate_fn, self.best = evaluate_fn, best
     self.pending = None  # (step, metrics) of the step whose loss is not checked yet
+    self.first = start + 1  # this run's first step: shown at once, not after log_every steps
     self.start_window(start)
 
   def start_window(self, step: int) -> None:
     """The steps after `step` form the next log window: their losses and time."""
-    self.window_start, self.window_losses, self.t0 = step, [], time.perf_counter()
+    self.window_start, self.window_losses = step, []
+    self.start_clock(step)
+
+  def start_clock(self, step: int) -> None:
+    """The speed is measured over the steps after `step`, from now, less `paused`."""
+    self.clock_start, self.t0, self.paused = step, time.perf_counter(), 0.0
+
+  def pause(self, state: TrainState, work: Callable[[], Any]) -> Any:
+    """`work()` (a save, an evaluation), its time left out of the speed. The state is waited
+    for first: the step that computes it is train time."""
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    try:
+      return work()
+    finally:
+      self.paused += time.perf_counter() - t
+
+  def steps_per_s(self, step: int) -> float:
+    """Train steps per second since the clock started, saves and evaluations left out."""
+    dt = time.perf_counter() - self.t0 - self.paused
+    return (step - self.clock_start) / max(dt, 1e-9)
 
   def check_loss(self, step: int, metrics: dict) -> float:
     """The step's loss; `NonFiniteLossError` when the step kept the previous state."""
@@ -516,26 +576,33 @@ class Loop:
       self.window_losses.append(self.check_loss(*self.pending))
       self.pending = None
 
+  def records(self, step: int) -> bool:
+    """Whether `step`'s scalars go to metrics.jsonl and TensorBoard: every log_every steps
+    and the last."""
+    return is_due(step, self.config.log_every, self.config.total_steps)
+
+  def logs(self, step: int) -> bool:
+    """Whether `step` prints a progress line: the recorded steps and this run's first one,
+    so that a run shows its progress within a step of starting, not log_every steps later."""
+    return self.records(step) or step == self.first
+
   def log(self, step: int, metrics: dict) -> dict[str, float]:
-    """Writes the window's scalars (the last step's metrics, the window's mean loss and speed)
-    to metrics.jsonl and TensorBoard and a line to the console; returns the scalars."""
+    """Prints the progress line (`progress_line`) and, on a recorded step, writes the window's
+    scalars (the last step's metrics, the window's mean loss and speed) to metrics.jsonl and
+    TensorBoard; returns the scalars. The first step's line, when it is not recorded, records
+    nothing: the window's losses run on to the next recorded step, its speed restarts."""
     config, total = self.config, self.config.total_steps
-    dt = time.perf_counter() - self.t0
-    steps_per_s = (step - self.window_start) / dt
+    steps_per_s = self.steps_per_s(step)
     host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite"}
     scalars = {**host, "loss_avg": float(np.mean(self.window_losses)),
                "steps_per_s": steps_per_s, "images_per_s": steps_per_s * config.batch_size,
                **self.utilisation.scalars(steps_per_s)}
-    self.writer.write(step, scalars)
     if jax.process_index() == 0:
-      terms = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in host.items()
-                       if k.startswith("loss_"))
-      mfu = f" MFU {scalars['mfu']:.1%}" if "mfu" in scalars else ""
-      logging.info(
-          "step %d/%d | loss %.4f (%s) | lr %.3g | grad_norm %.3g | %.2f steps/s "
-          "%.1f img/s %.3g TFLOP/s%s | ETA %s", step, total, scalars["loss"], terms,
-          scalars["lr"], scalars["grad_norm"], steps_per_s, scalars["images_per_s"],
-          scalars["tflops"], mfu, format_eta((total - step) / max(steps_per_s, 1e-9)))
+      logging.info("%s", progress_line(step, total, scalars, steps_per_s))
+    if not self.records(step):
+      self.start_clock(step)  # its first step's time (the first batch) stays out of the next
+      return scalars
+    self.writer.write(step, scalars)
     if config.dataset.skip_bad_examples:
       skipped = pipeline.skipped_examples()
       if skipped:
@@ -544,16 +611,20 @@ class Loop:
     self.start_window(step)
     return scalars
 
+  def save(self, step: int, state: TrainState, data_iter: Any) -> None:
+    """Saves checkpoint `step` (state and data-iterator position), out of the speed."""
+    self.pause(state, lambda: self.ckpt.save(step, state, data_iter))
+
   def evaluates(self, step: int) -> bool:
     every = self.config.eval_every
     return self.evaluate_fn is not None and bool(every) and is_due(
         step, every, self.config.total_steps)
 
   def evaluate(self, step: int, state: TrainState) -> None:
-    """Evaluates `state`'s parameters, logs the headline results and keeps the parameters in
-    WORKDIR/best/ when they are the best so far."""
-    results = self.evaluate_fn(self.model, {"params": state.params, **state.model_state},
-                               self.config)
+    """Evaluates `state`'s parameters (out of the speed), logs the headline results and keeps
+    the parameters in WORKDIR/best/ when they are the best so far."""
+    results = self.pause(state, lambda: self.evaluate_fn(
+        self.model, {"params": state.params, **state.model_state}, self.config))
     shown = {k: float(results[k]) for k in EVAL_HEADLINES if k in results}
     logging.info("step %d eval: %s", step, " ".join(f"{k} {v:.2f}" for k, v in shown.items()))
     self.writer.write(step, {f"eval/{k}": v for k, v in shown.items()})
@@ -772,15 +843,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           batch = sharding.global_batch(next(data_iter), mesh)
           state, metrics = step_fn(state, batch)
           loop.queue_loss(step, metrics)
-          logs, saves = (is_due(step, config.log_every, total),
-                         is_due(step, config.ckpt_every, total))
+          logs, saves = loop.logs(step), is_due(step, config.ckpt_every, total)
           stops = stop.due(step)  # SIGTERM / SIGINT: save this step and stop
           if logs or saves or stops:
             loop.check_pending_loss()
           if logs:
             last = loop.log(step, metrics)
           if saves or stops:
-            ckpt.save(step, state, data_iter)
+            loop.save(step, state, data_iter)
           if stops:  # before any evaluation: a preemption leaves little time
             stopped = step
             break
