@@ -45,7 +45,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "Where to write results (default: 
                               "else the checkpoint directory).")
 _SPLIT = flags.DEFINE_string("split", None, "Dataset split (default: config.dataset.eval_split).")
 _NUM_VIS = flags.DEFINE_integer("num_vis", 8, "Side-by-side pictures (image | ground truth | "
-                                "prediction | overlay) of the first N examples, and confusion.png; 0: none.")
+                                "prediction | overlay) of the first N examples, and "
+                                "confusion.png; 0: none.")
 flags.DEFINE_alias("num-vis", "num_vis")
 _SCALES = flags.DEFINE_list("scales", None, "Multi-scale test ratios, e.g. 0.5,0.75,1.0,1.25,"
                             "1.5,1.75 (default: config.eval.scales).")
