@@ -75,20 +75,10 @@ def take_samples(config, num: int) -> list[tuple[np.ndarray, np.ndarray]]:
   return out
 
 
-def upscale_factor(shape: tuple[int, ...], min_side: int) -> int:
-  """The whole factor that brings the short side to at least `min_side` (1 if it is)."""
-  return max(1, math.ceil(min_side / min(shape[:2])))
-
-
-def enlarge(array: np.ndarray, factor: int) -> np.ndarray:
-  """Nearest-neighbour upscaling by a whole factor (label maps stay exact)."""
-  return array.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else array
-
-
 def grid(samples, colours: np.ndarray, cols: int = 2, min_side: int = 256) -> np.ndarray:
   """(H, W, 3) uint8 grid: per sample "i" a title line over [image | label map], `cols`
   samples per row, GAP white pixels apart and around."""
-  factor = upscale_factor(samples[0][0].shape, min_side)
+  factor = pictures.upscale_factor(*samples[0][0].shape[:2], min_side)
   h, w = (s * factor for s in samples[0][0].shape[:2])
   cols = max(1, min(cols, len(samples)))
   rows = math.ceil(len(samples) / cols)
@@ -97,9 +87,9 @@ def grid(samples, colours: np.ndarray, cols: int = 2, min_side: int = 256) -> np
   for n, (image, label) in enumerate(samples):
     y = GAP + (n // cols) * (cell_h + GAP) + TITLE
     x = GAP + (n % cols) * (cell_w + GAP)
-    canvas[y:y + h, x:x + w] = enlarge(image, factor)
-    canvas[y:y + h, x + w + GAP:x + 2 * w + GAP] = enlarge(pictures.colorize(label, colours),
-                                                           factor)
+    canvas[y:y + h, x:x + w] = pictures.enlarge(image, factor)
+    canvas[y:y + h, x + w + GAP:x + 2 * w + GAP] = pictures.enlarge(
+        pictures.colorize(label, colours), factor)
   picture = Image.fromarray(canvas)
   draw = ImageDraw.Draw(picture)
   for n in range(len(samples)):
