@@ -22,6 +22,7 @@ library log filter (`quiet_library_logs`). Config files load through `config_uti
 from __future__ import annotations
 
 import importlib.util
+import gc
 import itertools
 import logging as py_logging
 import os
@@ -445,6 +446,16 @@ def start() -> None:
     enable_compilation_cache(_CACHE.value)
 
 
+def release_frames(error: BaseException) -> None:
+  """Frees what the frames of `error`'s traceback hold, now rather than at interpreter exit:
+  a training batch read from grain's worker processes lives in shared memory, and freed only
+  at exit it is reported as "leaked shared_memory objects" (and grain's iterators fail in
+  `__del__` once the modules are torn down)."""
+  traceback.clear_frames(error.__traceback__)
+  error.__traceback__ = None
+  gc.collect()
+
+
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *,
         define_flags: Callable[[], Any] | None = None,
         help_epilog: Callable[[], str] | None = None) -> int:
@@ -482,7 +493,9 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         traceback.print_exc()
       else:
         logging.debug("traceback of the error below", exc_info=True)
-      sys.exit(error_line(e))
+      line = error_line(e)
+      release_frames(e)
+      sys.exit(line)
 
   try:
     app.run(checked_main, argv=[sys.argv[0], *args], flags_parser=parse_flags)

@@ -859,6 +859,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       finally:
         ckpt.close()
         writer.close()
+        data_iter.close()  # grain's worker processes and their shared memory, now
     if stopped is not None:
       raise stop.stopped(stopped, ckpt.directory)
   return last
