@@ -122,6 +122,10 @@ class ConcatIterator:
   def start_prefetch(self):
     pass
 
+  def close(self):
+    for it in self.its:
+      it.close()
+
 
 def spec(sh):
   return [a if a is None or isinstance(a, str) else list(a) for a in sh.spec]
