@@ -356,13 +356,20 @@ def test_traceback_on_request(bad_files, tmp_path, monkeypatch):
 # 8. A bad label's message shows the file's value.
 
 
-def test_out_of_range_label_shows_the_files_value(tmp_path):
-  root = tmp_path / "data"
-  synthetic.write_folder(str(root), "train", 2, 32)
-  label = root / "annotations" / "train" / "synthetic_train_000000.png"
+def folder_with_a_bad_label(root, num: int, index: int):
+  """A synthetic folder dataset of `num` training examples whose label `index` holds 200 at
+  its top-left pixel: (that label's path, its array)."""
+  synthetic.write_folder(str(root), "train", num, 32)
+  label = root / "annotations" / "train" / f"synthetic_train_{index:06d}.png"
   a = np.array(Image.open(label))
   a[0, 0] = 200
   Image.fromarray(a).save(label)
+  return label, a
+
+
+def test_out_of_range_label_shows_the_files_value(tmp_path):
+  root = tmp_path / "data"
+  label, a = folder_with_a_bad_label(root, 2, 0)
   # reduce_zero_label: the file's 1..6 are the 6 classes (its 0 -> ignored); 200 -> 199.
   a[a < 6] += 1
   Image.fromarray(a).save(label)
@@ -381,11 +388,7 @@ def test_a_bad_example_read_by_worker_processes_is_one_line(tmp_path):
   after the log: no leaked shared-memory warning and no grain AttributeError at exit (before:
   "There appear to be 6 leaked shared_memory objects" and `DatasetIterator.__del__` errors)."""
   root = tmp_path / "data"
-  synthetic.write_folder(str(root), "train", 8, 32)
-  label = root / "annotations" / "train" / "synthetic_train_000003.png"
-  a = np.array(Image.open(label))
-  a[0, 0] = 200
-  Image.fromarray(a).save(label)
+  label, _ = folder_with_a_bad_label(root, 8, 3)
   proc = run("train.py", "--config", "configs/demo.py:smoke", "--workdir", str(tmp_path / "w"),
              "--config.dataset.name=folder", f"--config.dataset.root={root}",
              "--config.dataset.train_split=train", "--config.dataset.num_workers=2",
