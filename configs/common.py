@@ -188,6 +188,9 @@ def run_config() -> ml_collections.ConfigDict:
   # (its record in WORKDIR/best.json): the evaluation result compared, higher is better;
   # "" keeps none.
   c.eval.best_metric = "mIoU"
+  # Each evaluation during training writes its results and pictures of its first images (and,
+  # semantic, the confusion matrix) to WORKDIR/eval/step_N/ and to TensorBoard's Images tab.
+  c.eval.num_pictures = 4
   return c
 
 

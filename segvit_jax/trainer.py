@@ -38,6 +38,7 @@ achieved / the peak of all the mesh's devices at the compute dtype).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -57,6 +58,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
 
 from segvit_jax import bundle, checkpoint, convert, flops, losses, optim, runtime, sharding
 from segvit_jax import config_check
@@ -346,6 +348,14 @@ class MetricsWriter:
     self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self.jsonl.flush()
 
+  def images(self, step: int, images: dict[str, np.ndarray]) -> None:
+    """(H, W, 3) uint8 pictures to TensorBoard's Images tab (not to metrics.jsonl)."""
+    if not self.active:
+      return
+    for tag, image in images.items():
+      self.tb.add_image(tag, image, step, dataformats="HWC")
+    self.tb.flush()
+
   def close(self) -> None:
     if self.active:
       self.tb.close()
@@ -523,8 +533,9 @@ class Loop:
   def __init__(self, config: ml_collections.ConfigDict, start: int, *, model: nn.Module,
                mesh: jax.sharding.Mesh, ckpt: checkpoint.Checkpointer, writer: MetricsWriter,
                utilisation: Utilisation, evaluate_fn: Callable | None = None,
-               best: checkpoint.BestKeeper | None = None):
+               best: checkpoint.BestKeeper | None = None, eval_dir: str | None = None):
     self.config, self.model, self.mesh, self.ckpt = config, model, mesh, ckpt
+    self.eval_dir = eval_dir
     self.writer, self.utilisation = writer, utilisation
     self.evaluate_fn, self.best = evaluate_fn, best
     self.pending = None  # (step, metrics) of the step whose loss is not checked yet
@@ -621,16 +632,47 @@ class Loop:
         step, every, self.config.total_steps)
 
   def evaluate(self, step: int, state: TrainState) -> None:
-    """Evaluates `state`'s parameters (out of the speed), logs the headline results and keeps
-    the parameters in WORKDIR/best/ when they are the best so far."""
+    """Evaluates `state`'s parameters (out of the speed), logs the headline results, writes
+    them, the per-class numbers and (with `eval_dir`) the first `config.eval.num_pictures`
+    pictures and the confusion matrix to TensorBoard (the files stay in EVAL_DIR/step_N/), and
+    keeps the parameters in WORKDIR/best/ when they are the best so far."""
+    out_dir = os.path.join(self.eval_dir, f"step_{step}") if self.eval_dir else None
+    num_pictures = int(self.config.eval.num_pictures) if out_dir else 0
     results = self.pause(state, lambda: self.evaluate_fn(
-        self.model, {"params": state.params, **state.model_state}, self.config))
+        self.model, {"params": state.params, **state.model_state}, self.config,
+        out_dir=out_dir, num_pictures=num_pictures))
     shown = {k: float(results[k]) for k in EVAL_HEADLINES if k in results}
     logging.info("step %d eval: %s", step, " ".join(f"{k} {v:.2f}" for k, v in shown.items()))
     self.writer.write(step, {f"eval/{k}": v for k, v in shown.items()})
+    per_class = per_class_scalars(results)
+    if per_class:
+      self.writer.write(step, per_class)
+    if out_dir and jax.process_index() == 0:
+      self.writer.images(step, eval_pictures(out_dir, num_pictures))
     if self.best is not None:
       self.best.update(step, results, lambda: sharding.gather_params(
           (state.params, state.model_state), self.mesh))
+
+
+PER_CLASS_METRICS = ("IoU", "Acc", "PQ", "AP")
+
+
+def per_class_scalars(results: dict) -> dict[str, float]:
+  """The evaluation's per-class numbers as TensorBoard scalars, "eval_class/IoU/<class name>"
+  (semantic IoU / Acc, panoptic PQ, instance AP); NaN (a class absent from the split) left out."""
+  rows = results.get("per_class") or []
+  return {f"eval_class/{m}/{row['name']}": float(row[m]) for row in rows
+          for m in PER_CLASS_METRICS if m in row and np.isfinite(row[m])}
+
+
+def eval_pictures(out_dir: str, num_pictures: int) -> dict[str, np.ndarray]:
+  """The pictures an evaluation wrote to `out_dir` (its first `num_pictures` panels in
+  OUT_DIR/pictures/, semantic: confusion.png) as TensorBoard image tags."""
+  paths = sorted(glob.glob(os.path.join(out_dir, "pictures", "*.jpg")))[:num_pictures]
+  named = {f"eval_pictures/{os.path.splitext(os.path.basename(p))[0]}": p for p in paths}
+  if os.path.exists(os.path.join(out_dir, "confusion.png")):
+    named["eval/confusion"] = os.path.join(out_dir, "confusion.png")
+  return {tag: np.asarray(Image.open(p).convert("RGB")) for tag, p in named.items()}
 
 
 def write_run_files(workdir: str, config: ml_collections.ConfigDict, class_names: Any,
@@ -835,7 +877,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                      source=os.path.abspath(workdir),
                                      eval=config.eval.to_dict(), **bundle_extra)
       loop = Loop(config, start, model=model, mesh=mesh, ckpt=ckpt, writer=writer,
-                  utilisation=utilisation, evaluate_fn=evaluate_fn, best=best)
+                  utilisation=utilisation, evaluate_fn=evaluate_fn, best=best,
+                  eval_dir=os.path.join(workdir, "eval"))
       total, last, stopped = config.total_steps, {}, None
       runtime.wait_for_all_processes("first_step")
       try:

@@ -23,8 +23,8 @@ def scripted_evaluate(values):
   """A stand-in for `segvit_jax.evaluation.evaluate` returning `values` as mIoU, one per call."""
   values = list(values)
 
-  def evaluate_fn(model, variables, config):
-    del model, variables, config
+  def evaluate_fn(model, variables, config, **kwargs):
+    del model, variables, config, kwargs
     v = values.pop(0)
     return {"mIoU": v, "mAcc": v + 1.0, "aAcc": v + 2.0, "per_class": {}}
 

@@ -137,7 +137,7 @@ def test_saves_and_evaluations_stay_out_of_the_speed(monkeypatch, caplog):
   monkeypatch.setattr(trainer.time, "perf_counter", clock)
   c = smoke_config(total_steps=8, log_every=2, ckpt_every=4, eval_every=4)
 
-  def evaluate_fn(model, variables, config):
+  def evaluate_fn(model, variables, config, **kwargs):
     clock.now += 60.0
     return {"mIoU": 50.0}
 
@@ -184,7 +184,7 @@ def test_train_shows_step_1_and_a_slow_evaluation_keeps_the_speed(tmp_path, monk
     time.sleep(1.0)
     return original_save(self, *args, **kwargs)
 
-  def slow_evaluate(model, variables, config):
+  def slow_evaluate(model, variables, config, **kwargs):
     time.sleep(1.5)
     return {"mIoU": 1.0}
 

@@ -3,6 +3,7 @@ a non-finite loss stops the run and leaves the last good checkpoint intact, the 
 throughput (TFLOP/s, MFU) is the analytic FLOP count over the step time. (The best
 evaluation's parameters, kept in WORKDIR/best/: tests/test_checkpoint.py.)"""
 
+import json
 import os
 import shutil
 
@@ -80,3 +81,24 @@ def test_throughput_is_the_analytic_count_over_the_step_time(tmp_path, monkeypat
     assert m["tflops"] == pytest.approx(step_flops * m["steps_per_s"] / 1e12, rel=1e-12)
     assert m["images_per_s"] == pytest.approx(m["steps_per_s"] * c.batch_size, rel=1e-12)
     assert m["mfu"] == pytest.approx(m["tflops"] / (peak * jax.device_count()), rel=1e-12)
+
+
+def test_evaluations_during_training_reach_tensorboard(tmp_path):
+  # Each evaluation during training keeps its results and pictures in WORKDIR/eval/step_N/ and
+  # writes the headline numbers, the per-class IoU and the pictures to TensorBoard.
+  from segvit_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  c = smoke_config(total_steps=2, ckpt_every=2, eval_every=2, **{"eval.num_pictures": 2})
+  trainer.train(c, str(tmp_path), evaluate_fn=evaluate)
+  step_dir = tmp_path / "eval" / "step_2"
+  assert sorted(os.listdir(step_dir / "pictures")) == ["synthetic_val_000000.jpg",
+                                                     "synthetic_val_000001.jpg"]
+  assert (step_dir / "confusion.png").exists() and (step_dir / "eval_results.json").exists()
+  records = read_metrics(tmp_path)
+  names = [row["name"] for row in json.loads((step_dir / "eval_results.json").read_text())[
+      "per_class"]]
+  assert any(r.get("eval/mIoU") is not None for r in records)
+  assert any(f"eval_class/IoU/{names[0]}" in r for r in records)
+  events = b"".join(p.read_bytes() for p in (tmp_path / "tb").iterdir())
+  for tag in (b"eval/mIoU", f"eval_class/IoU/{names[0]}".encode(), b"eval/confusion",
+              b"eval_pictures/synthetic_val_000000", b"eval_pictures/synthetic_val_000001"):
+    assert tag in events, tag
