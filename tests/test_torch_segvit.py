@@ -5,7 +5,7 @@ the same weights, and against the independent reference of tests/torch_reference
   the auxiliary stages' / layers', semantic scores) equals the Flax model's.
 - `python -m segvit_jax.convert BUNDLE OUT.pt --to torch` writes a file torch.load reads with
   weights_only=True (plain containers); `segvit_jax.torch.load(OUT.pt)` gives the bundle's
-  module exactly.
+  module exactly; `--from torch` gives the bundle back, bitwise.
 - From a release-layout .pth (written by torch.save from the randomly initialised reference,
   with the release's loss buffers, meta and optimizer state) and our config: the module
   equals the Flax model converted from the same file (`--from segvit-official`) and the
@@ -161,6 +161,16 @@ def test_cli_writes_a_file_load_reads(ours, tmp_path):
   assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
   assert _max_diffs(_torch(a, _images()), _torch(b, _images()))["semantic_scores"] == 0.0
   assert cli.cli([ours["bundle"], str(out), "--to", "torch"]) == 1  # exists: --overwrite
+  # And back (`--from torch`, e.g. after fine-tuning in torch): bitwise the bundle's parameters.
+  again = tmp_path / "again"
+  assert cli.cli([str(out), str(again), "--from", "torch"]) == 0
+  first = flax.traverse_util.flatten_dict(bundle.load_params(ours["bundle"]), sep="/")
+  second = flax.traverse_util.flatten_dict(bundle.load_params(str(again)), sep="/")
+  assert sorted(first) == sorted(second)
+  assert all(np.array_equal(first[k], second[k]) for k in first)
+  meta = bundle.read_config(str(again))
+  assert meta["model"] == bundle.read_config(ours["bundle"])["model"]
+  assert (meta["source_format"], meta["class_names"]) == ("torch", list(synthetic.CLASS_NAMES))
 
 
 # ----------------------------------------------------------------------------------------------

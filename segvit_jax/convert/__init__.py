@@ -44,23 +44,30 @@ VIT_BACKBONE, WHOLE_MODEL = "ViT backbone", "whole model"
 class Format:
   """One checkpoint layout. `kind`: VIT_BACKBONE (`read(path, *, num_heads, trust_pickle)
   -> Converted`) or WHOLE_MODEL (`read(src, out, *, config, trust_pickle)` writes a bundle and
-  returns its path, None for a layout that is only written; `config` says whether reading
-  needs our config of the model: "required", "optional" or "no"). `export(bundle, out)`
-  writes a bundle in the layout; `mit(path, *, trust_pickle) -> Converted` reads the MiT
-  encoder of the layout's files (`init_params`)."""
+  returns its path; `config` says whether that needs our config of the model: "required",
+  "optional" or "no"). `export(bundle, out)` writes a bundle in the layout; `mit(path, *,
+  trust_pickle) -> Converted` reads the MiT encoder of the layout's files (`init_params`)."""
 
   kind: str
-  read: Callable[..., Any] | None
+  read: Callable[..., Any]
   help: str
   export: Callable[[str, str], Any] | None = None
   config: str = "no"
   mit: Callable[..., Converted] | None = None
 
 
-def _export_torch(bundle_path: str, out: str) -> str:
-  """`segvit_jax.torch.export`, imported when used (it needs torch, an optional dependency)."""
+def _torch_models():
+  """`segvit_jax.torch`, imported when used (it needs torch, an optional dependency)."""
   from segvit_jax import torch as torch_models  # pylint: disable=g-import-not-at-top
-  return torch_models.export(bundle_path, out)
+  return torch_models
+
+
+def _read_torch_file(src: str, out: str, **options) -> str:
+  return _torch_models().to_bundle(src, out, **options)
+
+
+def _export_torch(bundle_path: str, out: str) -> str:
+  return _torch_models().export(bundle_path, out)
 
 
 FORMAT_TABLE: dict[str, Format] = {
@@ -96,16 +103,15 @@ FORMAT_TABLE: dict[str, Format] = {
         "transformers EomtForUniversalSegmentation directory",
         export=eomt.export_hf, config="optional"),
     "torch": Format(
-        WHOLE_MODEL, None,
-        "SegViT / SegViT-Shrunk as plain torch.nn modules (segvit_jax.torch.load reads it)",
+        WHOLE_MODEL, _read_torch_file,
+        "SegViT / SegViT-Shrunk for plain torch.nn modules (segvit_jax.torch.load)",
         export=_export_torch),
 }
 # ViT backbone layouts (`load`, `convert`, `config.model_init_format`).
 FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f.kind == VIT_BACKBONE)
 # Whole-model layouts: read with `--from` (+ `--config`: required for CONFIG_REQUIRED, optional
 # for the others, which record their model), written with `--to`.
-MODEL_FORMATS = tuple(n for n, f in FORMAT_TABLE.items()
-                      if f.kind == WHOLE_MODEL and f.read is not None)
+MODEL_FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f.kind == WHOLE_MODEL)
 EXPORT_FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f.export is not None)
 CONFIG_REQUIRED = tuple(n for n, f in FORMAT_TABLE.items() if f.config == "required")
 # Backbone formats of MiT models (`init_params`); each also reads its whole-model files.

@@ -11,7 +11,9 @@ names of the authors' release (zbwxp/SegVit, mmseg 0.24), no mmcv or mmseg (`seg
 `python -m segvit_jax.convert BUNDLE OUT.pt --to torch` (or `export`) writes the file `load`
 reads: torch.save of {"state_dict": float32 tensors (the release's names), "meta": {"format":
 "segvit_jax.torch", "version": 1, "model": the bundle's `config.model`, "mean", "std",
-"class_names"}}, plain containers only, so `torch.load(path, weights_only=True)` reads it.
+"class_names"}}, plain containers only, so `torch.load(path, weights_only=True)` reads it;
+`--from torch` (`to_bundle`) turns such a file, e.g. of a model fine-tuned in torch, back into
+a bundle.
 
 Weights reach the modules through the converter of the release's layout
 (`segvit_jax.convert.segvit_official`: its key table maps our bundles' parameters to the
@@ -41,7 +43,8 @@ torch = rules.import_torch("segvit_jax.torch (SegViT as torch.nn modules)")
 from segvit_jax.torch.segvit import SegViT, SegViTShrunk  # noqa: E402  (needs torch, above)
 
 FORMAT, VERSION = "segvit_jax.torch", 1
-__all__ = ["FORMAT", "SegViT", "SegViTShrunk", "export", "from_config", "load", "save"]
+__all__ = ["FORMAT", "SegViT", "SegViTShrunk", "export", "from_bundle", "from_config",
+           "from_release", "load", "load_state", "read_file", "save", "to_bundle"]
 
 # What the release's modules cannot hold (their parameters), with the value they need.
 _FIXED_BACKBONE = {k: segvit_official.RELEASE_BACKBONE[k]
@@ -163,14 +166,7 @@ def load(path: str, config: ml_collections.ConfigDict | str | None = None, *,
     return from_bundle(path)
   if config is not None:
     return from_release(path, config, trust_pickle=trust_pickle)
-  state, meta = rules.read_torch_checkpoint(path)
-  if meta.get("format") != FORMAT:
-    raise ValueError(f"{path} is not a {FORMAT} file (its meta.format is "
-                     f"{meta.get('format')!r}; `--to torch` writes them); for a checkpoint of "
-                     "the authors' release pass config='configs/X.py'")
-  if meta.get("version") != VERSION:
-    raise ValueError(f"{path}: {FORMAT} version {meta.get('version')!r}, this code reads "
-                     f"version {VERSION}")
+  state, meta = read_file(path)
   model = load_state(from_config(meta["model"]), state, path)
   return _with_info(model, meta["mean"], meta["std"], meta["class_names"])
 
@@ -186,6 +182,40 @@ def save(model: SegViT, path: str) -> str:
           "std": list(getattr(model, "std", None) or ()),
           "class_names": list(getattr(model, "class_names", None) or ())}
   return rules.write_torch_checkpoint(path, state, meta)
+
+
+def read_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """(state dict as numpy arrays, meta) of a file `save` wrote; a ValueError naming the file
+  for anything else (a release checkpoint: `load(path, config=...)`)."""
+  state, meta = rules.read_torch_checkpoint(path)
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{path} is not a {FORMAT} file (its meta.format is "
+                     f"{meta.get('format')!r}; `--to torch` writes them); for a checkpoint of "
+                     "the authors' release pass config='configs/X.py'")
+  if meta.get("version") != VERSION:
+    raise ValueError(f"{path}: {FORMAT} version {meta.get('version')!r}, this code reads "
+                     f"version {VERSION}")
+  return state, meta
+
+
+def to_bundle(src: str, out: str, *, config: Any = None, trust_pickle: bool = False) -> str:
+  """A file `save` wrote -> one of our bundles at `out` (`--from torch`): the release-named
+  tensors mapped back through the converter's table, checked strictly against the Flax model
+  of the file's config. The file records its model: no `config`."""
+  del trust_pickle  # the files hold tensors and plain containers only
+  if config is not None:
+    raise ValueError(f"{src} records its model: --from torch takes no --config")
+  state, meta = read_file(src)
+  model_cfg = meta["model"]
+  load_state(from_config(model_cfg), state, src)  # what the modules cannot run fails here
+  kind = model_cfg["head"].get("type", "atm")
+  flat = rules.to_ours(state, segvit_official.RULES[kind], source=src, layout=FORMAT)
+  abstract = whole_model.abstract_variables(ml_collections.ConfigDict(model_cfg))
+  params = bundle_lib.merge_params(abstract["params"],
+                                   rules.unflatten(flat), source=src)
+  return bundle_lib.save_bundle(out, params, model_cfg, mean=meta["mean"], std=meta["std"],
+                                class_names=meta["class_names"],
+                                source=os.path.abspath(src), source_format="torch")
 
 
 def export(bundle_path: str, out: str) -> str:
