@@ -56,6 +56,20 @@ class Format:
   mit: Callable[..., Converted] | None = None
 
 
+def _torch_models():
+  """`segvit_jax.torch`, imported when used (it needs torch, an optional dependency)."""
+  from segvit_jax import torch as torch_models  # pylint: disable=g-import-not-at-top
+  return torch_models
+
+
+def _read_torch_file(src: str, out: str, **options) -> str:
+  return _torch_models().to_bundle(src, out, **options)
+
+
+def _export_torch(bundle_path: str, out: str) -> str:
+  return _torch_models().export(bundle_path, out)
+
+
 FORMAT_TABLE: dict[str, Format] = {
     "augreg-npz": Format(VIT_BACKBONE, augreg.load,
                          "big_vision / vision_transformer .npz, every flavour"),
@@ -88,6 +102,10 @@ FORMAT_TABLE: dict[str, Format] = {
         WHOLE_MODEL, functools.partial(eomt.convert, fmt=eomt.HF),
         "transformers EomtForUniversalSegmentation directory",
         export=eomt.export_hf, config="optional"),
+    "torch": Format(
+        WHOLE_MODEL, _read_torch_file,
+        "SegViT / SegViT-Shrunk for plain torch.nn modules (segvit_jax.torch.load)",
+        export=_export_torch),
 }
 # ViT backbone layouts (`load`, `convert`, `config.model_init_format`).
 FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f.kind == VIT_BACKBONE)

@@ -4,6 +4,8 @@ SegFormer and EoMT models between the authors' releases (and transformers) and o
   python -m segvit_jax.convert SRC OUT --from FORMAT [--image_size 640] [--patch_size 16]
   python -m segvit_jax.convert SRC.pth OUT --from segvit-official --config configs/X.py[:ARG]
   python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
+  python -m segvit_jax.convert BUNDLE OUT.pt --to torch   (segvit_jax.torch.load(OUT.pt))
+  python -m segvit_jax.convert SRC.pt OUT --from torch     (e.g. after fine-tuning in torch)
   python -m segvit_jax.convert SRC OUT --from segformer-official|hf-segformer [--config X.py]
   python -m segvit_jax.convert BUNDLE OUT --to segformer-official|hf-segformer
   python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py]

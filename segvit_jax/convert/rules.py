@@ -404,13 +404,13 @@ def strip_prefix(tensors: Mapping[str, np.ndarray], prefixes: Iterable[str]) -> 
 # ----------------------------------------------------------------------------------------------
 # Reading files
 
-def import_torch():
-  """torch, or an ImportError saying how to install it (only the .pth layouts need it)."""
+def import_torch(purpose: str = "reading PyTorch .pth/.bin files"):
+  """torch, or an ImportError saying how to install it (only the .pth layouts and
+  `segvit_jax.torch` need it); `purpose` names what needs it."""
   try:
     import torch  # pylint: disable=g-import-not-at-top  (an optional, heavy dependency)
   except ImportError:
-    raise ImportError("reading PyTorch .pth/.bin files needs torch (CPU build is enough): "
-                      "pip install torch") from None
+    raise ImportError(f"{purpose} needs torch (CPU build is enough): pip install torch") from None
   return torch
 
 

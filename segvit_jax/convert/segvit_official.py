@@ -250,7 +250,7 @@ def convert(src: str, out: str, config: ml_collections.ConfigDict | str, *,
 # ----------------------------------------------------------------------------------------------
 # Export
 
-def _backbone_fields(bb: Mapping[str, Any]) -> dict[str, Any]:
+def resolved_backbone(bb: Mapping[str, Any]) -> dict[str, Any]:
   """The ViT fields a backbone config means: class defaults (of the ViT with SegViT-Shrunk's
   query down-sampling, a superset of the plain ViT's) < SegViT's (no final norm) < the
   variant's sizes < explicit fields."""
@@ -272,7 +272,7 @@ RELEASE_BACKBONE = dict(cls_token=True, cls_in_blocks=False, final_norm=False, l
 def _check_exportable(model_cfg: Mapping[str, Any], source: str) -> None:
   """What the release's modules cannot express, named (the parameters alone would not show
   all of it: a cls token inside the blocks has the same parameters)."""
-  bb, head = _backbone_fields(model_cfg["backbone"]), dict(model_cfg["head"])
+  bb, head = resolved_backbone(model_cfg["backbone"]), dict(model_cfg["head"])
   bad = [f"backbone.{k}={bb[k]!r} (the release: {v!r})" for k, v in RELEASE_BACKBONE.items()
          if bb[k] != v]
   if head.get("mlp_ratio", 4) != 4:
@@ -291,6 +291,14 @@ def _check_exportable(model_cfg: Mapping[str, Any], source: str) -> None:
                     source, bb["posemb_resize"])
 
 
+def release_state_dict(params: Any, kind: str, source: str) -> dict[str, np.ndarray]:
+  """Our parameters of a SegViT of head type `kind` ("atm" or "shrunk") -> the release's
+  model tensors (float32 numpy, the release's names; no loss buffers). `segvit_jax.torch`'s
+  modules load it too."""
+  flat = {k: np.asarray(v) for k, v in flatten(vit.unstack_blocks(params)).items()}
+  return to_theirs(flat, RULES[kind], source=source, layout=FORMAT)
+
+
 def export(bundle_path: str, out: str) -> dict[str, np.ndarray]:
   """A whole-model bundle -> a release checkpoint at `out`: torch.save of
   {"state_dict": float32 tensors (the loss's class-weight buffers included, `LOSS_BUFFERS`),
@@ -303,10 +311,8 @@ def export(bundle_path: str, out: str) -> dict[str, np.ndarray]:
                      "writes whole SegViT models (a bundle of model.name='segvit')")
   _check_exportable(model_cfg, bundle_path)
   loaded = bundle_lib.load_bundle(bundle_path)  # strict check against its model
-  flat = flatten(vit.unstack_blocks(loaded.variables["params"]))
-  flat = {k: np.asarray(v) for k, v in flat.items()}
   kind = model_cfg["head"].get("type", "atm")
-  state = to_theirs(flat, RULES[kind], source=bundle_path, layout=FORMAT)
+  state = release_state_dict(loaded.variables["params"], kind, bundle_path)
   weights = class_weights(model_cfg["num_classes"],
                           no_object_weight(meta, RELEASE_NO_OBJECT_WEIGHT))
   state.update({key: weights.copy() for key in LOSS_BUFFERS[kind]})
