@@ -662,7 +662,8 @@ def per_class_scalars(results: dict) -> dict[str, float]:
   (semantic IoU / Acc, panoptic PQ, instance AP); NaN (a class absent from the split) left out."""
   rows = results.get("per_class") or []
   return {f"eval_class/{m}/{row['name']}": float(row[m]) for row in rows
-          for m in PER_CLASS_METRICS if m in row and np.isfinite(row[m])}
+          for m in PER_CLASS_METRICS
+          if isinstance(row.get(m), (int, float)) and np.isfinite(row[m])}
 
 
 def eval_pictures(out_dir: str, num_pictures: int) -> dict[str, np.ndarray]:

@@ -102,3 +102,11 @@ def test_evaluations_during_training_reach_tensorboard(tmp_path):
   for tag in (b"eval/mIoU", f"eval_class/IoU/{names[0]}".encode(), b"eval/confusion",
               b"eval_pictures/synthetic_val_000000", b"eval_pictures/synthetic_val_000001"):
     assert tag in events, tag
+
+
+def test_per_class_scalars_leave_out_absent_classes():
+  rows = [{"name": "wall", "IoU": 71.5, "Acc": float("nan")},  # no ground-truth pixel
+          {"name": "person", "isthing": True, "PQ": 40.0, "AP": None}]  # no AP computed
+  assert trainer.per_class_scalars({"per_class": rows}) == {
+      "eval_class/IoU/wall": 71.5, "eval_class/PQ/person": 40.0}
+  assert trainer.per_class_scalars({"mIoU": 1.0}) == {}
