@@ -91,6 +91,10 @@ FORMAT_TABLE: dict[str, Format] = {
         WHOLE_MODEL, functools.partial(eomt.convert, fmt=eomt.HF),
         "transformers EomtForUniversalSegmentation directory",
         export=eomt.export_hf, config="optional"),
+    eomt.HF_DINOV3: Format(
+        WHOLE_MODEL, functools.partial(eomt.convert, fmt=eomt.HF_DINOV3),
+        "transformers EomtDinov3ForUniversalSegmentation directory (EoMT on DINOv3)",
+        export=functools.partial(eomt.export_hf, fmt=eomt.HF_DINOV3), config="optional"),
 }
 # ViT backbone layouts (`load`, `convert`, `config.model_init_format`).
 FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f.kind == VIT_BACKBONE)

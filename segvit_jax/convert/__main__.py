@@ -6,8 +6,8 @@ SegFormer and EoMT models between the authors' releases (and transformers) and o
   python -m segvit_jax.convert BUNDLE OUT.pth --to segvit-official
   python -m segvit_jax.convert SRC OUT --from segformer-official|hf-segformer [--config X.py]
   python -m segvit_jax.convert BUNDLE OUT --to segformer-official|hf-segformer
-  python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py]
-  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt
+  python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt|hf-eomt-dinov3 [--config X.py]
+  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt|hf-eomt-dinov3
 
 OUT is written atomically (bundles and transformers directories through a temporary directory
 beside it, .pth files through a temporary file); an existing OUT is an error unless

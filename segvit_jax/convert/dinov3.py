@@ -111,8 +111,9 @@ def _ffn(tensors: Mapping[str, np.ndarray]) -> str:
   return "swiglu" if "blocks.0.mlp.w1.weight" in tensors else "mlp"
 
 
-def _fields(params: Mapping[str, np.ndarray], **fields: Any) -> dict[str, Any]:
-  """The DINOv3 ViT fields every layout shares, updated with the layout's `fields`."""
+def vit_fields(params: Mapping[str, np.ndarray], **fields: Any) -> dict[str, Any]:
+  """The DINOv3 ViT fields every layout shares (biases from the converted `params`), updated
+  with the layout's `fields`."""
   return {"rope_theta": ROPE_THETA, "norm_eps": NORM_EPS, "posemb_grid": (14, 14),
           "qkv_bias": "encoderblock_0/attn/query/bias" in params,
           "key_bias": "encoderblock_0/attn/key/bias" in params, **fields}
@@ -131,7 +132,7 @@ def load(path: str, *, num_heads: int | None = None, trust_pickle: bool = False,
   params = to_ours(tensors, RELEASE_RULES[_ffn(tensors)], source=path, layout="DINOv3",
                    dropped=RELEASE_DROPPED, model="ViT")
   cfg = infer_backbone(params, num_heads=num_heads or heads, source=path,
-                       **_fields(params, **RELEASE_ROPE))
+                       **vit_fields(params, **RELEASE_ROPE))
   return Converted(params, cfg, *IMAGENET_MEAN_STD)
 
 
@@ -156,12 +157,9 @@ HF_RULES = {"mlp": _HF_COMMON + mlp(_L + "mlp.", _O + "mlp", ("up_proj", "down_p
 HF_DROPPED = (r"embeddings\.mask_token",)
 
 
-def load_hf(path: str, *, num_heads: int | None = None, trust_pickle: bool = False,
-            **unused) -> Converted:
-  """A transformers DINOv3ViTModel directory -> our ViT."""
-  del unused
-  config, tensors = read_hf_model_dir(path, "dinov3_vit", fmt="hf-dinov3",
-                                      name="DINOv3ViTModel", trust_pickle=trust_pickle)
+def check_hf_config(config: Mapping[str, Any], path: str) -> None:
+  """What our DINOv3 ViT cannot run in a transformers DINOv3 config.json (DINOv3ViTModel's or
+  EomtDinov3's) fails, named: the activation of its MLP, channels, unequal q / v biases."""
   gated = bool(config.get("use_gated_mlp", False))
   # The gated MLP is our SwiGLU only with SiLU; the plain one is our exact-GELU MLP.
   act = "silu" if gated else "gelu"
@@ -174,19 +172,36 @@ def load_hf(path: str, *, num_heads: int | None = None, trust_pickle: bool = Fal
     raise ValueError(f"{path}/config.json: {bad} not supported (expected hidden_act "
                      f"{act!r} with use_gated_mlp={gated}, 3 channels, equal query_bias and "
                      "value_bias)")
-  # save_pretrained writes `layer.{i}`; the module's own state dict has `model.layer.{i}`.
-  tensors = strip_prefix(tensors, ["model."])
-  params = to_ours(tensors, HF_RULES["swiglu" if gated else "mlp"], source=path,
-                   layout="HF dinov3_vit", dropped=HF_DROPPED, model="ViT")
+
+
+def hf_vit_fields(config: Mapping[str, Any], params: Mapping[str, np.ndarray]
+                  ) -> dict[str, Any]:
+  """`vit_fields` of a transformers DINOv3 config.json: RoPE base (DINOv3ViTModel's
+  `rope_theta`, EomtDinov3's `rope_parameters.rope_theta`), its training-time coordinate
+  augmentations, eps, the grid of `image_size` (informational)."""
+  theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
   patch, size = (np.broadcast_to(config.get(k, d), (2,)).astype(int)
                  for k, d in (("patch_size", 16), ("image_size", 224)))
+  return vit_fields(params, rope_theta=float(ROPE_THETA if theta is None else theta),
+                    norm_eps=config.get("layer_norm_eps", NORM_EPS),
+                    posemb_grid=tuple(int(g) for g in size // patch),
+                    rope_shift=config.get("pos_embed_shift"),
+                    rope_jitter=config.get("pos_embed_jitter"),
+                    rope_rescale=config.get("pos_embed_rescale"))
+
+
+def load_hf(path: str, *, num_heads: int | None = None, trust_pickle: bool = False,
+            **unused) -> Converted:
+  """A transformers DINOv3ViTModel directory -> our ViT."""
+  del unused
+  config, tensors = read_hf_model_dir(path, "dinov3_vit", fmt="hf-dinov3",
+                                      name="DINOv3ViTModel", trust_pickle=trust_pickle)
+  check_hf_config(config, path)
+  # save_pretrained writes `layer.{i}`; the module's own state dict has `model.layer.{i}`.
+  tensors = strip_prefix(tensors, ["model."])
+  params = to_ours(tensors, HF_RULES["swiglu" if config.get("use_gated_mlp") else "mlp"],
+                   source=path, layout="HF dinov3_vit", dropped=HF_DROPPED, model="ViT")
   cfg = infer_backbone(params, num_heads=num_heads or config["num_attention_heads"],
-                       source=path, **_fields(
-                           params, rope_theta=float(config.get("rope_theta", ROPE_THETA)),
-                           norm_eps=config.get("layer_norm_eps", NORM_EPS),
-                           posemb_grid=tuple(int(g) for g in size // patch),
-                           rope_shift=config.get("pos_embed_shift"),
-                           rope_jitter=config.get("pos_embed_jitter"),
-                           rope_rescale=config.get("pos_embed_rescale")))
+                       source=path, **hf_vit_fields(config, params))
   return Converted(params, cfg, *hf_mean_std(path, IMAGENET_MEAN_STD))
 

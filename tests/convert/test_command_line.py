@@ -49,7 +49,7 @@ def test_formats_derive_from_the_table():
   assert convert.FORMATS == ("augreg-npz", "timm", "dinov2", "hf-vit", "hf-dinov2", "dinov3",
                              "hf-dinov3")
   assert convert.MODEL_FORMATS == ("segvit-official", "segformer-official", "hf-segformer",
-                                   "eomt-official", "hf-eomt")
+                                   "eomt-official", "hf-eomt", "hf-eomt-dinov3")
   assert convert.EXPORT_FORMATS == convert.MODEL_FORMATS
   assert convert.CONFIG_REQUIRED == ("segvit-official",)
   assert convert.MIT_FORMATS == ("segformer-official", "hf-segformer")
