@@ -129,13 +129,20 @@ def test_import_export_match_transformers(refs, tmp_path, capsys, kind):
 
 
 def test_bundle_runs_non_square_inputs(refs, tmp_path, capsys):
-  """transformers' EoMT-DINOv3 is tied to its square grid; the bundle recomputes RoPE."""
+  """transformers' EoMT-DINOv3 is tied to its square grid; the bundle recomputes RoPE, in
+  inference and in training."""
   _cli(capsys, refs["biases"][0], tmp_path / "b", "--from", "hf-eomt-dinov3")
   b = bundle.load_bundle(str(tmp_path / "b"))
   x = np.random.default_rng(1).standard_normal((1, 48, 80, 3)).astype(np.float32)
   out = b.model.apply(b.variables, x)
   assert out["mask_logits"].shape == (1, QUERIES, 12, 20)
   assert out["semantic_scores"].shape == (1, LABELS, 48, 80)
+  # Training: masked attention before each query block, RoPE with its coordinate rescale.
+  train = b.model.apply(b.variables, x, train=True, mask_probs=jax.numpy.ones(NUM_BLOCKS),
+                        rngs={"dropout": jax.random.key(0)})
+  assert len(train["aux_outputs"]) == NUM_BLOCKS
+  assert np.all(np.isfinite(train["mask_logits"]))
+  assert float(np.max(np.abs(train["mask_logits"] - out["mask_logits"]))) > 1e-3
 
 
 def test_layouts_refuse_the_other_backbone(refs, tmp_path, capsys):
