@@ -1,5 +1,5 @@
-"""Test-side writers of *foreign* checkpoint layouts (AugReg .npz, timm, DINOv2 .pth), built from
-the weights of a randomly initialised HuggingFace model.
+"""Test-side writers of *foreign* checkpoint layouts (AugReg .npz, timm, DINOv2 and DINOv3
+.pth), built from the weights of a randomly initialised HuggingFace model.
 
 Written from the layout descriptions in the checkpoint spec (checkpoints.md), independently of the
 library's converters, so that converter tests compare two independent readings of the spec.
@@ -17,6 +17,7 @@ Layouts written (D = width, N = patches, R = registers, h = heads, hd = head_dim
   `params/img/` with a cls-less `pos_embedding`, stacked blocks).
 - `timm_from_hf_vit`, `timm_from_hf_dinov2`: timm state dicts (q/k/v packed as `attn.qkv`).
 - `dinov2_from_hf_dinov2`: the facebookresearch DINOv2 .pth, optionally in `block_chunks` form.
+- `dinov3_from_hf_dinov3`: the facebookresearch/dinov3 ViT .pth (packed, masked qkv bias).
 Save helpers: `save_npz`, `save_torch`, `save_safetensors`, `save_pickle_with_object`.
 """
 
@@ -292,6 +293,67 @@ def dinov2_from_hf_dinov2(sd: dict, *, chunks: int = 0) -> dict[str, np.ndarray]
     q = f"blocks.{i // per_chunk}.{i}." if chunks else f"blocks.{i}."
     out.update(_dinov2_block(sd, i, q, swiglu_names=("mlp.w12", "mlp.w3")))
   _add_norm(out, sd, "norm", "layernorm")
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# DINOv3 original (facebookresearch/dinov3) .pth
+
+
+def dinov3_from_hf_dinov3(sd: dict, *, num_heads: int, rope_base: float = 100.0,
+                          k_bias_noise: float = 0.0, local_cls_norm: bool = False,
+                          seed: int = 0) -> dict[str, np.ndarray]:
+  """A HF DINOv3ViTModel state dict (as save_pretrained writes it: `layer.{i}`) in the
+  facebookresearch/dinov3 layout of models/vision_transformer.py + layers/.
+
+  `cls_token` (1,1,D), `storage_tokens` (1,R,D), `mask_token` (1,D) (not (1,1,D) as in HF),
+  `patch_embed.proj.{weight,bias}`, `rope_embed.periods` (hd/4,) = base ** (2 j / (hd / 2))
+  (`RopePositionEmbedding._init_weights`), `blocks.{i}.{norm1, attn.qkv.weight (3D,D),
+  attn.qkv.bias (3D,), attn.qkv.bias_mask (3D,) = [1]*D + [0]*D + [1]*D (`LinearKMaskedBias`,
+  init_weights_vit), attn.proj, ls1.gamma, norm2, mlp.fc1 / fc2 (GELU) or mlp.w1 / w2 / w3
+  (SwiGLUFFN: w3(silu(w1 x) * w2 x)), ls2.gamma}`, `norm`. HF has no key bias: the k third of
+  the packed bias is random noise of scale `k_bias_noise` (the mask must remove it);
+  `local_cls_norm` adds the random training-only norm of the 7B checkpoint.
+  """
+  rng = np.random.default_rng(seed)
+  idx = {int(m.group(1)) for k in sd if (m := re.match(r"layer\.(\d+)\.", k))}
+  if not idx or idx != set(range(len(idx))):
+    raise KeyError(f"no contiguous layer.{{i}} keys in {sorted(sd)[:6]} (a DINOv3ViTModel file)")
+  out: dict[str, np.ndarray] = {}
+  out["cls_token"] = _get(sd, "embeddings.cls_token")
+  d = out["cls_token"].shape[-1]
+  out["storage_tokens"] = _get(sd, "embeddings.register_tokens")
+  out["mask_token"] = _get(sd, "embeddings.mask_token").reshape(1, d)
+  _add_norm(out, sd, "patch_embed.proj", "embeddings.patch_embeddings")
+  hd = d // num_heads
+  out["rope_embed.periods"] = (rope_base ** (2 * np.arange(hd // 4) / (hd // 2))).astype(
+      np.float32)
+  for i in sorted(idx):
+    p, q = f"layer.{i}.", f"blocks.{i}."
+    _add_norm(out, sd, q + "norm1", p + "norm1")
+    a = p + "attention."
+    out[q + "attn.qkv.weight"] = np.concatenate(
+        [_get(sd, a + f"{n}_proj.weight") for n in "qkv"], 0)
+    if a + "q_proj.bias" in sd:  # (the 7B model has no qkv bias)
+      k_bias = (k_bias_noise * rng.standard_normal(d)).astype(np.float32)
+      out[q + "attn.qkv.bias"] = np.concatenate(
+          [_get(sd, a + "q_proj.bias"), k_bias, _get(sd, a + "v_proj.bias")])
+      out[q + "attn.qkv.bias_mask"] = np.concatenate(
+          [np.ones(d), np.zeros(d), np.ones(d)]).astype(np.float32)
+    _add_norm(out, sd, q + "attn.proj", a + "o_proj")
+    out[q + "ls1.gamma"] = _get(sd, p + "layer_scale1.lambda1")
+    _add_norm(out, sd, q + "norm2", p + "norm2")
+    if p + "mlp.gate_proj.weight" in sd:
+      for ours, theirs in (("w1", "gate_proj"), ("w2", "up_proj"), ("w3", "down_proj")):
+        _add_norm(out, sd, q + "mlp." + ours, p + "mlp." + theirs)
+    else:
+      _add_norm(out, sd, q + "mlp.fc1", p + "mlp.up_proj")
+      _add_norm(out, sd, q + "mlp.fc2", p + "mlp.down_proj")
+    out[q + "ls2.gamma"] = _get(sd, p + "layer_scale2.lambda1")
+  _add_norm(out, sd, "norm", "norm")
+  if local_cls_norm:
+    out["local_cls_norm.weight"] = rng.standard_normal(d).astype(np.float32)
+    out["local_cls_norm.bias"] = rng.standard_normal(d).astype(np.float32)
   return out
 
 

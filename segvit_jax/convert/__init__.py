@@ -1,5 +1,5 @@
 """Converters between the public forms of pretrained weights and ours: ViT backbones (AugReg,
-timm, DINOv2, transformers) into backbone bundles or a segmentor's backbone
+timm, DINOv2, DINOv3, transformers) into backbone bundles or a segmentor's backbone
 (`config.model_init`), and whole SegViT, SegFormer and EoMT models of the authors' releases and
 of transformers into bundles and back. The command line is `__main__.py`:
 
@@ -10,7 +10,7 @@ of transformers into bundles and back. The command line is `__main__.py`:
 whether import needs our config, and its line of help; FORMATS, MODEL_FORMATS,
 EXPORT_FORMATS, CONFIG_REQUIRED and MIT_FORMATS (and the command line's choices) derive from
 it. Each layout is one module, a `rules.KeyRule` table plus small transforms (`rules.py`):
-`augreg.py`, `timm.py`, `dinov2.py`, `hf.py` (ViT backbones, whose shared steps are in
+`augreg.py`, `timm.py`, `dinov2.py`, `dinov3.py`, `hf.py` (ViT backbones, whose shared steps are in
 `backbone.py`), `segvit_official.py`, `segformer.py`, `eomt.py` (whole models, both ways; what
 they share in `whole_model.py`). "bundle" (loading only) is one of our bundles.
 
@@ -31,8 +31,8 @@ import numpy as np
 from absl import logging
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax.convert import augreg, backbone, dinov2, eomt, hf, segformer, segvit_official, \
-    timm
+from segvit_jax.convert import augreg, backbone, dinov2, dinov3, eomt, hf, segformer, \
+    segvit_official, timm
 from segvit_jax.convert.backbone import Converted
 from segvit_jax.convert.rules import flatten, unflatten
 from segvit_jax.models import vit
@@ -80,6 +80,9 @@ FORMAT_TABLE: dict[str, Format] = {
                      "transformers ViTModel save_pretrained directory"),
     "hf-dinov2": Format(VIT_BACKBONE, hf.load_dinov2,
                         "transformers Dinov2Model / Dinov2WithRegistersModel directory"),
+    "dinov3": Format(VIT_BACKBONE, dinov3.load,
+                     "facebookresearch/dinov3 ViT .pth (RoPE, registers, SwiGLU, masked k bias)"),
+    "hf-dinov3": Format(VIT_BACKBONE, dinov3.load_hf, "transformers DINOv3ViTModel directory"),
     segvit_official.FORMAT: Format(
         WHOLE_MODEL, segvit_official.convert,
         "SegViT (ATM head) and SegViT-Shrunk .pth of the mmseg 0.24 release (zbwxp/SegVit)",
@@ -102,6 +105,10 @@ FORMAT_TABLE: dict[str, Format] = {
         WHOLE_MODEL, functools.partial(eomt.convert, fmt=eomt.HF),
         "transformers EomtForUniversalSegmentation directory",
         export=eomt.export_hf, config="optional"),
+    eomt.HF_DINOV3: Format(
+        WHOLE_MODEL, functools.partial(eomt.convert, fmt=eomt.HF_DINOV3),
+        "transformers EomtDinov3ForUniversalSegmentation directory (EoMT on DINOv3)",
+        export=functools.partial(eomt.export_hf, fmt=eomt.HF_DINOV3), config="optional"),
     "torch": Format(
         WHOLE_MODEL, _read_torch_file,
         "SegViT / SegViT-Shrunk for plain torch.nn modules (segvit_jax.torch.load)",

@@ -8,8 +8,8 @@ SegFormer and EoMT models between the authors' releases (and transformers) and o
   python -m segvit_jax.convert SRC.pt OUT --from torch     (e.g. after fine-tuning in torch)
   python -m segvit_jax.convert SRC OUT --from segformer-official|hf-segformer [--config X.py]
   python -m segvit_jax.convert BUNDLE OUT --to segformer-official|hf-segformer
-  python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py]
-  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt
+  python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt|hf-eomt-dinov3 [--config X.py]
+  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt|hf-eomt-dinov3
 
 OUT is written atomically (bundles and transformers directories through a temporary directory
 beside it, .pth files through a temporary file); an existing OUT is an error unless
@@ -24,6 +24,11 @@ Examples (file names of the public releases; see the README, "Pretrained weights
 res_384.npz weights/augreg_l16 --from augreg-npz --image_size 640
   python -m segvit_jax.convert dinov2_vitl14_reg4_pretrain.pth weights/dinov2_l16_640 \
       --from dinov2 --image_size 640 --patch_size 16
+  # DINOv3 (RoPE: no position grid to resample), the release's file or transformers' copy:
+  python -m segvit_jax.convert dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth weights/dinov3_l16 \
+      --from dinov3
+  python -m segvit_jax.convert dinov3-vitl16-pretrain-lvd1689m/ weights/dinov3_l16 \
+      --from hf-dinov3
   # a SegViT-Shrunk ViT-L/16 of the authors' release (the file does not record tap layers,
   # shrink_idx or head counts: the config says them), and back to the release's layout:
   python -m segvit_jax.convert shrunk_l16_ade.pth weights/shrunk_l16_ade \
@@ -221,9 +226,11 @@ def run(fv: flags.FlagValues, src: str, out: str) -> str:
       num_heads=fv["num_heads"].value, mean=fv["mean"].value, std=fv["std"].value,
       trust_pickle=trust_pickle)
   b = bundle.read_config(path)["model"]["backbone"]
+  position = (f"rope_theta {b['rope_theta']:g}" if b.get("rope_theta") is not None
+              else f"posemb_resize {b['posemb_resize']}")
   return (f"wrote {path}: {b.get('variant') or 'ViT'} width {b['width']} depth {b['depth']} "
           f"patch {b['patch_size']} grid {tuple(b['posemb_grid'])} "
-          f"registers {b['num_registers']} posemb_resize {b['posemb_resize']}")
+          f"registers {b['num_registers']} {position}")
 
 
 def main(argv: Sequence[str]) -> None:

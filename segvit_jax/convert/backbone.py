@@ -66,8 +66,11 @@ def add_cls_slot(params: Flat, source: str) -> Flat:
 def infer_backbone(params: Flat, *, num_heads: int | None, source: str,
                    **fields: Any) -> dict[str, Any]:
   """Our ViT config from converted parameter shapes (+ `fields` the layout knows, e.g.
-  norm_eps and posemb_resize)."""
-  for key in ("embedding/kernel", "pos_embedding", "encoderblock_0/norm1/scale"):
+  norm_eps and posemb_resize; with `rope_theta` (RoPE, no position table) also
+  `posemb_grid`)."""
+  rope = fields.get("rope_theta") is not None
+  for key in ("embedding/kernel", *(() if rope else ("pos_embedding",)),
+              "encoderblock_0/norm1/scale"):
     if key not in params:
       raise ValueError(f"{source}: no tensor maps to {key!r}; is this a ViT checkpoint?")
   kernel = params["embedding/kernel"]
@@ -81,8 +84,10 @@ def infer_backbone(params: Flat, *, num_heads: int | None, source: str,
   swiglu = "encoderblock_0/mlp/w1/kernel" in params
   fc1 = params.get("encoderblock_0/mlp/" + ("w1" if swiglu else "fc1") + "/kernel")
   mlp_dim = fc1.shape[1] if fc1 is not None else 4 * width  # missing: `check` names it
-  n = params["pos_embedding"].shape[1] - int("cls" in params)
-  g = math.isqrt(n)
+  if rope:
+    g = None  # `fields` give the grid
+  else:
+    g = math.isqrt(params["pos_embedding"].shape[1] - int("cls" in params))
   cfg = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
              patch_size=kernel.shape[0], posemb_grid=(g, g), cls_token="cls" in params,
              cls_in_blocks=True, num_registers=(params["registers"].shape[1]
@@ -98,15 +103,22 @@ def infer_backbone(params: Flat, *, num_heads: int | None, source: str,
 
 def variant_name(cfg: Mapping[str, Any]) -> str | None:
   """The variant name whose sizes match `cfg`, if any (informational: explicit fields win)."""
-  family = "dinov2-" if cfg.get("layerscale") is not None else ""
-  reg = f"-reg{cfg['num_registers']}" if cfg.get("num_registers") else ""
-  for size in ("Ti", "S", "M", "B", "L", "H", "g"):
+  if cfg.get("rope_theta") is not None:
+    family, sizes = "dinov3-", ("S", "S+", "B", "L", "L+", "H+", "7B")
+    reg = f"-reg{cfg['num_registers']}" if cfg.get("num_registers", 4) != 4 else ""
+  else:
+    family = "dinov2-" if cfg.get("layerscale") is not None else ""
+    sizes = ("Ti", "S", "M", "B", "L", "H", "g")
+    reg = f"-reg{cfg['num_registers']}" if cfg.get("num_registers") else ""
+  for size in sizes:
     name = f"{family}{size}/{cfg['patch_size']}{reg}"
     try:
-      sizes = vit.decode_variant(name)
+      fields = vit.decode_variant(name)
     except ValueError:
       continue
-    if all(sizes[k] == cfg[k] for k in ("width", "depth", "mlp_dim", "num_heads")):
+    if all(fields.get(k, d) == cfg.get(k, d) for k, d in (
+        ("width", None), ("depth", None), ("mlp_dim", None), ("num_heads", None),
+        ("ffn", "mlp"))):
       return name
   return None
 
@@ -115,9 +127,12 @@ def resample(params: Flat, cfg: dict[str, Any], *, grid: tuple[int, int] | None 
              patch: int | None = None, posemb_resize: str | None = None,
              patch_resize: str = "bicubic_antialias") -> tuple[Flat, dict[str, Any]]:
   """Resamples the stored position grid to `grid` (with `posemb_resize`, default the model's
-  own method) and the patch kernel to `patch` (FlexiViT pseudo-inverse, `patch_resize`)."""
+  own method) and the patch kernel to `patch` (FlexiViT pseudo-inverse, `patch_resize`).
+  A RoPE model (no position table) just records `grid`."""
   params, cfg = dict(params), dict(cfg)
-  if grid is not None and tuple(grid) != tuple(cfg["posemb_grid"]):
+  if grid is not None and cfg.get("rope_theta") is not None:
+    cfg["posemb_grid"] = tuple(grid)
+  elif grid is not None and tuple(grid) != tuple(cfg["posemb_grid"]):
     pos = params["pos_embedding"]
     n_cls = int(cfg["cls_token"])
     d = pos.shape[-1]

@@ -1,9 +1,11 @@
 """Whole EoMT models (`models.eomt.EoMT`) in the layouts of the authors' release and of
 HuggingFace transformers, both ways (the release's `models/eomt.py`, `models/vit.py`,
-`models/scale_block.py` (tue-mps/eomt); transformers' `modeling_eomt.py`):
+`models/scale_block.py` (tue-mps/eomt); transformers' `modeling_eomt.py` and
+`modeling_eomt_dinov3.py`):
 
-  python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt [--config X.py[:ARG]]
-  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt
+  python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt|hf-eomt-dinov3 \
+      [--config X.py[:ARG]]
+  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt|hf-eomt-dinov3
 
 Formats (one `KeyRule` table each, shared by import and export, as `segformer.py`):
   eomt-official  a checkpoint of the release (tue-mps/eomt, Lightning): the LightningModule's
@@ -27,6 +29,14 @@ Formats (one `KeyRule` table each, shared by import and export, as `segformer.py
       files of transformers 4.x have `mlp.weights_in` (packed [gate; value]) and
       `mlp.weights_out` (the names of transformers 4.x): both are read; export writes
       transformers 5's.
+  hf-eomt-dinov3  a `save_pretrained` directory of transformers'
+      EomtDinov3ForUniversalSegmentation (EoMT on DINOv3): the names of hf-eomt for the
+      queries and the head; the ViT's as DINOv3ViTModel's (`convert/dinov3.py`): no position
+      table (RoPE: `rope_parameters.rope_theta` and `pos_embed_*` in config.json),
+      `embeddings.patch_embeddings`, `attention.{q,k,v,o}_proj` without a key bias,
+      `mlp.{up,down}_proj` (GELU). The gated MLP is refused: transformers runs the head with
+      the backbone's `hidden_act` (SiLU with the gated MLP), the release's head is GELU.
+      transformers runs it on square inputs of its `image_size` only; the bundle any size.
 
 What the files do not record. The release's files record neither the attention heads (from
 the width, `backbone.HEADS_BY_WIDTH`) nor, except through the length of its `attn_mask_probs`
@@ -74,7 +84,7 @@ import numpy as np
 from absl import logging
 
 from segvit_jax import bundle as bundle_lib
-from segvit_jax.convert import timm
+from segvit_jax.convert import dinov3, timm
 from segvit_jax.convert.backbone import HEADS_BY_WIDTH, IMAGENET_MEAN_STD, infer_backbone, \
     is_square
 from segvit_jax.convert.rules import Flat, KeyRule, attention, conv, conv_transpose, flatten, \
@@ -88,9 +98,12 @@ from segvit_jax.models import eomt as eomt_model
 
 OFFICIAL = "eomt-official"
 HF = "hf-eomt"
-FORMATS = (OFFICIAL, HF)
-# Run-time position-embedding resize of each layout's implementation (module docstring).
-POSEMB_RESIZE = {OFFICIAL: "bicubic_antialias", HF: "bicubic"}
+HF_DINOV3 = "hf-eomt-dinov3"
+FORMATS = (OFFICIAL, HF, HF_DINOV3)
+HF_FORMATS = (HF, HF_DINOV3)
+# Run-time position-embedding resize of each layout's implementation (module docstring; DINOv3
+# has no position table).
+POSEMB_RESIZE = {OFFICIAL: "bicubic_antialias", HF: "bicubic", HF_DINOV3: "bicubic"}
 # The release's timm DINOv2 (LayerNorm eps, LayerScale init); transformers reads config.json.
 RELEASE_NORM_EPS, RELEASE_LAYERSCALE = 1e-6, 1e-5
 # The no-object class weight of the loss buffer written on export when the bundle records none
@@ -168,16 +181,40 @@ def hf_rules(ffn: str, *, packed_swiglu: bool = False) -> tuple[KeyRule, ...]:
   else:
     kind = "mlp"
   return (
-      KeyRule(e + "cls_token", o + "cls"),
-      KeyRule(e + "register_tokens", o + "registers"),
       KeyRule(e + "position_embeddings.weight", o + "pos_embedding", _hf_posemb_in,
               _hf_posemb_out),
       *conv(e + "patch_embeddings.projection", o + "embedding"),
-      *norm(b + "norm1", ob + "norm1"),
       *attention(b + "attention.", ob + "attn", ("q_proj", "k_proj", "v_proj", "out_proj")),
+      *_ffn(b + "mlp.", ob + "mlp", kind),
+      *_hf_shared_rules(),
+  )
+
+
+def hf_dinov3_rules(ffn: str) -> tuple[KeyRule, ...]:
+  """transformers' EomtDinov3ForUniversalSegmentation as saved <-> our EoMT on DINOv3 (no
+  position table, no key bias: its rule never matches)."""
+  e, o = "embeddings.", P + "backbone/"
+  b, ob = "layers.{i}.", o + "encoderblock_{i}/"
+  return (
+      *conv(e + "patch_embeddings", o + "embedding"),
+      *attention(b + "attention.", ob + "attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+      *(mlp(b + "mlp.", ob + "mlp", ("up_proj", "down_proj")) if ffn == "mlp" else
+        _ffn(b + "mlp.", ob + "mlp", "hf_swiglu")),  # (refused on import and export)
+      *_hf_shared_rules(),
+  )
+
+
+def _hf_shared_rules() -> tuple[KeyRule, ...]:
+  """What transformers' EoMT and EoMT-DINOv3 name alike: tokens, norms, LayerScale, queries,
+  the head."""
+  e, o = "embeddings.", P + "backbone/"
+  b, ob = "layers.{i}.", o + "encoderblock_{i}/"
+  return (
+      KeyRule(e + "cls_token", o + "cls"),
+      KeyRule(e + "register_tokens", o + "registers"),
+      *norm(b + "norm1", ob + "norm1"),
       KeyRule(b + "layer_scale1.lambda1", ob + "ls1"),
       *norm(b + "norm2", ob + "norm2"),
-      *_ffn(b + "mlp.", ob + "mlp", kind),
       KeyRule(b + "layer_scale2.lambda1", ob + "ls2"),
       *norm("layernorm", o + "encoder_norm"),
       KeyRule("query.weight", P + "queries"),
@@ -188,13 +225,15 @@ def hf_rules(ffn: str, *, packed_swiglu: bool = False) -> tuple[KeyRule, ...]:
 
 
 # Buffers read apart (`_buffers`) or dropped (regexes, full match).
-MASK_PROBS = {OFFICIAL: "network.attn_mask_probs", HF: "attn_mask_probs"}
+MASK_PROBS = {OFFICIAL: "network.attn_mask_probs", HF: "attn_mask_probs",
+              HF_DINOV3: "attn_mask_probs"}
 PIXEL_MEAN, PIXEL_STD = "network.encoder.pixel_mean", "network.encoder.pixel_std"
 EMPTY_WEIGHT = "criterion.empty_weight"
 DROPPED = {
     OFFICIAL: (re.escape(MASK_PROBS[OFFICIAL]), r"network\.encoder\.pixel_(?:mean|std)",
                r"criterion\..*"),
     HF: (re.escape(MASK_PROBS[HF]), r"criterion\..*"),
+    HF_DINOV3: (re.escape(MASK_PROBS[HF]), r"criterion\..*"),
 }
 _OFFICIAL_MARKER = "network.encoder.backbone.patch_embed.proj.weight"
 
@@ -222,10 +261,19 @@ def _official_tensors(tensors: dict[str, np.ndarray], source: str) -> dict[str, 
                    f"{key_list(keys, 8)}")
 
 
-def _read_hf(path: str, trust_pickle: bool) -> tuple[dict, dict[str, np.ndarray]]:
-  config, tensors = read_hf_model_dir(path, "eomt", fmt=HF, name="EoMT",
-                                      trust_pickle=trust_pickle)
-  bad = hf_unsupported(config)
+def _read_hf(path: str, trust_pickle: bool, fmt: str = HF) -> tuple[dict, dict[str, np.ndarray]]:
+  dinov3_vit = fmt == HF_DINOV3
+  config, tensors = read_hf_model_dir(
+      path, "eomt_dinov3" if dinov3_vit else "eomt", fmt=fmt,
+      name="EoMT-DINOv3" if dinov3_vit else "EoMT", trust_pickle=trust_pickle)
+  if dinov3_vit:
+    dinov3.check_hf_config(config, path)  # (its gated MLP runs SiLU)
+    if config.get("use_gated_mlp"):
+      raise ValueError(f"{path}/config.json: use_gated_mlp=True: transformers' EoMT-DINOv3 "
+                       f"then runs its head (mask MLP, up-scaling) with hidden_act "
+                       f"{config.get('hidden_act')!r} too; our EoMT head is GELU, as the "
+                       "release's (whose DINOv3 models have the plain MLP)")
+  bad = hf_unsupported({**config, "hidden_act": "gelu"} if dinov3_vit else config)
   for k in ("image_size", "patch_size"):
     if not isinstance(config.get(k, 0), int):
       bad[k] = config[k]
@@ -287,6 +335,8 @@ def _inferred_model(flat: Flat, fmt: str, source: str, *, num_heads: int | None,
   fields: dict[str, Any] = dict(norm_eps=RELEASE_NORM_EPS, layerscale=RELEASE_LAYERSCALE,
                                 posemb_resize=POSEMB_RESIZE[fmt])
   if hf_config is not None:
+    if fmt == HF_DINOV3:
+      fields.update(dinov3.hf_vit_fields(hf_config, backbone_flat))
     fields.update(norm_eps=float(hf_config.get("layer_norm_eps", 1e-6)),
                   layerscale=float(hf_config.get("layerscale_value", 1.0)))
     if hf_config.get("drop_path_rate"):
@@ -311,9 +361,10 @@ def _check_config(model_cfg: Mapping[str, Any], inferred: Mapping[str, Any],
   if model_cfg.get("name") != "eomt":
     raise ValueError(f"{described_by} describes a {model_cfg.get('name')!r} model; EoMT "
                      "checkpoints are model.name='eomt' models")
-  want, got = resolved_backbone(model_cfg["backbone"]), inferred["backbone"]
+  want, got = resolved_backbone(model_cfg["backbone"]), resolved_backbone(inferred["backbone"])
   bad = [f"backbone.{k}: config {want[k]}, file {got[k]}"
-         for k in ("width", "depth", "mlp_dim", "ffn", "patch_size", "num_registers")
+         for k in ("width", "depth", "mlp_dim", "ffn", "patch_size", "num_registers",
+                   "rope_theta", "qkv_bias", "key_bias")
          if want[k] != got[k]]
   if "num_heads" in recorded and want["num_heads"] != got["num_heads"]:
     bad.append(f"backbone.num_heads: config {want['num_heads']}, file {got['num_heads']} "
@@ -347,11 +398,14 @@ def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = N
     tensors = _official_tensors(tensors, path)
     rules = official_rules(timm.ffn_of(tensors, "network.encoder.backbone.blocks.0.mlp."))
     num_heads = None
-  elif fmt == HF:
-    hf_config, tensors = _read_hf(path, trust_pickle)
-    packed = any(".mlp.weights_in." in k for k in tensors)
-    rules = hf_rules("swiglu" if hf_config.get("use_swiglu_ffn") else "mlp",
-                     packed_swiglu=packed)
+  elif fmt in HF_FORMATS:
+    hf_config, tensors = _read_hf(path, trust_pickle, fmt)
+    if fmt == HF:
+      packed = any(".mlp.weights_in." in k for k in tensors)
+      rules = hf_rules("swiglu" if hf_config.get("use_swiglu_ffn") else "mlp",
+                       packed_swiglu=packed)
+    else:
+      rules = hf_dinov3_rules("swiglu" if hf_config.get("use_gated_mlp") else "mlp")
     num_heads = hf_config.get("num_attention_heads")
     recorded["num_heads"] = f"{path}/config.json num_attention_heads"
   else:
@@ -411,7 +465,7 @@ def _mean_std(path: str, fmt: str, tensors: Mapping[str, np.ndarray], config,
   if fmt == OFFICIAL and PIXEL_MEAN in tensors and PIXEL_STD in tensors:
     recorded = tuple(tuple(round(float(v) * 255, 4) for v in np.ravel(tensors[k]))
                      for k in (PIXEL_MEAN, PIXEL_STD))
-  elif fmt == HF:
+  elif fmt in HF_FORMATS:
     recorded = hf_mean_std(path, None)
   if recorded is None:
     ours = meta.get("segvit_jax") if isinstance(meta.get("segvit_jax"), dict) else {}
@@ -469,11 +523,21 @@ def _check_exportable(model_cfg: Mapping[str, Any], fmt: str, source: str) -> di
   bb = resolved_backbone(model_cfg["backbone"])
   need = dict(cls_token=True, cls_in_blocks=True, final_norm=True)
   bad = [f"backbone.{k}={bb[k]!r} (the layout: {v!r})" for k, v in need.items() if bb[k] != v]
+  rope = bb["rope_theta"] is not None
+  if rope != (fmt == HF_DINOV3):
+    bad.append(f"backbone.rope_theta={bb['rope_theta']!r} (" + (
+        "a DINOv3 backbone with rotary position embeddings: --to hf-eomt-dinov3" if rope else
+        "a learned position table: the DINOv3 layout has none; --to hf-eomt") + ")")
   if bb["layerscale"] is None:
     bad.append("backbone.layerscale=None (the layout's blocks have LayerScale)")
   if bb["posemb_grid"][0] != bb["posemb_grid"][1]:
     bad.append(f"backbone.posemb_grid={tuple(bb['posemb_grid'])} (the layout stores a square "
                "grid)")
+  if fmt in (OFFICIAL, HF) and not (bb["qkv_bias"] and bb["key_bias"]):
+    bad.append("backbone.qkv_bias / key_bias off (the layout's attention has every bias)")
+  if fmt == HF_DINOV3 and bb["ffn"] != "mlp":
+    bad.append(f"backbone.ffn={bb['ffn']!r} (transformers' EoMT-DINOv3 would run its head with "
+               "the gated MLP's SiLU; our head is GELU)")
   if fmt == HF and _hf_mlp_ratio(bb) is None:
     bad.append(f"backbone.mlp_dim={bb['mlp_dim']} ({bb['ffn']}): not an integer mlp_ratio of "
                f"width {bb['width']}, as transformers' config needs")
@@ -511,8 +575,11 @@ def _export_state(bundle_path: str, fmt: str) -> tuple[dict, dict, dict]:
   bb = _check_exportable(model_cfg, fmt, bundle_path)
   loaded = bundle_lib.load_bundle(bundle_path)  # strict check against its model
   flat = {P + k: np.asarray(v) for k, v in flatten(loaded.variables["params"]).items()}
-  flat = _fold_cls_slot(flat, bundle_path)
-  rules = official_rules(bb["ffn"]) if fmt == OFFICIAL else hf_rules(bb["ffn"])
+  if fmt == HF_DINOV3:
+    rules = hf_dinov3_rules(bb["ffn"])
+  else:
+    flat = _fold_cls_slot(flat, bundle_path)
+    rules = official_rules(bb["ffn"]) if fmt == OFFICIAL else hf_rules(bb["ffn"])
   state = to_theirs(flat, rules, source=bundle_path, layout=fmt)
   k = model_cfg["num_classes"]
   # Fully annealed (module docstring); the loss's class weights, no-object last.
@@ -567,12 +634,34 @@ def hf_config(meta: Mapping[str, Any], bb: Mapping[str, Any] | None = None) -> d
   }
 
 
-def export_hf(bundle_path: str, out: str) -> dict[str, np.ndarray]:
-  """An EoMT bundle -> a directory EomtForUniversalSegmentation.from_pretrained loads:
-  config.json, model.safetensors (float32) and preprocessor_config.json (the bundle's mean /
-  std; EoMT's semantic inference). Returns the state dict."""
-  meta, bb, state = _export_state(bundle_path, HF)
+def hf_dinov3_config(meta: Mapping[str, Any], bb: Mapping[str, Any] | None = None
+                     ) -> dict[str, Any]:
+  """config.json of EomtDinov3ForUniversalSegmentation for an EoMT-on-DINOv3 bundle's config."""
+  model = meta["model"]
+  bb = bb or resolved_backbone(model["backbone"])
   config = hf_config(meta, bb)
+  for k in ("mlp_ratio", "use_swiglu_ffn"):
+    del config[k]
+  gated = bb["ffn"] == "swiglu"
+  config.update(
+      architectures=["EomtDinov3ForUniversalSegmentation"], model_type="eomt_dinov3",
+      intermediate_size=int(bb["mlp_dim"]), use_gated_mlp=gated,
+      hidden_act="silu" if gated else "gelu",
+      rope_parameters={"rope_theta": float(bb["rope_theta"]), "rope_type": "default"},
+      query_bias=bool(bb["qkv_bias"]), value_bias=bool(bb["qkv_bias"]),
+      key_bias=bool(bb["qkv_bias"] and bb["key_bias"]), proj_bias=True, mlp_bias=True,
+      pos_embed_shift=bb["rope_shift"], pos_embed_jitter=bb["rope_jitter"],
+      pos_embed_rescale=bb["rope_rescale"])
+  return config
+
+
+def export_hf(bundle_path: str, out: str, fmt: str = HF) -> dict[str, np.ndarray]:
+  """An EoMT bundle -> a directory EomtForUniversalSegmentation.from_pretrained loads
+  (`fmt` hf-eomt-dinov3: EomtDinov3ForUniversalSegmentation's): config.json,
+  model.safetensors (float32) and preprocessor_config.json (the bundle's mean / std; EoMT's
+  semantic inference). Returns the state dict."""
+  meta, bb, state = _export_state(bundle_path, fmt)
+  config = (hf_dinov3_config if fmt == HF_DINOV3 else hf_config)(meta, bb)
   mean, std = _pixel_stats(meta)
   write_hf_dir(out, state, config, {
       "image_processor_type": "EomtImageProcessor", "do_resize": True,
@@ -591,4 +680,5 @@ def summary(model: Mapping[str, Any]) -> str:
           f"patch {bb['patch_size']} grid {tuple(bb['posemb_grid'])} "
           f"registers {bb['num_registers']} queries {model['num_queries']} "
           f"num_blocks {model['num_blocks']} classes {model['num_classes']} "
-          f"posemb_resize {bb['posemb_resize']}")
+          + (f"rope_theta {bb['rope_theta']:g}" if bb["rope_theta"] is not None else
+             f"posemb_resize {bb['posemb_resize']}"))

@@ -30,6 +30,11 @@ supervised (the release, and transformers in training mode, do the same).
 The release trains without drop path (its forward bypasses the blocks' drop path);
 `backbone.drop_path` still works here if set.
 
+On DINOv3 (the release's second model zoo; transformers' EomtDinov3ForUniversalSegmentation):
+the backbone is a `dinov3-` ViT (rotary position embeddings, no position table). The rotary
+embedding of the patch grid is computed once per forward pass and rotates only the patch
+tokens: queries, cls and registers are prefix tokens, as in transformers.
+
 Parameters: `backbone/...` exactly the layout of `vit.ViT` (`embedding`, `pos_embedding` with
 its cls slot, `cls`, `registers`, `encoderblock_{i}`, `encoder_norm`), so DINOv2 converters and
 `model_init` fill it unchanged; `queries` (K, D); `head/class_head`,
@@ -183,6 +188,7 @@ class EoMTEncoder(vit.ViT):
     x, grid, n_prefix = self.embed(images)
     b, d, k = x.shape[0], self.width, queries.shape[0]
     drop, dpr, keys = self.block_schedule(train)
+    rope = self.rotary_embedding(grid, train)
     make_block = self.block_factory()
     norm = self.final_layer_norm()
     mask_keys = jax.random.split(self.make_rng("dropout"), num_query_blocks) if masked else None
@@ -205,7 +211,7 @@ class EoMTEncoder(vit.ViT):
         mask = query_attention_mask(mask_logits, grid, n_prefix, mask_probs[i - first],
                                     mask_keys[i - first])
       x = make_block(name=f"encoderblock_{i}")(
-          x, not drop, float(dpr[i]), None if keys is None else keys[i], None, mask)
+          x, not drop, float(dpr[i]), None if keys is None else keys[i], None, mask, rope=rope)
     return predict(x), aux
 
 

@@ -1,7 +1,7 @@
-"""Building blocks shared by every model family: one attention, one MLP, drop path, one
-LayerNorm helper, one resize (position embeddings, patch kernels, masks: torch's
-F.interpolate as matrices) and the mask-classification `semantic_scores`. The CPU rewrites
-of convolutions live in `cpu_ops`.
+"""Building blocks shared by every model family: one attention (with optional rotary position
+embeddings), one MLP, drop path, one LayerNorm helper, one resize (position embeddings, patch
+kernels, masks: torch's F.interpolate as matrices) and the mask-classification
+`semantic_scores`. The CPU rewrites of convolutions live in `cpu_ops`.
 
 Logical axis names (mapped to mesh axes by `segvit_jax.sharding`):
   parameters: `embed` (model width), `mlp` (hidden width), `heads` (attention width,
@@ -94,18 +94,30 @@ class Attention(nn.Module):
   `mask`: optional boolean attention mask, True where a query may attend to a key,
   broadcastable to (B, heads, Nq, Nk) (EoMT's masked attention, EoMT Sec. 3.3, Fig. 3).
   Every query must keep at least one key.
+
+  `rope`: optional (sin, cos), each (n, head_dim) (`rope_sin_cos`): rotary position
+  embeddings applied to the queries and keys of the last n tokens (the patches; prefix tokens
+  such as cls, registers and EoMT's queries are not rotated), self-attention only.
+  `qkv_bias=False` drops the query / key / value biases, `key_bias=False` the key's alone
+  (DINOv3: its release masks the key bias to zero, transformers has none).
   """
 
   num_heads: int
   dropout: float = 0.0  # on the attention probabilities
   return_logits: bool = False
+  qkv_bias: bool = True
+  key_bias: bool = True
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   bias_init: Initializer = nn.initializers.zeros
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None,
-               deterministic: bool = True, mask: jax.Array | None = None):
+               deterministic: bool = True, mask: jax.Array | None = None,
+               rope: tuple[jax.Array, jax.Array] | None = None):
+    if rope is not None and x_kv is not None:
+      raise ValueError("rotary position embeddings need self-attention (no separate keys / "
+                       "values)")
     x_kv = x_q if x_kv is None else x_kv
     d = x_q.shape[-1]
     if d % self.num_heads:
@@ -117,9 +129,11 @@ class Attention(nn.Module):
         kernel_init=logical(self.kernel_init, ("embed", "heads")),
         bias_init=logical(self.bias_init, ("heads",)))
     split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)  # noqa: E731
-    q = split(proj(name="query")(x_q))  # (B, Nq, H, hd)
-    k = split(proj(name="key")(x_kv))
-    v = split(proj(name="value")(x_kv))
+    q = split(proj(name="query", use_bias=self.qkv_bias)(x_q))  # (B, Nq, H, hd)
+    k = split(proj(name="key", use_bias=self.qkv_bias and self.key_bias)(x_kv))
+    v = split(proj(name="value", use_bias=self.qkv_bias)(x_kv))
+    if rope is not None:
+      q, k = apply_rope(q, rope), apply_rope(k, rope)
     q = constrain(q, ("act_batch", "act_len", "act_heads", None))
 
     need_probs = self.return_logits or (self.dropout > 0.0 and not deterministic)
@@ -140,6 +154,70 @@ class Attention(nn.Module):
     if self.return_logits:
       return out, logits.mean(axis=1)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings on the patch grid (DINOv3, Simeoni et al. 2025; the
+# facebookresearch/dinov3 release's layers/rope_position_encoding.py, transformers'
+# DINOv3ViTRopePositionEmbedding): axial, no learned weights. Patch centres are normalised
+# per axis to [-1, 1] ("separate": y / gh and x / gw), optionally augmented in training, and
+# each head's dimensions rotate by 2 pi coord / period with head_dim / 4 periods per axis,
+# theta ** (4 j / head_dim), j = 0 .. head_dim / 4 - 1.
+
+def rope_coords(grid: tuple[int, int]) -> np.ndarray:
+  """(gh * gw, 2) float32 (y, x) patch centres in [-1, 1], row-major: 2 (i + 0.5) / g - 1."""
+  gh, gw = grid
+  ys = np.arange(0.5, gh, dtype=np.float32) / np.float32(gh)
+  xs = np.arange(0.5, gw, dtype=np.float32) / np.float32(gw)
+  coords = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
+  return np.float32(2.0) * coords - np.float32(1.0)
+
+
+def rope_augment(coords: jax.Array, rng: jax.Array, *, shift: float | None = None,
+                 jitter: float | None = None, rescale: float | None = None) -> jax.Array:
+  """DINOv3's training-time coordinate augmentations, one draw per call (transformers draws
+  once per forward pass; the release once per block): add a uniform shift in [-shift, shift]
+  per axis, multiply per axis by a log-uniform jitter in [1 / jitter, jitter], then both axes
+  by one log-uniform factor in [1 / rescale, rescale]. None skips a step."""
+  k_shift, k_jitter, k_rescale = jax.random.split(rng, 3)
+  coords = jnp.asarray(coords, jnp.float32)
+  if shift is not None:
+    coords = coords + jax.random.uniform(k_shift, (1, 2), jnp.float32, -shift, shift)
+  if jitter is not None:
+    r = float(np.log(jitter))
+    coords = coords * jnp.exp(jax.random.uniform(k_jitter, (1, 2), jnp.float32, -r, r))
+  if rescale is not None:
+    r = float(np.log(rescale))
+    coords = coords * jnp.exp(jax.random.uniform(k_rescale, (1, 1), jnp.float32, -r, r))
+  return coords
+
+
+def rope_sin_cos(coords: jax.Array, head_dim: int, theta: float
+                 ) -> tuple[jax.Array, jax.Array]:
+  """(sin, cos), each (N, head_dim) float32, of (N, 2) coordinates: angles
+  2 pi coord_a / period_j laid out [y periods | x periods], the whole repeated twice (the
+  rotate-half pairing of `apply_rope`)."""
+  if head_dim % 4:
+    raise ValueError(f"rotary position embeddings need head_dim divisible by 4, got {head_dim}")
+  periods = np.float32(theta) ** (4.0 * np.arange(head_dim // 4, dtype=np.float32) / head_dim)
+  coords = jnp.asarray(coords, jnp.float32)
+  angles = 2 * np.pi * coords[:, :, None] / jnp.asarray(periods, jnp.float32)  # (N, 2, hd/4)
+  angles = jnp.tile(angles.reshape(coords.shape[0], -1), (1, 2))  # (N, hd)
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """x (B, N, heads, hd): the last n = len(sin) tokens rotated, x * cos + rotate_half(x) * sin
+  with rotate_half([a, b]) = [-b, a], in float32 (as the release), the rest unchanged."""
+  sin, cos = rope
+  n = sin.shape[0]
+  if n > x.shape[1]:
+    raise ValueError(f"{n} rotary positions for {x.shape[1]} tokens")
+  prefix, patches = x[:, :x.shape[1] - n], x[:, x.shape[1] - n:].astype(jnp.float32)
+  a, b = jnp.split(patches, 2, axis=-1)
+  rotated = jnp.concatenate([-b, a], axis=-1)
+  patches = patches * cos[:, None, :] + rotated * sin[:, None, :]
+  return jnp.concatenate([prefix, patches.astype(x.dtype)], axis=1)
 
 
 def _cubic_near(x, a: float):  # Keys cubic convolution, |x| <= 1

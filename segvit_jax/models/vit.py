@@ -1,13 +1,21 @@
 """Plain Vision Transformer backbones: AugReg (Dosovitskiy et al., ICLR 2021, Sec. 3.1, Eq.
 (1)-(3); Steiner et al., TMLR 2022), as SegViT uses it (SegViT Sec. 3.1 and 4.2, "Transformer
 backbone"), and DINOv2 (Oquab et al. 2023, Table 17; registers: Darcet et al., ICLR 2024, Sec.
-2.2), as EoMT uses it (EoMT Sec. 4.1 and App. A.1). One implementation.
+2.2), as EoMT uses it (EoMT Sec. 4.1 and App. A.1), and DINOv3 (Simeoni et al. 2025; the
+facebookresearch/dinov3 release's models/vision_transformer.py and hub/backbones.py). One
+implementation.
 
 `Model(variant=...)` decodes big_vision-style names, with an optional family prefix:
   "B/16", "augreg-B/16"    AugReg: cls token, final norm, GELU MLP.
   "dinov2-L/14"            DINOv2: + LayerScale, 37x37 stored position grid (518 px); size g
                            uses a SwiGLU FFN (hidden 4096, DINOv2's 2/3 rule rounded to 8).
   "dinov2-L/14-reg4"       DINOv2 with 4 register tokens.
+  "dinov3-L/16"            DINOv3 (sizes S, S+, B, L, L+, H+, 7B): rotary position embeddings
+                           on the patch grid instead of a learned table (`rope_theta` 100;
+                           training-time coordinate rescale 2.0 as the release and
+                           transformers), 4 registers, LayerScale, no key bias, LayerNorm eps
+                           1e-5; the "+" sizes and 7B use a SwiGLU FFN, 7B has no query /
+                           value biases.
 Explicit keyword fields override what the variant implies.
 
 The model returns `(tokens, aux)`: `tokens` (B, h, w, D) patch tokens after the optional final
@@ -23,7 +31,9 @@ names, their own way.
 Any input H x W divisible by the patch size works, non-square included: the learned position
 embedding (stored on `posemb_grid`) is resized to the input grid on the fly with
 `posemb_resize` (one of `layers.RESIZE_METHODS`; each converter records the method of the
-implementation it came from).
+implementation it came from). With `rope_theta` there is no position table: the patch tokens'
+queries and keys are rotated by their normalised grid coordinates (`layers.rope_sin_cos`),
+computed for each input grid, so the cls token and the registers carry no position.
 
 SegViT-Shrunk's query down-sampling is a subclass (`shrunk.ShrunkViT`): it runs one block on
 fewer queries than keys / values (`EncoderBlock`'s `kv` input) through the `run_block` hook.
@@ -69,39 +79,69 @@ REMAT_POLICIES = {
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 
+# DINOv3 sizes of the release's hub/backbones.py: name -> (width, depth, num_heads, ffn_ratio,
+# SwiGLU alignment or None for the GELU MLP). The SwiGLU hidden width is swiglu_hidden(ratio * D).
+_DINOV3_SIZES = {
+    "S": (384, 12, 6, 4, None),
+    "S+": (384, 12, 6, 6, 8),
+    "B": (768, 12, 12, 4, None),
+    "L": (1024, 24, 16, 4, None),
+    "L+": (1024, 24, 16, 6, 8),
+    "H+": (1280, 32, 20, 6, 8),
+    "7B": (4096, 40, 32, 3, 64),
+}
+
 # Family defaults (DINOv2: LayerScale, 518 px / 37 x 37 stored grid, its release's position-
-# embedding interpolation); explicit fields override them.
+# embedding interpolation; DINOv3: RoPE, registers, LayerScale, masked key bias and the eps of
+# its "layernormbf16" norms, as every released DINOv3 ViT); explicit fields override them.
 _FAMILIES = {
     "augreg": dict(),
     "dinov2": dict(layerscale=1e-5, posemb_grid=(37, 37), posemb_resize="bicubic_dinov2"),
+    "dinov3": dict(layerscale=1e-5, num_registers=4, norm_eps=1e-5, rope_theta=100.0,
+                   rope_rescale=2.0, key_bias=False),
 }
 
 
-def swiglu_hidden(mlp_dim: int) -> int:
-  """DINOv2's SwiGLU hidden width for an MLP width: 2/3 of it, rounded up to a multiple of 8."""
-  return (int(mlp_dim * 2 / 3) + 7) // 8 * 8
+def swiglu_hidden(mlp_dim: int, align: int = 8) -> int:
+  """DINOv2 / DINOv3's SwiGLU hidden width for an MLP width: 2/3 of it, rounded up to a
+  multiple of `align` (8; DINOv3-7B's "swiglu64": 64)."""
+  d = int(mlp_dim * 2 / 3)
+  return d + (-d % align)
 
 
 def decode_variant(variant: str) -> dict[str, Any]:
   """"B/16" -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16);
-  "dinov2-g/14-reg4" -> DINOv2 giant fields (LayerScale, SwiGLU, 4 registers, ...)."""
-  try:
-    m = re.fullmatch(r"(?:(augreg|dinov2)-)?(\w+)/(\d+)(?:-reg(\d+))?", variant)
-    family, size, patch, registers = m.groups()
-    width, depth, mlp_dim, num_heads = _SIZES[size]
-  except (AttributeError, KeyError):
+  "dinov2-g/14-reg4" -> DINOv2 giant fields (LayerScale, SwiGLU, 4 registers, ...);
+  "dinov3-H+/16" -> DINOv3 ViT-H+ fields (RoPE, SwiGLU, 4 registers, ...)."""
+  m = re.fullmatch(r"(?:(augreg|dinov2|dinov3)-)?([\w+]+)/(\d+)(?:-reg(\d+))?", variant)
+  family, size, patch, registers = m.groups() if m else (None, None, None, None)
+  sizes = _DINOV3_SIZES if family == "dinov3" else _SIZES
+  if size not in sizes:
     raise ValueError(
         f"unknown ViT variant {variant!r}: expected [augreg-|dinov2-]SIZE/PATCH[-regN] with "
-        f"SIZE in {sorted(_SIZES)}, e.g. 'B/16', 'dinov2-L/14-reg4'") from None
-  out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
-             patch_size=int(patch), **_FAMILIES[family or "augreg"])
+        f"SIZE in {sorted(_SIZES)}, e.g. 'B/16', 'dinov2-L/14-reg4', or dinov3-SIZE/PATCH "
+        f"with SIZE in {list(_DINOV3_SIZES)}, e.g. 'dinov3-L/16'")
+  out = dict(patch_size=int(patch), **_FAMILIES[family or "augreg"])
+  if family == "dinov3":
+    width, depth, num_heads, ratio, align = sizes[size]
+    out.update(width=width, depth=depth, num_heads=num_heads, mlp_dim=ratio * width)
+    if align is not None:
+      out.update(ffn="swiglu", mlp_dim=swiglu_hidden(ratio * width, align))
+    if size == "7B":  # the release's vit_7b: qkv_bias=False
+      out.update(qkv_bias=False)
+    if registers:
+      out.update(num_registers=int(registers))
+    return out
+  width, depth, mlp_dim, num_heads = sizes[size]
+  out.update(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
   if family == "dinov2":
     if size == "g":
       out.update(ffn="swiglu", mlp_dim=swiglu_hidden(mlp_dim))
     if registers:  # register models interpolate with antialias and no offset
       out.update(num_registers=int(registers), posemb_resize="bicubic_antialias")
   elif registers:
-    raise ValueError(f"ViT variant {variant!r}: registers exist only for 'dinov2-' variants")
+    raise ValueError(f"ViT variant {variant!r}: registers exist only for 'dinov2-' / 'dinov3-' "
+                     "variants")
   return out
 
 
@@ -138,19 +178,23 @@ class EncoderBlock(nn.Module):
   The drop-path rate is a call argument, a float or a traced scalar (the ViT scans over the
   per-block rates); `rng` is this block's drop-path key (None: the "dropout" stream).
   `mask`: optional boolean self-attention mask, True = may attend, broadcastable to
-  (B, heads, N, N) (EoMT's masked attention; see `layers.Attention`)."""
+  (B, heads, N, N) (EoMT's masked attention; see `layers.Attention`). `rope`: optional
+  (sin, cos) rotary position embeddings of the last tokens (the patches; DINOv3)."""
 
   num_heads: int
   mlp_dim: int
   ffn: str = "mlp"
   layerscale: float | None = None
   norm_eps: float = 1e-6
+  qkv_bias: bool = True
+  key_bias: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
                drop_path: float | jax.Array = 0.0, rng: jax.Array | None = None,
-               kv: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+               kv: jax.Array | None = None, mask: jax.Array | None = None,
+               rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     def scale(y, name):
       if self.layerscale is None:
         return y
@@ -160,8 +204,9 @@ class EncoderBlock(nn.Module):
 
     rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
     norm1 = layers.layer_norm("norm1", self.norm_eps, self.dtype)
-    y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(
-        norm1(x), None if kv is None else norm1(kv), mask=mask)
+    y = layers.Attention(self.num_heads, qkv_bias=self.qkv_bias, key_bias=self.key_bias,
+                         dtype=self.dtype, name="attn")(
+        norm1(x), None if kv is None else norm1(kv), mask=mask, rope=rope)
     x = x + layers.DropPath(drop_path)(scale(y, "ls1"), deterministic, rngs[0])
     y = layers.layer_norm("norm2", self.norm_eps, self.dtype)(x)
     if self.ffn == "swiglu":
@@ -184,6 +229,11 @@ class ViT(nn.Module):
   num_registers: DINOv2 register tokens (`registers`, no position embedding).
   posemb_grid: the grid the position embedding is stored on.
   posemb_resize: how it is resized to other grids (`layers.RESIZE_METHODS`).
+  rope_theta: rotary position embeddings of this base period on the patch tokens instead of
+    the learned table (None: the table; DINOv3: 100).
+  rope_shift, rope_jitter, rope_rescale: DINOv3's training-time augmentations of the RoPE
+    coordinates (`layers.rope_augment`; None: off); never applied with train=False.
+  qkv_bias, key_bias: biases of the query / key / value projections, and of the key alone.
   layerscale: LayerScale initial value (None: no LayerScale). ffn: "mlp" or "swiglu".
   final_norm: LayerNorm after the last block (AugReg / DINOv2 have one; SegViT does not).
   drop_path: stochastic-depth rate of the last block; block i gets
@@ -205,6 +255,12 @@ class ViT(nn.Module):
   cls_token: bool = True
   cls_in_blocks: bool = True
   num_registers: int = 0
+  rope_theta: float | None = None
+  rope_shift: float | None = None
+  rope_jitter: float | None = None
+  rope_rescale: float | None = None
+  qkv_bias: bool = True
+  key_bias: bool = True
   layerscale: float | None = None
   ffn: str = "mlp"
   norm_eps: float = 1e-6
@@ -235,7 +291,8 @@ class ViT(nn.Module):
 
   def embed(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int], int]:
     """Images (B, H, W, 3) -> (tokens (B, n_prefix + gh * gw, D) = [cls | registers | patches]
-    with position embeddings added, the patch grid (gh, gw), n_prefix)."""
+    with learned position embeddings added (none with RoPE: `rotary_embedding`), the patch grid
+    (gh, gw), n_prefix)."""
     b, h, w, _ = images.shape
     p = self.patch_size
     if h % p or w % p:
@@ -250,21 +307,22 @@ class ViT(nn.Module):
                 bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(images)
     x = x.reshape(b, gh * gw, d)
 
-    grid = tuple(self.posemb_grid)
-    n_pos = grid[0] * grid[1] + int(self.cls_token)
-    posemb = self.param("pos_embedding",
-                        layers.logical(nn.initializers.normal(0.02), (None, None, "embed")),
-                        (1, n_pos, d))
-    patch_pos = posemb[:, int(self.cls_token):].reshape(1, *grid, d)
-    patch_pos = layers.resize_posemb(patch_pos, (gh, gw), self.posemb_resize)
-    x = x + patch_pos.reshape(1, gh * gw, d).astype(x.dtype)
+    if self.rope_theta is None:
+      grid = tuple(self.posemb_grid)
+      n_pos = grid[0] * grid[1] + int(self.cls_token)
+      posemb = self.param("pos_embedding",
+                          layers.logical(nn.initializers.normal(0.02), (None, None, "embed")),
+                          (1, n_pos, d))
+      patch_pos = posemb[:, int(self.cls_token):].reshape(1, *grid, d)
+      patch_pos = layers.resize_posemb(patch_pos, (gh, gw), self.posemb_resize)
+      x = x + patch_pos.reshape(1, gh * gw, d).astype(x.dtype)
 
     prefix = []
     if self.cls_token:
       cls = self.param("cls", layers.logical(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, d))
       if self.cls_in_blocks:
-        prefix.append(cls + posemb[:, :1])
+        prefix.append(cls if self.rope_theta is not None else cls + posemb[:, :1])
     if self.num_registers:
       prefix.append(self.param(
           "registers", layers.logical(nn.initializers.zeros, (None, None, "embed")),
@@ -274,6 +332,19 @@ class ViT(nn.Module):
       prefix = jnp.concatenate(prefix, axis=1).astype(x.dtype)
       x = jnp.concatenate([jnp.broadcast_to(prefix, (b, n_prefix, d)), x], axis=1)
     return layers.constrain(x, ("act_batch", "act_len", "act_embed")), (gh, gw), n_prefix
+
+  def rotary_embedding(self, grid: tuple[int, int], train: bool
+                       ) -> tuple[jax.Array, jax.Array] | None:
+    """(sin, cos), each (gh * gw, head_dim) float32, of the patch grid for the blocks'
+    attention; None without RoPE. In training, with coordinate augmentations set, one draw
+    from the "dropout" stream for the whole batch and every block (as transformers)."""
+    if self.rope_theta is None:
+      return None
+    coords = jnp.asarray(layers.rope_coords(grid))
+    augment = dict(shift=self.rope_shift, jitter=self.rope_jitter, rescale=self.rope_rescale)
+    if train and any(v is not None for v in augment.values()):
+      coords = layers.rope_augment(coords, self.make_rng("dropout"), **augment)
+    return layers.rope_sin_cos(coords, self.width // self.num_heads, self.rope_theta)
 
   def block_schedule(self, train: bool) -> tuple[bool, np.ndarray, jax.Array | None]:
     """(whether drop path is on, the per-block rates (depth,) float32, one drop-path key per
@@ -295,11 +366,12 @@ class ViT(nn.Module):
     `run_block(i, ...)`; with `scan_layers`, one scanned block."""
     b, d = x.shape[0], self.width
     drop, dpr, keys = self.block_schedule(train)
+    rope = self.rotary_embedding(grid, train)
     make_block = self.block_factory()
     if self.scan_layers:
       def body(block, x, xs):
         rate, key = xs
-        x = block(x, not drop, rate, key)
+        x = block(x, not drop, rate, key, rope=rope)
         return x, x[:, n_prefix:]
 
       x, patches = nn.scan(
@@ -310,7 +382,10 @@ class ViT(nn.Module):
       return x, [patches[i].reshape(b, *grid, d) for i in range(self.depth)], grid
     blocks = []
     for i in range(self.depth):
-      x, grid = self.run_block(i, make_block(name=f"encoderblock_{i}"), x, grid, n_prefix,
+      block = make_block(name=f"encoderblock_{i}")
+      if rope is not None:
+        block = functools.partial(block, rope=rope)
+      x, grid = self.run_block(i, block, x, grid, n_prefix,
                                not drop, float(dpr[i]), None if keys is None else keys[i])
       blocks.append(x[:, n_prefix:].reshape(b, *grid, d))
     return x, blocks, grid
@@ -330,7 +405,8 @@ class ViT(nn.Module):
                            policy=remat_policy(self.remat_policy),
                            prevent_cse=not self.scan_layers)
     return functools.partial(block_cls, self.num_heads, self.mlp_dim, self.ffn,
-                             self.layerscale, self.norm_eps, dtype=self.dtype)
+                             self.layerscale, self.norm_eps, qkv_bias=self.qkv_bias,
+                             key_bias=self.key_bias, dtype=self.dtype)
 
   def final_layer_norm(self) -> nn.LayerNorm:
     """The LayerNorm after the last block, `encoder_norm` (create it once per call)."""

@@ -46,9 +46,10 @@ def test_every_format_is_reachable(name, monkeypatch, tmp_path, capsys):
 
 def test_formats_derive_from_the_table():
   table = convert.FORMAT_TABLE
-  assert convert.FORMATS == ("augreg-npz", "timm", "dinov2", "hf-vit", "hf-dinov2")
+  assert convert.FORMATS == ("augreg-npz", "timm", "dinov2", "hf-vit", "hf-dinov2", "dinov3",
+                             "hf-dinov3")
   assert convert.MODEL_FORMATS == ("segvit-official", "segformer-official", "hf-segformer",
-                                   "eomt-official", "hf-eomt", "torch")
+                                   "eomt-official", "hf-eomt", "hf-eomt-dinov3", "torch")
   assert convert.EXPORT_FORMATS == convert.MODEL_FORMATS
   assert convert.CONFIG_REQUIRED == ("segvit-official",)
   assert convert.MIT_FORMATS == ("segformer-official", "hf-segformer")
