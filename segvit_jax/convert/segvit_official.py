@@ -264,9 +264,10 @@ def resolved_backbone(bb: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # What the release's mmseg ViT is (SegViT configs: with_cls_token=False, final_norm=False,
-# LayerNorm eps 1e-6, GELU MLP).
+# LayerNorm eps 1e-6, GELU MLP, learned position embeddings, a key bias).
 RELEASE_BACKBONE = dict(cls_token=True, cls_in_blocks=False, final_norm=False, layerscale=None,
-                        num_registers=0, ffn="mlp", norm_eps=1e-6)
+                        num_registers=0, ffn="mlp", norm_eps=1e-6, rope_theta=None,
+                        key_bias=True)
 
 
 def _check_exportable(model_cfg: Mapping[str, Any], source: str) -> None:

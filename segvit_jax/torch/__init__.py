@@ -48,7 +48,8 @@ __all__ = ["FORMAT", "SegViT", "SegViTShrunk", "export", "from_bundle", "from_co
 
 # What the release's modules cannot hold (their parameters), with the value they need.
 _FIXED_BACKBONE = {k: segvit_official.RELEASE_BACKBONE[k]
-                   for k in ("cls_token", "final_norm", "layerscale", "num_registers", "ffn")}
+                   for k in ("cls_token", "final_norm", "layerscale", "num_registers", "ffn",
+                             "rope_theta", "key_bias")}
 
 
 def _defaults(module: type, names: tuple[str, ...]) -> dict[str, Any]:
