@@ -312,6 +312,16 @@ def export(b: bundle_lib.Bundle | str, out: str, fmt: str, *, height: int | None
                        "image, or none): give --height H --width W")
     height, width = size
   sig = Signature(height, width, batch, dtype, input_type, logits)
+  if fmt == "onnx" and dtype != "float32":
+    raise ValueError(
+        f"--format onnx --dtype {dtype}: ONNX exports compute in float32 (jax2onnx writes "
+        "float16 convolutions with float32 kernels, which onnxruntime rejects; onnxruntime's "
+        "CPU kernels have no bfloat16 Conv): export float32 and let the runtime reduce it "
+        "(TensorRT: trtexec --fp16)")
+  if fmt == "stablehlo" and dtype == "float16" and "cpu" in platforms:
+    raise ValueError("--dtype float16 does not lower for the CPU (XLA's CPU dot has no "
+                     "float16 x float16 -> float32 precision): --platforms cuda, or --dtype "
+                     "bfloat16")
   meta = metadata(b, sig, fmt, source)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   if fmt == "onnx":
