@@ -31,6 +31,10 @@ Sizes: H x W is fixed (default: the window the recorded protocol runs the model 
 concrete sizes (`models.layers.resize_matrix`), so `--dynamic` is an error saying so. The batch
 may be symbolic (`--dynamic_batch`; ONNX dimension "batch", StableHLO dimension "b").
 
+Compute dtype (`--dtype`; parameters stay as stored, outputs float32): ONNX float32 only
+(jax2onnx writes float16 convolutions with float32 kernels, which onnxruntime rejects, and
+onnxruntime's CPU provider has no bfloat16 Conv); StableHLO any, float16 not for the CPU.
+
 Formats (README, "Deploying"):
   onnx       OUT (ONNX, opset 17) converted by jax2onnx from the same JAX function; the
              preprocessing is in the model's metadata_props ("segvit_jax": the JSON below, and
