@@ -255,13 +255,11 @@ def export_onnx(b: bundle_lib.Bundle, out: str, sig: Signature, meta: dict[str, 
   for key, value in props.items():
     entry = model.metadata_props.add()
     entry.key, entry.value = key, value
-  weights = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
-  data = out + ".data"
-  tmp = out + ".tmp"
-  if weights > ONNX_INLINE_BYTES:
+  weights = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)  # (float32)
+  tmp, data = out + ".tmp", out + ".data"
+  if weights > ONNX_INLINE_BYTES:  # OUT.data, named relative to OUT's folder
     onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=os.path.basename(data), size_threshold=1024)
-    os.replace(os.path.join(os.path.dirname(tmp), os.path.basename(data)), data)
   else:
     onnx.save_model(model, tmp)
   os.replace(tmp, out)
