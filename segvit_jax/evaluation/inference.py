@@ -224,6 +224,10 @@ def window_inference(score_fn: ScoreFn, image: jax.Array, layout: Layout,
   c = scores.shape[1]
   if num_classes is not None and c != num_classes:
     raise ValueError(f"score_fn returned {c} score channels, expected num_classes={num_classes}")
+  if starts == [(0, 0)] and (vh, vw) == (h, w):
+    # One window covering the image (whole mode): its scores as they are. (The same numbers as
+    # the sum below, without its scatter-add, which jax2onnx's ONNX export cannot convert.)
+    return scores[:, :, :h, :w]
   scores = scores.reshape(b, n, c, wh, ww)
   # The layout is static, so the per-pixel count is a numpy constant.
   count = np.zeros((ph, pw), np.float32)
