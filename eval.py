@@ -44,9 +44,9 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (defaul
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write results (default: the workdir, "
                               "else the checkpoint directory).")
 _SPLIT = flags.DEFINE_string("split", None, "Dataset split (default: config.dataset.eval_split).")
-_NUM_VIS = flags.DEFINE_integer("num_vis", 8, "Side-by-side pictures (image | ground truth | "
+_NUM_VIS = flags.DEFINE_integer("num_vis", None, "Side-by-side pictures (image | ground truth | "
                                 "prediction | overlay) of the first N examples, and "
-                                "confusion.png; 0: none.")
+                                "confusion.png; 0: none (default: config.eval.num_pictures).")
 flags.DEFINE_alias("num-vis", "num_vis")
 _SCALES = flags.DEFINE_list("scales", None, "Multi-scale test ratios, e.g. 0.5,0.75,1.0,1.25,"
                             "1.5,1.75 (default: config.eval.scales).")
@@ -109,11 +109,19 @@ def main(argv: list[str]) -> None:
                "config_file": config_file,
                "config": config.to_dict()}
   results = evaluate(model.model, model.variables, config, split=_SPLIT.value,
-                     out_dir=out_dir, num_pictures=_NUM_VIS.value, progress=True,
+                     out_dir=out_dir, num_pictures=num_pictures(config), progress=True,
                      evaluated=evaluated)
   if jax.process_index() == 0:
     print(metrics.format_table(results))
     print(f"results written to {os.path.join(out_dir, 'eval_results.json')}")
+
+
+def num_pictures(config: ml_collections.ConfigDict) -> int:
+  """--num_vis, else the config's `eval.num_pictures` (what training's evaluations draw; 4, the
+  configs' default, for a config saved before that key existed)."""
+  if _NUM_VIS.value is not None:
+    return _NUM_VIS.value
+  return int(config.eval.get("num_pictures", 4))
 
 
 if __name__ == "__main__":

@@ -110,3 +110,29 @@ def flat_params(workdir, step):
   assert got == step
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def tiny_segvit_config(shrunk_patch_size: int = 8) -> str:
+  """The source of a config file of a tiny SegViT / SegViT-Shrunk made from the paper's recipe
+  (the ViT-B ADE20K configs), as a user would write one: `FILE:atm` / `FILE:shrunk` (the Shrunk
+  ViT at patch `shrunk_patch_size`; 4 keeps QD's grid even at sizes like 40 x 56)."""
+  return f'''
+from configs import segvit_shrunk_vit_b16_ade20k, segvit_vit_b16_ade20k
+
+
+def get_config(arg="atm"):
+  recipe = segvit_shrunk_vit_b16_ade20k if arg == "shrunk" else segvit_vit_b16_ade20k
+  c = recipe.get_config()
+  c.dataset.name = "synthetic"
+  c.dataset.num_classes = c.model.num_classes = 6
+  c.model.backbone.update(width=64, depth=4, mlp_dim=128, num_heads=4, posemb_grid=(8, 8),
+                          drop_path=0.0)
+  if arg == "shrunk":
+    c.model.backbone.update(patch_size={shrunk_patch_size}, shrink_idx=2)
+    c.model.head.update(tap_layers=(1, 3), width=32, num_heads=4, query_grid=(8, 8),
+                        qu_layers=2, atm_layers=2)
+  else:
+    c.model.backbone.patch_size = 8
+    c.model.head.update(tap_layers=(1, 2, 3), width=32, num_heads=4, layers_per_stage=2)
+  return c
+'''

@@ -41,41 +41,19 @@ from segvit_jax.convert import segvit_official
 from segvit_jax.data import synthetic
 from segvit_jax.models import build_model
 
-from tests import torch_reference as ref
+from tests import support, torch_reference as ref
 
 KINDS = ("atm", "shrunk")
 SIZE = (40, 56)
 TOL = 1e-4
 OUTPUTS = ("class_logits", "mask_logits", "semantic_scores")
 
-# Tiny SegViT / SegViT-Shrunk from the paper's recipe (the ViT-B ADE20K configs): `tiny.py:atm`,
-# `tiny.py:shrunk`.
-CONFIG_FILE = '''
-from configs import segvit_shrunk_vit_b16_ade20k, segvit_vit_b16_ade20k
-
-
-def get_config(arg="atm"):
-  recipe = segvit_shrunk_vit_b16_ade20k if arg == "shrunk" else segvit_vit_b16_ade20k
-  c = recipe.get_config()
-  c.dataset.name = "synthetic"
-  c.dataset.num_classes = c.model.num_classes = 6
-  c.model.backbone.update(width=64, depth=4, mlp_dim=128, num_heads=4, posemb_grid=(8, 8),
-                          drop_path=0.0)
-  if arg == "shrunk":
-    c.model.backbone.update(patch_size=4, shrink_idx=2)
-    c.model.head.update(tap_layers=(1, 3), width=32, num_heads=4, query_grid=(8, 8),
-                        qu_layers=2, atm_layers=2)
-  else:
-    c.model.backbone.patch_size = 8
-    c.model.head.update(tap_layers=(1, 2, 3), width=32, num_heads=4, layers_per_stage=2)
-  return c
-'''
 
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory) -> str:
   path = tmp_path_factory.mktemp("configs") / "tiny.py"
-  path.write_text(CONFIG_FILE)
+  path.write_text(support.tiny_segvit_config(shrunk_patch_size=4))
   return str(path)
 
 

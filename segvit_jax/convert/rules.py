@@ -410,7 +410,8 @@ def import_torch(purpose: str = "reading PyTorch .pth/.bin files"):
   try:
     import torch  # pylint: disable=g-import-not-at-top  (an optional, heavy dependency)
   except ImportError:
-    raise ImportError(f"{purpose} needs torch (CPU build is enough): pip install torch") from None
+    raise ImportError(f"{purpose} needs torch (the CPU build is enough): "
+                      "pip install 'segvit_jax[torch]'") from None
   return torch
 
 
