@@ -233,7 +233,7 @@ def hf_dinov3_rules(ffn: str) -> tuple[KeyRule, ...]:
 
 
 def _hf_shared_rules() -> tuple[KeyRule, ...]:
-  """What transformers' EoMT names as DINOv3's: tokens, norms, LayerScale; and the head."""
+  """transformers' EoMT on DINOv2: its tokens, norms and LayerScale; and the head."""
   e, o = "embeddings.", P + "backbone/"
   b, ob = "layers.{i}.", o + "encoderblock_{i}/"
   return (
@@ -482,12 +482,13 @@ def _backbone_delta(flat: Flat, base: Converted, source: str, base_path: str,
 
 def _missing_backbone_message(path: str, tensors: Mapping[str, np.ndarray]) -> str:
   width = tensors[_OFFICIAL_DINOV3_MARKER].shape[0]
-  name = dinov3.RELEASE_NAMES.get(width, "vitl16")
+  name = dinov3.RELEASE_NAMES.get(width)
+  which = (f"the facebookresearch/dinov3 dinov3_{name}_pretrain_lvd1689m-*.pth, or a "
+           f"transformers directory of facebook/dinov3-{name}-pretrain-lvd1689m" if name else
+           "a facebookresearch/dinov3 .pth or a transformers DINOv3ViTModel directory")
   return (f"{path} holds delta weights ({PIXEL_STD} is zero): the release's DINOv3 checkpoints "
           "store the fine-tuned encoder minus the DINOv3 weights it started from. Give those "
-          f"weights with --backbone (width {width}: the facebookresearch/dinov3 "
-          f"dinov3_{name}_pretrain_lvd1689m-*.pth, or a transformers directory of "
-          f"facebook/dinov3-{name}-pretrain-lvd1689m)")
+          f"weights with --backbone (width {width}: {which})")
 
 
 def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = None, *,

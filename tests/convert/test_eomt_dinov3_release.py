@@ -17,6 +17,7 @@ the release's files record no head count.
   both give transformers' class and mask logits within 1e-4;
 - export in full equals the full file and in delta form (`--delta_from`) the writer's delta
   (bitwise, buffers included); both re-import to the same parameters;
+- `--config` adds class names and must agree with the file and its backbone;
 - a delta file without `--backbone`, `--backbone` with a full file or a backbone that does not
   fit, and the flags in the wrong direction fail with one line naming what to do.
 """
@@ -35,11 +36,31 @@ from segvit_jax.convert.rules import flatten
 
 from tests import checkpoint_writers as writers
 
-HIDDEN, DEPTH, HEADS, NUM_BLOCKS, QUERIES, LABELS, IMAGE, PATCH = 384, 3, 6, 2, 6, 5, 64, 16
+HIDDEN, DEPTH, HEADS, NUM_BLOCKS, QUERIES, LABELS, IMAGE, PATCH = 384, 3, 6, 2, 6, 6, 64, 16
 TOL = 1e-4  # float32 Flax ("highest" matmul precision) vs float64 torch
 VIT = dict(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
            intermediate_size=4 * HIDDEN, image_size=IMAGE, patch_size=PATCH,
            num_register_tokens=4, layer_norm_eps=1e-5)
+
+# What a user passes with --config (the synthetic dataset's six class names); ":heads12" says
+# another head count than the backbone's.
+CONFIG_FILE = '''
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=""):
+  c = common.run_config()
+  c.dataset.update(name="synthetic", num_classes=6)
+  c.model = ml_collections.ConfigDict(dict(
+      name="eomt", num_classes=6, num_queries=6, num_blocks=2,
+      backbone=dict(width=384, depth=3, num_heads=12 if arg == "heads12" else 6, mlp_dim=1536,
+                    patch_size=16, posemb_grid=(4, 4), num_registers=4, layerscale=1.0,
+                    rope_theta=100.0, rope_rescale=2.0, norm_eps=1e-5, key_bias=False)))
+  c.mean, c.std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+  return c
+'''
 
 
 def _eomt_model(seed: int) -> transformers.EomtDinov3ForUniversalSegmentation:
@@ -226,6 +247,8 @@ def test_export_both_forms_and_round_trip(ref, full_bundle, tmp_path, capsys):
   again = _params(tmp_path / "b_delta")
   diff = max(float(np.max(np.abs(again[k] - first[k]))) for k in first)
   assert diff <= 1e-6  # measured: MEASURED_RT (float32 (w - b) + b)
+  with capsys.disabled():
+    print(f"delta export -> release loading: {ulps:g} ulp; -> our import: {diff:.1e}")
 
 
 def test_missing_or_wrong_backbone_is_explained(ref, full_bundle, tmp_path, capsys):
@@ -265,3 +288,19 @@ def test_missing_or_wrong_backbone_is_explained(ref, full_bundle, tmp_path, caps
                root / "dinov3.pth")
   assert "--backbone applies to whole-model formats with delta-weight files (eomt-official), " \
          "not the backbone format dinov3" in err
+
+
+def test_config_names_the_classes_and_must_agree(ref, full_bundle, tmp_path, capsys):
+  root = ref["root"]
+  config = tmp_path / "eomt_dinov3_tiny.py"
+  config.write_text(CONFIG_FILE)
+  _cli(capsys, root / "pytorch_model.bin", tmp_path / "b", "--from", "eomt-official",
+       "--backbone", root / "dinov3.pth", "--config", config)
+  meta = bundle.read_config(str(tmp_path / "b"))
+  assert len(meta["class_names"]) == LABELS and meta["class_names"][0] != "class_0"
+  assert tuple(meta["model"]["backbone"]["posemb_grid"]) == (4, 4)  # the file records none
+  assert _bitwise(_params(tmp_path / "b"), _params(full_bundle))
+  err = _error(capsys, root / "pytorch_model.bin", tmp_path / "x", "--from", "eomt-official",
+               "--backbone", root / "dinov3.pth", "--config", f"{config}:heads12")
+  assert (f"does not hold the model the config describes: backbone.num_heads: config 12, file "
+          f"{HEADS} (the backbone {root / 'dinov3.pth'})") in err, err
