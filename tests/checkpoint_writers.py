@@ -560,3 +560,63 @@ def hf_eomt_packed_swiglu(sd: dict) -> dict[str, np.ndarray]:
       out[f"{m.group(1)}weights_in.{m.group(3)}"] = np.concatenate(
           [_get(sd, key), _get(sd, key.replace("gate_proj", "up_proj"))], 0)
   return out
+
+
+def eomt_dinov3_official_key(key: str) -> str:
+  """One transformers EomtDinov3ForUniversalSegmentation key (as saved) -> the release's: its
+  encoder is transformers' DINOv3ViTModel (4.56) under `network.encoder.backbone.` with the
+  names its models/vit.py `transformers_to_timm` gives: `embeddings` -> `patch_embed`, `layer`
+  -> `blocks` (the block's own names kept), the final `norm`; the rest as the DINOv2 release."""
+  m = re.fullmatch(r"layers\.(\d+)\.(.*)", key)
+  if m:
+    return f"network.encoder.backbone.blocks.{m.group(1)}.{m.group(2)}"
+  if key.startswith("embeddings."):
+    return "network.encoder.backbone.patch_embed." + key[len("embeddings."):]
+  if key.startswith("layernorm."):
+    return "network.encoder.backbone.norm." + key[len("layernorm."):]
+  name = _eomt_official_key(key)  # queries, heads, up-scaler, buffers
+  if name is None:
+    raise KeyError(f"unmapped transformers EoMT-DINOv3 key {key!r}")
+  return name
+
+
+def eomt_dinov3_official_state_dict(sd: dict, *, pixel_mean=IMAGENET_MEAN_01,
+                                    pixel_std=IMAGENET_STD_01) -> dict[str, np.ndarray]:
+  """transformers' saved EomtDinov3ForUniversalSegmentation state dict -> the release's
+  LightningModule state dict on DINOv3 (full weights), pixel buffers (1, 3, 1, 1) included."""
+  out = {eomt_dinov3_official_key(k): np.array(v) for k, v in sd.items()}
+  out["network.encoder.pixel_mean"] = np.asarray(pixel_mean, np.float32).reshape(1, 3, 1, 1)
+  out["network.encoder.pixel_std"] = np.asarray(pixel_std, np.float32).reshape(1, 3, 1, 1)
+  return out
+
+
+def _release_fresh(key: str, value: np.ndarray, base: dict) -> np.ndarray:
+  """What the release's LightningModule holds for `key` before it adds a delta-weight file
+  (training/lightning_module.py, `delta_weights: True`: `_zero_init_outside_encoder`, then
+  `_add_state_dicts`): the DINOv3ViTModel weights `base` (save_pretrained names: `embeddings.*`,
+  `layer.{i}.*`, `norm.*`) for `network.encoder.backbone.*`, the fixed ImageNet pixel buffers of
+  models/vit.py, the fresh `attn_mask_probs` (ones), zeros for every other parameter; the
+  loss's `criterion.*` is not loaded (zeros: stored as it is)."""
+  p = "network.encoder.backbone."
+  if key.startswith(p):
+    rest = key[len(p):]
+    rest = re.sub(r"^blocks\.", "layer.", re.sub(r"^patch_embed\.", "embeddings.", rest))
+    return _get(base, rest)
+  if key in ("network.encoder.pixel_mean", "network.encoder.pixel_std"):
+    fresh = IMAGENET_MEAN_01 if key.endswith("mean") else IMAGENET_STD_01
+    return np.asarray(fresh, np.float32).reshape(1, 3, 1, 1)
+  if key == "network.attn_mask_probs":
+    return np.ones_like(value)
+  return np.zeros_like(value)
+
+
+def eomt_release_delta(full: dict, base: dict) -> dict[str, np.ndarray]:
+  """A full release state dict on DINOv3 -> its delta form: each tensor minus what the
+  release's model holds before loading (`_release_fresh`), in float32."""
+  return {k: np.float32(v) - _release_fresh(k, v, base) for k, v in full.items()}
+
+
+def eomt_release_add(delta: dict, base: dict) -> dict[str, np.ndarray]:
+  """The release's loading of a delta-weight state dict: each tensor plus what its model holds
+  before loading (`_release_fresh`), in float32: the full weights it runs."""
+  return {k: _release_fresh(k, v, base) + np.float32(v) for k, v in delta.items()}

@@ -46,14 +46,17 @@ class Format:
   -> Converted`) or WHOLE_MODEL (`read(src, out, *, config, trust_pickle)` writes a bundle and
   returns its path; `config` says whether that needs our config of the model: "required",
   "optional" or "no"). `export(bundle, out)` writes a bundle in the layout; `mit(path, *,
-  trust_pickle) -> Converted` reads the MiT encoder of the layout's files (`init_params`)."""
+  trust_pickle) -> Converted` reads the MiT encoder of the layout's files (`init_params`).
+  `delta`: the layout has delta-weight files (the EoMT release's DINOv3 models): `read` takes
+  `backbone=` (the DINOv3 ViT to add back) and `export` `delta_from=`."""
 
   kind: str
   read: Callable[..., Any]
   help: str
-  export: Callable[[str, str], Any] | None = None
+  export: Callable[..., Any] | None = None
   config: str = "no"
   mit: Callable[..., Converted] | None = None
+  delta: bool = False
 
 
 def _torch_models():
@@ -99,8 +102,8 @@ FORMAT_TABLE: dict[str, Format] = {
         mit=functools.partial(segformer.load_backbone, fmt=segformer.HF)),
     eomt.OFFICIAL: Format(
         WHOLE_MODEL, functools.partial(eomt.convert, fmt=eomt.OFFICIAL),
-        "EoMT checkpoints of the authors' release (Lightning)",
-        export=eomt.export_official, config="optional"),
+        "EoMT checkpoints of the authors' release (Lightning), on DINOv2 or DINOv3 (delta "
+        "weights: --backbone)", export=eomt.export_official, config="optional", delta=True),
     eomt.HF: Format(
         WHOLE_MODEL, functools.partial(eomt.convert, fmt=eomt.HF),
         "transformers EomtForUniversalSegmentation directory",
@@ -123,27 +126,45 @@ EXPORT_FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f.export is not Non
 CONFIG_REQUIRED = tuple(n for n, f in FORMAT_TABLE.items() if f.config == "required")
 # Backbone formats of MiT models (`init_params`); each also reads its whole-model files.
 MIT_FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f.mit is not None)
+# Whole-model layouts with delta-weight files (`--backbone` / `--delta_from`).
+DELTA_FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f.delta)
+
+
+def _delta_option(fmt: str, flag: str, value: str | None) -> dict[str, str]:
+  """{name: value} for a layout with delta-weight files; a value for another layout fails."""
+  if value is None:
+    return {}
+  if fmt not in DELTA_FORMATS:
+    raise ValueError(f"--{flag} applies to the layouts with delta-weight files "
+                     f"({', '.join(DELTA_FORMATS)}), not {fmt}")
+  if not os.path.exists(value):
+    raise FileNotFoundError(f"--{flag} {value} does not exist (a DINOv3 ViT: the "
+                            "facebookresearch/dinov3 .pth, a DINOv3ViTModel directory or a "
+                            "backbone bundle)")
+  return {"backbone" if flag == "backbone" else "delta_from": value}
 
 
 def convert_model(src: str, out: str, fmt: str, config: Any = None, *,
-                  trust_pickle: bool = False) -> str:
+                  trust_pickle: bool = False, backbone: str | None = None) -> str:
   """A whole-model checkpoint of format `fmt` (MODEL_FORMATS) -> a bundle at `out`; `config`
   (a ConfigDict or 'configs/X.py[:ARG]') describes the model (optional for SegFormer and
-  EoMT)."""
+  EoMT); `backbone` the DINOv3 ViT a delta-weight file (DELTA_FORMATS) is added to."""
   if fmt not in MODEL_FORMATS:
     raise ValueError(f"unknown whole-model format {fmt!r}; known: {', '.join(MODEL_FORMATS)}")
   if not os.path.exists(src):
     raise FileNotFoundError(f"{src} does not exist (format {fmt!r})")
   if config is None and fmt in CONFIG_REQUIRED:
     raise ValueError(f"--from {fmt} needs our config of the model (--config configs/X.py)")
-  return FORMAT_TABLE[fmt].read(src, out, config=config, trust_pickle=trust_pickle)
+  return FORMAT_TABLE[fmt].read(src, out, config=config, trust_pickle=trust_pickle,
+                                **_delta_option(fmt, "backbone", backbone))
 
 
-def export(bundle_path: str, out: str, fmt: str) -> str:
-  """A whole-model bundle -> a checkpoint of format `fmt` (EXPORT_FORMATS) at `out`."""
+def export(bundle_path: str, out: str, fmt: str, delta_from: str | None = None) -> str:
+  """A whole-model bundle -> a checkpoint of format `fmt` (EXPORT_FORMATS) at `out`;
+  `delta_from` (DELTA_FORMATS): the delta weights against that DINOv3 ViT."""
   if fmt not in EXPORT_FORMATS:
     raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
-  FORMAT_TABLE[fmt].export(bundle_path, out)
+  FORMAT_TABLE[fmt].export(bundle_path, out, **_delta_option(fmt, "delta_from", delta_from))
   return os.path.abspath(out)
 
 

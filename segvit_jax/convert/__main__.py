@@ -10,6 +10,8 @@ SegFormer and EoMT models between the authors' releases (and transformers) and o
   python -m segvit_jax.convert BUNDLE OUT --to segformer-official|hf-segformer
   python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt|hf-eomt-dinov3 [--config X.py]
   python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt|hf-eomt-dinov3
+  python -m segvit_jax.convert DELTA.bin OUT --from eomt-official --backbone DINOV3
+  python -m segvit_jax.convert BUNDLE OUT.pth --to eomt-official [--delta_from DINOV3]
 
 OUT is written atomically (bundles and transformers directories through a temporary directory
 beside it, .pth files through a temporary file); an existing OUT is an error unless
@@ -50,6 +52,13 @@ res_384.npz weights/augreg_l16 --from augreg-npz --image_size 640
       --from eomt-official --config configs/eomt_vit_l_ade20k.py
   python -m segvit_jax.convert EOMT_L_ADE20K_HF_DIR/ weights/eomt_l_ade_hf --from hf-eomt
   python -m segvit_jax.convert weights/eomt_l_ade eomt_l_ade_hf/ --to hf-eomt
+  # EoMT on DINOv3 of the release (its model zoo's pytorch_model.bin files hold delta weights:
+  # the DINOv3 weights they were fine-tuned from are added back), and back in either form:
+  python -m segvit_jax.convert coco_panoptic_eomt_large_640_dinov3/pytorch_model.bin \
+      weights/eomt_dinov3_l_coco --from eomt-official \
+      --backbone dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth
+  python -m segvit_jax.convert weights/eomt_dinov3_l_coco eomt_l_delta.bin --to eomt-official \
+      --delta_from dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth
 """
 
 from __future__ import annotations
@@ -149,13 +158,22 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> tuple[str, ...]:
   flags.DEFINE_bool("trust_pickle", False,
                     "allow .pth files that pickle Python objects besides tensors (runs their "
                     "unpickling code: only for files you trust)", flag_values=fv)
+  delta = ", ".join(convert.DELTA_FORMATS)
+  flags.DEFINE_string("backbone", None,
+                      f"with --from {delta}: the DINOv3 ViT a delta-weight file (the release's "
+                      "DINOv3 models) was fine-tuned from, added back: the facebookresearch/"
+                      "dinov3 .pth, a transformers DINOv3ViTModel directory or a backbone bundle",
+                      flag_values=fv)
+  flags.DEFINE_string("delta_from", None,
+                      f"with --to {delta}: write delta weights against this DINOv3 ViT (as "
+                      "--backbone), as the release's DINOv3 checkpoints", flag_values=fv)
   flags.DEFINE_bool("overwrite", False, "replace OUT if it exists (a bundle, a file or a "
                     "non-empty directory); without it an existing OUT is an error",
                     flag_values=fv)
   for alias, name in ALIASES.items():
     flags.DEFINE_alias(alias, name, flag_values=fv)
   return ("from", "to", "config", "image_size", "patch_size", "posemb_resize", "patch_resize",
-          "num_heads", "mean", "std", "trust_pickle", "overwrite")
+          "num_heads", "mean", "std", "trust_pickle", "backbone", "delta_from", "overwrite")
 
 
 def formats_help() -> str:
@@ -201,19 +219,33 @@ def run(fv: flags.FlagValues, src: str, out: str) -> str:
     raise ValueError(f"{', '.join(given)} apply to backbone formats only; a whole model keeps "
                      "its stored grids (the model resizes them at run time)")
   config, trust_pickle = fv["config"].value, fv["trust_pickle"].value
+  base, delta_from = fv["backbone"].value, fv["delta_from"].value
+  if base is not None and to is not None:
+    raise ValueError("--backbone applies to --from (a delta-weight file); --to writes delta "
+                     "weights with --delta_from")
+  if delta_from is not None and to is None:
+    raise ValueError("--delta_from applies to --to; a delta-weight file is read with --from "
+                     "... --backbone")
+  if base is not None and not whole:
+    raise ValueError(f"--backbone applies to whole-model formats with delta-weight files "
+                     f"({', '.join(convert.DELTA_FORMATS)}), not the backbone format {fmt}")
   runtime.refuse_overwrite(out, fv["overwrite"].value)  # before the conversion's work
   if to is not None:
     if config or trust_pickle:
       raise ValueError("--config and --trust-pickle apply to --from only (the bundle records "
                        "its model)")
-    path = convert.export(src, out, to)
-    return f"wrote {path}: {_model_summary(bundle.read_config(src)['model'])} in the {to} layout"
+    path = convert.export(src, out, to, delta_from=delta_from)
+    form = f" (delta weights against {delta_from})" if delta_from else ""
+    return (f"wrote {path}: {_model_summary(bundle.read_config(src)['model'])} in the {to} "
+            f"layout{form}")
   if whole:
     if not config and fmt in convert.CONFIG_REQUIRED:
       raise ValueError(f"--from {fmt} needs --config configs/X.py[:ARG]: the checkpoint "
                        "does not record tap layers, shrink_idx, head counts or classes")
-    path = convert.convert_model(src, out, fmt, config, trust_pickle=trust_pickle)
-    return f"wrote {path}: {_model_summary(bundle.read_config(path)['model'])}"
+    path = convert.convert_model(src, out, fmt, config, trust_pickle=trust_pickle,
+                                 backbone=base)
+    form = f" (delta weights + {base})" if base else ""
+    return f"wrote {path}: {_model_summary(bundle.read_config(path)['model'])}{form}"
   if config:
     optional = [f for f in convert.MODEL_FORMATS if f not in convert.CONFIG_REQUIRED]
     raise ValueError(f"--config applies to whole-model formats "

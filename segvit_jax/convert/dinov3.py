@@ -24,11 +24,14 @@ Neither layout has a position table: the bundle's ViT computes RoPE for every in
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import numpy as np
 
-from segvit_jax.convert.backbone import IMAGENET_MEAN_STD, Converted, infer_backbone
+from segvit_jax import bundle as bundle_lib
+from segvit_jax.convert.backbone import IMAGENET_MEAN_STD, Converted, infer_backbone, \
+    read_bundle
 from segvit_jax.convert.rules import KeyRule, attention, conv, hf_mean_std, hf_unsupported, \
     linear, mlp, norm, read_hf_model_dir, read_torch, strip_prefix, swiglu, to_ours
 
@@ -36,6 +39,13 @@ from segvit_jax.convert.rules import KeyRule, attention, conv, hf_mean_std, hf_u
 ROPE_THETA = 100.0
 RELEASE_ROPE = dict(rope_shift=None, rope_jitter=None, rope_rescale=2.0)
 NORM_EPS = 1e-5
+# The RoPE fields of a DINOv3 ViT config (what a file of weights alone does not record).
+ROPE_FIELDS = ("rope_theta", "norm_eps", "rope_shift", "rope_jitter", "rope_rescale")
+# The heads of the released widths (hub/backbones.py: S / S+ 6, B 12, L / L+ 16, H+ 20, 7B 32),
+# for layouts that store attention as (D, D) matrices; the weights for the hub names by width
+# (the S, B and L of EoMT's DINOv3 model zoo; H+ and 7B).
+HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 20, 4096: 32}
+RELEASE_NAMES = {384: "vits16", 768: "vitb16", 1024: "vitl16", 1280: "vith16plus", 4096: "vit7b16"}
 
 
 def _qv_of_qkv(bias):
@@ -139,21 +149,28 @@ def load(path: str, *, num_heads: int | None = None, trust_pickle: bool = False,
 # ----------------------------------------------------------------------------------------------
 # transformers DINOv3ViTModel
 
-_L, _O = "layer.{i}.", "encoderblock_{i}/"
-_HF_COMMON = (
-    KeyRule("embeddings.cls_token", "cls"),
-    KeyRule("embeddings.register_tokens", "registers"),
-    *conv("embeddings.patch_embeddings", "embedding"),
-    *norm(_L + "norm1", _O + "norm1"),
-    *attention(_L + "attention.", _O + "attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-    KeyRule(_L + "layer_scale1.lambda1", _O + "ls1"),
-    *norm(_L + "norm2", _O + "norm2"),
-    KeyRule(_L + "layer_scale2.lambda1", _O + "ls2"),
-    *norm("norm", "encoder_norm"),
-)
-HF_RULES = {"mlp": _HF_COMMON + mlp(_L + "mlp.", _O + "mlp", ("up_proj", "down_proj")),
-            "swiglu": _HF_COMMON + swiglu(_L + "mlp.", _O + "mlp",
-                                          ("gate_proj", "up_proj", "down_proj"))}
+def hf_rules(ffn: str, *, embeddings: str = "embeddings.", layer: str = "layer.{i}.",
+             final_norm: str = "norm", ours: str = "") -> tuple[KeyRule, ...]:
+  """DINOv3ViTModel's names (`ffn`: "mlp" or "swiglu", the gated MLP) <-> our ViT under
+  `ours`. The prefixes of its modules are arguments: the EoMT release keeps the module under
+  other attribute names (`convert/eomt.py`, `official_dinov3_rules`)."""
+  lay, o = layer, ours + "encoderblock_{i}/"
+  return (
+      KeyRule(embeddings + "cls_token", ours + "cls"),
+      KeyRule(embeddings + "register_tokens", ours + "registers"),
+      *conv(embeddings + "patch_embeddings", ours + "embedding"),
+      *norm(lay + "norm1", o + "norm1"),
+      *attention(lay + "attention.", o + "attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+      KeyRule(lay + "layer_scale1.lambda1", o + "ls1"),
+      *norm(lay + "norm2", o + "norm2"),
+      KeyRule(lay + "layer_scale2.lambda1", o + "ls2"),
+      *norm(final_norm, ours + "encoder_norm"),
+      *(mlp(lay + "mlp.", o + "mlp", ("up_proj", "down_proj")) if ffn == "mlp" else
+        swiglu(lay + "mlp.", o + "mlp", ("gate_proj", "up_proj", "down_proj"))),
+  )
+
+
+HF_RULES = {ffn: hf_rules(ffn) for ffn in ("mlp", "swiglu")}
 HF_DROPPED = (r"embeddings\.mask_token",)
 
 
@@ -205,3 +222,22 @@ def load_hf(path: str, *, num_heads: int | None = None, trust_pickle: bool = Fal
                        source=path, **hf_vit_fields(config, params))
   return Converted(params, cfg, *hf_mean_std(path, IMAGENET_MEAN_STD))
 
+
+
+def read_backbone(path: str, *, trust_pickle: bool = False) -> Converted:
+  """A DINOv3 ViT in any of its forms: a transformers DINOv3ViTModel directory (`load_hf`),
+  one of our backbone bundles (converted from either layout), or the release's .pth (`load`).
+  What is not a DINOv3 ViT (no rotary position embeddings) fails, named."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist (a DINOv3 ViT: the facebookresearch/dinov3 "
+                            ".pth, a DINOv3ViTModel directory or a backbone bundle)")
+  if bundle_lib.is_bundle(path):
+    conv = read_bundle(path)
+  elif os.path.isdir(path):
+    conv = load_hf(path, trust_pickle=trust_pickle)
+  else:
+    conv = load(path, trust_pickle=trust_pickle)
+  if conv.backbone.get("rope_theta") is None:
+    raise ValueError(f"{path} is not a DINOv3 ViT: its backbone has a learned position table, "
+                     "no rotary position embeddings")
+  return conv

@@ -4,8 +4,9 @@ HuggingFace transformers, both ways (the release's `models/eomt.py`, `models/vit
 `modeling_eomt_dinov3.py`):
 
   python -m segvit_jax.convert SRC OUT --from eomt-official|hf-eomt|hf-eomt-dinov3 \
-      [--config X.py[:ARG]]
-  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt|hf-eomt-dinov3
+      [--config X.py[:ARG]] [--backbone DINOV3 (eomt-official delta weights)]
+  python -m segvit_jax.convert BUNDLE OUT --to eomt-official|hf-eomt|hf-eomt-dinov3 \
+      [--delta_from DINOV3 (eomt-official)]
 
 Formats (one `KeyRule` table each, shared by import and export, as `segformer.py`):
   eomt-official  a checkpoint of the release (tue-mps/eomt, Lightning): the LightningModule's
@@ -20,7 +21,21 @@ Formats (one `KeyRule` table each, shared by import and export, as `segformer.py
       (L2,) and `network.encoder.pixel_mean` / `pixel_std` (1, 3, 1, 1) on the 0-1 scale (the
       release divides images by 255 first; the bundle's mean / std are 255 times them). The
       loss's class weights `criterion.empty_weight` are dropped. A file holding the network's
-      own state dict (no `network.` prefix) is read too.
+      own state dict (no `network.` prefix) is read too. On DINOv3 (its second model zoo) the
+      encoder is transformers' DINOv3ViTModel (4.56) as the release's `models/vit.py` renames
+      it: `network.encoder.backbone.patch_embed.{cls_token, register_tokens,
+      patch_embeddings}` (`embeddings`, its `mask_token` deleted),
+      `network.encoder.backbone.blocks.{i}.*` (`layer`, DINOv3ViTLayer's names) and
+      `network.encoder.backbone.norm`; the RoPE fields, which the file does not record, are
+      the DINOv3 release's (`convert/dinov3.py`) or those of the `--backbone`.
+  Delta weights (the release's DINOv3 model zoo, `delta_weights: True` in its configs): the
+      file holds what its LightningModule adds to the model it builds with the DINOv3 weights
+      loaded into the encoder and every other parameter zeroed (`_zero_init_outside_encoder`,
+      `_add_state_dicts`): the encoder minus those weights, the pixel buffers minus the fixed
+      ImageNet ones, `attn_mask_probs` minus ones, the rest as it is. Such a file is told by
+      its zero `pixel_std` (`is_delta`); `--backbone` (a facebookresearch/dinov3 .pth, a
+      DINOv3ViTModel directory or a backbone bundle: `dinov3.read_backbone`) adds the weights
+      back in float32, as the release, and `--to eomt-official --delta_from` writes the form.
   hf-eomt  a `save_pretrained` directory of transformers' EomtForUniversalSegmentation
       (config.json + model.safetensors, sharded, or pytorch_model.bin): `embeddings.*`,
       `layers.{i}.*`, `layernorm`, `query`, `class_predictor`, `mask_head.fc{1,2,3}`,
@@ -85,8 +100,8 @@ from absl import logging
 
 from segvit_jax import bundle as bundle_lib
 from segvit_jax.convert import dinov3, timm
-from segvit_jax.convert.backbone import HEADS_BY_WIDTH, IMAGENET_MEAN_STD, infer_backbone, \
-    is_square
+from segvit_jax.convert.backbone import HEADS_BY_WIDTH, IMAGENET_MEAN_STD, Converted, \
+    infer_backbone, is_square
 from segvit_jax.convert.rules import Flat, KeyRule, attention, conv, conv_transpose, flatten, \
     hf_class_names, hf_mean_std, hf_unsupported, key_list, linear, mlp, natural_key, norm, \
     read_hf_model_dir, read_torch_checkpoint, swiglu, to_ours, to_theirs, unflatten, \
@@ -156,13 +171,31 @@ def _scale_block(key: str, ours: str, norm_name: str) -> tuple[KeyRule, ...]:
 
 
 def official_rules(ffn: str) -> tuple[KeyRule, ...]:
-  """The release's network (`ffn`: "mlp" or "swiglu") <-> our EoMT: its encoder is timm's
-  ViT (`timm.py`), with timm's `no_embed_class` position table."""
+  """The release's network on DINOv2 (`ffn`: "mlp" or "swiglu") <-> our EoMT: its encoder is
+  timm's ViT (`timm.py`), with timm's `no_embed_class` position table."""
   bb, o = "network.encoder.backbone.", P + "backbone/"
   return (
       *timm.embed_rules(bb, o, posemb_in=_posemb_in, posemb_out=_posemb_out),
       KeyRule(bb + "reg_token", o + "registers"),
       *timm.block_rules(bb + "blocks.{i}.", o + "encoderblock_{i}/", ffn),
+      *_official_head_rules(),
+  )
+
+
+def official_dinov3_rules(ffn: str) -> tuple[KeyRule, ...]:
+  """The release's network on DINOv3 <-> our EoMT: its encoder is transformers'
+  DINOv3ViTModel (`dinov3.hf_rules`) with the module names the release's `models/vit.py`
+  (`transformers_to_timm`) gives it: `embeddings` -> `patch_embed` (its `mask_token` deleted),
+  `layer` -> `blocks`."""
+  bb = "network.encoder.backbone."
+  return (*dinov3.hf_rules(ffn, embeddings=bb + "patch_embed.", layer=bb + "blocks.{i}.",
+                           final_norm=bb + "norm", ours=P + "backbone/"),
+          *_official_head_rules())
+
+
+def _official_head_rules() -> tuple[KeyRule, ...]:
+  """The release's queries, class head, mask MLP and up-scaler (either encoder)."""
+  return (
       KeyRule("network.q.weight", P + "queries"),
       *linear("network.class_head", P + "head/class_head"),
       *(r for j, k in enumerate((0, 2, 4))  # Linear, GELU, Linear, GELU, Linear
@@ -191,22 +224,16 @@ def hf_rules(ffn: str, *, packed_swiglu: bool = False) -> tuple[KeyRule, ...]:
 
 
 def hf_dinov3_rules(ffn: str) -> tuple[KeyRule, ...]:
-  """transformers' EomtDinov3ForUniversalSegmentation as saved <-> our EoMT on DINOv3 (no
-  position table, no key bias: its rule never matches)."""
-  e, o = "embeddings.", P + "backbone/"
-  b, ob = "layers.{i}.", o + "encoderblock_{i}/"
-  return (
-      *conv(e + "patch_embeddings", o + "embedding"),
-      *attention(b + "attention.", ob + "attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-      *(mlp(b + "mlp.", ob + "mlp", ("up_proj", "down_proj")) if ffn == "mlp" else
-        _ffn(b + "mlp.", ob + "mlp", "hf_swiglu")),  # (refused on import and export)
-      *_hf_shared_rules(),
-  )
+  """transformers' EomtDinov3ForUniversalSegmentation as saved <-> our EoMT on DINOv3: the ViT
+  in DINOv3ViTModel's names (`dinov3.hf_rules`) under `layers.{i}` and `layernorm` (no position
+  table, no key bias: its rule never matches), the head as EoMT's."""
+  return (*dinov3.hf_rules(ffn, layer="layers.{i}.", final_norm="layernorm",
+                           ours=P + "backbone/"),  # (the gated MLP is refused: `_read_hf`)
+          *_hf_head_rules())
 
 
 def _hf_shared_rules() -> tuple[KeyRule, ...]:
-  """What transformers' EoMT and EoMT-DINOv3 name alike: tokens, norms, LayerScale, queries,
-  the head."""
+  """transformers' EoMT on DINOv2: its tokens, norms and LayerScale; and the head."""
   e, o = "embeddings.", P + "backbone/"
   b, ob = "layers.{i}.", o + "encoderblock_{i}/"
   return (
@@ -217,6 +244,13 @@ def _hf_shared_rules() -> tuple[KeyRule, ...]:
       *norm(b + "norm2", ob + "norm2"),
       KeyRule(b + "layer_scale2.lambda1", ob + "ls2"),
       *norm("layernorm", o + "encoder_norm"),
+      *_hf_head_rules(),
+  )
+
+
+def _hf_head_rules() -> tuple[KeyRule, ...]:
+  """transformers' EoMT and EoMT-DINOv3 queries and head."""
+  return (
       KeyRule("query.weight", P + "queries"),
       *linear("class_predictor", P + "head/class_head"),
       *(r for j in (1, 2, 3) for r in linear(f"mask_head.fc{j}", f"{P}head/mask_head/fc{j}")),
@@ -235,7 +269,16 @@ DROPPED = {
     HF: (re.escape(MASK_PROBS[HF]), r"criterion\..*"),
     HF_DINOV3: (re.escape(MASK_PROBS[HF]), r"criterion\..*"),
 }
+# The patch embedding of the release's encoder on DINOv2 (timm) and on DINOv3 (transformers).
 _OFFICIAL_MARKER = "network.encoder.backbone.patch_embed.proj.weight"
+_OFFICIAL_DINOV3_MARKER = "network.encoder.backbone.patch_embed.patch_embeddings.weight"
+_OFFICIAL_MARKERS = (_OFFICIAL_MARKER, _OFFICIAL_DINOV3_MARKER)
+_OFFICIAL_DINOV3_SWIGLU = "network.encoder.backbone.blocks.0.mlp.gate_proj.weight"
+# The values the release's LightningModule holds before it adds a delta-weight file
+# (`delta_weights: True`): the encoder's DINOv3 weights, its fixed pixel buffers (models/vit.py,
+# ImageNet on the 0-1 scale), the fresh `attn_mask_probs` (ones); every other parameter zero.
+RELEASE_PIXEL_MEAN_01, RELEASE_PIXEL_STD_01 = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RELEASE_MASK_PROBS = 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,9 +287,10 @@ _OFFICIAL_MARKER = "network.encoder.backbone.patch_embed.proj.weight"
 def _official_tensors(tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
   """The release's tensors with the `network.` prefix (added to a bare network state dict);
   a checkpoint of another model fails naming some of its keys."""
-  if _OFFICIAL_MARKER not in tensors and "encoder.backbone.patch_embed.proj.weight" in tensors:
+  if not any(m in tensors for m in _OFFICIAL_MARKERS) and any(
+      m[len("network."):] in tensors for m in _OFFICIAL_MARKERS):
     tensors = {"network." + k: v for k, v in tensors.items()}
-  if _OFFICIAL_MARKER in tensors:
+  if any(m in tensors for m in _OFFICIAL_MARKERS):
     return tensors
   keys = list(tensors)
   hints = [("backbone.layers.", "a SegViT checkpoint (--from segvit-official)"),
@@ -257,7 +301,7 @@ def _official_tensors(tensors: dict[str, np.ndarray], source: str) -> dict[str, 
   hint = next((f" (it looks like {what})" for prefix, what in hints
                if any(k.startswith(prefix) for k in keys)), "")
   raise ValueError(f"{source} is not an EoMT checkpoint of the official release: no "
-                   f"{_OFFICIAL_MARKER}{hint}. It has {len(keys)} tensor(s), e.g. "
+                   f"{' or '.join(_OFFICIAL_MARKERS)}{hint}. It has {len(keys)} tensor(s), e.g. "
                    f"{key_list(keys, 8)}")
 
 
@@ -314,8 +358,11 @@ def resolved_backbone(bb: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _inferred_model(flat: Flat, fmt: str, source: str, *, num_heads: int | None,
-                    num_blocks: int | None, hf_config: Mapping[str, Any] | None) -> dict:
-  """Our model config from the converted shapes and what the file records."""
+                    num_blocks: int | None, hf_config: Mapping[str, Any] | None,
+                    vit_fields: Mapping[str, Any] | None = None) -> dict:
+  """Our model config from the converted shapes and what the file records (`vit_fields`: the
+  DINOv3 ViT fields of a release file on DINOv3, from its backbone or the release's
+  defaults)."""
   prefix = P + "backbone/"
   backbone_flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
   width = backbone_flat["embedding/kernel"].shape[-1] if "embedding/kernel" in backbone_flat \
@@ -334,6 +381,8 @@ def _inferred_model(flat: Flat, fmt: str, source: str, *, num_heads: int | None,
                      "describing the model")
   fields: dict[str, Any] = dict(norm_eps=RELEASE_NORM_EPS, layerscale=RELEASE_LAYERSCALE,
                                 posemb_resize=POSEMB_RESIZE[fmt])
+  if vit_fields is not None:
+    fields.update(dinov3.vit_fields(backbone_flat, **vit_fields))
   if hf_config is not None:
     if fmt == HF_DINOV3:
       fields.update(dinov3.hf_vit_fields(hf_config, backbone_flat))
@@ -385,19 +434,100 @@ def _meta_model(meta: Mapping[str, Any]) -> dict:
   return model if isinstance(model, dict) and model.get("name") == "eomt" else {}
 
 
+def is_delta(tensors: Mapping[str, np.ndarray]) -> bool:
+  """Whether a release file holds delta weights (`delta_weights: True`, the release's DINOv3
+  checkpoints): its `network.encoder.pixel_std` buffer is zero. The release's loader adds the
+  file to the model it built, whose pixel buffers are fixed at ImageNet's, so a delta file
+  that loads there stores zeros in them (it must hold every key of the model, buffers
+  included: `_add_state_dicts`), while a full file stores the std itself, never zero (the model
+  divides by it). A file without the buffer is read as full weights."""
+  std = tensors.get(PIXEL_STD)
+  return std is not None and not np.any(std)
+
+
+def _delta_buffers(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A delta file's buffers plus what the release's model holds before it adds them (its
+  ImageNet pixel buffers, `attn_mask_probs` ones): the values the release runs."""
+  out = dict(tensors)
+  for key, fresh in ((PIXEL_MEAN, RELEASE_PIXEL_MEAN_01), (PIXEL_STD, RELEASE_PIXEL_STD_01)):
+    out[key] = np.asarray(fresh, np.float32).reshape(np.shape(tensors[key])) + tensors[key]
+  if MASK_PROBS[OFFICIAL] in tensors:
+    out[MASK_PROBS[OFFICIAL]] = np.float32(RELEASE_MASK_PROBS) + tensors[MASK_PROBS[OFFICIAL]]
+  return out
+
+
+def _backbone_delta(flat: Flat, base: Converted, source: str, base_path: str,
+                    sign: float) -> Flat:
+  """`flat` (our EoMT's parameters) with the DINOv3 ViT `base` added to (`sign` 1: import, as
+  the release's `_add_state_dicts`) or subtracted from (-1: a delta export) its backbone, in
+  float32. The encoder and `base` must hold the same tensors with the same shapes."""
+  prefix = P + "backbone/"
+  ours = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  missing, extra = sorted(set(ours) - set(base.params)), sorted(set(base.params) - set(ours))
+  shapes = [f"{k} {np.shape(ours[k])} vs {np.shape(base.params[k])}" for k in sorted(ours)
+            if k in base.params and np.shape(ours[k]) != np.shape(base.params[k])]
+  if missing or extra or shapes:
+    problems = [f"{what} ({len(keys)}): {key_list(keys, 8)}" for what, keys in (
+        ("not in the backbone", missing), ("only in the backbone", extra),
+        ("shapes differ", shapes)) if keys]
+    raise ValueError(f"{source}: the DINOv3 backbone {base_path} (width "
+                     f"{base.backbone['width']}, depth {base.backbone['depth']}) does not fit "
+                     f"this EoMT's encoder: " + "; ".join(problems))
+  out = dict(flat)
+  for k, v in ours.items():
+    out[prefix + k] = np.asarray(v, np.float32) + np.float32(sign) * np.asarray(
+        base.params[k], np.float32)
+  return out
+
+
+def _missing_backbone_message(path: str, tensors: Mapping[str, np.ndarray]) -> str:
+  width = tensors[_OFFICIAL_DINOV3_MARKER].shape[0]
+  name = dinov3.RELEASE_NAMES.get(width)
+  which = (f"the facebookresearch/dinov3 dinov3_{name}_pretrain_lvd1689m-*.pth, or a "
+           f"transformers directory of facebook/dinov3-{name}-pretrain-lvd1689m" if name else
+           "a facebookresearch/dinov3 .pth or a transformers DINOv3ViTModel directory")
+  return (f"{path} holds delta weights ({PIXEL_STD} is zero): the release's DINOv3 checkpoints "
+          "store the fine-tuned encoder minus the DINOv3 weights it started from. Give those "
+          f"weights with --backbone (width {width}: {which})")
+
+
 def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = None, *,
-         trust_pickle: bool = False) -> EoMTCheckpoint:
+         trust_pickle: bool = False, backbone: str | None = None) -> EoMTCheckpoint:
   """Reads a whole EoMT of layout `fmt` (FORMATS), checked strictly against the model it holds
-  (with `config`: the config's model, which must agree with the file)."""
+  (with `config`: the config's model, which must agree with the file). `backbone`: the DINOv3
+  ViT (`dinov3.read_backbone`) a release file of delta weights (`is_delta`) is added to."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist (format {fmt!r})")
   hf_config, meta = None, {}
   recorded: dict[str, str] = {}
+  base, vit_fields = None, None
   if fmt == OFFICIAL:
     tensors, meta = read_torch_checkpoint(path, trust_pickle=trust_pickle)
     tensors = _official_tensors(tensors, path)
-    rules = official_rules(timm.ffn_of(tensors, "network.encoder.backbone.blocks.0.mlp."))
     num_heads = None
+    if _OFFICIAL_DINOV3_MARKER in tensors:
+      rules = official_dinov3_rules("swiglu" if _OFFICIAL_DINOV3_SWIGLU in tensors else "mlp")
+      if is_delta(tensors):
+        if backbone is None:
+          raise ValueError(_missing_backbone_message(path, tensors))
+        base = dinov3.read_backbone(backbone, trust_pickle=trust_pickle)
+        tensors = _delta_buffers(tensors)
+        num_heads = base.backbone["num_heads"]
+        recorded["num_heads"] = f"the backbone {backbone}"
+        vit_fields = {k: base.backbone[k] for k in dinov3.ROPE_FIELDS}
+      else:
+        num_heads = dinov3.HEADS_BY_WIDTH.get(tensors[_OFFICIAL_DINOV3_MARKER].shape[0])
+        vit_fields = dict(rope_theta=dinov3.ROPE_THETA, norm_eps=dinov3.NORM_EPS,
+                          **dinov3.RELEASE_ROPE)
+    else:
+      if is_delta(tensors):
+        raise ValueError(f"{path} holds delta weights ({PIXEL_STD} is zero) on a DINOv2 (timm) "
+                         "encoder; the release stores delta weights for its DINOv3 models "
+                         "only, and only those are read")
+      rules = official_rules(timm.ffn_of(tensors, "network.encoder.backbone.blocks.0.mlp."))
+    if backbone is not None and base is None:
+      raise ValueError(f"--backbone {backbone}: {path} holds full weights ({PIXEL_STD} is not "
+                       "zero), not delta weights; convert it without --backbone")
   elif fmt in HF_FORMATS:
     hf_config, tensors = _read_hf(path, trust_pickle, fmt)
     if fmt == HF:
@@ -410,7 +540,12 @@ def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = N
     recorded["num_heads"] = f"{path}/config.json num_attention_heads"
   else:
     raise ValueError(f"unknown EoMT format {fmt!r}; known: {', '.join(FORMATS)}")
+  if backbone is not None and fmt != OFFICIAL:
+    raise ValueError(f"--backbone applies to --from {OFFICIAL} (the release's delta-weight "
+                     f"files); {fmt} files hold full weights")
   flat = to_ours(tensors, rules, source=path, layout=fmt, dropped=DROPPED[fmt])
+  if base is not None:
+    flat = _backbone_delta(flat, base, path, backbone, 1.0)
 
   num_blocks = None
   probs = tensors.get(MASK_PROBS[fmt])
@@ -435,19 +570,21 @@ def load(path: str, fmt: str, config: ml_collections.ConfigDict | str | None = N
     want = resolved_backbone(model_cfg["backbone"])
     inferred = _inferred_model(flat, fmt, path, num_heads=num_heads or want["num_heads"],
                                num_blocks=num_blocks or model_cfg["num_blocks"],
-                               hf_config=hf_config)
+                               hf_config=hf_config, vit_fields=vit_fields)
     _check_config(model_cfg, inferred, recorded, path, described_by)
     bb, got = model_cfg["backbone"], inferred["backbone"]
     for k in ("norm_eps", "posemb_resize"):
       if k in bb and bb[k] != got[k]:
         logging.warning("%s: %s says backbone.%s=%r; the bundle records %r, as the %s weights "
                         "are run", path, described_by, k, bb[k], got[k], fmt)
-    # The file's grid (nothing is resampled) and the source's runtime.
-    bb.update(posemb_grid=got["posemb_grid"], norm_eps=got["norm_eps"],
-              posemb_resize=got["posemb_resize"])
+    # The file's grid (nothing is resampled; a release file on DINOv3 records none: the
+    # config's stays) and the source's runtime.
+    bb.update(norm_eps=got["norm_eps"], posemb_resize=got["posemb_resize"])
+    if vit_fields is None or "posemb_grid" not in bb:
+      bb["posemb_grid"] = got["posemb_grid"]
   else:
     model_cfg = _inferred_model(flat, fmt, path, num_heads=num_heads, num_blocks=num_blocks,
-                                hf_config=hf_config)
+                                hf_config=hf_config, vit_fields=vit_fields)
   # Strictly against the model: a missing, unexpected or mis-shaped tensor fails naming the
   # keys.
   params = bundle_lib.merge_params(abstract_variables(model_cfg)["params"], unflatten(
@@ -495,10 +632,13 @@ def _class_names(config, hf_config, meta: Mapping[str, Any], k: int) -> tuple[st
 
 
 def convert(src: str, out: str, fmt: str, config: ml_collections.ConfigDict | str | None = None,
-            *, trust_pickle: bool = False) -> str:
-  """A whole EoMT file of layout `fmt` -> a bundle at `out`."""
+            *, trust_pickle: bool = False, backbone: str | None = None) -> str:
+  """A whole EoMT file of layout `fmt` -> a bundle at `out` (`backbone`: the DINOv3 ViT a
+  delta-weight release file is added to)."""
   config, extra = with_recorded(config)  # --config: the bundle records its spec and `eval`
-  ckpt = load(src, fmt, config, trust_pickle=trust_pickle)
+  ckpt = load(src, fmt, config, trust_pickle=trust_pickle, backbone=backbone)
+  if backbone is not None:
+    extra["options"] = {**extra.get("options", {}), "backbone": os.path.abspath(backbone)}
   return bundle_lib.save_bundle(
       out, ckpt.params, ckpt.model, mean=ckpt.mean, std=ckpt.std, class_names=ckpt.class_names,
       source=os.path.abspath(src), source_format=fmt, **extra)
@@ -524,17 +664,20 @@ def _check_exportable(model_cfg: Mapping[str, Any], fmt: str, source: str) -> di
   need = dict(cls_token=True, cls_in_blocks=True, final_norm=True)
   bad = [f"backbone.{k}={bb[k]!r} (the layout: {v!r})" for k, v in need.items() if bb[k] != v]
   rope = bb["rope_theta"] is not None
-  if rope != (fmt == HF_DINOV3):
+  if fmt != OFFICIAL and rope != (fmt == HF_DINOV3):  # (the release's has both encoders)
     bad.append(f"backbone.rope_theta={bb['rope_theta']!r} (" + (
-        "a DINOv3 backbone with rotary position embeddings: --to hf-eomt-dinov3" if rope else
+        "a DINOv3 backbone with rotary position embeddings: --to hf-eomt-dinov3 or "
+        "eomt-official" if rope else
         "a learned position table: the DINOv3 layout has none; --to hf-eomt") + ")")
   if bb["layerscale"] is None:
     bad.append("backbone.layerscale=None (the layout's blocks have LayerScale)")
-  if bb["posemb_grid"][0] != bb["posemb_grid"][1]:
+  if bb["posemb_grid"][0] != bb["posemb_grid"][1] and not (rope and fmt == OFFICIAL):
     bad.append(f"backbone.posemb_grid={tuple(bb['posemb_grid'])} (the layout stores a square "
                "grid)")
-  if fmt in (OFFICIAL, HF) and not (bb["qkv_bias"] and bb["key_bias"]):
+  if not rope and not (bb["qkv_bias"] and bb["key_bias"]):
     bad.append("backbone.qkv_bias / key_bias off (the layout's attention has every bias)")
+  if rope and fmt == OFFICIAL and bb["key_bias"]:
+    bad.append("backbone.key_bias=True (the release's DINOv3 ViTs have no key bias)")
   if fmt == HF_DINOV3 and bb["ffn"] != "mlp":
     bad.append(f"backbone.ffn={bb['ffn']!r} (transformers' EoMT-DINOv3 would run its head with "
                "the gated MLP's SiLU; our head is GELU)")
@@ -543,9 +686,10 @@ def _check_exportable(model_cfg: Mapping[str, Any], fmt: str, source: str) -> di
                f"width {bb['width']}, as transformers' config needs")
   if bad:
     raise ValueError(f"{source}: the {fmt} layout cannot express this model: " + "; ".join(bad))
-  if fmt == OFFICIAL and bb["norm_eps"] != RELEASE_NORM_EPS:
-    logging.warning("%s runs its LayerNorms with eps %s; the release's timm ViT uses %s: "
-                    "written unchanged", source, bb["norm_eps"], RELEASE_NORM_EPS)
+  want_eps = dinov3.NORM_EPS if rope else RELEASE_NORM_EPS
+  if fmt == OFFICIAL and bb["norm_eps"] != want_eps:
+    logging.warning("%s runs its LayerNorms with eps %s; the release's %s ViT uses %s: written "
+                    "unchanged", source, bb["norm_eps"], "DINOv3" if rope else "timm", want_eps)
   return bb
 
 
@@ -564,8 +708,10 @@ def _fold_cls_slot(flat: Flat, source: str) -> Flat:
   return flat
 
 
-def _export_state(bundle_path: str, fmt: str) -> tuple[dict, dict, dict]:
-  """(bundle config, resolved backbone, the layout's state dict as numpy, buffers included)."""
+def _export_state(bundle_path: str, fmt: str, delta_from: str | None = None
+                  ) -> tuple[dict, dict, dict]:
+  """(bundle config, resolved backbone, the layout's state dict as numpy, buffers included);
+  `delta_from` (release layout, DINOv3 bundles): the encoder minus that DINOv3 ViT."""
   meta = bundle_lib.read_config(bundle_path)
   name = meta.get("model", {}).get("name", "segvit")
   if name != "eomt":
@@ -575,8 +721,16 @@ def _export_state(bundle_path: str, fmt: str) -> tuple[dict, dict, dict]:
   bb = _check_exportable(model_cfg, fmt, bundle_path)
   loaded = bundle_lib.load_bundle(bundle_path)  # strict check against its model
   flat = {P + k: np.asarray(v) for k, v in flatten(loaded.variables["params"]).items()}
+  if delta_from is not None:
+    if bb["rope_theta"] is None:
+      raise ValueError(f"--delta_from {delta_from}: {bundle_path} is an EoMT on a DINOv2-style "
+                       "ViT (a learned position table); the release stores delta weights for "
+                       "its DINOv3 models only")
+    flat = _backbone_delta(flat, dinov3.read_backbone(delta_from), bundle_path, delta_from, -1.0)
   if fmt == HF_DINOV3:
     rules = hf_dinov3_rules(bb["ffn"])
+  elif fmt == OFFICIAL and bb["rope_theta"] is not None:
+    rules = official_dinov3_rules(bb["ffn"])
   else:
     flat = _fold_cls_slot(flat, bundle_path)
     rules = official_rules(bb["ffn"]) if fmt == OFFICIAL else hf_rules(bb["ffn"])
@@ -593,18 +747,38 @@ def _pixel_stats(meta: Mapping[str, Any]) -> tuple[list[float], list[float]]:
           list(meta.get("std") or IMAGENET_MEAN_STD[1]))
 
 
-def export_official(bundle_path: str, out: str) -> dict[str, np.ndarray]:
+def export_official(bundle_path: str, out: str, delta_from: str | None = None
+                    ) -> dict[str, np.ndarray]:
   """An EoMT bundle -> a release checkpoint at `out`: torch.save of {"state_dict": float32
   tensors (the LightningModule's names, buffers included), "meta": {CLASSES, segvit_jax: model
   config, pixel statistics, source}}, readable with torch.load(weights_only=True). Returns the
-  state dict as numpy arrays."""
-  meta, _, state = _export_state(bundle_path, OFFICIAL)
+  state dict as numpy arrays. The encoder is timm's DINOv2 or, for a bundle on DINOv3,
+  transformers' DINOv3ViTModel as the release names it (`official_dinov3_rules`).
+
+  `delta_from` (a DINOv3 ViT, `dinov3.read_backbone`) writes the release's delta form, what its
+  `delta_weights: True` loader adds to the model it builds: the encoder minus those weights,
+  the pixel buffers minus its fixed ImageNet ones (the std's zeros mark the file: `is_delta`;
+  a bundle of another pixel std is refused), `attn_mask_probs` minus its fresh ones (-1, so
+  that it loads fully annealed), everything else as it is."""
+  meta, _, state = _export_state(bundle_path, OFFICIAL, delta_from)
   mean, std = _pixel_stats(meta)
   for key, values in ((PIXEL_MEAN, mean), (PIXEL_STD, std)):
     state[key] = (np.asarray(values, np.float64) / 255).astype(np.float32).reshape(1, -1, 1, 1)
+  if delta_from is not None:
+    for key, fresh in ((PIXEL_MEAN, RELEASE_PIXEL_MEAN_01), (PIXEL_STD, RELEASE_PIXEL_STD_01),
+                       (MASK_PROBS[OFFICIAL], RELEASE_MASK_PROBS)):
+      state[key] = state[key] - np.asarray(fresh, np.float32).reshape(
+          np.shape(state[key]) if np.ndim(fresh) else ())
+    if np.any(state[PIXEL_STD]):
+      raise ValueError(f"--delta_from: {bundle_path} has pixel std {tuple(std)} (0-255), not the "
+                       "ImageNet std of the release's buffers: its delta file could not be told "
+                       "from a full one (a zero pixel_std delta marks delta files); write it in "
+                       "full (without --delta_from)")
   state = {k: state[k] for k in sorted(state, key=natural_key)}
   info = {"model": meta["model"], "mean": mean, "std": std,
           "source": os.path.abspath(bundle_path)}
+  if delta_from is not None:
+    info["delta_from"] = os.path.abspath(delta_from)
   write_torch_checkpoint(out, state, {"CLASSES": tuple(labels(meta)),
                                       "segvit_jax": json.loads(json.dumps(info, default=list))})
   return state

@@ -71,7 +71,7 @@ def test_dash_spellings_are_aliases():
       "from": "timm", "to": None, "config": None, "image_size": (64, 32), "patch_size": 16,
       "posemb_resize": "bilinear", "patch_resize": "bicubic", "num_heads": 3,
       "mean": (1.0, 2.0, 3.0), "std": (4.0, 5.0, 6.0), "trust_pickle": True,
-      "overwrite": False}
+      "backbone": None, "delta_from": None, "overwrite": False}
 
 
 @pytest.mark.parametrize("arg", ["--help", "-h"])

@@ -418,8 +418,9 @@ def test_errors_name_the_cause(mlp, tmp_path, capsys):
   torch.save({"state_dict": segformer, "meta": {"CLASSES": ("a",)}}, tmp_path / "segformer.pth")
   err = error(tmp_path / "segformer.pth", tmp_path / "x", "--from", "eomt-official")
   assert "is not an EoMT checkpoint of the official release: no " \
-         "network.encoder.backbone.patch_embed.proj.weight (it looks like a SegFormer " \
-         "checkpoint (--from segformer-official))" in err
+         "network.encoder.backbone.patch_embed.proj.weight or " \
+         "network.encoder.backbone.patch_embed.patch_embeddings.weight (it looks like a " \
+         "SegFormer checkpoint (--from segformer-official))" in err
   assert "backbone.block1.0.attn.q.weight" in err and "decode_head.linear_pred.weight" in err
 
   segvit = {"backbone.cls_token": torch.zeros(1, 1, 8), "backbone.layers.0.ln1.weight":
