@@ -141,6 +141,8 @@ def run_config() -> ml_collections.ConfigDict:
       min_lr=0.0,
       # Layer-wise lr decay of the ViT backbone's blocks; None: off.
       layer_decay=ml_collections.config_dict.placeholder(float),
+      # The last N backbone blocks keep the full lr under layer_decay (0: all decay).
+      layer_decay_skip_last=0,
   ))
 
   c.eval = ml_collections.ConfigDict()
