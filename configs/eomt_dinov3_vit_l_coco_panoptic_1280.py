@@ -49,7 +49,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       name="eomt", num_classes=133, num_queries=200, num_blocks=4, dtype="bfloat16",
       backbone=dict(variant="dinov3-L/16", drop_path=0.0),
       # The release's windows (its config): the first query block annealed over the first 3000
-      # steps, the others over the second to fifth sixths of the run, as on DINOv2.
+      # steps, the others over the third, fourth and fifth sixths of the run, as on DINOv2.
       mask_annealing=dict(enabled=True, start_steps=(0, 29564, 44346, 59128),
                           end_steps=(3000, 44346, 59128, 73910), power=0.9)))
   c.model_init = "weights/dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"
