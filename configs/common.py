@@ -141,6 +141,8 @@ def run_config() -> ml_collections.ConfigDict:
       min_lr=0.0,
       # Layer-wise lr decay of the ViT backbone's blocks; None: off.
       layer_decay=ml_collections.config_dict.placeholder(float),
+      # The last N backbone blocks keep the full lr under layer_decay (0: all decay).
+      layer_decay_skip_last=0,
   ))
 
   c.eval = ml_collections.ConfigDict()
@@ -260,7 +262,9 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     head.update(width=16, num_heads=2, layers_per_stage=1)
   elif m.name == "eomt":
     l2 = min(int(m.num_blocks), SMOKE_DEPTH // 2)
-    part = max(c.total_steps // (l2 + 2), 1)  # the release's windows rule (L2 + 2 parts)
+    part = max(c.total_steps // (l2 + 2), 1)  # consecutive windows, the run in L2 + 2 parts
+    if c.optim.layer_decay_skip_last == m.num_blocks:  # no layer decay on the query blocks
+      c.optim.layer_decay_skip_last = l2
     m.update(num_blocks=l2, num_queries=8)
     m.mask_annealing.update(start_steps=tuple(part * (i + 1) for i in range(l2)),
                             end_steps=tuple(part * (i + 2) for i in range(l2)))

@@ -45,10 +45,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       name="eomt", num_classes=150, num_queries=100, num_blocks=3, dtype="bfloat16",
       backbone=dict(variant="dinov2-B/14-reg4", patch_size=16, posemb_grid=(32, 32),
                     posemb_resize="bicubic_antialias", drop_path=0.0),
-      # Windows by the rule behind the release's ViT-L ones (it publishes none for this size): the
-      # run in L2 + 2 = 5 equal parts, block i annealed over part i + 1.
-      mask_annealing=dict(enabled=True, start_steps=(7824, 15648, 23472),
-                          end_steps=(15648, 23472, 31296), power=0.9)))
+      # The release publishes no windows for this size on ADE20K: its rule for 3 query blocks
+      # (COCO S / B, eomt_{small,base}_640.yaml), on its ADE20K sixths of 6520 steps: a sixth of
+      # the run each, starting at 1, 2.5 and 4 sixths.
+      mask_annealing=dict(enabled=True, start_steps=(6520, 16300, 26080),
+                          end_steps=(13040, 22820, 32600), power=0.9)))
   c.model_init = "weights/dinov2_vitb14_reg4_pretrain.pth"
   c.model_init_format = "dinov2"
 

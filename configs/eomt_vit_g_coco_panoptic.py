@@ -44,10 +44,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       name="eomt", num_classes=133, num_queries=200, num_blocks=5, dtype="bfloat16",
       backbone=dict(variant="dinov2-g/14-reg4", patch_size=16, posemb_grid=(40, 40),
                     posemb_resize="bicubic_antialias", drop_path=0.0),
-      # Windows by the rule behind the release's ViT-L ones (it publishes none for this size): the
-      # run in L2 + 2 = 7 equal parts, block i annealed over part i + 1.
-      mask_annealing=dict(enabled=True, start_steps=(12670, 25340, 38010, 50680, 63350),
-                          end_steps=(25340, 38010, 50680, 63350, 76020), power=0.9)))
+      # The release's windows for this size (its configs/dinov2/coco/panoptic/eomt_giant_640.yaml):
+      # a sixth of the run each, starting at 1, 1.75, 2.5, 3.25 and 4 sixths.
+      mask_annealing=dict(enabled=True, start_steps=(14782, 25869, 36955, 48042, 59128),
+                          end_steps=(29564, 40651, 51737, 62824, 73910), power=0.9)))
   c.model_init = "weights/dinov2_vitg14_reg4_pretrain.pth"
   c.model_init_format = "dinov2"
 

@@ -1,25 +1,36 @@
-"""EoMT-S panoptic segmentation on COCO at 640x640: 44.7 PQ (EoMT Table 3; 46.7 at the 2x schedule
-of the release's model zoo).
+"""EoMT-S panoptic segmentation on COCO at 640x640: 44.7 PQ (EoMT Table 3); with the argument
+`2x`, the release's 2x schedule (its configs/dinov2/coco/panoptic/eomt_small_640_2x.yaml): 46.7 PQ
+(its model zoo, model_zoo/dinov2.md).
 
   python train.py --config configs/eomt_vit_s_coco_panoptic.py --workdir runs/eomt_s_coco_panoptic \
       --config.dataset.root=/data/coco
+  python train.py --config configs/eomt_vit_s_coco_panoptic.py:2x \
+      --workdir runs/eomt_s_coco_panoptic_2x --config.dataset.root=/data/coco
   python train.py --config configs/eomt_vit_s_coco_panoptic.py:smoke \
       --workdir /tmp/smoke --config.dataset.root=FABRICATED_COPY
 
-The argument `smoke` gives common.smoke's variant (the same recipe, a tiny model). Starts from
-weights/dinov2_vits14_reg4_pretrain.pth of the DINOv2 release (README, "Pretrained
-weights"): the 14x14 patch kernel is resampled to 16x16 and the 37x37 position grid resized to
-40x40 on load.
+The argument `smoke` (also `2x,smoke`) gives common.smoke's variant (the same recipe, a tiny
+model). Starts from weights/dinov2_vits14_reg4_pretrain.pth of the DINOv2 release (README,
+"Pretrained weights"): the 14x14 patch kernel is resampled to 16x16 and the 37x37 position grid
+resized to 40x40 on load.
 """
 
 import ml_collections
 
 from configs import common
 
+# The release's annealing windows (configs/dinov2/coco/panoptic/eomt_small_640.yaml and
+# eomt_small_640_2x.yaml) by the number of epochs.
+STARTS = {12: (14782, 36955, 59128), 24: (29564, 73910, 118256)}
+ENDS = {12: (29564, 51737, 73910), 24: (59128, 103474, 147820)}
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  if arg not in ("", "smoke"):
-    raise ValueError(f"unknown config argument {arg!r}: expected '' or 'smoke'")
+  parts = [p for p in arg.split(",") if p]
+  if any(p not in ("2x", "smoke") for p in parts):
+    raise ValueError(f"unknown config argument {arg!r}: expected '', '2x', 'smoke' or "
+                     "'2x,smoke'")
+  epochs = 24 if "2x" in parts else 12  # EoMT Sec. 4.1; the 2x yaml: max_epochs 24
   c = common.run_config()
   crop = 640  # EoMT Sec. 4.1 and Tables 3-5: the input size
 
@@ -45,10 +56,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       name="eomt", num_classes=133, num_queries=200, num_blocks=3, dtype="bfloat16",
       backbone=dict(variant="dinov2-S/14-reg4", patch_size=16, posemb_grid=(40, 40),
                     posemb_resize="bicubic_antialias", drop_path=0.0),
-      # Windows by the rule behind the release's ViT-L ones (it publishes none for this size): the
-      # run in L2 + 2 = 5 equal parts, block i annealed over part i + 1.
-      mask_annealing=dict(enabled=True, start_steps=(17738, 35476, 53214),
-                          end_steps=(35476, 53214, 70952), power=0.9)))
+      # The release's windows for this size (its eomt_small_640[_2x].yaml): a sixth of the run
+      # each, starting at 1, 2.5 and 4 sixths.
+      mask_annealing=dict(enabled=True, start_steps=STARTS[epochs], end_steps=ENDS[epochs],
+                          power=0.9)))
   c.model_init = "weights/dinov2_vits14_reg4_pretrain.pth"
   c.model_init_format = "dinov2"
 
@@ -73,9 +84,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                  clip_norm=0.01, schedule="two_stage", warmup_steps=500,
                  backbone_warmup_steps=1000, poly_power=0.9, layer_decay=0.8)
   c.optim.lr_mults = {}
-  # 12 epochs of the 118,287 train2017 images (EoMT Sec. 4.1): 12 x 7,391 = 6 x 14,782, the run the
-  # release's ViT-L annealing windows split in sixths.
-  c.total_steps = 88_692
+  # 12 (2x: 24) epochs of the 118,287 train2017 images (EoMT Sec. 4.1): 12 x 7,391 = 6 x 14,782,
+  # the run the release's annealing windows split in sixths (2x: 6 x 29,564).
+  c.total_steps = 7_391 * epochs
   c.batch_size = 16  # the release's config
 
   # Test (EoMT App. A.3, "Image processing."): the longer side resized to the input size,
@@ -87,4 +98,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 crop_size=(crop, crop), stride=(crop, crop), average="scores",
                 object_mask_threshold=0.8, overlap_threshold=0.8, top_k=100, instance_ap=True,
                 best_metric="PQ")
-  return common.smoke(c) if arg == "smoke" else c
+  return common.smoke(c) if "smoke" in parts else c

@@ -310,13 +310,18 @@ def tree_differences(saved: Any, wanted: Any, limit: int = 12) -> list[str]:
 
 # The keys (dotted prefixes) a training checkpoint depends on: the model (its parameters'
 # shapes), the dataset's classes, and the optimizer's learning-rate groups (each group has its
-# own state, named after its factor: `optim.lr_mults`, `optim.layer_decay`).
-RESUME_FIXED = ("model", "dataset.num_classes", "optim.lr_mults", "optim.layer_decay")
+# own state, named after its factor: `optim.lr_mults`, `optim.layer_decay`,
+# `optim.layer_decay_skip_last`).
+RESUME_FIXED = ("model", "dataset.num_classes", "optim.lr_mults", "optim.layer_decay",
+                "optim.layer_decay_skip_last")
 # Model keys that change how the model computes, not its parameters: free on resume
 # (`scan_layers`: the block layout is converted on restore).
 RESUME_FREE_MODEL_KEYS = frozenset(
     {"dtype", "remat", "remat_policy", "scan_layers", "drop_path", "dropout"})
 RUN_CONFIG = "config.json"
+# Keys added to the skeleton after runs were written: a saved config without one had the value
+# given here (the skeleton's default), so its absence is no change.
+ADDED_KEYS = {"optim.layer_decay_skip_last": 0}
 
 
 def flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -340,6 +345,7 @@ def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
   """(fixed, free): the changed keys of two configs (as JSON), `key: old -> new` each,
   split by `is_fixed_on_resume`."""
   a, b = flatten_config(saved), flatten_config(new)
+  a.update({k: v for k, v in ADDED_KEYS.items() if k not in a and k in b})
   show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"  # noqa: E731
   fixed, free = [], []
   for key in sorted(set(a) | set(b)):

@@ -18,6 +18,7 @@ What each key allows follows from how the trainer, the optimizer and the pipelin
   optim.b1, optim.b2            in [0, 1) (Adam's moment decays); optim.eps > 0
   optim.warmup_steps, optim.backbone_warmup_steps   >= 0; optim.warmup_ratio in [0, 1]
   optim.layer_decay             None (off) or in (0, 1]
+  optim.layer_decay_skip_last   an integer >= 0 (at most the backbone's blocks: the optimizer)
   optim.lr_mults                every multiplier >= 0 (0 freezes that module)
   optim.schedule                "warmup_poly" or "two_stage"
   model.num_classes             >= 1, and the dataset's class count (config.dataset.num_classes,
@@ -97,6 +98,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optim.poly_power", number_in(0), "a finite number >= 0"),
     ("optim.layer_decay", lambda v: v is None or number_in(0, 1, low_open=True)(v),
      "None (off) or in (0, 1]"),
+    ("optim.layer_decay_skip_last", int_at_least(0),
+     "an integer >= 0 (the last blocks without layer-wise decay)"),
     ("model.num_classes", int_at_least(1), "an integer >= 1"),
     ("dataset.num_workers", int_at_least(0), "an integer >= 0 (0: read in this process)"),
     ("dataset.prefetch", int_at_least(0), "an integer >= 0"),

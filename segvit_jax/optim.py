@@ -11,6 +11,10 @@
   layer_decay    layer-wise lr decay of the ViT backbone (EoMT 0.8): block i of L gets
                  decay ** (L - 1 - i), the patch / position embedding, cls and registers block
                  0's factor, the final norm and everything outside the backbone 1; None: off;
+  layer_decay_skip_last
+                 the last N blocks keep the full lr while the others decay as above (the EoMT
+                 release's DINOv3 recipes, `llrd_l2_enabled: False`: no decay on the L2 blocks
+                 that see the queries); 0: every block decays;
   no_decay       regexes of parameter paths without weight decay (backbone LayerNorms);
   clip_norm      gradient clipping by global norm (0: none).
 """
@@ -79,14 +83,17 @@ _BLOCK = re.compile(r"encoderblock_(\d+)")
 _EMBEDDING = ("embedding", "pos_embedding", "cls", "registers")
 
 
-def layer_decay_factor(path: str, depth: int, decay: float | None) -> float:
-  """The layer-wise lr factor of a '/'-joined parameter path (see the module docstring)."""
+def layer_decay_factor(path: str, depth: int, decay: float | None, skip_last: int = 0
+                       ) -> float:
+  """The layer-wise lr factor of a '/'-joined parameter path (see the module docstring): the
+  last `skip_last` of the `depth` blocks keep factor 1."""
   parts = path.split("/")
   if decay is None or parts[0] != "backbone":
     return 1.0
   m = _BLOCK.fullmatch(parts[1]) if len(parts) > 1 else None
   if m:
-    return float(decay) ** (depth - 1 - int(m[1]))
+    block = int(m[1])
+    return 1.0 if block >= depth - skip_last else float(decay) ** (depth - 1 - block)
   if len(parts) > 1 and parts[1] in _EMBEDDING:
     return float(decay) ** (depth - 1)
   return 1.0
@@ -102,16 +109,19 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def lr_factors(params: Any, lr_mults: Mapping[str, float], layer_decay: float | None = None
-               ) -> Any:
+def lr_factors(params: Any, lr_mults: Mapping[str, float], layer_decay: float | None = None,
+               skip_last: int = 0) -> Any:
   """The learning-rate factor of every parameter: its top-level module's multiplier times
-  its layer-decay factor."""
+  its layer-decay factor (the last `skip_last` blocks undecayed)."""
   depth = backbone_depth(params)
+  if not 0 <= skip_last <= depth:
+    raise ValueError(f"config.optim.layer_decay_skip_last={skip_last}: expected 0 to the "
+                     f"backbone's {depth} blocks")
 
   def factor(path, _):
     name = _path_str(path)
     return float(lr_mults.get(name.split("/")[0], 1.0)) * layer_decay_factor(
-        name, depth, layer_decay)
+        name, depth, layer_decay, skip_last)
 
   return jax.tree_util.tree_map_with_path(factor, params)
 
@@ -145,7 +155,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int, param
       "backbone", {}):
     raise ValueError("config.optim.layer_decay needs the backbone's blocks unstacked: "
                      "set model.backbone.scan_layers=False")
-  factors = lr_factors(params, dict(c.lr_mults), layer_decay)
+  factors = lr_factors(params, dict(c.lr_mults), layer_decay, int(c.layer_decay_skip_last))
   # One learning-rate transform per (schedule, factor) pair that occurs.
   def label(path, factor):
     group = "backbone" if _path_str(path[:1]) == "backbone" else "other"

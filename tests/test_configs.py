@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import common, demo, segvit_vit_b16_ade20k, segvit_vit_l16_ade20k
-from segvit_jax import optim
+from segvit_jax import convert, optim
 from segvit_jax.data import pipeline, transforms
 from segvit_jax.evaluation import inference, panoptic
 from segvit_jax.losses import atm, mask_classification, pixel_ce
@@ -212,9 +212,9 @@ def test_dinov2_variant_parameter_counts(size, width, depth, mlp, paper_m, reg):
 
 def test_variant_names():
   assert vit.decode_variant("augreg-B/16") == vit.decode_variant("B/16")
-  with pytest.raises(ValueError, match=r"unknown ViT variant 'dinov3-B/16'"):
-    vit.decode_variant("dinov3-B/16")
-  with pytest.raises(ValueError, match="registers exist only for 'dinov2-' variants"):
+  with pytest.raises(ValueError, match=r"unknown ViT variant 'dinov4-B/16'"):
+    vit.decode_variant("dinov4-B/16")
+  with pytest.raises(ValueError, match="registers exist only for 'dinov2-' / 'dinov3-' variants"):
     vit.decode_variant("B/16-reg4")
 
 
@@ -285,7 +285,7 @@ RECIPE_CONFIGS = [n for n in CONFIGS if n != "demo"]
 
 
 def test_the_config_list_is_complete():
-  assert len(RECIPE_CONFIGS) == 30 and set(PAPER) == set(RECIPE_CONFIGS)
+  assert len(RECIPE_CONFIGS) == 35 and set(PAPER) == set(RECIPE_CONFIGS)
 
 
 def init_shapes(config, h, w):
@@ -382,6 +382,45 @@ PAPER = {
     "eomt_vit_l_coco_panoptic": (640, 88_692, 1e-4, 16, 0.05, "spread", 640, (200, 4)),
     "eomt_vit_g_coco_panoptic": (640, 88_692, 1e-4, 16, 0.05, "spread", 640, (200, 5)),
     "eomt_vit_l_coco_panoptic_1280": (1280, 88_692, 1e-4, 16, 0.05, "spread", 1280, (200, 4)),
+    # EoMT on DINOv3: the release's configs/dinov3/... and its DINOv3 model zoo.
+    "eomt_dinov3_vit_s_coco_panoptic": (640, 177_384, 2e-4, 16, 0.05, "spread", 640, (200, 3)),
+    "eomt_dinov3_vit_b_coco_panoptic": (640, 177_384, 2e-4, 16, 0.05, "spread", 640, (200, 3)),
+    "eomt_dinov3_vit_l_coco_panoptic": (640, 88_692, 2e-4, 16, 0.05, "spread", 640, (200, 4)),
+    "eomt_dinov3_vit_l_coco_panoptic_1280": (1280, 88_692, 2e-4, 16, 0.05, "spread", 1280,
+                                             (200, 4)),
+    "eomt_dinov3_vit_l_ade20k": (512, 20_208, 2e-4, 16, 0.05, "spread", 512, (100, 4)),
+}
+
+
+def release_windows(part, l2):
+  """The EoMT release's DINOv2 annealing windows (its configs/dinov2/...): one `part` (a sixth
+  of the run) each, starts spread evenly from 1 to 4 parts, halves rounded up."""
+  starts = tuple(int(part * (1 + 3 * i / (l2 - 1)) + 0.5) for i in range(l2))
+  return starts, tuple(s + part for s in starts)
+
+
+def test_release_windows_rule_reproduces_the_releases_lists():
+  """The rule against the lists of the release's yaml files for 3, 4 and 5 query blocks."""
+  assert release_windows(14782, 3) == ((14782, 36955, 59128), (29564, 51737, 73910))
+  assert release_windows(29564, 3) == ((29564, 73910, 118256), (59128, 103474, 147820))
+  assert release_windows(14782, 4) == ((14782, 29564, 44346, 59128),
+                                       (29564, 44346, 59128, 73910))
+  assert release_windows(14782, 5) == ((14782, 25869, 36955, 48042, 59128),
+                                       (29564, 40651, 51737, 62824, 73910))
+  assert release_windows(6520, 5) == ((6520, 11410, 16300, 21190, 26080),
+                                      (13040, 17930, 22820, 27710, 32600))
+  assert release_windows(3317, 4) == ((3317, 6634, 9951, 13268), (6634, 9951, 13268, 16585))
+
+
+# The DINOv3 windows of the release's configs/dinov3/... (no rule: its first query block anneals
+# over the first 3000 steps).
+DINOV3_WINDOWS = {
+    "eomt_dinov3_vit_s_coco_panoptic": ((0, 73910, 118256), (3000, 103474, 147820)),
+    "eomt_dinov3_vit_b_coco_panoptic": ((0, 73910, 118256), (3000, 103474, 147820)),
+    "eomt_dinov3_vit_l_coco_panoptic": ((0, 29564, 44346, 59128), (3000, 44346, 59128, 73910)),
+    "eomt_dinov3_vit_l_coco_panoptic_1280": ((0, 29564, 44346, 59128),
+                                             (3000, 44346, 59128, 73910)),
+    "eomt_dinov3_vit_l_ade20k": ((0, 6520, 9780, 13040), (3000, 9780, 13040, 16300)),
 }
 
 
@@ -395,22 +434,26 @@ def test_configs_state_the_papers_numbers(name):
   m = c.model
   if m.name == "eomt":
     assert (m.num_queries, m.num_blocks) == head and c.loss.num_queries == m.num_queries
-    # EoMT: two-stage warm-up 500 / 1000, poly 0.9, layer decay 0.8, clip 0.01, no lr
-    # multipliers, weight decay on every parameter; Mask2Former's loss numbers.
-    o = c.optim
+    # EoMT: two-stage warm-up 500 / 1000, poly 0.9, layer decay 0.8 on every block, clip
+    # 0.01, no lr multipliers, weight decay on every parameter; Mask2Former's loss numbers. On
+    # DINOv3 (the release's configs/dinov3/...): warm-up 2000 / 3000, the query blocks
+    # undecayed (`llrd_l2_enabled: False`); ADE20K no layer decay at all (`llrd: 1.0`).
+    o, dinov3 = c.optim, name in DINOV3_WINDOWS
+    decay, skip = (None, 0) if name == "eomt_dinov3_vit_l_ade20k" else (
+        (0.8, m.num_blocks) if dinov3 else (0.8, 0))
     assert (o.schedule, o.warmup_steps, o.backbone_warmup_steps, o.poly_power, o.layer_decay,
-            o.clip_norm, dict(o.lr_mults), tuple(o.no_decay)) == (
-                "two_stage", 500, 1000, 0.9, 0.8, 0.01, {}, ())
+            o.layer_decay_skip_last, o.clip_norm, dict(o.lr_mults), tuple(o.no_decay)) == (
+                "two_stage", *((2000, 3000) if dinov3 else (500, 1000)), 0.9, decay, skip,
+                0.01, {}, ())
+    assert m.backbone.variant.startswith("dinov3-" if dinov3 else "dinov2-")
     assert {k: c.loss[k] for k in ("num_points", "oversample_ratio", "importance_ratio",
                                    "no_object_weight", "class_weight", "mask_weight",
                                    "dice_weight")} == dict(
         num_points=12544, oversample_ratio=3.0, importance_ratio=0.75, no_object_weight=0.1,
         class_weight=2.0, mask_weight=5.0, dice_weight=5.0)
-    # Annealing: the run in L2 + 2 equal parts, block i over part i + 1 (the release's ViT-L
-    # windows follow this rule; the other sizes use it).
-    part = steps // (m.num_blocks + 2)
-    assert m.mask_annealing.start_steps == tuple(part * (i + 1) for i in range(m.num_blocks))
-    assert m.mask_annealing.end_steps == tuple(part * (i + 2) for i in range(m.num_blocks))
+    # Annealing: the release's windows (DINOv2: its rule, which reproduces its lists).
+    windows = DINOV3_WINDOWS[name] if dinov3 else release_windows(steps // 6, m.num_blocks)
+    assert (m.mask_annealing.start_steps, m.mask_annealing.end_steps) == windows
     assert (m.mask_annealing.power, m.dtype) == (0.9, "bfloat16")
     assert c.eval.average == "scores"
     return
@@ -434,6 +477,70 @@ def test_configs_state_the_papers_numbers(name):
   a = c.augment
   assert (a.pipeline, a.ratio_range, a.cat_max_ratio, a.flip_prob, a.photometric) == (
       "segvit", (0.5, 2.0), 0.75, 0.5, True)
+
+
+@pytest.mark.parametrize("name", ["eomt_vit_s_coco_panoptic", "eomt_vit_b_coco_panoptic"])
+def test_2x_schedule_of_the_small_coco_configs(name):
+  """The release's eomt_{small,base}_640_2x.yaml: 24 epochs, its windows; nothing else moves."""
+  one, two = load_config(name), load_config(name, "2x")
+  assert (one.total_steps, two.total_steps) == (88_692, 177_384)
+  ma = two.model.mask_annealing
+  assert (ma.start_steps, ma.end_steps) == release_windows(29_564, 3) == (
+      (29564, 73910, 118256), (59128, 103474, 147820))
+  one.total_steps, one.model.mask_annealing = two.total_steps, two.model.mask_annealing
+  assert one.to_dict() == two.to_dict()
+  smoke = load_config(name, "2x,smoke")
+  assert (smoke.total_steps, smoke.model.num_blocks) == (2, 2)
+
+
+def eomt_dinov3_hf_count(config) -> int:
+  """Parameters of transformers' EomtDinov3ForUniversalSegmentation of the config's sizes
+  (its DINOv3 ViT as the released checkpoints: 4 registers, patch 16), built on the meta
+  device (nothing allocated)."""
+  import torch
+  import transformers
+  m = config.model
+  f = vit.decode_variant(m.backbone.variant)
+  hf_config = transformers.EomtDinov3Config(
+      hidden_size=f["width"], num_hidden_layers=f["depth"], num_attention_heads=f["num_heads"],
+      intermediate_size=f["mlp_dim"], num_blocks=m.num_blocks, num_queries=m.num_queries,
+      num_labels=m.num_classes, image_size=config.augment.crop_size[0], patch_size=16,
+      num_register_tokens=4)
+  with torch.device("meta"):
+    hf = transformers.EomtDinov3ForUniversalSegmentation(hf_config)
+  return sum(p.numel() for p in hf.parameters())
+
+
+# The DINOv3 backbones' parameter counts (transformers' DINOv3ViTModel of the released
+# facebook/dinov3-vit{s,b,l}16-pretrain-lvd1689m, less its pre-training mask token;
+# tests/models/test_dinov3.py) and the weights file of the facebookresearch/dinov3 release.
+DINOV3_BACKBONES = {"S": (21_596_160, "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"),
+                    "B": (85_659_648, "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth"),
+                    "L": (303_128_576, "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth")}
+
+
+@pytest.mark.parametrize("name", sorted(DINOV3_WINDOWS))
+def test_eomt_dinov3_configs_count_what_transformers_counts(name):
+  """jax.eval_shape of each EoMT-DINOv3 config: its parameters equal transformers'
+  EomtDinov3ForUniversalSegmentation of the same sizes, the backbone the released DINOv3's;
+  it starts from the release's DINOv3 file of that size; the outputs' shapes at a non-square
+  size."""
+  c = load_config(name)
+  size = c.model.backbone.variant.split("-")[1].split("/")[0]
+  backbone_count, weights = DINOV3_BACKBONES[size]
+  model = build_model(c.model)
+  h, w = 256, 320  # both multiples of the patch, not square
+  x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+  out, variables = jax.eval_shape(  # one trace: the outputs and the parameters
+      functools.partial(model.init_with_output, train=False), jax.random.key(0), x)
+  count = lambda t: sum(int(np.prod(v.shape)) for v in jax.tree.leaves(t))  # noqa: E731
+  assert count(variables["params"]["backbone"]) == backbone_count
+  assert count(variables["params"]) == eomt_dinov3_hf_count(c), name
+  k, q = c.model.num_classes, c.model.num_queries
+  assert out["class_logits"].shape == (1, q, k + 1)
+  assert out["mask_logits"].shape == (1, q, h // 4, w // 4)
+  assert (c.model_init, c.model_init_format) == (f"weights/{weights}", "dinov3")
+  assert c.model_init_format in convert.FORMATS
 
 
 # ----------------------------------------------------------------------------------------------

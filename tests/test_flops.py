@@ -337,3 +337,70 @@ def test_train_step_flops_are_three_forward_passes_of_the_batch():
   config = segvit_vit_b16_ade20k.get_config()
   per_image = counted(segvit_vit_b16_ade20k)["total"]  # at the crop size, 512 x 512
   assert flops.train_step_flops(config) == 3 * 2 * per_image * config.batch_size
+
+
+# --- DINOv3 --------------------------------------------------------------------------------------
+
+def dinov3_block_macs(n, width, mlp, swiglu):
+  """One DINOv3 block on n tokens: q, k, v, out projections, q k^T and attn @ v, and the MLP
+  (SwiGLU: three products w1, w2, w3). RoPE rotates queries and keys elementwise: 0, as the
+  other elementwise work (fvcore's convention)."""
+  ffn = (3 if swiglu else 2) * n * width * mlp
+  return 4 * n * width**2 + 2 * n * n * width + ffn
+
+
+@pytest.mark.parametrize("size", ["S", "L", "H+", "7B"])
+def test_dinov3_vit_counts_its_products_and_nothing_for_rope(size):
+  """The DINOv3 ViT at 224 x 288 (not square): the patch embedding and the blocks on the
+  patches + cls + 4 registers, SwiGLU for H+ / 7B; RoPE adds no multiply-adds."""
+  f = vit.decode_variant(f"dinov3-{size}/16")
+  model = vit.Model(f"dinov3-{size}/16", scan_layers=True)  # one traced block, `depth` counted
+  x = S((1, 224, 288, 3), F32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  got = flops.count_macs(jax.make_jaxpr(model.apply)(variables, x))
+  p = (224 // 16) * (288 // 16)
+  swiglu = f.get("ffn") == "swiglu"
+  assert swiglu == (size in ("H+", "7B"))
+  want = p * 3 * 16 * 16 * f["width"] + f["depth"] * dinov3_block_macs(
+      p + 5, f["width"], f["mlp_dim"], swiglu)
+  assert got == want
+
+
+def eomt_macs(config, h, w):
+  """EoMT's inference network (EoMT Sec. 3, the final prediction only): the patch embedding,
+  L - L2 blocks on the patches + cls + registers, L2 blocks with the queries too; the class head,
+  the mask MLP, two up-scaling blocks (2x2 stride-2 transposed convolution, depthwise 3x3) and
+  the mask products on the 1/4 grid."""
+  m = config.model
+  f = vit.decode_variant(m.backbone.variant)
+  d, q, k, l2 = f["width"], m.num_queries, m.num_classes, m.num_blocks
+  p, prefix = (h // 16) * (w // 16), 1 + f["num_registers"]
+  swiglu = f.get("ffn") == "swiglu"
+  backbone = p * 3 * 16 * 16 * d + (f["depth"] - l2) * dinov3_block_macs(
+      p + prefix, d, f["mlp_dim"], swiglu) + l2 * dinov3_block_macs(
+          p + prefix + q, d, f["mlp_dim"], swiglu)
+  upscale = p * 4 * d * d + 4 * p * 9 * d + 4 * p * 4 * d * d + 16 * p * 9 * d
+  return backbone + q * d * (k + 1) + 3 * q * d * d + upscale + q * d * 16 * p
+
+
+# EoMT-DINOv3 at its configs' sizes. The release's DINOv3 model zoo gives FPS and no GFLOPs; a
+# DINOv3 ViT of size S / B / L has the shapes of the DINOv2 one at patch 16, so the EoMT paper's
+# GFLOPs of EoMT on DINOv2 (Table 3: S 68, B 216, L 669; Table 4: L at 1280 4146) are its cost
+# too. Measured: S 67.8, B 215.5, L 668.0, L 1280 4144.1.
+@pytest.mark.parametrize("name,paper", [
+    ("eomt_dinov3_vit_s_coco_panoptic", 68.0), ("eomt_dinov3_vit_b_coco_panoptic", 216.0),
+    ("eomt_dinov3_vit_l_coco_panoptic", 669.0), ("eomt_dinov3_vit_l_coco_panoptic_1280", 4146.0)])
+def test_eomt_dinov3_network_gflops(name, paper):
+  c = importlib.import_module(f"configs.{name}").get_config()
+  h, w = c.augment.crop_size
+  counts = flops.count_model(c, outside=None)
+  assert counts["other"] == c.model.num_queries * c.model.num_classes * h * w  # post-processing
+  network = counts["total"] - counts["other"]
+  assert network == eomt_macs(c, h, w)
+  assert abs(network / 1e9 / paper - 1) < 0.01, f"{name}: {network / 1e9:.1f} vs {paper}"
+
+
+def test_eomt_dinov3_counts_at_a_non_square_size():
+  c = importlib.import_module("configs.eomt_dinov3_vit_s_coco_panoptic").get_config()
+  counts = flops.count_model(c, 384, 512, outside=None)
+  assert counts["total"] - counts["other"] == eomt_macs(c, 384, 512)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from configs import common
 from segvit_jax import optim
@@ -122,3 +123,66 @@ def test_layer_decay_and_two_stage_learning_rates_per_parameter():
     want = [f * release_two_stage(1e-4, t, 2, 4, 100, 0.9, True) for t in range(8)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12, err_msg=name)
   assert lrs[1]["backbone"]["cls"] == 0.0 and lrs[3]["backbone"]["cls"] > 0.0
+
+
+def release_llrd_factors(depth, l2, llrd, llrd_l2_enabled, names):
+  """The EoMT release's LightningModule.configure_optimizers lr factors of backbone parameter
+  names (timm / transformers order: embeddings, blocks.i..., norm), transcribed: reversed
+  order, the block index carried to the parameters after the blocks, the final norm at 1, the
+  L2 blocks at 1 unless llrd_l2_enabled."""
+  factors, block_i = {}, depth
+  l2_blocks = list(range(depth - l2, depth))
+  for name in reversed(names):
+    lr = 1.0
+    parts = name.split(".")
+    is_block = parts[0] == "blocks"
+    if is_block:
+      block_i = int(parts[1])
+    if is_block or block_i == 0:
+      lr *= llrd ** (depth - 1 - block_i)
+    if name.startswith("norm"):
+      lr = 1.0
+    if is_block and block_i in l2_blocks and not llrd_l2_enabled:
+      lr = 1.0
+    factors[name] = lr
+  return factors
+
+
+def test_layer_decay_skip_last_keeps_the_query_blocks_at_the_full_lr():
+  """EoMT-DINOv3's recipe (`llrd_l2_enabled: False`): 6 blocks, the last 2 undecayed, the
+  others and the embeddings as without the option; equal to the release's rule."""
+  ones = lambda *s: jnp.ones(s)  # noqa: E731
+  depth, l2 = 6, 2
+  params = {"backbone": {"embedding": {"kernel": ones(2)}, "cls": ones(2),
+                         "registers": ones(2),
+                         **{f"encoderblock_{i}": {"attn": {"query": {"kernel": ones(2)}}}
+                            for i in range(depth)},
+                         "encoder_norm": {"scale": ones(2)}},
+            "head": {"queries": ones(2)}}
+  ours = {skip: optim.lr_factors(params, {}, 0.8, skip) for skip in (0, l2)}
+  names = ["embed.cls", *(f"blocks.{i}.attn" for i in range(depth)), "norm.weight"]
+  for skip, enabled in ((0, True), (l2, False)):
+    release = release_llrd_factors(depth, l2, 0.8, enabled, names)
+    got = ours[skip]["backbone"]
+    assert got["cls"] == got["embedding"]["kernel"] == release["embed.cls"] == 0.8**5
+    assert got["encoder_norm"]["scale"] == release["norm.weight"] == 1.0
+    for i in range(depth):
+      assert got[f"encoderblock_{i}"]["attn"]["query"]["kernel"] == pytest.approx(
+          release[f"blocks.{i}.attn"], rel=1e-12), (skip, i)
+    assert ours[skip]["head"]["queries"] == 1.0
+  assert [ours[l2]["backbone"][f"encoderblock_{i}"]["attn"]["query"]["kernel"]
+          for i in range(depth)] == pytest.approx([0.8**5, 0.8**4, 0.8**3, 0.8**2, 1.0, 1.0])
+  # Through make_optimizer (config.optim.layer_decay_skip_last): the updates read the rates.
+  cfg = common.run_config().optim
+  cfg.update(schedule="two_stage", lr=1e-4, warmup_steps=0, backbone_warmup_steps=0,
+             poly_power=1.0, weight_decay=1.0, no_decay=(), clip_norm=0.0, layer_decay=0.8,
+             layer_decay_skip_last=l2)
+  cfg.lr_mults = {}
+  tx, _ = optim.make_optimizer(cfg, total_steps=100, params=params)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  rates = jax.tree.map(lambda u: -float(u[0]) / 1e-4, updates)  # step 0: lr 1e-4 x factor
+  np.testing.assert_allclose(jax.tree.leaves(rates), jax.tree.leaves(ours[l2]), rtol=1e-6)
+  cfg.layer_decay_skip_last = depth + 1
+  with pytest.raises(ValueError, match=r"config.optim.layer_decay_skip_last=7: expected 0 to "
+                                       r"the backbone's 6 blocks"):
+    optim.make_optimizer(cfg, total_steps=100, params=params)

@@ -39,6 +39,8 @@ INVALID = [  # (key, value, what the message says is allowed)
     ("optim.weight_decay", -0.01, "a finite number >= 0"),
     ("optim.warmup_ratio", 2.0, "in [0, 1]"),
     ("optim.schedule", "cosine", "one of 'warmup_poly', 'two_stage'"),
+    ("optim.layer_decay_skip_last", -1,
+     "an integer >= 0 (the last blocks without layer-wise decay)"),
     ("dataset.num_workers", -1, "an integer >= 0"),
     ("eval.max_examples", 0, "-1 (the whole split) or an integer >= 1"),
 ]
@@ -135,7 +137,8 @@ def _configs():
 @pytest.mark.parametrize("name", list(_configs()))
 def test_every_shipped_config_passes(name):
   module = importlib.import_module(f"configs.{name}")
-  args = ["", "smoke"] + (["eomt"] if name == "demo" else [])
+  args = ["", "smoke"] + (["eomt"] if name == "demo" else []) + (
+      ["2x"] if name in ("eomt_vit_s_coco_panoptic", "eomt_vit_b_coco_panoptic") else [])
   for arg in args:
     c = module.get_config(arg)
     assert config_check.settings_problems(c) == [], (name, arg)

@@ -287,3 +287,14 @@ def test_which_config_changes_a_checkpoint_survives():
       "batch_size", "ckpt_every", "eval_every", "log_every", "model.backbone.drop_path",
       "model.backbone.remat", "model.backbone.scan_layers", "model.dtype", "optim.lr",
       "optim.warmup_steps", "total_steps"]
+
+
+def test_a_config_saved_before_layer_decay_skip_last_resumes():
+  """A run written before the key existed had no undecayed blocks (its default, 0)."""
+  saved = json.loads(smoke_config().to_json_best_effort())
+  del saved["optim"]["layer_decay_skip_last"]
+  assert checkpoint.config_changes(saved, json.loads(smoke_config().to_json_best_effort())) == (
+      [], [])
+  new = smoke_config(**{"optim.layer_decay_skip_last": 2})
+  assert checkpoint.config_changes(saved, json.loads(new.to_json_best_effort()))[0] == [
+      "optim.layer_decay_skip_last: 0 -> 2"]
