@@ -20,6 +20,8 @@ What each key allows follows from how the trainer, the optimizer and the pipelin
   optim.layer_decay             None (off) or in (0, 1]
   optim.lr_mults                every multiplier >= 0 (0 freezes that module)
   optim.schedule                "warmup_poly" or "two_stage"
+  model.attention               one of models.layers.ATTENTION_IMPLEMENTATIONS ("auto", "xla",
+                                "cudnn", "explicit")
   model.num_classes             >= 1, and the dataset's class count (config.dataset.num_classes,
                                 which the dataset's source checks against its class list, or
                                 the registry's class list when that is None)
@@ -41,6 +43,7 @@ import ml_collections
 
 from segvit_jax import convert
 from segvit_jax.data import registry
+from segvit_jax.models import layers
 
 _MISSING = object()
 SCHEDULES = ("warmup_poly", "two_stage")
@@ -98,6 +101,9 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optim.layer_decay", lambda v: v is None or number_in(0, 1, low_open=True)(v),
      "None (off) or in (0, 1]"),
     ("model.num_classes", int_at_least(1), "an integer >= 1"),
+    ("model.attention", lambda v: v in layers.ATTENTION_IMPLEMENTATIONS,
+     f"one of {', '.join(map(repr, layers.ATTENTION_IMPLEMENTATIONS))} (how attention is "
+     "computed)"),
     ("dataset.num_workers", int_at_least(0), "an integer >= 0 (0: read in this process)"),
     ("dataset.prefetch", int_at_least(0), "an integer >= 0"),
     ("eval.max_examples", lambda v: v == -1 or int_at_least(1)(v),
