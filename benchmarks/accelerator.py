@@ -20,8 +20,10 @@ settings it ran with. Where cuDNN's flash attention exists (`layers.cudnn_device
 is measured with "cudnn" and "xla" and training with "auto" (cuDNN where it applies, masked
 blocks on XLA) and "xla"; elsewhere "xla" alone.
 
-Budget: the items run in priority order (EoMT-L 640 inference, then the two training items,
-then the rest); each gets an equal share of the time left. A measurement is started only when
+Budget: the training items run first with their first attention setting (children started
+before this process holds device memory), then the inference items in priority order (EoMT-L
+640 first), then the training items' other setting; each inference item gets an equal share
+of the time left for its batch search. A measurement is started only when
 the estimate of its cost (its compilation: the longest of that kind so far, or the first
 guess FIRST_GUESS_S; plus the timed calls) fits in the time left; what does not fit is skipped
 and the table says so. Times are medians of calls repeated for about `--seconds` each
@@ -49,6 +51,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# No up-front grab of 75% of the GPU: the training children need the memory the parent has not
+# used, and their peak is then what they use.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -131,13 +136,14 @@ def item_config(item: Item, smoke: bool):
 
 
 def knobs(c) -> dict[str, Any]:
-  """The settings a row ran with: attention, remat (with its policy), scan."""
+  """The settings a row ran with: attention, remat (its policy, or "off") and scan of a ViT
+  backbone (the ViT's defaults where the config leaves them out); an MiT has neither: "-"."""
   bb = c.model.backbone
-  remat = bb.get("remat")
+  if c.model.name == "segformer" or bb.get("type") == "mit":
+    return {"attention": c.model.attention, "remat": "-", "scan": "-"}
   return {"attention": c.model.attention,
-          "remat": "-" if remat is None else (bb.get("remat_policy") if remat else "off"),
-          "scan": "-" if bb.get("scan_layers") is None else
-                  ("on" if bb.scan_layers else "off")}
+          "remat": bb.get("remat_policy", "nothing_saveable") if bb.get("remat") else "off",
+          "scan": "on" if bb.get("scan_layers") else "off"}
 
 
 def measure(call: Callable[[], Any], seconds: float) -> dict[str, float]:
@@ -168,6 +174,12 @@ def inference_rows(item: Item, attentions: list[str], budget: Budget, share: flo
                    seconds: float, smoke: bool) -> list[dict[str, Any]]:
   """One row per attention setting: batch-1 FPS, the best batch and its images/s."""
   end = time.monotonic() + share
+  need = budget.estimate("inference", seconds)
+  if budget.left() < need:  # not even one measurement: nothing is built
+    return [{"task": "inference", "model": item.name, "size": SMOKE_SIZE if smoke else item.size,
+             "attention": attention, "paper_fps": item.paper,
+             "notes": [f"skipped: ~{need:.0f} s needed, {budget.left():.0f} s left"]}
+            for attention in attentions]
   c, size = item_config(item, smoke)
   variables = bm.init_variables(c, size)
   # Deployed inference runs bfloat16 parameters (one cast here, not one per call).
@@ -237,25 +249,36 @@ def train_batch(c, batch: int, size: int) -> dict[str, jax.Array]:
 
 
 def training_row(item: Item, attention: str, seconds: float, smoke: bool) -> dict[str, Any]:
-  """The training step of `item` at its recipe's batch (what runs in the child)."""
+  """The training step of `item` at its recipe's (global) batch on this one device, halved
+  while it does not fit (what runs in the child)."""
   c, size = item_config(item, smoke)
   c.model.attention = attention
   c.augment.crop_size = (size, size)
   c.grad_accum_steps = 1
-  batch = int(c.batch_size)
+  notes = []
+  while True:
+    batch = int(c.batch_size)
+    try:
+      variables = bm.init_variables(c, size)
+      step, state = ts.our_step(c, variables, DTYPE)
+      del variables
+      data = train_batch(c, batch, size)
+      holder = [state]
+
+      def call():
+        holder[0], loss = step(holder[0], data)
+        return jax.block_until_ready(loss)
+
+      m = measure(call, seconds)
+      break
+    except Exception as e:  # noqa: BLE001
+      if not out_of_memory(e) or batch == 1:
+        raise
+      notes.append(f"batch {batch}: out of memory")
+      c.batch_size = batch // 2
+      holder = state = step = data = None
   row = {"task": "training", "model": item.name, "size": size, "batch": batch, **knobs(c),
-         "notes": []}
-  variables = bm.init_variables(c, size)
-  step, state = ts.our_step(c, variables, DTYPE)
-  del variables
-  data = train_batch(c, batch, size)
-  holder = [state]
-
-  def call():
-    holder[0], loss = step(holder[0], data)
-    return jax.block_until_ready(loss)
-
-  m = measure(call, seconds)
+         "notes": notes}
   loss = float(call())
   achieved = flops.train_step_flops(c) / m["step_s"] / 1e12
   peak = bm.peak_tflops()
@@ -380,11 +403,16 @@ def main() -> None:
   print(f"{machine['device']} ({machine['platform']}), cuDNN flash attention: "
         f"{machine['cudnn']}; budget {budget_s:.0f} s", flush=True)
   rows = []
-  for i, item in enumerate(ITEMS):
-    share = budget.left() / (len(ITEMS) - i)
-    attentions = attention_settings(item.task)
+  training = [i for i in ITEMS if i.task == "training"]
+  inference = [i for i in ITEMS if i.task == "inference"]
+  first, rest = attention_settings("training")[:1], attention_settings("training")[1:]
+  plan = ([(i, first) for i in training] + [(i, None) for i in inference] +
+          [(i, rest) for i in training if rest])
+  for n, (item, attentions) in enumerate(plan):
     if item.task == "inference":
-      new = inference_rows(item, attentions, budget, share, seconds, args.smoke)
+      share = budget.left() / sum(1 for i, _ in plan[n:] if i.task == "inference")
+      new = inference_rows(item, attention_settings("inference"), budget, share, seconds,
+                           args.smoke)
     else:
       new = training_rows(item, attentions, budget, seconds, args.smoke)
     rows += new
