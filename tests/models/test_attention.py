@@ -3,9 +3,9 @@ every family's XLA path (what "auto" runs on a CPU) against the explicit softmax
 EoMT's masked attention in training, gradients included; what "auto" picks where; the config
 check and the resume rule.
 
-Measured max abs differences (float32, 2-core CPU): vit 4.8e-7, segvit 1.9e-6, segvit_mit
-9.5e-7, segvit_shrunk 1.9e-6, segformer 4.8e-7, eomt 9.5e-7 (inference); EoMT training with
-every query masked 1.9e-6; ViT gradients 1.2e-6. "auto" equals "xla" bit for bit on a CPU.
+Max abs differences, float32 on the CPU: EoMT inference 0 (XLA computes the same program);
+every family, and EoMT's training with every query masked, within the asserted 5e-6; ViT
+gradients 1.5e-8 (largest entry 0.13). On a CPU "auto" is "xla", the same call.
 """
 
 import glob
