@@ -47,11 +47,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import torch  # noqa: E402
 
 from segvit_jax import bundle, config_utils, convert, flops  # noqa: E402
 from segvit_jax.models import build_model  # noqa: E402
-from tests import torch_reference as ref  # noqa: E402
+
+try:  # the PyTorch side; an accelerator machine may have no torch (benchmarks/accelerator.py)
+  import torch  # noqa: E402
+  from tests import torch_reference as ref  # noqa: E402
+except ImportError:
+  torch = ref = None
 
 # name: (config, full size, what is compared)
 MODELS = {
@@ -93,11 +97,15 @@ def fmt(value: float | None, spec: str) -> str:
 def model_config(name: str, size: int):
   """The model config of a benchmark entry at input `size` (stored grids resized to it)."""
   spec, _, kind = MODELS[name]
-  if kind == "eomt":
-    # The COCO panoptic recipe: 200 queries, 133 classes.
-    c = config_utils.load_config(f"configs/eomt_vit_{spec.lower()}_coco_panoptic.py")
-  else:
-    c = config_utils.load_config(spec)
+  # EoMT: the COCO panoptic recipe (200 queries, 133 classes).
+  path = f"configs/eomt_vit_{spec.lower()}_coco_panoptic.py" if kind == "eomt" else spec
+  return load_model_config(path, kind, size)
+
+
+def load_model_config(path: str, kind: str, size: int):
+  """The run config of config file `path` (`configs/X.py[:ARG]`; `kind`: "segvit", "segformer"
+  or "eomt") for size x size inputs: float32, stored position / query grids at size / 16."""
+  c = config_utils.load_config(path)
   m = c.model
   m.dtype = "float32"
   if kind == "segvit":

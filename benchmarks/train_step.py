@@ -39,12 +39,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
-import torch  # noqa: E402
 
 from benchmarks import models as bm  # noqa: E402
 from segvit_jax import optim, trainer  # noqa: E402
 from segvit_jax.models import build_model  # noqa: E402
-from tests import torch_reference as ref  # noqa: E402
+
+try:  # the PyTorch side; an accelerator machine may have no torch (benchmarks/accelerator.py)
+  import torch  # noqa: E402
+  from tests import torch_reference as ref  # noqa: E402
+except ImportError:
+  torch = ref = None
 
 NUM_POINTS = 1000
 

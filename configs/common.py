@@ -4,8 +4,9 @@ A config file (`configs/X.py`, `get_config(arg)`) states its own recipe: dataset
 augmentation, model, pretrained weights, loss, optimiser, iterations and batch, and the test
 protocol, each number with the paper table / section (or the release's config) it comes from.
 This file holds no recipe: `run_config` is the skeleton, the one place a config key gets its
-default (library code reads the keys instead of defaulting them again); `vit_memory_knobs` the
-memory / compilation switches of a ViT backbone section; `smoke` shrinks any config to its
+default (library code reads the keys instead of defaulting them again); `model_config` a
+config's model section with the keys every model has (`MODEL_DEFAULTS`); `vit_memory_knobs`
+the memory / compilation switches of a ViT backbone section; `smoke` shrinks any config to its
 `configs/X.py:smoke` variant, a few seconds on a CPU on a fabricated copy of its dataset.
 
 Config names that later work relies on: `total_steps`, `batch_size` (global),
@@ -101,7 +102,7 @@ def run_config() -> ml_collections.ConfigDict:
   c.mean = (127.5, 127.5, 127.5)
   c.std = (127.5, 127.5, 127.5)
 
-  c.model = ml_collections.ConfigDict()
+  c.model = model_config({})
 
   # Loss (segvit_jax.losses.LOSSES by name); the options are the named loss's keyword
   # arguments. "atm": SegViT's ATM loss.
@@ -194,6 +195,20 @@ def run_config() -> ml_collections.ConfigDict:
   # semantic, the confusion matrix) to WORKDIR/eval/step_N/ and to TensorBoard's Images tab.
   c.eval.num_pictures = 4
   return c
+
+
+# Keys of every model section, with their one default (a config's own value wins):
+#   attention  how every attention of the model is computed (segvit_jax.models.layers
+#              ATTENTION_IMPLEMENTATIONS): "auto" (cuDNN's fused flash attention on an NVIDIA
+#              GPU in bfloat16 / float16 where the head size and mask allow it, else XLA; on a
+#              CPU exactly XLA), "xla", "cudnn" or "explicit" (the softmax written out). No
+#              effect on the parameters: free to change on resume.
+MODEL_DEFAULTS = dict(attention="auto")
+
+
+def model_config(fields: dict) -> ml_collections.ConfigDict:
+  """A config's `config.model`: MODEL_DEFAULTS with the config's `fields` over them."""
+  return ml_collections.ConfigDict({**MODEL_DEFAULTS, **fields})
 
 
 def vit_memory_knobs() -> dict:

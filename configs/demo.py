@@ -38,7 +38,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mean = c.std = (127.5, 127.5, 127.5)
 
   # A SegViT of 4 blocks of width 128 at patch 8, the ATM head on blocks 1-3.
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = common.model_config(dict(
       name="segvit", num_classes=6, dtype="float32",
       backbone=dict(variant="Ti/8", drop_path=0.0, cls_in_blocks=False,
                     posemb_grid=(size // patch, size // patch), **common.vit_memory_knobs(),
@@ -61,7 +61,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 average="softmax")
 
   if arg == "eomt":
-    c.model = ml_collections.ConfigDict(dict(
+    c.model = common.model_config(dict(
         name="eomt", num_classes=6, num_queries=16, num_blocks=2, dtype="float32",
         backbone=dict(variant="dinov2-S/14-reg4", width=128, depth=4, num_heads=4,
                       mlp_dim=512, patch_size=patch, posemb_grid=(size // patch, size // patch),

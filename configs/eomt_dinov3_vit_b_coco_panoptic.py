@@ -44,7 +44,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # last 3 blocks (its config: num_blocks 3), masked attention annealed block by block with
   # power 0.9 (EoMT Sec. 3.3 "Mask annealing."), mixed precision (the release's 16-mixed). Drop
   # path 0: transformers' DINOv3 default, which the release keeps.
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = common.model_config(dict(
       name="eomt", num_classes=133, num_queries=200, num_blocks=3, dtype="bfloat16",
       backbone=dict(variant="dinov3-B/16", drop_path=0.0),
       # The release's windows (its config): the first query block annealed over the first 3000

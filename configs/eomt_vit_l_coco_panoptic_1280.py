@@ -40,7 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # A.1 "Pre-trained models."), 200 queries in the last 4 blocks (App. A.1 "Queries.", Table D),
   # masked attention annealed block by block with power 0.9 (Sec. 3.3 "Mask annealing.", Sec. 4.1),
   # mixed precision (Sec. 4.1). Drop path 0: the release's config.
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = common.model_config(dict(
       name="eomt", num_classes=133, num_queries=200, num_blocks=4, dtype="bfloat16",
       backbone=dict(variant="dinov2-L/14-reg4", patch_size=16, posemb_grid=(80, 80),
                     posemb_resize="bicubic_antialias", drop_path=0.0),

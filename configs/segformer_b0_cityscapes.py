@@ -39,7 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Model: the MiT-B0 encoder (SegFormer Sec. 3.1, Table 6) and the all-MLP decoder of width 256
   # (Sec. 3.2; the width: Sec. 4.2, Table 1b); drop path 0.1 and LayerNorm eps 1e-6 of the release's
   # weights: the release's config.
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = common.model_config(dict(
       name="segformer", num_classes=19, dtype="float32",
       backbone=dict(variant="B0", drop_path=0.1, norm_eps=1e-6),
       head=dict(width=256, dropout=0.1)))

@@ -41,7 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # the SegFormer release's config) and the ATM head reading stages 4, 3, 2 (strides 32, 16, 8;
   # deepest first, each stage's masks summed on the 1/8 grid), width 256, 8 heads, 3 layers per
   # stage (this project's choice: the paper gives no MiT head sizes).
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = common.model_config(dict(
       name="segvit", num_classes=150, dtype="float32",
       backbone=dict(type="mit", variant="B2", drop_path=0.1, norm_eps=1e-6),
       head=dict(tap_layers=(1, 2, 3), width=256, num_heads=8, layers_per_stage=3,

@@ -47,7 +47,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # up-sampling (QU) reads blocks 7 and 23 (shallow first) with a 40x40 grid of learned
   # queries; a single-stage ATM head follows. Sizes, drop path, QD / QU layout: the release's
   # config.
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = common.model_config(dict(
       name="segvit", num_classes=150, dtype="float32",
       backbone=dict(variant="L/16", drop_path=0.3, cls_in_blocks=False,
                     posemb_grid=(40, 40),  # crop / patch, resized to other inputs on the fly

@@ -54,7 +54,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # up-sampling (QU) reads blocks 7 and 23 (shallow first) with a 30x30 grid of learned
   # queries; a single-stage ATM head follows. Sizes, drop path, QD / QU layout: the release's
   # config.
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = common.model_config(dict(
       name="segvit", num_classes=num_classes, dtype="float32",
       backbone=dict(variant="L/16", drop_path=0.3, cls_in_blocks=False,
                     posemb_grid=(30, 30),  # crop / patch, resized to other inputs on the fly

@@ -42,7 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # before the blocks, and the ATM head reading blocks 5, 7, 11 deepest first: 3 stages of 3 layers,
   # masks summed over stages (SegViT Sec. 3.2, "The SegViT structure."; the taps: SegViT Table 5,
   # [6, 8, 12] 1-based). Widths, heads, dropout and drop path: the release's config.
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = common.model_config(dict(
       name="segvit", num_classes=150, dtype="float32",
       backbone=dict(variant="B/16", drop_path=0.1, cls_in_blocks=False,
                     posemb_grid=(32, 32),  # crop / patch, resized to other inputs on the fly

@@ -51,7 +51,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # layers, masks summed over stages (SegViT Sec. 3.2, "The SegViT structure."; the taps: the
   # release's config; SegViT Table 5 ablates ViT-B's). Widths, heads, dropout and drop path: the
   # release's config.
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = common.model_config(dict(
       name="segvit", num_classes=num_classes, dtype="float32",
       backbone=dict(variant="L/16", drop_path=0.3, cls_in_blocks=False,
                     posemb_grid=(30, 30),  # crop / patch, resized to other inputs on the fly

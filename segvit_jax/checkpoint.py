@@ -317,7 +317,7 @@ RESUME_FIXED = ("model", "dataset.num_classes", "optim.lr_mults", "optim.layer_d
 # Model keys that change how the model computes, not its parameters: free on resume
 # (`scan_layers`: the block layout is converted on restore).
 RESUME_FREE_MODEL_KEYS = frozenset(
-    {"dtype", "remat", "remat_policy", "scan_layers", "drop_path", "dropout"})
+    {"dtype", "remat", "remat_policy", "scan_layers", "drop_path", "dropout", "attention"})
 RUN_CONFIG = "config.json"
 # Keys added to the skeleton after runs were written: a saved config without one had the value
 # given here (the skeleton's default), so its absence is no change.

@@ -21,6 +21,8 @@ What each key allows follows from how the trainer, the optimizer and the pipelin
   optim.layer_decay_skip_last   an integer >= 0 (at most the backbone's blocks: the optimizer)
   optim.lr_mults                every multiplier >= 0 (0 freezes that module)
   optim.schedule                "warmup_poly" or "two_stage"
+  model.attention               one of models.layers.ATTENTION_IMPLEMENTATIONS ("auto", "xla",
+                                "cudnn", "explicit")
   model.num_classes             >= 1, and the dataset's class count (config.dataset.num_classes,
                                 which the dataset's source checks against its class list, or
                                 the registry's class list when that is None)
@@ -42,6 +44,7 @@ import ml_collections
 
 from segvit_jax import convert
 from segvit_jax.data import registry
+from segvit_jax.models import layers
 
 _MISSING = object()
 SCHEDULES = ("warmup_poly", "two_stage")
@@ -101,6 +104,9 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optim.layer_decay_skip_last", int_at_least(0),
      "an integer >= 0 (the last blocks without layer-wise decay)"),
     ("model.num_classes", int_at_least(1), "an integer >= 1"),
+    ("model.attention", lambda v: v in layers.ATTENTION_IMPLEMENTATIONS,
+     f"one of {', '.join(map(repr, layers.ATTENTION_IMPLEMENTATIONS))} (how attention is "
+     "computed)"),
     ("dataset.num_workers", int_at_least(0), "an integer >= 0 (0: read in this process)"),
     ("dataset.prefetch", int_at_least(0), "an integer >= 0"),
     ("eval.max_examples", lambda v: v == -1 or int_at_least(1)(v),

@@ -18,3 +18,51 @@ def test_helpers():
   assert bm.fmt(None, ".2f") == "-" and bm.fmt(0.5, ".1%") == "50.0%"
   assert ts._without_models(["--models", "a,b", "--full", "--models=c", "--batch", "2"]) == [
       "--full", "--batch", "2"]
+
+
+def test_accelerator_smoke(tmp_path):
+  """`benchmarks/accelerator.py --smoke`: every item measured on its config's :smoke model
+  (CPU: XLA attention only, no peak memory or MFU), the table printed and written, the JSON."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from benchmarks import accelerator as acc  # pylint: disable=g-import-not-at-top
+  # (a budget no busy test machine reaches: nothing is skipped)
+  proc = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--smoke", "--out",
+                         str(tmp_path), "--budget", "3000"], capture_output=True, text=True,
+                        timeout=3000)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads((tmp_path / "accelerator.json").read_text())
+  rows = result["rows"]
+  assert result["machine"]["smoke"] and result["machine"]["peak_tflops"] is None
+  # Training first (its children start before this process holds device memory).
+  assert [(r["task"], r["model"]) for r in rows] == [
+      (i.task, i.name) for task in ("training", "inference") for i in acc.ITEMS
+      if i.task == task]
+  for r in rows:
+    assert r["attention"] == "xla" and r["notes"] == [], r  # nothing skipped, nothing failed
+    assert r["size"] == acc.SMOKE_SIZE
+    if r["task"] == "inference":
+      assert r["fps"] > 0 and r["best_batch"] in (1, 2) and r["gmacs"] > 0
+      assert r["remat"] == ("-" if "SegFormer" in r["model"] else "off")
+    else:
+      assert r["images_per_s"] > 0 and r["tflops"] > 0 and r["finite"]
+      assert r["mfu"] is None and r["peak_mib"] is None and r["batch"] == 2
+  table = (tmp_path / "accelerator.md").read_text()
+  assert table.strip() in proc.stdout
+  lines = table.splitlines()
+  assert sum(line.startswith("| EoMT-L COCO panoptic | 64 | xla | off | off |")
+             for line in lines) == 2  # inference and training
+  assert any(line.startswith("| SegFormer-B0 ADE20K | 64 | xla | - | - |") for line in lines)
+
+
+def test_accelerator_budget_skips_what_does_not_fit():
+  from benchmarks import accelerator as acc  # pylint: disable=g-import-not-at-top
+  budget = acc.Budget(10.0, {"inference": 30.0, "training": 60.0})
+  rows = acc.inference_rows(acc.ITEMS[0], ["cudnn", "xla"], budget, 10.0, 1.0, smoke=True)
+  assert [r["attention"] for r in rows] == ["cudnn", "xla"]
+  assert rows[0]["notes"][0].startswith("skipped: ~37 s needed, ")  # 30 x 1.2 + 1
+  budget.record("inference", 2.0)  # a compile seen: the estimate follows it
+  assert budget.estimate("inference", 1.0) == 2.0 * 1.2 + 1.0
+  assert "skipped" in acc.training_rows(acc.ITEMS[1], ["xla"], budget, 1.0, True)[0]["notes"][0]

@@ -218,17 +218,20 @@ class EoMTEncoder(vit.ViT):
 class EoMT(nn.Module):
   """EoMT: `backbone` holds `vit.ViT` fields (incl. `variant`, e.g. "dinov2-L/14-reg4" with
   `patch_size=16` and `posemb_grid` = crop / 16), `num_queries` K, `num_blocks` L2 (the last
-  blocks, which see the queries)."""
+  blocks, which see the queries); `attention` the blocks' attention implementation
+  (`layers.ATTENTION_IMPLEMENTATIONS`; "auto" keeps the masked blocks of training on XLA)."""
 
   num_classes: int
   num_queries: int
   num_blocks: int
   backbone: dict
+  attention: str = "auto"
   dtype: Any = jnp.float32
 
   def setup(self):
     fields = backbone_fields(self.backbone)
-    self.encoder = EoMTEncoder(**fields, dtype=self.dtype, name="backbone")
+    self.encoder = EoMTEncoder(**fields, attention=self.attention, dtype=self.dtype,
+                               name="backbone")
     self.queries = self.param("queries",
                               layers.logical(nn.initializers.normal(1.0), ("queries", "embed")),
                               (self.num_queries, fields["width"]))
@@ -284,13 +287,14 @@ def from_config(model_cfg: Mapping[str, Any], dtype: Any) -> EoMT:
   """The EoMT a `config.model` (name "eomt") describes."""
   return EoMT(num_classes=model_cfg["num_classes"], num_queries=model_cfg["num_queries"],
               num_blocks=model_cfg["num_blocks"], backbone=dict(model_cfg["backbone"]),
-              dtype=dtype)
+              attention=layers.attention_setting(model_cfg), dtype=dtype)
 
 
 def backbone_from_config(model_cfg: Mapping[str, Any], dtype: Any) -> vit.ViT:
   """EoMT's ViT alone, as a plain `vit.ViT` with its final norm (its parameters: the model's
   "backbone")."""
-  return vit.ViT(**backbone_fields(model_cfg["backbone"]), dtype=dtype)
+  return vit.ViT(**backbone_fields(model_cfg["backbone"]),
+                 attention=layers.attention_setting(model_cfg), dtype=dtype)
 
 
 def input_divisor(model_cfg: Mapping[str, Any]) -> int:

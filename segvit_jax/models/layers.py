@@ -1,7 +1,8 @@
 """Building blocks shared by every model family: one attention (with optional rotary position
-embeddings), one MLP, drop path, one LayerNorm helper, one resize (position embeddings, patch
-kernels, masks: torch's F.interpolate as matrices) and the mask-classification
-`semantic_scores`. The CPU rewrites of convolutions live in `cpu_ops`.
+embeddings; its implementation chosen by `ATTENTION_IMPLEMENTATIONS`), one MLP, drop path, one
+LayerNorm helper, one resize (position embeddings, patch kernels, masks: torch's F.interpolate
+as matrices) and the mask-classification `semantic_scores`. The CPU rewrites of convolutions
+live in `cpu_ops`.
 
 Logical axis names (mapped to mesh axes by `segvit_jax.sharding`):
   parameters: `embed` (model width), `mlp` (hidden width), `heads` (attention width,
@@ -84,6 +85,66 @@ class Mlp(nn.Module):
                     bias_init=logical(self.bias_init, ("embed",)))(x)
 
 
+# How `Attention` computes softmax(q k^T / sqrt(hd)) v: the model config's `attention` key
+# (configs/common.py), threaded to every attention of every family.
+#   "auto"      cuDNN's fused flash attention where it applies (`use_cudnn`: an NVIDIA GPU of
+#               compute capability >= 8.0, bfloat16 / float16, head size a multiple of 8 up to
+#               128, no mask), else "xla"; on a CPU exactly "xla"
+#   "xla"       jax.nn.dot_product_attention(implementation="xla"): XLA's einsum-softmax-einsum
+#   "cudnn"     jax.nn.dot_product_attention(implementation="cudnn") everywhere, masks included
+#               (jax passes a mask to cuDNN as an additive bias); an error where cuDNN cannot run
+#   "explicit"  the softmax written out (the reference the others are tested against)
+# Whatever the setting, an attention whose probabilities are needed runs the explicit path:
+# SegViT's ATM cross-attention (its masks are the logits) and attention dropout in training
+# (ATM decoder layers); fused kernels return neither.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit")
+# Limits of jax 0.10's cuDNN flash attention (jax._src.cudnn.fused_attention_stablehlo
+# `check_is_flash_attention`: head size <= 128 before Hopper, <= 256 from it, a multiple of 8;
+# fp16 / bf16 inputs; Ampere or later for flash kernels). A mask becomes a bias, whose
+# training form needs even sequence lengths (EoMT's are odd: queries + cls + registers +
+# patches) and has open gradient bugs: "auto" keeps masked attention on XLA.
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = 128
+
+
+@functools.lru_cache(maxsize=None)
+def cudnn_device() -> bool:
+  """Whether jax's first device is an NVIDIA GPU cuDNN's flash attention runs on (compute
+  capability >= 8.0)."""
+  device = jax.devices()[0]
+  if device.platform != "gpu" or "nvidia" not in device.device_kind.lower():
+    return False
+  capability = getattr(device, "compute_capability", None)
+  return capability is None or float(capability) >= 8.0
+
+
+def attention_implementation(name: str, dtype: Any, head_dim: int, masked: bool) -> str:
+  """The implementation ("xla", "cudnn" or "explicit") an attention of this compute `dtype`,
+  head size and mask runs with under the setting `name` (ATTENTION_IMPLEMENTATIONS)."""
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {name!r}; expected one of "
+                     f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}")
+  fits = jnp.dtype(dtype) in CUDNN_DTYPES and head_dim % 8 == 0 and (
+      head_dim <= CUDNN_MAX_HEAD_DIM)
+  if name == "auto":
+    return "cudnn" if fits and not masked and cudnn_device() else "xla"
+  if name == "cudnn":
+    if not cudnn_device():
+      raise ValueError(f"attention='cudnn' needs an NVIDIA GPU of compute capability >= 8.0; "
+                       f"jax runs on {jax.devices()[0].device_kind!r}: use 'auto' or 'xla'")
+    if not fits:
+      raise ValueError(f"attention='cudnn' needs bfloat16 or float16 (model.dtype) and a head "
+                       f"size that is a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}; got "
+                       f"{jnp.dtype(dtype).name} and {head_dim}: use 'auto' or 'xla'")
+  return name
+
+
+def attention_setting(model_cfg: Any) -> str:
+  """A model config's `attention` (ATTENTION_IMPLEMENTATIONS); "auto", the skeleton's default
+  (configs/common.py), for model configs written before the key existed (older bundles)."""
+  return model_cfg.get("attention", "auto")
+
+
 class Attention(nn.Module):
   """Multi-head attention with separate query/key/value projections.
 
@@ -100,6 +161,9 @@ class Attention(nn.Module):
   such as cls, registers and EoMT's queries are not rotated), self-attention only.
   `qkv_bias=False` drops the query / key / value biases, `key_bias=False` the key's alone
   (DINOv3: its release masks the key bias to zero, transformers has none).
+
+  `implementation`: one of ATTENTION_IMPLEMENTATIONS (`attention_implementation` picks what
+  runs); with `return_logits` or dropout in training the explicit path runs regardless.
   """
 
   num_heads: int
@@ -107,6 +171,7 @@ class Attention(nn.Module):
   return_logits: bool = False
   qkv_bias: bool = True
   key_bias: bool = True
+  implementation: str = "auto"
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   bias_init: Initializer = nn.initializers.zeros
   dtype: Any = jnp.float32
@@ -137,7 +202,9 @@ class Attention(nn.Module):
     q = constrain(q, ("act_batch", "act_len", "act_heads", None))
 
     need_probs = self.return_logits or (self.dropout > 0.0 and not deterministic)
-    if need_probs:
+    implementation = attention_implementation(self.implementation, q.dtype, head_dim,
+                                              mask is not None)
+    if need_probs or implementation == "explicit":
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
       masked = logits.astype(jnp.float32)
       if mask is not None:  # the finite fill of jax.nn.dot_product_attention
@@ -146,7 +213,7 @@ class Attention(nn.Module):
       probs = nn.Dropout(self.dropout)(probs, deterministic)
       out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
     out = nn.Dense(d, dtype=self.dtype, name="out",
                    kernel_init=logical(self.kernel_init, ("heads", "embed")),

@@ -123,6 +123,7 @@ class MiTBlock(nn.Module):
   norm_eps: float = 1e-6
   embed_norm_eps: float = 1e-5
   drop_path: float = 0.0
+  attention: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -141,8 +142,8 @@ class MiTBlock(nn.Module):
                    bias_init=layers.logical(nn.initializers.zeros, ("embed",)))(kv)
       kv = layers.layer_norm("sr_norm", self.embed_norm_eps, self.dtype)(kv)
     tokens = lambda t: t.reshape(b, -1, d)  # noqa: E731
-    y = layers.Attention(self.num_heads, dtype=self.dtype, name="attn",
-                         kernel_init=layers.trunc_normal_02)(tokens(y), tokens(kv))
+    y = layers.Attention(self.num_heads, implementation=self.attention, dtype=self.dtype,
+                         name="attn", kernel_init=layers.trunc_normal_02)(tokens(y), tokens(kv))
     x = x + layers.DropPath(self.drop_path)(y.reshape(b, h, w, d), deterministic)
     y = layers.layer_norm("norm2", self.norm_eps, self.dtype)(x)
     y = MixFFN(d * self.mlp_ratio, dtype=self.dtype, name="mlp")(y)
@@ -161,6 +162,7 @@ class MiT(nn.Module):
     module docstring). embed_norm_eps: patch-embedding and key / value reduction LayerNorms.
   drop_path: stochastic-depth rate of the last block; the rate grows linearly over all blocks
     of all stages, block i (counted across stages) gets drop_path * i / (total - 1).
+  attention: how the efficient attention is computed (`layers.ATTENTION_IMPLEMENTATIONS`).
   """
 
   dims: Sequence[int]
@@ -173,6 +175,7 @@ class MiT(nn.Module):
   norm_eps: float = 1e-6
   embed_norm_eps: float = 1e-5
   drop_path: float = 0.1
+  attention: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -192,7 +195,7 @@ class MiT(nn.Module):
                             name=f"patch_embed_{s}")(x)
       for j in range(depth):
         x = MiTBlock(heads, sr, self.mlp_ratio, self.norm_eps, self.embed_norm_eps, dpr[i],
-                     dtype=self.dtype, name=f"block_{s}_{j}")(x, not train)
+                     self.attention, dtype=self.dtype, name=f"block_{s}_{j}")(x, not train)
         blocks.append(x)
         i += 1
       x = layers.layer_norm(f"norm_{s}", self.norm_eps, self.dtype)(x)

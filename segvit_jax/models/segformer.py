@@ -84,15 +84,18 @@ class SegFormerHead(nn.Module):
 
 class SegFormer(nn.Module):
   """SegFormer: `backbone` holds MiT fields (incl. `variant`), `head` SegFormerHead's fields
-  (`width`, `dropout`)."""
+  (`width`, `dropout`); `attention` the MiT's attention implementation
+  (`layers.ATTENTION_IMPLEMENTATIONS`)."""
 
   num_classes: int
   backbone: dict
   head: dict
+  attention: str = "auto"
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.encoder = mit.Model(**self.backbone, dtype=self.dtype, name="backbone")
+    self.encoder = mit.Model(**self.backbone, attention=self.attention, dtype=self.dtype,
+                             name="backbone")
     self.decode_head = SegFormerHead(num_classes=self.num_classes, dtype=self.dtype,
                                      name="head", **self.head)
 
@@ -112,12 +115,14 @@ def from_config(model_cfg: Mapping[str, Any], dtype: Any) -> SegFormer:
   """The SegFormer a `config.model` (name "segformer") describes."""
   return SegFormer(num_classes=model_cfg["num_classes"],
                    backbone=backbone_fields(model_cfg["backbone"]),
-                   head=dict(model_cfg["head"]), dtype=dtype)
+                   head=dict(model_cfg["head"]), attention=layers.attention_setting(model_cfg),
+                   dtype=dtype)
 
 
 def backbone_from_config(model_cfg: Mapping[str, Any], dtype: Any) -> mit.MiT:
   """The MiT of `from_config`'s model alone (its parameters: the model's "backbone")."""
-  return mit.Model(**backbone_fields(model_cfg["backbone"]), dtype=dtype)
+  return mit.Model(**backbone_fields(model_cfg["backbone"]),
+                   attention=layers.attention_setting(model_cfg), dtype=dtype)
 
 
 def input_divisor(model_cfg: Mapping[str, Any]) -> int:

@@ -39,23 +39,28 @@ class DecoderLayer(nn.Module):
   x = LN1(x + SelfAttn(x)); x = LN2(x + CrossAttn(x, mem)); x = LN3(x + FFN(x)).
 
   With `return_mask`, also returns the cross-attention's head-averaged pre-softmax logits
-  (B, Q, N): the ATM mask of this layer.
+  (B, Q, N): the ATM mask of this layer. That cross-attention, and both attentions in training
+  (dropout on the attention probabilities), run the explicit softmax whatever `attention` says
+  (`layers.ATTENTION_IMPLEMENTATIONS`): fused kernels return no probabilities.
   """
 
   num_heads: int
   mlp_dim: int
   dropout: float = 0.1
   return_mask: bool = True
+  attention: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, memory: jax.Array, deterministic: bool = True):
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic)  # noqa: E731
-    y = layers.Attention(self.num_heads, dropout=self.dropout, dtype=self.dtype,
-                         name="self_attn", **_dense_init)(x, deterministic=deterministic)
+    y = layers.Attention(self.num_heads, dropout=self.dropout, implementation=self.attention,
+                         dtype=self.dtype, name="self_attn", **_dense_init)(
+                             x, deterministic=deterministic)
     x = layers.layer_norm("norm1", dtype=self.dtype)(x + drop(y))
     y = layers.Attention(self.num_heads, dropout=self.dropout, return_logits=self.return_mask,
-                         dtype=self.dtype, name="cross_attn", **_dense_init)(
+                         implementation=self.attention, dtype=self.dtype, name="cross_attn",
+                         **_dense_init)(
                              x, memory, deterministic=deterministic)
     y, mask = y if self.return_mask else (y, None)
     x = layers.layer_norm("norm2", dtype=self.dtype)(x + drop(y))
@@ -98,6 +103,7 @@ class ATMHead(nn.Module):
   use_input_proj: bool = True
   cumulative: bool = True
   masks_per_layer: bool = False
+  attention: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -124,7 +130,7 @@ class ATMHead(nn.Module):
         last = j == self.layers_per_stage - 1
         emit = last or self.masks_per_layer
         x, mask = DecoderLayer(self.num_heads, self.width * self.mlp_ratio, self.dropout,
-                               return_mask=emit, dtype=self.dtype,
+                               return_mask=emit, attention=self.attention, dtype=self.dtype,
                                name=f"decoder_{s}_layer_{j}")(x, mem, not train)
         if emit:
           mask = layers.upsample_masks(mask.reshape(b, k, gh, gw).astype(jnp.float32),
@@ -165,7 +171,9 @@ class SegViT(nn.Module):
   """SegViT: `backbone` holds the backbone's fields (incl. `variant`) and its `type`
   (BACKBONE_TYPES, default "vit"; "mit": the ATM head on a SegFormer MiT encoder, the SegViT
   paper's hierarchical-backbone variant), `head` the head's fields, its `type` ("atm") and
-  `tap_layers`: 0-based ViT block indices, or MiT stage indices (0..3, strides 4..32).
+  `tap_layers`: 0-based ViT block indices, or MiT stage indices (0..3, strides 4..32);
+  `attention` the implementation of every attention, backbone and head
+  (`layers.ATTENTION_IMPLEMENTATIONS`).
 
   Subclasses (`shrunk.SegViTShrunk`) change the backbone (`make_encoder`), the head
   (`make_head`) and the order the head reads the taps in (`head_inputs`)."""
@@ -173,6 +181,7 @@ class SegViT(nn.Module):
   num_classes: int
   backbone: dict
   head: dict
+  attention: str = "auto"
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -184,10 +193,11 @@ class SegViT(nn.Module):
     self.decode_head = self.make_head(head)
 
   def make_encoder(self) -> nn.Module:
-    return build_encoder(self.backbone, self.dtype, name="backbone")
+    return build_encoder(self.backbone, self.dtype, attention=self.attention, name="backbone")
 
   def make_head(self, head: dict) -> nn.Module:
-    return ATMHead(num_classes=self.num_classes, dtype=self.dtype, name="head", **head)
+    return ATMHead(num_classes=self.num_classes, attention=self.attention, dtype=self.dtype,
+                   name="head", **head)
 
   def head_inputs(self, feats: Sequence[jax.Array]) -> list[jax.Array]:
     """The tapped features in the order the head reads them: the ATM head, deepest first."""
@@ -217,12 +227,14 @@ def from_config(model_cfg: Mapping[str, Any], dtype: Any) -> SegViT:
   if head.get("type", "atm") != "atm":
     raise ValueError(f"unknown head type {head['type']!r}; expected one of ('atm', 'shrunk')")
   return SegViT(num_classes=model_cfg["num_classes"],
-                backbone=backbone_fields(model_cfg["backbone"]), head=head, dtype=dtype)
+                backbone=backbone_fields(model_cfg["backbone"]), head=head,
+                attention=layers.attention_setting(model_cfg), dtype=dtype)
 
 
 def backbone_from_config(model_cfg: Mapping[str, Any], dtype: Any) -> nn.Module:
   """The backbone of `from_config`'s model alone (its parameters: the model's "backbone")."""
-  return build_encoder(backbone_fields(model_cfg["backbone"]), dtype)
+  return build_encoder(backbone_fields(model_cfg["backbone"]), dtype,
+                       attention=layers.attention_setting(model_cfg))
 
 
 def input_divisor(model_cfg: Mapping[str, Any]) -> int:

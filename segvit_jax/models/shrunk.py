@@ -105,6 +105,7 @@ class ShrunkHead(nn.Module):
   mlp_ratio: int = 4
   dropout: float = 0.1
   query_resize: str = "bicubic"
+  attention: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -123,12 +124,14 @@ class ShrunkHead(nn.Module):
                                   self.dtype)
       for j in range(self.qu_layers):
         x, _ = segvit.DecoderLayer(self.num_heads, self.width * self.mlp_ratio, self.dropout,
-                                   return_mask=False, dtype=self.dtype,
+                                   return_mask=False, attention=self.attention,
+                                   dtype=self.dtype,
                                    name=f"decoder_{s}_layer_{j}")(x, mem, not train)
     return segvit.ATMHead(self.num_classes, self.width, self.num_heads, self.atm_layers,
                           self.mlp_ratio, self.dropout, use_input_proj=False,
-                          cumulative=False, masks_per_layer=True, dtype=self.dtype,
-                          name="atm")([x.reshape(b, gh, gw, self.width)], train=train)
+                          cumulative=False, masks_per_layer=True, attention=self.attention,
+                          dtype=self.dtype, name="atm")([x.reshape(b, gh, gw, self.width)],
+                                                        train=train)
 
 
 def build_encoder(backbone: Mapping[str, Any], dtype: Any, **kwargs) -> ShrunkViT:
@@ -145,11 +148,12 @@ class SegViTShrunk(segvit.SegViT):
   blocks shallow first (the first before query down-sampling, on the 1/16 grid)."""
 
   def make_encoder(self) -> nn.Module:
-    return build_encoder(self.backbone, self.dtype, name="backbone")
+    return build_encoder(self.backbone, self.dtype, attention=self.attention, name="backbone")
 
   def make_head(self, head: dict) -> nn.Module:
     head["query_grid"] = tuple(head["query_grid"])
-    return ShrunkHead(num_classes=self.num_classes, dtype=self.dtype, name="head", **head)
+    return ShrunkHead(num_classes=self.num_classes, attention=self.attention, dtype=self.dtype,
+                      name="head", **head)
 
   def head_inputs(self, feats: Sequence[jax.Array]) -> list[jax.Array]:
     return [feats[i] for i in sorted(self.tap_layers)]
@@ -159,12 +163,14 @@ def from_config(model_cfg: Mapping[str, Any], dtype: Any) -> SegViTShrunk:
   """The SegViT-Shrunk a `config.model` (name "segvit", head.type "shrunk") describes."""
   return SegViTShrunk(num_classes=model_cfg["num_classes"],
                       backbone=segvit.backbone_fields(model_cfg["backbone"]),
-                      head=dict(model_cfg["head"]), dtype=dtype)
+                      head=dict(model_cfg["head"]),
+                      attention=layers.attention_setting(model_cfg), dtype=dtype)
 
 
 def backbone_from_config(model_cfg: Mapping[str, Any], dtype: Any) -> ShrunkViT:
   """The backbone of `from_config`'s model alone (its parameters: the model's "backbone")."""
-  return build_encoder(segvit.backbone_fields(model_cfg["backbone"]), dtype)
+  return build_encoder(segvit.backbone_fields(model_cfg["backbone"]), dtype,
+                       attention=layers.attention_setting(model_cfg))
 
 
 def input_divisor(model_cfg: Mapping[str, Any]) -> int:

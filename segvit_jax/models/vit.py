@@ -179,7 +179,8 @@ class EncoderBlock(nn.Module):
   per-block rates); `rng` is this block's drop-path key (None: the "dropout" stream).
   `mask`: optional boolean self-attention mask, True = may attend, broadcastable to
   (B, heads, N, N) (EoMT's masked attention; see `layers.Attention`). `rope`: optional
-  (sin, cos) rotary position embeddings of the last tokens (the patches; DINOv3)."""
+  (sin, cos) rotary position embeddings of the last tokens (the patches; DINOv3).
+  `attention`: the attention implementation (`layers.ATTENTION_IMPLEMENTATIONS`)."""
 
   num_heads: int
   mlp_dim: int
@@ -188,6 +189,7 @@ class EncoderBlock(nn.Module):
   norm_eps: float = 1e-6
   qkv_bias: bool = True
   key_bias: bool = True
+  attention: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -205,7 +207,7 @@ class EncoderBlock(nn.Module):
     rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
     norm1 = layers.layer_norm("norm1", self.norm_eps, self.dtype)
     y = layers.Attention(self.num_heads, qkv_bias=self.qkv_bias, key_bias=self.key_bias,
-                         dtype=self.dtype, name="attn")(
+                         implementation=self.attention, dtype=self.dtype, name="attn")(
         norm1(x), None if kv is None else norm1(kv), mask=mask, rope=rope)
     x = x + layers.DropPath(drop_path)(scale(y, "ls1"), deterministic, rngs[0])
     y = layers.layer_norm("norm2", self.norm_eps, self.dtype)(x)
@@ -243,6 +245,8 @@ class ViT(nn.Module):
     name of REMAT_POLICIES) saves.
   scan_layers: run the blocks under `nn.scan`, parameters stacked (leading depth axis,
     logical name "layers") under `encoderblock` (see `stack_blocks`).
+  attention: how the blocks' attention is computed (`layers.ATTENTION_IMPLEMENTATIONS`; the
+    model config's `attention`).
   """
 
   width: int
@@ -269,6 +273,7 @@ class ViT(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
+  attention: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -406,7 +411,7 @@ class ViT(nn.Module):
                            prevent_cse=not self.scan_layers)
     return functools.partial(block_cls, self.num_heads, self.mlp_dim, self.ffn,
                              self.layerscale, self.norm_eps, qkv_bias=self.qkv_bias,
-                             key_bias=self.key_bias, dtype=self.dtype)
+                             key_bias=self.key_bias, attention=self.attention, dtype=self.dtype)
 
   def final_layer_norm(self) -> nn.LayerNorm:
     """The LayerNorm after the last block, `encoder_norm` (create it once per call)."""
@@ -428,7 +433,7 @@ def from_config(model_cfg: Mapping[str, Any], dtype: Any) -> ViT:
   """A backbone alone (`model.name="vit"`: converted pretrained weights) from its config."""
   backbone = dict(model_cfg["backbone"])
   backbone["posemb_grid"] = tuple(backbone["posemb_grid"])
-  return Model(**backbone, dtype=dtype)
+  return Model(**backbone, attention=layers.attention_setting(model_cfg), dtype=dtype)
 
 
 def backbone_from_config(model_cfg: Mapping[str, Any], dtype: Any) -> ViT:
