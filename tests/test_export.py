@@ -65,11 +65,19 @@ MODELS = {
     "segformer": dict(name="segformer", num_classes=NUM_CLASSES,
                       backbone=dict(variant="B0", depths=(1, 1, 1, 1)), head=dict(width=32)),
     "eomt": EOMT,
+    # EoMT on a DINOv3 backbone (rotary position embeddings, no position-embedding resize)
+    "eomt_dinov3": dict(EOMT, backbone=dict(variant="dinov3-S/16", width=32, depth=2,
+                                            num_heads=2, mlp_dim=64)),
     "eomt_panoptic": EOMT,
 }
 FAMILIES = list(MODELS)
 RAW = {"segvit": ("class_logits", "mask_logits"), "segvit_shrunk": ("class_logits", "mask_logits"),
-       "segformer": ("logits",), "eomt": ("class_logits", "mask_logits")}
+       "segformer": ("logits",), "eomt": ("class_logits", "mask_logits"),
+       "eomt_dinov3": ("class_logits", "mask_logits")}
+# The families exported with symbolic height / width (--dynamic) and the second size they are
+# called at (SIZE the first): non-square, not multiples of the patch, one side under SIZE's.
+DYNAMIC = [name for name in FAMILIES if name != "eomt_panoptic"]
+SIZE2 = (72, 36)
 
 
 def _panoptic_eval() -> dict:
@@ -124,14 +132,24 @@ def cases(tmp_path_factory) -> dict:
                       (np.asarray(a) for a in predictor.logits(list(small)))))
     else:
       images = _images(SIZE)
-      want = {"scores": b.predict(images, protocol="whole")}
-      assert want["scores"].std(axis=(-2, -1)).mean() > 1e-3, name  # scores vary over pixels
-      sig = export.Signature(*SIZE, batch=2, logits=True)
-      got = jax.jit(export.forward_fn(b, sig))(images)
-      want.update(zip(export.output_names(b, True)[1:], (np.asarray(a) for a in got[1:])))
+      want = _jax_outputs(b, images)
     out[name] = dict(path=path, bundle=b, images=images, want=want)
+    if name in DYNAMIC:
+      out[name]["images2"] = _images(SIZE2, seed=1)
+      out[name]["want2"] = _jax_outputs(b, out[name]["images2"])
   out["root"] = root
   return out
+
+
+def _jax_outputs(b: bundle_lib.Bundle, images: np.ndarray) -> dict:
+  """The scores `Bundle.predict(images, protocol="whole")` gives, and the raw logits of the JAX
+  function the exports are made from."""
+  want = {"scores": b.predict(images, protocol="whole")}
+  assert want["scores"].std(axis=(-2, -1)).mean() > 1e-3  # scores vary over pixels
+  sig = export.Signature(*images.shape[1:3], batch=len(images), logits=True)
+  got = jax.jit(export.forward_fn(b, sig))(images)
+  want.update(zip(export.output_names(b, True)[1:], (np.asarray(a) for a in got[1:])))
+  return want
 
 
 def _check(name: str, got: dict, want: dict, what: str) -> None:
@@ -186,21 +204,22 @@ def test_onnx_metadata_records_the_preprocessing(cases):
   assert meta["class_names"] == ["class_0", "class_1", "class_2"]
 
 
-# The fresh process: jax and numpy only. It calls every artifact at batch 2 and 1 and saves
-# the outputs.
+# The fresh process: jax and numpy only. It calls every artifact on each of its image files
+# (one size each) at batch 2 and 1 and saves the outputs.
 CALLER = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     jobs = json.loads(sys.argv[1])
-    for artifact, images, result in jobs:
+    for artifact, calls in jobs:
       exp = jax.export.deserialize(open(artifact, "rb").read())
       names = list(json.load(open(artifact + ".json"))["outputs"])
-      x = np.load(images)
-      out = {}
-      for batch in (2, 1):
-        for k, v in zip(names, exp.call(x[:batch])):
-          out[f"{k}/{batch}"] = np.asarray(v)
-      np.savez(result, **out)
+      for images, result in calls:
+        x = np.load(images)
+        out = {}
+        for batch in (2, 1):
+          for k, v in zip(names, exp.call(x[:batch])):
+            out[f"{k}/{batch}"] = np.asarray(v)
+        np.savez(result, **out)
     assert not [m for m in sys.modules if m.startswith("segvit_jax")], "imported segvit_jax"
     print("RESULT", json.dumps({"platforms": list(exp.platforms),
                                 "segvit_jax": "segvit_jax" in sys.modules}))
@@ -208,30 +227,38 @@ CALLER = textwrap.dedent("""
 
 
 def test_stablehlo_runs_without_the_models_code(cases):
+  """Symbolic batch, height and width (--dynamic) for the DYNAMIC families, called at SIZE and
+  SIZE2; EoMT panoptic at its fixed square input."""
   root = cases["root"]
   jobs = []
   for name in FAMILIES:
     case = cases[name]
     out = str(root / f"{name}.stablehlo")
-    size = {} if name == "eomt_panoptic" else dict(height=SIZE[0], width=SIZE[1])
+    size = {} if name == "eomt_panoptic" else dict(dynamic=True)
     files = export.export(case["path"], out, "stablehlo", batch=None,
                           logits=name != "eomt_panoptic", **size)
     assert files == [out, out + ".json"]
-    np.save(root / f"{name}_images.npy", case["images"])
-    jobs.append((out, str(root / f"{name}_images.npy"), str(root / f"{name}_result.npz")))
+    calls = []
+    for key in ("images", "images2") if name in DYNAMIC else ("images",):
+      np.save(root / f"{name}_{key}.npy", case[key])
+      calls.append((str(root / f"{name}_{key}.npy"), str(root / f"{name}_{key}_result.npz")))
+    jobs.append((out, calls))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **support.cache_env()}
   proc = subprocess.run([sys.executable, "-c", CALLER, json.dumps(jobs)], capture_output=True,
                         text=True, env=env, timeout=600, cwd=str(root))
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.split("RESULT ")[-1])
   assert result == {"platforms": ["cpu", "cuda"], "segvit_jax": False}
-  for name, (_, _, npz) in zip(FAMILIES, jobs):
-    saved = np.load(npz)
-    got = {batch: {k: saved[f"{k}/{batch}"] for k in cases[name]["want"]} for batch in (2, 1)}
-    _check(name, got, cases[name]["want"], "stablehlo")
+  for name, (_, calls) in zip(FAMILIES, jobs):
+    for (_, npz), key in zip(calls, ("want", "want2")):
+      saved = np.load(npz)
+      want = cases[name][key]
+      got = {batch: {k: saved[f"{k}/{batch}"] for k in want} for batch in (2, 1)}
+      _check(name, got, want, f"stablehlo {'x'.join(map(str, want['scores'].shape[2:]))}")
   meta = json.load(open(jobs[0][0] + ".json"))
-  assert meta["input"]["shape"] == ["batch", *SIZE, 3]
-  assert meta["outputs"]["scores"] == ["batch", NUM_CLASSES, *SIZE]
+  assert meta["input"]["shape"] == ["batch", "height", "width", 3]
+  assert meta["outputs"]["scores"] == ["batch", NUM_CLASSES, "height", "width"]
+  assert f"any HxW, both at least {export.MIN_SIZE}" in meta["size_rule"]
   assert meta["mean"] == list(IMAGENET["mean"]) and meta["std"] == list(IMAGENET["std"])
   assert "jax.export.deserialize" in meta["calling_convention"]
 
