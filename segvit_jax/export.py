@@ -2,7 +2,7 @@ r"""Deployment exports of a model bundle: the whole-image forward pass as an ONN
 serialized StableHLO program (`jax.export`), each with its preprocessing recorded.
 
   python -m segvit_jax.export BUNDLE OUT --format onnx|stablehlo [--height H --width W]
-      [--batch B | --dynamic_batch] [--dtype float32|bfloat16|float16] [--input uint8|float]
+      [--batch B | --dynamic_batch] [--dynamic] [--dtype float32|bfloat16|float16] [--input uint8|float]
       [--logits] [--platforms cpu,cuda]
 
 (`segvit_jax.export_bundle` is another thing: it writes the bundle this module exports from.)
@@ -26,10 +26,13 @@ An EoMT bundle whose config.json records `eval.task` "panoptic" / "instance" exp
 `evaluation.panoptic`), at the square model input `eval.scale` by default.
 
 Sizes: H x W is fixed (default: the window the recorded protocol runs the model on,
-`eval.crop_size`; for panoptic `eval.scale`). Symbolic spatial sizes do not trace: the resizes
-(position embeddings, SegFormer's decoder, the masks) are interpolation matrices built for
-concrete sizes (`models.layers.resize_matrix`), so `--dynamic` is an error saying so. The batch
-may be symbolic (`--dynamic_batch`; ONNX dimension "batch", StableHLO dimension "b").
+`eval.crop_size`; for panoptic `eval.scale`), or, for StableHLO, symbolic (`--dynamic`: any
+height and width of at least MIN_SIZE, one artifact; `jax.export` shape polymorphism). With
+symbolic sizes the padding rule is traced, and the resizes (position embeddings, SegFormer's
+decoder, the masks, the scores) build their interpolation matrices in jnp from the sizes
+(`models.layers.symbolic_resize_matrix`; the numpy matrices of fixed sizes stay as they are),
+as do DINOv3's rotary coordinates. ONNX keeps a fixed H x W (`--dynamic` is an error saying
+so). The batch may be symbolic (`--dynamic_batch`; ONNX dimension "batch", StableHLO "b").
 
 Compute dtype (`--dtype`; parameters stay as stored, outputs float32): ONNX float32 only
 (jax2onnx writes float16 convolutions with float32 kernels, which onnxruntime rejects, and

@@ -161,15 +161,22 @@ def _check(name: str, got: dict, want: dict, what: str) -> None:
       assert diff < TOL, (name, what, key, batch, diff)
 
 
+def _onnx(cases: dict, name: str) -> str:
+  """The family's ONNX export (symbolic batch, with its logits), converted once per module."""
+  out = str(cases["root"] / f"{name}.onnx")
+  if not os.path.exists(out):
+    logits = name != "eomt_panoptic"  # (a panoptic bundle exports its logits only)
+    files = export.export(cases[name]["path"], out, "onnx", batch=None, logits=logits,
+                          **({} if name == "eomt_panoptic" else dict(height=SIZE[0],
+                                                                     width=SIZE[1])))
+    assert files == [out]
+  return out
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_onnx_equals_the_jax_outputs(cases, name):
   case = cases[name]
-  out = str(cases["root"] / f"{name}.onnx")
-  logits = name != "eomt_panoptic"  # (a panoptic bundle exports its logits only)
-  files = export.export(case["path"], out, "onnx", batch=None, logits=logits,
-                        **({} if name == "eomt_panoptic" else dict(height=SIZE[0],
-                                                                   width=SIZE[1])))
-  assert files == [out]
+  out = _onnx(cases, name)
   model = onnx.load(out)
   assert model.opset_import[0].version >= 17
   session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
@@ -186,10 +193,7 @@ def test_onnx_equals_the_jax_outputs(cases, name):
 
 
 def test_onnx_metadata_records_the_preprocessing(cases):
-  case = cases["eomt"]
-  out = str(cases["root"] / "meta.onnx")
-  export.export(case["path"], out, "onnx", height=SIZE[0], width=SIZE[1], batch=2)
-  props = {p.key: p.value for p in onnx.load(out).metadata_props}
+  props = {p.key: p.value for p in onnx.load(_onnx(cases, "eomt")).metadata_props}
   meta = json.loads(props["segvit_jax"])
   assert json.loads(props["mean"]) == list(IMAGENET["mean"]) == meta["mean"]
   assert json.loads(props["std"]) == list(IMAGENET["std"]) == meta["std"]
@@ -197,9 +201,11 @@ def test_onnx_metadata_records_the_preprocessing(cases):
   assert "padded inside to multiples of 16 (black pixels), scores back by crop" in \
       meta["size_rule"]
   assert meta["padding"] == {"multiple": 16, "fill": "black", "back": "crop"}
-  assert meta["input"] == {"name": "images", "shape": [2, *SIZE, 3], "dtype": "uint8",
+  assert meta["input"] == {"name": "images", "shape": ["batch", *SIZE, 3], "dtype": "uint8",
                            "layout": "NHWC RGB", "normalised": False}
-  assert meta["outputs"] == {"scores": [2, NUM_CLASSES, *SIZE]}
+  assert meta["outputs"] == {"scores": ["batch", NUM_CLASSES, *SIZE],
+                             "class_logits": ["batch", 4, NUM_CLASSES + 1],
+                             "mask_logits": ["batch", 4, 12, 16]}  # (1/4 of 48 x 64)
   assert meta["family"] == "eomt" and meta["test_protocol"] is None
   assert meta["class_names"] == ["class_0", "class_1", "class_2"]
 
@@ -284,10 +290,24 @@ def test_command_line(cases, capsys):
   assert exp.in_avals[0].dtype == jnp.float32
   diff = _max_diff(exp.call(x)[0], case["want"]["scores"])
   assert diff < TOL, diff
+  # bfloat16 compute (parameters as stored, outputs float32): near the float32 scores
+  out = str(root / "cli_bf16.stablehlo")
+  assert export.cli([case["path"], out, "--format", "stablehlo", "--height", str(SIZE[0]),
+                     "--width", str(SIZE[1]), "--batch", "2", "--dtype", "bfloat16",
+                     "--platforms", "cpu"]) == 0
+  assert json.load(open(out + ".json"))["compute_dtype"] == "bfloat16"
+  scores = jax.export.deserialize(open(out, "rb").read()).call(case["images"])[0]
+  assert scores.dtype == jnp.float32
+  diff = _max_diff(scores, case["want"]["scores"])
+  print(f"segformer bfloat16 vs float32 scores: max abs diff {diff:.1e} (max |value| "
+        f"{np.abs(case['want']['scores']).max():.2f})")
+  assert 0 < diff < 3e-2, diff  # measured BF16
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--format", "onnx", "--dynamic"], "--dynamic: symbolic height / width do not trace"),
+    (["--format", "onnx", "--dynamic"], "--format onnx --dynamic: the ONNX export has fixed"),
+    (["--format", "stablehlo", "--dynamic", "--height", "40"],
+     "--dynamic makes height and width symbolic: give neither"),
     (["--format", "onnx"], "the bundle records no window size"),
     (["--format", "onnx", "--height", "40", "--width", "56", "--dtype", "float16"],
      "--format onnx --dtype float16: ONNX exports compute in float32"),
