@@ -2,8 +2,8 @@ r"""Deployment exports of a model bundle: the whole-image forward pass as an ONN
 serialized StableHLO program (`jax.export`), each with its preprocessing recorded.
 
   python -m segvit_jax.export BUNDLE OUT --format onnx|stablehlo [--height H --width W]
-      [--batch B | --dynamic_batch] [--dynamic] [--dtype float32|bfloat16|float16] [--input uint8|float]
-      [--logits] [--platforms cpu,cuda]
+      [--batch B | --dynamic_batch] [--dynamic] [--dtype float32|bfloat16|float16]
+      [--input uint8|float] [--logits] [--platforms cpu,cuda]
 
 (`segvit_jax.export_bundle` is another thing: it writes the bundle this module exports from.)
 

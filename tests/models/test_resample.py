@@ -104,10 +104,11 @@ def test_symbolic_resize_matrix_equals_the_numpy_one():
                                                                    method)),
         platforms=("cpu",))(jax.ShapeDtypeStruct((n,), np.float32),
                             jax.ShapeDtypeStruct((m,), np.float32))
-    for n_in, n_out in PAIRS:
+    for n_in, n_out in [(4, 1), (3, 7), (13, 9), (14, 16), (37, 16), (7, 64)]:  # (one compile each)
       got = exp.call(np.zeros(n_in, np.float32), np.zeros(n_out, np.float32))
       worst = max(worst, _maxdiff(got, layers.resize_matrix(n_in, n_out, method)))
-  assert worst < 1e-6, worst  # measured WORST
+  print(f"symbolic vs numpy resize matrices: max abs diff {worst:.1e}")
+  assert worst < 1e-6, worst
 
 
 def test_resize_methods_table():
