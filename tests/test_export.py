@@ -6,17 +6,21 @@ model input 64 x 64, the images 40 x 64 inside it):
   `Bundle.predict(images, protocol="whole")` (the engine eval.py / predict.py run, float32),
   the raw logits (`--logits`) the JAX function the export converts; EoMT panoptic's class and
   mask logits equal the panoptic evaluation's `MaskPredictor.logits`.
-- StableHLO (`jax.export`, symbolic batch) deserialised and called in a fresh process that
-  imports jax and numpy only (segvit_jax is not in its sys.modules): the same numbers at
-  batch 2 and 1.
+- StableHLO (`jax.export`) deserialised and called in a fresh process that imports jax and
+  numpy only (segvit_jax is not in its sys.modules): symbolic batch, height and width
+  (`--dynamic`) for every semantic family, one artifact called at 40 x 56 and 72 x 36, batch 2
+  and 1, equal to the JAX outputs at each size; EoMT panoptic at its fixed square input.
+- Every family includes EoMT on a DINOv3 backbone (rotary position embeddings).
+- bfloat16 compute (`--dtype bfloat16`, StableHLO) near the float32 scores.
 - The preprocessing in the metadata (ONNX metadata_props, the StableHLO JSON sidecar), the
   command line, and its errors (--dynamic, a whole-image bundle without --height / --width,
   ONNX at float16, an existing OUT).
 
-Tolerance 1e-4 (float32). Measured on the 2-core CPU: ONNX vs JAX 1.2e-7 to 6.2e-6 (scores
-1.2e-7 to 4.6e-6), StableHLO vs JAX 0 to 4.2e-6 (max |value| 0.45 to 8.5). The first jax2onnx
-conversion of a process takes about 20 s (its plugins load), each later one 1-3 s; the module
-takes about 85 s with a warm compilation cache on the shared 2 cores, 3 minutes cold.
+Tolerance 1e-4 (float32). Measured on the 2-core CPU (before the dynamic / DINOv3 cases): ONNX
+vs JAX 1.2e-7 to 6.2e-6 (scores 1.2e-7 to 4.6e-6), StableHLO vs JAX 0 to 4.2e-6 (max |value|
+0.45 to 8.5); the dynamic SegFormer artifact 1.9e-8 at both sizes. One jax2onnx conversion per
+family (shared by the metadata test); the first of a process takes about 20 s (its plugins
+load), each later one 1-3 s.
 """
 
 from __future__ import annotations
