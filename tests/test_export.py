@@ -244,7 +244,8 @@ def test_stablehlo_runs_without_the_models_code(cases):
   for name in FAMILIES:
     case = cases[name]
     out = str(root / f"{name}.stablehlo")
-    size = {} if name == "eomt_panoptic" else dict(dynamic=True)
+    size = (dict(dynamic=True) if name in DYNAMIC else {} if name == "eomt_panoptic" else
+            dict(height=SIZE[0], width=SIZE[1]))
     files = export.export(case["path"], out, "stablehlo", batch=None,
                           logits=name != "eomt_panoptic", **size)
     assert files == [out, out + ".json"]
@@ -265,7 +266,7 @@ def test_stablehlo_runs_without_the_models_code(cases):
       want = cases[name][key]
       got = {batch: {k: saved[f"{k}/{batch}"] for k in want} for batch in (2, 1)}
       _check(name, got, want, f"stablehlo {'x'.join(map(str, want['scores'].shape[2:]))}")
-  meta = json.load(open(jobs[0][0] + ".json"))
+  meta = json.load(open(jobs[FAMILIES.index(DYNAMIC[0])][0] + ".json"))
   assert meta["input"]["shape"] == ["batch", "height", "width", 3]
   assert meta["outputs"]["scores"] == ["batch", NUM_CLASSES, "height", "width"]
   assert f"any HxW, both at least {export.MIN_SIZE}" in meta["size_rule"]
