@@ -18,7 +18,8 @@ model input 64 x 64, the images 40 x 64 inside it):
 
 Tolerance 1e-4 (float32). Measured on the 2-core CPU (before the dynamic / DINOv3 cases): ONNX
 vs JAX 1.2e-7 to 6.2e-6 (scores 1.2e-7 to 4.6e-6), StableHLO vs JAX 0 to 4.2e-6 (max |value|
-0.45 to 8.5); the dynamic SegFormer artifact 1.9e-8 at both sizes. One jax2onnx conversion per
+0.45 to 8.5); EoMT on DINOv3 through ONNX 5.4e-7 (scores) to 4.1e-6 (mask logits); the
+dynamic SegFormer artifact 1.9e-8 at both sizes. One jax2onnx conversion per
 family (shared by the metadata test); the first of a process takes about 20 s (its plugins
 load), each later one 1-3 s.
 """
