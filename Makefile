@@ -17,10 +17,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# torch first (CPU build at this exact pin), then everything else constrained to it.
+# torch first (CPU build at this exact pin), then everything else constrained to it, then
+# jax2onnx without its dependencies (its orbax-checkpoint<0.11.37 pin would downgrade ours;
+# `pip check` then reports that pin, and only that).
 $(VENV)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q --no-deps jax2onnx==0.17.1  # (pyproject.toml, the export extra)
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed

@@ -2,8 +2,8 @@ r"""Deployment exports of a model bundle: the whole-image forward pass as an ONN
 serialized StableHLO program (`jax.export`), each with its preprocessing recorded.
 
   python -m segvit_jax.export BUNDLE OUT --format onnx|stablehlo [--height H --width W]
-      [--batch B | --dynamic_batch] [--dtype float32|bfloat16|float16] [--input uint8|float]
-      [--logits] [--platforms cpu,cuda]
+      [--batch B | --dynamic_batch] [--dynamic] [--dtype float32|bfloat16|float16]
+      [--input uint8|float] [--logits] [--platforms cpu,cuda]
 
 (`segvit_jax.export_bundle` is another thing: it writes the bundle this module exports from.)
 
@@ -26,10 +26,13 @@ An EoMT bundle whose config.json records `eval.task` "panoptic" / "instance" exp
 `evaluation.panoptic`), at the square model input `eval.scale` by default.
 
 Sizes: H x W is fixed (default: the window the recorded protocol runs the model on,
-`eval.crop_size`; for panoptic `eval.scale`). Symbolic spatial sizes do not trace: the resizes
-(position embeddings, SegFormer's decoder, the masks) are interpolation matrices built for
-concrete sizes (`models.layers.resize_matrix`), so `--dynamic` is an error saying so. The batch
-may be symbolic (`--dynamic_batch`; ONNX dimension "batch", StableHLO dimension "b").
+`eval.crop_size`; for panoptic `eval.scale`), or, for StableHLO, symbolic (`--dynamic`: any
+height and width of at least MIN_SIZE, one artifact; `jax.export` shape polymorphism). With
+symbolic sizes the padding rule is traced, and the resizes (position embeddings, SegFormer's
+decoder, the masks, the scores) build their interpolation matrices in jnp from the sizes
+(`models.layers.symbolic_resize_matrix`; the numpy matrices of fixed sizes stay as they are),
+as do DINOv3's rotary coordinates. ONNX keeps a fixed H x W (`--dynamic` is an error saying
+so). The batch may be symbolic (`--dynamic_batch`; ONNX dimension "batch", StableHLO "b").
 
 Compute dtype (`--dtype`; parameters stay as stored, outputs float32): ONNX float32 only
 (jax2onnx writes float16 convolutions with float32 kernels, which onnxruntime rejects, and
@@ -73,10 +76,15 @@ from segvit_jax.models import DTYPES, build_model, family, input_padding
 FORMATS = ("onnx", "stablehlo")
 INPUTS = ("uint8", "float")
 OPSET = 17
+# The smallest symbolic height / width (--dynamic): SegFormer-B0's first stage reduces its
+# keys by 8 on the 1/4 grid (mit.py refuses grids under 8), so 32 pixels.
+MIN_SIZE = 32
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 MASK_TASKS = ("panoptic", "instance")
 # ONNX's protobuf limit: bigger models keep their weights in external data.
 ONNX_INLINE_BYTES = 2 ** 31 - 2 ** 26
+DYNAMIC_ONNX = ("--format onnx --dynamic: the ONNX export has fixed height / width (symbolic "
+                "spatial sizes are for --format stablehlo): export --height H --width W")
 PROG = "python -m segvit_jax.export"
 USAGE = f"usage: {PROG} BUNDLE OUT --format {'|'.join(FORMATS)} [flags]"
 ALIASES = {"dynamic-batch": "dynamic_batch"}
@@ -84,16 +92,19 @@ ALIASES = {"dynamic-batch": "dynamic_batch"}
 
 @dataclasses.dataclass(frozen=True)
 class Signature:
-  """The exported function's input (batch None: symbolic) and what it returns."""
-  height: int
-  width: int
+  """The exported function's input (batch None: symbolic; height and width None: symbolic,
+  at least `MIN_SIZE`) and what it returns."""
+  height: int | None
+  width: int | None
   batch: int | None = 1
   dtype: str = "float32"
   input_type: str = "uint8"
   logits: bool = False
 
   def __post_init__(self):
-    for name in ("height", "width"):
+    if (self.height is None) != (self.width is None):
+      raise ValueError("height and width are both symbolic (--dynamic) or both given")
+    for name in ("height", "width") if self.height is not None else ():
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"--{name}={getattr(self, name)!r}: expected a positive integer")
     if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
@@ -103,6 +114,11 @@ class Signature:
       raise ValueError(f"--dtype={self.dtype!r}: expected one of {tuple(DTYPES)}")
     if self.input_type not in INPUTS:
       raise ValueError(f"--input={self.input_type!r}: expected one of {INPUTS}")
+
+
+  @property
+  def dynamic(self) -> bool:
+    return self.height is None
 
 
 def task(b: bundle_lib.Bundle) -> str:
@@ -166,26 +182,29 @@ def forward_fn(b: bundle_lib.Bundle, sig: Signature) -> Callable:
 
 
 def input_spec(sig: Signature, batch_name: str) -> jax.ShapeDtypeStruct:
-  """The input's shape and dtype; a symbolic batch named `batch_name` when `sig.batch` is None."""
-  batch = sig.batch
-  if batch is None:
-    batch, = jax.export.symbolic_shape(batch_name)
+  """The input's shape and dtype; a symbolic batch named `batch_name` when `sig.batch` is None,
+  symbolic "height" / "width" (each at least MIN_SIZE) when `sig.dynamic`."""
+  dims = [batch_name if sig.batch is None else str(sig.batch)]
+  dims += ["height", "width"] if sig.dynamic else [str(sig.height), str(sig.width)]
+  constraints = [f"{d} >= {MIN_SIZE}" for d in ("height", "width")] if sig.dynamic else []
+  shape = jax.export.symbolic_shape(", ".join(dims + ["3"]), constraints=constraints)
   dtype = jnp.uint8 if sig.input_type == "uint8" else jnp.float32
-  return jax.ShapeDtypeStruct((batch, sig.height, sig.width, 3), dtype)
+  return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def output_shapes(b: bundle_lib.Bundle, sig: Signature) -> dict[str, list]:
-  """{output: shape} of the export ("batch" for a symbolic batch)."""
-  fn = forward_fn(b, dataclasses.replace(sig, batch=1))
-  shapes = jax.eval_shape(fn, input_spec(dataclasses.replace(sig, batch=1), "batch"))
-  return {k: ["batch" if sig.batch is None else sig.batch, *s.shape[1:]]
+  """{output: shape} of the export: integers, and for symbolic sizes their expressions in
+  "batch", "height", "width" (e.g. "floordiv(height + 15, 16)*4")."""
+  shapes = jax.eval_shape(forward_fn(b, sig), input_spec(sig, "batch"))
+  return {k: [d if isinstance(d, int) else str(d) for d in s.shape]
           for k, s in zip(output_names(b, sig.logits), shapes)}
 
 
 def size_rule(b: bundle_lib.Bundle, sig: Signature) -> str:
   """What the caller does to an image before calling the export, in words."""
   ev = b.config.get("eval")
-  size = f"{sig.height}x{sig.width} (HxW)"
+  size = (f"any HxW, both at least {MIN_SIZE}" if sig.dynamic else
+          f"{sig.height}x{sig.width} (HxW)")
   norm = ("uint8 RGB, 0..255" if sig.input_type == "uint8" else
           "float32 RGB normalised: (pixel - mean) / std")
   padding = input_padding(b.config.model)
@@ -193,7 +212,8 @@ def size_rule(b: bundle_lib.Bundle, sig: Signature) -> str:
             f"({'black pixels' if padding.fill == 'black' else 'zeros after normalising'}), "
             f"scores back by {padding.back}" if padding.multiple > 1 else "no padding")
   if family(b.config.model) == "eomt" and task(b) in MASK_TASKS:
-    how = (f"resize the longer side to {max(sig.height, sig.width)} keeping the aspect ratio "
+    long = max(ev.scale) if sig.dynamic else max(sig.height, sig.width)
+    how = (f"resize the longer side to {long} keeping the aspect ratio "
            f"(eval.resize long_side, scale {tuple(ev.scale)}), pad with black pixels at the "
            f"bottom / right to {size}; outputs are the logits of that padded input")
   elif ev is None:
@@ -219,7 +239,8 @@ def metadata(b: bundle_lib.Bundle, sig: Signature, fmt: str, source: str) -> dic
       "class_names": list(b.config.get("class_names") or []),
       "mean": [float(v) for v in b.config.mean],
       "std": [float(v) for v in b.config.std],
-      "input": {"name": "images", "shape": [batch, sig.height, sig.width, 3],
+      "input": {"name": "images", "shape": [batch, *(("height", "width") if sig.dynamic else
+                                                     (sig.height, sig.width)), 3],
                 "dtype": "uint8" if sig.input_type == "uint8" else "float32",
                 "layout": "NHWC RGB", "normalised": sig.input_type == "float"},
       "outputs": output_shapes(b, sig),
@@ -242,7 +263,7 @@ def export_onnx(b: bundle_lib.Bundle, out: str, sig: Signature, meta: dict[str, 
     import onnx  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(f"--format onnx needs jax2onnx and onnx ({e}): pip install -e "
-                      "'.[export]'") from None
+                      "'.[export]' && pip install --no-deps jax2onnx==0.17.1") from None
   names = output_names(b, sig.logits)
   # jax2onnx's IR library warns once per shape value it leaves untyped (hundreds of lines with
   # a symbolic batch; the model is complete and checked by onnxruntime in the tests).
@@ -294,9 +315,10 @@ def _write(path: str, data: bytes) -> None:
 def export(b: bundle_lib.Bundle | str, out: str, fmt: str, *, height: int | None = None,
            width: int | None = None, batch: int | None = 1, dtype: str = "float32",
            input_type: str = "uint8", logits: bool = False,
-           platforms: Sequence[str] = ("cpu", "cuda")) -> list[str]:
+           platforms: Sequence[str] = ("cpu", "cuda"), dynamic: bool = False) -> list[str]:
   """Exports bundle `b` (a `Bundle` or its path) as `fmt` (FORMATS) to `out`; returns the
-  files written. `height` / `width` default to `default_size`; `batch` None is symbolic."""
+  files written. `height` / `width` default to `default_size`; `batch` None is symbolic;
+  `dynamic` makes height and width symbolic (StableHLO only)."""
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r}: expected one of {FORMATS}")
   bad = [p for p in platforms if p not in PLATFORMS]
@@ -305,9 +327,15 @@ def export(b: bundle_lib.Bundle | str, out: str, fmt: str, *, height: int | None
   source = b if isinstance(b, str) else None
   if isinstance(b, str):
     b = bundle_lib.load_bundle(b)
-  if (height is None) != (width is None):
+  if dynamic:
+    if height is not None or width is not None:
+      raise ValueError("--dynamic makes height and width symbolic: give neither --height nor "
+                       "--width")
+    if fmt == "onnx":
+      raise ValueError(DYNAMIC_ONNX)
+  elif (height is None) != (width is None):
     raise ValueError("give both --height and --width, or neither (the bundle's window)")
-  if height is None:
+  if height is None and not dynamic:
     size = default_size(b)
     if size is None:
       raise ValueError("the bundle records no window size (its test protocol is the whole "
@@ -340,8 +368,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("format", None, list(FORMATS), "onnx or stablehlo (jax.export).")
   flags.DEFINE_integer("height", None, "Input height (default: the bundle's eval window).")
   flags.DEFINE_integer("width", None, "Input width (default: the bundle's eval window).")
-  flags.DEFINE_bool("dynamic", False, "Symbolic height / width: not supported (the resizes "
-                    "are matrices of concrete sizes); an error saying so.")
+  flags.DEFINE_bool("dynamic", False, f"stablehlo: symbolic height / width (each at least "
+                    f"{MIN_SIZE}) instead of --height / --width.")
   flags.DEFINE_integer("batch", 1, "Batch size of the input.")
   flags.DEFINE_bool("dynamic_batch", False, "A symbolic batch size instead of --batch.")
   flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (parameters stay as "
@@ -364,17 +392,13 @@ def main(argv: Sequence[str]) -> None:
   bundle_path, out = argv[1:]
   if fv.format is None:
     raise app.UsageError(f"--format is required; {USAGE}")
-  if fv.dynamic:
-    raise ValueError(
-        "--dynamic: symbolic height / width do not trace through these models (position-"
-        "embedding, decoder and mask resizes are interpolation matrices of concrete sizes, "
-        "models.layers.resize_matrix): export fixed sizes with --height H --width W")
   if fv.dynamic_batch and fv["batch"].present:
     raise ValueError("give --batch B or --dynamic_batch, not both")
   runtime.refuse_overwrite(out, fv.overwrite)
   files = export(bundle_path, out, fv.format, height=fv.height, width=fv.width,
                  batch=None if fv.dynamic_batch else fv.batch, dtype=fv.dtype,
-                 input_type=fv.input, logits=fv.logits, platforms=tuple(fv.platforms))
+                 input_type=fv.input, logits=fv.logits, platforms=tuple(fv.platforms),
+                 dynamic=fv.dynamic)
   print("wrote " + ", ".join(files))
 
 

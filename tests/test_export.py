@@ -6,17 +6,22 @@ model input 64 x 64, the images 40 x 64 inside it):
   `Bundle.predict(images, protocol="whole")` (the engine eval.py / predict.py run, float32),
   the raw logits (`--logits`) the JAX function the export converts; EoMT panoptic's class and
   mask logits equal the panoptic evaluation's `MaskPredictor.logits`.
-- StableHLO (`jax.export`, symbolic batch) deserialised and called in a fresh process that
-  imports jax and numpy only (segvit_jax is not in its sys.modules): the same numbers at
-  batch 2 and 1.
+- StableHLO (`jax.export`) deserialised and called in a fresh process that imports jax and
+  numpy only (segvit_jax is not in its sys.modules): symbolic batch, height and width
+  (`--dynamic`) for every semantic family, one artifact called at 40 x 56 and 72 x 36, batch 2
+  and 1, equal to the JAX outputs at each size; EoMT panoptic at its fixed square input.
+- Every family includes EoMT on a DINOv3 backbone (rotary position embeddings).
+- bfloat16 compute (`--dtype bfloat16`, StableHLO) near the float32 scores.
 - The preprocessing in the metadata (ONNX metadata_props, the StableHLO JSON sidecar), the
   command line, and its errors (--dynamic, a whole-image bundle without --height / --width,
   ONNX at float16, an existing OUT).
 
-Tolerance 1e-4 (float32). Measured on the 2-core CPU: ONNX vs JAX 1.2e-7 to 6.2e-6 (scores
-1.2e-7 to 4.6e-6), StableHLO vs JAX 0 to 4.2e-6 (max |value| 0.45 to 8.5). The first jax2onnx
-conversion of a process takes about 20 s (its plugins load), each later one 1-3 s; the module
-takes about 85 s with a warm compilation cache on the shared 2 cores, 3 minutes cold.
+Tolerance 1e-4 (float32). Measured on the 2-core CPU (before the dynamic / DINOv3 cases): ONNX
+vs JAX 1.2e-7 to 6.2e-6 (scores 1.2e-7 to 4.6e-6), StableHLO vs JAX 0 to 4.2e-6 (max |value|
+0.45 to 8.5); EoMT on DINOv3 through ONNX 5.4e-7 (scores) to 4.1e-6 (mask logits); the
+dynamic SegFormer artifact 1.9e-8 at both sizes. One jax2onnx conversion per
+family (shared by the metadata test); the first of a process takes about 20 s (its plugins
+load), each later one 1-3 s.
 """
 
 from __future__ import annotations
@@ -65,11 +70,19 @@ MODELS = {
     "segformer": dict(name="segformer", num_classes=NUM_CLASSES,
                       backbone=dict(variant="B0", depths=(1, 1, 1, 1)), head=dict(width=32)),
     "eomt": EOMT,
+    # EoMT on a DINOv3 backbone (rotary position embeddings, no position-embedding resize)
+    "eomt_dinov3": dict(EOMT, backbone=dict(variant="dinov3-S/16", width=32, depth=2,
+                                            num_heads=2, mlp_dim=64)),
     "eomt_panoptic": EOMT,
 }
 FAMILIES = list(MODELS)
 RAW = {"segvit": ("class_logits", "mask_logits"), "segvit_shrunk": ("class_logits", "mask_logits"),
-       "segformer": ("logits",), "eomt": ("class_logits", "mask_logits")}
+       "segformer": ("logits",), "eomt": ("class_logits", "mask_logits"),
+       "eomt_dinov3": ("class_logits", "mask_logits")}
+# The families exported with symbolic height / width (--dynamic) and the second size they are
+# called at (SIZE the first): non-square, not multiples of the patch, one side under SIZE's.
+DYNAMIC = [name for name in FAMILIES if name != "eomt_panoptic"]
+SIZE2 = (72, 36)
 
 
 def _panoptic_eval() -> dict:
@@ -124,14 +137,24 @@ def cases(tmp_path_factory) -> dict:
                       (np.asarray(a) for a in predictor.logits(list(small)))))
     else:
       images = _images(SIZE)
-      want = {"scores": b.predict(images, protocol="whole")}
-      assert want["scores"].std(axis=(-2, -1)).mean() > 1e-3, name  # scores vary over pixels
-      sig = export.Signature(*SIZE, batch=2, logits=True)
-      got = jax.jit(export.forward_fn(b, sig))(images)
-      want.update(zip(export.output_names(b, True)[1:], (np.asarray(a) for a in got[1:])))
+      want = _jax_outputs(b, images)
     out[name] = dict(path=path, bundle=b, images=images, want=want)
+    if name in DYNAMIC:
+      out[name]["images2"] = _images(SIZE2, seed=1)
+      out[name]["want2"] = _jax_outputs(b, out[name]["images2"])
   out["root"] = root
   return out
+
+
+def _jax_outputs(b: bundle_lib.Bundle, images: np.ndarray) -> dict:
+  """The scores `Bundle.predict(images, protocol="whole")` gives, and the raw logits of the JAX
+  function the exports are made from."""
+  want = {"scores": b.predict(images, protocol="whole")}
+  assert want["scores"].std(axis=(-2, -1)).mean() > 1e-3  # scores vary over pixels
+  sig = export.Signature(*images.shape[1:3], batch=len(images), logits=True)
+  got = jax.jit(export.forward_fn(b, sig))(images)
+  want.update(zip(export.output_names(b, True)[1:], (np.asarray(a) for a in got[1:])))
+  return want
 
 
 def _check(name: str, got: dict, want: dict, what: str) -> None:
@@ -143,15 +166,22 @@ def _check(name: str, got: dict, want: dict, what: str) -> None:
       assert diff < TOL, (name, what, key, batch, diff)
 
 
+def _onnx(cases: dict, name: str) -> str:
+  """The family's ONNX export (symbolic batch, with its logits), converted once per module."""
+  out = str(cases["root"] / f"{name}.onnx")
+  if not os.path.exists(out):
+    logits = name != "eomt_panoptic"  # (a panoptic bundle exports its logits only)
+    files = export.export(cases[name]["path"], out, "onnx", batch=None, logits=logits,
+                          **({} if name == "eomt_panoptic" else dict(height=SIZE[0],
+                                                                     width=SIZE[1])))
+    assert files == [out]
+  return out
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_onnx_equals_the_jax_outputs(cases, name):
   case = cases[name]
-  out = str(cases["root"] / f"{name}.onnx")
-  logits = name != "eomt_panoptic"  # (a panoptic bundle exports its logits only)
-  files = export.export(case["path"], out, "onnx", batch=None, logits=logits,
-                        **({} if name == "eomt_panoptic" else dict(height=SIZE[0],
-                                                                   width=SIZE[1])))
-  assert files == [out]
+  out = _onnx(cases, name)
   model = onnx.load(out)
   assert model.opset_import[0].version >= 17
   session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
@@ -168,10 +198,7 @@ def test_onnx_equals_the_jax_outputs(cases, name):
 
 
 def test_onnx_metadata_records_the_preprocessing(cases):
-  case = cases["eomt"]
-  out = str(cases["root"] / "meta.onnx")
-  export.export(case["path"], out, "onnx", height=SIZE[0], width=SIZE[1], batch=2)
-  props = {p.key: p.value for p in onnx.load(out).metadata_props}
+  props = {p.key: p.value for p in onnx.load(_onnx(cases, "eomt")).metadata_props}
   meta = json.loads(props["segvit_jax"])
   assert json.loads(props["mean"]) == list(IMAGENET["mean"]) == meta["mean"]
   assert json.loads(props["std"]) == list(IMAGENET["std"]) == meta["std"]
@@ -179,28 +206,31 @@ def test_onnx_metadata_records_the_preprocessing(cases):
   assert "padded inside to multiples of 16 (black pixels), scores back by crop" in \
       meta["size_rule"]
   assert meta["padding"] == {"multiple": 16, "fill": "black", "back": "crop"}
-  assert meta["input"] == {"name": "images", "shape": [2, *SIZE, 3], "dtype": "uint8",
+  assert meta["input"] == {"name": "images", "shape": ["batch", *SIZE, 3], "dtype": "uint8",
                            "layout": "NHWC RGB", "normalised": False}
-  assert meta["outputs"] == {"scores": [2, NUM_CLASSES, *SIZE]}
+  assert meta["outputs"] == {"scores": ["batch", NUM_CLASSES, *SIZE],
+                             "class_logits": ["batch", 4, NUM_CLASSES + 1],
+                             "mask_logits": ["batch", 4, 12, 16]}  # (1/4 of 48 x 64)
   assert meta["family"] == "eomt" and meta["test_protocol"] is None
   assert meta["class_names"] == ["class_0", "class_1", "class_2"]
 
 
-# The fresh process: jax and numpy only. It calls every artifact at batch 2 and 1 and saves
-# the outputs.
+# The fresh process: jax and numpy only. It calls every artifact on each of its image files
+# (one size each) at batch 2 and 1 and saves the outputs.
 CALLER = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     jobs = json.loads(sys.argv[1])
-    for artifact, images, result in jobs:
+    for artifact, calls in jobs:
       exp = jax.export.deserialize(open(artifact, "rb").read())
       names = list(json.load(open(artifact + ".json"))["outputs"])
-      x = np.load(images)
-      out = {}
-      for batch in (2, 1):
-        for k, v in zip(names, exp.call(x[:batch])):
-          out[f"{k}/{batch}"] = np.asarray(v)
-      np.savez(result, **out)
+      for images, result in calls:
+        x = np.load(images)
+        out = {}
+        for batch in (2, 1):
+          for k, v in zip(names, exp.call(x[:batch])):
+            out[f"{k}/{batch}"] = np.asarray(v)
+        np.savez(result, **out)
     assert not [m for m in sys.modules if m.startswith("segvit_jax")], "imported segvit_jax"
     print("RESULT", json.dumps({"platforms": list(exp.platforms),
                                 "segvit_jax": "segvit_jax" in sys.modules}))
@@ -208,30 +238,39 @@ CALLER = textwrap.dedent("""
 
 
 def test_stablehlo_runs_without_the_models_code(cases):
+  """Symbolic batch, height and width (--dynamic) for the DYNAMIC families, called at SIZE and
+  SIZE2; EoMT panoptic at its fixed square input."""
   root = cases["root"]
   jobs = []
   for name in FAMILIES:
     case = cases[name]
     out = str(root / f"{name}.stablehlo")
-    size = {} if name == "eomt_panoptic" else dict(height=SIZE[0], width=SIZE[1])
+    size = (dict(dynamic=True) if name in DYNAMIC else {} if name == "eomt_panoptic" else
+            dict(height=SIZE[0], width=SIZE[1]))
     files = export.export(case["path"], out, "stablehlo", batch=None,
                           logits=name != "eomt_panoptic", **size)
     assert files == [out, out + ".json"]
-    np.save(root / f"{name}_images.npy", case["images"])
-    jobs.append((out, str(root / f"{name}_images.npy"), str(root / f"{name}_result.npz")))
+    calls = []
+    for key in ("images", "images2") if name in DYNAMIC else ("images",):
+      np.save(root / f"{name}_{key}.npy", case[key])
+      calls.append((str(root / f"{name}_{key}.npy"), str(root / f"{name}_{key}_result.npz")))
+    jobs.append((out, calls))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **support.cache_env()}
   proc = subprocess.run([sys.executable, "-c", CALLER, json.dumps(jobs)], capture_output=True,
                         text=True, env=env, timeout=600, cwd=str(root))
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.split("RESULT ")[-1])
   assert result == {"platforms": ["cpu", "cuda"], "segvit_jax": False}
-  for name, (_, _, npz) in zip(FAMILIES, jobs):
-    saved = np.load(npz)
-    got = {batch: {k: saved[f"{k}/{batch}"] for k in cases[name]["want"]} for batch in (2, 1)}
-    _check(name, got, cases[name]["want"], "stablehlo")
-  meta = json.load(open(jobs[0][0] + ".json"))
-  assert meta["input"]["shape"] == ["batch", *SIZE, 3]
-  assert meta["outputs"]["scores"] == ["batch", NUM_CLASSES, *SIZE]
+  for name, (_, calls) in zip(FAMILIES, jobs):
+    for (_, npz), key in zip(calls, ("want", "want2")):
+      saved = np.load(npz)
+      want = cases[name][key]
+      got = {batch: {k: saved[f"{k}/{batch}"] for k in want} for batch in (2, 1)}
+      _check(name, got, want, f"stablehlo {'x'.join(map(str, want['scores'].shape[2:]))}")
+  meta = json.load(open(jobs[FAMILIES.index(DYNAMIC[0])][0] + ".json"))
+  assert meta["input"]["shape"] == ["batch", "height", "width", 3]
+  assert meta["outputs"]["scores"] == ["batch", NUM_CLASSES, "height", "width"]
+  assert f"any HxW, both at least {export.MIN_SIZE}" in meta["size_rule"]
   assert meta["mean"] == list(IMAGENET["mean"]) and meta["std"] == list(IMAGENET["std"])
   assert "jax.export.deserialize" in meta["calling_convention"]
 
@@ -257,10 +296,24 @@ def test_command_line(cases, capsys):
   assert exp.in_avals[0].dtype == jnp.float32
   diff = _max_diff(exp.call(x)[0], case["want"]["scores"])
   assert diff < TOL, diff
+  # bfloat16 compute (parameters as stored, outputs float32): near the float32 scores
+  out = str(root / "cli_bf16.stablehlo")
+  assert export.cli([case["path"], out, "--format", "stablehlo", "--height", str(SIZE[0]),
+                     "--width", str(SIZE[1]), "--batch", "2", "--dtype", "bfloat16",
+                     "--platforms", "cpu"]) == 0
+  assert json.load(open(out + ".json"))["compute_dtype"] == "bfloat16"
+  scores = jax.export.deserialize(open(out, "rb").read()).call(case["images"])[0]
+  assert scores.dtype == jnp.float32
+  diff = _max_diff(scores, case["want"]["scores"])
+  print(f"segformer bfloat16 vs float32 scores: max abs diff {diff:.1e} (max |value| "
+        f"{np.abs(case['want']['scores']).max():.2f})")
+  assert 0 < diff < 3e-2, diff  # measured BF16
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--format", "onnx", "--dynamic"], "--dynamic: symbolic height / width do not trace"),
+    (["--format", "onnx", "--dynamic"], "--format onnx --dynamic: the ONNX export has fixed"),
+    (["--format", "stablehlo", "--dynamic", "--height", "40"],
+     "--dynamic makes height and width symbolic: give neither"),
     (["--format", "onnx"], "the bundle records no window size"),
     (["--format", "onnx", "--height", "40", "--width", "56", "--dtype", "float16"],
      "--format onnx --dtype float16: ONNX exports compute in float32"),

@@ -135,7 +135,18 @@ def valid_size(height: int, width: int, window: Window) -> Window:
   """The part of every window of an (height, width) image's layout that lies inside it: the
   window, or the image side where the image is smaller (its one window then reaches into the
   padding)."""
-  return min(window[0], height), min(window[1], width)
+  return _dim_min(window[0], height), _dim_min(window[1], width)
+
+
+# min / max of sizes that may be symbolic (`jax.export`, whole mode: the window is the image
+# rounded up): decided by `<=` / `>=`, which jax proves there where `<` is inconclusive; the
+# same values as min / max for integers.
+def _dim_min(a, b):
+  return b if b <= a else a
+
+
+def _dim_max(a, b):
+  return b if b >= a else a
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +216,7 @@ def window_inference(score_fn: ScoreFn, image: jax.Array, layout: Layout,
   """
   b, h, w, _ = image.shape
   (wh, ww), starts = layout
-  ph, pw = max(h, wh), max(w, ww)
+  ph, pw = _dim_max(h, wh), _dim_max(w, ww)
   image = _pad_bottom_right(image, (ph, pw), fill)
   n = len(starts)
   vh, vw = valid_size(h, w, (wh, ww))

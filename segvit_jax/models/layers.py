@@ -232,8 +232,14 @@ class Attention(nn.Module):
 # theta ** (4 j / head_dim), j = 0 .. head_dim / 4 - 1.
 
 def rope_coords(grid: tuple[int, int]) -> np.ndarray:
-  """(gh * gw, 2) float32 (y, x) patch centres in [-1, 1], row-major: 2 (i + 0.5) / g - 1."""
+  """(gh * gw, 2) float32 (y, x) patch centres in [-1, 1], row-major: 2 (i + 0.5) / g - 1
+  (a jnp array for a symbolic `jax.export` grid)."""
   gh, gw = grid
+  if not (is_static(gh) and is_static(gw)):  # symbolic (jax.export): the same in jnp
+    ys = (jnp.arange(gh, dtype=jnp.float32) + 0.5) / jnp.asarray(gh, jnp.float32)
+    xs = (jnp.arange(gw, dtype=jnp.float32) + 0.5) / jnp.asarray(gw, jnp.float32)
+    coords = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
+    return 2.0 * coords - 1.0
   ys = np.arange(0.5, gh, dtype=np.float32) / np.float32(gh)
   xs = np.arange(0.5, gw, dtype=np.float32) / np.float32(gw)
   coords = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
@@ -405,6 +411,60 @@ def resize_matrix(in_size: int, out_size: int, method: str = "bicubic") -> np.nd
   return _interpolation_matrix64(in_size, out_size, kernel, antialias, scale_factor)
 
 
+def is_static(size) -> bool:
+  """Whether a dimension is a concrete integer (not a `jax.export` symbolic dimension)."""
+  return isinstance(size, (int, np.integer))
+
+
+def _filter_jnp(x: jax.Array, method: str) -> jax.Array:  # `_aa_filter` in jnp
+  x = jnp.abs(x)
+  if method == "bicubic":
+    return jnp.where(x < 1, _cubic_near(x, -0.5), jnp.where(x < 2, _cubic_far(x, -0.5), 0.0))
+  return jnp.maximum(1.0 - x, 0.0)
+
+
+def symbolic_resize_matrix(in_size, out_size, method: str = "bicubic") -> jax.Array:
+  """`resize_matrix` for sizes that may be symbolic (`jax.export` shape polymorphism): the
+  same (out_size, in_size) matrix built in float32 jnp from `jnp.arange` of the sizes, each
+  entry as a sum of one-hot taps (the numpy path's `np.add.at`). Only `resize_grid` on a
+  symbolic size uses it; the numbers differ from `resize_matrix`'s (float64, then float32) by
+  float32 rounding of the source coordinates (tests/models/test_layers.py measures it)."""
+  kernel, antialias, offset = _resize_spec(method)
+  f32 = jnp.float32
+  n_in = jnp.asarray(in_size, f32)
+  n_out = jnp.asarray(out_size, f32)
+  rows = jnp.arange(out_size, dtype=f32)[:, None]  # (out, 1)
+  cols = jnp.arange(in_size, dtype=jnp.int32)[None, :]  # (1, in)
+  scale = n_in / n_out if offset is None else n_in / (n_out + offset)
+  if antialias:  # `_interpolation_matrix64`'s loop, all rows at once
+    support = (2.0 if kernel == "bicubic" else 1.0) * jnp.maximum(scale, 1.0)
+    invscale = jnp.where(scale >= 1.0, 1.0 / scale, 1.0)
+    max_taps = jnp.ceil(support).astype(jnp.int32) * 2 + 1
+    center = scale * (rows + 0.5)
+    lo = jnp.maximum(jnp.trunc(center - support + 0.5).astype(jnp.int32), 0)
+    hi = jnp.minimum(jnp.trunc(center + support + 0.5).astype(jnp.int32), in_size)
+    n = jnp.minimum(jnp.maximum(hi - lo, 0), max_taps)
+    inside = (cols >= lo) & (cols < lo + n)
+    w = jnp.where(inside, _filter_jnp((cols.astype(f32) - center + 0.5) * invscale, kernel), 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    m = jnp.where(total != 0.0, w / jnp.where(total != 0.0, total, 1.0), w)
+  elif kernel == "bicubic":
+    src = (rows + 0.5) * scale - 0.5
+    base = jnp.minimum(jnp.floor(src), n_in - 1)
+    t = jnp.clip(src - base, 0.0, 1.0)
+    taps = (_cubic_far(t + 1, -0.75), _cubic_near(t, -0.75), _cubic_near(1 - t, -0.75),
+            _cubic_far(2 - t, -0.75))
+    m = sum(jnp.where(cols == jnp.clip(base.astype(jnp.int32) - 1 + k, 0, in_size - 1), w, 0.0)
+            for k, w in enumerate(taps))
+  else:
+    src = jnp.maximum((rows + 0.5) * scale - 0.5, 0.0)
+    lo = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
+    hi = jnp.minimum(lo + 1, in_size - 1)
+    frac = jnp.clip(src - lo.astype(f32), 0.0, 1.0)
+    m = jnp.where(cols == lo, 1.0 - frac, 0.0) + jnp.where(cols == hi, frac, 0.0)
+  return m.astype(f32)
+
+
 RESIZE_SCOPE = "resize"
 
 
@@ -417,8 +477,9 @@ def resize_grid(x: jax.Array, size: tuple[int, int], method: str = "bicubic",
   ha, wa = axes
   if (x.shape[ha], x.shape[wa]) == tuple(size):
     return x
-  mh = jnp.asarray(resize_matrix(x.shape[ha], size[0], method), x.dtype)
-  mw = jnp.asarray(resize_matrix(x.shape[wa], size[1], method), x.dtype)
+  mh, mw = (jnp.asarray(resize_matrix(n, m, method), x.dtype) if is_static(n) and is_static(m)
+            else symbolic_resize_matrix(n, m, method).astype(x.dtype)
+            for n, m in ((x.shape[ha], size[0]), (x.shape[wa], size[1])))
   with jax.named_scope(RESIZE_SCOPE):  # the FLOP counter reports interpolation apart
     x = jnp.moveaxis(jnp.tensordot(mh, x, axes=((1,), (ha,)), precision="highest"), 0, ha)
     x = jnp.moveaxis(jnp.tensordot(mw, x, axes=((1,), (wa,)), precision="highest"), 0, wa)

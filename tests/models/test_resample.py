@@ -92,6 +92,25 @@ def test_resize_matrix_matches_torch(method, n_in, n_out):
   assert _maxdiff(layers.resize_matrix(n_in, n_out, method), want) < 1e-12  # measured <= 3.6e-15
 
 
+def test_symbolic_resize_matrix_equals_the_numpy_one():
+  """The jnp matrices of symbolic sizes (`jax.export`, `layers.symbolic_resize_matrix`): traced
+  once per method with symbolic in / out sizes, evaluated at every pair; the float32 rounding of
+  the source coordinates is the difference."""
+  worst = 0.0
+  for method in layers.RESIZE_METHODS:
+    n, m = jax.export.symbolic_shape("n, m")
+    exp = jax.export.export(jax.jit(
+        lambda a, b, method=method: layers.symbolic_resize_matrix(a.shape[0], b.shape[0],
+                                                                   method)),
+        platforms=("cpu",))(jax.ShapeDtypeStruct((n,), np.float32),
+                            jax.ShapeDtypeStruct((m,), np.float32))
+    for n_in, n_out in [(4, 1), (3, 7), (13, 9), (14, 16), (37, 16), (7, 64)]:  # (one compile each)
+      got = exp.call(np.zeros(n_in, np.float32), np.zeros(n_out, np.float32))
+      worst = max(worst, _maxdiff(got, layers.resize_matrix(n_in, n_out, method)))
+  print(f"symbolic vs numpy resize matrices: max abs diff {worst:.1e}")
+  assert worst < 1e-6, worst
+
+
 def test_resize_methods_table():
   assert layers.RESIZE_METHODS == ("bicubic", "bicubic_antialias", "bicubic_dinov2", "bilinear")
   x = np.zeros((1, 4, 4, 2), np.float32)
