@@ -755,6 +755,77 @@ def trained_to(ckpt_dir: str) -> int | None:
   return None
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+  """What `train` compiles, built from shapes only (`train_program`): the model, its state's
+  shardings and abstract state (ShapeDtypeStructs carrying them), and the jitted `init(rng)`
+  and `step(state, batch) -> (state, metrics)` (state donated). `step.lower(abstract_state,
+  abstract_batch(config, mesh)).compile()` compiles the step without any parameter existing
+  (train.py, benchmarks/compile_time.py)."""
+  model: nn.Module
+  state_sh: TrainState
+  abstract_state: TrainState
+  init: Any
+  step: Any
+
+
+def train_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainProgram:
+  """The train step of `config` on `mesh`: model and optimizer shapes via `jax.eval_shape`,
+  logical shardings, the jitted init with `out_shardings`, the jitted step (loss and gradients
+  summed over `config.grad_accum_steps` micro-batches, one optimizer update, `keep_finite`)."""
+  rules = sharding.LOGICAL_RULES
+  model = build_model(config.model)
+  dummy = jnp.zeros(input_shape(config), jnp.float32)
+  boxed_vars = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))
+  boxed_params = boxed_vars["params"]
+  abstract_params = nn.meta.unbox(boxed_params)
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps, abstract_params)
+  param_sh = sharding.logical_shardings(boxed_params, mesh, rules)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  repl = sharding.replicated(mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: repl)
+  # Other collections (BatchNorm statistics): small, replicated.
+  model_state_sh = jax.tree.map(lambda _: repl, model_state_of(nn.meta.unbox(boxed_vars)))
+  state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh,
+                        model_state=model_state_sh)
+
+  def init(rng):
+    variables = nn.meta.unbox(model.init(rng, dummy))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      model_state=model_state_of(variables))
+
+  value_and_grad = accumulated_value_and_grad(loss_fn(model, config), config, mesh, param_sh)
+  base_rng = jax.random.key(config.seed)
+
+  def train_step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(base_rng, state.step)
+    (loss, (terms, model_state)), grads = value_and_grad(state.params, state.model_state,
+                                                         batch, rng, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": schedule(state.step)}
+    for name, value in training_inputs(config.model, state.step).items():  # mask_probs_0 ...
+      metrics.update({f"{name}_{i}": v for i, v in enumerate(value)})
+    # A non-finite loss, gradient or updated state keeps the state before the step.
+    new_state, metrics["nonfinite"] = keep_finite(
+        state, TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                          model_state=model_state), loss, grad_norm)
+    return new_state, metrics
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(init, jax.random.key(0)), state_sh)
+  return TrainProgram(
+      model=model, state_sh=state_sh, abstract_state=abstract_state,
+      init=jax.jit(init, out_shardings=state_sh),
+      step=jax.jit(train_step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sh, repl), donate_argnums=(0,)))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           evaluate_fn: Callable | None = None) -> dict[str, float]:
   """Trains until `config.total_steps`; returns the last logged scalars. `evaluate_fn(model,
@@ -787,52 +858,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   accum = check_batch(config, mesh)
   rules = sharding.LOGICAL_RULES
 
-  # Model and optimizer shapes, then shardings.
-  model = build_model(config.model)
-  dummy = jnp.zeros(input_shape(config), jnp.float32)
-  boxed_vars = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))
-  boxed_params = boxed_vars["params"]
-  abstract_params = nn.meta.unbox(boxed_params)
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps, abstract_params)
-  param_sh = sharding.logical_shardings(boxed_params, mesh, rules)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  repl = sharding.replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                 transform_non_params=lambda _: repl)
-  # Other collections (BatchNorm statistics): small, replicated.
-  model_state_sh = jax.tree.map(lambda _: repl, model_state_of(nn.meta.unbox(boxed_vars)))
-  state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh,
-                        model_state=model_state_sh)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+  # Model and optimizer shapes, shardings, the jitted init and train step.
+  program = train_program(config, mesh)
+  model, state_sh, abstract_state = program.model, program.state_sh, program.abstract_state
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
   logging.info("model: %s parameters; mesh %s over %d process(es); batch %d%s", f"{n_params:,}",
                dict(mesh.shape), jax.process_count(), config.batch_size,
                f" in {accum} micro-batches of {config.batch_size // accum}" if accum > 1 else "")
-
-  # The train step: loss and gradients (summed over micro-batches), one optimizer update.
-  def init(rng):
-    variables = nn.meta.unbox(model.init(rng, dummy))
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      model_state=model_state_of(variables))
-
-  value_and_grad = accumulated_value_and_grad(loss_fn(model, config), config, mesh, param_sh)
-  base_rng = jax.random.key(config.seed)
-
-  def train_step(state: TrainState, batch: dict):
-    rng = jax.random.fold_in(base_rng, state.step)
-    (loss, (terms, model_state)), grads = value_and_grad(state.params, state.model_state,
-                                                         batch, rng, state.step)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": schedule(state.step)}
-    for name, value in training_inputs(config.model, state.step).items():  # mask_probs_0 ...
-      metrics.update({f"{name}_{i}": v for i, v in enumerate(value)})
-    # A non-finite loss, gradient or updated state keeps the state before the step.
-    new_state, metrics["nonfinite"] = keep_finite(
-        state, TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                          model_state=model_state), loss, grad_norm)
-    return new_state, metrics
 
   # Its FLOPs, counted from shapes (nothing compiles), and the devices' peak: the MFU.
   utilisation = Utilisation(
@@ -841,15 +873,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       mesh.size)
   logging.info("%s", utilisation.describe())
 
-  batch_sh = sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    init_jit = jax.jit(init, out_shardings=state_sh)
-    step_jit = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, repl), donate_argnums=(0,))
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(init, jax.random.key(0)), state_sh)
-
+    init_jit, step_jit = program.init, program.step
     data_iter = pipeline.make_train_iterator(config)
     ckpt = checkpoint.Checkpointer(ckpt_dir, keep=config.keep_ckpts)
     start = ckpt.latest_step()

@@ -1,5 +1,8 @@
 """The benchmark scripts' pieces on a tiny input: they run, both sides agree, the helpers."""
 
+import pytest
+
+from benchmarks import compile_time as ct
 from benchmarks import models as bm
 from benchmarks import train_step as ts
 
@@ -66,3 +69,20 @@ def test_accelerator_budget_skips_what_does_not_fit():
   budget.record("inference", 2.0)  # a compile seen: the estimate follows it
   assert budget.estimate("inference", 1.0) == 2.0 * 1.2 + 1.0
   assert "skipped" in acc.training_rows(acc.ITEMS[1], ["xla"], budget, 1.0, True)[0]["notes"][0]
+
+
+def test_compile_time_table_and_the_configs_without_scan():
+  row = lambda scan, t: {"config": "x", "scan": scan, "train_lower": (t, 1.0),  # noqa: E731
+                         "train_compile": (t, t), "step_gib": 2.0, "eval_program": "slide",
+                         "eval_lower": (1.0, 1.0), "eval_compile": (t, t), "peak_rss_gib": 3.0}
+  lines = ct.table([row(False, 9.0), row(True, 4.0),
+                    {"config": "y", "scan": True, "error": "ValueError: no"}]).splitlines()
+  # CPU s (wall s); totals against the unrolled row: (1 + 4) / (1 + 9), 5 / 10.
+  assert lines[3] == ("| x | True | 1.0 (4) | 4.0 (4) | 5.0 (8) | 0.50 | 2.0 | slide | 1.0 (1) "
+                      "| 4.0 (4) | 5.0 (5) | 0.50 | 3.00 |")
+  assert lines[4] == "| y | True | n/a: ValueError: no |"
+  with pytest.raises(ValueError, match="scan_layers is not implemented for SegFormer's MiT"):
+    ct.load_config("segformer_b5_ade20k", True, smoke=True)
+  assert "scan_layers" not in ct.load_config("segformer_b5_ade20k", False, True).model.backbone
+  for scan in (False, True):
+    assert ct.load_config("segvit_vit_l16_ade20k", scan, True).model.backbone.scan_layers is scan

@@ -625,6 +625,15 @@ class MultiScalePredictor(LocalPredictor):
     """`chunk_sizes` of n windows for this predictor's window batch and devices."""
     return chunk_sizes(n, self.protocol.window_batch, self.num_devices)
 
+  def lower(self, variables: Any, batch: int, window: Window, stretch: bool = False):
+    """The model program `run` calls for `batch` windows of `window`, lowered from `variables`
+    that may be abstract (ShapeDtypeStructs): `.compile()` compiles it with no parameter in
+    memory (benchmarks/compile_time.py)."""
+    crops = jax.ShapeDtypeStruct((batch, *window, 3), jnp.uint8, sharding=self._batch)
+    valid = jax.ShapeDtypeStruct((batch, 2), jnp.int32, sharding=self._batch)
+    with self.activate():
+      return self._model.lower(variables, crops, valid, stretch)
+
   def predict_many(self, images: Sequence[np.ndarray]) -> list[jax.Array]:
     """The summed view scores of uint8 (H, W, 3) `images` under the protocol (its test resize,
     then `run`): one (Hb, Wb, C) array on the devices each, [:H, :W] the image."""
@@ -791,6 +800,13 @@ class MaskPredictor(LocalPredictor):
       return class_logits.astype(jnp.float32), mask_logits.astype(jnp.float32)
 
     self._model = jax.jit(model, out_shardings=self._repl)
+
+  def lower(self, variables: Any, batch: int):
+    """The model program `logits` calls for `batch` inputs, lowered from `variables` that may be
+    abstract (ShapeDtypeStructs), as `MultiScalePredictor.lower`."""
+    spec = jax.ShapeDtypeStruct((batch, *self.input_size, 3), jnp.uint8, sharding=self._batch)
+    with self.activate():
+      return self._model.lower(variables, spec)
 
   def padded(self, images: Sequence[np.ndarray], size: int) -> np.ndarray:
     """(size, S, S, 3) uint8: `images` at the top-left of black inputs (the rest all black)."""

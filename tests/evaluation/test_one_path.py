@@ -10,7 +10,8 @@ to it:
   config.eval values are one error line naming the flag or key.
 - A folder of 20 images of 8 sizes under a recorded sliding-window protocol compiles a bounded
   number of programs (38 counted, 9 of them the model; the same sizes again none, new nearby
-  sizes no model program; the raw whole-image protocol compiles the model per size).
+  sizes no model program; the raw whole-image protocol compiles the model per size). The
+  SegViT ADE20K protocol at its real sizes compiles 4 model programs for images up to 4:1.
 - A 4000 x 3000 photo runs through the protocol's windows within this machine's memory; as one
   whole-image forward pass it is refused with a message before anything compiles.
 """
@@ -24,6 +25,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -238,3 +240,53 @@ def test_windows_of_several_images_share_model_calls(tmp_path):
     np.testing.assert_allclose(np.asarray(total)[:h, :w], np.asarray(alone)[:h, :w],
                                atol=1e-5, rtol=0)
   assert calls == [4, 4, 2, 4]
+
+
+def test_ade20k_protocol_at_real_sizes_compiles_four_model_programs():
+  """The SegViT ADE20K protocol at its real sizes (keep-ratio resize to (2048, 512), 512 px
+  windows every 341, window batch 8, 64 px buckets) with a stand-in model (a 16 px patch
+  model's output grid; what compiles depends on shapes only): images up to 4:1 become 512 x L,
+  L in [512, 2048], 1 to 6 windows of 512 x 512, so the model compiles once per window batch
+  1, 2, 4 and 8: at most 4 programs for any such images, and new sizes compile none. An image
+  beyond 4:1 has its short side below the crop: one window shape per short side (a multiple
+  of 16). The glue compiles per buffer bucket (README, "Compiled programs over a dataset")."""
+  c = segvit_vit_b16_ade20k.get_config()
+  protocol = inference.Protocol.from_config(c)
+  assert (protocol.crop, protocol.stride, protocol.window_batch, protocol.bucket,
+          protocol.padding.multiple) == ((512, 512), (341, 341), 8, 64, 16)
+
+  def stand_in(params, x):  # (B, 2, h / 16, w / 16) scores
+    return jnp.moveaxis(x[:, ::16, ::16, :2] * params["w"], -1, 1)
+
+  predictor = inference.MultiScalePredictor(stand_in, {"w": jnp.ones(())}, protocol, 2,
+                                            mean=c.mean, std=c.std)
+  rng = np.random.default_rng(0)
+
+  def predict(sizes):
+    with Compilations() as compiled:
+      for size in sizes:
+        out = predictor.predict(rng.integers(0, 256, (*size, 3), np.uint8))
+        assert out.shape[:2] == tuple(-(-s // 64) * 64 for s in size)
+    return compiled.names
+
+  # Test sizes 512 x 512, 683, 1024, 2048 and 683 x 512: 1, 2, 3, 6 and 2 windows.
+  first = predict([(500, 500), (512, 683), (300, 600), (512, 2048), (683, 512)])
+  assert first["jit(model)"] == 4, first
+  # 5 test-size buckets x (acc and count zeros, the window sum) + 5 original-size buckets x
+  # (total zeros, the view sum): measured.
+  assert first == {"jit(model)": 4, "jit(<lambda>)": 15, "jit(_add_windows)": 5,
+                   "jit(_add_view_scores)": 5}, first
+  # Sizes never seen: 512 x 683 (2 windows) again from 1536 x 2048, 512 x 1536 (5 windows),
+  # 1463 x 512 (4 windows): no model program.
+  again = predict([(1536, 2048), (400, 1200), (2000, 700)])
+  assert again["jit(model)"] == 0, again
+  # A 8:1 panorama: 256 x 2048, six 256 x 512 windows: one more window shape.
+  assert predict([(300, 2400)])["jit(model)"] == 1
+  # `lower` (benchmarks/compile_time.py) compiles that program from abstract parameters.
+  compiled = predictor.lower({"w": jax.ShapeDtypeStruct((), jnp.float32)}, 2, (512, 512)
+                             ).compile()
+  crops = rng.integers(0, 256, (2, 512, 512, 3), np.uint8)
+  valid = np.full((2, 2), 512, np.int32)
+  with predictor.activate():
+    want = predictor._model(predictor.params, crops, valid, False)
+    np.testing.assert_array_equal(compiled(predictor.params, crops, valid), want)
