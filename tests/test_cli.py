@@ -145,8 +145,10 @@ def test_predict_and_eval_pictures_share_the_classes_palette(workdir, tmp_path):
   run("predict.py", "--checkpoint", workdir, "--input", str(tmp_path / "photo.png"),
       "--output", str(tmp_path / "pred"))
   pred = np.asarray(Image.open(tmp_path / "pred" / "photo.png"))
-  # The overlay at the photo's size at the top left, its legend below.
-  overlay = np.asarray(Image.open(tmp_path / "pred" / "photo_overlay.jpg"))[:size, :size]
+  # The overlay at the top left, enlarged x 3 (nearest) to a 256-px short side, its legend below.
+  overlay = np.asarray(Image.open(tmp_path / "pred" / "photo_overlay.jpg"))
+  assert overlay.shape[1] == 3 * size and overlay.shape[0] > 3 * size
+  overlay = overlay[1:3 * size:3, 1:3 * size:3]  # each enlarged pixel's centre
   got = painted_colours(overlay, record["image"], pred)
   assert got and all(nearest(colour, colours) == c for c, colour in got.items())
   run("eval.py", "--config", "configs/demo.py:smoke", "--workdir", workdir, "--output",

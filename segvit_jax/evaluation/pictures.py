@@ -217,9 +217,11 @@ def legend_width(classes: Sequence[int], class_names: Sequence[str]) -> int:
 
 def with_legend(picture: np.ndarray, classes: Sequence[int], class_names: Sequence[str],
                 colours: np.ndarray) -> tuple[np.ndarray, list[LegendEntry]]:
-  """`picture` (h, w, 3) uint8 unchanged at the top left, the legend of `classes` (names and
-  palette colours, laid out by `legend_layout`) below it, widened with white to the right where
-  a name is wider than the picture; returns the picture and the legend's entries."""
+  """`picture` (h, w, 3) uint8 at the top left (a small one enlarged, nearest, by the whole
+  factor that brings its short side to `MIN_SIDE`, as the panels are), the legend of `classes`
+  (names and palette colours, laid out by `legend_layout`) below it, widened with white to the
+  right where a name is wider than the picture; returns the picture and the legend's entries."""
+  picture = enlarge(picture, upscale_factor(*picture.shape[:2]))
   h, w = picture.shape[:2]
   width = max(w, legend_width(classes, class_names))
   legend, height = legend_layout(classes, class_names, width, h)
@@ -232,8 +234,9 @@ def with_legend(picture: np.ndarray, classes: Sequence[int], class_names: Sequen
 
 def overlay_picture(image: np.ndarray, pred: np.ndarray, colours: np.ndarray,
                     class_names: Sequence[str]) -> np.ndarray:
-  """predict.py's overlay: the prediction blended over the image at its own size, a legend of
-  the predicted classes (names and palette colours, as eval's panels) below."""
+  """predict.py's overlay: the prediction blended over the image at its own size (a small
+  image enlarged to `MIN_SIDE`, as eval's panels), a legend of the predicted classes (names and
+  palette colours, as eval's panels) below."""
   return with_legend(overlay(image, pred, colours),
                      present_classes(pred, num_classes=len(colours)), class_names, colours)[0]
 

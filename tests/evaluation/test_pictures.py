@@ -104,16 +104,20 @@ def test_predict_overlay_carries_the_legend(sample, tmp_path):
   picture = pictures.overlay_picture(image, pred, COLOURS, NAMES)
   _, legend = pictures.with_legend(image, [0, 3, 20], NAMES, COLOURS)
   assert [e.name for e in legend] == ["wall", "floor", "car"]
-  # "floor" is wider than the 40-px image: the picture widens to hold the full name.
-  width = pictures.legend_width([0, 3, 20], NAMES)
-  assert width == 3 * 4 + 12 + pictures._text_width("floor") > 40
   pictures.save(str(tmp_path / "o.png"), picture)
   png = _read(tmp_path / "o.png")
   line = max(12, pictures._line_height()) + 4  # a legend line: swatch or text, a 4-px gap
-  assert png.shape == (32 + 4 + 3 * line, width, 3)  # 4-px margin, 3 lines
-  assert len({e.swatch[1] for e in legend}) == 3  # one entry a line
-  np.testing.assert_array_equal(png[:32, :40], pictures.overlay(image, pred, COLOURS))
-  assert (png[:32, 40:] == 255).all()
+  lines = len({e.swatch[1] for e in legend})
+  # The 32 x 40 overlay enlarged 8x (nearest) to a 256-px short side, as eval's panels.
+  assert png.shape == (256 + 4 + lines * line, 320, 3)  # 4-px margin, then the legend
+  np.testing.assert_array_equal(png[:256, :320],
+                                pictures.enlarge(pictures.overlay(image, pred, COLOURS), 8))
+  # A name wider than the picture widens it with white to hold the full name.
+  names = list(NAMES)
+  names[3] = "a class name far wider than the enlarged picture " * 2
+  widened, _ = pictures.with_legend(image, [3], names, COLOURS)
+  assert widened.shape[1] == pictures.legend_width([3], names) > 320
+  assert (widened[:256, 320:] == 255).all()
   np.testing.assert_array_equal(_swatch_colours(png, legend), COLOURS[[0, 3, 20]])
   wide = pictures.overlay_picture(np.zeros((300, 500, 3), np.uint8), np.full((300, 500), 7),
                                   COLOURS, NAMES)
