@@ -55,8 +55,10 @@ def test_accelerator_smoke(tmp_path):
   table = (tmp_path / "accelerator.md").read_text()
   assert table.strip() in proc.stdout
   lines = table.splitlines()
-  assert sum(line.startswith("| EoMT-L COCO panoptic | 64 | xla | off | off |")
-             for line in lines) == 2  # inference and training
+  assert any(line.startswith("| EoMT-L COCO panoptic | 64 | xla | off | off |")
+             for line in lines)  # inference
+  assert any(line.startswith("| EoMT-L COCO panoptic | 64 | 2 | xla | off | off |")
+             for line in lines)  # training, at batch 2
   assert any(line.startswith("| SegFormer-B0 ADE20K | 64 | xla | - | - |") for line in lines)
 
 
