@@ -382,14 +382,15 @@ def test_panoptic_normalisers_weight_micro_batches_exactly():
 # ----------------------------------------------------------------------------------------------
 # Configs.
 
-# name: (size, input size, L2, annealing starts, ends)
+# name: (size, input size, L2, annealing starts, ends): the release's windows (its
+# configs/dinov2/coco/panoptic/eomt_{small,base,large,giant}_640.yaml)
 COCO_CONFIGS = {
-    "eomt_vit_s_coco_panoptic": ("S", 640, 3, (17738, 35476, 53214), (35476, 53214, 70952)),
-    "eomt_vit_b_coco_panoptic": ("B", 640, 3, (17738, 35476, 53214), (35476, 53214, 70952)),
+    "eomt_vit_s_coco_panoptic": ("S", 640, 3, (14782, 36955, 59128), (29564, 51737, 73910)),
+    "eomt_vit_b_coco_panoptic": ("B", 640, 3, (14782, 36955, 59128), (29564, 51737, 73910)),
     "eomt_vit_l_coco_panoptic": ("L", 640, 4, (14782, 29564, 44346, 59128),
                                  (29564, 44346, 59128, 73910)),
-    "eomt_vit_g_coco_panoptic": ("g", 640, 5, (12670, 25340, 38010, 50680, 63350),
-                                 (25340, 38010, 50680, 63350, 76020)),
+    "eomt_vit_g_coco_panoptic": ("g", 640, 5, (14782, 25869, 36955, 48042, 59128),
+                                 (29564, 40651, 51737, 62824, 73910)),
     "eomt_vit_l_coco_panoptic_1280": ("L", 1280, 4, (14782, 29564, 44346, 59128),
                                       (29564, 44346, 59128, 73910)),
 }
