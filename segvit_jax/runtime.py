@@ -393,7 +393,8 @@ def help_text(module: str, epilog: str = "") -> str:
 # what to fix; `--verbosity=1` logs the traceback too.)
 USER_ERRORS = (app.UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                ValueError)
-_DEFINED: set[str] = set()
+# The tool whose flags `run` defined last (`define_flags`'s name) and the flag names it defined.
+_TOOL_FLAGS: dict[str, Any] = {"tool": None, "names": ()}
 
 
 def error_line(e: BaseException) -> str:
@@ -454,6 +455,37 @@ def release_frames(error: BaseException) -> None:
   traceback.clear_frames(error.__traceback__)
   error.__traceback__ = None
   gc.collect()
+  wait_for_shared_memory_release()
+
+
+def wait_for_shared_memory_release() -> None:
+  """Waits until grain has unlinked the shared memory of the arrays freed so far: with worker
+  processes it unlinks in a thread of its own (`SharedMemoryArray.enable_async_del`, one thread,
+  first in first out), which a process that exits at once leaves undone ("leaked
+  shared_memory objects")."""
+  module = sys.modules.get("grain._src.python.ipc.shared_memory_array")
+  threads = getattr(getattr(module, "SharedMemoryArray", None), "_del_thread_pool", None)
+  if threads is not None:
+    threads.apply(lambda: None)  # queued after every unlink requested so far
+
+
+def define_tool_flags(define_flags: Callable[[], Any]) -> None:
+  """Has `define_flags` define its tool's flags in the process's flags unless they are there.
+  The tool that ran before gives its flags up first, so tools whose flags share names (convert
+  and export both have --overwrite) run one after another in one process."""
+  tool = f"{define_flags.__module__}.{define_flags.__qualname__}"
+  if _TOOL_FLAGS["tool"] == tool:
+    return
+  for name in _TOOL_FLAGS["names"]:
+    if name in FLAGS:
+      delattr(FLAGS, name)
+  before = set(FLAGS)
+  try:
+    define_flags()
+  except BaseException:  # the next run gives up what a failed definition left
+    _TOOL_FLAGS.update(tool=None, names=tuple(set(FLAGS) - before))
+    raise
+  _TOOL_FLAGS.update(tool=tool, names=tuple(set(FLAGS) - before))
 
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *,
@@ -469,10 +501,7 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
   package), which must not define them at import; it runs once per process. `help_epilog()`
   adds text to --help after the module docstring."""
   if define_flags is not None:
-    key = f"{define_flags.__module__}.{define_flags.__qualname__}"
-    if key not in _DEFINED:
-      define_flags()
-      _DEFINED.add(key)
+    define_tool_flags(define_flags)
   args = list(sys.argv[1:] if argv is None else argv)
   before = args[:args.index("--")] if "--" in args else args
   if any(a in HELP_ARGS for a in before):

@@ -929,6 +929,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         ckpt.close()
         writer.close()
         data_iter.close()  # grain's worker processes and their shared memory, now
+        runtime.wait_for_shared_memory_release()
     if stopped is not None:
       raise stop.stopped(stopped, ckpt.directory)
   return last
