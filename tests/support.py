@@ -136,3 +136,52 @@ def get_config(arg="atm"):
     c.model.head.update(tap_layers=(1, 2, 3), width=32, num_heads=4, layers_per_stage=2)
   return c
 '''
+
+
+def max_diff(a, b) -> float:
+  """max |a - b| in float64, after checking the shapes agree."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert a.shape == b.shape, (a.shape, b.shape)
+  return float(np.max(np.abs(a - b)))
+
+
+def convert_cli(*args) -> int:
+  """`python -m segvit_jax.convert ARGS...` in this process: its exit status."""
+  from segvit_jax.convert import __main__ as cli
+  return cli.cli([str(a) for a in args])
+
+
+def convert_ok(capsys, *args) -> str:
+  """`convert_cli(ARGS...)`, which must succeed: what it printed."""
+  capsys.readouterr()
+  rc = convert_cli(*args)
+  out, err = capsys.readouterr()
+  assert rc == 0, err
+  return out
+
+
+def normal_images(size: int, seed: int = 0, n: int = 2) -> np.ndarray:
+  """`n` float32 (size, size, 3) standard-normal images (already normalised model inputs)."""
+  return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
+
+
+def hf_eomt_outputs(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mask logits, class logits) of a transformers EoMT model (in eval) on NHWC `images`, in
+  float64; the model is left in the dtype it had."""
+  import torch
+  dtype = next(model.parameters()).dtype
+  with torch.no_grad():
+    out = model.double()(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2).double())
+  model.to(dtype)
+  return out.masks_queries_logits.numpy(), out.class_queries_logits.numpy()
+
+
+def eomt_outputs(b, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mask logits, class logits) of our EoMT bundle `b` (a Bundle or its path) at float32
+  "highest" matmul precision, in float64."""
+  from segvit_jax import bundle
+  b = bundle.load_bundle(b) if isinstance(b, str) else b
+  with jax.default_matmul_precision("highest"):
+    out = jax.jit(b.model.apply)(b.variables, images)
+  return (np.asarray(out["mask_logits"], np.float64),
+          np.asarray(out["class_logits"], np.float64))

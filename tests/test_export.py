@@ -99,12 +99,6 @@ def _images(size, batch=2, seed=0) -> np.ndarray:
   return np.clip(image + rng.uniform(-24, 24, image.shape), 0, 255).astype(np.uint8)
 
 
-def _max_diff(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return float(np.abs(a - b).max())
-
-
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> dict:
   """Per family: its bundle, inputs, and the JAX outputs the exports must give."""
@@ -160,7 +154,7 @@ def _jax_outputs(b: bundle_lib.Bundle, images: np.ndarray) -> dict:
 def _check(name: str, got: dict, want: dict, what: str) -> None:
   for key, value in want.items():
     for batch in (2, 1):
-      diff = _max_diff(got[batch][key], value[:batch])
+      diff = support.max_diff(got[batch][key], value[:batch])
       print(f"{name} {what} {key} batch {batch}: max |value| {np.abs(value).max():.2f}, "
             f"max abs diff {diff:.1e}")
       assert diff < TOL, (name, what, key, batch, diff)
@@ -284,7 +278,7 @@ def test_command_line(cases, capsys):
   assert export.cli(argv) == 0
   assert f"wrote {out}" in capsys.readouterr().out
   session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
-  diff = _max_diff(session.run(None, {"images": case["images"]})[0], case["want"]["scores"])
+  diff = support.max_diff(session.run(None, {"images": case["images"]})[0], case["want"]["scores"])
   assert diff < TOL, diff
   # normalised float input, a symbolic batch (the dash spelling), StableHLO
   out = str(root / "cli_float.stablehlo")
@@ -295,7 +289,7 @@ def test_command_line(cases, capsys):
       IMAGENET["std"])
   exp = jax.export.deserialize(open(out, "rb").read())
   assert exp.in_avals[0].dtype == jnp.float32
-  diff = _max_diff(exp.call(x)[0], case["want"]["scores"])
+  diff = support.max_diff(exp.call(x)[0], case["want"]["scores"])
   assert diff < TOL, diff
   # bfloat16 compute (parameters as stored, outputs float32): near the float32 scores
   out = str(root / "cli_bf16.stablehlo")
@@ -305,7 +299,7 @@ def test_command_line(cases, capsys):
   assert json.load(open(out + ".json"))["compute_dtype"] == "bfloat16"
   scores = jax.export.deserialize(open(out, "rb").read()).call(case["images"])[0]
   assert scores.dtype == jnp.float32
-  diff = _max_diff(scores, case["want"]["scores"])
+  diff = support.max_diff(scores, case["want"]["scores"])
   print(f"segformer bfloat16 vs float32 scores: max abs diff {diff:.1e} (max |value| "
         f"{np.abs(case['want']['scores']).max():.2f})")
   assert 0 < diff < 0.1, diff  # measured 0.059 (bfloat16 compute, tiny random SegFormer)

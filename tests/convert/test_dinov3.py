@@ -19,9 +19,9 @@ import transformers
 
 import segvit_jax
 from segvit_jax import convert, trainer
-from segvit_jax.convert import __main__ as cli
 
 from tests import checkpoint_writers as writers
+from tests import support
 
 D, DEPTH, HEADS, PATCH, IMAGE, REGISTERS = 64, 3, 4, 16, 64, 4
 SIZES = {"native": (64, 64), "wide": (48, 80), "tall": (80, 48)}  # 4x4, 3x5, 5x3
@@ -89,21 +89,13 @@ def _release_file(tmp_path, sd, kind: str, **options) -> str:
   return path
 
 
-def _cli(capsys, *args) -> str:
-  capsys.readouterr()
-  rc = cli.cli([str(a) for a in args])
-  out, err = capsys.readouterr()
-  assert rc == 0, err
-  return out
-
-
 @pytest.mark.parametrize("fmt", ["hf-dinov3", "dinov3"])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_converted_features_match_transformers(refs, tmp_path, capsys, fmt, kind):
   hf_dir, sd, feats = refs[kind]
   src = hf_dir if fmt == "hf-dinov3" else _release_file(tmp_path, sd, kind)
   out = tmp_path / "bundle"
-  printed = _cli(capsys, src, out, "--from", fmt)
+  printed = support.convert_ok(capsys, src, out, "--from", fmt)
   # The grid is informational with RoPE: transformers' image_size / patch, the release's 224 px.
   grid = (4, 4) if fmt == "hf-dinov3" else (14, 14)
   assert f"width {D} depth {DEPTH} patch {PATCH} grid {grid} registers 4 rope_theta 100" in \

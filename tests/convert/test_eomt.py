@@ -37,10 +37,10 @@ from safetensors.numpy import load_file
 from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil
 
 from segvit_jax import bundle, config_utils
-from segvit_jax.convert import __main__ as cli
 from segvit_jax.data import synthetic
 
 from tests import checkpoint_writers as writers
+from tests import support
 
 TOL = 1e-4  # float32 Flax ("highest" matmul precision) vs float64 torch
 HIDDEN, DEPTH, HEADS, NUM_BLOCKS, QUERIES, LABELS, IMAGE, PATCH, REGISTERS = (
@@ -73,10 +73,6 @@ def get_config(arg=""):
 '''
 
 
-def _cli(*args) -> int:
-  return cli.cli([str(a) for a in args])
-
-
 def _randomize_(model: torch.nn.Module, seed: int) -> None:
   """Every parameter random: fan-in-scaled weights, norm scales around 1, LayerScale around
   0.5, biases, tokens, queries and positions around 0."""
@@ -98,31 +94,8 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
     model.attn_mask_probs.zero_()  # fully annealed: unmasked in eval
 
 
-def _images(seed: int = 0) -> np.ndarray:
-  return np.random.default_rng(seed).standard_normal((2, IMAGE, IMAGE, 3)).astype(np.float32)
-
-
 def _uint8_image(seed: int = 5) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, 256, (1, IMAGE, IMAGE, 3), np.uint8)
-
-
-def _torch_outputs(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(mask logits, class logits) of transformers in eval, float64."""
-  with torch.no_grad():
-    out = model(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2).double())
-  return out.masks_queries_logits.numpy(), out.class_queries_logits.numpy()
-
-
-def _our_outputs(b: bundle.Bundle, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  with jax.default_matmul_precision("highest"):
-    out = jax.jit(b.model.apply)(b.variables, images)
-  return (np.asarray(out["mask_logits"], np.float64),
-          np.asarray(out["class_logits"], np.float64))
-
-
-def _max_diff(a, b) -> float:
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 def _flat(tree) -> dict:
@@ -177,7 +150,7 @@ def _reference(ffn: str, root) -> dict:
   _save_lightning(root / "eomt.ckpt", official)
 
   hf = hf.double()
-  want = _torch_outputs(hf, _images())
+  want = support.hf_eomt_outputs(hf, support.normal_images(IMAGE))
   processor = EomtImageProcessorPil(do_resize=False, do_split_image=False, do_pad=False,
                                     size={"shortest_edge": IMAGE, "longest_edge": IMAGE})
   pixels = processor(images=list(_uint8_image()), return_tensors="pt")["pixel_values"]
@@ -204,9 +177,9 @@ def conversions(tmp_path_factory, config_file):
     if ffn not in done:
       ref, root = refs[ffn], refs[ffn]["root"]
       cfg = f"{config_file}:swiglu" if ffn == "swiglu" else config_file
-      assert _cli(root / "hf", root / "bundle_hf", "--from", "hf-eomt") == 0
-      assert _cli(root / "eomt.ckpt", root / "bundle_official", "--from", "eomt-official",
-                  "--config", cfg) == 0
+      assert support.convert_cli(root / "hf", root / "bundle_hf", "--from", "hf-eomt") == 0
+      assert support.convert_cli(root / "eomt.ckpt", root / "bundle_official", "--from",
+                                 "eomt-official", "--config", cfg) == 0
       done[ffn] = dict(ref, config=cfg, bundle_hf=str(root / "bundle_hf"),
                        bundle_official=str(root / "bundle_official"))
     return done[ffn]
@@ -240,10 +213,10 @@ def test_hf_import_matches_transformers(conv):
                                         else ("mlp", 4 * HIDDEN))
   assert bb["norm_eps"] == 1e-6 and bb["layerscale"] == 1.0
   b = bundle.load_bundle(conv["bundle_hf"])
-  masks, classes = _our_outputs(b, _images())
+  masks, classes = support.eomt_outputs(b, support.normal_images(IMAGE))
   want_masks, want_classes = conv["want"]
   assert masks.shape == (2, QUERIES, IMAGE // 4, IMAGE // 4)
-  dm, dc = _max_diff(masks, want_masks), _max_diff(classes, want_classes)
+  dm, dc = support.max_diff(masks, want_masks), support.max_diff(classes, want_classes)
   print(f"{conv['ffn']}: hf import, max |mask logit| {np.abs(want_masks).max():.1f} diff "
         f"{dm:.1e}; max |class logit| {np.abs(want_classes).max():.1f} diff {dc:.1e}")
   assert dm < TOL and dc < TOL
@@ -253,7 +226,7 @@ def test_hf_import_matches_transformers(conv):
 
 def test_hf_export_loads_in_transformers(conv, tmp_path):
   out = tmp_path / "hf_again"
-  assert _cli(conv["bundle_hf"], out, "--to", "hf-eomt") == 0
+  assert support.convert_cli(conv["bundle_hf"], out, "--to", "hf-eomt") == 0
   again = load_file(str(out / "model.safetensors"))
   assert sorted(again) == sorted(conv["saved"])
   # Bitwise, the buffers included: attn_mask_probs zeros, the loss's class weights.
@@ -267,8 +240,8 @@ def test_hf_export_loads_in_transformers(conv, tmp_path):
   assert model.config.id2label == conv["labels"]
   assert (model.config.num_blocks, model.config.use_swiglu_ffn) == (NUM_BLOCKS,
                                                                    conv["ffn"] == "swiglu")
-  masks, classes = _torch_outputs(model.double().eval(), _images())
-  diff = max(_max_diff(masks, conv["want"][0]), _max_diff(classes, conv["want"][1]))
+  masks, classes = support.hf_eomt_outputs(model.double().eval(), support.normal_images(IMAGE))
+  diff = max(support.max_diff(masks, conv["want"][0]), support.max_diff(classes, conv["want"][1]))
   print(f"{conv['ffn']}: hf export reloaded, max abs diff {diff:.1e}")
   assert diff <= 1e-6  # measured 0: bitwise the same weights, the same torch ops
   processor = EomtImageProcessorPil.from_pretrained(str(out))
@@ -295,8 +268,8 @@ def test_official_import(conv):
   _assert_bitwise(bundle.load_params(conv["bundle_official"]),
                   bundle.load_params(conv["bundle_hf"]), "official vs hf import")
   b = bundle.load_bundle(conv["bundle_official"])
-  masks, classes = _our_outputs(b, _images())
-  diff = max(_max_diff(masks, conv["want"][0]), _max_diff(classes, conv["want"][1]))
+  masks, classes = support.eomt_outputs(b, support.normal_images(IMAGE))
+  diff = max(support.max_diff(masks, conv["want"][0]), support.max_diff(classes, conv["want"][1]))
   print(f"{conv['ffn']}: official import vs transformers, max abs diff {diff:.1e}")
   assert diff < TOL  # measured: as the HF import (same parameters, at the stored grid)
 
@@ -308,7 +281,7 @@ def test_round_trips_are_exact(conv, tmp_path):
   records our model config, so its re-import needs no --config."""
   official, hf_bundle = conv["bundle_official"], conv["bundle_hf"]
   ckpt = tmp_path / "again.ckpt"
-  assert _cli(official, ckpt, "--to", "eomt-official") == 0
+  assert support.convert_cli(official, ckpt, "--to", "eomt-official") == 0
   obj = torch.load(ckpt, map_location="cpu", weights_only=True)
   assert sorted(obj) == ["meta", "state_dict"]
   exported = {k: v.numpy() for k, v in obj["state_dict"].items()}
@@ -316,7 +289,7 @@ def test_round_trips_are_exact(conv, tmp_path):
   unequal = [k for k, v in conv["official"].items()
              if not np.array_equal(exported[k], v) or exported[k].dtype != v.dtype]
   assert not unequal, unequal
-  assert _cli(ckpt, tmp_path / "b1", "--from", "eomt-official") == 0
+  assert support.convert_cli(ckpt, tmp_path / "b1", "--from", "eomt-official") == 0
   _assert_bitwise(bundle.load_params(official), bundle.load_params(str(tmp_path / "b1")),
                   "official")
   first, second = bundle.read_config(official), bundle.read_config(str(tmp_path / "b1"))
@@ -324,14 +297,14 @@ def test_round_trips_are_exact(conv, tmp_path):
     assert second[key] == first[key], key
   assert second["model"] == first["model"]
 
-  assert _cli(hf_bundle, tmp_path / "hf", "--to", "hf-eomt") == 0
-  assert _cli(tmp_path / "hf", tmp_path / "b2", "--from", "hf-eomt") == 0
+  assert support.convert_cli(hf_bundle, tmp_path / "hf", "--to", "hf-eomt") == 0
+  assert support.convert_cli(tmp_path / "hf", tmp_path / "b2", "--from", "hf-eomt") == 0
   _assert_bitwise(bundle.load_params(hf_bundle), bundle.load_params(str(tmp_path / "b2")), "hf")
   assert bundle.read_config(str(tmp_path / "b2"))["model"] == bundle.read_config(
       hf_bundle)["model"]
 
-  assert _cli(official, tmp_path / "cross", "--to", "hf-eomt") == 0
-  assert _cli(tmp_path / "cross", tmp_path / "b3", "--from", "hf-eomt") == 0
+  assert support.convert_cli(official, tmp_path / "cross", "--to", "hf-eomt") == 0
+  assert support.convert_cli(tmp_path / "cross", tmp_path / "b3", "--from", "hf-eomt") == 0
   _assert_bitwise(bundle.load_params(official), bundle.load_params(str(tmp_path / "b3")),
                   "official -> hf")
   cross = bundle.read_config(str(tmp_path / "b3"))
@@ -346,8 +319,8 @@ def test_bare_network_state_dict_and_packed_swiglu(conversions, tmp_path):
   ref = conversions("swiglu")
   bare = {k[len("network."):]: v for k, v in ref["official"].items() if k.startswith("network.")}
   writers.save_torch(tmp_path / "network.pth", bare)
-  assert _cli(tmp_path / "network.pth", tmp_path / "b1", "--from", "eomt-official", "--config",
-              ref["config"]) == 0
+  assert support.convert_cli(tmp_path / "network.pth", tmp_path / "b1", "--from", "eomt-official",
+                             "--config", ref["config"]) == 0
   _assert_bitwise(bundle.load_params(str(tmp_path / "b1")),
                   bundle.load_params(ref["bundle_official"]), "bare network")
 
@@ -357,7 +330,7 @@ def test_bare_network_state_dict_and_packed_swiglu(conversions, tmp_path):
   packed = writers.hf_eomt_packed_swiglu(ref["saved"])
   assert "layers.0.mlp.weights_in.weight" in packed and not any("gate_proj" in k for k in packed)
   writers.save_safetensors(legacy / "model.safetensors", packed)
-  assert _cli(legacy, tmp_path / "b2", "--from", "hf-eomt") == 0
+  assert support.convert_cli(legacy, tmp_path / "b2", "--from", "hf-eomt") == 0
   _assert_bitwise(bundle.load_params(str(tmp_path / "b2")),
                   bundle.load_params(ref["bundle_hf"]), "weights_in / weights_out")
 
@@ -369,7 +342,7 @@ def test_bare_network_state_dict_and_packed_swiglu(conversions, tmp_path):
 def test_config_must_agree(mlp, config_file, tmp_path, capsys):
   def error(*args) -> str:
     capsys.readouterr()
-    assert _cli(*args) == 1
+    assert support.convert_cli(*args) == 1
     return capsys.readouterr().err
 
   ckpt = mlp["root"] / "eomt.ckpt"
@@ -386,8 +359,8 @@ def test_config_must_agree(mlp, config_file, tmp_path, capsys):
   # Without its attn_mask_probs buffer L2 comes from the config.
   state = {k: v for k, v in mlp["official"].items() if k != "network.attn_mask_probs"}
   _save_lightning(tmp_path / "no_probs.ckpt", state)
-  assert _cli(tmp_path / "no_probs.ckpt", tmp_path / "b", "--from", "eomt-official",
-              "--config", config_file) == 0
+  assert support.convert_cli(tmp_path / "no_probs.ckpt", tmp_path / "b", "--from", "eomt-official",
+                             "--config", config_file) == 0
   assert bundle.read_config(str(tmp_path / "b"))["model"]["num_blocks"] == NUM_BLOCKS
 
 
@@ -398,8 +371,8 @@ def test_not_annealed_checkpoint_is_warned_about(mlp, config_file, tmp_path, cap
                                                                        np.float32)})
   _save_lightning(tmp_path / "mid.ckpt", state)
   with caplog.at_level("WARNING"):
-    assert _cli(tmp_path / "mid.ckpt", tmp_path / "b", "--from", "eomt-official", "--config",
-                config_file) == 0
+    assert support.convert_cli(tmp_path / "mid.ckpt", tmp_path / "b", "--from", "eomt-official",
+                               "--config", config_file) == 0
   assert "network.attn_mask_probs = [1.0, 0.25]: saved before masked attention was annealed " \
          "away" in caplog.text
   _assert_bitwise(bundle.load_params(str(tmp_path / "b")),
@@ -409,7 +382,7 @@ def test_not_annealed_checkpoint_is_warned_about(mlp, config_file, tmp_path, cap
 def test_errors_name_the_cause(mlp, tmp_path, capsys):
   def error(*args) -> str:
     capsys.readouterr()
-    assert _cli(*args) == 1
+    assert support.convert_cli(*args) == 1
     return capsys.readouterr().err
 
   segformer = {"backbone.patch_embed1.proj.weight": torch.zeros(32, 3, 7, 7),
@@ -464,7 +437,7 @@ def test_predict_matches_transformers_post_processing(mlp):
     scores = b.predict(_uint8_image())
   want = mlp["want_scores"]
   assert scores.shape == (1, *want.shape) == (1, LABELS, IMAGE, IMAGE)
-  diff = _max_diff(scores[0], want)
+  diff = support.max_diff(scores[0], want)
   agree = float(np.mean(scores[0].argmax(0) == mlp["want_segmentation"]))
   print(f"predict vs transformers post-processing: max |score| {np.abs(want).max():.2f}, max "
         f"abs diff {diff:.1e}, argmax agreement {agree:.4f}")

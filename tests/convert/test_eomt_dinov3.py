@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 from segvit_jax import bundle
 from segvit_jax.convert import __main__ as cli
 from segvit_jax.convert.rules import flatten
+from tests import support
 
 HIDDEN, DEPTH, HEADS, NUM_BLOCKS, QUERIES, LABELS, IMAGE, PATCH = 64, 4, 4, 2, 6, 5, 64, 16
 KINDS = {"biases": dict(intermediate_size=4 * HIDDEN),
@@ -54,32 +55,6 @@ def _hf_model(kind: str, seed: int):
   return model.eval()
 
 
-def _images(seed: int = 0) -> np.ndarray:
-  return np.random.default_rng(seed).standard_normal((2, IMAGE, IMAGE, 3)).astype(np.float32)
-
-
-def _torch_outputs(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  with torch.no_grad():
-    out = model.double()(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2).double())
-  model.float()
-  return out.masks_queries_logits.numpy(), out.class_queries_logits.numpy()
-
-
-def _our_outputs(b: bundle.Bundle, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  with jax.default_matmul_precision("highest"):
-    out = jax.jit(b.model.apply)(b.variables, images)
-  return (np.asarray(out["mask_logits"], np.float64),
-          np.asarray(out["class_logits"], np.float64))
-
-
-def _cli(capsys, *args) -> str:
-  capsys.readouterr()
-  rc = cli.cli([str(a) for a in args])
-  out, err = capsys.readouterr()
-  assert rc == 0, err
-  return out
-
-
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory):
   """kind -> (save_pretrained dir, the model, its float64 (mask, class) logits)."""
@@ -89,14 +64,14 @@ def refs(tmp_path_factory):
     model = _hf_model(kind, seed)
     path = str(root / kind)
     model.save_pretrained(path)
-    out[kind] = (path, model, _torch_outputs(model, _images()))
+    out[kind] = (path, model, support.hf_eomt_outputs(model, support.normal_images(IMAGE)))
   return out
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_import_export_match_transformers(refs, tmp_path, capsys, kind):
   hf_dir, model, (want_masks, want_classes) = refs[kind]
-  printed = _cli(capsys, hf_dir, tmp_path / "b", "--from", "hf-eomt-dinov3")
+  printed = support.convert_ok(capsys, hf_dir, tmp_path / "b", "--from", "hf-eomt-dinov3")
   assert (f"EoMT ViT width {HIDDEN} depth {DEPTH} heads {HEADS} patch {PATCH} grid (4, 4) "
           f"registers 4 queries {QUERIES} num_blocks {NUM_BLOCKS} classes {LABELS} "
           "rope_theta 100") in printed
@@ -104,24 +79,24 @@ def test_import_export_match_transformers(refs, tmp_path, capsys, kind):
   bb = b.config.model.backbone
   assert (bb.rope_theta, bb.rope_rescale, bb.ffn, bb.qkv_bias, bb.key_bias, bb.norm_eps) == (
       100.0, 2.0, "mlp", kind == "biases", False, 1e-5)
-  masks, classes = _our_outputs(b, _images())
+  masks, classes = support.eomt_outputs(b, support.normal_images(IMAGE))
   diff = max(float(np.max(np.abs(masks - want_masks))),
              float(np.max(np.abs(classes - want_classes))))
   # Measured: 1.1e-5 (biases) / 8.8e-6 (no q / v bias), mask logits up to ~21: float32
   # rounding.
   assert diff < TOL
 
-  _cli(capsys, tmp_path / "b", tmp_path / "hf", "--to", "hf-eomt-dinov3")
+  support.convert_ok(capsys, tmp_path / "b", tmp_path / "hf", "--to", "hf-eomt-dinov3")
   back, info = transformers.EomtDinov3ForUniversalSegmentation.from_pretrained(
       str(tmp_path / "hf"), output_loading_info=True)
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
   written, original = (load_file(f"{d}/model.safetensors") for d in (tmp_path / "hf", hf_dir))
   assert set(written) == set(original)
   assert all(np.array_equal(written[k], original[k]) for k in original)
-  back_masks, back_classes = _torch_outputs(back.eval(), _images())
+  back_masks, back_classes = support.hf_eomt_outputs(back.eval(), support.normal_images(IMAGE))
   assert np.array_equal(back_masks, want_masks) and np.array_equal(back_classes, want_classes)
 
-  _cli(capsys, tmp_path / "hf", tmp_path / "b2", "--from", "hf-eomt-dinov3")
+  support.convert_ok(capsys, tmp_path / "hf", tmp_path / "b2", "--from", "hf-eomt-dinov3")
   p1, p2 = (flatten(bundle.load_bundle(str(tmp_path / d)).variables["params"])
             for d in ("b", "b2"))
   assert set(p1) == set(p2) and all(np.array_equal(p1[k], p2[k]) for k in p1)
@@ -132,7 +107,7 @@ def test_import_export_match_transformers(refs, tmp_path, capsys, kind):
 def test_bundle_runs_non_square_inputs(refs, tmp_path, capsys):
   """transformers' EoMT-DINOv3 is tied to its square grid; the bundle recomputes RoPE, in
   inference and in training."""
-  _cli(capsys, refs["biases"][0], tmp_path / "b", "--from", "hf-eomt-dinov3")
+  support.convert_ok(capsys, refs["biases"][0], tmp_path / "b", "--from", "hf-eomt-dinov3")
   b = bundle.load_bundle(str(tmp_path / "b"))
   x = np.random.default_rng(1).standard_normal((1, 48, 80, 3)).astype(np.float32)
   out = b.model.apply(b.variables, x)
@@ -147,7 +122,7 @@ def test_bundle_runs_non_square_inputs(refs, tmp_path, capsys):
 
 
 def test_layouts_refuse_the_other_backbone(refs, tmp_path, capsys):
-  _cli(capsys, refs["biases"][0], tmp_path / "b", "--from", "hf-eomt-dinov3")
+  support.convert_ok(capsys, refs["biases"][0], tmp_path / "b", "--from", "hf-eomt-dinov3")
   # (The release's layout holds both: tests/convert/test_eomt_dinov3_release.py.)
   assert cli.cli([str(tmp_path / "b"), str(tmp_path / "hf-eomt"), "--to", "hf-eomt"]) == 1
   err = capsys.readouterr().err

@@ -24,7 +24,6 @@ the release's files record no head count.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -35,6 +34,7 @@ from segvit_jax.convert import __main__ as cli
 from segvit_jax.convert.rules import flatten
 
 from tests import checkpoint_writers as writers
+from tests import support
 
 HIDDEN, DEPTH, HEADS, NUM_BLOCKS, QUERIES, LABELS, IMAGE, PATCH = 384, 3, 6, 2, 6, 6, 64, 16
 TOL = 1e-4  # float32 Flax ("highest" matmul precision) vs float64 torch
@@ -111,33 +111,6 @@ def _base_model(eomt_sd: dict, seed: int) -> transformers.DINOv3ViTModel:
   return base.eval()
 
 
-def _images(seed: int = 0) -> np.ndarray:
-  return np.random.default_rng(seed).standard_normal((2, IMAGE, IMAGE, 3)).astype(np.float32)
-
-
-def _torch_outputs(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  with torch.no_grad():
-    out = model.double()(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2).double())
-  model.float()
-  return out.masks_queries_logits.numpy(), out.class_queries_logits.numpy()
-
-
-def _our_outputs(path: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  b = bundle.load_bundle(path)
-  with jax.default_matmul_precision("highest"):
-    out = jax.jit(b.model.apply)(b.variables, images)
-  return (np.asarray(out["mask_logits"], np.float64),
-          np.asarray(out["class_logits"], np.float64))
-
-
-def _cli(capsys, *args) -> str:
-  capsys.readouterr()
-  rc = cli.cli([str(a) for a in args])
-  out, err = capsys.readouterr()
-  assert rc == 0, err
-  return out
-
-
 def _error(capsys, *args) -> str:
   capsys.readouterr()
   assert cli.cli([str(a) for a in args]) == 1
@@ -178,7 +151,7 @@ def ref(tmp_path_factory):
   writers.save_torch(root / "pytorch_model.bin", delta)  # the model zoo's files: a state dict
   writers.save_torch(root / "full.ckpt", full, wrap="state_dict")
   return dict(root=root, delta=delta, full=full, base_sd=base_sd,
-              want=_torch_outputs(model, _images()))
+              want=support.hf_eomt_outputs(model, support.normal_images(IMAGE)))
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +164,8 @@ def full_bundle(ref):
 @pytest.mark.parametrize("backbone", ["dinov3.pth", "dinov3_hf"])
 def test_delta_import_equals_full_import(ref, full_bundle, tmp_path, capsys, backbone):
   root = ref["root"]
-  printed = _cli(capsys, root / "pytorch_model.bin", tmp_path / "b", "--from", "eomt-official",
-                 "--backbone", root / backbone)
+  printed = support.convert_ok(capsys, root / "pytorch_model.bin", tmp_path / "b", "--from",
+                               "eomt-official", "--backbone", root / backbone)
   assert (f"EoMT ViT width {HIDDEN} depth {DEPTH} heads {HEADS} patch {PATCH}" in printed
           and f"queries {QUERIES} num_blocks {NUM_BLOCKS} classes {LABELS} rope_theta 100 "
           f"(delta weights + {root / backbone})" in printed), printed
@@ -207,7 +180,7 @@ def test_delta_import_equals_full_import(ref, full_bundle, tmp_path, capsys, bac
   assert (bb["rope_theta"], bb["rope_rescale"], bb["norm_eps"], bb["qkv_bias"],
           bb["key_bias"]) == (100.0, 2.0, 1e-5, True, False)
 
-  masks, classes = _our_outputs(str(tmp_path / "b"), _images())
+  masks, classes = support.eomt_outputs(str(tmp_path / "b"), support.normal_images(IMAGE))
   want_masks, want_classes = ref["want"]
   diff = max(float(np.max(np.abs(masks - want_masks))),
              float(np.max(np.abs(classes - want_classes))))
@@ -220,13 +193,13 @@ def test_delta_import_equals_full_import(ref, full_bundle, tmp_path, capsys, bac
 
 def test_export_both_forms_and_round_trip(ref, full_bundle, tmp_path, capsys):
   root = ref["root"]
-  printed = _cli(capsys, full_bundle, tmp_path / "full.pth", "--to", "eomt-official")
+  printed = support.convert_ok(capsys, full_bundle, tmp_path / "full.pth", "--to", "eomt-official")
   assert "in the eomt-official layout" in printed and "delta" not in printed
   written = _state_dict(tmp_path / "full.pth")
   assert _bitwise(written, ref["full"])  # every tensor and buffer of the release's file
 
-  printed = _cli(capsys, full_bundle, tmp_path / "delta.bin", "--to", "eomt-official",
-                 "--delta_from", root / "dinov3_hf")
+  printed = support.convert_ok(capsys, full_bundle, tmp_path / "delta.bin", "--to", "eomt-official",
+                               "--delta_from", root / "dinov3_hf")
   assert f"(delta weights against {root / 'dinov3_hf'})" in printed
   written = _state_dict(tmp_path / "delta.bin")
   # What the release's authors would write: the full weights minus what its loader holds.
@@ -239,9 +212,9 @@ def test_export_both_forms_and_round_trip(ref, full_bundle, tmp_path, capsys):
              for k, v in ref["full"].items() if v.size)
   assert ulps <= 1  # measured: 0 (the deltas are small: (w - b) + b is exact)
 
-  _cli(capsys, tmp_path / "full.pth", tmp_path / "b_full", "--from", "eomt-official")
-  _cli(capsys, tmp_path / "delta.bin", tmp_path / "b_delta", "--from", "eomt-official",
-       "--backbone", root / "dinov3.pth")
+  support.convert_ok(capsys, tmp_path / "full.pth", tmp_path / "b_full", "--from", "eomt-official")
+  support.convert_ok(capsys, tmp_path / "delta.bin", tmp_path / "b_delta", "--from",
+                     "eomt-official", "--backbone", root / "dinov3.pth")
   first = _params(full_bundle)
   assert _bitwise(_params(tmp_path / "b_full"), first)
   again = _params(tmp_path / "b_delta")
@@ -295,9 +268,9 @@ def test_config_names_the_classes_and_must_agree(ref, full_bundle, tmp_path, cap
   root = ref["root"]
   config = tmp_path / "eomt_dinov3_tiny.py"
   config.write_text(CONFIG_FILE)
-  _cli(capsys, root / "dinov3.pth", tmp_path / "dinov3_bundle", "--from", "dinov3")
-  _cli(capsys, root / "pytorch_model.bin", tmp_path / "b", "--from", "eomt-official",
-       "--backbone", tmp_path / "dinov3_bundle", "--config", config)
+  support.convert_ok(capsys, root / "dinov3.pth", tmp_path / "dinov3_bundle", "--from", "dinov3")
+  support.convert_ok(capsys, root / "pytorch_model.bin", tmp_path / "b", "--from", "eomt-official",
+                     "--backbone", tmp_path / "dinov3_bundle", "--config", config)
   meta = bundle.read_config(str(tmp_path / "b"))
   assert len(meta["class_names"]) == LABELS and meta["class_names"][0] != "class_0"
   assert tuple(meta["model"]["backbone"]["posemb_grid"]) == (4, 4)  # the file records none

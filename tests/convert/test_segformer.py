@@ -42,7 +42,6 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from segvit_jax import bundle, config_utils, convert
-from segvit_jax.convert import __main__ as cli
 from segvit_jax.convert import rules, segformer
 from segvit_jax.data import cityscapes
 from segvit_jax.models import build_model
@@ -85,10 +84,6 @@ def get_config(arg="b0"):
 '''
 
 
-def _cli(*args) -> int:
-  return cli.cli([str(a) for a in args])
-
-
 def _randomize_(model: torch.nn.Module, seed: int) -> None:
   """test_segformer_vs_hf's randomisation (every parameter, BatchNorm running statistics), and
   the BatchNorm step counter set."""
@@ -128,11 +123,6 @@ def _our_logits(model, variables, images: np.ndarray) -> np.ndarray:
   with jax.default_matmul_precision("highest"):
     out = jax.jit(lambda v, x: model.apply(v, x)["logits"])(variables, images)
   return np.asarray(out, np.float64)
-
-
-def _max_diff(a, b) -> float:
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 def _flat(tree) -> dict:
@@ -207,9 +197,9 @@ def conversions(tmp_path_factory):
       refs.update({n: _reference(n, tmp_path_factory.mktemp(n)) for n in sorted(CONFIGS)})
     if name not in done:
       ref, root = refs[name], refs[name]["root"]
-      assert _cli(root / "hf", root / "bundle_hf", "--from", "hf-segformer") == 0
-      assert _cli(root / "segformer.pth", root / "bundle_official", "--from",
-                  "segformer-official") == 0
+      assert support.convert_cli(root / "hf", root / "bundle_hf", "--from", "hf-segformer") == 0
+      assert support.convert_cli(root / "segformer.pth", root / "bundle_official", "--from",
+                                 "segformer-official") == 0
       done[name] = dict(ref, bundle_hf=str(root / "bundle_hf"),
                         bundle_official=str(root / "bundle_official"))
     return done[name]
@@ -242,7 +232,7 @@ def test_hf_import_matches_transformers(conv):
   for size in SIZES:
     got = _our_logits(b.model, b.variables, _images(*size))
     want = conv["want"][size]
-    diff = _max_diff(got, want)
+    diff = support.max_diff(got, want)
     print(f"{conv['name']} {size}: hf import max |logits| {np.abs(want).max():.2f}, "
           f"max abs diff {diff:.1e}")
     assert diff < TOL
@@ -252,7 +242,7 @@ def test_hf_import_matches_transformers(conv):
 
 def test_hf_export_loads_in_transformers(conv, tmp_path):
   out = tmp_path / "hf_again"
-  assert _cli(conv["bundle_hf"], out, "--to", "hf-segformer") == 0
+  assert support.convert_cli(conv["bundle_hf"], out, "--to", "hf-segformer") == 0
   again = load_file(str(out / "model.safetensors"))
   assert sorted(again) == sorted(conv["saved"])
   unequal = [k for k, v in conv["saved"].items()
@@ -266,7 +256,7 @@ def test_hf_export_loads_in_transformers(conv, tmp_path):
   assert model.config.id2label == conv["labels"]
   assert model.config.num_labels == conv["fields"]["num_labels"]
   got = _torch_logits(model.double().eval(), _images(*EXPORT_SIZE))
-  diff = _max_diff(got, conv["want"][EXPORT_SIZE])
+  diff = support.max_diff(got, conv["want"][EXPORT_SIZE])
   assert diff == 0.0, diff  # bitwise the same weights, the same (deterministic) torch ops
   processor = json.loads((out / "preprocessor_config.json").read_text())
   np.testing.assert_allclose(np.array(processor["image_mean"]) * 255, [123.675, 116.28, 103.53])
@@ -284,9 +274,9 @@ def test_official_import_and_layer_norm_eps(conv):
   got = _our_logits(b.model, b.variables, images)  # as recorded: eps 1e-6
   got_eps5 = _our_logits(_with_eps(b.config.model, 1e-5), b.variables, images)
   want, want_eps6 = conv["want"][SIZES[0]], conv["want_eps6"]
-  exact_eps6, exact_eps5 = _max_diff(got, want_eps6), _max_diff(got_eps5, want)
-  eps_effect = _max_diff(want_eps6, want)  # float64 transformers, eps 1e-6 vs 1e-5
-  ours_vs_hf = _max_diff(got, want)
+  exact_eps6, exact_eps5 = support.max_diff(got, want_eps6), support.max_diff(got_eps5, want)
+  eps_effect = support.max_diff(want_eps6, want)  # float64 transformers, eps 1e-6 vs 1e-5
+  ours_vs_hf = support.max_diff(got, want)
   print(f"{conv['name']} {SIZES[0]}: official import (eps 1e-6) vs transformers at eps 1e-6 "
         f"{exact_eps6:.1e}; at eps 1e-5 vs transformers {exact_eps5:.1e}; the eps alone "
         f"(float64) {eps_effect:.1e}; the bundle (1e-6) vs transformers (1e-5) {ours_vs_hf:.1e}")
@@ -304,8 +294,8 @@ def test_round_trips_are_exact(conv, tmp_path):
   counter included, but for mmseg's unused conv_seg: zeros of the release's shape."""
   official, hf_bundle = conv["bundle_official"], conv["bundle_hf"]
   pth = tmp_path / "again.pth"
-  assert _cli(official, pth, "--to", "segformer-official") == 0
-  assert _cli(pth, tmp_path / "b1", "--from", "segformer-official") == 0
+  assert support.convert_cli(official, pth, "--to", "segformer-official") == 0
+  assert support.convert_cli(pth, tmp_path / "b1", "--from", "segformer-official") == 0
   _assert_bitwise(_variables(official), _variables(str(tmp_path / "b1")), "official")
   first, second = bundle.read_config(official), bundle.read_config(str(tmp_path / "b1"))
   assert second["model"] == first["model"] and second["class_names"] == first["class_names"]
@@ -326,14 +316,15 @@ def test_round_trips_are_exact(conv, tmp_path):
              if not np.array_equal(exported[k], v) or exported[k].dtype != v.dtype]
   assert not unequal, unequal
 
-  assert _cli(hf_bundle, tmp_path / "hf", "--to", "hf-segformer") == 0
-  assert _cli(tmp_path / "hf", tmp_path / "b2", "--from", "hf-segformer") == 0
+  assert support.convert_cli(hf_bundle, tmp_path / "hf", "--to", "hf-segformer") == 0
+  assert support.convert_cli(tmp_path / "hf", tmp_path / "b2", "--from", "hf-segformer") == 0
   _assert_bitwise(_variables(hf_bundle), _variables(str(tmp_path / "b2")), "hf")
   assert bundle.read_config(str(tmp_path / "b2"))["model"] == bundle.read_config(
       hf_bundle)["model"]
 
-  assert _cli(hf_bundle, tmp_path / "cross.pth", "--to", "segformer-official") == 0
-  assert _cli(tmp_path / "cross.pth", tmp_path / "b3", "--from", "segformer-official") == 0
+  assert support.convert_cli(hf_bundle, tmp_path / "cross.pth", "--to", "segformer-official") == 0
+  assert support.convert_cli(tmp_path / "cross.pth", tmp_path / "b3", "--from",
+                             "segformer-official") == 0
   _assert_bitwise(_variables(hf_bundle), _variables(str(tmp_path / "b3")), "hf -> official")
   cross = bundle.read_config(str(tmp_path / "b3"))
   assert cross["mean"] == bundle.read_config(hf_bundle)["mean"]  # from the export's meta
@@ -373,7 +364,8 @@ def test_config_gives_names_and_statistics_and_must_agree(b0, config_file, tmp_p
   """The config describes the B0."""
   conv = b0
   src = conv["root"] / "segformer.pth"
-  assert _cli(src, tmp_path / "b", "--from", "segformer-official", "--config", config_file) == 0
+  assert support.convert_cli(src, tmp_path / "b", "--from", "segformer-official", "--config",
+                             config_file) == 0
   meta = bundle.read_config(str(tmp_path / "b"))
   assert tuple(meta["class_names"]) == cityscapes.CITYSCAPES_CLASSES
   assert meta["mean"] == [120.0, 110.0, 100.0] and meta["std"] == [50.0, 51.0, 52.0]
@@ -388,8 +380,8 @@ def test_config_gives_names_and_statistics_and_must_agree(b0, config_file, tmp_p
   _assert_bitwise(_variables(str(tmp_path / "b")), _variables(conv["bundle_official"]), "cfg")
 
   capsys.readouterr()
-  assert _cli(conv["root"] / "hf", tmp_path / "c", "--from", "hf-segformer", "--config",
-              f"{config_file}:deeper") == 1
+  assert support.convert_cli(conv["root"] / "hf", tmp_path / "c", "--from", "hf-segformer",
+                             "--config", f"{config_file}:deeper") == 1
   err = capsys.readouterr().err
   assert "does not hold the model the config describes" in err
   assert "backbone.depths: config (2, 2, 3, 2), file (2, 2, 2, 2)" in err
@@ -400,7 +392,7 @@ def test_errors_name_the_cause(b0, tmp_path, capsys):
 
   def error(*args) -> str:
     capsys.readouterr()
-    assert _cli(*args) == 1
+    assert support.convert_cli(*args) == 1
     return capsys.readouterr().err
 
   mit = tmp_path / "mit_b0.pth"

@@ -36,7 +36,6 @@ import pytest
 import torch
 
 from segvit_jax import bundle, config_utils
-from segvit_jax.convert import __main__ as cli
 from segvit_jax.convert import rules, segvit_official, whole_model
 from segvit_jax.data import synthetic
 from segvit_jax.models import build_model
@@ -128,10 +127,6 @@ def _check_parity(out: dict, tout: dict, what: str) -> dict[str, float]:
   return diffs
 
 
-def _cli(*args) -> int:
-  return cli.cli([str(a) for a in args])
-
-
 def _plain(x):
   """A config section's values as JSON gives them back: tuples as lists."""
   if isinstance(x, dict):
@@ -183,7 +178,7 @@ def test_export_loads_into_reference(flax_model, tmp_path):
   """Our bundle -> .pth: the reference, with the release's loss modules, loads it strictly
   (the loss buffers too: ones, the no-object weight 0.1 last) and reproduces our outputs."""
   out = tmp_path / "exported.pth"
-  assert _cli(flax_model["bundle"], out, "--to", "segvit-official") == 0
+  assert support.convert_cli(flax_model["bundle"], out, "--to", "segvit-official") == 0
   obj = torch.load(out, map_location="cpu", weights_only=True)
   assert sorted(obj) == ["meta", "state_dict"]
   assert obj["meta"]["CLASSES"] == synthetic.CLASS_NAMES
@@ -241,7 +236,7 @@ def release(request, config_file, tmp_path_factory):
   src, out = root / f"segvit_{kind}.pth", root / "bundle"
   _write_release_file(src, state)
   spec = f"{config_file}:{kind}"
-  assert _cli(src, out, "--from", "segvit-official", "--config", spec) == 0
+  assert support.convert_cli(src, out, "--from", "segvit-official", "--config", spec) == 0
   return dict(kind=kind, config=config, spec=spec, tmodel=tmodel, state=state, src=src,
               bundle=str(out), root=root)
 
@@ -271,8 +266,9 @@ def test_round_trip_is_exact(release):
   """bundle -> .pth -> bundle: bitwise-equal parameters; the .pth equals the release file,
   the loss buffers included."""
   pth, again = release["root"] / "again.pth", release["root"] / "again"
-  assert _cli(release["bundle"], pth, "--to", "segvit-official") == 0
-  assert _cli(pth, again, "--from", "segvit-official", "--config", release["spec"]) == 0
+  assert support.convert_cli(release["bundle"], pth, "--to", "segvit-official") == 0
+  assert support.convert_cli(pth, again, "--from", "segvit-official", "--config",
+                             release["spec"]) == 0
   first = bundle.load_params(release["bundle"])
   second = bundle.load_params(str(again))
   flat1 = flax.traverse_util.flatten_dict(first, sep="/")
@@ -293,8 +289,8 @@ def test_release_file_without_loss_buffers_converts(release, tmp_path):
   state = {k: v for k, v in release["state"].items() if k not in LOSS_BUFFERS[release["kind"]]}
   assert len(state) == len(release["state"]) - len(LOSS_BUFFERS[release["kind"]])
   _write_release_file(tmp_path / "bare.pth", state)
-  assert _cli(tmp_path / "bare.pth", tmp_path / "b", "--from", "segvit-official", "--config",
-              release["spec"]) == 0
+  assert support.convert_cli(tmp_path / "bare.pth", tmp_path / "b", "--from", "segvit-official",
+                             "--config", release["spec"]) == 0
   flat1 = flax.traverse_util.flatten_dict(bundle.load_params(release["bundle"]), sep="/")
   flat2 = flax.traverse_util.flatten_dict(bundle.load_params(str(tmp_path / "b")), sep="/")
   assert sorted(flat1) == sorted(flat2)
@@ -309,7 +305,7 @@ def test_export_writes_the_recorded_no_object_weight(flax_model, tmp_path):
                             mean=config.mean, std=config.std, class_names=synthetic.CLASS_NAMES,
                             loss=dict(config.loss.to_dict(), no_object_weight=0.25))
   out = tmp_path / "x.pth"
-  assert _cli(path, out, "--to", "segvit-official") == 0
+  assert support.convert_cli(path, out, "--to", "segvit-official") == 0
   state = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
   for key in LOSS_BUFFERS[flax_model["kind"]]:
     assert torch.equal(state[key], _class_weights(0.25)), (key, state[key])
@@ -321,7 +317,7 @@ def test_export_writes_the_recorded_no_object_weight(flax_model, tmp_path):
 
 def _error(capsys, *args) -> str:
   capsys.readouterr()
-  assert _cli(*args) == 1
+  assert support.convert_cli(*args) == 1
   return capsys.readouterr().err
 
 
@@ -384,8 +380,8 @@ def test_pickled_objects_are_refused_unless_trusted(release, tmp_path, capsys):
   err = _error(capsys, src, tmp_path / "out", "--from", "segvit-official", "--config",
                release["spec"])
   assert "torch.load(weights_only=True) refuses it" in err and "--trust-pickle" in err
-  assert _cli(src, tmp_path / "out", "--from", "segvit-official", "--config", release["spec"],
-              "--trust-pickle") == 0
+  assert support.convert_cli(src, tmp_path / "out", "--from", "segvit-official", "--config",
+                             release["spec"], "--trust-pickle") == 0
 
 
 def test_cli_usage_errors(config_file, tmp_path, capsys):

@@ -55,7 +55,6 @@ from PIL import Image
 from configs import common
 import segvit_jax
 from segvit_jax import bundle
-from segvit_jax.convert import __main__ as cli
 from segvit_jax.data import transforms
 from segvit_jax.evaluation import inference
 from segvit_jax.models import build_model
@@ -151,12 +150,6 @@ def _eomt_scores(masks: torch.Tensor, classes: torch.Tensor, size) -> torch.Tens
   return torch.einsum("bqc,bqhw->bchw", probs, _bilinear(masks, size).sigmoid())
 
 
-def _max_diff(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return float(np.max(np.abs(a - b)))
-
-
 def _predict(path: str, images: np.ndarray, protocol: str) -> np.ndarray:
   b = segvit_jax.load_bundle(path)
   with jax.default_matmul_precision("highest"):
@@ -175,16 +168,12 @@ def _check(got: np.ndarray, want: np.ndarray, what: str, argmax_varies: bool = F
   assert want.std(axis=(-2, -1)).mean() > 0.005, what
   classes = len(np.unique(want.argmax(1)))
   assert classes > 1 or not argmax_varies, what
-  diff = _max_diff(got, want)
+  diff = support.max_diff(got, want)
   agree = float(np.mean(got.argmax(1) == want.argmax(1)))
   print(f"{what}: max |score| {np.abs(want).max():.2f}, max abs diff {diff:.1e}, argmax "
         f"agreement {agree:.4f} ({classes} classes)")
   assert diff < TOL and agree == 1.0, (what, diff, agree)
   return diff
-
-
-def _cli(*args) -> int:
-  return cli.cli([str(a) for a in args])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +320,7 @@ def refs(tmp_path_factory) -> dict:
 def segformer(refs) -> dict:
   r = refs["segformer"]
   path = refs["root"] / "segformer" / "bundle"
-  assert _cli(r["hf_dir"], path, "--from", "hf-segformer") == 0
+  assert support.convert_cli(r["hf_dir"], path, "--from", "hf-segformer") == 0
   meta = bundle.read_config(str(path))
   assert [tuple(meta["mean"]), tuple(meta["std"])] == list(IMAGENET)  # the references' too
   return dict(r, bundle=str(path))
@@ -342,7 +331,7 @@ def eomt(refs) -> dict:
   """The converted EoMT bundle with EoMT's semantic protocol recorded in its config.json."""
   r = refs["eomt"]
   path = refs["root"] / "eomt" / "bundle"
-  assert _cli(r["hf_dir"], path, "--from", "hf-eomt") == 0
+  assert support.convert_cli(r["hf_dir"], path, "--from", "hf-eomt") == 0
   meta = bundle.read_config(str(path))
   assert [tuple(meta["mean"]), tuple(meta["std"])] == list(IMAGENET)
   ev = common.run_config().eval.to_dict()
@@ -369,7 +358,7 @@ def vit(request, refs) -> dict:
 def test_segformer_whole_is_transformers_upsampled_logits_at_every_size(segformer):
   for size in SEGFORMER_SIZES:
     want = segformer["want"][size]
-    rejected = _max_diff(segformer["padded32"][size], want)
+    rejected = support.max_diff(segformer["padded32"][size], want)
     print(f"segformer {size}: the 32-padding rule differs by {rejected:.1e}")
     if size[0] % 32 or size[1] % 32:  # the 32-padding rule is far off here
       assert rejected > SEPARATES, size
@@ -391,7 +380,7 @@ def test_vit_whole_pads_normalised_image_and_stretches_scores(vit):
   divisor = 2 * PATCH if vit["kind"] == "shrunk" else PATCH
   for size in VIT_SIZES[vit["kind"]]:
     want = vit["want"][size]
-    rejected = _max_diff(vit["cropped"][size], want)
+    rejected = support.max_diff(vit["cropped"][size], want)
     print(f"{vit['kind']} {size}: cropping instead of stretching differs by {rejected:.1e}")
     if size[0] % divisor or size[1] % divisor:  # stretching is not cropping here
       assert rejected > SEPARATES, size
@@ -418,7 +407,7 @@ def test_bundle_without_recorded_protocol_predicts_whole(vit):
 def test_eomt_whole_pads_black_and_crops_scores(eomt):
   for size in EOMT_WHOLE_SIZES:
     want = eomt["whole"][size]
-    rejected = _max_diff(eomt["stretched"][size], want)
+    rejected = support.max_diff(eomt["stretched"][size], want)
     print(f"eomt {size}: stretching instead of cropping differs by {rejected:.1e}")
     if size != (EOMT_IMAGE, EOMT_IMAGE):  # cropping is not stretching here
       assert rejected > SEPARATES, size

@@ -26,6 +26,7 @@ import torch
 import transformers
 
 from segvit_jax.models import build_model, eomt, vit
+from tests import support
 
 TOL = 1e-4  # measured: mask logits <= 1.3e-5 (max |logit| ~16), class logits <= 8.2e-7
 # (float32 Flax at "highest" matmul precision vs float64 torch)
@@ -214,10 +215,6 @@ def setup(tmp_path_factory):
   return params, {name: (want[name], got[name]) for name in cases}
 
 
-def _max_diff(a, b) -> float:
-  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-
-
 @pytest.mark.parametrize("case", ["eval", "eval_nonsquare"])
 def test_eval_matches_transformers(setup, case):
   _, results = setup
@@ -226,7 +223,8 @@ def test_eval_matches_transformers(setup, case):
   assert out["mask_logits"].shape == want[0].shape == (2, QUERIES, h // 4, w // 4)
   assert out["class_logits"].shape == want[1].shape == (2, QUERIES, LABELS + 1)
   assert out["aux_outputs"] == []
-  masks, classes = _max_diff(out["mask_logits"], want[0]), _max_diff(out["class_logits"], want[1])
+  masks = support.max_diff(out["mask_logits"], want[0])
+  classes = support.max_diff(out["class_logits"], want[1])
   print(f"{case}: max |mask logit| {np.max(np.abs(want[0])):.1f} diff {masks:.2e}; "
         f"max |class logit| {np.max(np.abs(want[1])):.1f} diff {classes:.2e}")
   assert masks < TOL and classes < TOL
@@ -243,7 +241,7 @@ def test_masked_attention_matches_transformers(setup, case):
   assert len(got) == len(want) == NUM_BLOCKS + 1
   grid = NON_SQUARE_GRID if "nonsquare" in case else (GRID, GRID)
   for j, ((gm, gc), (wm, wc)) in enumerate(zip(got, want)):
-    masks, classes = _max_diff(gm, wm), _max_diff(gc, wc)
+    masks, classes = support.max_diff(gm, wm), support.max_diff(gc, wc)
     if j < NUM_BLOCKS:  # the attention mask this prediction gives: non-trivial, and robust
       small = torch.nn.functional.interpolate(torch.from_numpy(wm), size=grid, mode="bilinear")
       margin = float(small.abs().min())
@@ -254,7 +252,7 @@ def test_masked_attention_matches_transformers(setup, case):
     assert masks < TOL and classes < TOL, (j, masks, classes)
   # The masks matter: the final prediction differs from the unmasked one.
   eval_case = "eval_nonsquare" if "nonsquare" in case else "eval"
-  assert _max_diff(out["mask_logits"], results[eval_case][1]["mask_logits"]) > 1e-2
+  assert support.max_diff(out["mask_logits"], results[eval_case][1]["mask_logits"]) > 1e-2
 
 
 def test_probability_zero_in_training_equals_eval(setup):
@@ -263,12 +261,13 @@ def test_probability_zero_in_training_equals_eval(setup):
   ref = results["eval"][1]
   assert len(out["aux_outputs"]) == NUM_BLOCKS  # still predicted (and supervised)
   for key in ("class_logits", "mask_logits", "semantic_scores"):
-    print(f"train p=0 vs eval {key}: max diff {_max_diff(out[key], ref[key]):.1e}")
+    print(f"train p=0 vs eval {key}: max diff {support.max_diff(out[key], ref[key]):.1e}")
     np.testing.assert_allclose(out[key], ref[key], rtol=0, atol=1e-6)
   # transformers in training mode with probability 0 (every row unmasked) agrees.
-  assert _max_diff(out["mask_logits"], want[-1][0]) < TOL
+  assert support.max_diff(out["mask_logits"], want[-1][0]) < TOL
   for a, (wm, wc) in zip(out["aux_outputs"], want):
-    assert _max_diff(a["mask_logits"], wm) < TOL and _max_diff(a["class_logits"], wc) < TOL
+    assert support.max_diff(a["mask_logits"], wm) < TOL
+    assert support.max_diff(a["class_logits"], wc) < TOL
 
 
 @pytest.mark.parametrize("case", ["eval", "eval_nonsquare", "masked"])
@@ -284,7 +283,7 @@ def test_semantic_scores_from_the_logits(setup, case):
   probs = torch.from_numpy(np.asarray(out["class_logits"], np.float64)).softmax(-1)[..., :-1]
   want = torch.einsum("bqc,bqhw->bchw", probs, masks.sigmoid()).numpy()
   assert out["semantic_scores"].shape == want.shape == (2, LABELS, h, w)
-  assert _max_diff(out["semantic_scores"], want) < 1e-5
+  assert support.max_diff(out["semantic_scores"], want) < 1e-5
 
 
 def test_remat_and_bfloat16(setup):
@@ -308,7 +307,7 @@ def test_remat_and_bfloat16(setup):
   assert {bf16[k].dtype for k in ("class_logits", "mask_logits", "semantic_scores")} == {
       np.dtype(np.float32)}
   scale = np.max(np.abs(ref["class_logits"]))
-  diff = _max_diff(bf16["class_logits"], ref["class_logits"])
+  diff = support.max_diff(bf16["class_logits"], ref["class_logits"])
   print(f"bfloat16: class logits diff {diff:.2e} (max |logit| {scale:.1f})")
   assert diff < 0.05 * scale
 
