@@ -6,9 +6,9 @@ same model with the same weights, side by side in one run.
 
 Models and their PyTorch counterparts (weights moved by our exporters, so both sides compute
 the same function; the first call checks the outputs agree):
-  segvit_b16, segvit_l16   SegViT (ATM head): the torch reference of the tests
-                           (tests/torch_reference.py SegViT) loaded from `--to segvit-official`
-  shrunk_l16               SegViT-Shrunk: tests/torch_reference.py SegViTShrunk, same exporter
+  segvit_b16, segvit_l16   SegViT (ATM head): the package's PyTorch SegViT
+                           (`segvit_jax.torch.from_bundle`, the bundle's weights)
+  shrunk_l16               SegViT-Shrunk: the same, its SegViTShrunk
   segformer_b0, b5         transformers SegformerForSemanticSegmentation from `--to hf-segformer`
   eomt_s, eomt_l           transformers EomtForUniversalSegmentation from `--to hf-eomt`
                            (COCO panoptic set-up: 200 queries, 133 classes)
@@ -53,9 +53,10 @@ from segvit_jax.models import build_model  # noqa: E402
 
 try:  # the PyTorch side; an accelerator machine may have no torch (benchmarks/accelerator.py)
   import torch  # noqa: E402
-  from tests import torch_reference as ref  # noqa: E402
+
+  from segvit_jax import torch as segvit_torch  # noqa: E402
 except ImportError:
-  torch = ref = None
+  torch = segvit_torch = None
 
 # name: (config, full size, what is compared)
 MODELS = {
@@ -126,46 +127,31 @@ def init_variables(c, size: int) -> Any:
 
 
 def export(c, variables, tmp: str, kind: str) -> str:
-  """Our weights in the PyTorch implementation's layout, via our exporters."""
+  """Our weights where the PyTorch implementation reads them: the bundle (SegViT), or its
+  transformers directory written by our exporter."""
   path = bundle.save_bundle(os.path.join(tmp, "bundle"), variables["params"], c.model,
                             mean=c.mean, std=c.std,
                             class_names=[f"c{i}" for i in range(c.model.num_classes)],
                             model_state={k: v for k, v in variables.items() if k != "params"})
-  fmt = {"segvit": "segvit-official", "segformer": "hf-segformer", "eomt": "hf-eomt"}[kind]
-  out = os.path.join(tmp, "torch.pth" if kind == "segvit" else "torch_dir")
-  convert.export(path, out, fmt)
-  return out
+  if kind == "segvit":
+    return path
+  fmt = {"segformer": "hf-segformer", "eomt": "hf-eomt"}[kind]
+  return convert.export(path, os.path.join(tmp, "torch_dir"), fmt)
 
 
-def torch_module(c, path: str, kind: str) -> torch.nn.Module:
+def torch_module(path: str, kind: str) -> torch.nn.Module:
   """The PyTorch counterpart with the exported weights (eval mode)."""
   import transformers  # pylint: disable=g-import-not-at-top
   if kind == "segformer":
     return transformers.SegformerForSemanticSegmentation.from_pretrained(path).eval()
   if kind == "eomt":
     return transformers.EomtForUniversalSegmentation.from_pretrained(path).eval()
-  m = c.model
-  from segvit_jax.models import vit  # pylint: disable=g-import-not-at-top
-  sizes = vit.decode_variant(m.backbone.variant)
-  backbone = dict(width=sizes["width"], depth=sizes["depth"], mlp_dim=sizes["mlp_dim"],
-                  num_heads=sizes["num_heads"], patch_size=sizes["patch_size"],
-                  posemb_grid=tuple(m.backbone.posemb_grid))
-  head = {k: v for k, v in m.head.to_dict().items() if k not in ("dropout",)}
-  state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-  if head.pop("type", "atm") == "shrunk":
-    model = ref.SegViTShrunk(m.num_classes, dict(backbone, shrink_idx=m.backbone.shrink_idx),
-                             head).eval()
-    model.load_state_dict(state, strict=True)
-    return model
-  model = ref.SegViT(m.num_classes, dict(backbone, cls_token=True, cls_in_blocks=False,
-                                         final_norm=False), head).eval()
-  ref.load_official_state_dict(model, state)
-  return model
+  return segvit_torch.from_bundle(path).eval()
 
 
-def torch_model(c, path: str, kind: str) -> Callable[[torch.Tensor], Any]:
+def torch_model(path: str, kind: str) -> Callable[[torch.Tensor], Any]:
   """(forward on NCHW float32 images -> the compared outputs) of the PyTorch counterpart."""
-  model = torch_module(c, path, kind)
+  model = torch_module(path, kind)
   if kind == "segformer":
     return lambda x: model(pixel_values=x).logits
   if kind == "eomt":
@@ -216,7 +202,7 @@ def bench(name: str, size: int, batch: int, repeats: int, dtype: str,
   if with_torch:
     with tempfile.TemporaryDirectory() as tmp:
       path = export(c, variables, tmp, kind)
-      theirs = torch_model(c, path, kind)
+      theirs = torch_model(path, kind)
   ours = our_model(c, variables, kind, dtype)
   rng = np.random.default_rng(0)
   row = {"model": name, "size": size}

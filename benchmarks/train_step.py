@@ -91,7 +91,7 @@ def torch_step(c, path: str, kind: str):
     model = transformers.EomtForUniversalSegmentation.from_pretrained(
         path, train_num_points=NUM_POINTS).train()
   else:
-    model = bm.torch_module(c, path, kind).train()
+    model = bm.torch_module(path, kind).train()
   k = c.model.num_classes
   if kind == "segformer":
     loss_fn = lambda x, y: model(pixel_values=x, labels=y).loss  # noqa: E731
