@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -210,6 +211,43 @@ def test_panoptic_pipelines_read_it(tmp_path):
   ex, record = ds[0], ap.ade20k_panoptic_source(root, "val")[0]
   assert ex["segment_classes"].tolist() == record["class_ids"].tolist()
   assert (ex["segments"] > 0).sum() == record["masks"].sum()
+
+
+class _Oracle:
+  """A "model" whose class and mask logits are the ground truth of one image (params = them)."""
+
+  def apply(self, params, x):
+    b = x.shape[0]
+    return {k: jnp.broadcast_to(v, (b,) + v.shape[1:]) for k, v in params.items()}
+
+
+def test_panoptic_evaluation_of_the_ground_truth_scores_100(tmp_path):
+  """The panoptic evaluation (PQ with the 100 thing / 50 stuff flags, and the things' mask AP)
+  of predictions equal to the fabricated copy's ground truth (one 64 px validation image): 100
+  everywhere it has segments, NaN for the 146 classes it has not."""
+  from configs import eomt_vit_l_ade20k_panoptic  # pylint: disable=g-import-not-at-top
+  from segvit_jax.evaluation import panoptic  # pylint: disable=g-import-not-at-top
+  root = fabricate.write_ade20k_panoptic(str(tmp_path / "ADEChallengeData2016"), num_train=1,
+                                         num_val=1, size=64)
+  c = eomt_vit_l_ade20k_panoptic.get_config("smoke")
+  c.dataset.root = root
+  record = ap.ade20k_panoptic_source(root, "val")[0]
+  n, q = len(record["class_ids"]), len(record["class_ids"]) + 2
+  assert record["is_thing"].any() and not record["is_thing"].all()
+  classes = np.full((1, q, 151), -20.0, np.float32)
+  classes[0, np.arange(n), record["class_ids"]] = 20.0
+  classes[0, n:, 150] = 20.0  # no object
+  masks = np.full((1, q, 64, 64), -20.0, np.float32)
+  masks[0, :n][record["masks"]] = 20.0
+  params = {"class_logits": jnp.asarray(classes), "mask_logits": jnp.asarray(masks)}
+  results = panoptic.evaluate(_Oracle(), params, c, split="val")
+  assert (results["PQ"], results["PQ_th"], results["PQ_st"]) == (100.0, 100.0, 100.0)
+  assert results["AP"] == pytest.approx(100.0, abs=1e-9)  # COCOeval's float sums: 100 - 3e-14
+  per_class = results["per_class"]
+  assert [r["name"] for r in per_class] == list(ade20k.ADE20K_CLASSES)
+  assert sum(r["isthing"] for r in per_class) == 100
+  scored = {r["name"] for r in per_class if not np.isnan(r["PQ"])}
+  assert scored == {ade20k.ADE20K_CLASSES[k] for k in record["class_ids"]}
 
 
 # ----------------------------------------------------------------------------------------------
