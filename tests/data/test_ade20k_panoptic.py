@@ -213,6 +213,25 @@ def test_panoptic_pipelines_read_it(tmp_path):
   assert (ex["segments"] > 0).sum() == record["masks"].sum()
 
 
+def test_dataset_check_counts_the_class_map_and_lists_bad_pngs(root):
+  """`python -m segvit_jax.data.check`'s `check_source`: every record's class-id map counted
+  (image 1: wall 5, floor 6, person 8, void 5; image 2: building 10, void 5), a png naming an
+  instance of two categories listed as bad with its reason."""
+  from segvit_jax.data import check  # pylint: disable=g-import-not-at-top
+  src = ap.ade20k_panoptic_source(root, "train")
+  report = check.check_source(src, progress=False, split="train")
+  assert report.ok and (report.num_examples, report.num_pixels, report.num_ignored) == (2, 39, 10)
+  assert {ade20k.ADE20K_CLASSES[k]: int(n) for k, n in enumerate(report.class_pixels) if n} == {
+      "wall": 5, "building": 10, "floor": 6, "person": 8}
+  assert report.class_images[12] == 1
+  path = os.path.join(root, "annotations_instance", "training", "ADE_train_00000002.png")
+  Image.fromarray(_instance_png([[(4, 1)] * 5, [(5, 1)] * 5, [_O] * 5])).save(path)
+  report = check.check_source(src, progress=False)
+  assert [name for name, _ in report.bad] == [src.pairs[1][0]]
+  assert re.search(f"instance 1 of {re.escape(path)} has category\\(ies\\) 4, 5",
+                   report.bad[0][1])
+
+
 class _Oracle:
   """A "model" whose class and mask logits are the ground truth of one image (params = them)."""
 
