@@ -119,7 +119,7 @@ def read_instance_png(path: str) -> np.ndarray:
 class Ade20kPanopticPngs:
   """grain RandomAccessDataSource of ADE20K panoptic records from the semantic and instance
   pngs (layout 2 of the module docstring); `pairs` are (image, semantic png) paths, so messages
-  name the image."""
+  name the image. A semantic value above 150 raises ValueError naming the png on access."""
 
   def __init__(self, pairs: list[tuple[str, str]], instance_pngs: list[str]):
     self.pairs = list(pairs)
@@ -133,10 +133,14 @@ class Ade20kPanopticPngs:
     return len(self.pairs)
 
   def __getitem__(self, index: int) -> dict:
-    (image_path, semantic_path), instance_path = self.pairs[int(index)], self.instance_pngs[
-        int(index)]
+    image_path, semantic_path = self.pairs[int(index)]
+    instance_path = self.instance_pngs[int(index)]
     image = files.read_image(image_path)
     semantic = files.read_label(semantic_path)
+    if semantic.max(initial=0) > len(CATEGORIES.names):
+      bad = np.unique(semantic[semantic > len(CATEGORIES.names)])[:10]
+      raise ValueError(f"semantic png {semantic_path} has value(s) {', '.join(map(str, bad))}; "
+                       f"expected 0 (other) and 1..{len(CATEGORIES.names)}")
     instance = read_instance_png(instance_path)
     for path, shape in ((semantic_path, semantic.shape), (instance_path, instance.shape[:2])):
       if shape != image.shape[:2]:

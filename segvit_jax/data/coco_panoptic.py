@@ -41,7 +41,6 @@ from PIL import Image
 from segvit_jax.data import files
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Pure helpers.
 

@@ -315,6 +315,11 @@ def test_bad_instance_pngs_name_the_file(root):
   Image.fromarray(np.zeros((3, 2, 3), np.uint8)).save(path)
   with pytest.raises(ValueError, match=f"{re.escape(path)} is 2x3 \\(WxH\\) but image .* is 2x2"):
     ap.ade20k_panoptic_source(root, "val")[0]
+  semantic = os.path.join(root, "annotations", "validation", "ADE_val_00000001.png")
+  Image.fromarray(np.array([[0, 151], [200, 3]], np.uint8), mode="L").save(semantic)
+  with pytest.raises(ValueError, match=f"semantic png {re.escape(semantic)} has value\\(s\\) "
+                                       "151, 200; expected 0 \\(other\\) and 1..150"):
+    ap.ade20k_panoptic_source(root, "val")[0]
 
 
 def test_mask2former_json_errors(root):
