@@ -21,7 +21,8 @@ instance id of the instance png (ascending id), its class the instance category 
 ade20k_instance_catid_mapping.txt). Things are painted over stuff as Mask2Former does (the two
 annotations overlap a little): stuff masks lose the pixels of instances, and a stuff segment
 left with no pixel is dropped. Pixels of thing classes without an instance, and "other", are
-void.
+void. Every image is kept, one without segments too (as Mask2Former; the release's
+`check_empty_targets` leaves those out).
 
 Layout problems raise when the source is built (FileNotFoundError naming the missing file or
 directory and both layouts); an instance spanning two categories or an unknown category raises
