@@ -7,6 +7,11 @@ R + 256 G + 256^2 B, 0 = void), as COCO's panoptic release. Categories: the five
 shapes are "thing" classes (COCO ids 1..5), the background a "stuff" class (COCO id 200);
 every shape is its own segment, the background one segment; optionally the last object of
 some images is marked crowd.
+
+`write_ade20k_panoptic(root, ...)`: ADEChallengeData2016 as the EoMT release reads it
+(images/, annotations/ semantic pngs 1..150, annotations_instance/ with R = instance category,
+G = instance id) and, optionally, Mask2Former's panoptic json + pngs written from those two by
+`ade20k_panoptic_json`, which redoes Mask2Former's datasets/prepare_ade20k_pan_seg.py.
 """
 
 from __future__ import annotations
@@ -126,3 +131,106 @@ def ade20k(root: str, num_train: int = 6, num_val: int = 2) -> None:
       Image.fromarray(image).save(os.path.join(root, f"images/{split}", name + ".jpg"))
       Image.fromarray(label, mode="L").save(os.path.join(root, f"annotations/{split}",
                                                          name + ".png"))
+
+
+# The synthetic shape classes 1..5 are ADE20K instance categories 1..5 (bed, windowpane,
+# cabinet, person, door); the background is wall (top half) and floor (bottom half).
+ADE_WALL, ADE_FLOOR = 0, 3
+
+
+def write_ade20k_panoptic(root: str, num_train: int = 4, num_val: int = 2, size: int = 32,
+                          seed: int = 0, instances_beside: bool = False,
+                          m2f_json: bool = False) -> str:
+  """Writes a miniature ADEChallengeData2016 under `root` (returned) in the EoMT release's
+  layout, annotations_instance inside it (or beside it with `instances_beside`). The semantic
+  png labels a 3x3 corner of every object wall (the two annotations overlap, as in ADE20K), the
+  top-left pixel "other", and every 3rd image's last object has no instance (its pixels are
+  void). With `m2f_json`, also Mask2Former's json layout (`ade20k_panoptic_json`)."""
+  from segvit_jax.data import ade20k_panoptic  # pylint: disable=g-import-not-at-top
+  instance_root = os.path.join(os.path.dirname(root), "annotations_instance") if (
+      instances_beside) else os.path.join(root, "annotations_instance")
+  for split, count in (("training", num_train), ("validation", num_val)):
+    prefix = "ADE_train" if split == "training" else "ADE_val"
+    dirs = [os.path.join(root, "images", split), os.path.join(root, "annotations", split),
+            os.path.join(instance_root, split)]
+    for d in dirs:
+      os.makedirs(d, exist_ok=True)
+    for i in range(count):
+      image, label, instances = synthetic.generate_scene(seed, split, i, size)
+      semantic = np.full(label.shape, ADE_FLOOR + 1, np.uint8)
+      semantic[: size // 2] = ADE_WALL + 1
+      semantic[0, 0] = 0
+      instance = np.zeros(label.shape + (3,), np.uint8)
+      present = [k for k in np.unique(instances) if k > 0]
+      for n, k in enumerate(present):
+        mask = instances == k
+        category = int(label[mask][0])
+        semantic[mask] = ade20k_panoptic.INSTANCE_TO_CLASS[category - 1] + 1
+        ys, xs = np.nonzero(mask)
+        semantic[ys.min():ys.min() + 3, xs.min():xs.min() + 3][
+            mask[ys.min():ys.min() + 3, xs.min():xs.min() + 3]] = ADE_WALL + 1
+        if i % 3 == 0 and n == len(present) - 1:
+          continue  # a thing class in the semantic png without an instance
+        instance[mask] = (category, k, 0)
+      name = f"{prefix}_{i + 1:08d}"
+      Image.fromarray(image).save(os.path.join(dirs[0], name + ".jpg"), quality=95)
+      Image.fromarray(semantic, mode="L").save(os.path.join(dirs[1], name + ".png"))
+      Image.fromarray(instance).save(os.path.join(dirs[2], name + ".png"))
+  if m2f_json:
+    ade20k_panoptic_json(root, instance_root)
+  return str(root)
+
+
+def ade20k_panoptic_json(root: str, instance_root: str | None = None) -> None:
+  """Mask2Former's datasets/prepare_ade20k_pan_seg.py on `root` (written here from its code, not
+  from segvit_jax): for every image, a segment per stuff category of the semantic png (its
+  unique values - 1, 255 and thing categories skipped), painted first, then a segment per
+  instance id of the instance png, painted over them; categories 0..149 flagged thing by the
+  instance -> semantic mapping; root/ade20k_panoptic_{train,val}.json and
+  root/ade20k_panoptic_{train,val}/*.png. Segment ids here are 1, 2, ... (Mask2Former draws
+  random colours)."""
+  from segvit_jax.data import ade20k, ade20k_panoptic  # pylint: disable=g-import-not-at-top
+  instance_root = instance_root or os.path.join(root, "annotations_instance")
+  map_id = dict(enumerate(ade20k_panoptic.INSTANCE_TO_CLASS))
+  names = list(ade20k.ADE20K_CLASSES)
+  names[6] = "road, route"  # Mask2Former's names differ from mmseg's in places
+  categories = [{"id": k, "name": n, "isthing": int(k in map_id.values())}
+                for k, n in enumerate(names)]
+  for name, dirname in (("train", "training"), ("val", "validation")):
+    out_folder = os.path.join(root, f"ade20k_panoptic_{name}")
+    os.makedirs(out_folder, exist_ok=True)
+    images, annotations = [], []
+    for filename in sorted(os.listdir(os.path.join(root, "images", dirname))):
+      image_id = filename.split(".")[0]
+      width, height = Image.open(os.path.join(root, "images", dirname, filename)).size
+      images.append({"id": image_id, "file_name": filename, "width": width, "height": height})
+      sem_seg = np.asarray(Image.open(os.path.join(root, "annotations", dirname,
+                                                   image_id + ".png")))
+      ins_seg = np.asarray(Image.open(os.path.join(instance_root, dirname, image_id + ".png")))
+      semantic_cat_ids = sem_seg - 1  # uint8: "other" becomes 255
+      instance_cat_ids = ins_seg[..., 0] - 1
+      instance_ins_ids = ins_seg[..., 1]
+      pan_seg = np.zeros((height, width), np.int64)
+      segm_info = []
+      for semantic_cat_id in np.unique(semantic_cat_ids):
+        if semantic_cat_id == 255 or categories[semantic_cat_id]["isthing"]:
+          continue
+        mask = semantic_cat_ids == semantic_cat_id
+        pan_seg[mask] = len(segm_info) + 1
+        segm_info.append({"id": len(segm_info) + 1, "category_id": int(semantic_cat_id),
+                          "area": int(mask.sum()), "iscrowd": 0})
+      for thing_id in np.unique(instance_ins_ids):
+        if thing_id == 0:
+          continue
+        mask = instance_ins_ids == thing_id
+        instance_cat_id = np.unique(instance_cat_ids[mask])
+        assert len(instance_cat_id) == 1
+        pan_seg[mask] = len(segm_info) + 1
+        segm_info.append({"id": len(segm_info) + 1,
+                          "category_id": int(map_id[int(instance_cat_id[0])]),
+                          "area": int(mask.sum()), "iscrowd": 0})
+      annotations.append({"image_id": image_id, "file_name": image_id + ".png",
+                          "segments_info": segm_info})
+      Image.fromarray(_id_to_rgb(pan_seg)).save(os.path.join(out_folder, image_id + ".png"))
+    with open(os.path.join(root, f"ade20k_panoptic_{name}.json"), "w") as f:
+      json.dump({"images": images, "annotations": annotations, "categories": categories}, f)

@@ -285,7 +285,7 @@ RECIPE_CONFIGS = [n for n in CONFIGS if n != "demo"]
 
 
 def test_the_config_list_is_complete():
-  assert len(RECIPE_CONFIGS) == 35 and set(PAPER) == set(RECIPE_CONFIGS)
+  assert len(RECIPE_CONFIGS) == 39 and set(PAPER) == set(RECIPE_CONFIGS)
 
 
 def init_shapes(config, h, w):
@@ -382,6 +382,12 @@ PAPER = {
     "eomt_vit_l_coco_panoptic": (640, 88_692, 1e-4, 16, 0.05, "spread", 640, (200, 4)),
     "eomt_vit_g_coco_panoptic": (640, 88_692, 1e-4, 16, 0.05, "spread", 640, (200, 5)),
     "eomt_vit_l_coco_panoptic_1280": (1280, 88_692, 1e-4, 16, 0.05, "spread", 1280, (200, 4)),
+    # ADE20K panoptic: the release's configs/dinov2/ade20k/panoptic/eomt_{large,giant}_*.yaml,
+    # 31 epochs x ceil(20210 / 16) steps.
+    "eomt_vit_l_ade20k_panoptic": (640, 39_184, 1e-4, 16, 0.05, "spread", 640, (200, 4)),
+    "eomt_vit_g_ade20k_panoptic": (640, 39_184, 1e-4, 16, 0.05, "spread", 640, (200, 5)),
+    "eomt_vit_l_ade20k_panoptic_1280": (1280, 39_184, 1e-4, 16, 0.05, "spread", 1280, (200, 4)),
+    "eomt_vit_g_ade20k_panoptic_1280": (1280, 39_184, 1e-4, 16, 0.05, "spread", 1280, (200, 5)),
     # EoMT on DINOv3: the release's configs/dinov3/... and its DINOv3 model zoo.
     "eomt_dinov3_vit_s_coco_panoptic": (640, 177_384, 2e-4, 16, 0.05, "spread", 640, (200, 3)),
     "eomt_dinov3_vit_b_coco_panoptic": (640, 177_384, 2e-4, 16, 0.05, "spread", 640, (200, 3)),
@@ -451,8 +457,10 @@ def test_configs_state_the_papers_numbers(name):
                                    "dice_weight")} == dict(
         num_points=12544, oversample_ratio=3.0, importance_ratio=0.75, no_object_weight=0.1,
         class_weight=2.0, mask_weight=5.0, dice_weight=5.0)
-    # Annealing: the release's windows (DINOv2: its rule, which reproduces its lists).
-    windows = DINOV3_WINDOWS[name] if dinov3 else release_windows(steps // 6, m.num_blocks)
+    # Annealing: the release's windows (DINOv2: its rule, which reproduces its lists; ADE20K
+    # panoptic's yaml files keep the sixths of its ADE20K semantic run, 6520 steps).
+    part = 6520 if "ade20k_panoptic" in name else steps // 6
+    windows = DINOV3_WINDOWS[name] if dinov3 else release_windows(part, m.num_blocks)
     assert (m.mask_annealing.start_steps, m.mask_annealing.end_steps) == windows
     assert (m.mask_annealing.power, m.dtype) == (0.9, "bfloat16")
     assert c.eval.average == "scores"
@@ -541,6 +549,55 @@ def test_eomt_dinov3_configs_count_what_transformers_counts(name):
   assert out["mask_logits"].shape == (1, q, h // 4, w // 4)
   assert (c.model_init, c.model_init_format) == (f"weights/{weights}", "dinov3")
   assert c.model_init_format in convert.FORMATS
+
+
+# The ADE20K panoptic configs beside the COCO ones of the same size (the release's
+# configs/dinov2/ade20k/panoptic/*.yaml): what differs is the data, the colour jitter and the
+# class head; the parameters are those of transformers' EomtForUniversalSegmentation of the sizes
+# (plus the cls token's zero position slot ours keeps).
+ADE20K_PANOPTIC = {"eomt_vit_l_ade20k_panoptic": "eomt_vit_l_coco_panoptic",
+                   "eomt_vit_g_ade20k_panoptic": "eomt_vit_g_coco_panoptic",
+                   "eomt_vit_l_ade20k_panoptic_1280": "eomt_vit_l_coco_panoptic_1280",
+                   "eomt_vit_g_ade20k_panoptic_1280": "eomt_vit_g_coco_panoptic"}
+
+
+@pytest.mark.parametrize("name", sorted(ADE20K_PANOPTIC))
+def test_eomt_ade20k_panoptic_configs(name):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  c, coco = load_config(name), load_config(ADE20K_PANOPTIC[name])
+  px = c.augment.crop_size[0]
+  assert (c.dataset.name, c.dataset.root, c.dataset.num_classes, c.dataset.max_segments) == (
+      "ade20k_panoptic", "data/ADEChallengeData2016", 150, 255)
+  assert c.augment.color_jitter and not coco.augment.color_jitter
+  assert (c.model_init, c.model_init_format) == (coco.model_init, "dinov2")
+  assert c.model.backbone.posemb_grid == (px // 16, px // 16)
+  # Apart from those, the COCO recipe (the 1280 g: the 640 one at 1280).
+  diff = {"dataset": ("name", "root", "num_classes", "max_segments"), "augment": ("color_jitter",
+          "crop_size"), "eval": ("scale", "crop_size", "stride"), "model": ("num_classes",
+          "mask_annealing")}
+  for section, keys in diff.items():
+    for k in keys:
+      c[section][k] = coco[section][k]
+  c.model.backbone.posemb_grid, c.total_steps = coco.model.backbone.posemb_grid, coco.total_steps
+  assert c.to_dict() == coco.to_dict()
+  c = load_config(name)
+  model = build_model(c.model)
+  h, w = 256, 320  # both multiples of the patch, not square
+  x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+  out, variables = jax.eval_shape(
+      functools.partial(model.init_with_output, train=False), jax.random.key(0), x)
+  count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
+  f, m = vit.decode_variant(c.model.backbone.variant), c.model
+  hf_config = transformers.EomtConfig(
+      hidden_size=f["width"], num_hidden_layers=f["depth"], num_attention_heads=f["num_heads"],
+      num_blocks=m.num_blocks, num_queries=m.num_queries, num_labels=150, image_size=px,
+      patch_size=16, use_swiglu_ffn=f.get("ffn") == "swiglu")
+  with torch.device("meta"):
+    hf = transformers.EomtForUniversalSegmentation(hf_config)
+  assert count == sum(p.numel() for p in hf.parameters()) + f["width"]
+  assert out["class_logits"].shape == (1, 200, 151)
+  assert out["mask_logits"].shape == (1, 200, h // 4, w // 4)
 
 
 # ----------------------------------------------------------------------------------------------

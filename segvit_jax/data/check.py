@@ -10,7 +10,8 @@ pixels, images containing the class). Exits non-zero listing EVERY bad example w
 an undecodable image or label, a label whose size differs from its image, a label value outside
 0..num_classes-1 that is not `ignore_index`. The sources raise ValueError naming the file for
 these; `check_example` repeats the shape and range checks so any source is held to the record
-contract (`files.py`).
+contract (`files.py`). Panoptic records (masks + class ids) are counted by the class-id map of
+their segments (`coco_panoptic.semantic_label`, void = ignore_index).
 
 `check_source(source) -> Report` and `format_report(report)` need no CLI; the tests call them.
 """
@@ -28,7 +29,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from segvit_jax import runtime
-from segvit_jax.data import files, registry
+from segvit_jax.data import coco_panoptic, files, registry
 from segvit_jax.data.pipeline import BAD_EXAMPLE_ERRORS, example_file  # noqa: F401  (re-exported)
 
 
@@ -81,6 +82,9 @@ def check_example(record: dict, num_classes: int, ignore_index: int,
   ValueError naming `name` if the image is not (H, W, 3), the label not (H, W) of the same size,
   or a label value is neither a class id nor `ignore_index`.
   """
+  if "label" not in record and "masks" in record:  # panoptic: its segments' class-id map
+    record = {"image": record["image"],
+              "label": coco_panoptic.semantic_label(record, ignore_index)}
   image, label = np.asarray(record["image"]), np.asarray(record["label"])
   if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f"{name}: image has shape {image.shape}, expected (H, W, 3)")

@@ -20,9 +20,13 @@ Training (`segvit_jax.data.pipeline`) turns records into a segment-index map plu
 classes (`transforms.segment_map`); `CocoPanoptic.check_max_segments` checks the json up front
 against `config.dataset.max_segments`.
 
+Other datasets stored in this format (ADE20K panoptic as Mask2Former writes it,
+`ade20k_panoptic.py`) are read by the same `panoptic_source` with their own `Layout` (split ->
+image folder, json, png folder; fixed categories).
+
 Layout problems (missing json, image or png, an annotation naming an unknown category) raise in
-`coco_panoptic_source`, naming the file; a segment id absent from its png raises ValueError on
-access, naming the png.
+`panoptic_source` / `coco_panoptic_source`, naming the file; a segment id absent from its png
+raises ValueError on access, naming the png.
 """
 
 from __future__ import annotations
@@ -35,11 +39,6 @@ import numpy as np
 from PIL import Image
 
 from segvit_jax.data import files
-
-COCO_PANOPTIC_SPLITS = {"train": "train2017", "val": "val2017", "train2017": "train2017",
-                        "val2017": "val2017"}
-LAYOUT = ("{root}/{train2017,val2017}/*.jpg, {root}/annotations/panoptic_{train,val}2017.json and "
-          "{root}/annotations/panoptic_{train,val}2017/*.png with root the coco directory")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +123,42 @@ def parse_annotation(annotation: dict, image_file: str, categories: Categories, 
 
 
 # ----------------------------------------------------------------------------------------------
+# Layouts: where a dataset in COCO's panoptic format keeps each split.
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """A dataset stored in COCO's panoptic format (a json of images / annotations / segments_info
+  / categories and one RGB png per image): split name -> (image folder, json, png folder),
+  relative to `config.dataset.root`.
+
+  `title` and `describe` (the layout in one line) name it in messages; `root_is` says what the
+  root is. `categories`, where the dataset fixes them: the json must list exactly these ids and
+  thing flags, and the records use these names (else the json's categories as they are).
+  `drop_absent_segments`: a listed segment with no pixel in its png is dropped (for converters
+  that paint one segment over another, as Mask2Former's ADE20K one) instead of raising.
+  """
+  title: str
+  splits: dict[str, tuple[str, str, str]]
+  describe: str
+  root_is: str
+  categories: Categories | None = None
+  drop_absent_segments: bool = False
+
+
+COCO_LAYOUT = Layout(
+    title="COCO panoptic",
+    splits={s: (f, f"annotations/panoptic_{f}.json", f"annotations/panoptic_{f}")
+            for s, f in (("train", "train2017"), ("val", "val2017"), ("train2017", "train2017"),
+                         ("val2017", "val2017"))},
+    describe=("{root}/{train2017,val2017}/*.jpg, {root}/annotations/panoptic_{train,val}2017.json "
+              "and {root}/annotations/panoptic_{train,val}2017/*.png with root the coco "
+              "directory"),
+    root_is="the coco directory")
+LAYOUT = COCO_LAYOUT.describe
+
+
+# ----------------------------------------------------------------------------------------------
 # Source.
 
 
@@ -139,16 +174,20 @@ def read_panoptic_png(path: str) -> np.ndarray:
 
 
 class CocoPanoptic:
-  """grain RandomAccessDataSource of COCO panoptic records (see the module docstring).
+  """grain RandomAccessDataSource of panoptic records (see the module docstring) read from a
+  dataset in COCO's panoptic format (COCO's, or another `Layout`'s).
 
   `class_names` (contiguous order), `thing_classes` (names of the thing classes) and
-  `is_thing_class` (per contiguous id) come from the json's categories.
+  `is_thing_class` (per contiguous id) come from the categories. With `drop_absent_segments`, a
+  segment the json lists but its png lacks is left out of the record instead of raising.
   """
 
-  def __init__(self, examples: list[Example], categories: Categories, json_path: str):
+  def __init__(self, examples: list[Example], categories: Categories, json_path: str,
+               drop_absent_segments: bool = False):
     self.examples = list(examples)
     self.categories = categories
     self.json_path = json_path
+    self.drop_absent_segments = drop_absent_segments
     self.class_names = categories.names
     self.thing_classes = categories.thing_classes
     self.is_thing_class = categories.is_thing
@@ -165,15 +204,20 @@ class CocoPanoptic:
                        f"image {ex.image_path} is {image.shape[1]}x{image.shape[0]}")
     segment_ids = np.asarray(ex.segment_ids, np.int32)
     masks = ids[None] == segment_ids[:, None, None]
+    class_ids = np.asarray(ex.class_ids, np.int32)
+    is_thing = np.asarray(ex.is_thing, bool)
+    is_crowd = np.asarray(ex.is_crowd or (False,) * len(segment_ids), bool)
     empty = ~masks.any(axis=(1, 2))
-    if empty.any():
+    if empty.any() and self.drop_absent_segments:
+      keep = ~empty
+      masks, class_ids, is_thing, is_crowd = (masks[keep], class_ids[keep], is_thing[keep],
+                                              is_crowd[keep])
+    elif empty.any():
       missing = ", ".join(str(int(s)) for s in segment_ids[empty][:10])
       raise ValueError(f"segment id(s) {missing} listed in {self.json_path} do not occur in "
                        f"panoptic png {ex.png_path}")
-    return dict(image=image, masks=masks, class_ids=np.asarray(ex.class_ids, np.int32),
-                is_thing=np.asarray(ex.is_thing, bool),
-                is_crowd=np.asarray(ex.is_crowd or (False,) * len(segment_ids), bool),
-                name=os.path.splitext(os.path.basename(ex.image_path))[0])
+    return dict(image=image, masks=masks, class_ids=class_ids, is_thing=is_thing,
+                is_crowd=is_crowd, name=os.path.splitext(os.path.basename(ex.image_path))[0])
 
   def check_max_segments(self, max_segments: int) -> None:
     """ValueError naming the png (and the json) of the image with the most kept segments if it
@@ -192,30 +236,51 @@ class CocoPanoptic:
     return f"CocoPanoptic({len(self)} images, {len(self.class_names)} classes)"
 
 
-def _require(path: str, is_dir: bool) -> None:
+def _require(path: str, is_dir: bool, layout: Layout) -> None:
   if not (os.path.isdir(path) if is_dir else os.path.isfile(path)):
     kind = "directory" if is_dir else "file"
-    raise FileNotFoundError(f"missing {kind} {path}; expected layout: {LAYOUT}. Point "
-                            "--config.dataset.root at the coco directory.")
+    raise FileNotFoundError(f"missing {kind} {path}; expected layout: {layout.describe}. Point "
+                            f"--config.dataset.root at {layout.root_is}.")
 
 
-def coco_panoptic_source(root: str, split: str, drop_crowd: bool = True) -> CocoPanoptic:
-  """COCO panoptic for split ("train" / "val" or "train2017" / "val2017")."""
-  if split not in COCO_PANOPTIC_SPLITS:
-    raise ValueError(f"unknown COCO panoptic split {split!r}; known: "
-                     f"{sorted(COCO_PANOPTIC_SPLITS)}")
-  folder = COCO_PANOPTIC_SPLITS[split]
-  _require(root, is_dir=True)
-  json_path = os.path.join(root, "annotations", f"panoptic_{folder}.json")
-  image_dir = os.path.join(root, folder)
-  png_dir = os.path.join(root, "annotations", f"panoptic_{folder}")
-  _require(json_path, is_dir=False)
-  _require(image_dir, is_dir=True)
-  _require(png_dir, is_dir=True)
+def _fixed_categories(parsed: Categories, layout: Layout, json_path: str) -> Categories:
+  """`layout.categories` if the json lists its ids and thing flags, else ValueError."""
+  want = layout.categories
+  if (parsed.coco_ids, parsed.is_thing) != (want.coco_ids, want.is_thing):
+    raise ValueError(f"{json_path} lists {len(parsed.coco_ids)} categories (ids "
+                     f"{_short(parsed.coco_ids)}, thing ids {_short(_things(parsed))}); "
+                     f"{layout.title} has {len(want.coco_ids)} (ids {_short(want.coco_ids)}, "
+                     f"thing ids {_short(_things(want))}); expected layout: {layout.describe}")
+  return want
+
+
+def _things(categories: Categories) -> tuple[int, ...]:
+  return tuple(i for i, t in zip(categories.coco_ids, categories.is_thing) if t)
+
+
+def _short(ids: tuple[int, ...]) -> str:
+  return ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
+
+
+def panoptic_source(root: str, split: str, layout: Layout = COCO_LAYOUT,
+                    drop_crowd: bool = True) -> CocoPanoptic:
+  """The records of `split` of a dataset in COCO's panoptic format laid out as `layout`."""
+  if split not in layout.splits:
+    raise ValueError(f"unknown {layout.title} split {split!r}; known: {sorted(layout.splits)}")
+  image_folder, json_file, png_folder = layout.splits[split]
+  _require(root, True, layout)
+  json_path = os.path.join(root, json_file)
+  image_dir = os.path.join(root, image_folder)
+  png_dir = os.path.join(root, png_folder)
+  _require(json_path, False, layout)
+  _require(image_dir, True, layout)
+  _require(png_dir, True, layout)
   try:
     with open(json_path, encoding="utf-8") as f:
       data = json.load(f)
     categories = parse_categories(data["categories"], json_path)
+    if layout.categories is not None:
+      categories = _fixed_categories(categories, layout, json_path)
     image_files = {image["id"]: image["file_name"] for image in data["images"]}
     examples = []
     for a in data["annotations"]:
@@ -225,9 +290,10 @@ def coco_panoptic_source(root: str, split: str, drop_crowd: bool = True) -> Coco
       examples.append(parse_annotation(a, image_files[a["image_id"]], categories, image_dir,
                                        png_dir, json_path, drop_crowd))
   except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise ValueError(f"cannot read COCO panoptic json {json_path}: {e!r}") from e
+    raise ValueError(f"cannot read {layout.title} json {json_path}: {e!r}") from e
   if not examples:
-    raise FileNotFoundError(f"{json_path} has no annotations; expected layout: {LAYOUT}")
+    raise FileNotFoundError(f"{json_path} has no annotations; expected layout: "
+                            f"{layout.describe}")
   examples.sort(key=lambda ex: ex.image_path)
   for directory, paths in ((image_dir, [ex.image_path for ex in examples]),
                            (png_dir, [ex.png_path for ex in examples])):
@@ -235,8 +301,14 @@ def coco_panoptic_source(root: str, split: str, drop_crowd: bool = True) -> Coco
     missing = [p for p in paths if os.path.basename(p) not in present]
     if missing:
       raise FileNotFoundError(f"{len(missing)} file(s) named by {json_path} are missing from "
-                              f"{directory}, e.g. {missing[0]}; expected layout: {LAYOUT}")
-  return CocoPanoptic(examples, categories, json_path)
+                              f"{directory}, e.g. {missing[0]}; expected layout: "
+                              f"{layout.describe}")
+  return CocoPanoptic(examples, categories, json_path, layout.drop_absent_segments)
+
+
+def coco_panoptic_source(root: str, split: str, drop_crowd: bool = True) -> CocoPanoptic:
+  """COCO panoptic for split ("train" / "val" or "train2017" / "val2017")."""
+  return panoptic_source(root, split, COCO_LAYOUT, drop_crowd)
 
 
 def build(dataset_cfg, split: str) -> CocoPanoptic:
@@ -247,4 +319,4 @@ def build(dataset_cfg, split: str) -> CocoPanoptic:
 
 # Dataset names whose records are panoptic (masks + class_ids, no label map): training turns
 # them into segment-index maps (`segvit_jax.data.pipeline`, `transforms.segment_map`).
-PANOPTIC_DATASETS = frozenset({"coco_panoptic"})
+PANOPTIC_DATASETS = frozenset({"coco_panoptic", "ade20k_panoptic"})

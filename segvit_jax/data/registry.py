@@ -15,6 +15,7 @@ masks and class ids instead of a label. Each dataset's layout is in its module's
   tfds_ade20k       `tfds.py`, prepared TFDS scene_parse150 (thing classes only)
   tfds_cityscapes   `tfds.py`, prepared TFDS cityscapes/semantic_segmentation
   coco_panoptic     `coco_panoptic.py`, COCO panoptic 2017 (for EoMT)
+  ade20k_panoptic   `ade20k_panoptic.py`, Mask2Former's json or the EoMT release's pngs
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from segvit_jax.data import (ade20k, cityscapes, coco_panoptic, coco_stuff, folder,
-                             pascal_context, synthetic, tfds)
+from segvit_jax.data import (ade20k, ade20k_panoptic, cityscapes, coco_panoptic, coco_stuff,
+                             folder, pascal_context, synthetic, tfds)
 
 # Dataset name -> builder(dataset_cfg, split) -> source.
 DATASETS: dict[str, Callable[[Any, str], Any]] = {
@@ -37,6 +38,7 @@ DATASETS: dict[str, Callable[[Any, str], Any]] = {
     "tfds_ade20k": tfds.build_ade20k,
     "tfds_cityscapes": tfds.build_cityscapes,
     "coco_panoptic": coco_panoptic.build,
+    "ade20k_panoptic": ade20k_panoptic.build,
 }
 
 # Dataset name -> its class names from `config.dataset` alone (no data read), where they are
@@ -50,6 +52,7 @@ KNOWN_CLASS_NAMES: dict[str, Callable[[Any], tuple[str, ...]]] = {
     "cityscapes": lambda dataset_cfg: cityscapes.CITYSCAPES_CLASSES,
     "tfds_ade20k": lambda dataset_cfg: ade20k.ADE20K_CLASSES,
     "tfds_cityscapes": lambda dataset_cfg: cityscapes.CITYSCAPES_CLASSES,
+    "ade20k_panoptic": lambda dataset_cfg: ade20k_panoptic.CATEGORIES.names,
 }
 
 
