@@ -15,6 +15,7 @@ masks and class ids instead of a label. Each dataset's layout is in its module's
   tfds_ade20k       `tfds.py`, prepared TFDS scene_parse150 (thing classes only)
   tfds_cityscapes   `tfds.py`, prepared TFDS cityscapes/semantic_segmentation
   coco_panoptic     `coco_panoptic.py`, COCO panoptic 2017 (for EoMT)
+  coco_instance     `coco_instance.py`, COCO instances 2017 (for EoMT; masks may overlap)
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from segvit_jax.data import (ade20k, cityscapes, coco_panoptic, coco_stuff, folder,
-                             pascal_context, synthetic, tfds)
+from segvit_jax.data import (ade20k, cityscapes, coco_instance, coco_panoptic, coco_stuff,
+                             folder, pascal_context, synthetic, tfds)
 
 # Dataset name -> builder(dataset_cfg, split) -> source.
 DATASETS: dict[str, Callable[[Any, str], Any]] = {
@@ -37,6 +38,7 @@ DATASETS: dict[str, Callable[[Any, str], Any]] = {
     "tfds_ade20k": tfds.build_ade20k,
     "tfds_cityscapes": tfds.build_cityscapes,
     "coco_panoptic": coco_panoptic.build,
+    "coco_instance": coco_instance.build,
 }
 
 # Dataset name -> its class names from `config.dataset` alone (no data read), where they are
