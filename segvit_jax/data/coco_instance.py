@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 
 import numpy as np
 
@@ -77,7 +78,9 @@ def annotation_mask(segmentation, height: int, width: int, where: str = "") -> n
   else:
     raise ValueError(f"{where}: segmentation is neither polygons nor an RLE: "
                      f"{str(segmentation)[:80]}")
-  return mask_util.decode(rle).astype(bool)
+  with warnings.catch_warnings():  # pycocotools' own numpy 2 `copy=` deprecation, not ours
+    warnings.simplefilter("ignore", DeprecationWarning)
+    return mask_util.decode(rle).astype(bool)
 
 
 def parse_categories(categories: list[dict], json_path: str) -> coco_panoptic.Categories:
