@@ -386,10 +386,15 @@ def eomt_macs(config, h, w):
 # EoMT-DINOv3 at its configs' sizes. The release's DINOv3 model zoo gives FPS and no GFLOPs; a
 # DINOv3 ViT of size S / B / L has the shapes of the DINOv2 one at patch 16, so the EoMT paper's
 # GFLOPs of EoMT on DINOv2 (Table 3: S 68, B 216, L 669; Table 4: L at 1280 4146) are its cost
-# too. Measured: S 67.8, B 215.5, L 668.0, L 1280 4144.1.
+# too. Measured: S 67.8, B 215.5, L 668.0, L 1280 4144.1. The COCO instance configs (80 classes;
+# the EoMT paper's 669 GFLOPs for EoMT-L at 640 on COCO instance too), on DINOv2 and DINOv3
+# alike: L 668.0, L 1280 4144.1.
 @pytest.mark.parametrize("name,paper", [
     ("eomt_dinov3_vit_s_coco_panoptic", 68.0), ("eomt_dinov3_vit_b_coco_panoptic", 216.0),
-    ("eomt_dinov3_vit_l_coco_panoptic", 669.0), ("eomt_dinov3_vit_l_coco_panoptic_1280", 4146.0)])
+    ("eomt_dinov3_vit_l_coco_panoptic", 669.0), ("eomt_dinov3_vit_l_coco_panoptic_1280", 4146.0),
+    ("eomt_vit_l_coco_instance", 669.0), ("eomt_vit_l_coco_instance_1280", 4146.0),
+    ("eomt_dinov3_vit_l_coco_instance", 669.0),
+    ("eomt_dinov3_vit_l_coco_instance_1280", 4146.0)])
 def test_eomt_dinov3_network_gflops(name, paper):
   c = importlib.import_module(f"configs.{name}").get_config()
   h, w = c.augment.crop_size

@@ -447,8 +447,8 @@ def make_panoptic_eval_dataset(config, split: str | None = None,
   "long_side"), image (the original uint8), name, image_id (the index in the split: unique
   across processes), segments (H, W) int32 (0 void, i + 1 segment i; for a source whose masks
   overlap, `masks_overlap`, the (N, H, W) bool masks and their `segment_areas`),
-  segment_classes, segment_is_crowd. `categories`: class names, thing flags and the dataset's (COCO) category
-  ids. Sharded across processes like `make_eval_dataset`."""
+  segment_classes, segment_is_crowd. `categories`: class names, thing flags and the dataset's
+  (COCO) category ids. Sharded across processes like `make_eval_dataset`."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   process_index, process_count = _process_layout(process_index, process_count)
   split = config.dataset.eval_split if split is None else split
