@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import grain
 import numpy as np
+from absl import logging
 from PIL import Image
 
 # ----------------------------------------------------------------------------------------------
@@ -487,6 +488,9 @@ class Pad(grain.transforms.Map):
 # 1.6 L MB per 640 x 640 crop, against 41 MB for a (100, 640, 640) bool mask stack.
 
 
+_LAYERS_WARNED: list[str] = []  # the first example whose masks did not fit the layers
+
+
 def segment_map(masks: np.ndarray, class_ids: np.ndarray, max_segments: int,
                 ignore_index: int, name: str = "", mask_layers: int = 1
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -511,7 +515,14 @@ def segment_map(masks: np.ndarray, class_ids: np.ndarray, max_segments: int,
     label = np.full((*masks.shape[1:], mask_layers), ignore_index, np.int32)
     for k, mask in enumerate(masks):
       overlaps = np.count_nonzero(label[mask] != ignore_index, axis=0)  # (L,)
-      label[mask, int(np.argmin(overlaps))] = k  # the first layer of fewest (0 if any) overlaps
+      layer = int(np.argmin(overlaps))  # the first layer of fewest (0 if any) overlaps
+      if overlaps[layer] and not _LAYERS_WARNED:
+        _LAYERS_WARNED.append(name)
+        logging.warning("%s: instance %d overlaps others in all %d mask layers; it takes %d "
+                        "of their pixels (raise config.dataset.mask_layers to keep every "
+                        "overlap; logged once per process)", name or "an example", k,
+                        mask_layers, int(overlaps[layer]))
+      label[mask, layer] = k
   classes = np.full((max_segments,), -1, np.int32)
   classes[:n] = class_ids
   return label, classes

@@ -187,7 +187,7 @@ def _hand_masks():
   return m
 
 
-def test_layered_segment_map_holds_overlapping_masks():
+def test_layered_segment_map_holds_overlapping_masks(caplog, monkeypatch):
   """Each mask in the first layer where it overlaps nothing, so the union per index over the
   layers gives the masks back exactly; one layer is today's map (later masks take the
   overlap); a mask that fits no layer goes where it overlaps least and takes those pixels."""
@@ -201,8 +201,13 @@ def test_layered_segment_map_holds_overlapping_masks():
   one, classes1 = T.segment_map(m[:3], np.array([4, 5, 6]), 5, 255)
   assert one.shape == (4, 6) and classes1.tolist() == classes.tolist()
   np.testing.assert_array_equal(one == 0, m[0] & ~m[1])  # A lost its overlap with B
-  # D: 1 px of overlap in layer 0 against 4 in layer 1 -> layer 0; A loses that pixel.
-  label, _ = T.segment_map(m, np.array([4, 5, 6, 7]), 5, 255, mask_layers=2)
+  # D: 1 px of overlap in layer 0 against 4 in layer 1 -> layer 0; A loses that pixel (and
+  # the first such example of a process is logged).
+  monkeypatch.setattr(T, "_LAYERS_WARNED", [])
+  with caplog.at_level("WARNING"):
+    label, _ = T.segment_map(m, np.array([4, 5, 6, 7]), 5, 255, "img7", mask_layers=2)
+  assert "img7: instance 3 overlaps others in all 2 mask layers; it takes 1 of their" in (
+      caplog.text)
   np.testing.assert_array_equal(label[..., 0] == 3, m[3])
   np.testing.assert_array_equal((label == 0).any(-1), m[0] & ~m[3])
   for k in (1, 2):
