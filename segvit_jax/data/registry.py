@@ -42,7 +42,8 @@ DATASETS: dict[str, Callable[[Any, str], Any]] = {
 }
 
 # Dataset name -> its class names from `config.dataset` alone (no data read), where they are
-# fixed: every dataset but the folder (classes.txt) and COCO panoptic (the json's categories).
+# fixed: every dataset but the folder (classes.txt) and COCO panoptic / instances (the json's
+# categories).
 KNOWN_CLASS_NAMES: dict[str, Callable[[Any], tuple[str, ...]]] = {
     "synthetic": lambda dataset_cfg: synthetic.CLASS_NAMES,
     "ade20k": ade20k.config_class_names,
