@@ -514,7 +514,13 @@ def segment_map(masks: np.ndarray, class_ids: np.ndarray, max_segments: int,
   else:
     label = np.full((*masks.shape[1:], mask_layers), ignore_index, np.int32)
     for k, mask in enumerate(masks):
-      overlaps = np.count_nonzero(label[mask] != ignore_index, axis=0)  # (L,)
+      rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+      if not len(rows):
+        continue
+      # Within the mask's bounding box (a view): most masks are small against the image.
+      box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+      window, mask = label[box], mask[box]
+      overlaps = np.count_nonzero(window[mask] != ignore_index, axis=0)  # (L,)
       layer = int(np.argmin(overlaps))  # the first layer of fewest (0 if any) overlaps
       if overlaps[layer] and not _LAYERS_WARNED:
         _LAYERS_WARNED.append(name)
@@ -522,7 +528,7 @@ def segment_map(masks: np.ndarray, class_ids: np.ndarray, max_segments: int,
                         "of their pixels (raise config.dataset.mask_layers to keep every "
                         "overlap; logged once per process)", name or "an example", k,
                         mask_layers, int(overlaps[layer]))
-      label[mask, layer] = k
+      window[mask, layer] = k
   classes = np.full((max_segments,), -1, np.int32)
   classes[:n] = class_ids
   return label, classes
