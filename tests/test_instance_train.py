@@ -17,7 +17,7 @@ import pytest
 from segvit_jax import trainer
 from segvit_jax.data import pipeline
 from segvit_jax.data import transforms as T
-from segvit_jax.evaluation import evaluate, pq
+from segvit_jax.evaluation import evaluate, panoptic, pq
 from segvit_jax.losses import LOSSES
 from segvit_jax.losses import mask_classification as mc
 from tests import fabricate
@@ -199,6 +199,14 @@ def test_instance_configs_are_the_panoptic_recipes_on_instances(name):
   smoke = importlib.import_module(f"configs.{name}").get_config("smoke")
   assert (smoke.dataset.name, smoke.dataset.mask_layers, smoke.eval.task) == (
       "coco_instance", 4, "instance")
+
+
+def test_panoptic_evaluation_of_instances_is_refused(tree):
+  c = _config(tree[0], **{"eval.task": "panoptic"})
+  with pytest.raises(ValueError, match="config.eval.task='panoptic' needs panoptic ground truth "
+                                       r".*dataset 'coco_instance' has instances: set "
+                                       "config.eval.task='instance'"):
+    panoptic.evaluate(None, None, c, split="val")
 
 
 def _flatten(d, prefix=""):
