@@ -60,6 +60,10 @@ def run_config() -> ml_collections.ConfigDict:
   # Panoptic datasets only: segments per training image in the batch (thing instances and stuff
   # regions, crowd dropped); training checks the json against it before it starts. 0: unset.
   c.dataset.max_segments = 0
+  # Panoptic datasets only: segment-index layers of a training label. 1: one (H, W) map (panoptic
+  # segments do not overlap); L > 1: (H, W, L), each segment in the first layer where it
+  # overlaps none (overlapping instances, COCO instances; transforms.segment_map).
+  c.dataset.mask_layers = 1
   # Panoptic datasets only: crowd segments (`iscrowd` 1) are left out of the training targets,
   # as Mask2Former / EoMT train (evaluation always keeps them, to ignore predictions on them).
   c.dataset.drop_crowd = True

@@ -12,6 +12,9 @@ some images is marked crowd.
 (images/, annotations/ semantic pngs 1..150, annotations_instance/ with R = instance category,
 G = instance id) and, optionally, Mask2Former's panoptic json + pngs written from those two by
 `ade20k_panoptic_json`, which redoes Mask2Former's datasets/prepare_ade20k_pan_seg.py.
+`write_coco_instances(root, ...)`: root/{train2017,val2017}/*.jpg and
+root/annotations/instances_{train,val}2017.json, as COCO's detection release, with every kind
+of segmentation COCO has and instances that overlap (`COCO_INSTANCE_CATEGORIES`).
 """
 
 from __future__ import annotations
@@ -80,6 +83,91 @@ def write_coco_panoptic(root: str, num_train: int = 8, num_val: int = 4, size: i
       json.dump({"images": images, "annotations": annotations,
                  "categories": coco_categories()}, f)
   return str(root)
+
+
+# Sparse COCO ids, in the json's order: contiguous classes 0, 1, 2.
+COCO_INSTANCE_CATEGORIES = ({"id": 1, "name": "red", "supercategory": "colour"},
+                            {"id": 3, "name": "green", "supercategory": "colour"},
+                            {"id": 7, "name": "blue", "supercategory": "colour"})
+_COLOURS = ((220, 30, 30), (30, 200, 40), (40, 60, 230))
+
+
+def uncompressed_rle(mask: np.ndarray) -> dict:
+  """COCO's uncompressed RLE of an (H, W) bool mask: column-major run lengths, 0s first."""
+  flat = np.asarray(mask, bool).T.ravel()
+  change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+  bounds = np.concatenate([[0], change, [flat.size]])
+  counts = np.diff(bounds).tolist()
+  if flat[0]:
+    counts = [0] + counts
+  return {"size": list(mask.shape), "counts": [int(c) for c in counts]}
+
+
+def write_coco_instances(root: str, num_train: int = 6, num_val: int = 3, size: int = 48,
+                         seed: int = 0) -> tuple[str, dict]:
+  """Writes the miniature COCO instances copy under `root`; returns (root, expected) with
+  expected[split][file_name] = [(mask (H, W) bool, contiguous class, iscrowd, area)] of the
+  image's annotations in json order. Every image has, painted in this order (later on top):
+  a red box polygon, a green object of two box polygons that overlaps the red box, a blue disk
+  as compressed RLE (pycocotools) that overlaps the green; every 2nd image a red crowd blob
+  as uncompressed RLE. Box polygons [x0, y0, x1, y0, x1, y1, x0, y1] with integer corners cover
+  exactly the pixels [y0, y1) x [x0, x1) under pycocotools' rasterisation. The last val image
+  is listed without annotations (readers leave it out)."""
+  from pycocotools import mask as mask_util  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+  expected, image_id, ann_id = {}, 1, 1
+  for split, count in (("train2017", num_train), ("val2017", num_val)):
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    images, annotations, expected[split] = [], [], {}
+    for i in range(count + (split == "val2017")):
+      name = f"{image_id:012d}.jpg"
+      h, w = size, size + 8  # not square
+      image = rng.integers(90, 150, (h, w, 3)).astype(np.uint8)
+      images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+      if i == count:  # no annotations
+        Image.fromarray(image).save(os.path.join(root, split, name), quality=95)
+        image_id += 1
+        continue
+      objects = []
+      x0, y0 = (int(v) for v in rng.integers(2, 12, 2))
+      x1, y1 = x0 + int(rng.integers(12, 20)), y0 + int(rng.integers(12, 20))
+      box = np.zeros((h, w), bool)
+      box[y0:y1, x0:x1] = True
+      objects.append((box, 0, 0, [[x0, y0, x1, y0, x1, y1, x0, y1]]))
+      # Green: two boxes, the first overlapping the red box's lower right corner.
+      gx, gy = x1 - 4, y1 - 4
+      parts = [(gx, gy, gx + 10, gy + 8), (gx + 2, gy + 10, gx + 6, gy + 14)]
+      green = np.zeros((h, w), bool)
+      for a, b, c, d in parts:
+        green[b:d, a:c] = True
+      objects.append((green, 1, 0, [[a, b, c, b, c, d, a, d] for a, b, c, d in parts]))
+      cx, cy, r = gx + 9, gy + 5, 4 + int(rng.integers(0, 3))
+      rows, cols = np.mgrid[:h, :w]
+      disk = (cols - cx) ** 2 + (rows - cy) ** 2 <= r * r
+      rle = mask_util.encode(np.asfortranarray(disk.astype(np.uint8)))
+      objects.append((disk, 2, 0, {"size": [h, w], "counts": rle["counts"].decode("ascii")}))
+      if i % 2 == 0:
+        blob = np.zeros((h, w), bool)
+        blob[h - 10:h - 2, w - 14:w - 3] = True
+        blob[h - 12:h - 10, w - 10:w - 6] = True
+        objects.append((blob, 0, 1, uncompressed_rle(blob)))
+      expected[split][name] = []
+      for mask, cls, crowd, segmentation in objects:
+        image[mask] = _COLOURS[cls]
+        area = float(mask.sum())
+        annotations.append({"id": ann_id, "image_id": image_id,
+                            "category_id": COCO_INSTANCE_CATEGORIES[cls]["id"],
+                            "segmentation": segmentation, "area": area, "iscrowd": crowd,
+                            "bbox": [0, 0, 0, 0]})
+        expected[split][name].append((mask, cls, crowd, area))
+        ann_id += 1
+      Image.fromarray(image).save(os.path.join(root, split, name), quality=95)
+      image_id += 1
+    with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+      json.dump({"images": images, "annotations": annotations,
+                 "categories": list(COCO_INSTANCE_CATEGORIES)}, f)
+  return str(root), expected
 
 
 def image_file(path, h, w, seed=0):

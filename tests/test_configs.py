@@ -285,7 +285,7 @@ RECIPE_CONFIGS = [n for n in CONFIGS if n != "demo"]
 
 
 def test_the_config_list_is_complete():
-  assert len(RECIPE_CONFIGS) == 39 and set(PAPER) == set(RECIPE_CONFIGS)
+  assert len(RECIPE_CONFIGS) == 43 and set(PAPER) == set(RECIPE_CONFIGS)
 
 
 def init_shapes(config, h, w):
@@ -388,6 +388,8 @@ PAPER = {
     "eomt_vit_g_ade20k_panoptic": (640, 39_184, 1e-4, 16, 0.05, "spread", 640, (200, 5)),
     "eomt_vit_l_ade20k_panoptic_1280": (1280, 39_184, 1e-4, 16, 0.05, "spread", 1280, (200, 4)),
     "eomt_vit_g_ade20k_panoptic_1280": (1280, 39_184, 1e-4, 16, 0.05, "spread", 1280, (200, 5)),
+    "eomt_vit_l_coco_instance": (640, 88_692, 1e-4, 16, 0.05, "spread", 640, (200, 4)),
+    "eomt_vit_l_coco_instance_1280": (1280, 88_692, 1e-4, 16, 0.05, "spread", 1280, (200, 4)),
     # EoMT on DINOv3: the release's configs/dinov3/... and its DINOv3 model zoo.
     "eomt_dinov3_vit_s_coco_panoptic": (640, 177_384, 2e-4, 16, 0.05, "spread", 640, (200, 3)),
     "eomt_dinov3_vit_b_coco_panoptic": (640, 177_384, 2e-4, 16, 0.05, "spread", 640, (200, 3)),
@@ -395,6 +397,9 @@ PAPER = {
     "eomt_dinov3_vit_l_coco_panoptic_1280": (1280, 88_692, 2e-4, 16, 0.05, "spread", 1280,
                                              (200, 4)),
     "eomt_dinov3_vit_l_ade20k": (512, 20_208, 2e-4, 16, 0.05, "spread", 512, (100, 4)),
+    "eomt_dinov3_vit_l_coco_instance": (640, 88_692, 2e-4, 16, 0.05, "spread", 640, (200, 4)),
+    "eomt_dinov3_vit_l_coco_instance_1280": (1280, 88_692, 2e-4, 16, 0.05, "spread", 1280,
+                                             (200, 4)),
 }
 
 
@@ -427,6 +432,11 @@ DINOV3_WINDOWS = {
     "eomt_dinov3_vit_l_coco_panoptic_1280": ((0, 29564, 44346, 59128),
                                              (3000, 44346, 59128, 73910)),
     "eomt_dinov3_vit_l_ade20k": ((0, 6520, 9780, 13040), (3000, 9780, 13040, 16300)),
+    # configs/dinov3/coco/instance/eomt_large_{640,1280}.yaml: the DINOv2 windows.
+    "eomt_dinov3_vit_l_coco_instance": ((14782, 29564, 44346, 59128),
+                                        (29564, 44346, 59128, 73910)),
+    "eomt_dinov3_vit_l_coco_instance_1280": ((14782, 29564, 44346, 59128),
+                                             (29564, 44346, 59128, 73910)),
 }
 
 

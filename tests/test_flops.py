@@ -389,12 +389,16 @@ def eomt_macs(config, h, w):
 # too. Measured: S 67.8, B 215.5, L 668.0, L 1280 4144.1. The ADE20K panoptic configs (150
 # classes: 17 more class-head rows than COCO's, 3.5 M multiply-adds for L) against the same
 # numbers; the paper has none for g at 1280 (measured: L 668.0, g 2260.1, L 1280 4144.1,
-# g 1280 12707.0).
+# g 1280 12707.0). The COCO instance configs (80 classes; the EoMT paper's 669 GFLOPs for EoMT-L
+# at 640 on COCO instance too), on DINOv2 and DINOv3 alike: L 668.0, L 1280 4144.1.
 @pytest.mark.parametrize("name,paper", [
     ("eomt_dinov3_vit_s_coco_panoptic", 68.0), ("eomt_dinov3_vit_b_coco_panoptic", 216.0),
     ("eomt_dinov3_vit_l_coco_panoptic", 669.0), ("eomt_dinov3_vit_l_coco_panoptic_1280", 4146.0),
     ("eomt_vit_l_ade20k_panoptic", 669.0), ("eomt_vit_g_ade20k_panoptic", 2261.0),
-    ("eomt_vit_l_ade20k_panoptic_1280", 4146.0), ("eomt_vit_g_ade20k_panoptic_1280", None)])
+    ("eomt_vit_l_ade20k_panoptic_1280", 4146.0), ("eomt_vit_g_ade20k_panoptic_1280", None),
+    ("eomt_vit_l_coco_instance", 669.0), ("eomt_vit_l_coco_instance_1280", 4146.0),
+    ("eomt_dinov3_vit_l_coco_instance", 669.0),
+    ("eomt_dinov3_vit_l_coco_instance_1280", 4146.0)])
 def test_eomt_network_gflops_of_the_configs(name, paper):
   c = importlib.import_module(f"configs.{name}").get_config()
   h, w = c.augment.crop_size

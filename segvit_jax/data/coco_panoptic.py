@@ -318,5 +318,6 @@ def build(dataset_cfg, split: str) -> CocoPanoptic:
 
 
 # Dataset names whose records are panoptic (masks + class_ids, no label map): training turns
-# them into segment-index maps (`segvit_jax.data.pipeline`, `transforms.segment_map`).
-PANOPTIC_DATASETS = frozenset({"coco_panoptic", "ade20k_panoptic"})
+# them into segment-index maps (`segvit_jax.data.pipeline`, `transforms.segment_map`). COCO
+# instances (`coco_instance.py`) have records of the same form.
+PANOPTIC_DATASETS = frozenset({"coco_panoptic", "ade20k_panoptic", "coco_instance"})

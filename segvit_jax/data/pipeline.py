@@ -13,7 +13,9 @@ segment-index map (`transforms.segment_map`): batches carry `label` (B, H, W) in
 of the pixel's segment, `config.dataset.ignore_index` on void, crowd and padding pixels, and
 `segment_classes` (B, config.dataset.max_segments) int32 = each segment's contiguous class id,
 -1 for padding and for segments the augmentation left without a pixel. Their loss must read
-`segment_classes` (`mask2former_panoptic`).
+`segment_classes` (`mask2former_panoptic`). Datasets whose masks overlap (COCO instances) set
+`config.dataset.mask_layers` L > 1: `label` is then (B, H, W, L), L such maps whose union per
+index is each mask (`transforms.segment_map`).
 
 Bad examples (`config.dataset.skip_bad_examples`): by default an example whose read raises (the
 sources raise ValueError naming the file for an undecodable image, a size mismatch or an
@@ -30,7 +32,7 @@ worker processes are in their log lines, not in the main process's `skipped_exam
 Eval: a `MapDataset` of per-example records (keep-ratio resized, normalised image; label at the
 original resolution), sharded by JAX process. Panoptic / instance evaluation
 (`make_panoptic_eval_dataset`) keeps each image's ground truth as a segment map with per-segment
-classes and crowd flags instead of a label map.
+classes and crowd flags instead of a label map (a mask stack where masks overlap).
 """
 
 from __future__ import annotations
@@ -160,6 +162,15 @@ def max_segments(config) -> int:
   return int(n)
 
 
+def mask_layers(config) -> int:
+  """`config.dataset.mask_layers`: segment-index layers of a panoptic training label (>= 1)."""
+  n = config.dataset.get("mask_layers", 1)
+  if int(n) < 1:
+    raise ValueError(f"config.dataset.mask_layers={n} must be at least 1 (1: one segment-index "
+                     "map; more: overlapping instances, e.g. COCO instances)")
+  return int(n)
+
+
 def train_transforms(config) -> list:
   """The train augmentation `config.augment.pipeline` ("segvit" or "eomt") as grain transforms."""
   name = config.augment.pipeline
@@ -219,7 +230,8 @@ def eomt_panoptic_train_transforms(config) -> list:
   left without a pixel become invalid; redrawn if none is left), normalise."""
   return [
       T.PanopticTargets(max_segments=max_segments(config),
-                        ignore_index=config.dataset.ignore_index),
+                        ignore_index=config.dataset.ignore_index,
+                        mask_layers=mask_layers(config)),
       *_eomt_color_jitter(config),
       T.PanopticAugment(ops=tuple(_eomt_geometric(config))),
       T.Normalize(mean=tuple(config.mean), std=tuple(config.std)),
@@ -273,6 +285,8 @@ def train_batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
   spec = {"image": ((h, w, 3), np.float32), "label": ((h, w), np.int32)}
   if is_panoptic(config):
     spec["segment_classes"] = ((max_segments(config),), np.int32)
+    if mask_layers(config) > 1:
+      spec["label"] = ((h, w, mask_layers(config)), np.int32)
   check_loss_reads_targets(config)
   return spec
 
@@ -304,7 +318,8 @@ def make_train_dataset(config, process_index: int | None = None,
 
   Batches: image float32 (B, crop_h, crop_w, 3) normalised, label int32 (B, crop_h, crop_w) with
   ignore_index in padding; B = config.batch_size // process_count. Panoptic datasets: label is
-  the segment-index map, plus segment_classes int32 (B, max_segments) (module docstring).
+  the segment-index map ((B, crop_h, crop_w, L) with mask_layers L > 1), plus segment_classes
+  int32 (B, max_segments) (module docstring).
   """
   process_index, process_count = _process_layout(process_index, process_count)
   batch = per_process_batch_size(config.batch_size, process_count)
@@ -395,20 +410,29 @@ class PanopticEvalTarget(grain.transforms.Map):
   """A panoptic record (masks (N, H, W), class_ids, is_crowd) and its index in the split ->
   dict(image, name, image_id = the index, segments (H, W) int32 = i + 1 on the pixels of
   segment i and 0 on void, segment_classes (N,) int32, segment_is_crowd (N,) bool): the ground
-  truth of `segvit_jax.evaluation.pq` in one map instead of N masks."""
+  truth of `segvit_jax.evaluation.pq` in one map instead of N masks. With `mask_stack` (masks
+  that may overlap: instance datasets), `segments` is the (N, H, W) bool stack itself, and the
+  record's json areas, if any, come along as `segment_areas` (N,) (COCOeval's area ranges)."""
+  mask_stack: bool = False
 
   def map(self, element: tuple[int, dict]) -> dict:
     index, record = element
     masks = np.asarray(record["masks"], bool)
+    n = len(masks)
+    out = {"image": record["image"], "name": record["name"], "image_id": int(index),
+           "segment_classes": np.asarray(record["class_ids"], np.int32).reshape(n),
+           "segment_is_crowd": np.asarray(record.get("is_crowd", np.zeros(n, bool)),
+                                          bool).reshape(n)}
+    if self.mask_stack:
+      out["segments"] = masks
+      if "area" in record:
+        out["segment_areas"] = np.asarray(record["area"], np.float64).reshape(n)
+      return out
     segments = np.zeros(masks.shape[1:], np.int32)
     for i, mask in enumerate(masks):
       segments[mask] = i + 1
-    n = len(masks)
-    return {"image": record["image"], "name": record["name"], "image_id": int(index),
-            "segments": segments,
-            "segment_classes": np.asarray(record["class_ids"], np.int32).reshape(n),
-            "segment_is_crowd": np.asarray(record.get("is_crowd", np.zeros(n, bool)),
-                                           bool).reshape(n)}
+    out["segments"] = segments
+    return out
 
 
 def make_panoptic_eval_dataset(config, split: str | None = None,
@@ -421,9 +445,10 @@ def make_panoptic_eval_dataset(config, split: str | None = None,
   PQ and AP ignore predictions on crowd regions. Records (`PanopticEvalTarget`, then
   `transforms.MultiScaleResize` by `config.eval`): images (the test-resized image,
   "long_side"), image (the original uint8), name, image_id (the index in the split: unique
-  across processes), segments (H, W) int32 (0 void, i + 1 segment i), segment_classes,
-  segment_is_crowd. `categories`: class names, thing flags and the dataset's (COCO) category
-  ids. Sharded across processes like `make_eval_dataset`."""
+  across processes), segments (H, W) int32 (0 void, i + 1 segment i; for a source whose masks
+  overlap, `masks_overlap`, the (N, H, W) bool masks and their `segment_areas`),
+  segment_classes, segment_is_crowd. `categories`: class names, thing flags and the dataset's
+  (COCO) category ids. Sharded across processes like `make_eval_dataset`."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   process_index, process_count = _process_layout(process_index, process_count)
   split = config.dataset.eval_split if split is None else split
@@ -441,4 +466,5 @@ def make_panoptic_eval_dataset(config, split: str | None = None,
   if max_examples >= 0:
     ds = ds[:max_examples]
   ds = ds.map_with_index(lambda i, r: (i, r))[process_index::process_count]
-  return apply_transforms(ds, [PanopticEvalTarget(), *eval_transforms(config)]), categories
+  target = PanopticEvalTarget(mask_stack=bool(getattr(source, "masks_overlap", False)))
+  return apply_transforms(ds, [target, *eval_transforms(config)]), categories

@@ -16,6 +16,7 @@ masks and class ids instead of a label. Each dataset's layout is in its module's
   tfds_cityscapes   `tfds.py`, prepared TFDS cityscapes/semantic_segmentation
   coco_panoptic     `coco_panoptic.py`, COCO panoptic 2017 (for EoMT)
   ade20k_panoptic   `ade20k_panoptic.py`, Mask2Former's json or the EoMT release's pngs
+  coco_instance     `coco_instance.py`, COCO instances 2017 (for EoMT; masks may overlap)
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from segvit_jax.data import (ade20k, ade20k_panoptic, cityscapes, coco_panoptic, coco_stuff,
-                             folder, pascal_context, synthetic, tfds)
+from segvit_jax.data import (ade20k, ade20k_panoptic, cityscapes, coco_instance, coco_panoptic,
+                             coco_stuff, folder, pascal_context, synthetic, tfds)
 
 # Dataset name -> builder(dataset_cfg, split) -> source.
 DATASETS: dict[str, Callable[[Any, str], Any]] = {
@@ -39,10 +40,12 @@ DATASETS: dict[str, Callable[[Any, str], Any]] = {
     "tfds_cityscapes": tfds.build_cityscapes,
     "coco_panoptic": coco_panoptic.build,
     "ade20k_panoptic": ade20k_panoptic.build,
+    "coco_instance": coco_instance.build,
 }
 
 # Dataset name -> its class names from `config.dataset` alone (no data read), where they are
-# fixed: every dataset but the folder (classes.txt) and COCO panoptic (the json's categories).
+# fixed: every dataset but the folder (classes.txt) and COCO panoptic / instances (the json's
+# categories).
 KNOWN_CLASS_NAMES: dict[str, Callable[[Any], tuple[str, ...]]] = {
     "synthetic": lambda dataset_cfg: synthetic.CLASS_NAMES,
     "ade20k": ade20k.config_class_names,

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import grain
 import numpy as np
+from absl import logging
 from PIL import Image
 
 # ----------------------------------------------------------------------------------------------
@@ -56,10 +57,11 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Nearest-neighbour resize of an (H, W) label map to size (h, w); any dtype.
 
-  Each output pixel takes the input pixel under its centre.
+  Each output pixel takes the input pixel under its centre. An (H, W, L) stack of label maps
+  (layered segment maps, `segment_map`) resizes layer by layer.
   """
   h, w = size
-  in_h, in_w = label.shape
+  in_h, in_w = label.shape[:2]
   if (in_h, in_w) == (h, w):
     return label
   rows = np.minimum(((np.arange(h) + 0.5) * (in_h / h)).astype(np.int64), in_h - 1)
@@ -134,13 +136,15 @@ def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, 
 
 def pad(image: np.ndarray, label: np.ndarray, size: Sequence[int], pad_value: float,
         label_pad_value: int):
-  """mmseg `Pad(size, pad_val, seg_pad_val)`: pad bottom/right up to size (h, w)."""
-  h, w = label.shape
+  """mmseg `Pad(size, pad_val, seg_pad_val)`: pad bottom/right up to size (h, w). `label` is
+  (H, W) or an (H, W, L) stack of label maps."""
+  h, w = label.shape[:2]
   ph, pw = max(size[0] - h, 0), max(size[1] - w, 0)
   if ph == 0 and pw == 0:
     return image, label
   image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=pad_value)
-  label = np.pad(label, ((0, ph), (0, pw)), constant_values=label_pad_value)
+  label = np.pad(label, ((0, ph), (0, pw)) + ((0, 0),) * (label.ndim - 2),
+                 constant_values=label_pad_value)
   return image, label
 
 
@@ -474,14 +478,26 @@ class Pad(grain.transforms.Map):
 # pixels; `segment_classes` (max_segments,) int32 holds segment k's contiguous class id, -1 for
 # padding and for segments the augmentation cropped or scaled away. The same geometric
 # transforms as for a semantic label map apply (nearest resizing keeps the indices).
+#
+# Instances that overlap (COCO instances) need more than one map: with `mask_layers` L > 1,
+# `label` is (H, W, L), L segment-index maps, and segment k's mask is the union over layers of
+# `label[..., l] == k`. Each segment goes, in order, into the first layer where it overlaps no
+# earlier segment, so the masks come back exactly while L suffices; a segment that overlaps
+# something in every layer goes into the layer where it overlaps fewest pixels and takes them
+# (what the single map, L = 1, does with every overlap). Host cost: 4 L bytes per pixel, e.g.
+# 1.6 L MB per 640 x 640 crop, against 41 MB for a (100, 640, 640) bool mask stack.
+
+
+_LAYERS_WARNED: list[str] = []  # the first example whose masks did not fit the layers
 
 
 def segment_map(masks: np.ndarray, class_ids: np.ndarray, max_segments: int,
-                ignore_index: int, name: str = "") -> tuple[np.ndarray, np.ndarray]:
-  """Disjoint segment masks (N, H, W) bool and their classes (N,) -> (label (H, W) int32,
-  segment_classes (max_segments,) int32) as described above, segment k = masks[k].
-  ValueError naming the example `name` if N > max_segments, or if `ignore_index` could be a
-  segment index."""
+                ignore_index: int, name: str = "", mask_layers: int = 1
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Segment masks (N, H, W) bool and their classes (N,) -> (label (H, W) int32, or (H, W, L)
+  for `mask_layers` L > 1, segment_classes (max_segments,) int32) as described above, segment
+  k = masks[k]. ValueError naming the example `name` if N > max_segments, or if `ignore_index`
+  could be a segment index."""
   if 0 <= ignore_index < max_segments:
     raise ValueError(f"ignore_index {ignore_index} is a valid segment index with "
                      f"max_segments={max_segments}: segment indices are 0..{max_segments - 1}")
@@ -489,16 +505,38 @@ def segment_map(masks: np.ndarray, class_ids: np.ndarray, max_segments: int,
   if n > max_segments:
     raise ValueError(f"{name or 'an example'} has {n} segments (crowd dropped), more than "
                      f"config.dataset.max_segments={max_segments}; raise it")
-  label = np.full(masks.shape[1:], ignore_index, np.int32)
-  for k, mask in enumerate(masks):
-    label[mask] = k
+  if mask_layers < 1:
+    raise ValueError(f"config.dataset.mask_layers={mask_layers} must be at least 1")
+  if mask_layers == 1:
+    label = np.full(masks.shape[1:], ignore_index, np.int32)
+    for k, mask in enumerate(masks):
+      label[mask] = k
+  else:
+    label = np.full((*masks.shape[1:], mask_layers), ignore_index, np.int32)
+    for k, mask in enumerate(masks):
+      rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+      if not len(rows):
+        continue
+      # Within the mask's bounding box (a view): most masks are small against the image.
+      box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+      window, mask = label[box], mask[box]
+      overlaps = np.count_nonzero(window[mask] != ignore_index, axis=0)  # (L,)
+      layer = int(np.argmin(overlaps))  # the first layer of fewest (0 if any) overlaps
+      if overlaps[layer] and not _LAYERS_WARNED:
+        _LAYERS_WARNED.append(name)
+        logging.warning("%s: instance %d overlaps others in all %d mask layers; it takes %d "
+                        "of their pixels (raise config.dataset.mask_layers to keep every "
+                        "overlap; logged once per process)", name or "an example", k,
+                        mask_layers, int(overlaps[layer]))
+      window[mask, layer] = k
   classes = np.full((max_segments,), -1, np.int32)
   classes[:n] = class_ids
   return label, classes
 
 
 def segments_present(label: np.ndarray, num_segments: int) -> np.ndarray:
-  """(num_segments,) bool: segment k has a pixel in the segment-index map `label`."""
+  """(num_segments,) bool: segment k has a pixel in the segment-index map `label` (any
+  layer of a layered one)."""
   flat = label.ravel()
   flat = flat[(flat >= 0) & (flat < num_segments)]
   return np.bincount(flat, minlength=num_segments)[:num_segments] > 0
@@ -515,9 +553,11 @@ class PanopticTargets(grain.transforms.Map):
   """A panoptic record (image, masks (N, H, W), class_ids (N,), name, optionally is_crowd (N,))
   -> dict(image, label = the segment-index map, segment_classes, name) by `segment_map`.
   Segments flagged `is_crowd` (a source read with drop_crowd=False) are no segments: their
-  pixels are ignored, as EoMT's training transforms drop crowd targets."""
+  pixels are ignored, as EoMT's training transforms drop crowd targets. `mask_layers` > 1:
+  the layered map of overlapping masks."""
   max_segments: int
   ignore_index: int
+  mask_layers: int = 1
 
   def map(self, record: dict) -> dict:
     name = record.get("name", "")
@@ -525,7 +565,8 @@ class PanopticTargets(grain.transforms.Map):
     if "is_crowd" in record:
       keep = ~np.asarray(record["is_crowd"], bool)
       masks, class_ids = masks[keep], np.asarray(class_ids)[keep]
-    label, classes = segment_map(masks, class_ids, self.max_segments, self.ignore_index, name)
+    label, classes = segment_map(masks, class_ids, self.max_segments, self.ignore_index, name,
+                                 self.mask_layers)
     return {"image": record["image"], "label": label, "segment_classes": classes,
             "name": name}
 

@@ -329,6 +329,10 @@ def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split:
   and with `num_pictures` the first [image | ground truth | prediction] pictures, to `out_dir`
   if given."""
   post = PostProcessing.from_config(config)
+  if post.task == "panoptic" and config.dataset.name == "coco_instance":
+    raise ValueError("config.eval.task='panoptic' needs panoptic ground truth (segments that do "
+                     "not overlap); dataset 'coco_instance' has instances: set "
+                     "config.eval.task='instance'")
   dataset, categories = pipeline.make_panoptic_eval_dataset(config, split)
   names, k = categories.names, config.model.num_classes
   if len(names) != k:
@@ -346,7 +350,7 @@ def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split:
     images = [ex["images"][0] for ex in records]
     class_logits, mask_logits = predictor.logits(images)
     for j, ex in enumerate(records):
-      size = ex["segments"].shape
+      size = ex["segments"].shape[-2:]  # a segment map (H, W) or a mask stack (N, H, W)
       masks = predictor.at_size(mask_logits[j], images[j].shape[:2], size)
       with predictor.activate():
         size = jnp.asarray(size, jnp.int32)
@@ -378,10 +382,11 @@ def evaluate(model, variables: Any, config: ml_collections.ConfigDict, *, split:
             sorted({int(c) for c in [*gt_classes, *pred_classes]}), names, colours))
     if post.computes_ap:
       inst = outputs["instance"]
-      h, w = gt.shape
+      h, w = gt.shape[-2:]
       masks = np.moveaxis(inst["masks"][:h, :w], -1, 0)
       instances.add_image(ex["image_id"], gt, ex["segment_classes"], ex["segment_is_crowd"],
-                          masks, inst["labels"], inst["scores"], ap_classes)
+                          masks, inst["labels"], inst["scores"], ap_classes,
+                          gt_areas=ex.get("segment_areas"))
 
   speed = loop.run(dataset, step, consume, num_threads=int(config.eval.num_threads),
                    progress=progress, batch=predictor.batch)

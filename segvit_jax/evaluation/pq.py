@@ -20,7 +20,11 @@ JSON; panopticapi reports 0 and leaves it out of the means as well). The per-cla
 
 Instance AP (`mask_ap`): pycocotools' COCOeval with iouType "segm" on RLE masks: AP (IoU .50:.95),
 AP50, AP75, APs / APm / APl (areas < 32^2, 32^2..96^2, > 96^2 by the ground-truth segment's
-pixel count), at most 100 detections per image, crowd ground truth as COCO's `iscrowd`; per-class
+pixel count, or the json's `area` where the dataset gives it, as COCO instances do), at most 100
+detections per image, crowd ground truth as COCO's `iscrowd` (a detection whose best match is a
+crowd region is neither a hit nor a false positive; COCO's crowd IoU divides by the detection's
+area only). Ground truth comes as a segment map (panoptic) or a mask stack whose masks may
+overlap (instance datasets); per-class
 AP from COCOeval's precision table. Detections and ground truth of every process are gathered
 (`allgather_objects`) and evaluated on process 0; the numbers are broadcast to the others.
 The result keys are `metrics.PQ_KEYS` / `metrics.AP_KEYS`; `metrics.format_table` prints them.
@@ -186,19 +190,29 @@ class InstanceAccumulator:
   def add_image(self, image_id: int, gt_segments: np.ndarray, gt_classes: Sequence[int],
                 gt_is_crowd: Sequence[bool], pred_masks: np.ndarray,
                 pred_classes: Sequence[int], pred_scores: Sequence[float],
-                classes: np.ndarray | None = None) -> None:
-    """One image: ground truth as a segment map (0 void, i + 1 = segment i) with its classes
-    and crowd flags; detections (T, H, W) bool with classes and scores. `classes` (C,) bool:
-    the classes AP counts (e.g. the things of a panoptic dataset); None: all."""
-    h, w = gt_segments.shape
+                classes: np.ndarray | None = None,
+                gt_areas: Sequence[float] | None = None) -> None:
+    """One image: ground truth as a segment map (H, W) (0 void, i + 1 = segment i) or a mask
+    stack (N, H, W) bool (masks may overlap), with its classes, crowd flags and optionally
+    areas (N,) (default: pixel counts); detections (T, H, W) bool with classes and scores.
+    `classes` (C,) bool: the classes AP counts (e.g. the things of a panoptic dataset); None:
+    all."""
+    gt_segments = np.asarray(gt_segments)
+    h, w = gt_segments.shape[-2:]
     self.images.append({"id": int(image_id), "height": int(h), "width": int(w)})
     gt_classes = np.asarray(gt_classes, np.int64).reshape(-1)
+    if gt_segments.ndim == 3 and len(gt_segments) != len(gt_classes):
+      raise ValueError(f"{len(gt_segments)} ground-truth masks and {len(gt_classes)} classes")
     keep_gt = [i for i, c in enumerate(gt_classes) if classes is None or classes[c]]
-    gt_masks = np.stack([gt_segments == i + 1 for i in keep_gt]) if keep_gt else np.zeros(
-        (0, h, w), bool)
+    if gt_segments.ndim == 3:
+      gt_masks = gt_segments[keep_gt].astype(bool)
+    else:
+      gt_masks = np.stack([gt_segments == i + 1 for i in keep_gt]) if keep_gt else np.zeros(
+          (0, h, w), bool)
     for i, rle, mask in zip(keep_gt, encode_masks(gt_masks), gt_masks):
+      area = int(mask.sum()) if gt_areas is None else float(gt_areas[i])
       self.ground_truth.append({"image_id": int(image_id), "category_id": int(gt_classes[i]),
-                                "segmentation": rle, "area": int(mask.sum()),
+                                "segmentation": rle, "area": area,
                                 "iscrowd": int(bool(gt_is_crowd[i]))})
     pred_classes = np.asarray(pred_classes, np.int64).reshape(-1)
     keep = [i for i, c in enumerate(pred_classes) if classes is None or classes[c]]

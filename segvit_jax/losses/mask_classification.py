@@ -24,7 +24,8 @@ resolution are sampled at the same places without resizing either. Targets are a
 masks `labels == class` straight from the labels: semantic segmentation's one mask per class
 present never builds its (B, K, H, W) one-hot. Only min(M, Q) matched masks are sampled.
 Panoptic segmentation's targets (every thing instance and stuff region) come the same way from
-a segment-index map (`panoptic_targets`, `mask2former_panoptic_loss`).
+a segment-index map (`panoptic_targets`, `mask2former_panoptic_loss`); overlapping instances
+(COCO instances) from L stacked maps, each target the union over the layers of its index.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 class LabelMasks(NamedTuple):
   """Target m of image b is the mask `labels[b] == classes[b, m]`; `labels` (B, H, W) int with
-  -1 (or any id no target has) for pixels in no mask, `classes` (B, M) int."""
+  -1 (or any id no target has) for pixels in no mask, `classes` (B, M) int. `labels` may be
+  (B, H, W, L), L label maps: the mask is then the union over l of `labels[b, ..., l] ==
+  classes[b, m]` (layered segment maps of overlapping instances)."""
 
   labels: jax.Array
   classes: jax.Array
@@ -102,10 +105,18 @@ def sample_targets(targets: Targets, index: jax.Array, coords: jax.Array) -> jax
   if not isinstance(targets, LabelMasks):
     return sample_channels(targets.astype(jnp.float32), index, coords)
   labels, classes = targets
-  b, h, w = labels.shape
-  flat = labels.reshape(b, h * w).astype(jnp.int32)
+  b, h, w = labels.shape[:3]
   wanted = jnp.take_along_axis(classes.astype(jnp.int32), index, axis=1)[:, :, None]
   out = 0.0
+  if labels.ndim == 4:  # (B, H, W, L) layers: a pixel is in the mask if any layer says so
+    layers = labels.shape[3]
+    flat = labels.reshape(b, h * w, layers).astype(jnp.int32)
+    for pixel, weight in _bilinear_taps(coords, h, w):  # (B, S or 1, P)
+      label = jnp.take_along_axis(flat, pixel.reshape(b, -1, 1), axis=1).reshape(
+          *pixel.shape, layers)
+      out = out + jnp.where(jnp.any(label == wanted[..., None], axis=-1), weight, 0.0)
+    return out
+  flat = labels.reshape(b, h * w).astype(jnp.int32)
   for pixel, weight in _bilinear_taps(coords, h, w):  # (B, S or 1, P)
     label = jnp.take_along_axis(flat, pixel.reshape(b, -1), axis=1).reshape(pixel.shape)
     out = out + jnp.where(label == wanted, weight, 0.0)
@@ -387,7 +398,8 @@ def panoptic_targets(labels: jax.Array, segment_classes: jax.Array, ignore_index
                      ) -> tuple[LabelMasks, jax.Array, jax.Array]:
   """Panoptic segments from a segment-index map (`segvit_jax.data.transforms.segment_map`):
   `labels` (B, H, W) int with segment m's pixels = m and `ignore_index` (or any id outside
-  [0, M)) elsewhere, `segment_classes` (B, M) int = segment m's class, -1 for padding.
+  [0, M)) elsewhere, or (B, H, W, L) layers of such maps (segment m: the union of its pixels
+  over the layers), `segment_classes` (B, M) int = segment m's class, -1 for padding.
   -> targets `LabelMasks` (mask m = `labels == m`), classes (B, M) int32 (padding -> 0),
   valid (B, M) bool = a class is given and the segment has a pixel (a segment the crop
   removed is no target, as in EoMT, which drops empty masks after augmenting)."""
@@ -405,8 +417,9 @@ def mask2former_panoptic_loss(outputs: Mapping[str, Any], labels: jax.Array, *,
                               num_queries: int | None = None, **options
                               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`mask2former_loss` on panoptic segments (`panoptic_targets`: thing instances and stuff
-  regions alike, each its own target) given as a (B, H, W) segment-index map and the
-  segments' classes (B, M); the masks are sampled from the map, never built. `num_queries`,
+  regions alike, each its own target) given as a (B, H, W) segment-index map, or (B, H, W, L)
+  layers of them for overlapping instances, and the segments' classes (B, M); the masks are
+  sampled from the map, never built. `num_queries`,
   if given, must be the outputs' Q; `options`: those of `mask2former_loss`."""
   _check_outputs(outputs, num_classes, num_queries)
   targets, classes, valid = panoptic_targets(labels, segment_classes, ignore_index)

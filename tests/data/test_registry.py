@@ -49,7 +49,8 @@ def test_known_class_names_match_the_sources(tmp_path):
 
 
 def test_class_names_read_the_folder_and_coco_panoptic_files(tmp_path):
-  assert set(registry.DATASETS) - set(registry.KNOWN_CLASS_NAMES) == {"folder", "coco_panoptic"}
+  assert set(registry.DATASETS) - set(registry.KNOWN_CLASS_NAMES) == {"folder", "coco_panoptic",
+                                                                      "coco_instance"}
   root = str(tmp_path / "mydata")
   fabricate.image_file(f"{root}/images/val/a.png", 2, 2)
   fabricate.label_file(f"{root}/annotations/val/a.png", [[0, 1], [1, 0]])
