@@ -287,7 +287,7 @@ def _eomt_configs():
 
 def test_every_eomt_config_divides_by_the_matched_targets():
   names = _eomt_configs()
-  assert len(names) == 18, names  # 11 on DINOv2, 7 on DINOv3
+  assert len(names) == 22, names  # 15 on DINOv2, 7 on DINOv3
   for name in names:
     for arg in ("", ":smoke"):
       c = load_config(f"configs/{name}.py{arg}")
