@@ -24,6 +24,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -115,7 +116,7 @@ def measure(name: str, scan: bool, smoke: bool = False) -> dict:
 
 def run_isolated(name: str, scan: bool, smoke: bool) -> dict:
   """`measure` in a fresh process (no program compiled or cached before it); a failure is a
-  row with its last error line."""
+  row with the exception line it raised."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   args = [sys.executable, os.path.abspath(__file__), "--one", name, "--scan", str(int(scan))]
   proc = subprocess.run(args + (["--smoke"] if smoke else []), capture_output=True, text=True,
@@ -123,8 +124,9 @@ def run_isolated(name: str, scan: bool, smoke: bool) -> dict:
   lines = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
   if proc.returncode == 0 and lines:
     return json.loads(lines[-1].removeprefix("ROW "))
-  error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-  return {"config": name, "scan": scan, "error": error[:160]}
+  stderr = proc.stderr.strip().splitlines() or ["no output"]
+  raised = [l for l in stderr if re.match(r"[\w.]+(Error|Exception): ", l)]
+  return {"config": name, "scan": scan, "error": (raised or stderr)[-1][:160]}
 
 
 def table(rows: list[dict]) -> str:

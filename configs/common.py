@@ -215,15 +215,17 @@ def model_config(fields: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({**MODEL_DEFAULTS, **fields})
 
 
-def vit_memory_knobs() -> dict:
-  """The memory / compilation switches of a ViT backbone section, all off (no effect on the
-  numbers): `remat` recomputes block activations in the backward pass (less memory, ~1/3 more
+def vit_memory_knobs(scan_layers: bool = False) -> dict:
+  """The memory / compilation switches of a ViT backbone section, off unless given (no effect
+  on the numbers): `remat` recomputes block activations in the backward pass (less memory, ~1/3 more
   compute), keeping what `remat_policy` names (nothing_saveable, dots_saveable,
   dots_with_no_batch_dims_saveable or everything_saveable: jax.checkpoint_policies);
   `scan_layers` runs the blocks as one nn.scan (one compiled block: faster compiles of deep
   models; block params stacked on a leading depth axis; checkpoints of either layout resume
-  either way, bundles always store the unstacked layout)."""
-  return dict(remat=False, remat_policy="nothing_saveable", scan_layers=False)
+  either way, bundles always store the unstacked layout). The 24-block SegViT ViT-L configs
+  scan: their train step compiles in about a third of the time (BENCHMARKS.md, "Compile
+  time")."""
+  return dict(remat=False, remat_policy="nothing_saveable", scan_layers=scan_layers)
 
 
 # ------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       name="segvit", num_classes=150, dtype="float32",
       backbone=dict(variant="L/16", drop_path=0.3, cls_in_blocks=False,
                     posemb_grid=(40, 40),  # crop / patch, resized to other inputs on the fly
-                    **common.vit_memory_knobs()),
+                    **common.vit_memory_knobs(scan_layers=True)),
       head=dict(tap_layers=(7, 15, 23), width=512, num_heads=16, layers_per_stage=3,
                 dropout=0.1)))
   c.model_init = ("weights/L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-"
