@@ -4,7 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
-PYTEST_ARGS ?=
+# Test files spread over the cores (pytest-xdist; a file's tests stay in one process, so its
+# module fixtures are built once), at most 4 processes (each holds its own JAX caches).
+PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile
 
 .PHONY: demo test clean
 
