@@ -173,11 +173,12 @@ def apply_scopes(model: nn.Module, variables: Any, *args, **kwargs
 
 
 def model_scopes(config: ml_collections.ConfigDict, height: int | None = None,
-                 width: int | None = None, batch: int = 1
+                 width: int | None = None, batch: int = 1, variables: Any = None
                  ) -> tuple[collections.Counter[str], set[str]]:
   """`apply_scopes` of one eval-mode forward pass of `build_model(config.model)` on a
   (batch, height, width, 3) input (default: `config.augment.crop_size`), abstract throughout.
-  `config` is a run config or its `model` part (then give the size)."""
+  `config` is a run config or its `model` part (then give the size); `variables`: the model's
+  variables (or their ShapeDtypeStructs) where the caller has them, else traced from its init."""
   model_cfg = config.model if "model" in config else config
   if height is None or width is None:
     if "augment" not in config:
@@ -185,20 +186,21 @@ def model_scopes(config: ml_collections.ConfigDict, height: int | None = None,
     height, width = config.augment.crop_size
   model = build_model(model_cfg)
   images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
-  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                             images)
+  if variables is None:
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                               images)
   return apply_scopes(model, variables, images, train=False)
 
 
 def count_model(config: ml_collections.ConfigDict, height: int | None = None,
                 width: int | None = None, batch: int = 1,
-                outside: str | None = "head") -> dict[str, int]:
+                outside: str | None = "head", variables: Any = None) -> dict[str, int]:
   """Multiply-adds of one eval-mode forward pass (see `model_scopes` for the arguments):
   {"total": ..., then one entry per top-level submodule with any MACs, largest first (a SegViT:
   "backbone", "head")}, and "resize": the interpolation's MACs, NOT in the total (module
   docstring). MACs of the root module's own code go to `outside` when it names a submodule,
   else (and with `outside=None`) to "other"."""
-  return summarize(*model_scopes(config, height, width, batch), outside=outside)
+  return summarize(*model_scopes(config, height, width, batch, variables), outside=outside)
 
 
 def summarize(scopes: Mapping[str, int], children: Collection[str],
@@ -280,13 +282,14 @@ def peak_tflops(device_kind: str, dtype: str = "bfloat16") -> float | None:
   return None
 
 
-def train_step_flops(config: ml_collections.ConfigDict) -> int:
+def train_step_flops(config: ml_collections.ConfigDict, variables: Any = None) -> int:
   """FLOPs of one training step of a run config, analytically: 3 x the forward pass (the
   backward pass costs about twice the forward) x 2 FLOPs per multiply-add of `count_model` at
-  the training crop size (interpolation not counted) x the global batch. Traced from shapes:
-  nothing compiles or runs."""
+  the training crop size (interpolation not counted) x the global batch. Traced from shapes
+  (`variables`: as `model_scopes`): nothing compiles or runs."""
   height, width = config.augment.crop_size
-  return 3 * 2 * count_model(config, height, width)["total"] * int(config.batch_size)
+  macs = count_model(config, height, width, variables=variables)["total"]
+  return 3 * 2 * macs * int(config.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------

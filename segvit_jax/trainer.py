@@ -758,13 +758,15 @@ def trained_to(ckpt_dir: str) -> int | None:
 @dataclasses.dataclass(frozen=True)
 class TrainProgram:
   """What `train` compiles, built from shapes only (`train_program`): the model, its state's
-  shardings and abstract state (ShapeDtypeStructs carrying them), and the jitted `init(rng)`
+  shardings and abstract state (ShapeDtypeStructs carrying them), its variables' shapes
+  (`flops.train_step_flops` counts from them), and the jitted `init(rng)`
   and `step(state, batch) -> (state, metrics)` (state donated). `step.lower(abstract_state,
   abstract_batch(config, mesh)).compile()` compiles the step without any parameter existing
   (train.py, benchmarks/compile_time.py)."""
   model: nn.Module
   state_sh: TrainState
   abstract_state: TrainState
+  variables: Any  # the model's variables as ShapeDtypeStructs (no shardings)
   init: Any
   step: Any
 
@@ -778,7 +780,8 @@ def train_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
   dummy = jnp.zeros(input_shape(config), jnp.float32)
   boxed_vars = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))
   boxed_params = boxed_vars["params"]
-  abstract_params = nn.meta.unbox(boxed_params)
+  abstract_vars = nn.meta.unbox(boxed_vars)
+  abstract_params = abstract_vars["params"]
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps, abstract_params)
   param_sh = sharding.logical_shardings(boxed_params, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -786,7 +789,7 @@ def train_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
                                  transform_non_params=lambda _: repl)
   # Other collections (BatchNorm statistics): small, replicated.
-  model_state_sh = jax.tree.map(lambda _: repl, model_state_of(nn.meta.unbox(boxed_vars)))
+  model_state_sh = jax.tree.map(lambda _: repl, model_state_of(abstract_vars))
   state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh,
                         model_state=model_state_sh)
 
@@ -815,12 +818,14 @@ def train_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
                           model_state=model_state), loss, grad_norm)
     return new_state, metrics
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(init, jax.random.key(0)), state_sh)
+  # `init`'s output shapes, from the shapes above (the model is not traced again).
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                 opt_state=abstract_opt, model_state=model_state_of(abstract_vars)),
+      state_sh)
   return TrainProgram(
-      model=model, state_sh=state_sh, abstract_state=abstract_state,
+      model=model, state_sh=state_sh, abstract_state=abstract_state, variables=abstract_vars,
       init=jax.jit(init, out_shardings=state_sh),
       step=jax.jit(train_step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sh, repl), donate_argnums=(0,)))
@@ -868,7 +873,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   # Its FLOPs, counted from shapes (nothing compiles), and the devices' peak: the MFU.
   utilisation = Utilisation(
-      flops.train_step_flops(config),
+      flops.train_step_flops(config, program.variables),
       flops.peak_tflops(mesh.devices.flat[0].device_kind, jnp.dtype(model.dtype).name),
       mesh.size)
   logging.info("%s", utilisation.describe())

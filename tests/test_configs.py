@@ -167,8 +167,7 @@ def test_l16_output_shapes_on_non_square_input():
   c = segvit_vit_l16_ade20k.get_config()
   model = build_model(c.model)
   x = jax.ShapeDtypeStruct((2, 640, 480, 3), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), x)
-  out = jax.eval_shape(model.apply, variables, x)
+  out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), x)  # one trace
   assert out["class_logits"].shape == (2, 150, 151)
   assert out["mask_logits"].shape == (2, 150, 640, 480)
   assert out["semantic_scores"].shape == (2, 150, 640, 480)
@@ -251,9 +250,8 @@ def test_segformer_config_recipes_and_shapes(name):
   assert c.model_init == f"weights/mit_{variant.lower()}.pth"
   model = build_model(c.model)
   x = jax.ShapeDtypeStruct((1, 384, 640, 3), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), x)
   assert set(variables) == {"params", "batch_stats"}
-  out = jax.eval_shape(model.apply, variables, x)
   assert out["logits"].shape == (1, k, 96, 160)
   assert out["semantic_scores"].shape == (1, k, 384, 640)
 
@@ -263,8 +261,7 @@ def test_segvit_atm_on_mit_b2_config():
   assert c.model.backbone.type == "mit" and c.loss.get("name", "atm") == "atm"
   model = build_model(c.model)
   x = jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), x)
-  out = jax.eval_shape(model.apply, variables, x)
+  out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), x)  # one trace
   assert out["class_logits"].shape == (1, 150, 151)
   assert out["semantic_scores"].shape == (1, 150, 512, 512)
   # Stages 4, 3, 2: every stage's masks summed on the 1/8 grid.
@@ -292,8 +289,7 @@ def init_shapes(config, h, w):
   """(parameter count, the outputs' shapes) of `config.model` on a (2, h, w, 3) batch."""
   model = build_model(config.model)
   x = jax.ShapeDtypeStruct((2, h, w, 3), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), x)
-  out = jax.eval_shape(model.apply, variables, x)
+  out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), x)  # one trace
   return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables)), out
 
 
