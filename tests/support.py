@@ -139,10 +139,25 @@ def get_config(arg="atm"):
 
 
 def max_diff(a, b) -> float:
-  """max |a - b| in float64, after checking the shapes agree."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return float(np.max(np.abs(a - b)))
+  """max |a - b| in float64 (NumPy on the host: no program compiled per shape) over arrays or
+  pytrees of arrays, after checking the structures and shapes agree."""
+  (a, b), (tree_a, tree_b) = zip(*(jax.tree.flatten(t) for t in (a, b)))
+  assert tree_a == tree_b, (tree_a, tree_b)
+  diff = 0.0
+  for x, y in zip(a, b):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    assert x.shape == y.shape, (x.shape, y.shape)
+    diff = max(diff, float(np.max(np.abs(x - y), initial=0.0)))
+  return diff
+
+
+def perturbed(params, scale: float = 0.1, seed: int = 0):
+  """`params` + `scale` x N(0, 1) per value (wider than the initialisers', e.g. LayerNorm away
+  from 1 / 0), drawn by NumPy on the host: no program compiled per parameter shape."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda p: (np.asarray(p) + scale * rng.standard_normal(np.shape(p))).astype(p.dtype),
+      params)
 
 
 def convert_cli(*args) -> int:

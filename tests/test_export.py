@@ -110,10 +110,7 @@ def cases(tmp_path_factory) -> dict:
     variables = flax.linen.meta.unbox(
         jax.jit(model.init)(jax.random.key(i), bundle_lib.probe_input(cfg)))
     # Wider random parameters than the initialisers' (scores that differ between classes).
-    leaves, tree = jax.tree.flatten(variables["params"])
-    keys = jax.random.split(jax.random.key(100 + i), len(leaves))
-    params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape)
-                                       for p, k in zip(leaves, keys)])
+    params = support.perturbed(variables["params"], seed=100 + i)
     extra = {"eval": _panoptic_eval()} if name == "eomt_panoptic" else {}
     path = bundle_lib.save_bundle(
         str(root / name), params, cfg, **IMAGENET,

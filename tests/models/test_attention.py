@@ -18,6 +18,7 @@ import pytest
 
 from segvit_jax import checkpoint, config_check, config_utils, models
 from segvit_jax.models import layers
+from tests import support
 from tests.models.test_families import CONFIGS
 
 SIZE = (64, 96)  # not square; a multiple of every family's input divisor
@@ -32,16 +33,12 @@ def _outputs(cfg, attention, variables=None, **kwargs):
   return variables, out  # one per operation
 
 
-def _max_diff(a, b):
-  return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_xla_path_equals_the_explicit_softmax(name):
   variables, xla = _outputs(CONFIGS[name], "xla")
   _, explicit = _outputs(CONFIGS[name], "explicit", variables)
-  assert _max_diff(xla, explicit) < 5e-6, _max_diff(xla, explicit)
+  assert support.max_diff(xla, explicit) < 5e-6, support.max_diff(xla, explicit)
 
 
 def test_eomt_masked_attention_in_training():
@@ -51,7 +48,7 @@ def test_eomt_masked_attention_in_training():
   variables, xla = _outputs(cfg, "xla", train=True, mask_probs=probs, rngs=rngs)
   _, explicit = _outputs(cfg, "explicit", variables, train=True, mask_probs=probs, rngs=rngs)
   assert len(xla["aux_outputs"]) == cfg["num_blocks"]
-  assert _max_diff(xla, explicit) < 5e-6, _max_diff(xla, explicit)
+  assert support.max_diff(xla, explicit) < 5e-6, support.max_diff(xla, explicit)
 
 
 def test_gradients_agree():
@@ -64,7 +61,7 @@ def test_gradients_agree():
     loss = lambda p: jnp.mean(model.apply({"params": p}, x)[0] ** 2)  # noqa: E731
     grads[attention] = jax.jit(jax.grad(loss))(params)
   # (measured 1.5e-8; the largest gradient entry is 0.13)
-  assert _max_diff(grads["xla"], grads["explicit"]) < 1e-7
+  assert support.max_diff(grads["xla"], grads["explicit"]) < 1e-7
 
 
 def test_what_auto_picks(monkeypatch):

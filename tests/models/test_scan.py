@@ -42,10 +42,6 @@ TINY = dict(width=32, depth=3, mlp_dim=64, num_heads=2, patch_size=4, posemb_gri
             num_registers=2, layerscale=0.1)
 
 
-def max_diff(a, b) -> float:
-  return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
 
 def tiny_pair(**kw):
   unrolled, scanned = vit.ViT(**TINY, **kw), vit.ViT(**TINY, **kw, scan_layers=True)
@@ -117,7 +113,7 @@ def test_scan_matches_unrolled(unrolled_reference, remat):
       atol = 3e-5 if jax.tree_util.keystr(path) == "['registers']" else 1e-6
       np.testing.assert_allclose(a, b, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
   # Drop path really dropped examples (else the comparison would say little).
-  assert max_diff(got["det"]["tokens"], got["drop"]["tokens"]) > 0.1
+  assert support.max_diff(got["det"]["tokens"], got["drop"]["tokens"]) > 0.1
 
 
 def test_scan_matches_unrolled_float64(unrolled_reference):
@@ -142,8 +138,8 @@ def test_drop_path_masks_follow_the_rng():
   stacked = vit.stack_blocks(params)
   apply = jax.jit(lambda key: scanned.apply({"params": stacked}, images, train=True,
                                             rngs={"dropout": key})[1]["blocks"][-1])
-  assert max_diff(apply(jax.random.key(7)), apply(jax.random.key(7))) == 0.0
-  assert max_diff(apply(jax.random.key(7)), apply(jax.random.key(8))) > 0.1
+  assert support.max_diff(apply(jax.random.key(7)), apply(jax.random.key(7))) == 0.0
+  assert support.max_diff(apply(jax.random.key(7)), apply(jax.random.key(8))) > 0.1
 
 
 def test_remat_policies():
@@ -174,12 +170,12 @@ def test_stack_unstack_round_trip():
   for tree in (state, jax.device_get(state)):  # jax and numpy arrays
     again = vit.unstack_blocks(vit.stack_blocks(tree))
     assert jax.tree.structure(again) == jax.tree.structure(tree)
-    assert max_diff(again, tree) == 0.0
+    assert support.max_diff(again, tree) == 0.0
     restacked = vit.stack_blocks(vit.unstack_blocks(vit.stack_blocks(tree)))
-    assert max_diff(restacked, vit.stack_blocks(tree)) == 0.0
+    assert support.max_diff(restacked, vit.stack_blocks(tree)) == 0.0
   assert isinstance(vit.stack_blocks(jax.device_get(params))["encoderblock"]["ls1"], np.ndarray)
   # Already in the asked layout, or no blocks at all: unchanged.
-  assert max_diff(vit.stack_blocks(stacked), stacked) == 0.0
+  assert support.max_diff(vit.stack_blocks(stacked), stacked) == 0.0
   assert vit.unstack_blocks({"head": {"w": 1}}) == {"head": {"w": 1}}
   with pytest.raises(ValueError, match=r"cannot stack blocks \[0, 2\]"):
     vit.stack_blocks({"encoderblock_0": {"w": 1}, "encoderblock_2": {"w": 1}})
@@ -206,7 +202,7 @@ def test_merge_params_across_layouts():
                              (init_s, stacked, stacked), (init_u, params, params)):
     merged = bundle.merge_params(init, loaded)
     assert jax.tree.structure(merged) == jax.tree.structure(want)
-    assert max_diff(merged, want) == 0.0
+    assert support.max_diff(merged, want) == 0.0
   # A real mismatch reads the same for either model layout: canonical (unrolled) key names.
   broken = jax.device_get(params)
   del broken["encoderblock_1"]["norm2"]
@@ -367,7 +363,7 @@ def test_load_model_of_a_scanned_workdir(runs, tmp_path):
   saved, _ = checkpoint.restore_params(os.path.join(workdir, "checkpoints"))
   loaded = checkpoint.load_model(workdir)
   assert loaded.config.model.backbone.scan_layers
-  assert max_diff(loaded.variables["params"], saved) == 0.0  # the model's (stacked) layout
+  assert support.max_diff(loaded.variables["params"], saved) == 0.0  # the model's (stacked) layout
   # Written out, it is a canonical bundle: unrolled blocks, equal to the checkpoint's.
   cfg = loaded.config
   path = bundle.save_bundle(str(tmp_path / "b"), loaded.variables["params"], cfg.model,
@@ -376,7 +372,7 @@ def test_load_model_of_a_scanned_workdir(runs, tmp_path):
   assert vit.blocks_layout(stored) == "unstacked"
   assert sorted(k for k in stored["backbone"] if k.startswith("encoderblock")) == [
       "encoderblock_0", "encoderblock_1"]
-  assert max_diff(stored, vit.unstack_blocks(jax.device_get(saved))) == 0.0
+  assert support.max_diff(stored, vit.unstack_blocks(jax.device_get(saved))) == 0.0
   # It loads as either layout and predicts the same scores.
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
   scores = loaded.predict(images)

@@ -11,6 +11,7 @@ import pytest
 from segvit_jax import trainer
 from segvit_jax.models import (Padding, build_model, input_divisor, input_padding, layers,
                                shrunk, vit)
+from tests import support
 from tests.support import read_metrics, smoke_config
 
 D, HEADS, MLP = 32, 4, 64
@@ -19,10 +20,9 @@ D, HEADS, MLP = 32, 4, 64
 def _block_and_params(seed=0):
   block = vit.EncoderBlock(HEADS, MLP)
   x = jax.random.normal(jax.random.key(seed), (2, 24, D))
-  params = nn.meta.unbox(block.init(jax.random.key(1), x)["params"])
+  params = nn.meta.unbox(jax.jit(block.init)(jax.random.key(1), x)["params"])
   # LayerNorm scale / bias away from 1 / 0, so a wrong normalisation would show.
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
-                        params)
+  params = support.perturbed(params, seed=2)
   return block, params, x
 
 
