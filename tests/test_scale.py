@@ -56,7 +56,7 @@ def init_params(c, abstract=False):
   h, w = c.augment.crop_size
   init = lambda: nn.meta.unbox(
       model.init(jax.random.key(c.seed), jnp.zeros((1, h, w, 3)))["params"])
-  return jax.eval_shape(init) if abstract else init()
+  return jax.eval_shape(init) if abstract else jax.jit(init)()
 
 
 class _Records(py_logging.Handler):

@@ -186,7 +186,7 @@ def test_model_init_loads_dinov3_into_segvit(refs, tmp_path):
   c.model.head.update(tap_layers=(0, 2))
   model = trainer.build_model(c.model)
   x = _images(64, 48)
-  init = flax.linen.meta.unbox(model.init(jax.random.key(0), x))["params"]
+  init = flax.linen.meta.unbox(jax.jit(model.init)(jax.random.key(0), x))["params"]
   params = convert.init_params(init, c.model, src, "dinov3")
   got = flax.traverse_util.flatten_dict(params["backbone"], sep="/")
   want = convert.load(src, "dinov3").params

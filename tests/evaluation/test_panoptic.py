@@ -682,7 +682,7 @@ def evaluated(tmp_path_factory):
   config = _config(root)
   model = build_model(config.model)
   params = jax.tree.map(np.asarray, flax.linen.meta.unbox(
-      model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]))
+      jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]))
   # Confident classes: the random model's queries then pass the 0.8 score threshold.
   params["head"]["class_head"]["kernel"] = params["head"]["class_head"]["kernel"] * 30
   _, categories = pipeline.make_panoptic_eval_dataset(config, "val", 0, 1)

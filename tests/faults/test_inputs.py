@@ -167,7 +167,7 @@ def smoke_params():
   """The smoke model's freshly initialised parameters (the SegViT of configs/demo.py:smoke)."""
   c = smoke_config()
   model = build_model(c.model)
-  variables = model.init(jax.random.key(0), bundle_lib.probe_input(c.model))
+  variables = jax.jit(model.init)(jax.random.key(0), bundle_lib.probe_input(c.model))
   return c, flax.linen.meta.unbox(variables)["params"]
 
 

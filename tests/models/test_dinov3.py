@@ -123,7 +123,7 @@ TINY = dict(width=32, depth=3, mlp_dim=48, num_heads=2, patch_size=4, drop_path=
 def test_augmentation_only_in_training_and_scan_remat_match_unrolled():
   unrolled = vit.Model("dinov3-S/16", **TINY, ffn="swiglu")
   images = jax.random.normal(jax.random.key(1), (2, 12, 20, 3))
-  params = nn.meta.unbox(unrolled.init(jax.random.key(0), images)["params"])
+  params = nn.meta.unbox(jax.jit(unrolled.init)(jax.random.key(0), images)["params"])
   assert "pos_embedding" not in params and "bias" not in params["encoderblock_0"]["attn"]["key"]
   assert unrolled.rope_rescale == 2.0
 
