@@ -70,7 +70,8 @@ def tiny_segvit(num_classes: int, seed: int = 0):
   class wins everywhere; scaled, the argmax changes over an image (5 classes in a 64^2 window)."""
   cfg = tiny_segvit_config(num_classes)
   model = build_model(cfg)
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 64, 64, 3)))["params"])
+  params = nn.meta.unbox(
+      jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 64, 64, 3)))["params"])
   return cfg, model, jax.tree.map(lambda x: 8.0 * x, params)
 
 

@@ -33,7 +33,6 @@ def _outputs(cfg, attention, variables=None, **kwargs):
   return variables, out  # one per operation
 
 
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_xla_path_equals_the_explicit_softmax(name):
   variables, xla = _outputs(CONFIGS[name], "xla")

@@ -42,7 +42,6 @@ TINY = dict(width=32, depth=3, mlp_dim=64, num_heads=2, patch_size=4, posemb_gri
             num_registers=2, layerscale=0.1)
 
 
-
 def tiny_pair(**kw):
   unrolled, scanned = vit.ViT(**TINY, **kw), vit.ViT(**TINY, **kw, scan_layers=True)
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
