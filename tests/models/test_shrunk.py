@@ -11,8 +11,7 @@ import pytest
 from segvit_jax import trainer
 from segvit_jax.models import (Padding, build_model, input_divisor, input_padding, layers,
                                shrunk, vit)
-from tests import support
-from tests.support import read_metrics, smoke_config
+from tests.support import perturbed, read_metrics, smoke_config
 
 D, HEADS, MLP = 32, 4, 64
 
@@ -22,7 +21,7 @@ def _block_and_params(seed=0):
   x = jax.random.normal(jax.random.key(seed), (2, 24, D))
   params = nn.meta.unbox(jax.jit(block.init)(jax.random.key(1), x)["params"])
   # LayerNorm scale / bias away from 1 / 0, so a wrong normalisation would show.
-  params = support.perturbed(params, seed=2)
+  params = perturbed(params, seed=2)
   return block, params, x
 
 
