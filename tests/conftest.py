@@ -7,12 +7,9 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Tests compile many small programs and run each a few times: XLA's CPU backend without its
-# LLVM optimisation passes compiles them in about half the time, and without its MLIR fusion
-# emitters (the older loop emitters instead) a further ~15% faster (the smoke train step:
-# 5.9-6.6 s -> 4.8-5.2 s). The numbers are the same IEEE arithmetic: no fast-math either way.
-# Subprocesses (train.py, eval.py, ...) inherit it.
-_FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-                 " --xla_cpu_use_fusion_emitters=false")
+# LLVM optimisation passes compiles them in about half the time (the numbers are the same
+# IEEE arithmetic: no fast-math either way). Subprocesses (train.py, eval.py, ...) inherit it.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
 import jax  # noqa: E402  (after the environment is set)
