@@ -260,9 +260,13 @@ def test_probability_zero_in_training_equals_eval(setup):
   want, out = results["train_p0"]
   ref = results["eval"][1]
   assert len(out["aux_outputs"]) == NUM_BLOCKS  # still predicted (and supervised)
+  # Two programs (the training one applies the masks it is given, here none): their float32
+  # rounding may differ where XLA fuses them differently. Measured: bitwise equal with XLA's
+  # default CPU emitters, <= 5.7e-6 (mask logits up to ~16) with the loop emitters the tests
+  # compile with; any row masked moves the mask logits by > 1e-2 (the test above).
   for key in ("class_logits", "mask_logits", "semantic_scores"):
     print(f"train p=0 vs eval {key}: max diff {support.max_diff(out[key], ref[key]):.1e}")
-    np.testing.assert_allclose(out[key], ref[key], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out[key], ref[key], rtol=0, atol=2e-5)
   # transformers in training mode with probability 0 (every row unmasked) agrees.
   assert support.max_diff(out["mask_logits"], want[-1][0]) < TOL
   for a, (wm, wc) in zip(out["aux_outputs"], want):
