@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
 # Test files spread over the cores (pytest-xdist; a file's tests stay in one process, so its
-# module fixtures are built once), at most 4 processes (each holds its own JAX caches).
-PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile
+# module fixtures are built once), at most 4 processes (each holds its own JAX caches), in
+# collection order: the longest files first (tests/conftest.py).
+PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test clean
 

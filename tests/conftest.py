@@ -62,3 +62,25 @@ def _release_compiled_programs():
   yield
   jax.clear_caches()
   gc.collect()
+
+
+# The longest files (cold, on the 2-core machine: BENCHMARKS.md, "The test suite"), longest
+# first. `make test` hands each pytest-xdist worker a whole file at a time in collection order
+# (--no-loadscope-reorder), so these start first and the short files fill in at the end: a long
+# file started last would leave the other core idle while it runs.
+_LONGEST_FIRST = (
+    "tests/test_cli.py", "tests/test_export.py", "tests/test_sharding.py",
+    "tests/test_benchmarks.py", "tests/convert/test_segformer.py", "tests/faults/test_steps.py",
+    "tests/models/test_segformer_vs_hf.py", "tests/test_flops.py",
+    "tests/evaluation/test_one_path.py", "tests/test_configs.py", "tests/models/test_scan.py",
+    "tests/test_scale.py", "tests/models/test_shrunk.py", "tests/test_train.py",
+    "tests/test_eomt_train.py", "tests/test_panoptic_train.py", "tests/test_segformer_train.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  root = str(config.rootpath)
+  missing = [p for p in _LONGEST_FIRST if not os.path.exists(os.path.join(root, p))]
+  if missing:  # a renamed file would silently lose its place
+    raise pytest.UsageError(f"tests/conftest.py _LONGEST_FIRST names no file at {missing}")
+  rank = {path: i for i, path in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable
