@@ -56,19 +56,19 @@ from flax.core import meta as flax_meta  # noqa: E402
 from flax.core import scope as flax_scope  # noqa: E402
 
 
-def _skip_flax_apply_shape_check() -> bool:
+def _skip_flax_apply_shape_check() -> None:
   """In this process (not the tools the tests start), `model.apply` no longer re-traces every
   parameter's initializer under `jax.eval_shape` to check the given parameter's shape against
-  it (flax's `Scope.param`, once per parameter per trace): about a quarter of the time of the
-  abstract-shape tests (test_flops: 96 s -> 70 s; BENCHMARKS.md, "The test suite"). The check
-  only raises; no value changes. The project does not rely on it: loading weights checks every
-  shape itself (bundle.py names each mis-shaped key; orbax restores against the abstract
-  state), and the tests of those messages run with the patch. Where
-  flax's `Scope.param` is not the one this was written against, nothing is patched."""
+  it (flax's `Scope.param`, once per parameter per trace): about a fifth of the time of the
+  abstract-shape tests (test_flops: 98-111 s -> 78-86 s; BENCHMARKS.md, "The test suite").
+  The check only raises; no value changes. The project does not rely on it: loading weights
+  checks every shape itself (bundle.py names each mis-shaped key; orbax restores against the
+  abstract state), and the tests of those messages run with the patch. Where flax's
+  `Scope.param` is not the one this was written against, nothing is patched."""
   original = flax_scope.Scope.param
   if list(inspect.signature(original).parameters) != [
       "self", "name", "init_fn", "init_args", "unbox", "init_kwargs"]:
-    return False
+    return
 
   def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
     if not self.has_variable("params", name):  # init: flax's own path
@@ -78,7 +78,6 @@ def _skip_flax_apply_shape_check() -> bool:
     return flax_meta.unbox(value) if unbox else value
 
   flax_scope.Scope.param = param
-  return True
 
 
 _skip_flax_apply_shape_check()
