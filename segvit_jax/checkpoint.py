@@ -38,10 +38,14 @@ and newest intact checkpoint), so eval.py, predict.py and export_bundle take eit
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
+import logging as py_logging
 import math
 import os
 import re
+import sys
 from typing import Any, Callable
 
 import grain
@@ -153,10 +157,10 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(target)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    try:
-      state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
-    except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(step, path, _one_line(e)) from e
+    state, reason = _read_quietly(
+        lambda: self.manager.restore(step, args=ocp.args.Composite(**items))["state"])
+    if reason:
+      raise DamagedCheckpointError(step, path, reason)
     if convert:
       shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
       state = jax.jit(lambda s: to_layout(s, wanted), out_shardings=shardings)(state)
@@ -220,6 +224,49 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _is_abandoned_read(error: BaseException | None) -> bool:
+  """An error of the array reads orbax leaves behind when one read of a step fails: the
+  others' results, which nobody awaits, and tensorstore's callbacks into the closed loop."""
+  text = str(error)
+  return (isinstance(error, RuntimeError) and text == "Event loop is closed") or (
+      text.startswith("Encountered error while reading array index"))
+
+
+class _AbandonedReadFilter(py_logging.Filter):
+  def filter(self, record):  # asyncio's "... exception was never retrieved"
+    return not (record.exc_info and _is_abandoned_read(record.exc_info[1]))
+
+
+@functools.cache  # once per process
+def _drop_abandoned_read_reports() -> None:
+  """From now on in this process, the reports of orbax's abandoned array reads are dropped
+  (`_is_abandoned_read`): installed once, at the first read; every other unraisable error and
+  asyncio log still shows."""
+  previous_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable.exc_value):
+      previous_hook(unraisable)
+
+  sys.unraisablehook = hook
+  py_logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
+
+
+def _read_quietly(read: Callable[[], Any]) -> tuple[Any, str | None]:
+  """(read(), None), or (None, the one-line reason) when it raises. An orbax read of a damaged
+  step fails at its first bad array and leaves the other reads it started unawaited: each
+  reports its error again when it ends or is collected (hundreds of tracebacks on stderr, some
+  after the next step was read, after the one warning that names the damaged step), so those
+  reports are dropped (some come before the failure reaches us)."""
+  _drop_abandoned_read_reports()
+  try:
+    return read(), None
+  except Exception as e:  # pylint: disable=broad-except
+    reason = _one_line(e)
+  gc.collect()  # the abandoned reads the error's frames held report now
+  return None, reason
 
 
 def _one_line(error: BaseException, limit: int = 600) -> str:
@@ -445,10 +492,10 @@ def restore_params(directory: str, step: int | None = None, *,
     reason = step_damage(path)
     if reason:
       raise DamagedCheckpointError(step, path, reason)
-    try:
-      return read_state_item(os.path.join(path, "state"), device)
-    except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(step, path, _one_line(e)) from e
+    state, reason = _read_quietly(lambda: read_state_item(os.path.join(path, "state"), device))
+    if reason:
+      raise DamagedCheckpointError(step, path, reason)
+    return state
 
   damaged = []
   for step in steps:

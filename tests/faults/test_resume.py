@@ -22,7 +22,7 @@ import pytest
 
 from segvit_jax import checkpoint, trainer
 from segvit_jax.data import pipeline
-from tests.support import flat_params, read_metrics, smoke_config
+from tests.support import flat_params, read_metrics, run, smoke_config
 
 RUN = dict(total_steps=3, ckpt_every=1, keep_ckpts=5)
 
@@ -213,6 +213,20 @@ def test_loading_a_workdir_reads_the_newest_intact_checkpoint(workdir, absl_log,
                      match=f"no intact checkpoint in {re.escape(ckpts)}: step 3: .*; step 2: "
                      "the step folder is empty; step 1: the step folder is empty"):
     checkpoint.load_model(workdir)
+
+
+def test_a_damaged_step_is_one_warning_line_on_stderr(workdir):
+  """What a terminal shows when the newest step's arrays are damaged: orbax's read fails at
+  the first bad array and abandons the others, whose errors it used to report again on
+  stderr ("Event loop is closed", "Task exception was never retrieved": 19,671 lines here);
+  now the one warning naming the step is all."""
+  truncate_arrays(os.path.join(workdir, "checkpoints", "3"))
+  proc = run("-c", "import sys; from segvit_jax import checkpoint; "
+             "print(checkpoint.load_model(sys.argv[1]).config.step)", workdir)
+  assert proc.stdout.split() == ["2"]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "checkpoint 3 at" in lines[0] and "is damaged" in lines[0], (
+      proc.stderr[-3000:])
 
 
 def test_a_saved_tree_of_other_shapes_is_a_mismatch_not_damage(workdir):
