@@ -242,8 +242,9 @@ class _AbandonedReadFilter(py_logging.Filter):
 @functools.cache  # once per process
 def _drop_abandoned_read_reports() -> None:
   """From now on in this process, the reports of orbax's abandoned array reads are dropped
-  (`_is_abandoned_read`): installed once, at the first read; every other unraisable error and
-  asyncio log still shows."""
+  (`_is_abandoned_read`): installed once, at the first read. Every other unraisable error and
+  asyncio log still shows, except an unraisable "Event loop is closed" from elsewhere, which
+  would be dropped too."""
   previous_hook = sys.unraisablehook
 
   def hook(unraisable):
