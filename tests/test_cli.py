@@ -229,13 +229,16 @@ FLAG_LINE = re.compile(r"  --(?:\[no\])?(\w+)(?: \(alias ([^)]*)\))?: \S.*")
 @pytest.mark.parametrize("name", list(ENTRY_POINTS))
 def test_help_lists_own_flags_and_exits_0(name):
   """--help (every other entry point -h: `runtime.run` treats the two alike, test_runtime.py)
-  lists the entry point's own flags, one line each, and exits 0."""
+  lists the entry point's own flags, one line each, and exits 0, with no warning on stderr
+  (`python -m` of a module that `import segvit_jax` had already imported printed runpy's
+  "found in sys.modules ... unpredictable behaviour")."""
   command, own, aliases = ENTRY_POINTS[name]
   arg = "-h" if list(ENTRY_POINTS).index(name) % 2 else "--help"
   t0 = time.perf_counter()
   proc = run(*command, arg, check=False)
   assert time.perf_counter() - t0 < HELP_SECONDS
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Warning" not in proc.stderr, proc.stderr[-3000:]
   lines = [line for line in proc.stdout.splitlines() if line.startswith("  --")]
   matches = [FLAG_LINE.fullmatch(line) for line in lines]
   assert all(matches), lines  # `--name: help (default: value)`, one line each

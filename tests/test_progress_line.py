@@ -87,7 +87,7 @@ def test_the_line_shows_the_final_prediction_terms_only(term_names):
 
 
 @pytest.mark.parametrize("total,loss,term,speed", [
-    (3000, 123.45, 12.345, 0.25),  # the demo's schedule, wide numbers (ETA 3h20m at step 1)
+    (3000, 123.45, 12.345, 0.25),  # a 3000-step schedule, wide numbers (ETA 3h20m at step 1)
     (160000, 34.5, 1.234, 0.9)])  # the papers' longest (ADE20K 160k), ETA 49h22m at step 1
 def test_the_line_fits_150_characters_with_absl_prefix(term_names, total, loss, term, speed):
   for name, names in term_names.items():
