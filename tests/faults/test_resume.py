@@ -291,7 +291,7 @@ def test_a_changed_model_is_refused_and_the_workdir_untouched(workdir, overrides
 def test_which_config_changes_a_checkpoint_survives():
   saved = json.loads(smoke_config().to_json_best_effort())
   new = smoke_config(**{"total_steps": 9, "log_every": 1, "ckpt_every": 2, "eval_every": 5,
-                        "optim.lr": 1e-3, "optim.warmup_steps": 7, "batch_size": 2,
+                        "optim.lr": 2e-3, "optim.warmup_steps": 7, "batch_size": 2,
                         "model.backbone.scan_layers": True, "model.backbone.remat": True,
                         "model.dtype": "bfloat16", "model.backbone.drop_path": 0.1,
                         "optim.lr_mults": {"head": 10.0}, "optim.layer_decay": 0.9})

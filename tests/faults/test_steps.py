@@ -106,9 +106,9 @@ def test_huge_lr_saves_no_non_finite_checkpoint_and_resumes_from_the_named_step(
   assert non_finite_values(tmp_path, 1) == {}
   assert [m["step"] for m in read_metrics(tmp_path)] == [1]
 
-  # The suggested change: the smoke config's lr (6e-4). The rerun resumes from step 1 and
+  # The suggested change: the smoke config's lr (1e-3). The rerun resumes from step 1 and
   # trains past step 2 exactly as a run that never had the huge lr (step 1 had lr 0 in both).
-  assert c.optim.lr == 6e-4
+  assert c.optim.lr == 1e-3
   trainer.train(c, str(tmp_path))
   assert saved_steps(tmp_path) == [9, 12]  # keep_ckpts 2
   for step in (9, 12):
