@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {"Bundle": "bundle", "backbone_features": "bundle", "load_bundle": "bundle",
             "save_bundle": "bundle", "load_model": "checkpoint"}
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["Bundle", "backbone_features", "load_bundle", "load_model", "save_bundle"]
 
 if TYPE_CHECKING:
   from segvit_jax.bundle import Bundle, backbone_features, load_bundle, save_bundle

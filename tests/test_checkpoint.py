@@ -174,3 +174,16 @@ def test_load_model_names_what_it_expected(tmp_path):
   with pytest.raises(ValueError, match="neither a bundle nor a training config"):
     checkpoint.load_model(str(tmp_path))
   assert segvit_jax.load_model is checkpoint.load_model
+
+
+def test_the_package_exports_its_names_on_first_use():
+  """`segvit_jax`'s names are imported lazily (its __init__): each resolves to the module's own
+  object, `__all__` lists them all, and an unknown name is an AttributeError."""
+  from segvit_jax import bundle  # pylint: disable=g-import-not-at-top
+  assert sorted(segvit_jax.__all__) == sorted(segvit_jax._EXPORTS)  # pylint: disable=protected-access
+  for name in segvit_jax.__all__:
+    module = bundle if name != "load_model" else checkpoint
+    assert getattr(segvit_jax, name) is getattr(module, name), name
+    assert name in dir(segvit_jax)
+  with pytest.raises(AttributeError, match="no attribute 'nope'"):
+    segvit_jax.nope  # pylint: disable=pointless-statement
